@@ -1,0 +1,144 @@
+// lossd kernels: binary cross-entropy with logits on plain types.
+//
+// This header is the whole public surface of kernels/: plain structs, no gRPC, Highway or CUDA
+// types. Semantics (DESIGN.md section 4), with x logit, y target, w weight, p pos_weight,
+// sp(t) = max(t,0) + log1p(exp(-|t|)), s(t) = sigmoid(t):
+//   loss  = w * [ (1-y) * sp(x) + p*y * sp(-x) ]
+//   dl/dx = w * [ (1-y) * s(x)  - p*y * s(-x) ]
+//   dl/dy = w * [ -sp(x) + p * sp(-x) ]
+// A term whose coefficient (1-y, p*y, p, w) is exactly 0 is skipped, so infinite logits give the
+// mathematical limit. A NaN in any input of an element makes every output of that element NaN.
+#ifndef LOSSD_KERNELS_KERNELS_H_
+#define LOSSD_KERNELS_KERNELS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace lossd::kernels {
+
+// Element types. The numbering matches lossd.v1.DType.
+enum class DType : int { kFloat32 = 1, kFloat64 = 2, kFloat16 = 3, kBFloat16 = 4 };
+
+// Bytes per element; 0 for a value outside the enum.
+size_t ItemSize(DType dtype);
+// "FLOAT32", "FLOAT64", "FLOAT16", "BFLOAT16" or "DTYPE(<n>)".
+std::string DTypeName(DType dtype);
+
+enum class Reduction : int { kNone = 0, kSum = 1, kMean = 2 };
+
+// An input broadcast to the logits' shape, viewed as a function of the flat element index i:
+// element i reads data[(i / inner) % period]. This covers a full tensor (inner 1, period numel),
+// a scalar (period 1), a trailing [C] (inner 1, period C) and [N,1] (inner C, period N).
+// Other broadcast patterns are expanded by MakeOperand into owned storage.
+struct Operand {
+  DType dtype = DType::kFloat32;
+  const void* data = nullptr;  // nullptr: the operand is absent and every element reads 1
+  int64_t inner = 1;           // >= 1
+  int64_t period = 1;          // >= 1
+  std::shared_ptr<const void> owned;  // keeps expanded storage alive; null for a view
+};
+
+// Checks that `shape` broadcasts to `out_shape` (numpy rules, trailing dimensions aligned,
+// operand rank <= output rank) and returns the operand view of `data`. `field` names the
+// tensor in error messages. Errors: INVALID_ARGUMENT "weight shape [3] is not broadcastable to
+// logits shape [4,7]". The returned operand points into `data` (caller keeps it alive) unless
+// the pattern needs expansion, in which case it owns a copy in the operand's dtype.
+absl::StatusOr<Operand> MakeOperand(const std::string& field, DType dtype, const void* data,
+                                    const std::vector<int64_t>& shape,
+                                    const std::vector<int64_t>& out_shape);
+
+// One BCE-with-logits evaluation. All pointers are borrowed for the duration of the call.
+struct BceArgs {
+  int64_t numel = 0;
+  DType dtype = DType::kFloat32;  // logits' dtype: outputs are written in it
+  const void* logits = nullptr;   // numel elements of `dtype`
+  DType targets_dtype = DType::kFloat32;
+  const void* targets = nullptr;  // numel elements of `targets_dtype`
+  Operand weight;                 // absent: w = 1
+  Operand pos_weight;             // absent: p = 1
+  Reduction reduction = Reduction::kMean;
+};
+
+// Where results go. Buffers are caller-owned and pre-sized; each may be null when not wanted.
+struct BceOutputs {
+  void* loss = nullptr;          // kNone: numel elements; kSum/kMean: 1 element (of args.dtype)
+  void* grad_logits = nullptr;   // numel elements: gradient of the reduced loss wrt x
+  void* grad_targets = nullptr;  // numel elements: gradient of the reduced loss wrt y
+};
+
+// Reductions are deterministic: element values (as double) are grouped in fixed blocks of
+// kReduceBlock consecutive flat indices; each block is summed by a fixed pairwise tree
+// (v[j] += v[j + h] for h = kReduceBlock/2 ... 1, zero-padded), and the block sums are added
+// exactly (an exact accumulator, rounded once). The result depends only on the element values,
+// never on thread count, backend scheduling or work split.
+inline constexpr int64_t kReduceBlock = 2048;
+
+// Exact sum of doubles, independent of the order of Add calls. Not thread-safe.
+class ExactSum {
+ public:
+  ExactSum();
+  void Add(double v);
+  void Merge(const ExactSum& other);
+  // The exact sum rounded to double (NaN if any NaN or +inf and -inf were added).
+  double Value() const;
+
+ private:
+  // Fixed point with its least significant bit at 2^-1126, in 32-bit digits held in int64
+  // words (the headroom absorbs 2^30 additions between carry normalizations).
+  static constexpr int kWords = 74;
+  int64_t words_[kWords];
+  int64_t pending_;  // Add calls since the last carry normalization
+  double special_;   // sum of non-finite values (inf/NaN), 0 when none
+  void Normalize();
+};
+
+// Sums one block of up to kReduceBlock values with the fixed pairwise tree. `values` is
+// scratch of kReduceBlock doubles; entries [n, kReduceBlock) are treated as 0 and overwritten.
+double TreeSumBlock(double* values, int64_t n);
+
+// A compute backend. Thread-safe: Bce may be called concurrently.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string Name() const = 0;  // "cpu", "cuda"
+  // Computes the loss and the requested gradients. Errors: INTERNAL on a device failure.
+  virtual absl::Status Bce(const BceArgs& args, const BceOutputs& out) = 0;
+};
+
+struct CpuOptions {
+  int threads = 0;  // worker threads; 0 = hardware concurrency
+};
+std::unique_ptr<Backend> MakeCpuBackend(const CpuOptions& options = {});
+
+// True when this build contains the CUDA backend.
+bool CudaCompiled();
+// Number of usable CUDA devices (0 without a driver or GPU, or in a build without CUDA).
+int CudaDeviceCount();
+// Name of device 0, empty when none.
+std::string CudaDeviceName();
+// The CUDA backend on device 0. FAILED_PRECONDITION when no GPU is usable.
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend();
+
+// The float64 scalar reference (readable, slow). Outputs are double regardless of args.dtype:
+// loss has numel doubles (kNone) or 1; gradients numel doubles. Used by tests only.
+void ReferenceBce(const BceArgs& args, double* loss, double* grad_logits, double* grad_targets);
+
+// Conversions used by every backend and by tests.
+float HalfToFloat(uint16_t h);
+uint16_t FloatToHalf(float f);  // round to nearest even; overflow to inf; NaN preserved
+float BFloat16ToFloat(uint16_t h);
+uint16_t FloatToBFloat16(float f);  // round to nearest even; NaN preserved
+// Reads element i of `data` as double.
+double LoadAsDouble(DType dtype, const void* data, int64_t i);
+// Writes v (rounded once to dtype) as element i of `data`.
+void StoreFromDouble(DType dtype, void* data, int64_t i, double v);
+
+}  // namespace lossd::kernels
+
+#endif  // LOSSD_KERNELS_KERNELS_H_

@@ -1,0 +1,333 @@
+// Shared pieces of the kernels library: dtypes, conversions, broadcasting, exact summation.
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "lossd/kernels/kernels.h"
+
+namespace lossd::kernels {
+
+size_t ItemSize(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return 4;
+    case DType::kFloat64:
+      return 8;
+    case DType::kFloat16:
+    case DType::kBFloat16:
+      return 2;
+  }
+  return 0;
+}
+
+std::string DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return "FLOAT32";
+    case DType::kFloat64:
+      return "FLOAT64";
+    case DType::kFloat16:
+      return "FLOAT16";
+    case DType::kBFloat16:
+      return "BFLOAT16";
+  }
+  return absl::StrCat("DTYPE(", static_cast<int>(dtype), ")");
+}
+
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {
+    // Subnormal half: value = mant * 2^-24, exactly representable in float.
+    float f = static_cast<float>(mant) * 0x1p-24f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+uint16_t FloatToHalf(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs >= 0x7f800000u) {  // inf or NaN
+    return sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u | ((abs >> 13) & 0x3ffu) : 0u);
+  }
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: overflow to inf
+  if (abs < 0x38800000u) {
+    // Result is subnormal (or zero): scale so that the half ulp 2^-24 becomes 1 and round.
+    float a;
+    std::memcpy(&a, &abs, 4);
+    const float scaled = a * 0x1p24f;  // exact (power of two)
+    const float r = std::nearbyint(scaled);  // default rounding mode: nearest even
+    return sign | static_cast<uint16_t>(r);
+  }
+  // Normal: drop 13 mantissa bits with round to nearest even.
+  const uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
+  return sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13);
+}
+
+float BFloat16ToFloat(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+uint16_t FloatToBFloat16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+double LoadAsDouble(DType dtype, const void* data, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat32: {
+      float v;
+      std::memcpy(&v, static_cast<const char*>(data) + 4 * i, 4);
+      return v;
+    }
+    case DType::kFloat64: {
+      double v;
+      std::memcpy(&v, static_cast<const char*>(data) + 8 * i, 8);
+      return v;
+    }
+    case DType::kFloat16: {
+      uint16_t v;
+      std::memcpy(&v, static_cast<const char*>(data) + 2 * i, 2);
+      return HalfToFloat(v);
+    }
+    case DType::kBFloat16: {
+      uint16_t v;
+      std::memcpy(&v, static_cast<const char*>(data) + 2 * i, 2);
+      return BFloat16ToFloat(v);
+    }
+  }
+  return std::numeric_limits<double>::quiet_NaN();
+}
+
+void StoreFromDouble(DType dtype, void* data, int64_t i, double v) {
+  switch (dtype) {
+    case DType::kFloat32: {
+      const float f = static_cast<float>(v);
+      std::memcpy(static_cast<char*>(data) + 4 * i, &f, 4);
+      return;
+    }
+    case DType::kFloat64:
+      std::memcpy(static_cast<char*>(data) + 8 * i, &v, 8);
+      return;
+    case DType::kFloat16: {
+      const uint16_t h = FloatToHalf(static_cast<float>(v));
+      std::memcpy(static_cast<char*>(data) + 2 * i, &h, 2);
+      return;
+    }
+    case DType::kBFloat16: {
+      const uint16_t h = FloatToBFloat16(static_cast<float>(v));
+      std::memcpy(static_cast<char*>(data) + 2 * i, &h, 2);
+      return;
+    }
+  }
+}
+
+namespace {
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+}
+
+}  // namespace
+
+absl::StatusOr<Operand> MakeOperand(const std::string& field, DType dtype, const void* data,
+                                    const std::vector<int64_t>& shape,
+                                    const std::vector<int64_t>& out_shape) {
+  const size_t rank = out_shape.size();
+  auto not_broadcastable = [&] {
+    return absl::InvalidArgumentError(absl::StrCat(field, " shape ", ShapeString(shape),
+                                                   " is not broadcastable to logits shape ",
+                                                   ShapeString(out_shape)));
+  };
+  if (shape.size() > rank) return not_broadcastable();
+  // Align trailing dimensions; per output dim, is the operand's extent 1 (broadcast) or full?
+  std::vector<bool> bcast(rank, true);
+  int64_t numel = 1;
+  for (size_t k = 0; k < rank; ++k) numel *= out_shape[k];
+  for (size_t k = 0; k < shape.size(); ++k) {
+    const size_t od = rank - shape.size() + k;
+    if (shape[k] == out_shape[od]) {
+      bcast[od] = out_shape[od] == 1;
+    } else if (shape[k] == 1) {
+      bcast[od] = true;
+    } else {
+      return not_broadcastable();
+    }
+  }
+  // Collapse into runs of "full" dims: the operand is (i / inner) % period iff the full dims
+  // form one contiguous group [lo, hi).
+  int lo = -1, hi = -1;
+  bool one_group = true;
+  for (size_t k = 0; k < rank; ++k) {
+    if (out_shape[k] == 1 || bcast[k]) continue;
+    if (lo < 0) {
+      lo = static_cast<int>(k);
+    } else if (hi != static_cast<int>(k)) {
+      one_group = false;
+    }
+    hi = static_cast<int>(k) + 1;
+  }
+  Operand op;
+  op.dtype = dtype;
+  op.data = data;
+  if (lo < 0) {  // scalar-like
+    op.inner = 1;
+    op.period = 1;
+    return op;
+  }
+  if (one_group) {
+    int64_t inner = 1, period = 1;
+    for (size_t k = hi; k < rank; ++k) inner *= out_shape[k];
+    for (int k = lo; k < hi; ++k) period *= out_shape[k];
+    op.inner = inner;
+    op.period = period;
+    return op;
+  }
+  // General pattern: expand into a full tensor of the output shape.
+  const size_t item = ItemSize(dtype);
+  std::vector<int64_t> src_strides(rank, 0);
+  {
+    int64_t s = 1;
+    for (int k = static_cast<int>(shape.size()) - 1; k >= 0; --k) {
+      const size_t od = rank - shape.size() + k;
+      src_strides[od] = bcast[od] ? 0 : s;
+      s *= shape[k];
+    }
+  }
+  std::shared_ptr<char[]> buf(new char[static_cast<size_t>(numel) * item]);
+  std::vector<int64_t> idx(rank, 0);
+  int64_t src = 0;
+  for (int64_t i = 0; i < numel; ++i) {
+    std::memcpy(buf.get() + i * item, static_cast<const char*>(data) + src * item, item);
+    for (int k = static_cast<int>(rank) - 1; k >= 0; --k) {
+      if (++idx[k] < out_shape[k]) {
+        src += src_strides[k];
+        break;
+      }
+      src -= src_strides[k] * (out_shape[k] - 1);
+      idx[k] = 0;
+    }
+  }
+  op.data = buf.get();
+  op.owned = std::shared_ptr<const void>(buf, buf.get());
+  op.inner = 1;
+  op.period = numel;
+  return op;
+}
+
+// ---- Exact summation ----------------------------------------------------------------------
+
+namespace {
+constexpr int kOffset = 2;        // two zero digits below the lowest used one
+constexpr int kBase = 1126;       // bit 0 of digit kOffset has weight 2^-kBase
+constexpr int64_t kDigit = int64_t{1} << 32;
+}  // namespace
+
+ExactSum::ExactSum() : pending_(0), special_(0.0) {
+  std::memset(words_, 0, sizeof(words_));
+}
+
+void ExactSum::Add(double v) {
+  if (!std::isfinite(v)) {
+    special_ += v;
+    return;
+  }
+  if (v == 0.0) return;
+  int e;
+  const double m = std::frexp(v, &e);                           // v = m * 2^e, 0.5 <= |m| < 1
+  const int64_t mant = static_cast<int64_t>(std::ldexp(m, 53));  // exact
+  const int pos = e - 53 + kBase;                               // >= 0 for every finite double
+  const bool neg = mant < 0;
+  const unsigned __int128 t = static_cast<unsigned __int128>(neg ? -mant : mant) << (pos % 32);
+  const int w = pos / 32 + kOffset;
+  const int64_t d0 = static_cast<int64_t>(t & 0xffffffffu);
+  const int64_t d1 = static_cast<int64_t>((t >> 32) & 0xffffffffu);
+  const int64_t d2 = static_cast<int64_t>(t >> 64);
+  if (neg) {
+    words_[w] -= d0;
+    words_[w + 1] -= d1;
+    words_[w + 2] -= d2;
+  } else {
+    words_[w] += d0;
+    words_[w + 1] += d1;
+    words_[w + 2] += d2;
+  }
+  if (++pending_ >= (int64_t{1} << 29)) Normalize();
+}
+
+void ExactSum::Normalize() {
+  for (int k = 0; k + 1 < kWords; ++k) {
+    const int64_t carry = words_[k] >> 32;  // arithmetic shift: floor division
+    words_[k] -= carry * kDigit;
+    words_[k + 1] += carry;
+  }
+  pending_ = 0;
+}
+
+void ExactSum::Merge(const ExactSum& other) {
+  if (pending_ + other.pending_ >= (int64_t{1} << 29)) Normalize();
+  for (int k = 0; k < kWords; ++k) words_[k] += other.words_[k];
+  pending_ += other.pending_ + 1;
+  special_ += other.special_;
+}
+
+double ExactSum::Value() const {
+  if (special_ != 0.0 || std::isnan(special_)) return special_;
+  ExactSum c = *this;
+  c.Normalize();
+  bool neg = c.words_[kWords - 1] < 0;
+  if (neg) {
+    for (int k = 0; k < kWords; ++k) c.words_[k] = -c.words_[k];
+    c.Normalize();
+  }
+  int top = kWords - 1;
+  while (top >= 0 && c.words_[top] == 0) --top;
+  if (top < 0) return 0.0;
+  if (top < 2) top = 2;
+  unsigned __int128 t = (static_cast<unsigned __int128>(c.words_[top]) << 64) |
+                        (static_cast<unsigned __int128>(c.words_[top - 1]) << 32) |
+                        static_cast<unsigned __int128>(c.words_[top - 2]);
+  bool sticky = false;
+  for (int k = 0; k < top - 2; ++k) sticky |= c.words_[k] != 0;
+  t = (t << 1) | (sticky ? 1u : 0u);
+  // t < 2^97 and the conversion rounds to nearest; the sticky bit keeps ties honest.
+  const double d = static_cast<double>(t);
+  const double r = std::ldexp(d, 32 * (top - 2 - kOffset) - kBase - 1);
+  return neg ? -r : r;
+}
+
+double TreeSumBlock(double* values, int64_t n) {
+  // Equivalent to the zero-padded full tree: adding the padding zeros changes nothing but the
+  // sign of a zero, which the exact block combination ignores.
+  int64_t m = n;
+  for (int64_t h = kReduceBlock / 2; h >= 1; h /= 2) {
+    if (m <= h) continue;
+    for (int64_t j = 0; j < m - h; ++j) values[j] += values[j + h];
+    m = h;
+  }
+  return n > 0 ? values[0] : 0.0;
+}
+
+}  // namespace lossd::kernels

@@ -1,0 +1,13 @@
+// The CUDA entry points of a build without CUDA (-DLOSSD_CUDA=OFF or no nvcc).
+#include "lossd/kernels/kernels.h"
+
+namespace lossd::kernels {
+
+bool CudaCompiled() { return false; }
+int CudaDeviceCount() { return 0; }
+std::string CudaDeviceName() { return ""; }
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend() {
+  return absl::FailedPreconditionError("this lossd build has no CUDA support");
+}
+
+}  // namespace lossd::kernels

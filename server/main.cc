@@ -1,0 +1,87 @@
+// lossd: the loss-evaluation server. Flags are parsed here and nowhere else.
+#include <csignal>
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "log.h"
+#include "server.h"
+
+ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on (127.0.0.1 for loopback only).");
+ABSL_FLAG(int, port, 50051, "Port to listen on; 0 picks a free port (printed at startup).");
+ABSL_FLAG(std::string, device, "auto",
+          "auto: use CUDA when a GPU is usable, else CPU; cpu: never use CUDA; cuda: require a "
+          "GPU and fail to start without one.");
+ABSL_FLAG(int64_t, max_message_bytes, int64_t{256} << 20,
+          "Largest request or response message in bytes.");
+ABSL_FLAG(int64_t, max_elements, int64_t{1} << 28, "Most elements per tensor in one request.");
+ABSL_FLAG(int, workers, 0, "Compute worker threads; 0 = number of cores.");
+ABSL_FLAG(int, queue_capacity, 256,
+          "Requests that may wait for a worker; more get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int, cpu_threads, 0, "Threads used by the CPU kernels; 0 = number of cores.");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
+          "On SIGTERM/SIGINT, how long in-flight calls may take before they are cancelled.");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("lossd: gRPC loss-evaluation service. Usage: lossd [--flags]");
+  absl::ParseCommandLine(argc, argv);
+  using lossd::server::DevicePolicy;
+  using lossd::server::Log;
+  using lossd::server::LogLevel;
+
+  lossd::server::ServerOptions options;
+  options.host = absl::GetFlag(FLAGS_host);
+  options.port = absl::GetFlag(FLAGS_port);
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device == "auto") {
+    options.device = DevicePolicy::kAuto;
+  } else if (device == "cpu") {
+    options.device = DevicePolicy::kCpu;
+  } else if (device == "cuda") {
+    options.device = DevicePolicy::kCuda;
+  } else {
+    std::fprintf(stderr, "lossd: --device must be auto, cpu or cuda, not \"%s\"\n",
+                 device.c_str());
+    return 2;
+  }
+  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.max_elements = absl::GetFlag(FLAGS_max_elements);
+  options.workers = absl::GetFlag(FLAGS_workers);
+  options.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
+  options.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+
+  // Block the shutdown signals before any thread starts, then wait for them here.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto server = lossd::server::LossdServer::Start(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "lossd: cannot start: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  Log(LogLevel::kInfo,
+      absl::StrCat("lossd ", LOSSD_VERSION, " config: host=", options.host,
+                   " port=", (*server)->port(), " device=", device,
+                   " devices=", (*server)->device_summary(),
+                   " max_message_bytes=", options.max_message_bytes,
+                   " max_elements=", options.max_elements, " workers=", options.workers,
+                   " queue_capacity=", options.queue_capacity,
+                   " cpu_threads=", options.cpu_threads,
+                   " drain_timeout=", absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout))));
+  std::fprintf(stderr, "lossd listening on %s:%d\n", options.host.c_str(), (*server)->port());
+  std::fflush(stderr);
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  Log(LogLevel::kInfo, absl::StrCat("received signal ", sig, ", draining"));
+  (*server)->Shutdown(absl::GetFlag(FLAGS_drain_timeout));
+  Log(LogLevel::kInfo, "stopped");
+  return 0;
+}

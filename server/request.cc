@@ -1,0 +1,158 @@
+#include "request.h"
+
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace lossd::server {
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+}
+
+absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tensor& t,
+                                        const Limits& limits) {
+  TensorView v;
+  switch (t.dtype()) {
+    case v1::DTYPE_FLOAT32:
+    case v1::DTYPE_FLOAT64:
+    case v1::DTYPE_FLOAT16:
+    case v1::DTYPE_BFLOAT16:
+      v.dtype = static_cast<kernels::DType>(t.dtype());
+      break;
+    case v1::DTYPE_UNSPECIFIED:
+      return absl::InvalidArgumentError(absl::StrCat(field, ": dtype is unset"));
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": dtype ", static_cast<int>(t.dtype()), " is not a known DType"));
+  }
+  if (t.shape_size() > limits.max_rank) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": rank ", t.shape_size(),
+                                                   " exceeds the maximum ", limits.max_rank));
+  }
+  v.shape.assign(t.shape().begin(), t.shape().end());
+  int64_t numel = 1;
+  bool overflow = false;
+  for (int64_t d : v.shape) {
+    if (d < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": shape ", ShapeString(v.shape), " has a negative dimension"));
+    }
+    if (d != 0 && numel > std::numeric_limits<int64_t>::max() / d) overflow = true;
+    if (!overflow) numel *= d;
+  }
+  if (overflow) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": shape ", ShapeString(v.shape), " has too many elements (overflow)"));
+  }
+  if (numel > limits.max_elements) {
+    return absl::ResourceExhaustedError(absl::StrCat(field, " has ", numel,
+                                                     " elements, more than the limit ",
+                                                     limits.max_elements, " per request"));
+  }
+  const uint64_t expected = static_cast<uint64_t>(numel) * kernels::ItemSize(v.dtype);
+  if (t.data().size() != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": data has ", t.data().size(), " bytes, expected ", expected, " (",
+        kernels::DTypeName(v.dtype), " ", ShapeString(v.shape), ")"));
+  }
+  v.numel = numel;
+  v.data = t.data().data();
+  return v;
+}
+
+absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
+                                          const Limits& limits) {
+  EvaluatePlan plan;
+  if (!request.has_logits()) return absl::InvalidArgumentError("logits: missing");
+  if (!request.has_targets()) return absl::InvalidArgumentError("targets: missing");
+  auto logits = DecodeTensor("logits", request.logits(), limits);
+  if (!logits.ok()) return logits.status();
+  auto targets = DecodeTensor("targets", request.targets(), limits);
+  if (!targets.ok()) return targets.status();
+  if (targets->shape != logits->shape) {
+    return absl::InvalidArgumentError(absl::StrCat("targets shape ", ShapeString(targets->shape),
+                                                   " != logits shape ",
+                                                   ShapeString(logits->shape)));
+  }
+  if (request.loss_case() != v1::EvaluateRequest::kBceWithLogits) {
+    return absl::InvalidArgumentError(
+        "loss is not set or not supported by this server; expected one of: bce_with_logits");
+  }
+  switch (request.reduction()) {
+    case v1::REDUCTION_UNSPECIFIED:
+    case v1::REDUCTION_MEAN:
+      plan.args.reduction = kernels::Reduction::kMean;
+      break;
+    case v1::REDUCTION_SUM:
+      plan.args.reduction = kernels::Reduction::kSum;
+      break;
+    case v1::REDUCTION_NONE:
+      plan.args.reduction = kernels::Reduction::kNone;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "reduction ", static_cast<int>(request.reduction()), " is not a known Reduction"));
+  }
+  switch (request.device()) {
+    case v1::DEVICE_AUTO:
+    case v1::DEVICE_CPU:
+    case v1::DEVICE_CUDA:
+      plan.device = request.device();
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("device ", static_cast<int>(request.device()), " is not a known Device"));
+  }
+  plan.shape = logits->shape;
+  plan.args.numel = logits->numel;
+  plan.args.dtype = logits->dtype;
+  plan.args.logits = logits->data;
+  plan.args.targets_dtype = targets->dtype;
+  plan.args.targets = targets->data;
+  plan.nan_checked = {*logits, *targets};
+  plan.nan_names = {"logits", "targets"};
+
+  auto operand = [&](const char* name, const v1::Tensor& t,
+                     kernels::Operand* out) -> absl::Status {
+    auto view = DecodeTensor(name, t, limits);
+    if (!view.ok()) return view.status();
+    auto op = kernels::MakeOperand(name, view->dtype, view->data, view->shape, plan.shape);
+    if (!op.ok()) return op.status();
+    *out = *std::move(op);
+    plan.nan_checked.push_back(*view);
+    plan.nan_names.push_back(name);
+    return absl::OkStatus();
+  };
+  if (request.has_weight()) {
+    if (absl::Status s = operand("weight", request.weight(), &plan.args.weight); !s.ok()) return s;
+  }
+  const v1::BceWithLogits& bce = request.bce_with_logits();
+  if (bce.has_pos_weight()) {
+    if (absl::Status s = operand("pos_weight", bce.pos_weight(), &plan.args.pos_weight); !s.ok()) {
+      return s;
+    }
+  }
+  plan.grad_logits = request.gradients().logits();
+  plan.grad_targets = request.gradients().targets();
+  plan.reject_nan = request.reject_nan();
+  return plan;
+}
+
+absl::Status CheckNoNan(const EvaluatePlan& plan) {
+  for (size_t k = 0; k < plan.nan_checked.size(); ++k) {
+    const TensorView& v = plan.nan_checked[k];
+    for (int64_t i = 0; i < v.numel; ++i) {
+      if (std::isnan(kernels::LoadAsDouble(v.dtype, v.data, i))) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(plan.nan_names[k], " contains NaN at flat index ", i,
+                         " (the request asked to reject NaN)"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lossd::server

@@ -1,0 +1,64 @@
+// Decoding and validation of lossd.v1 requests into kernel arguments. Pure functions: no gRPC
+// server state. Views point into the request's own buffers (no copy); the request must outlive
+// the returned plan.
+#ifndef LOSSD_SERVER_REQUEST_H_
+#define LOSSD_SERVER_REQUEST_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "lossd/kernels/kernels.h"
+#include "lossd/v1/lossd.pb.h"
+
+namespace lossd::server {
+
+struct Limits {
+  int64_t max_elements = int64_t{1} << 28;  // per tensor; larger gives RESOURCE_EXHAUSTED
+  int max_rank = 8;                         // larger gives INVALID_ARGUMENT
+};
+
+// A validated tensor: dtype known, dims >= 0, numel within limits, data length exact.
+struct TensorView {
+  kernels::DType dtype = kernels::DType::kFloat32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  int64_t numel = 0;
+};
+
+// "[4,7]"; "[]" for a scalar.
+std::string ShapeString(const std::vector<int64_t>& shape);
+
+// Validates `t` (named `field` in messages). INVALID_ARGUMENT for an unset or unknown dtype,
+// rank above the limit, a negative dimension, numel overflow or a data length that is not
+// numel * itemsize; RESOURCE_EXHAUSTED when numel exceeds limits.max_elements.
+absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tensor& t,
+                                        const Limits& limits);
+
+// Everything needed to run one Evaluate, validated.
+struct EvaluatePlan {
+  kernels::BceArgs args;          // pointers into the request (or into operand storage)
+  std::vector<int64_t> shape;     // logits' shape
+  bool grad_logits = false;
+  bool grad_targets = false;
+  v1::Device device = v1::DEVICE_AUTO;
+  bool reject_nan = false;
+  std::vector<TensorView> nan_checked;  // tensors scanned when reject_nan
+  std::vector<std::string> nan_names;
+};
+
+// Validates a request: tensors, shapes, broadcasting, loss, reduction, device.
+// Errors are INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a message naming the field and values.
+absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
+                                          const Limits& limits);
+
+// INVALID_ARGUMENT "targets contains NaN at flat index 5" for the first NaN found in the plan's
+// nan_checked tensors; OK otherwise. O(total elements).
+absl::Status CheckNoNan(const EvaluatePlan& plan);
+
+}  // namespace lossd::server
+
+#endif  // LOSSD_SERVER_REQUEST_H_

@@ -1,0 +1,56 @@
+// The lossd gRPC server: LossService, health and reflection on one port.
+#ifndef LOSSD_SERVER_SERVER_H_
+#define LOSSD_SERVER_SERVER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace lossd::server {
+
+// Which devices the server may use.
+enum class DevicePolicy {
+  kAuto,  // CUDA when a GPU is usable at startup, else CPU only
+  kCpu,   // CPU only: requests for CUDA get FAILED_PRECONDITION
+  kCuda,  // require a GPU: Start fails without one
+};
+
+struct ServerOptions {
+  std::string host = "0.0.0.0";  // listen address
+  int port = 50051;              // 0 picks a free port (see LossdServer::port())
+  DevicePolicy device = DevicePolicy::kAuto;
+  // Largest message accepted or sent, in bytes (gRPC's default is 4 MiB).
+  int64_t max_message_bytes = int64_t{256} << 20;
+  int64_t max_elements = int64_t{1} << 28;  // per tensor
+  int workers = 0;           // compute workers; 0 = hardware concurrency
+  int queue_capacity = 256;  // waiting requests beyond which calls get RESOURCE_EXHAUSTED
+  int cpu_threads = 0;       // threads of the CPU kernels; 0 = hardware concurrency
+};
+
+class LossdServer {
+ public:
+  // Builds the backends and starts listening. Errors: FAILED_PRECONDITION for kCuda without a
+  // GPU, UNAVAILABLE when the address cannot be bound, INVALID_ARGUMENT for bad options.
+  static absl::StatusOr<std::unique_ptr<LossdServer>> Start(const ServerOptions& options);
+  ~LossdServer();  // Shutdown(now) if still running
+
+  int port() const;                 // the bound port
+  std::string device_summary() const;  // "cpu" or "cpu,cuda (NVIDIA H100 ...)"
+
+  // Stops accepting calls and waits for in-flight calls until `deadline`, then cancels the rest.
+  void Shutdown(absl::Duration deadline);
+  // Blocks until the server has shut down.
+  void Wait();
+
+ private:
+  struct Impl;
+  explicit LossdServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lossd::server
+
+#endif  // LOSSD_SERVER_SERVER_H_

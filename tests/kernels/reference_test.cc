@@ -1,0 +1,264 @@
+// The float64 reference against hand-derived values, and the shared building blocks
+// (broadcast operands, exact summation, block trees, half conversions).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "lossd/kernels/kernels.h"
+
+namespace lossd::kernels {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+struct One {
+  double loss, gx, gy;
+};
+
+// Reference on a single element with reduction NONE.
+One Ref(double x, double y, double w = 1, double p = 1) {
+  BceArgs a;
+  a.numel = 1;
+  a.dtype = DType::kFloat64;
+  a.targets_dtype = DType::kFloat64;
+  a.logits = &x;
+  a.targets = &y;
+  a.weight = {DType::kFloat64, &w, 1, 1, nullptr};
+  a.pos_weight = {DType::kFloat64, &p, 1, 1, nullptr};
+  a.reduction = Reduction::kNone;
+  One o;
+  ReferenceBce(a, &o.loss, &o.gx, &o.gy);
+  return o;
+}
+
+TEST(ReferenceTest, HandDerivedValues) {
+  // x = 0: sp(0) = log 2, s(0) = 1/2.
+  One o = Ref(0, 0);
+  EXPECT_DOUBLE_EQ(o.loss, std::log(2.0));
+  EXPECT_DOUBLE_EQ(o.gx, 0.5);
+  EXPECT_DOUBLE_EQ(o.gy, 0.0);  // -log2 + log2
+  o = Ref(0, 1);
+  EXPECT_DOUBLE_EQ(o.loss, std::log(2.0));
+  EXPECT_DOUBLE_EQ(o.gx, -0.5);
+  // Soft label, weights: loss = w[(1-y) sp(x) + p y sp(-x)].
+  o = Ref(2.0, 0.25, 3.0, 2.0);
+  const double sp2 = 2.0 + std::log1p(std::exp(-2.0));
+  const double spm2 = std::log1p(std::exp(-2.0));
+  const double s2 = 1.0 / (1.0 + std::exp(-2.0));
+  EXPECT_NEAR(o.loss, 3.0 * (0.75 * sp2 + 2.0 * 0.25 * spm2), 1e-15);
+  EXPECT_NEAR(o.gx, 3.0 * (0.75 * s2 - 2.0 * 0.25 * (1.0 - s2)), 1e-15);
+  EXPECT_NEAR(o.gy, 3.0 * (-sp2 + 2.0 * spm2), 1e-14);
+  // Large logits: no cancellation.
+  o = Ref(30, 0);
+  EXPECT_DOUBLE_EQ(o.loss, 30.0 + std::log1p(std::exp(-30.0)));
+  o = Ref(-30, 0);
+  EXPECT_DOUBLE_EQ(o.loss, std::log1p(std::exp(-30.0)));  // torch float32 gives 0 here
+  EXPECT_GT(o.loss, 9e-14);
+  EXPECT_DOUBLE_EQ(o.gx, std::exp(-30.0) / (1.0 + std::exp(-30.0)));
+  o = Ref(-30, 1);
+  EXPECT_DOUBLE_EQ(o.loss, 30.0 + std::log1p(std::exp(-30.0)));
+  EXPECT_DOUBLE_EQ(o.gx, -1.0 / (1.0 + std::exp(-30.0)));
+  o = Ref(-17, 0);
+  EXPECT_NEAR(o.loss, 4.139937633089e-08, 1e-19);
+}
+
+TEST(ReferenceTest, InfinitiesGiveLimits) {
+  One o = Ref(kInf, 1);
+  EXPECT_EQ(o.loss, 0.0);
+  EXPECT_EQ(o.gx, 0.0);
+  o = Ref(-kInf, 0);
+  EXPECT_EQ(o.loss, 0.0);
+  EXPECT_EQ(o.gx, 0.0);
+  o = Ref(kInf, 0);
+  EXPECT_EQ(o.loss, kInf);
+  EXPECT_EQ(o.gx, 1.0);
+  o = Ref(-kInf, 1);
+  EXPECT_EQ(o.loss, kInf);
+  EXPECT_EQ(o.gx, -1.0);
+  o = Ref(kInf, 0.5);
+  EXPECT_EQ(o.loss, kInf);
+  EXPECT_EQ(o.gx, 0.5);
+  // Zero weight zeroes everything, even where the unweighted loss is infinite.
+  o = Ref(kInf, 0, 0.0);
+  EXPECT_EQ(o.loss, 0.0);
+  EXPECT_EQ(o.gx, 0.0);
+  // pos_weight 0 removes the positive term.
+  o = Ref(-kInf, 1, 1.0, 0.0);
+  EXPECT_EQ(o.loss, 0.0);
+}
+
+TEST(ReferenceTest, NaNPropagates) {
+  for (One o : {Ref(kNaN, 0), Ref(0, kNaN), Ref(1, 1, kNaN), Ref(1, 1, 1, kNaN), Ref(kNaN, 0, 0)}) {
+    EXPECT_TRUE(std::isnan(o.loss));
+    EXPECT_TRUE(std::isnan(o.gx));
+    EXPECT_TRUE(std::isnan(o.gy));
+  }
+}
+
+TEST(ReferenceTest, ReductionsAndBroadcast) {
+  // logits [2,3], weight [3] and pos_weight [2,1].
+  std::vector<double> x = {0.5, -1.0, 2.0, 3.0, 0.0, -0.25};
+  std::vector<double> y = {1, 0, 0.5, 0, 1, 1};
+  std::vector<double> w = {1.0, 2.0, 3.0};
+  std::vector<double> p = {2.0, 4.0};
+  auto wop = MakeOperand("weight", DType::kFloat64, w.data(), {3}, {2, 3});
+  auto pop = MakeOperand("pos_weight", DType::kFloat64, p.data(), {2, 1}, {2, 3});
+  ASSERT_TRUE(wop.ok());
+  ASSERT_TRUE(pop.ok());
+  EXPECT_EQ(wop->inner, 1);
+  EXPECT_EQ(wop->period, 3);
+  EXPECT_EQ(pop->inner, 3);
+  EXPECT_EQ(pop->period, 2);
+  BceArgs a;
+  a.numel = 6;
+  a.dtype = a.targets_dtype = DType::kFloat64;
+  a.logits = x.data();
+  a.targets = y.data();
+  a.weight = *wop;
+  a.pos_weight = *pop;
+  a.reduction = Reduction::kNone;
+  std::vector<double> l(6), gx(6), gy(6);
+  ReferenceBce(a, l.data(), gx.data(), gy.data());
+  double sum = 0;
+  for (int i = 0; i < 6; ++i) {
+    One e = Ref(x[i], y[i], w[i % 3], p[i / 3]);
+    EXPECT_EQ(l[i], e.loss) << i;
+    EXPECT_EQ(gx[i], e.gx) << i;
+    EXPECT_EQ(gy[i], e.gy) << i;
+    sum += e.loss;
+  }
+  a.reduction = Reduction::kSum;
+  double s;
+  std::vector<double> gxs(6);
+  ReferenceBce(a, &s, gxs.data(), nullptr);
+  EXPECT_NEAR(s, sum, 1e-14);
+  EXPECT_EQ(gxs, gx);
+  a.reduction = Reduction::kMean;
+  double m;
+  ReferenceBce(a, &m, gxs.data(), nullptr);
+  EXPECT_NEAR(m, sum / 6, 1e-15);
+  for (int i = 0; i < 6; ++i) EXPECT_DOUBLE_EQ(gxs[i], gx[i] / 6);
+  // Empty tensors: MEAN is NaN, SUM is 0.
+  a.numel = 0;
+  ReferenceBce(a, &m, nullptr, nullptr);
+  EXPECT_TRUE(std::isnan(m));
+  a.reduction = Reduction::kSum;
+  ReferenceBce(a, &s, nullptr, nullptr);
+  EXPECT_EQ(s, 0.0);
+}
+
+TEST(MakeOperandTest, PatternsAndErrors) {
+  float v[24];
+  for (int i = 0; i < 24; ++i) v[i] = static_cast<float>(i);
+  auto full = MakeOperand("weight", DType::kFloat32, v, {4, 6}, {4, 6});
+  ASSERT_TRUE(full.ok());
+  EXPECT_EQ(full->inner, 1);
+  EXPECT_EQ(full->period, 24);
+  auto scalar = MakeOperand("weight", DType::kFloat32, v, {}, {4, 6});
+  ASSERT_TRUE(scalar.ok());
+  EXPECT_EQ(scalar->period, 1);
+  auto ones = MakeOperand("weight", DType::kFloat32, v, {1, 1}, {4, 6});
+  ASSERT_TRUE(ones.ok());
+  EXPECT_EQ(ones->period, 1);
+  // [2,1,3] against [2,4,3]: two separated full groups -> expanded copy.
+  auto split = MakeOperand("weight", DType::kFloat32, v, {2, 1, 3}, {2, 4, 3});
+  ASSERT_TRUE(split.ok());
+  ASSERT_NE(split->owned, nullptr);
+  const float* e = static_cast<const float*>(split->data);
+  for (int a = 0; a < 2; ++a)
+    for (int b = 0; b < 4; ++b)
+      for (int c = 0; c < 3; ++c) EXPECT_EQ(e[(a * 4 + b) * 3 + c], v[a * 3 + c]);
+  auto bad = MakeOperand("weight", DType::kFloat32, v, {3}, {4, 7});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad.status().message(), "weight shape [3] is not broadcastable to logits shape [4,7]");
+  auto too_long = MakeOperand("pos_weight", DType::kFloat32, v, {1, 4, 7}, {4, 7});
+  EXPECT_FALSE(too_long.ok());
+}
+
+TEST(ExactSumTest, OrderIndependentAndExact) {
+  ExactSum s;
+  s.Add(1e300);
+  s.Add(1.0);
+  s.Add(-1e300);
+  EXPECT_EQ(s.Value(), 1.0);
+  ExactSum t;
+  t.Add(0x1p-1074);
+  t.Add(0x1p-1074);
+  EXPECT_EQ(t.Value(), 0x1p-1073);
+  ExactSum u;
+  u.Add(1.0);
+  u.Add(0x1p-53);  // exact sum is a tie: rounds to even (1.0)
+  EXPECT_EQ(u.Value(), 1.0);
+  u.Add(0x1p-1000);  // now just above the tie: rounds up
+  EXPECT_EQ(u.Value(), 1.0 + 0x1p-52);
+  ExactSum neg;
+  neg.Add(-2.5);
+  neg.Add(1.0);
+  EXPECT_EQ(neg.Value(), -1.5);
+  ExactSum inf;
+  inf.Add(kInf);
+  inf.Add(1.0);
+  EXPECT_EQ(inf.Value(), kInf);
+  inf.Add(-kInf);
+  EXPECT_TRUE(std::isnan(inf.Value()));
+  // Random values in shuffled orders and split/merged give identical results.
+  std::mt19937_64 rng(7);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<double> v(10000);
+  for (double& d : v) d = nd(rng) * std::pow(10.0, static_cast<int>(rng() % 20) - 10);
+  ExactSum a;
+  for (double d : v) a.Add(d);
+  std::shuffle(v.begin(), v.end(), rng);
+  ExactSum b, c;
+  for (size_t i = 0; i < v.size(); ++i) (i % 3 ? b : c).Add(v[i]);
+  b.Merge(c);
+  EXPECT_EQ(a.Value(), b.Value());
+  // And equals a long double compensated sum to within double rounding.
+  long double ld = 0;
+  for (double d : v) ld += d;
+  EXPECT_NEAR(a.Value(), static_cast<double>(ld), 1e-9 * std::fabs(static_cast<double>(ld)) + 1e-12);
+}
+
+TEST(TreeSumBlockTest, MatchesFullTree) {
+  std::mt19937_64 rng(3);
+  std::uniform_real_distribution<double> ud(-1, 1);
+  for (int64_t n : {1, 2, 3, 100, 1024, 1025, 2047, 2048}) {
+    std::vector<double> v(kReduceBlock, 0.0), full(kReduceBlock, 0.0);
+    for (int64_t i = 0; i < n; ++i) full[i] = v[i] = ud(rng);
+    for (int64_t h = kReduceBlock / 2; h >= 1; h /= 2)
+      for (int64_t j = 0; j < h; ++j) full[j] += full[j + h];
+    EXPECT_EQ(TreeSumBlock(v.data(), n), full[0]) << n;
+  }
+}
+
+TEST(HalfTest, RoundTripsAndRounding) {
+  EXPECT_EQ(FloatToHalf(1.0f), 0x3c00);
+  EXPECT_EQ(HalfToFloat(0x3c00), 1.0f);
+  EXPECT_EQ(FloatToHalf(65504.0f), 0x7bff);
+  EXPECT_EQ(FloatToHalf(65520.0f), 0x7c00);  // rounds to inf
+  EXPECT_EQ(FloatToHalf(-0.0f), 0x8000);
+  EXPECT_EQ(HalfToFloat(0x0001), 0x1p-24f);
+  EXPECT_EQ(FloatToHalf(0x1p-24f), 0x0001);
+  EXPECT_EQ(FloatToHalf(0x1p-25f), 0x0000);          // tie to even (0)
+  EXPECT_EQ(FloatToHalf(1.0f + 0x1p-11f), 0x3c00);   // tie to even
+  EXPECT_EQ(FloatToHalf(1.0f + 0x1p-10f + 0x1p-11f), 0x3c02);
+  EXPECT_TRUE(std::isnan(HalfToFloat(FloatToHalf(std::nanf("")))));
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const float f = HalfToFloat(static_cast<uint16_t>(h));
+    if (std::isnan(f)) continue;
+    EXPECT_EQ(FloatToHalf(f), h) << h;
+  }
+  EXPECT_EQ(FloatToBFloat16(1.0f), 0x3f80);
+  EXPECT_EQ(BFloat16ToFloat(0x3f80), 1.0f);
+  EXPECT_EQ(FloatToBFloat16(1.0f + 0x1p-8f), 0x3f80);  // tie to even
+  EXPECT_EQ(FloatToBFloat16(1.0f + 0x1p-7f + 0x1p-8f), 0x3f82);
+  EXPECT_TRUE(std::isnan(BFloat16ToFloat(FloatToBFloat16(std::nanf("")))));
+}
+
+}  // namespace
+}  // namespace lossd::kernels

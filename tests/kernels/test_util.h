@@ -1,0 +1,41 @@
+// Helpers shared by the kernel tests.
+#ifndef LOSSD_TESTS_KERNELS_TEST_UTIL_H_
+#define LOSSD_TESTS_KERNELS_TEST_UTIL_H_
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace lossd::testing {
+
+// Distance in units in the last place between two floats (0 when both NaN; huge when one is).
+inline int64_t UlpDistance(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) {
+    return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<int64_t>::max();
+  }
+  if (a == b) return 0;
+  auto key = [](float f) {
+    int32_t i;
+    std::memcpy(&i, &f, 4);
+    return i < 0 ? int64_t{INT32_MIN} - i : int64_t{i};
+  };
+  const int64_t d = key(a) - key(b);
+  return d < 0 ? -d : d;
+}
+
+// The float32 spacing at |v| (ulp of the float nearest v).
+inline double UlpF32(double v) {
+  const float f = std::fabs(static_cast<float>(v));
+  if (!std::isfinite(f)) return std::numeric_limits<double>::infinity();
+  return static_cast<double>(std::nextafter(f, std::numeric_limits<float>::infinity())) - f;
+}
+
+inline double UlpF64(double v) {
+  const double a = std::fabs(v);
+  return std::nextafter(a, std::numeric_limits<double>::infinity()) - a;
+}
+
+}  // namespace lossd::testing
+
+#endif  // LOSSD_TESTS_KERNELS_TEST_UTIL_H_
