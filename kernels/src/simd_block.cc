@@ -1,0 +1,175 @@
+// BCE-with-logits block kernels on Highway, compiled for every x86/Arm target Highway supports
+// and chosen at run time (foreach_target + HWY_EXPORT + HWY_DYNAMIC_DISPATCH).
+//
+// Per element: e = exp(-|x|) (Highway Exp, 1 ulp), l = log1p(e) (Highway Log1p, 2 ulp),
+// sp(x) = max(x,0) + l, sp(-x) = max(-x,0) + l, s(x) and s(-x) from 1/(1+e) without
+// cancellation; zero-coefficient terms are masked out and NaN inputs force NaN outputs.
+// One exp, one log1p and one division per element.
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "simd_block.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "hwy/contrib/math/math-inl.h"
+#include "bce_math.h"
+#include "simd_block.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace lossd::kernels::internal {
+namespace HWY_NAMESPACE {
+
+namespace hn = hwy::HWY_NAMESPACE;
+
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div, bool scale,
+                          V* loss, V* gx, V* gy) {
+  using T = hn::TFromD<D>;
+  const V zero = hn::Zero(d);
+  const V one = hn::Set(d, T(1));
+  const V ax = hn::Abs(x);
+  const V e = hn::Exp(d, hn::Neg(ax));  // 0 for -|x| < -104 (float) / -1000 (double)
+  const V l = hn::Log1p(d, e);
+  const V sp_pos = hn::Add(hn::Max(x, zero), l);
+  const V sp_neg = hn::Add(hn::Max(hn::Neg(x), zero), l);
+  const V inv = hn::Div(one, hn::Add(one, e));
+  const V e_inv = hn::Mul(e, inv);
+  const auto x_ge0 = hn::Ge(x, zero);
+  const V s_pos = hn::IfThenElse(x_ge0, inv, e_inv);
+  const V s_neg = hn::IfThenElse(x_ge0, e_inv, inv);
+  const V a = hn::Sub(one, y);
+  const V b = has_p ? hn::Mul(p, y) : y;
+  const auto a_nz = hn::Ne(a, zero);
+  const auto b_nz = hn::Ne(b, zero);
+  // Fused multiply-adds save a rounding; a factor masked to 0 makes its term exactly 0 even
+  // when the other factor is infinite.
+  V lv = hn::MulAdd(a, hn::IfThenElseZero(a_nz, sp_pos),
+                    hn::IfThenElseZero(b_nz, hn::Mul(b, sp_neg)));
+  V gxv = hn::MulSub(a, hn::IfThenElseZero(a_nz, s_pos),
+                     hn::IfThenElseZero(b_nz, hn::Mul(b, s_neg)));
+  V gyv = has_p ? hn::Sub(hn::IfThenElseZero(hn::Ne(p, zero), hn::Mul(p, sp_neg)), sp_pos)
+                : hn::Sub(sp_neg, sp_pos);
+  auto nan = hn::Or(hn::IsNaN(x), hn::IsNaN(y));
+  if (has_w) {
+    const auto w_zero = hn::Eq(w, zero);
+    lv = hn::IfThenZeroElse(w_zero, hn::Mul(w, lv));
+    gxv = hn::IfThenZeroElse(w_zero, hn::Mul(w, gxv));
+    gyv = hn::IfThenZeroElse(w_zero, hn::Mul(w, gyv));
+    nan = hn::Or(nan, hn::IsNaN(w));
+  }
+  if (has_p) nan = hn::Or(nan, hn::IsNaN(p));
+  if (scale) {
+    gxv = hn::Div(gxv, div);
+    gyv = hn::Div(gyv, div);
+  }
+  const V nanv = hn::Div(zero, zero);
+  *loss = hn::IfThenElse(nan, nanv, lv);
+  *gx = hn::IfThenElse(nan, nanv, gxv);
+  *gy = hn::IfThenElse(nan, nanv, gyv);
+}
+
+// Where exp(-|x|) would be subnormal in T its relative precision is lost, so lanes with
+// |x| beyond kFarX<T> (finite) are recomputed by the scalar math in a wider type. This depends
+// only on each element's own inputs, so results stay position-independent.
+template <typename T>
+constexpr T kFarX = sizeof(T) == 4 ? T(80) : T(700);
+
+template <typename T>
+HWY_NOINLINE void FixFarLanes(size_t lanes, const T* x, const T* y, const T* w, const T* p,
+                              T div, T* l, T* gx, T* gy) {
+  using Wide = std::conditional_t<sizeof(T) == 4, double, long double>;
+  for (size_t j = 0; j < lanes; ++j) {
+    const T ax = x[j] < T(0) ? -x[j] : x[j];
+    if (!(ax > kFarX<T>) || ax == std::numeric_limits<T>::infinity()) continue;
+    Wide lw, gxw, gyw;
+    BceElement<Wide>(x[j], y[j], w ? w[j] : Wide(1), p ? p[j] : Wide(1), &lw, &gxw, &gyw);
+    l[j] = static_cast<T>(lw);
+    gx[j] = static_cast<T>(gxw / div);
+    gy[j] = static_cast<T>(gyw / div);
+  }
+}
+
+template <typename T>
+HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
+  const hn::ScalableTag<T> d;
+  using V = hn::Vec<decltype(d)>;
+  const size_t N = hn::Lanes(d);
+  const bool has_w = a.w != nullptr;
+  const bool has_p = a.p != nullptr;
+  const bool scale = a.grad_divisor != T(1);
+  const V div = hn::Set(d, a.grad_divisor);
+  const V one = hn::Set(d, T(1));
+  const V far_x = hn::Set(d, kFarX<T>);
+  const V inf = hn::Set(d, std::numeric_limits<T>::infinity());
+  const size_t n = static_cast<size_t>(a.n);
+  size_t i = 0;
+  for (; i + N <= n; i += N) {
+    const V x = hn::LoadU(d, a.x + i);
+    const V y = hn::LoadU(d, a.y + i);
+    const V w = has_w ? hn::LoadU(d, a.w + i) : one;
+    const V p = has_p ? hn::LoadU(d, a.p + i) : one;
+    V l, gx, gy;
+    BceVector(d, x, y, w, p, has_w, has_p, div, scale, &l, &gx, &gy);
+    const auto far = hn::And(hn::Gt(hn::Abs(x), far_x), hn::Lt(hn::Abs(x), inf));
+    if (HWY_UNLIKELY(!hn::AllFalse(d, far))) {
+      HWY_ALIGN T lb[HWY_MAX_BYTES / sizeof(T)], gxb[HWY_MAX_BYTES / sizeof(T)],
+          gyb[HWY_MAX_BYTES / sizeof(T)];
+      hn::Store(l, d, lb);
+      hn::Store(gx, d, gxb);
+      hn::Store(gy, d, gyb);
+      FixFarLanes<T>(N, a.x + i, a.y + i, has_w ? a.w + i : nullptr, has_p ? a.p + i : nullptr,
+                     a.grad_divisor, lb, gxb, gyb);
+      l = hn::Load(d, lb);
+      gx = hn::Load(d, gxb);
+      gy = hn::Load(d, gyb);
+    }
+    hn::StoreU(l, d, a.loss + i);
+    if (a.gx) hn::StoreU(gx, d, a.gx + i);
+    if (a.gy) hn::StoreU(gy, d, a.gy + i);
+  }
+  if (i < n) {
+    // The tail goes through the same vector code on padded copies, so an element's result
+    // never depends on where it sits.
+    const size_t r = n - i;
+    HWY_ALIGN T buf[7][HWY_MAX_BYTES / sizeof(T)] = {};
+    std::memcpy(buf[0], a.x + i, r * sizeof(T));
+    std::memcpy(buf[1], a.y + i, r * sizeof(T));
+    if (has_w) std::memcpy(buf[2], a.w + i, r * sizeof(T));
+    if (has_p) std::memcpy(buf[3], a.p + i, r * sizeof(T));
+    V l, gx, gy;
+    BceVector(d, hn::Load(d, buf[0]), hn::Load(d, buf[1]), has_w ? hn::Load(d, buf[2]) : one,
+              has_p ? hn::Load(d, buf[3]) : one, has_w, has_p, div, scale, &l, &gx, &gy);
+    hn::Store(l, d, buf[4]);
+    hn::Store(gx, d, buf[5]);
+    hn::Store(gy, d, buf[6]);
+    FixFarLanes<T>(r, buf[0], buf[1], has_w ? buf[2] : nullptr, has_p ? buf[3] : nullptr,
+                   a.grad_divisor, buf[4], buf[5], buf[6]);
+    std::memcpy(a.loss + i, buf[4], r * sizeof(T));
+    if (a.gx) std::memcpy(a.gx + i, buf[5], r * sizeof(T));
+    if (a.gy) std::memcpy(a.gy + i, buf[6], r * sizeof(T));
+  }
+}
+
+void BceBlockF32(const BlockArgs<float>& a) { BceBlockImpl<float>(a); }
+void BceBlockF64(const BlockArgs<double>& a) { BceBlockImpl<double>(a); }
+const char* TargetNameHere() { return hwy::TargetName(HWY_TARGET); }
+
+}  // namespace HWY_NAMESPACE
+}  // namespace lossd::kernels::internal
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace lossd::kernels::internal {
+
+HWY_EXPORT(BceBlockF32);
+HWY_EXPORT(BceBlockF64);
+HWY_EXPORT(TargetNameHere);
+
+void BceBlock(const BlockArgs<float>& a) { HWY_DYNAMIC_DISPATCH(BceBlockF32)(a); }
+void BceBlock(const BlockArgs<double>& a) { HWY_DYNAMIC_DISPATCH(BceBlockF64)(a); }
+const char* BceBlockTargetName() { return HWY_DYNAMIC_DISPATCH(TargetNameHere)(); }
+
+}  // namespace lossd::kernels::internal
+#endif  // HWY_ONCE

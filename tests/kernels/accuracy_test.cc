@@ -1,0 +1,154 @@
+// Accuracy of the SIMD CPU kernels on a dense grid, on every SIMD target compiled in and
+// supported by this CPU (DESIGN.md section 5): float32 loss within 4 ulp of the float64
+// reference rounded to float32; gradients within 4 ulp of the larger of their two terms.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <iostream>
+#include <limits>
+#include <vector>
+
+#include "hwy/targets.h"
+#include "lossd/kernels/kernels.h"
+#include "test_util.h"
+
+namespace lossd::kernels {
+namespace {
+
+using lossd::testing::UlpDistance;
+using lossd::testing::UlpF32;
+using lossd::testing::UlpF64;
+
+// Dense grid of float32 logits: every 997th bit pattern with |x| in [1e-38, 3e38] plus the
+// special values, both signs.
+std::vector<float> GridX() {
+  std::vector<float> xs;
+  for (uint32_t bits = 0x00800000u; bits < 0x7f000000u; bits += 997u * 64u) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    xs.push_back(f);
+    xs.push_back(-f);
+  }
+  for (float f : {0.0f, -0.0f, 1e-45f, 1e-30f, 1.0f, 17.0f, 30.0f, 87.0f, 88.7f, 89.0f, 103.0f,
+                  104.0f, 110.0f, 1e30f, std::numeric_limits<float>::max()}) {
+    xs.push_back(f);
+    xs.push_back(-f);
+  }
+  return xs;
+}
+
+// Larger gradient term magnitude (for dl/dx), computed in double.
+double GradXScale(double x, double y, double w, double p) {
+  const double e = std::exp(-std::fabs(x));
+  const double sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
+  const double sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
+  return std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
+}
+// Larger term for dl/dy = w[-sp(x) + p sp(-x)].
+double GradYScale(double x, double w, double p) {
+  const double l = std::log1p(std::exp(-std::fabs(x)));
+  return std::max(std::fabs(w * (std::max(x, 0.0) + l)), std::fabs(w * p * (std::max(-x, 0.0) + l)));
+}
+
+class AccuracyTest : public ::testing::TestWithParam<int64_t> {
+ protected:
+  void SetUp() override { hwy::SetSupportedTargetsForTest(GetParam()); }
+  void TearDown() override { hwy::SetSupportedTargetsForTest(0); }
+};
+
+TEST_P(AccuracyTest, Float32DenseGrid) {
+  const std::vector<float> xs = GridX();
+  const float ys[] = {0.0f, 1.0f, 0.3f, 0.7f, 1e-6f, 0.999999f};
+  const float wp[][2] = {{1.0f, 1.0f}, {0.0f, 2.0f}, {3.5f, 0.0f}, {1e3f, 1e3f}, {0.01f, 7.0f}};
+  auto cpu = MakeCpuBackend({1});
+  int64_t worst_loss = 0;
+  double worst_gx = 0, worst_gy = 0;
+  for (float yv : ys) {
+    for (const auto& pair : wp) {
+      const int64_t n = static_cast<int64_t>(xs.size());
+      std::vector<float> y(n, yv), w(n, pair[0]), p(n, pair[1]);
+      BceArgs a;
+      a.numel = n;
+      a.logits = xs.data();
+      a.targets = y.data();
+      a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
+      a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
+      a.reduction = Reduction::kNone;
+      std::vector<float> l(n), gx(n), gy(n);
+      ASSERT_TRUE(cpu->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+      std::vector<double> rl(n), rgx(n), rgy(n);
+      ReferenceBce(a, rl.data(), rgx.data(), rgy.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t d = UlpDistance(l[i], static_cast<float>(rl[i]));
+        worst_loss = std::max(worst_loss, d);
+        if (d >= 3 && getenv("LOSSD_DEBUG")) std::cout << "ulp " << d << " x=" << xs[i] << " y=" << yv << " w=" << pair[0] << " p=" << pair[1] << "\n";
+        ASSERT_LE(d, 4) << "x=" << xs[i] << " y=" << yv << " w=" << pair[0] << " p=" << pair[1]
+                        << " got " << l[i] << " want " << rl[i];
+        const double ex = std::fabs(gx[i] - rgx[i]) /
+                          UlpF32(GradXScale(xs[i], yv, pair[0], pair[1]));
+        if (!(ex <= 4)) {
+          ASSERT_EQ(gx[i], static_cast<float>(rgx[i])) << "gx x=" << xs[i] << " y=" << yv;
+        } else {
+          worst_gx = std::max(worst_gx, ex);
+        }
+        if (std::isfinite(static_cast<float>(rgy[i]))) {
+          const double ey = std::fabs(gy[i] - rgy[i]) / UlpF32(GradYScale(xs[i], pair[0], pair[1]));
+          ASSERT_LE(ey, 4) << "gy x=" << xs[i] << " y=" << yv << " got " << gy[i] << " want "
+                           << rgy[i];
+          worst_gy = std::max(worst_gy, ey);
+        } else {
+          ASSERT_EQ(gy[i], static_cast<float>(rgy[i]));
+        }
+      }
+    }
+  }
+  std::cout << "target " << hwy::TargetName(GetParam()) << ": worst float32 loss error "
+            << worst_loss << " ulp, dl/dx " << worst_gx << " ulp, dl/dy " << worst_gy
+            << " ulp (of the larger term)\n";
+}
+
+TEST_P(AccuracyTest, Float64AgainstLongDouble) {
+  // float64 compute against the same formulas in long double (64-bit mantissa).
+  std::vector<double> xs;
+  for (double v = 1e-300; v < 1e300; v *= 1.37) {
+    xs.push_back(v);
+    xs.push_back(-v);
+  }
+  for (double v = -40; v <= 40; v += 0.01) xs.push_back(v);
+  const int64_t n = static_cast<int64_t>(xs.size());
+  for (double yv : {0.0, 1.0, 0.25}) {
+    std::vector<double> y(n, yv);
+    BceArgs a;
+    a.numel = n;
+    a.dtype = a.targets_dtype = DType::kFloat64;
+    a.logits = xs.data();
+    a.targets = y.data();
+    a.reduction = Reduction::kNone;
+    std::vector<double> l(n);
+    ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {l.data(), nullptr, nullptr}).ok());
+    double worst = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const long double x = xs[i], yy = yv;
+      const long double lg = std::log1p(std::exp(-std::fabs(x)));
+      long double want = 0;
+      if (yy != 1) want += (1 - yy) * (std::max(x, 0.0L) + lg);
+      if (yy != 0) want += yy * (std::max(-x, 0.0L) + lg);
+      const double e = std::fabs(l[i] - static_cast<double>(want)) / UlpF64(static_cast<double>(want));
+      worst = std::max(worst, e);
+      ASSERT_LE(e, 4) << "x=" << xs[i] << " y=" << yv;
+    }
+    std::cout << "target " << hwy::TargetName(GetParam()) << ": float64 y=" << yv
+              << " worst " << worst << " ulp\n";
+  }
+}
+
+std::vector<int64_t> Targets() { return hwy::SupportedAndGeneratedTargets(); }
+
+INSTANTIATE_TEST_SUITE_P(EveryTarget, AccuracyTest, ::testing::ValuesIn(Targets()),
+                         [](const ::testing::TestParamInfo<int64_t>& info) {
+                           return std::string(hwy::TargetName(info.param));
+                         });
+
+}  // namespace
+}  // namespace lossd::kernels
