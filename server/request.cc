@@ -77,9 +77,11 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
                                                    " != logits shape ",
                                                    ShapeString(logits->shape)));
   }
-  if (request.loss_case() != v1::EvaluateRequest::kBceWithLogits) {
+  if (request.loss_case() != v1::EvaluateRequest::kBceWithLogits &&
+      request.loss_case() != v1::EvaluateRequest::kSigmoidFocalLoss) {
     return absl::InvalidArgumentError(
-        "loss is not set or not supported by this server; expected one of: bce_with_logits");
+        "loss is not set or not supported by this server; expected one of: bce_with_logits, "
+        "sigmoid_focal_loss");
   }
   switch (request.reduction()) {
     case v1::REDUCTION_UNSPECIFIED:
@@ -91,6 +93,9 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
       break;
     case v1::REDUCTION_NONE:
       plan.args.reduction = kernels::Reduction::kNone;
+      break;
+    case v1::REDUCTION_PER_SAMPLE_MEAN:
+      plan.args.reduction = kernels::Reduction::kPerSampleMean;
       break;
     default:
       return absl::InvalidArgumentError(absl::StrCat(
@@ -129,16 +134,65 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
   if (request.has_weight()) {
     if (absl::Status s = operand("weight", request.weight(), &plan.args.weight); !s.ok()) return s;
   }
-  const v1::BceWithLogits& bce = request.bce_with_logits();
-  if (bce.has_pos_weight()) {
-    if (absl::Status s = operand("pos_weight", bce.pos_weight(), &plan.args.pos_weight); !s.ok()) {
-      return s;
-    }
-  }
   plan.grad_logits = request.gradients().logits();
   plan.grad_targets = request.gradients().targets();
+  if (request.has_bce_with_logits()) {
+    const v1::BceWithLogits& bce = request.bce_with_logits();
+    plan.args.loss = kernels::Loss::kBce;
+    if (bce.has_pos_weight()) {
+      if (absl::Status s = operand("pos_weight", bce.pos_weight(), &plan.args.pos_weight);
+          !s.ok()) {
+        return s;
+      }
+    }
+    if (bce.has_ignore_index()) {
+      plan.args.has_ignore_index = true;
+      plan.args.ignore_index = static_cast<double>(bce.ignore_index());
+    }
+    plan.args.normalize = bce.normalize();
+    const double s = bce.label_smoothing();
+    if (!(s >= 0.0 && s <= 1.0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bce_with_logits.label_smoothing ", s, " is outside [0, 1]"));
+    }
+    plan.args.label_smoothing = s;
+  } else {
+    const v1::SigmoidFocalLoss& focal = request.sigmoid_focal_loss();
+    plan.args.loss = kernels::Loss::kFocal;
+    plan.args.focal_alpha = focal.has_alpha() ? focal.alpha() : 0.25;
+    plan.args.focal_gamma = focal.has_gamma() ? focal.gamma() : 2.0;
+    if (!std::isfinite(plan.args.focal_alpha) || plan.args.focal_alpha > 1.0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sigmoid_focal_loss.alpha ", plan.args.focal_alpha,
+          " must be in [0, 1], or negative to disable alpha weighting"));
+    }
+    if (!(plan.args.focal_gamma >= 0.0 && plan.args.focal_gamma <= 1e4)) {
+      return absl::InvalidArgumentError(absl::StrCat("sigmoid_focal_loss.gamma ",
+                                                     plan.args.focal_gamma,
+                                                     " is outside [0, 10000]"));
+    }
+    if (plan.grad_targets) {
+      return absl::InvalidArgumentError(
+          "gradients.targets is not available for sigmoid_focal_loss (only gradients.logits)");
+    }
+  }
+  if (plan.args.reduction == kernels::Reduction::kPerSampleMean) {
+    plan.args.last_dim = plan.shape.empty() ? 1 : plan.shape.back();
+  }
   plan.reject_nan = request.reject_nan();
   return plan;
+}
+
+std::vector<int64_t> EvaluatePlan::LossShape() const {
+  switch (args.reduction) {
+    case kernels::Reduction::kNone:
+      return shape;
+    case kernels::Reduction::kPerSampleMean:
+      return shape.empty() ? std::vector<int64_t>{}
+                           : std::vector<int64_t>(shape.begin(), shape.end() - 1);
+    default:
+      return {};
+  }
 }
 
 absl::Status CheckNoNan(const EvaluatePlan& plan) {

@@ -42,6 +42,9 @@ absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tens
 struct EvaluatePlan {
   kernels::BceArgs args;          // pointers into the request (or into operand storage)
   std::vector<int64_t> shape;     // logits' shape
+  // Shape of the loss output: the logits' shape (NONE), [] (SUM/MEAN) or the logits' shape
+  // without its last dimension (PER_SAMPLE_MEAN).
+  std::vector<int64_t> LossShape() const;
   bool grad_logits = false;
   bool grad_targets = false;
   v1::Device device = v1::DEVICE_AUTO;

@@ -1,5 +1,6 @@
 #include "service.h"
 
+#include <cmath>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -91,10 +92,11 @@ absl::Status LossServiceImpl::Compute(grpc::CallbackServerContext* context,
     backend = cuda_.get();
     device = v1::DEVICE_CUDA;
   }
-  const bool reduce = plan.args.reduction != kernels::Reduction::kNone;
   kernels::BceOutputs out;
-  FillTensor(plan.args.dtype, reduce ? std::vector<int64_t>{} : plan.shape,
-             reduce ? 1 : plan.args.numel, response->mutable_loss());
+  const std::vector<int64_t> loss_shape = plan.LossShape();
+  int64_t loss_count = 1;
+  for (int64_t d : loss_shape) loss_count *= d;
+  FillTensor(plan.args.dtype, loss_shape, loss_count, response->mutable_loss());
   out.loss = response->mutable_loss()->mutable_data()->data();
   if (plan.grad_logits) {
     FillTensor(plan.args.dtype, plan.shape, plan.args.numel, response->mutable_grad_logits());
@@ -105,7 +107,15 @@ absl::Status LossServiceImpl::Compute(grpc::CallbackServerContext* context,
     out.grad_targets = response->mutable_grad_targets()->mutable_data()->data();
   }
   const int64_t compute_start = absl::GetCurrentTimeNanos();
-  absl::Status s = backend->Bce(plan.args, out);
+  absl::Status s;
+  if (plan.args.reduction == kernels::Reduction::kPerSampleMean && plan.args.last_dim == 0) {
+    // Means over empty rows are NaN; there is nothing to compute.
+    for (int64_t r = 0; r < loss_count; ++r) {
+      kernels::StoreFromDouble(plan.args.dtype, out.loss, r, std::nan(""));
+    }
+  } else {
+    s = backend->Bce(plan.args, out);
+  }
   const int64_t compute_end = absl::GetCurrentTimeNanos();
   if (!s.ok()) {
     response->Clear();
@@ -125,13 +135,15 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(
     v1::Capabilities* response) {
   response->set_server_version(LOSSD_VERSION);
   response->add_losses("bce_with_logits");
+  response->add_losses("sigmoid_focal_loss");
   for (v1::DType d : {v1::DTYPE_FLOAT32, v1::DTYPE_FLOAT64, v1::DTYPE_FLOAT16,
                       v1::DTYPE_BFLOAT16}) {
     response->add_dtypes(d);
   }
   response->add_devices(v1::DEVICE_CPU);
   if (cuda_ != nullptr) response->add_devices(v1::DEVICE_CUDA);
-  for (v1::Reduction r : {v1::REDUCTION_NONE, v1::REDUCTION_MEAN, v1::REDUCTION_SUM}) {
+  for (v1::Reduction r : {v1::REDUCTION_NONE, v1::REDUCTION_MEAN, v1::REDUCTION_SUM,
+                          v1::REDUCTION_PER_SAMPLE_MEAN}) {
     response->add_reductions(r);
   }
   response->set_max_message_bytes(config_.max_message_bytes);

@@ -64,6 +64,103 @@ LOSSD_HD void BceElement(T x, T y, T w, T p, T* loss, T* gx, T* gy) {
   *gy = gy_val;
 }
 
+
+// torchvision's sigmoid focal loss for one element, in log space:
+//   q = 1 - p_t = (1-y) s(x) + y s(-x),  log q = logaddexp(log(1-y) - sp(-x), log(y) - sp(x))
+//   loss = w * alpha_t * ce * q^gamma,   ce = (1-y) sp(x) + y sp(-x)
+//   dl/dx = w * alpha_t * [ ce' q^gamma + gamma (1-2y) exp((gamma-1) log q + log ce - sp(x)
+//           - sp(-x)) ],  ce' = (1-y) s(x) - y s(-x)
+// Zero-coefficient terms are skipped, so the gradient stays finite for gamma < 1 and infinite
+// logits give the limits. alpha < 0 disables alpha_t. NaN inputs give NaN.
+template <typename T>
+LOSSD_HD void FocalElement(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
+  using std::exp;
+  using std::fabs;
+  using std::log;
+  using std::log1p;
+  if (x != x || y != y || w != w) {
+    *loss = T(NAN);
+    *gx = T(NAN);
+    return;
+  }
+  const T inf = T(INFINITY);
+  const T e = exp(-fabs(x));
+  const T l = log1p(e);
+  const T sp_pos = (x > T(0) ? x : T(0)) + l;
+  const T sp_neg = (x < T(0) ? -x : T(0)) + l;
+  const T inv = T(1) / (T(1) + e);
+  const T s_pos = x >= T(0) ? inv : e * inv;
+  const T s_neg = x >= T(0) ? e * inv : inv;
+  const T a = T(1) - y;
+  const T b = y;
+  T ce = T(0), dce = T(0);
+  if (a != T(0)) {
+    ce = a * sp_pos;
+    dce = a * s_pos;
+  }
+  if (b != T(0)) {
+    ce += b * sp_neg;
+    dce -= b * s_neg;
+  }
+  const T t1 = a > T(0) ? log(a) - sp_neg : -inf;
+  const T t2 = b > T(0) ? log(b) - sp_pos : -inf;
+  const T hi = t1 > t2 ? t1 : t2;
+  const T lo = t1 > t2 ? t2 : t1;
+  const T log_q = hi == -inf ? -inf : (lo == -inf ? hi : hi + log1p(exp(lo - hi)));
+  const T mod = gamma == T(0) ? T(1) : exp(gamma * log_q);
+  const T at = alpha >= T(0) ? alpha * y + (T(1) - alpha) * (T(1) - y) : T(1);
+  T lv = ce == T(0) ? T(0) : at * ce * mod;
+  T g = dce * mod;
+  const T dq = (a - b) * s_pos * s_neg;
+  if (gamma != T(0) && ce != T(0) && dq != T(0) && ce < inf) {
+    const T mag = exp((gamma - T(1)) * log_q + log(ce) - sp_pos - sp_neg);
+    g += gamma * (a - b) * mag;
+  }
+  g *= at;
+  if (w == T(0)) {
+    lv = T(0);
+    g = T(0);
+  } else if (w != T(1)) {
+    lv *= w;
+    g *= w;
+  }
+  *loss = lv;
+  *gx = g;
+}
+
+// Per-element options shared by every backend.
+template <typename T>
+struct ElementOptions {
+  bool focal = false;
+  bool has_ignore_index = false;
+  T ignore_index = T(-100);
+  T label_smoothing = T(0);
+  T alpha = T(0.25);
+  T gamma = T(2);
+};
+
+// One element with every option: ignore_index (on the raw target), label smoothing, then BCE or
+// focal. For focal, *gy is set to NaN (dl/dy is not offered for it).
+template <typename T>
+LOSSD_HD void LossElement(const ElementOptions<T>& o, T x, T y_raw, T w, T p, T* loss, T* gx,
+                          T* gy) {
+  if (o.has_ignore_index && y_raw == o.ignore_index) {
+    *loss = T(0);
+    *gx = T(0);
+    *gy = T(0);
+    return;
+  }
+  const T s = o.label_smoothing;
+  const T y = s != T(0) ? y_raw * (T(1) - s) + s * T(0.5) : y_raw;
+  if (o.focal) {
+    FocalElement<T>(x, y, w, o.alpha, o.gamma, loss, gx);
+    *gy = T(NAN);
+    return;
+  }
+  BceElement<T>(x, y, w, p, loss, gx, gy);
+  if (s != T(0)) *gy *= (T(1) - s);
+}
+
 }  // namespace lossd::kernels::internal
 
 #endif  // LOSSD_KERNELS_SRC_BCE_MATH_H_

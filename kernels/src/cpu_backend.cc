@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "bce_math.h"
 #include "hwy/aligned_allocator.h"
 #include "simd_block.h"
 #include "lossd/kernels/kernels.h"
@@ -132,12 +133,20 @@ void StoreRun(DType dtype, void* data, int64_t i0, int64_t n, const T* in) {
   }
 }
 
+// What every block of one call shares.
+struct Plan {
+  bool reduce = false;       // kSum / kMean: block sums go to an ExactSum
+  double count = 1.0;        // normalize: non-ignored elements (else 1)
+  double grad_div = 1.0;     // divisor of the gradients (mean, per-sample, normalize)
+  double* loss_f64 = nullptr;  // kPerSampleMean: per-element losses as double
+};
+
 // Evaluates blocks [b0, b1) in compute type T and adds their block sums to `sum`.
 template <typename T>
-void RunBlocks(const BceArgs& args, const BceOutputs& out, int64_t b0, int64_t b1,
-               ExactSum* sum) {
+void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int64_t b0,
+               int64_t b1, ExactSum* sum) {
   constexpr int64_t B = kReduceBlock;
-  auto storage = hwy::AllocateAligned<T>(7 * B);
+  auto storage = hwy::AllocateAligned<T>(8 * B);
   T* const xs = storage.get();
   T* const ys = xs + B;
   T* const ws = ys + B;
@@ -145,33 +154,74 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, int64_t b0, int64_t b
   T* const ls = ps + B;
   T* const gxs = ls + B;
   T* const gys = gxs + B;
+  T* const ysm = gys + B;  // smoothed targets
   std::vector<double> tree(B);
-  const bool reduce = args.reduction != Reduction::kNone;
-  const bool direct = args.dtype == kDTypeOf<T>;  // outputs can be written in place
-  // MEAN divides gradients by numel: inside the kernel when exact in T, else afterwards.
-  const bool mean = args.reduction == Reduction::kMean;
-  const bool exact_div = static_cast<int64_t>(static_cast<T>(args.numel)) == args.numel;
+  const bool focal = args.loss == Loss::kFocal;
+  const bool smooth = args.label_smoothing != 0.0;
+  const T s = static_cast<T>(args.label_smoothing);
+  const T ignore = static_cast<T>(args.ignore_index);
+  // Outputs are written in place when they have the compute type and nothing is applied after.
+  const bool direct = args.dtype == kDTypeOf<T>;
+  const bool direct_loss = direct && !plan.reduce && plan.loss_f64 == nullptr &&
+                           plan.count == 1.0 && out.loss != nullptr;
+  // Gradient division inside the SIMD kernel when the divisor is exact in T.
+  const bool div_in_kernel = static_cast<double>(static_cast<T>(plan.grad_div)) == plan.grad_div;
+  internal::ElementOptions<T> eo;
+  eo.focal = focal;
+  eo.has_ignore_index = args.has_ignore_index;
+  eo.ignore_index = ignore;
+  eo.label_smoothing = s;
+  eo.alpha = static_cast<T>(args.focal_alpha);
+  eo.gamma = static_cast<T>(args.focal_gamma);
+
   const auto w_tile = MakeTile<T>(args.weight, args.numel);
   const auto p_tile = MakeTile<T>(args.pos_weight, args.numel);
   internal::BlockArgs<T> k;
-  k.grad_divisor = mean && exact_div ? static_cast<T>(args.numel) : T(1);
+  k.grad_divisor = div_in_kernel ? static_cast<T>(plan.grad_div) : T(1);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t i0 = b * B;
     const int64_t n = std::min(B, args.numel - i0);
     k.n = n;
     k.x = DenseRun(args.dtype, args.logits, i0, n, xs);
-    k.y = DenseRun(args.targets_dtype, args.targets, i0, n, ys);
+    const T* y_raw = DenseRun(args.targets_dtype, args.targets, i0, n, ys);
     k.w = OperandRun(args.weight, w_tile.get(), args.numel, i0, n, ws);
     k.p = OperandRun(args.pos_weight, p_tile.get(), args.numel, i0, n, ps);
-    k.loss = (!reduce && direct && out.loss) ? static_cast<T*>(out.loss) + i0 : ls;
+    k.loss = direct_loss ? static_cast<T*>(out.loss) + i0 : ls;
     k.gx = out.grad_logits ? (direct ? static_cast<T*>(out.grad_logits) + i0 : gxs) : nullptr;
     k.gy = out.grad_targets ? (direct ? static_cast<T*>(out.grad_targets) + i0 : gys) : nullptr;
-    internal::BceBlock(k);
-    if (mean && !exact_div) {
+    if (focal) {
+      // Focal loss: the shared scalar math per element (log-space form).
+      for (int64_t j = 0; j < n; ++j) {
+        T l, gx, gy;
+        internal::LossElement<T>(eo, k.x[j], y_raw[j], k.w ? k.w[j] : T(1), T(1), &l, &gx, &gy);
+        k.loss[j] = l;
+        if (k.gx) k.gx[j] = div_in_kernel ? gx / k.grad_divisor : gx;
+      }
+    } else {
+      if (smooth) {
+        for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
+        k.y = ysm;
+      } else {
+        k.y = y_raw;
+      }
+      internal::BceBlock(k);
+      if (smooth && k.gy) {
+        for (int64_t j = 0; j < n; ++j) k.gy[j] *= (T(1) - s);
+      }
+    }
+    if (args.has_ignore_index) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (y_raw[j] != ignore) continue;
+        k.loss[j] = T(0);
+        if (k.gx) k.gx[j] = T(0);
+        if (k.gy) k.gy[j] = T(0);
+      }
+    }
+    if (!div_in_kernel) {
       for (T* g : {k.gx, k.gy}) {
         if (g == nullptr) continue;
         for (int64_t j = 0; j < n; ++j) {
-          g[j] = static_cast<T>(static_cast<double>(g[j]) / static_cast<double>(args.numel));
+          g[j] = static_cast<T>(static_cast<double>(g[j]) / plan.grad_div);
         }
       }
     }
@@ -179,13 +229,29 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, int64_t b0, int64_t b
       if (out.grad_logits) StoreRun(args.dtype, out.grad_logits, i0, n, gxs);
       if (out.grad_targets) StoreRun(args.dtype, out.grad_targets, i0, n, gys);
     }
-    if (reduce) {
+    if (plan.reduce) {
       for (int64_t j = 0; j < n; ++j) tree[j] = static_cast<double>(k.loss[j]);
       sum->Add(TreeSumBlock(tree.data(), n));
-    } else if (out.loss && !direct) {
-      StoreRun(args.dtype, out.loss, i0, n, ls);
+    } else if (plan.loss_f64 != nullptr) {
+      for (int64_t j = 0; j < n; ++j) plan.loss_f64[i0 + j] = static_cast<double>(k.loss[j]);
+    } else if (out.loss != nullptr && !direct_loss) {
+      if (plan.count != 1.0) {
+        for (int64_t j = 0; j < n; ++j) tree[j] = static_cast<double>(k.loss[j]) / plan.count;
+        StoreRun(args.dtype, out.loss, i0, n, tree.data());
+      } else {
+        StoreRun(args.dtype, out.loss, i0, n, ls);
+      }
     }
   }
+}
+
+// Elements whose raw target equals ignore_index, counted for `normalize`.
+int64_t CountIgnored(const BceArgs& args) {
+  int64_t ignored = 0;
+  for (int64_t i = 0; i < args.numel; ++i) {
+    ignored += LoadAsDouble(args.targets_dtype, args.targets, i) == args.ignore_index;
+  }
+  return ignored;
 }
 
 class CpuBackend final : public Backend {
@@ -203,23 +269,53 @@ class CpuBackend final : public Backend {
     auto is64 = [](DType t, const void* p) { return p != nullptr && t == DType::kFloat64; };
     const bool wide = args.dtype == DType::kFloat64 || is64(args.targets_dtype, args.targets) ||
                       is64(args.weight.dtype, args.weight.data) ||
-                      is64(args.pos_weight.dtype, args.pos_weight.data);
+                      is64(args.pos_weight.dtype, args.pos_weight.data) ||
+                      // Smoothed targets and the focal factors are rounded intermediates that
+                      // float cannot keep within 4 ulp of the result: these use double.
+                      args.label_smoothing != 0.0 || args.loss == Loss::kFocal;
+    Plan plan;
+    plan.reduce = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
+    if (args.normalize) {
+      const int64_t kept = args.numel - (args.has_ignore_index ? CountIgnored(args) : 0);
+      plan.count = kept > 0 ? static_cast<double>(kept) : 1.0;
+    }
+    plan.grad_div = plan.count;
+    if (args.reduction == Reduction::kMean) plan.grad_div *= static_cast<double>(args.numel);
+    std::vector<double> per_element;
+    if (args.reduction == Reduction::kPerSampleMean) {
+      plan.grad_div *= static_cast<double>(args.last_dim);
+      per_element.resize(args.numel);
+      plan.loss_f64 = per_element.data();
+    }
     pool_.ParallelFor(tasks, [&](int64_t t) {
       const int64_t b0 = t * kBlocksPerTask;
       const int64_t b1 = std::min(blocks, (t + 1) * kBlocksPerTask);
-      // Compute in double when any input is float64, else in float (float32 and half types).
+      // Compute in double when `wide`, else in float (float32 and half types).
       if (wide) {
-        RunBlocks<double>(args, out, b0, b1, &sums[t]);
+        RunBlocks<double>(args, out, plan, b0, b1, &sums[t]);
       } else {
-        RunBlocks<float>(args, out, b0, b1, &sums[t]);
+        RunBlocks<float>(args, out, plan, b0, b1, &sums[t]);
       }
     });
-    if (args.reduction != Reduction::kNone && out.loss) {
+    if (out.loss == nullptr) return absl::OkStatus();
+    if (plan.reduce) {
       ExactSum total;
       for (const ExactSum& s : sums) total.Merge(s);
-      double v = total.Value();
+      double v = total.Value() / plan.count;
       if (args.reduction == Reduction::kMean) v /= static_cast<double>(args.numel);
       StoreFromDouble(args.dtype, out.loss, 0, v);
+    } else if (args.reduction == Reduction::kPerSampleMean) {
+      const int64_t rows = LossCount(args);
+      const int64_t len = args.last_dim;
+      constexpr int64_t kRowsPerTask = 4096;
+      pool_.ParallelFor((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t t) {
+        for (int64_t r = t * kRowsPerTask; r < std::min(rows, (t + 1) * kRowsPerTask); ++r) {
+          ExactSum s;
+          for (int64_t j = 0; j < len; ++j) s.Add(per_element[r * len + j]);
+          StoreFromDouble(args.dtype, out.loss, r,
+                          s.Value() / static_cast<double>(len) / plan.count);
+        }
+      });
     }
     return absl::OkStatus();
   }

@@ -1,6 +1,7 @@
 // The float64 scalar reference: one element at a time, straight from the formulas. Tests
 // compare every backend against it; it is written for clarity, not speed.
 #include <cmath>
+#include <vector>
 
 #include "bce_math.h"
 #include "lossd/kernels/kernels.h"
@@ -16,28 +17,77 @@ double OperandAt(const Operand& op, int64_t i) {
 
 }  // namespace
 
+int64_t LossCount(const BceArgs& args) {
+  switch (args.reduction) {
+    case Reduction::kNone:
+      return args.numel;
+    case Reduction::kPerSampleMean:
+      return args.last_dim > 0 ? args.numel / args.last_dim : 0;
+    case Reduction::kSum:
+    case Reduction::kMean:
+      return 1;
+  }
+  return 1;
+}
+
 void ReferenceBce(const BceArgs& args, double* loss, double* grad_logits, double* grad_targets) {
   const int64_t n = args.numel;
-  ExactSum total;
+  internal::ElementOptions<double> o;
+  o.focal = args.loss == Loss::kFocal;
+  o.has_ignore_index = args.has_ignore_index;
+  o.ignore_index = args.ignore_index;
+  o.label_smoothing = args.label_smoothing;
+  o.alpha = args.focal_alpha;
+  o.gamma = args.focal_gamma;
+  // normalize: the count of elements that are not ignored.
+  double count = 1.0;
+  if (args.normalize) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double y = LoadAsDouble(args.targets_dtype, args.targets, i);
+      c += !(args.has_ignore_index && y == args.ignore_index);
+    }
+    count = c > 0 ? static_cast<double>(c) : 1.0;
+  }
+  // Gradients are those of the reduced loss.
+  double grad_div = count;
+  if (args.reduction == Reduction::kMean) grad_div *= static_cast<double>(n);
+  if (args.reduction == Reduction::kPerSampleMean) grad_div *= static_cast<double>(args.last_dim);
+
+  std::vector<double> values(n);
   for (int64_t i = 0; i < n; ++i) {
     const double x = LoadAsDouble(args.dtype, args.logits, i);
     const double y = LoadAsDouble(args.targets_dtype, args.targets, i);
-    const double w = OperandAt(args.weight, i);
-    const double p = OperandAt(args.pos_weight, i);
     double l, gx, gy;
-    internal::BceElement<double>(x, y, w, p, &l, &gx, &gy);
-    if (args.reduction == Reduction::kNone) {
-      if (loss) loss[i] = l;
-    } else {
-      total.Add(l);
-    }
-    // Gradients of the reduced loss: MEAN divides by numel.
-    if (grad_logits) grad_logits[i] = args.reduction == Reduction::kMean ? gx / n : gx;
-    if (grad_targets) grad_targets[i] = args.reduction == Reduction::kMean ? gy / n : gy;
+    internal::LossElement<double>(o, x, y, OperandAt(args.weight, i), OperandAt(args.pos_weight, i),
+                                  &l, &gx, &gy);
+    values[i] = l;
+    if (grad_logits) grad_logits[i] = gx / grad_div;
+    if (grad_targets) grad_targets[i] = gy / grad_div;
   }
-  if (args.reduction != Reduction::kNone && loss) {
-    const double sum = total.Value();
-    loss[0] = args.reduction == Reduction::kMean ? sum / static_cast<double>(n) : sum;
+  if (loss == nullptr) return;
+  switch (args.reduction) {
+    case Reduction::kNone:
+      for (int64_t i = 0; i < n; ++i) loss[i] = values[i] / count;
+      break;
+    case Reduction::kPerSampleMean: {
+      const int64_t rows = LossCount(args);
+      for (int64_t r = 0; r < rows; ++r) {
+        ExactSum s;
+        for (int64_t j = 0; j < args.last_dim; ++j) s.Add(values[r * args.last_dim + j]);
+        loss[r] = s.Value() / static_cast<double>(args.last_dim) / count;
+      }
+      break;
+    }
+    case Reduction::kSum:
+    case Reduction::kMean: {
+      ExactSum s;
+      for (double v : values) s.Add(v);
+      double v = s.Value() / count;
+      if (args.reduction == Reduction::kMean) v /= static_cast<double>(n);
+      loss[0] = v;
+      break;
+    }
   }
 }
 

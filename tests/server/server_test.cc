@@ -255,7 +255,7 @@ TEST_F(ServerTest, CapabilitiesAndHealth) {
   grpc::ClientContext ctx;
   v1::Capabilities caps;
   ASSERT_TRUE(stub_->GetCapabilities(&ctx, v1::GetCapabilitiesRequest(), &caps).ok());
-  ASSERT_EQ(caps.losses_size(), 1);
+  ASSERT_EQ(caps.losses_size(), 2);
   EXPECT_EQ(caps.losses(0), "bce_with_logits");
   EXPECT_EQ(caps.dtypes_size(), 4);
   ASSERT_EQ(caps.devices_size(), 1);

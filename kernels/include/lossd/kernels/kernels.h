@@ -8,6 +8,9 @@
 //   dl/dy = w * [ -sp(x) + p * sp(-x) ]
 // A term whose coefficient (1-y, p*y, p, w) is exactly 0 is skipped, so infinite logits give the
 // mathematical limit. A NaN in any input of an element makes every output of that element NaN.
+// Compute precision: double when any input tensor is float64, for label smoothing and for the
+// focal loss; else float (float32 and the half types). Results are rounded once to the output
+// dtype. Gradients are those of the reduced loss.
 #ifndef LOSSD_KERNELS_KERNELS_H_
 #define LOSSD_KERNELS_KERNELS_H_
 
@@ -30,7 +33,17 @@ size_t ItemSize(DType dtype);
 // "FLOAT32", "FLOAT64", "FLOAT16", "BFLOAT16" or "DTYPE(<n>)".
 std::string DTypeName(DType dtype);
 
-enum class Reduction : int { kNone = 0, kSum = 1, kMean = 2 };
+enum class Reduction : int {
+  kNone = 0,           // per element
+  kSum = 1,            // one value
+  kMean = 2,           // one value: sum / numel
+  kPerSampleMean = 3,  // numel / last_dim values: mean over the last axis (Keras)
+};
+
+enum class Loss : int {
+  kBce = 0,    // binary cross-entropy with logits
+  kFocal = 1,  // torchvision's sigmoid focal loss (weight multiplies; pos_weight unused)
+};
 
 // An input broadcast to the logits' shape, viewed as a function of the flat element index i:
 // element i reads data[(i / inner) % period]. This covers a full tensor (inner 1, period numel),
@@ -61,13 +74,29 @@ struct BceArgs {
   DType targets_dtype = DType::kFloat32;
   const void* targets = nullptr;  // numel elements of `targets_dtype`
   Operand weight;                 // absent: w = 1
-  Operand pos_weight;             // absent: p = 1
+  Operand pos_weight;             // absent: p = 1 (kBce only)
   Reduction reduction = Reduction::kMean;
+  int64_t last_dim = 1;           // kPerSampleMean: size of the last axis (>= 1, divides numel)
+
+  Loss loss = Loss::kBce;
+  // Elements whose raw target equals ignore_index give 0 loss and 0 gradients.
+  bool has_ignore_index = false;
+  double ignore_index = -100.0;
+  // Divide losses and gradients by the count of non-ignored elements (1 when there are none).
+  bool normalize = false;
+  // Targets become y * (1 - s) + s / 2 before the loss (Keras); 0 = off. dl/dy is wrt raw y.
+  double label_smoothing = 0.0;
+  // kFocal: alpha_t = alpha*y + (1-alpha)*(1-y) (alpha < 0: 1), modulating (1 - p_t)^gamma.
+  double focal_alpha = 0.25;
+  double focal_gamma = 2.0;
 };
+
+// Number of loss values the reduction produces for `args` (numel, 1, or numel / last_dim).
+int64_t LossCount(const BceArgs& args);
 
 // Where results go. Buffers are caller-owned and pre-sized; each may be null when not wanted.
 struct BceOutputs {
-  void* loss = nullptr;          // kNone: numel elements; kSum/kMean: 1 element (of args.dtype)
+  void* loss = nullptr;          // LossCount(args) elements of args.dtype
   void* grad_logits = nullptr;   // numel elements: gradient of the reduced loss wrt x
   void* grad_targets = nullptr;  // numel elements: gradient of the reduced loss wrt y
 };
@@ -126,7 +155,7 @@ std::string CudaDeviceName();
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend();
 
 // The float64 scalar reference (readable, slow). Outputs are double regardless of args.dtype:
-// loss has numel doubles (kNone) or 1; gradients numel doubles. Used by tests only.
+// loss has LossCount(args) doubles; gradients numel doubles. Used by tests only.
 void ReferenceBce(const BceArgs& args, double* loss, double* grad_logits, double* grad_targets);
 
 // Conversions used by every backend and by tests.
