@@ -1,6 +1,7 @@
 // lossd: the loss-evaluation server. Flags are parsed here and nowhere else.
 #include <csignal>
 #include <cstdio>
+#include <fstream>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -23,6 +24,17 @@ ABSL_FLAG(int, workers, 0, "Compute worker threads; 0 = number of cores.");
 ABSL_FLAG(int, queue_capacity, 256,
           "Requests that may wait for a worker; more get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int, cpu_threads, 0, "Threads used by the CPU kernels; 0 = number of cores.");
+ABSL_FLAG(int, stream_window, 4, "Batches of one EvaluateStream computed or waiting at once.");
+ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address of the Prometheus /metrics endpoint.");
+ABSL_FLAG(int, metrics_port, -1,
+          "Port of the Prometheus /metrics endpoint; -1 disables it, 0 picks a free port.");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain of the server (enables TLS).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of the server.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle; clients must present a certificate it signed (mutual TLS).");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "File holding a bearer token that LossService calls must present "
+          "(\"authorization: Bearer <token>\"); health and reflection stay open.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT, how long in-flight calls may take before they are cancelled.");
 
@@ -53,6 +65,22 @@ int main(int argc, char** argv) {
   options.workers = absl::GetFlag(FLAGS_workers);
   options.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
   options.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+  options.stream_window = absl::GetFlag(FLAGS_stream_window);
+  options.metrics_host = absl::GetFlag(FLAGS_metrics_host);
+  options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  if (const std::string path = absl::GetFlag(FLAGS_auth_token_file); !path.empty()) {
+    std::ifstream in(path);
+    std::string token;
+    if (!in || !std::getline(in, token) || token.empty()) {
+      std::fprintf(stderr, "lossd: cannot read a token from --auth_token_file=%s\n", path.c_str());
+      return 2;
+    }
+    while (!token.empty() && (token.back() == '\r' || token.back() == ' ')) token.pop_back();
+    options.auth_token = token;
+  }
 
   // Block the shutdown signals before any thread starts, then wait for them here.
   sigset_t signals;
@@ -74,6 +102,11 @@ int main(int argc, char** argv) {
                    " max_elements=", options.max_elements, " workers=", options.workers,
                    " queue_capacity=", options.queue_capacity,
                    " cpu_threads=", options.cpu_threads,
+                   " stream_window=", options.stream_window,
+                   " metrics_port=", (*server)->metrics_port(),
+                   " tls=", options.tls_cert_file.empty() ? "off"
+                            : options.tls_client_ca_file.empty() ? "on" : "mutual",
+                   " auth=", options.auth_token.empty() ? "off" : "bearer-token",
                    " drain_timeout=", absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout))));
   std::fprintf(stderr, "lossd listening on %s:%d\n", options.host.c_str(), (*server)->port());
   std::fflush(stderr);

@@ -28,6 +28,21 @@ struct ServerOptions {
   int workers = 0;           // compute workers; 0 = hardware concurrency
   int queue_capacity = 256;  // waiting requests beyond which calls get RESOURCE_EXHAUSTED
   int cpu_threads = 0;       // threads of the CPU kernels; 0 = hardware concurrency
+  int stream_window = 4;     // batches of one EvaluateStream computed or waiting at once
+
+  // Prometheus /metrics: -1 disables it, 0 picks a free port (see metrics_port()).
+  std::string metrics_host = "0.0.0.0";
+  int metrics_port = -1;
+
+  // TLS: PEM certificate chain and private key of the server (both or neither). With
+  // tls_client_ca_file, clients must present a certificate signed by that CA (mutual TLS).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+
+  // When non-empty, LossService calls need "authorization: Bearer <auth_token>" (health and
+  // reflection stay open for probes).
+  std::string auth_token;
 };
 
 class LossdServer {
@@ -38,9 +53,12 @@ class LossdServer {
   ~LossdServer();  // Shutdown(now) if still running
 
   int port() const;                 // the bound port
+  int metrics_port() const;         // the bound metrics port, 0 when disabled
   std::string device_summary() const;  // "cpu" or "cpu,cuda (NVIDIA H100 ...)"
+  int64_t chunks_done() const;      // units of kernel work finished so far
 
-  // Stops accepting calls and waits for in-flight calls until `deadline`, then cancels the rest.
+  // Graceful drain: health turns NOT_SERVING and new LossService calls get UNAVAILABLE, while
+  // calls in flight go on. Then waits up to `deadline` for them, cancels the rest and stops.
   void Shutdown(absl::Duration deadline);
   // Blocks until the server has shut down.
   void Wait();

@@ -1,4 +1,5 @@
 // Shared pieces of the kernels library: dtypes, conversions, broadcasting, exact summation.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -328,6 +329,33 @@ double TreeSumBlock(double* values, int64_t n) {
     m = h;
   }
   return n > 0 ? values[0] : 0.0;
+}
+
+BlockSum::BlockSum() { partial_.reserve(kReduceBlock); }
+
+void BlockSum::Add(const double* values, int64_t n) {
+  count_ += n;
+  while (n > 0) {
+    const int64_t take = std::min<int64_t>(n, kReduceBlock - static_cast<int64_t>(partial_.size()));
+    partial_.insert(partial_.end(), values, values + take);
+    values += take;
+    n -= take;
+    if (static_cast<int64_t>(partial_.size()) == kReduceBlock) {
+      std::vector<double> scratch(partial_);
+      total_.Add(TreeSumBlock(scratch.data(), kReduceBlock));
+      partial_.clear();
+    }
+  }
+}
+
+double BlockSum::Value() const {
+  ExactSum t = total_;
+  if (!partial_.empty()) {
+    std::vector<double> scratch(kReduceBlock);
+    std::copy(partial_.begin(), partial_.end(), scratch.begin());
+    t.Add(TreeSumBlock(scratch.data(), static_cast<int64_t>(partial_.size())));
+  }
+  return t.Value();
 }
 
 }  // namespace lossd::kernels

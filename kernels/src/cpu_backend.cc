@@ -4,6 +4,7 @@
 // over a worker pool; reductions use the fixed block tree plus exact summation, so results are
 // bitwise identical for any thread count.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -163,7 +164,8 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
   // Outputs are written in place when they have the compute type and nothing is applied after.
   const bool direct = args.dtype == kDTypeOf<T>;
   const bool direct_loss = direct && !plan.reduce && plan.loss_f64 == nullptr &&
-                           plan.count == 1.0 && out.loss != nullptr;
+                           plan.count == 1.0 && out.loss != nullptr &&
+                           out.loss_values == nullptr;
   // Gradient division inside the SIMD kernel when the divisor is exact in T.
   const bool div_in_kernel = static_cast<double>(static_cast<T>(plan.grad_div)) == plan.grad_div;
   internal::ElementOptions<T> eo;
@@ -229,6 +231,9 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
       if (out.grad_logits) StoreRun(args.dtype, out.grad_logits, i0, n, gxs);
       if (out.grad_targets) StoreRun(args.dtype, out.grad_targets, i0, n, gys);
     }
+    if (out.loss_values != nullptr) {
+      for (int64_t j = 0; j < n; ++j) out.loss_values[i0 + j] = static_cast<double>(k.loss[j]);
+    }
     if (plan.reduce) {
       for (int64_t j = 0; j < n; ++j) tree[j] = static_cast<double>(k.loss[j]);
       sum->Add(TreeSumBlock(tree.data(), n));
@@ -262,8 +267,8 @@ class CpuBackend final : public Backend {
 
   absl::Status Bce(const BceArgs& args, const BceOutputs& out) override {
     const int64_t blocks = (args.numel + kReduceBlock - 1) / kReduceBlock;
-    // About 32 blocks (64k elements) per task keeps scheduling cost negligible.
-    constexpr int64_t kBlocksPerTask = 32;
+    // One task per chunk (32 blocks, 64k elements) keeps scheduling cost negligible.
+    constexpr int64_t kBlocksPerTask = kChunkElements / kReduceBlock;
     const int64_t tasks = (blocks + kBlocksPerTask - 1) / kBlocksPerTask;
     std::vector<ExactSum> sums(std::max<int64_t>(tasks, 1));
     auto is64 = [](DType t, const void* p) { return p != nullptr && t == DType::kFloat64; };
@@ -287,7 +292,13 @@ class CpuBackend final : public Backend {
       per_element.resize(args.numel);
       plan.loss_f64 = per_element.data();
     }
+    std::atomic<bool> stopped{false};
     pool_.ParallelFor(tasks, [&](int64_t t) {
+      if (stopped.load(std::memory_order_relaxed)) return;
+      if (args.should_stop && args.should_stop()) {
+        stopped.store(true, std::memory_order_relaxed);
+        return;
+      }
       const int64_t b0 = t * kBlocksPerTask;
       const int64_t b1 = std::min(blocks, (t + 1) * kBlocksPerTask);
       // Compute in double when `wide`, else in float (float32 and half types).
@@ -296,7 +307,9 @@ class CpuBackend final : public Backend {
       } else {
         RunBlocks<float>(args, out, plan, b0, b1, &sums[t]);
       }
+      if (args.chunks_done) args.chunks_done->fetch_add(1, std::memory_order_relaxed);
     });
+    if (stopped.load()) return absl::CancelledError("stopped before completion");
     if (out.loss == nullptr) return absl::OkStatus();
     if (plan.reduce) {
       ExactSum total;

@@ -14,8 +14,10 @@
 #ifndef LOSSD_KERNELS_KERNELS_H_
 #define LOSSD_KERNELS_KERNELS_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -89,7 +91,16 @@ struct BceArgs {
   // kFocal: alpha_t = alpha*y + (1-alpha)*(1-y) (alpha < 0: 1), modulating (1 - p_t)^gamma.
   double focal_alpha = 0.25;
   double focal_gamma = 2.0;
+
+  // Optional: polled between chunks of work (kChunkElements elements); once it returns true the
+  // call stops early and returns CANCELLED (outputs are then unspecified). Thread-safe.
+  std::function<bool()> should_stop;
+  // Optional: incremented once per finished chunk (observability; proves that work stopped).
+  std::atomic<int64_t>* chunks_done = nullptr;
 };
+
+// Elements per unit of scheduled work: the granularity of should_stop and chunks_done.
+inline constexpr int64_t kChunkElements = 32 * 2048;
 
 // Number of loss values the reduction produces for `args` (numel, 1, or numel / last_dim).
 int64_t LossCount(const BceArgs& args);
@@ -99,6 +110,9 @@ struct BceOutputs {
   void* loss = nullptr;          // LossCount(args) elements of args.dtype
   void* grad_logits = nullptr;   // numel elements: gradient of the reduced loss wrt x
   void* grad_targets = nullptr;  // numel elements: gradient of the reduced loss wrt y
+  // Optional: numel doubles receiving the per-element loss values exactly as the SUM/MEAN
+  // reductions add them (before normalize). Lets a caller reduce across calls (BlockSum).
+  double* loss_values = nullptr;
 };
 
 // Reductions are deterministic: element values (as double) are grouped in fixed blocks of
@@ -130,6 +144,22 @@ class ExactSum {
 // Sums one block of up to kReduceBlock values with the fixed pairwise tree. `values` is
 // scratch of kReduceBlock doubles; entries [n, kReduceBlock) are treated as 0 and overwritten.
 double TreeSumBlock(double* values, int64_t n);
+
+// The reduction of kReduceBlock above over a stream of values that arrives in pieces of any
+// size: the result is bitwise identical to reducing all values in one call, however the stream
+// is split. Not thread-safe.
+class BlockSum {
+ public:
+  BlockSum();
+  void Add(const double* values, int64_t n);
+  int64_t count() const { return count_; }
+  double Value() const;  // sum of everything added so far, rounded once
+
+ private:
+  ExactSum total_;                // completed blocks
+  std::vector<double> partial_;   // values of the block in progress
+  int64_t count_ = 0;
+};
 
 // A compute backend. Thread-safe: Bce may be called concurrently.
 class Backend {

@@ -1,0 +1,195 @@
+#include "core.h"
+
+#include <chrono>
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace lossd::server {
+
+namespace {
+
+void FillTensor(kernels::DType dtype, const std::vector<int64_t>& shape, int64_t numel,
+                v1::Tensor* t) {
+  t->set_dtype(static_cast<v1::DType>(dtype));
+  for (int64_t d : shape) t->add_shape(d);
+  t->mutable_data()->resize(static_cast<size_t>(numel) * kernels::ItemSize(dtype));
+}
+
+// Compares in time that depends only on the lengths, not on where the strings differ.
+bool ConstantTimeEquals(std::string_view a, std::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  const size_t n = std::max(a.size(), b.size());
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char ca = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char cb = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= ca ^ cb;
+  }
+  return diff == 0;
+}
+
+}  // namespace
+
+std::string DeviceLabel(v1::Device device) {
+  switch (device) {
+    case v1::DEVICE_CPU:
+      return "cpu";
+    case v1::DEVICE_CUDA:
+      return "cuda";
+    default:
+      return "none";
+  }
+}
+
+int64_t PayloadBytes(const v1::EvaluateRequest& r) {
+  return static_cast<int64_t>(r.logits().data().size() + r.targets().data().size() +
+                              r.weight().data().size() +
+                              r.bce_with_logits().pos_weight().data().size());
+}
+
+int64_t PayloadBytes(const v1::EvaluateResponse& r) {
+  return static_cast<int64_t>(r.loss().data().size() + r.grad_logits().data().size() +
+                              r.grad_targets().data().size());
+}
+
+Core::Core(const CoreConfig& config, std::unique_ptr<kernels::Backend> cpu,
+           std::unique_ptr<kernels::Backend> cuda, std::string cuda_name, Metrics* metrics)
+    : config_(config),
+      cpu_(std::move(cpu)),
+      cuda_(std::move(cuda)),
+      cuda_name_(std::move(cuda_name)),
+      metrics_(metrics),
+      queue_(config.workers, config.queue_capacity) {}
+
+Core::~Core() = default;
+
+absl::Status Core::Admit(const grpc::CallbackServerContext& context) const {
+  if (draining_.load()) {
+    return absl::UnavailableError("the server is draining for shutdown; retry on another server");
+  }
+  if (config_.auth_token.empty()) return absl::OkStatus();
+  const auto& md = context.client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) {
+    return absl::UnauthenticatedError(
+        "missing \"authorization: Bearer <token>\" metadata (this server requires a token)");
+  }
+  const std::string_view value(it->second.data(), it->second.size());
+  constexpr std::string_view kPrefix = "Bearer ";
+  const bool ok = value.size() > kPrefix.size() && value.substr(0, kPrefix.size()) == kPrefix &&
+                  ConstantTimeEquals(value.substr(kPrefix.size()), config_.auth_token);
+  if (!ok) return absl::UnauthenticatedError("invalid bearer token");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<EvaluatePlan> Core::Prepare(const v1::EvaluateRequest& request) const {
+  auto plan = PlanEvaluate(request, config_.limits);
+  if (!plan.ok()) return plan.status();
+  if (plan->device == v1::DEVICE_CUDA && cuda_ == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "device CUDA was requested but this server has no usable CUDA device (",
+        !kernels::CudaCompiled()             ? "built without CUDA"
+        : kernels::CudaDeviceCount() == 0    ? "no GPU is visible"
+                                             : "CUDA disabled by --device=cpu",
+        "); use device AUTO or CPU"));
+  }
+  return plan;
+}
+
+bool Core::Submit(std::function<void()> task) {
+  const bool ok = queue_.TrySubmit(std::move(task));
+  metrics_->SetQueued(queue_.queued());
+  return ok;
+}
+
+void Core::CallStarted() {
+  in_flight_.fetch_add(1);
+  metrics_->InFlight(+1);
+}
+
+void Core::CallEnded() {
+  in_flight_.fetch_sub(1);
+  metrics_->InFlight(-1);
+}
+
+void Core::set_draining(bool draining) {
+  draining_.store(draining);
+  metrics_->SetDraining(draining);
+}
+
+absl::Status Core::Compute(grpc::CallbackServerContext* context, const EvaluatePlan& plan,
+                           int64_t start_ns, v1::EvaluateResponse* response,
+                           double* loss_values) {
+  metrics_->SetQueued(queue_.queued());
+  const int64_t begin_ns = absl::GetCurrentTimeNanos();
+  const auto deadline = context->deadline();
+  auto past_deadline = [deadline] { return std::chrono::system_clock::now() > deadline; };
+  if (context->IsCancelled()) return absl::CancelledError("the call was cancelled");
+  if (past_deadline()) {
+    return absl::DeadlineExceededError("the deadline passed before compute started");
+  }
+  if (plan.reject_nan) {
+    if (absl::Status s = CheckNoNan(plan); !s.ok()) return s;
+  }
+  kernels::Backend* backend = cpu_.get();
+  v1::Device device = v1::DEVICE_CPU;
+  if (plan.device != v1::DEVICE_CPU && cuda_ != nullptr) {
+    backend = cuda_.get();
+    device = v1::DEVICE_CUDA;
+  }
+  kernels::BceOutputs out;
+  const std::vector<int64_t> loss_shape = plan.LossShape();
+  int64_t loss_count = 1;
+  for (int64_t d : loss_shape) loss_count *= d;
+  FillTensor(plan.args.dtype, loss_shape, loss_count, response->mutable_loss());
+  out.loss = response->mutable_loss()->mutable_data()->data();
+  if (plan.grad_logits) {
+    FillTensor(plan.args.dtype, plan.shape, plan.args.numel, response->mutable_grad_logits());
+    out.grad_logits = response->mutable_grad_logits()->mutable_data()->data();
+  }
+  if (plan.grad_targets) {
+    FillTensor(plan.args.dtype, plan.shape, plan.args.numel, response->mutable_grad_targets());
+    out.grad_targets = response->mutable_grad_targets()->mutable_data()->data();
+  }
+  out.loss_values = loss_values;
+  kernels::BceArgs args = plan.args;
+  args.should_stop = [context, past_deadline] {
+    return context->IsCancelled() || past_deadline();
+  };
+  std::atomic<int64_t> chunks{0};
+  args.chunks_done = &chunks;
+  const int64_t compute_start = absl::GetCurrentTimeNanos();
+  absl::Status s;
+  if (args.reduction == kernels::Reduction::kPerSampleMean && args.last_dim == 0) {
+    // Means over empty rows are NaN; there is nothing to compute.
+    for (int64_t r = 0; r < loss_count; ++r) {
+      kernels::StoreFromDouble(args.dtype, out.loss, r, std::nan(""));
+    }
+  } else {
+    s = backend->Bce(args, out);
+  }
+  const int64_t compute_end = absl::GetCurrentTimeNanos();
+  chunks_done_.fetch_add(chunks.load());
+  metrics_->AddChunks(chunks.load());
+  if (!s.ok()) {
+    response->Clear();
+    if (s.code() == absl::StatusCode::kCancelled) {
+      return past_deadline()
+                 ? absl::DeadlineExceededError("the deadline passed during compute; work stopped")
+                 : absl::CancelledError("the call was cancelled; work stopped");
+    }
+    return s;
+  }
+  metrics_->AddElements(DeviceLabel(device), plan.args.numel);
+  response->set_device(device);
+  response->set_num_elements(plan.args.numel);
+  v1::Timing* timing = response->mutable_timing();
+  timing->set_queue_ns(begin_ns - start_ns);
+  timing->set_compute_ns(compute_end - compute_start);
+  timing->set_total_ns(absl::GetCurrentTimeNanos() - start_ns);
+  return absl::OkStatus();
+}
+
+}  // namespace lossd::server

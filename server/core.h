@@ -1,0 +1,93 @@
+// What every lossd handler shares: validation, backend choice, the compute queue, limits,
+// authentication, draining and metrics. Thread-safe.
+#ifndef LOSSD_SERVER_CORE_H_
+#define LOSSD_SERVER_CORE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "lossd/kernels/kernels.h"
+#include "lossd/v1/lossd.pb.h"
+#include "metrics.h"
+#include "request.h"
+#include "work_queue.h"
+
+namespace lossd::server {
+
+struct CoreConfig {
+  Limits limits;
+  int64_t max_message_bytes = 0;  // reported by GetCapabilities
+  int workers = 1;
+  int queue_capacity = 256;
+  int stream_window = 4;   // batches of one stream computed or waiting at once
+  std::string auth_token;  // empty: no authentication
+};
+
+class Core {
+ public:
+  // `cpu` is required; `cuda` may be null (no usable GPU or disabled by policy).
+  Core(const CoreConfig& config, std::unique_ptr<kernels::Backend> cpu,
+       std::unique_ptr<kernels::Backend> cuda, std::string cuda_name, Metrics* metrics);
+  ~Core();
+
+  const CoreConfig& config() const { return config_; }
+  Metrics& metrics() { return *metrics_; }
+  bool has_cuda() const { return cuda_ != nullptr; }
+  const std::string& cuda_name() const { return cuda_name_; }
+
+  // UNAVAILABLE while draining; UNAUTHENTICATED without the configured bearer token (compared in
+  // constant time). Called at the start of every LossService call.
+  absl::Status Admit(const grpc::CallbackServerContext& context) const;
+
+  // Validates a request (no allocation sized by the client) and checks that its device is
+  // available: FAILED_PRECONDITION for CUDA on a server without one.
+  absl::StatusOr<EvaluatePlan> Prepare(const v1::EvaluateRequest& request) const;
+
+  // Queues `task` for a compute worker; false when the queue is full.
+  bool Submit(std::function<void()> task);
+
+  // Runs a prepared plan (on a worker thread) and fills `response`. `loss_values`, when given,
+  // receives numel per-element loss values (for Accumulate). Stops between chunks when the call
+  // is cancelled or past its deadline (CANCELLED / DEADLINE_EXCEEDED). `start_ns` is when the
+  // handler started; timings are filled from it.
+  absl::Status Compute(grpc::CallbackServerContext* context, const EvaluatePlan& plan,
+                       int64_t start_ns, v1::EvaluateResponse* response,
+                       double* loss_values = nullptr);
+
+  // Calls being handled (also exported as a gauge).
+  void CallStarted();
+  void CallEnded();
+  int64_t in_flight() const { return in_flight_.load(); }
+
+  void set_draining(bool draining);
+  bool draining() const { return draining_.load(); }
+  int64_t chunks_done() const { return chunks_done_.load(); }
+
+ private:
+  const CoreConfig config_;
+  std::unique_ptr<kernels::Backend> cpu_;
+  std::unique_ptr<kernels::Backend> cuda_;
+  const std::string cuda_name_;
+  Metrics* metrics_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int64_t> chunks_done_{0};
+  std::atomic<int64_t> in_flight_{0};
+  WorkQueue queue_;  // last member: drained and joined first
+};
+
+// "cpu", "cuda" or "none" for metrics labels.
+std::string DeviceLabel(v1::Device device);
+// Tensor payload bytes of a request / response (for metrics).
+int64_t PayloadBytes(const v1::EvaluateRequest& request);
+int64_t PayloadBytes(const v1::EvaluateResponse& response);
+
+}  // namespace lossd::server
+
+#endif  // LOSSD_SERVER_CORE_H_

@@ -1,0 +1,48 @@
+// Prometheus metrics of the lossd server (prometheus-cpp), served on /metrics when enabled.
+// Thread-safe: every method may be called from any thread.
+#ifndef LOSSD_SERVER_METRICS_H_
+#define LOSSD_SERVER_METRICS_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace prometheus {
+class Exposer;
+class Registry;
+}  // namespace prometheus
+
+namespace lossd::server {
+
+class Metrics {
+ public:
+  Metrics();
+  ~Metrics();
+
+  // Serves /metrics on host:port (port 0 picks a free one). Errors: UNAVAILABLE when the
+  // address cannot be bound.
+  absl::Status Serve(const std::string& host, int port);
+  int port() const;  // bound port, 0 when not serving
+
+  // One finished call. method: "Evaluate", "EvaluateStream", "Accumulate", "GetCapabilities";
+  // code: gRPC status code name ("OK", "INVALID_ARGUMENT", ...); device "cpu", "cuda" or
+  // "none" (failed before choosing one). Durations in seconds; negative ones are not observed.
+  void RecordCall(const std::string& method, const std::string& code, const std::string& device,
+                  double queue_s, double compute_s, double total_s);
+  void AddElements(const std::string& device, int64_t elements);
+  void AddBytes(int64_t received, int64_t sent);
+  void AddChunks(int64_t chunks);
+  void InFlight(int delta);  // calls being handled
+  void SetQueued(int64_t queued);
+  void SetDraining(bool draining);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lossd::server
+
+#endif  // LOSSD_SERVER_METRICS_H_

@@ -1,0 +1,490 @@
+// Reactors of the streaming calls. Both follow one pattern: decisions are made under the
+// reactor's mutex and collected as Actions, which are carried out after the mutex is released
+// (Finish last: the reactor may be deleted right after it). Compute runs on the Core's workers;
+// Finish is only called once no computation of the call is running, so the call's context
+// outlives every use of it, and OnDone can delete the reactor.
+#include <cmath>
+#include <deque>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "grpc_status.h"
+#include "service.h"
+
+namespace lossd::server {
+
+namespace {
+
+template <typename Req, typename Resp>
+struct Actions {
+  Req* read = nullptr;
+  const Resp* write = nullptr;
+  bool finish = false;
+  grpc::Status status;
+};
+
+// ---- EvaluateStream ---------------------------------------------------------------------
+
+class EvaluateStreamReactor final
+    : public grpc::ServerBidiReactor<v1::EvaluateRequest, v1::EvaluateStreamResponse> {
+ public:
+  EvaluateStreamReactor(Core* core, grpc::CallbackServerContext* context)
+      : core_(core), context_(context), start_ns_(absl::GetCurrentTimeNanos()) {
+    core_->CallStarted();
+    Act actions;
+    {
+      absl::MutexLock lock(&mu_);
+      if (absl::Status s = core_->Admit(*context_); !s.ok()) {
+        LogFailure("EvaluateStream", *context_, "", s);
+        RequestFinish(s, &actions);
+      } else {
+        NextRead(&actions);
+      }
+    }
+    Run(actions);
+  }
+
+  void OnReadDone(bool ok) override {
+    Act actions;
+    {
+      absl::MutexLock lock(&mu_);
+      reading_ = false;
+      if (!ok || finishing_) {
+        reads_done_ = true;
+        MaybeFinish(&actions);
+      } else {
+        Accept(&actions);
+        NextRead(&actions);
+        NextWrite(&actions);
+      }
+    }
+    Run(actions);
+  }
+
+  void OnWriteDone(bool ok) override {
+    Act actions;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      slots_.pop_front();
+      if (!ok) {
+        RequestFinish(absl::CancelledError("the client stopped receiving replies"), &actions);
+      } else {
+        NextWrite(&actions);
+        NextRead(&actions);
+        MaybeFinish(&actions);
+      }
+    }
+    Run(actions);
+  }
+
+  void OnCancel() override {
+    Act actions;
+    {
+      absl::MutexLock lock(&mu_);
+      RequestFinish(absl::CancelledError("the call was cancelled"), &actions);
+    }
+    Run(actions);
+  }
+
+  void OnDone() override {
+    core_->CallEnded();
+    delete this;
+  }
+
+ private:
+  using Act = Actions<v1::EvaluateRequest, v1::EvaluateStreamResponse>;
+  struct Slot {
+    std::unique_ptr<v1::EvaluateRequest> request;
+    v1::EvaluateStreamResponse reply;
+    bool ready = false;
+    int64_t start_ns = 0;
+  };
+
+  void Run(const Act& a) {
+    if (a.read) StartRead(a.read);
+    if (a.write) StartWrite(a.write);
+    if (a.finish) Finish(a.status);  // last: `this` may be gone afterwards
+  }
+
+  // Starts the next read unless the window of batches in progress is full.
+  void NextRead(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (reading_ || reads_done_ || finishing_) return;
+    if (static_cast<int>(slots_.size()) >= core_->config().stream_window) return;
+    reading_ = true;
+    pending_ = std::make_unique<v1::EvaluateRequest>();
+    a->read = pending_.get();
+  }
+
+  // Writes the oldest reply once it is ready (replies leave in request order).
+  void NextWrite(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finishing_ || slots_.empty() || !slots_.front()->ready) return;
+    writing_ = true;
+    a->write = &slots_.front()->reply;
+  }
+
+  void SetError(Slot* slot, const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    LogFailure("EvaluateStream", *context_, slot->request->request_id(), s);
+    core_->metrics().RecordCall("EvaluateStream", absl::StatusCodeToString(s.code()), "none", -1,
+                                -1, (absl::GetCurrentTimeNanos() - slot->start_ns) * 1e-9);
+    v1::BatchError* error = slot->reply.mutable_error();
+    error->set_code(static_cast<int>(s.code()));
+    error->set_message(std::string(s.message()));
+    slot->ready = true;
+  }
+
+  // Validates the batch just read and queues its compute.
+  void Accept(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto slot = std::make_unique<Slot>();
+    slot->request = std::move(pending_);
+    slot->start_ns = absl::GetCurrentTimeNanos();
+    slot->reply.set_request_id(slot->request->request_id());
+    Slot* raw = slot.get();
+    slots_.push_back(std::move(slot));
+    auto plan = core_->Prepare(*raw->request);
+    if (!plan.ok()) {
+      SetError(raw, plan.status());
+      return;
+    }
+    ++inflight_;
+    auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
+    const bool queued = core_->Submit([this, raw, shared_plan] { Computed(raw, *shared_plan); });
+    if (!queued) {
+      --inflight_;
+      SetError(raw, absl::ResourceExhaustedError(absl::StrCat(
+                        "work queue is full (", core_->config().queue_capacity,
+                        " waiting requests); retry later")));
+    }
+    (void)a;
+  }
+
+  // On a worker thread.
+  void Computed(Slot* slot, const EvaluatePlan& plan) {
+    v1::EvaluateResponse* response = slot->reply.mutable_response();
+    const absl::Status s = core_->Compute(context_, plan, slot->start_ns, response);
+    Act actions;
+    {
+      absl::MutexLock lock(&mu_);
+      --inflight_;
+      if (s.ok()) {
+        response->set_request_id(slot->request->request_id());
+        core_->metrics().RecordCall("EvaluateStream", "OK", DeviceLabel(response->device()),
+                                    response->timing().queue_ns() * 1e-9,
+                                    response->timing().compute_ns() * 1e-9,
+                                    (absl::GetCurrentTimeNanos() - slot->start_ns) * 1e-9);
+        core_->metrics().AddBytes(PayloadBytes(*slot->request), PayloadBytes(*response));
+        slot->ready = true;
+      } else {
+        slot->reply.clear_response();
+        SetError(slot, s);
+      }
+      NextWrite(&actions);
+      MaybeFinish(&actions);
+    }
+    Run(actions);
+  }
+
+  // Finishes OK when every read batch has been answered.
+  void MaybeFinish(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!finishing_ && reads_done_ && slots_.empty() && !writing_) {
+      RequestFinish(absl::OkStatus(), a);
+    } else if (finishing_) {
+      RequestFinish(final_status_, a);
+    }
+  }
+
+  // Finishes with `s` as soon as no compute and no write is outstanding.
+  void RequestFinish(const absl::Status& s, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!finishing_) {
+      finishing_ = true;
+      final_status_ = s;
+    }
+    if (finished_ || inflight_ > 0 || writing_) return;
+    finished_ = true;
+    a->finish = true;
+    a->status = ToGrpcStatus(final_status_);
+  }
+
+  Core* const core_;
+  grpc::CallbackServerContext* const context_;
+  const int64_t start_ns_;
+  absl::Mutex mu_;
+  std::deque<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);  // request order
+  std::unique_ptr<v1::EvaluateRequest> pending_ ABSL_GUARDED_BY(mu_);
+  bool reading_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status final_status_ ABSL_GUARDED_BY(mu_);
+  int inflight_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// ---- Accumulate -------------------------------------------------------------------------
+
+// The options that every batch of one Accumulate call must share.
+std::string OptionsKey(const v1::EvaluateRequest& r) {
+  v1::EvaluateRequest k;
+  if (r.has_bce_with_logits()) {
+    *k.mutable_bce_with_logits() = r.bce_with_logits();
+    k.mutable_bce_with_logits()->clear_pos_weight();
+  }
+  if (r.has_sigmoid_focal_loss()) *k.mutable_sigmoid_focal_loss() = r.sigmoid_focal_loss();
+  k.set_reduction(r.reduction() == v1::REDUCTION_UNSPECIFIED ? v1::REDUCTION_MEAN
+                                                             : r.reduction());
+  std::string out;
+  k.SerializeToString(&out);
+  return out;
+}
+
+class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateRequest> {
+ public:
+  AccumulateReactor(Core* core, grpc::CallbackServerContext* context,
+                    v1::AccumulateResponse* response)
+      : core_(core),
+        context_(context),
+        response_(response),
+        start_ns_(absl::GetCurrentTimeNanos()) {
+    core_->CallStarted();
+    Act actions;
+    {
+      absl::MutexLock lock(&mu_);
+      if (absl::Status s = core_->Admit(*context_); !s.ok()) {
+        RequestFinish(s, &actions);
+      } else {
+        NextRead(&actions);
+      }
+    }
+    Run(actions);
+  }
+
+  void OnReadDone(bool ok) override {
+    Act actions;
+    {
+      absl::MutexLock lock(&mu_);
+      reading_ = false;
+      if (!ok || finishing_) {
+        reads_done_ = true;
+        MaybeFinish(&actions);
+      } else {
+        Accept(&actions);
+      }
+    }
+    Run(actions);
+  }
+
+  void OnCancel() override {
+    Act actions;
+    {
+      absl::MutexLock lock(&mu_);
+      RequestFinish(absl::CancelledError("the call was cancelled"), &actions);
+    }
+    Run(actions);
+  }
+
+  void OnDone() override {
+    core_->CallEnded();
+    delete this;
+  }
+
+ private:
+  using Act = Actions<v1::EvaluateRequest, v1::AccumulateResponse>;
+  struct Batch {
+    std::unique_ptr<v1::EvaluateRequest> request;
+    std::shared_ptr<EvaluatePlan> plan;
+  };
+
+  void Run(const Act& a) {
+    if (a.read) StartRead(a.read);
+    if (a.finish) Finish(a.status);
+  }
+
+  void NextRead(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (reading_ || reads_done_ || finishing_ || stash_.request) return;
+    reading_ = true;
+    pending_ = std::make_unique<v1::EvaluateRequest>();
+    a->read = pending_.get();
+  }
+
+  void Fail(const absl::Status& s, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    RequestFinish(absl::Status(s.code(), absl::StrCat("batch ", batches_seen_ - 1, ": ",
+                                                      s.message())),
+                  a);
+  }
+
+  void Accept(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    ++batches_seen_;
+    Batch batch;
+    batch.request = std::move(pending_);
+    const v1::EvaluateRequest& r = *batch.request;
+    const v1::Reduction red = r.reduction() == v1::REDUCTION_UNSPECIFIED ? v1::REDUCTION_MEAN
+                                                                         : r.reduction();
+    if (red != v1::REDUCTION_SUM && red != v1::REDUCTION_MEAN) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+                      "Accumulate needs reduction SUM or MEAN, got ",
+                      v1::Reduction_Name(red).empty() ? std::to_string(red)
+                                                      : v1::Reduction_Name(red))),
+                  a);
+    }
+    if (r.gradients().logits() || r.gradients().targets()) {
+      return Fail(absl::InvalidArgumentError("Accumulate returns no gradients; unset gradients"),
+                  a);
+    }
+    const std::string key = OptionsKey(r);
+    if (batches_seen_ == 1) {
+      key_ = key;
+      reduction_ = red;
+      normalize_ = r.has_bce_with_logits() && r.bce_with_logits().normalize();
+    } else if (key != key_) {
+      return Fail(absl::InvalidArgumentError(
+                      "loss options and reduction must be the same in every batch of a call"),
+                  a);
+    }
+    auto plan = core_->Prepare(r);
+    if (!plan.ok()) return Fail(plan.status(), a);
+    batch.plan = std::make_shared<EvaluatePlan>(*std::move(plan));
+    batch.plan->args.reduction = kernels::Reduction::kNone;  // values are reduced here
+    batch.plan->args.normalize = false;
+    batch.plan->grad_logits = batch.plan->grad_targets = false;
+    if (computing_) {
+      stash_ = std::move(batch);  // reading resumes when it starts computing
+      return;
+    }
+    Submit(std::move(batch), a);
+    NextRead(a);
+  }
+
+  void Submit(Batch batch, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    computing_ = true;
+    auto shared = std::make_shared<Batch>(std::move(batch));
+    const bool queued = core_->Submit([this, shared] { Computed(*shared); });
+    if (!queued) {
+      computing_ = false;
+      RequestFinish(absl::ResourceExhaustedError(absl::StrCat(
+                        "work queue is full (", core_->config().queue_capacity,
+                        " waiting requests); retry later")),
+                    a);
+    }
+  }
+
+  // On a worker thread: evaluates one batch and adds its values to the running sum, in order.
+  void Computed(const Batch& batch) {
+    const kernels::BceArgs& args = batch.plan->args;
+    std::vector<double> values(static_cast<size_t>(args.numel));
+    v1::EvaluateResponse scratch;
+    const absl::Status s =
+        core_->Compute(context_, *batch.plan, start_ns_, &scratch, values.data());
+    int64_t kept = args.numel;
+    if (s.ok() && normalize_ && args.has_ignore_index) {
+      for (int64_t i = 0; i < args.numel; ++i) {
+        kept -= kernels::LoadAsDouble(args.targets_dtype, args.targets, i) == args.ignore_index;
+      }
+    }
+    Act actions;
+    {
+      absl::MutexLock lock(&mu_);
+      computing_ = false;
+      if (!s.ok()) {
+        RequestFinish(s, &actions);
+      } else {
+        sum_.Add(values.data(), args.numel);
+        kept_ += kept;
+        ++batches_done_;
+        device_ = scratch.device();
+        compute_ns_ += scratch.timing().compute_ns();
+        core_->metrics().AddBytes(PayloadBytes(*batch.request), 0);
+        if (stash_.request) {
+          Batch next = std::move(stash_);
+          stash_ = Batch();
+          Submit(std::move(next), &actions);
+          NextRead(&actions);
+        }
+        MaybeFinish(&actions);
+      }
+    }
+    Run(actions);
+  }
+
+  void MaybeFinish(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finishing_) {
+      RequestFinish(final_status_, a);
+    } else if (reads_done_ && !computing_ && !stash_.request) {
+      const int64_t n = sum_.count();
+      double loss = sum_.Value();
+      if (normalize_) loss /= kept_ > 0 ? static_cast<double>(kept_) : 1.0;
+      if (reduction_ == v1::REDUCTION_MEAN) loss /= static_cast<double>(n);
+      response_->set_loss(loss);
+      response_->set_num_elements(n);
+      response_->set_num_batches(batches_done_);
+      response_->set_reduction(reduction_);
+      response_->set_device(device_);
+      response_->mutable_timing()->set_compute_ns(compute_ns_);
+      response_->mutable_timing()->set_total_ns(absl::GetCurrentTimeNanos() - start_ns_);
+      RequestFinish(absl::OkStatus(), a);
+    }
+  }
+
+  void RequestFinish(const absl::Status& s, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!finishing_) {
+      finishing_ = true;
+      final_status_ = s;
+    }
+    if (finished_ || computing_) return;
+    finished_ = true;
+    const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
+    if (final_status_.ok()) {
+      core_->metrics().RecordCall("Accumulate", "OK", DeviceLabel(device_), -1,
+                                  compute_ns_ * 1e-9, total);
+    } else {
+      LogFailure("Accumulate", *context_, "", final_status_);
+      core_->metrics().RecordCall("Accumulate",
+                                  absl::StatusCodeToString(final_status_.code()), "none", -1, -1,
+                                  total);
+    }
+    a->finish = true;
+    a->status = ToGrpcStatus(final_status_);
+  }
+
+  Core* const core_;
+  grpc::CallbackServerContext* const context_;
+  v1::AccumulateResponse* const response_;
+  const int64_t start_ns_;
+  absl::Mutex mu_;
+  std::unique_ptr<v1::EvaluateRequest> pending_ ABSL_GUARDED_BY(mu_);
+  Batch stash_ ABSL_GUARDED_BY(mu_);  // validated, waiting for the previous batch
+  kernels::BlockSum sum_ ABSL_GUARDED_BY(mu_);
+  std::string key_ ABSL_GUARDED_BY(mu_);
+  v1::Reduction reduction_ ABSL_GUARDED_BY(mu_) = v1::REDUCTION_MEAN;
+  bool normalize_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t kept_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t batches_seen_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t batches_done_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t compute_ns_ ABSL_GUARDED_BY(mu_) = 0;
+  v1::Device device_ ABSL_GUARDED_BY(mu_) = v1::DEVICE_CPU;
+  bool reading_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool computing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+grpc::ServerBidiReactor<v1::EvaluateRequest, v1::EvaluateStreamResponse>* NewEvaluateStream(
+    Core* core, grpc::CallbackServerContext* context) {
+  return new EvaluateStreamReactor(core, context);
+}
+
+grpc::ServerReadReactor<v1::EvaluateRequest>* NewAccumulate(Core* core,
+                                                            grpc::CallbackServerContext* context,
+                                                            v1::AccumulateResponse* response) {
+  return new AccumulateReactor(core, context, response);
+}
+
+}  // namespace lossd::server

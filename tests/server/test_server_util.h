@@ -1,0 +1,91 @@
+// Helpers for the in-process server tests.
+#ifndef LOSSD_TESTS_SERVER_TEST_SERVER_UTIL_H_
+#define LOSSD_TESTS_SERVER_TEST_SERVER_UTIL_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "lossd/v1/lossd.grpc.pb.h"
+#include "server.h"
+
+namespace lossd::server::testing {
+
+template <typename T>
+v1::Tensor MakeTensor(const std::vector<T>& v, const std::vector<int64_t>& shape) {
+  v1::Tensor t;
+  t.set_dtype(sizeof(T) == 4 ? v1::DTYPE_FLOAT32 : v1::DTYPE_FLOAT64);
+  for (int64_t d : shape) t.add_shape(d);
+  t.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T)));
+  return t;
+}
+
+template <typename T>
+std::vector<T> Values(const v1::Tensor& t) {
+  std::vector<T> v(t.data().size() / sizeof(T));
+  std::memcpy(v.data(), t.data().data(), t.data().size());
+  return v;
+}
+
+// A BCE request over rows x cols random values (weight and pos_weight [cols]).
+template <typename T>
+v1::EvaluateRequest RandomRequest(int64_t rows, int64_t cols, uint64_t seed, v1::Reduction r) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> ux(-6, 6), u(0, 1);
+  std::vector<T> x(rows * cols), y(rows * cols), w(cols), p(cols);
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = static_cast<T>(ux(rng));
+    y[i] = static_cast<T>(u(rng) < 0.5 ? 0.0 : u(rng) < 0.5 ? 1.0 : u(rng));
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    w[c] = static_cast<T>(0.5 + u(rng));
+    p[c] = static_cast<T>(0.5 + 2 * u(rng));
+  }
+  v1::EvaluateRequest req;
+  *req.mutable_logits() = MakeTensor(x, {rows, cols});
+  *req.mutable_targets() = MakeTensor(y, {rows, cols});
+  *req.mutable_weight() = MakeTensor(w, {cols});
+  *req.mutable_bce_with_logits()->mutable_pos_weight() = MakeTensor(p, {cols});
+  req.set_reduction(r);
+  return req;
+}
+
+// Rows [r0, r1) of a request made by RandomRequest.
+inline v1::EvaluateRequest SliceRows(const v1::EvaluateRequest& full, int64_t r0, int64_t r1) {
+  v1::EvaluateRequest part = full;
+  const int64_t cols = full.logits().shape(1);
+  const size_t item = full.logits().dtype() == v1::DTYPE_FLOAT32 ? 4 : 8;
+  for (v1::Tensor* t : {part.mutable_logits(), part.mutable_targets()}) {
+    t->set_shape(0, r1 - r0);
+    t->set_data(t->data().substr(r0 * cols * item, (r1 - r0) * cols * item));
+  }
+  return part;
+}
+
+inline ServerOptions LoopbackOptions() {
+  ServerOptions o;
+  o.host = "127.0.0.1";
+  o.port = 0;
+  o.device = DevicePolicy::kCpu;
+  o.workers = 2;
+  return o;
+}
+
+inline std::unique_ptr<v1::LossService::Stub> Connect(
+    int port, std::shared_ptr<grpc::ChannelCredentials> creds = nullptr,
+    const std::string& host = "127.0.0.1") {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(256 << 20);
+  args.SetMaxSendMessageSize(256 << 20);
+  return v1::LossService::NewStub(grpc::CreateCustomChannel(
+      absl::StrCat(host, ":", port), creds ? creds : grpc::InsecureChannelCredentials(), args));
+}
+
+}  // namespace lossd::server::testing
+
+#endif  // LOSSD_TESTS_SERVER_TEST_SERVER_UTIL_H_
