@@ -108,6 +108,10 @@ int main(int argc, char** argv) {
                             : options.tls_client_ca_file.empty() ? "on" : "mutual",
                    " auth=", options.auth_token.empty() ? "off" : "bearer-token",
                    " drain_timeout=", absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout))));
+  if ((*server)->metrics_port() > 0) {
+    std::fprintf(stderr, "lossd metrics on %s:%d\n", options.metrics_host.c_str(),
+                 (*server)->metrics_port());
+  }
   std::fprintf(stderr, "lossd listening on %s:%d\n", options.host.c_str(), (*server)->port());
   std::fflush(stderr);
 

@@ -1,0 +1,212 @@
+// Backpressure, limits, deadlines and cancellation (work really stops), graceful drain, and many
+// concurrent clients, against an in-process server over a real socket.
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "lossd/kernels/kernels.h"
+#include "test_server_util.h"
+
+namespace lossd::server {
+namespace {
+
+using testing::Connect;
+using testing::LoopbackOptions;
+using testing::RandomRequest;
+using testing::Values;
+
+// A slow request: the focal loss runs the scalar double path, about 10^7 elements/s per thread.
+v1::EvaluateRequest SlowRequest(int64_t rows) {
+  v1::EvaluateRequest req = RandomRequest<float>(rows, 64, 3, v1::REDUCTION_MEAN);
+  req.clear_bce_with_logits();
+  req.mutable_sigmoid_focal_loss()->set_gamma(2.0);
+  return req;
+}
+
+constexpr int64_t kSlowRows = 1 << 16;  // 4M elements, 64 chunks
+constexpr int64_t kSlowChunks = (kSlowRows * 64) / kernels::kChunkElements;
+
+ServerOptions OneThreadOptions() {
+  ServerOptions o = LoopbackOptions();
+  o.workers = 1;
+  o.cpu_threads = 1;
+  return o;
+}
+
+TEST(LifecycleTest, DeadlineStopsWork) {
+  auto server = LossdServer::Start(OneThreadOptions());
+  ASSERT_TRUE(server.ok());
+  auto stub = Connect((*server)->port());
+  const v1::EvaluateRequest req = SlowRequest(kSlowRows);
+  // Reference: the full request completes all chunks.
+  const int64_t c0 = (*server)->chunks_done();
+  {
+    grpc::ClientContext ctx;
+    v1::EvaluateResponse resp;
+    ASSERT_TRUE(stub->Evaluate(&ctx, req, &resp).ok());
+  }
+  const int64_t full = (*server)->chunks_done() - c0;
+  EXPECT_EQ(full, kSlowChunks);
+  const int64_t c1 = (*server)->chunks_done();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(60));
+  v1::EvaluateResponse resp;
+  grpc::Status s = stub->Evaluate(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  // The server notices within one chunk; give it time to settle, then count.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const int64_t partial = (*server)->chunks_done() - c1;
+  EXPECT_LT(partial, full / 2) << "work went on after the deadline";
+}
+
+TEST(LifecycleTest, CancelStopsWork) {
+  auto server = LossdServer::Start(OneThreadOptions());
+  ASSERT_TRUE(server.ok());
+  auto stub = Connect((*server)->port());
+  const v1::EvaluateRequest req = SlowRequest(kSlowRows);
+  const int64_t c0 = (*server)->chunks_done();
+  grpc::ClientContext ctx;
+  v1::EvaluateResponse resp;
+  std::thread canceller([&ctx] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(80));
+    ctx.TryCancel();
+  });
+  grpc::Status s = stub->Evaluate(&ctx, req, &resp);
+  canceller.join();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_LT((*server)->chunks_done() - c0, kSlowChunks / 2) << "work went on after cancel";
+  // Still serving.
+  grpc::ClientContext ctx2;
+  EXPECT_TRUE(stub->Evaluate(&ctx2, RandomRequest<float>(4, 7, 1, v1::REDUCTION_SUM), &resp).ok());
+}
+
+TEST(LifecycleTest, FullQueueFailsFastWithResourceExhausted) {
+  ServerOptions o = OneThreadOptions();
+  o.queue_capacity = 1;
+  auto server = LossdServer::Start(o);
+  ASSERT_TRUE(server.ok());
+  auto stub = Connect((*server)->port());
+  const v1::EvaluateRequest req = SlowRequest(kSlowRows / 8);
+  constexpr int kCalls = 8;
+  std::vector<grpc::StatusCode> codes(kCalls);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kCalls; ++i) {
+    threads.emplace_back([&, i] {
+      grpc::ClientContext ctx;
+      v1::EvaluateResponse resp;
+      codes[i] = stub->Evaluate(&ctx, req, &resp).error_code();
+    });
+  }
+  for (auto& t : threads) t.join();
+  int ok = 0, exhausted = 0;
+  for (auto c : codes) {
+    ok += c == grpc::StatusCode::OK;
+    exhausted += c == grpc::StatusCode::RESOURCE_EXHAUSTED;
+  }
+  EXPECT_EQ(ok + exhausted, kCalls);
+  EXPECT_GE(ok, 1);
+  EXPECT_GE(exhausted, 1) << "1 worker, 1 queue slot and 8 concurrent slow calls";
+}
+
+TEST(LifecycleTest, MessageSizeLimit) {
+  ServerOptions o = LoopbackOptions();
+  o.max_message_bytes = 1 << 20;
+  auto server = LossdServer::Start(o);
+  ASSERT_TRUE(server.ok());
+  auto stub = Connect((*server)->port());
+  grpc::ClientContext ctx;
+  v1::EvaluateResponse resp;
+  grpc::Status s = stub->Evaluate(&ctx, RandomRequest<float>(8192, 64, 1, v1::REDUCTION_SUM), &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+}
+
+TEST(LifecycleTest, GracefulDrain) {
+  auto server = LossdServer::Start(OneThreadOptions());
+  ASSERT_TRUE(server.ok());
+  const int port = (*server)->port();
+  auto stub = Connect(port);
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
+                                     grpc::InsecureChannelCredentials());
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  // A call in flight when the drain starts...
+  grpc::Status inflight;
+  v1::EvaluateResponse inflight_resp;
+  std::thread caller([&] {
+    grpc::ClientContext ctx;
+    inflight = stub->Evaluate(&ctx, SlowRequest(kSlowRows / 2), &inflight_resp);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::thread drainer([&] { (*server)->Shutdown(absl::Seconds(20)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  // ...while draining: health says NOT_SERVING and new calls are refused.
+  {
+    grpc::ClientContext ctx;
+    grpc::health::v1::HealthCheckResponse hr;
+    grpc::Status hs = health->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &hr);
+    if (hs.ok()) EXPECT_EQ(hr.status(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::EvaluateResponse resp;
+    grpc::Status s = stub->Evaluate(&ctx, RandomRequest<float>(4, 7, 1, v1::REDUCTION_SUM), &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  }
+  caller.join();
+  drainer.join();
+  // ...and the call in flight completed normally.
+  EXPECT_TRUE(inflight.ok()) << inflight.error_message();
+  EXPECT_EQ(inflight_resp.num_elements(), kSlowRows / 2 * 64);
+}
+
+TEST(LifecycleTest, ManyConcurrentClients) {
+  ServerOptions o = LoopbackOptions();
+  o.queue_capacity = 1024;
+  auto server = LossdServer::Start(o);
+  ASSERT_TRUE(server.ok());
+  const int port = (*server)->port();
+  const v1::EvaluateRequest req = RandomRequest<float>(300, 11, 7, v1::REDUCTION_SUM);
+  std::string want;
+  {
+    auto stub = Connect(port);
+    grpc::ClientContext ctx;
+    v1::EvaluateResponse resp;
+    ASSERT_TRUE(stub->Evaluate(&ctx, req, &resp).ok());
+    want = resp.loss().data();
+  }
+  std::atomic<int> failures{0}, mismatches{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 16; ++t) {
+    threads.emplace_back([&, t] {
+      auto stub = Connect(port);  // a channel per client
+      for (int i = 0; i < 40; ++i) {
+        if ((i + t) % 5 == 0) {
+          grpc::ClientContext ctx;
+          auto stream = stub->EvaluateStream(&ctx);
+          for (int k = 0; k < 3; ++k) stream->Write(req);
+          stream->WritesDone();
+          v1::EvaluateStreamResponse r;
+          while (stream->Read(&r)) mismatches += r.response().loss().data() != want;
+          failures += !stream->Finish().ok();
+        } else {
+          grpc::ClientContext ctx;
+          v1::EvaluateResponse resp;
+          grpc::Status s = stub->Evaluate(&ctx, req, &resp);
+          failures += !s.ok();
+          mismatches += s.ok() && resp.loss().data() != want;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(mismatches.load(), 0);
+}
+
+}  // namespace
+}  // namespace lossd::server
