@@ -27,6 +27,9 @@ struct CoreConfig {
   int workers = 1;
   int queue_capacity = 256;
   int stream_window = 4;   // batches of one stream computed or waiting at once
+  // Unary requests up to this many elements are computed on the gRPC thread (microseconds of
+  // work, cheaper than a thread hop); larger ones go to the worker queue.
+  int64_t inline_elements = 16384;
   std::string auth_token;  // empty: no authentication
 };
 

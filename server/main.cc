@@ -24,6 +24,8 @@ ABSL_FLAG(int, workers, 0, "Compute worker threads; 0 = number of cores.");
 ABSL_FLAG(int, queue_capacity, 256,
           "Requests that may wait for a worker; more get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int, cpu_threads, 0, "Threads used by the CPU kernels; 0 = number of cores.");
+ABSL_FLAG(int64_t, inline_elements, 16384,
+          "Unary requests with at most this many elements are computed on the gRPC thread.");
 ABSL_FLAG(int, stream_window, 4, "Batches of one EvaluateStream computed or waiting at once.");
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address of the Prometheus /metrics endpoint.");
 ABSL_FLAG(int, metrics_port, -1,
@@ -66,6 +68,7 @@ int main(int argc, char** argv) {
   options.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
   options.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   options.stream_window = absl::GetFlag(FLAGS_stream_window);
+  options.inline_elements = absl::GetFlag(FLAGS_inline_elements);
   options.metrics_host = absl::GetFlag(FLAGS_metrics_host);
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
@@ -103,6 +106,7 @@ int main(int argc, char** argv) {
                    " queue_capacity=", options.queue_capacity,
                    " cpu_threads=", options.cpu_threads,
                    " stream_window=", options.stream_window,
+                   " inline_elements=", options.inline_elements,
                    " metrics_port=", (*server)->metrics_port(),
                    " tls=", options.tls_cert_file.empty() ? "off"
                             : options.tls_client_ca_file.empty() ? "on" : "mutual",

@@ -15,6 +15,7 @@
 #include "log.h"
 #include "lossd/kernels/kernels.h"
 #include "metrics.h"
+#include "lossd/v1/lossd.grpc.pb.h"
 #include "service.h"
 
 namespace lossd::server {
@@ -117,6 +118,7 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   config.workers = options.workers > 0 ? options.workers : hw;
   config.queue_capacity = options.queue_capacity;
   config.stream_window = std::max(1, options.stream_window);
+  config.inline_elements = options.inline_elements;
   config.auth_token = options.auth_token;
   impl->core = std::make_unique<Core>(config, kernels::MakeCpuBackend({options.cpu_threads}),
                                       std::move(cuda), cuda_name, impl->metrics.get());
@@ -139,6 +141,8 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
     return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
   }
   impl->server->GetHealthCheckService()->SetServingStatus(true);
+  impl->server->GetHealthCheckService()->SetServingStatus(
+      std::string(v1::LossService::service_full_name()), true);
   return std::unique_ptr<LossdServer>(new LossdServer(std::move(impl)));
 }
 
@@ -149,7 +153,10 @@ void LossdServer::Shutdown(absl::Duration deadline) {
   // Drain while still listening: probes see NOT_SERVING, new calls get UNAVAILABLE, and calls
   // in flight finish. Then stop, cancelling whatever is left at the deadline.
   impl_->core->set_draining(true);
-  if (auto* health = impl_->server->GetHealthCheckService()) health->SetServingStatus(false);
+  if (auto* health = impl_->server->GetHealthCheckService()) {
+    health->SetServingStatus(false);
+    health->SetServingStatus(std::string(v1::LossService::service_full_name()), false);
+  }
   Log(LogLevel::kInfo, absl::StrCat("draining: ", impl_->core->in_flight(),
                                     " calls in flight, deadline ", absl::FormatDuration(deadline)));
   while (impl_->core->in_flight() > 0 && absl::Now() < end) absl::SleepFor(absl::Milliseconds(5));

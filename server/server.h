@@ -29,6 +29,7 @@ struct ServerOptions {
   int queue_capacity = 256;  // waiting requests beyond which calls get RESOURCE_EXHAUSTED
   int cpu_threads = 0;       // threads of the CPU kernels; 0 = hardware concurrency
   int stream_window = 4;     // batches of one EvaluateStream computed or waiting at once
+  int64_t inline_elements = 16384;  // unary requests this small skip the worker queue
 
   // Prometheus /metrics: -1 disables it, 0 picks a free port (see metrics_port()).
   std::string metrics_host = "0.0.0.0";

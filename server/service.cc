@@ -51,6 +51,11 @@ grpc::ServerUnaryReactor* LossServiceImpl::Evaluate(grpc::CallbackServerContext*
     finish(plan.status());
     return reactor;
   }
+  if (plan->args.numel <= core->config().inline_elements) {
+    // Small: a few microseconds of compute, cheaper than a hop to a worker thread.
+    finish(core->Compute(context, *plan, start_ns, response));
+    return reactor;
+  }
   auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
   const bool queued = core->Submit([core, context, response, shared_plan, start_ns, finish] {
     finish(core->Compute(context, *shared_plan, start_ns, response));

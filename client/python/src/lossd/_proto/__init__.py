@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs (see client/python/generate_stubs.py)."""

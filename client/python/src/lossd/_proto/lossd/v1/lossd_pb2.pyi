@@ -1,0 +1,190 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+
+class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCTION_UNSPECIFIED: _ClassVar[Reduction]
+    REDUCTION_NONE: _ClassVar[Reduction]
+    REDUCTION_MEAN: _ClassVar[Reduction]
+    REDUCTION_SUM: _ClassVar[Reduction]
+    REDUCTION_PER_SAMPLE_MEAN: _ClassVar[Reduction]
+
+class Device(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEVICE_AUTO: _ClassVar[Device]
+    DEVICE_CPU: _ClassVar[Device]
+    DEVICE_CUDA: _ClassVar[Device]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+REDUCTION_UNSPECIFIED: Reduction
+REDUCTION_NONE: Reduction
+REDUCTION_MEAN: Reduction
+REDUCTION_SUM: Reduction
+REDUCTION_PER_SAMPLE_MEAN: Reduction
+DEVICE_AUTO: Device
+DEVICE_CPU: Device
+DEVICE_CUDA: Device
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BceWithLogits(_message.Message):
+    __slots__ = ("pos_weight", "ignore_index", "normalize", "label_smoothing")
+    POS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    pos_weight: Tensor
+    ignore_index: int
+    normalize: bool
+    label_smoothing: float
+    def __init__(self, pos_weight: _Optional[_Union[Tensor, _Mapping]] = ..., ignore_index: _Optional[int] = ..., normalize: bool = ..., label_smoothing: _Optional[float] = ...) -> None: ...
+
+class SigmoidFocalLoss(_message.Message):
+    __slots__ = ("alpha", "gamma")
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    alpha: float
+    gamma: float
+    def __init__(self, alpha: _Optional[float] = ..., gamma: _Optional[float] = ...) -> None: ...
+
+class GradientRequest(_message.Message):
+    __slots__ = ("logits", "targets")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    logits: bool
+    targets: bool
+    def __init__(self, logits: bool = ..., targets: bool = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("request_id", "logits", "targets", "weight", "bce_with_logits", "sigmoid_focal_loss", "reduction", "gradients", "device", "reject_nan")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BCE_WITH_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    SIGMOID_FOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REJECT_NAN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    logits: Tensor
+    targets: Tensor
+    weight: Tensor
+    bce_with_logits: BceWithLogits
+    sigmoid_focal_loss: SigmoidFocalLoss
+    reduction: Reduction
+    gradients: GradientRequest
+    device: Device
+    reject_nan: bool
+    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bce_with_logits: _Optional[_Union[BceWithLogits, _Mapping]] = ..., sigmoid_focal_loss: _Optional[_Union[SigmoidFocalLoss, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradients: _Optional[_Union[GradientRequest, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., reject_nan: bool = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queue_ns", "compute_ns", "total_ns")
+    QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    queue_ns: int
+    compute_ns: int
+    total_ns: int
+    def __init__(self, queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("request_id", "loss", "grad_logits", "grad_targets", "device", "timing", "num_elements")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    NUM_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    loss: Tensor
+    grad_logits: Tensor
+    grad_targets: Tensor
+    device: Device
+    timing: Timing
+    num_elements: int
+    def __init__(self, request_id: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., grad_targets: _Optional[_Union[Tensor, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_elements: _Optional[int] = ...) -> None: ...
+
+class BatchError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EvaluateStreamResponse(_message.Message):
+    __slots__ = ("request_id", "response", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    response: EvaluateResponse
+    error: BatchError
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., error: _Optional[_Union[BatchError, _Mapping]] = ...) -> None: ...
+
+class AccumulateResponse(_message.Message):
+    __slots__ = ("loss", "num_elements", "num_batches", "reduction", "device", "timing")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    num_elements: int
+    num_batches: int
+    reduction: Reduction
+    device: Device
+    timing: Timing
+    def __init__(self, loss: _Optional[float] = ..., num_elements: _Optional[int] = ..., num_batches: _Optional[int] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., device: _Optional[_Union[Device, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class GetCapabilitiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Capabilities(_message.Message):
+    __slots__ = ("server_version", "losses", "dtypes", "devices", "reductions", "max_message_bytes", "max_elements", "cuda_device_name")
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    REDUCTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    server_version: str
+    losses: _containers.RepeatedScalarFieldContainer[str]
+    dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    devices: _containers.RepeatedScalarFieldContainer[Device]
+    reductions: _containers.RepeatedScalarFieldContainer[Reduction]
+    max_message_bytes: int
+    max_elements: int
+    cuda_device_name: str
+    def __init__(self, server_version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[_Union[Device, str]]] = ..., reductions: _Optional[_Iterable[_Union[Reduction, str]]] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., cuda_device_name: _Optional[str] = ...) -> None: ...
