@@ -71,7 +71,7 @@ hwy::AlignedFreeUniquePtr<T[]> MakeTile(const Operand& op, int64_t numel) {
   if (op.data == nullptr || op.inner != 1 || op.period == numel || op.period > kMaxTilePeriod) {
     return nullptr;
   }
-  const int64_t len = kReduceBlock + op.period;
+  const int64_t len = std::min(kReduceBlock, numel) + op.period;
   auto tile = hwy::AllocateAligned<T>(len);
   LoadRun(op.dtype, op.data, 0, op.period, tile.get());
   for (int64_t k = op.period; k < len; ++k) tile[k] = tile[k - op.period];
@@ -147,7 +147,9 @@ template <typename T>
 void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int64_t b0,
                int64_t b1, ExactSum* sum) {
   constexpr int64_t B = kReduceBlock;
-  auto storage = hwy::AllocateAligned<T>(8 * B);
+  // Per-thread scratch, allocated once: small calls pay no allocation.
+  thread_local hwy::AlignedFreeUniquePtr<T[]> storage = hwy::AllocateAligned<T>(8 * B);
+  thread_local std::vector<double> tree(B);
   T* const xs = storage.get();
   T* const ys = xs + B;
   T* const ws = ys + B;
@@ -156,7 +158,6 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
   T* const gxs = ls + B;
   T* const gys = gxs + B;
   T* const ysm = gys + B;  // smoothed targets
-  std::vector<double> tree(B);
   const bool focal = args.loss == Loss::kFocal;
   const bool smooth = args.label_smoothing != 0.0;
   const T s = static_cast<T>(args.label_smoothing);
