@@ -78,6 +78,7 @@ int LossdServer::port() const { return impl_->port; }
 int LossdServer::metrics_port() const { return impl_->metrics->port(); }
 std::string LossdServer::device_summary() const { return impl_->devices; }
 int64_t LossdServer::chunks_done() const { return impl_->core->chunks_done(); }
+int64_t LossdServer::in_flight_calls() const { return impl_->core->in_flight(); }
 
 absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOptions& options) {
   if (options.max_message_bytes <= 0 || options.max_message_bytes > (int64_t{1} << 31) - 1) {

@@ -57,6 +57,7 @@ class LossdServer {
   int metrics_port() const;         // the bound metrics port, 0 when disabled
   std::string device_summary() const;  // "cpu" or "cpu,cuda (NVIDIA H100 ...)"
   int64_t chunks_done() const;      // units of kernel work finished so far
+  int64_t in_flight_calls() const;  // LossService calls being handled now
 
   // Graceful drain: health turns NOT_SERVING and new LossService calls get UNAVAILABLE, while
   // calls in flight go on. Then waits up to `deadline` for them, cancels the rest and stops.

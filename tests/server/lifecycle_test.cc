@@ -141,7 +141,10 @@ TEST(LifecycleTest, GracefulDrain) {
     grpc::ClientContext ctx;
     inflight = stub->Evaluate(&ctx, SlowRequest(kSlowRows / 2), &inflight_resp);
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  for (int i = 0; i < 1000 && (*server)->in_flight_calls() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ((*server)->in_flight_calls(), 1);
   std::thread drainer([&] { (*server)->Shutdown(absl::Seconds(20)); });
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   // ...while draining: health says NOT_SERVING and new calls are refused.
