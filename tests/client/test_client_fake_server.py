@@ -22,15 +22,27 @@ except ImportError:  # pragma: no cover
 
 
 class FakeService(pb_grpc.LossServiceServicer):
-    """Records requests; replies with logits echoed as loss/grad, or aborts as told."""
+    """Records requests; replies with logits echoed as loss/grad, or aborts as told.
+
+    ``unavailable`` makes that many Evaluate attempts fail with UNAVAILABLE first (for the
+    retry policy); ``metadata`` keeps the invocation metadata of the last call.
+    """
 
     def __init__(self) -> None:
         self.requests: list = []
         self.abort: tuple | None = None
         self.delay = threading.Event()
         self.reply: pb.EvaluateResponse | None = None
+        self.unavailable = 0
+        self.attempts = 0
+        self.metadata: dict = {}
 
     def Evaluate(self, request, context):
+        self.attempts += 1
+        self.metadata = dict(context.invocation_metadata())
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
         self.requests.append(request)
         if self.abort is not None:
             context.abort(*self.abort)
@@ -49,6 +61,28 @@ class FakeService(pb_grpc.LossServiceServicer):
         if request.gradients.targets:
             resp.grad_targets.CopyFrom(request.targets)
         return resp
+
+    def EvaluateStream(self, request_iterator, context):
+        for request in request_iterator:
+            if request.reject_nan:  # stands for "this batch fails"
+                yield pb.EvaluateStreamResponse(
+                    request_id=request.request_id,
+                    error=pb.BatchError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                        message="logits contains NaN"))
+                continue
+            saved, self.abort, self.reply = (self.abort, self.reply), None, None
+            resp = self.Evaluate(request, context)
+            self.abort, self.reply = saved
+            yield pb.EvaluateStreamResponse(request_id=request.request_id, response=resp)
+
+    def Accumulate(self, request_iterator, context):
+        n = batches = 0
+        for request in request_iterator:
+            self.requests.append(request)
+            n += int(np.prod(request.logits.shape))
+            batches += 1
+        return pb.AccumulateResponse(loss=float(n), num_elements=n, num_batches=batches,
+                                     reduction=pb.REDUCTION_SUM, device=pb.DEVICE_CPU)
 
     def GetCapabilities(self, request, context):
         return pb.Capabilities(
@@ -176,11 +210,101 @@ def test_malformed_response_is_internal_error(svc) -> None:
         client.bce_with_logits([0.0], [1.0])
 
 
-def test_client_side_message_limit(fake) -> None:
+def test_requests_over_the_limit_are_split(fake) -> None:
     service, client = fake
+    service.requests.clear()
+    x = np.arange(1000, dtype=np.float32).reshape(100, 10)
+    progress = []
     with lossd.Client(client.target, max_message_bytes=1024) as small:
-        with pytest.raises(lossd.ResourceExhaustedError):
-            small.bce_with_logits(np.zeros(1000, np.float32), np.zeros(1000, np.float32))
+        r = small.bce_with_logits(x, np.zeros_like(x), reduction="none", grad=True,
+                                  request_id="big", progress=lambda d, t: progress.append(d))
+    chunks = service.requests
+    assert len(chunks) > 5
+    assert all(len(c.SerializeToString()) <= 1024 for c in chunks)
+    assert [c.request_id for c in chunks] == [f"big/{i}" for i in range(len(chunks))]
+    assert sum(c.logits.shape[0] for c in chunks) == 100
+    np.testing.assert_array_equal(r.loss, x)  # the fake echoes the logits
+    np.testing.assert_array_equal(r.grad, x)
+    assert r.loss.flags.writeable and progress[-1] == 1000 and len(progress) == len(chunks)
+
+
+def test_split_batch_error_and_too_large_rows(fake) -> None:
+    service, client = fake
+    x = np.zeros((100, 10), np.float32)
+    with lossd.Client(client.target, max_message_bytes=1024) as small:
+        with pytest.raises(lossd.InvalidArgumentError, match=r"chunk 0 \(rows 0:\d+\): logits"):
+            small.bce_with_logits(x, x, reduction="none", reject_nan=True)
+        with pytest.raises(ValueError, match="max_message_bytes"):
+            small.bce_with_logits(np.zeros((2, 1000), np.float32), np.zeros((2, 1000)),
+                                  reduction="per_sample_mean")
+
+
+def test_accumulate_over_an_iterable(svc) -> None:
+    service, client = svc
+    batches = [(np.zeros(3), np.ones(3)), {"logits": np.zeros((2, 2)), "targets": np.ones(4)
+                                           .reshape(2, 2), "weight": 2.0}]
+    seen = []
+    r = client.accumulate(iter(batches), reduction="sum", pos_weight=[3.0],
+                          progress=lambda d, t: seen.append((d, t)))
+    assert r == lossd.AccumulateResult(loss=7.0, num_elements=7, num_batches=2, reduction="sum",
+                                       device="cpu", timing=lossd.Timing())
+    assert seen == [(3, None), (7, None)]
+    first, second = service.requests
+    assert first.reduction == pb.REDUCTION_SUM and not first.gradients.logits
+    assert np.frombuffer(first.bce_with_logits.pos_weight.data, "<f8")[0] == 3.0
+    assert second.HasField("weight")
+    service.requests.clear()
+    client.accumulate([], reduction="sum")
+    assert len(service.requests) == 1 and list(service.requests[0].logits.shape) == [0]
+
+
+def test_retries_unavailable(svc) -> None:
+    service, client = svc
+    service.unavailable, service.attempts = 2, 0
+    r = client.bce_with_logits([0.0], [1.0])
+    assert service.attempts == 3 and r.loss.shape == ()
+    with lossd.Client(client.target, retry=None) as no_retry:
+        service.unavailable, service.attempts = 1, 0
+        with pytest.raises(lossd.UnavailableError, match="draining"):
+            no_retry.bce_with_logits([0.0], [1.0])
+        assert service.attempts == 1
+    policy = lossd.RetryPolicy(max_attempts=2, initial_backoff=0.01)
+    with lossd.Client(client.target, retry=policy) as two:
+        service.unavailable, service.attempts = 5, 0
+        with pytest.raises(lossd.UnavailableError):
+            two.bce_with_logits([0.0], [1.0])
+        assert service.attempts == 2
+    service.unavailable = 0
+
+
+def test_token_is_sent_as_bearer_metadata(svc) -> None:
+    service, client = svc
+    with lossd.Client(client.target, token="s3cret") as c:
+        c.bce_with_logits([0.0], [1.0])
+    assert service.metadata.get("authorization") == "Bearer s3cret"
+    client.bce_with_logits([0.0], [1.0])
+    assert "authorization" not in service.metadata
+    with pytest.raises(ValueError, match="token"):
+        lossd.Client(client.target, token="a\nb")
+
+
+def test_list_of_addresses_round_robin(fake) -> None:
+    _, client = fake
+    port = client.target.rsplit(":", 1)[1]
+    dead = _free_port()
+    with lossd.Client([f"127.0.0.1:{dead}", f"127.0.0.1:{port}"], timeout=10) as c:
+        assert c.target == f"127.0.0.1:{dead},127.0.0.1:{port}"
+        for _ in range(5):  # round_robin picks only the reachable address
+            assert c.bce_with_logits([0.0], [1.0]).loss.shape == ()
+    with lossd.Client([f"localhost:{port}"]) as c:  # one address: used as is
+        assert c.health() == "SERVING"
+    with lossd.Client(f"dns:///localhost:{port}") as c:
+        assert c.health() == "SERVING"
+
+
+def test_torch_tensors_without_torch_installed_are_not_detected() -> None:
+    from lossd._torch_interop import is_tensor
+    assert not is_tensor(np.zeros(3))
 
 
 def test_capabilities_and_health(fake) -> None:

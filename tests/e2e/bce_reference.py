@@ -9,6 +9,18 @@ Stable forms, no cancellation:
 A term whose coefficient (1-y, p*y, p, w) is exactly 0 is skipped; a NaN in any input of an
 element makes all of that element's outputs NaN. MEAN = sum / numel (NaN when empty), and the
 gradients of MEAN are divided by numel.
+
+loss_reference() adds the other options of the service:
+    ignore_index     elements whose raw target equals it: loss 0, gradients 0
+    normalize        divide losses and gradients by the count of elements not ignored (1 if 0)
+    label_smoothing  y' = y (1-s) + s/2 before the loss; dl/dy is wrt the raw y: (1-s) dl/dy'
+    per_sample_mean  mean over the last axis (a 0-d tensor is one sample of one element);
+                     gradients of the sum of the per-sample means
+    focal            torchvision's sigmoid focal loss, straight from its definition in float64:
+                     loss = w * alpha_t * ce * q^gamma, q = 1 - p_t = (1-y) s(x) + y s(-x),
+                     alpha_t = alpha y + (1-alpha)(1-y) (alpha < 0: 1), ce = BCE(x, y);
+                     dl/dx = w alpha_t [ ((1-y) s(x) - y s(-x)) q^gamma
+                                         + gamma ce q^(gamma-1) (1-2y) s(x) s(-x) ]
 """
 
 from __future__ import annotations
@@ -137,3 +149,93 @@ def violations(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, kind: str,
     idx = tuple(int(i) for i in idx)
     return (f"{int(bad.sum())} of {bad.size} elements out of tolerance ({kind}); first at "
             f"{idx}: got {g[idx]!r}, expected {ref[idx]!r}, scale {scale[idx]!r}")
+
+
+def _per_sample(values: np.ndarray) -> np.ndarray:
+    """Exact per-row sums over the last axis (a 0-d array is one row of one element)."""
+    v = np.asarray(values, f64)
+    rows = v.reshape(-1, v.shape[-1] if v.ndim else 1)
+    out = np.array([exact_sum(r) for r in rows], f64) if rows.shape[0] else np.zeros(0)
+    return out.reshape(v.shape[:-1] if v.ndim else ())
+
+
+def focal_elements(x, y, w, alpha, gamma):
+    """float64 focal loss, dl/dx and their magnitudes (see the module docstring)."""
+    with np.errstate(all="ignore"):
+        sx, sn = sigmoid(x), sigmoid(-x)
+        a, b = 1.0 - y, y
+        ce = _skip(a, softplus(x)) + _skip(b, softplus(-x))
+        q = _skip(a, sx) + _skip(b, sn)
+        at = np.ones_like(x) if alpha < 0 else alpha * y + (1.0 - alpha) * (1.0 - y)
+        mod = np.ones_like(q) if gamma == 0 else q ** gamma
+        loss = np.where(ce == 0, 0.0, at * ce * mod)
+        # s(x) - y without cancellation: (1-y) s(x) - y s(-x).
+        t1 = (_skip(a, sx) - _skip(b, sn)) * mod
+        if gamma == 0:
+            t2 = np.zeros_like(x)
+        else:
+            dq = (a - b) * sx * sn
+            t2 = np.where((ce == 0) | (dq == 0), 0.0, gamma * ce * q ** (gamma - 1.0) * dq)
+        grad = at * (t1 + t2)
+        gscale = np.abs(at) * np.maximum(np.abs(t1), np.abs(t2))
+        loss, grad = _skip(w, loss), _skip(w, grad)
+        gscale = np.abs(w) * gscale
+    return loss, grad, gscale
+
+
+def loss_reference(x, y, w=None, p=None, reduction: str = "none", *, ignore_index=None,
+                   normalize: bool = False, label_smoothing: float = 0.0,
+                   focal: Optional[tuple] = None) -> Reference:
+    """float64 reference with every option of the service (module docstring).
+
+    focal: (alpha, gamma) for the sigmoid focal loss (p is then unused); grad_targets is
+    NaN for it (not offered by the service).
+    """
+    x = np.asarray(x).astype(f64)
+    y_raw = np.asarray(y).astype(f64)
+    assert y_raw.shape == x.shape
+    s = float(label_smoothing)
+    y = y_raw * (1.0 - s) + s * 0.5 if s != 0.0 else y_raw
+    wb = np.broadcast_to(np.asarray(1.0 if w is None else w).astype(f64), x.shape)
+    if focal is not None:
+        loss, grad, gscale = focal_elements(x, y, wb, float(focal[0]), float(focal[1]))
+        nan = np.isnan(x) | np.isnan(y) | np.isnan(wb)
+        grad_y = np.full(x.shape, np.nan)
+        gyscale = np.zeros(x.shape)
+        lscale = np.abs(loss)
+        for arr in (loss, grad):
+            arr[nan] = np.nan
+    else:
+        r = bce_reference(x, y, w, p, "none")
+        loss, grad, grad_y = r.loss, r.grad, r.grad_targets * (1.0 - s)
+        lscale, gscale, gyscale = r.loss_scale, r.grad_scale, r.grad_targets_scale * (1.0 - s)
+    if ignore_index is not None:
+        ignored = y_raw == float(ignore_index)
+        for arr in (loss, grad, grad_y, lscale, gscale, gyscale):
+            arr[ignored] = 0.0
+        kept = int(x.size - ignored.sum())
+    else:
+        kept = x.size
+    count = float(kept) if (normalize and kept > 0) else 1.0
+    n = x.size
+    with np.errstate(all="ignore"):
+        if reduction == "none":
+            return Reference(loss / count, grad / count, grad_y / count, lscale / count,
+                             gscale / count, gyscale / count)
+        if reduction == "per_sample_mean":
+            last = x.shape[-1] if x.ndim else 1
+            div = float(last) * count
+            return Reference(_per_sample(loss) / last / count, grad / div, grad_y / div,
+                             _per_sample(np.abs(loss)) / last / count, gscale / div,
+                             gyscale / div)
+        total = exact_sum(loss) / count
+        scale = exact_sum(np.abs(loss)) / count
+        if reduction == "sum":
+            return Reference(np.array(total), grad / count, grad_y / count, np.array(scale),
+                             gscale / count, gyscale / count)
+        if reduction == "mean":
+            div = count * n
+            return Reference(np.array(total / n if n else math.nan), grad / div, grad_y / div,
+                             np.array(scale / n if n else math.nan), gscale / div,
+                             gyscale / div)
+    raise ValueError(reduction)

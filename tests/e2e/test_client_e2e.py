@@ -364,12 +364,17 @@ def test_reductions_are_deterministic(client) -> None:
     assert violations(first.loss, ref.loss, ref.loss_scale, "float32", reduced=True) is None
 
 
-def test_large_request_above_grpc_default_limit(client) -> None:
-    """8 MiB of logits (16 MiB per request, 24 MiB reply): above gRPC's 4 MiB default."""
+def test_large_request_above_grpc_default_limit(lossd_target) -> None:
+    """8 MiB of logits (16 MiB per request, 24 MiB reply): above gRPC's 4 MiB default, sent
+    as one message (chunk_bytes=None: the client splits only above max_message_bytes)."""
     n = 2 * 1024 * 1024
     x = np.linspace(-10, 10, n, dtype=np.float32)
     y = (np.arange(n) % 2).astype(np.float32)
-    r = client.bce_with_logits(x, y, reduction="none", grad=True)
+    calls = []
+    with lossd.Client(lossd_target, chunk_bytes=None) as client:
+        r = client.bce_with_logits(x, y, reduction="none", grad=True,
+                                   progress=lambda d, t: calls.append(d))
+    assert calls == [n]  # one request
     assert r.loss.shape == (n,)
     ref = bce_reference(x[::997], y[::997])
     assert violations(r.loss[::997], ref.loss, ref.loss_scale, "float32") is None

@@ -7,12 +7,24 @@ Example
 ...     r = client.bce_with_logits(logits, targets, pos_weight=pw, reduction="none", grad=True)
 ...     r.loss, r.grad, r.device
 
+:class:`Client` is synchronous and thread-safe; :class:`AsyncClient` has the same methods as
+coroutines (``grpc.aio``). torch tensors are accepted wherever arrays are, and
+``lossd.torch`` (imported on first use; needs torch) has differentiable functions and an
+``nn.Module``.
+
 Every RPC failure raises :class:`LossdError` (``.code``: a ``grpc.StatusCode``, ``.details``:
 the server's message), as the subclass for its code. The package logs to the ``"lossd"``
 logger (debug level per request).
 """
 
-from ._client import DEFAULT_MAX_MESSAGE_BYTES, Client
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._aio import AsyncClient
+from ._channel import RetryPolicy
+from ._client import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Client
 from ._errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -23,14 +35,19 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from ._types import BceResult, Capabilities, Timing
+from ._types import AccumulateResult, BceResult, Capabilities, LossResult, Timing
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Client",
+    "AsyncClient",
+    "RetryPolicy",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_CHUNK_BYTES",
+    "LossResult",
     "BceResult",
+    "AccumulateResult",
     "Capabilities",
     "Timing",
     "LossdError",
@@ -42,3 +59,10 @@ __all__ = [
     "UnauthenticatedError",
     "InternalError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # `lossd.torch` is imported lazily: torch is an optional dependency.
+    if name == "torch":
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'lossd' has no attribute {name!r}")

@@ -16,6 +16,7 @@ __all__ = [
     "UnauthenticatedError",
     "InternalError",
     "from_rpc_error",
+    "error_for",
 ]
 
 
@@ -113,7 +114,7 @@ def from_rpc_error(error: grpc.RpcError) -> LossdError:
     Parameters
     ----------
     error : grpc.RpcError
-        The error raised by a stub call (it is also a ``grpc.Call``).
+        The error raised by a call (a ``grpc.Call`` or a ``grpc.aio.AioRpcError``).
 
     Returns
     -------
@@ -121,9 +122,10 @@ def from_rpc_error(error: grpc.RpcError) -> LossdError:
     """
     code: Optional[grpc.StatusCode] = None
     details: Optional[str] = None
-    if isinstance(error, grpc.Call):
-        code = error.code()
-        details = error.details()
+    # grpc.Call (sync) and grpc.aio.AioRpcError both have code() and details().
+    if callable(getattr(error, "code", None)) and callable(getattr(error, "details", None)):
+        code = error.code()  # type: ignore[attr-defined]
+        details = error.details()  # type: ignore[attr-defined]
     if code is None:
         code = grpc.StatusCode.UNKNOWN
     return error_for(code, details if details is not None else str(error))

@@ -30,7 +30,8 @@ try:  # Optional dependency: numpy dtype extensions (bfloat16).
 except ImportError:  # pragma: no cover - depends on the environment
     BFLOAT16 = None
 
-__all__ = ["DTypeLike", "BFLOAT16", "resolve_dtype", "encode", "decode", "dtype_name"]
+__all__ = ["DTypeLike", "BFLOAT16", "resolve_dtype", "encode", "decode", "dtype_name",
+           "wire_array", "code_of", "itemsize_of", "output_dtype", "round_from_double"]
 
 #: What a ``dtype=`` argument accepts: a name ("float32", "bfloat16", ...) or a numpy dtype.
 DTypeLike = Union[str, np.dtype, type]
@@ -88,14 +89,23 @@ def resolve_dtype(dtype: DTypeLike, argument: str = "dtype") -> int:
     return code
 
 
+_CODES: Dict[np.dtype, Optional[int]] = {}
+
+
 def _code_of(dt: np.dtype) -> Optional[int]:
+    try:
+        return _CODES[dt]
+    except KeyError:
+        pass
+    code: Optional[int] = None
     if BFLOAT16 is not None and dt == BFLOAT16:
-        return pb.DTYPE_BFLOAT16
-    if dt.kind == "f":
-        for code, ndt in _NUMPY.items():
+        code = pb.DTYPE_BFLOAT16
+    elif dt.kind == "f":
+        for c, ndt in _NUMPY.items():
             if dt.itemsize == ndt.itemsize:
-                return code
-    return None
+                code = c
+    _CODES[dt] = code
+    return code
 
 
 def float_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
@@ -141,7 +151,9 @@ def float_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """Widen bfloat16 bit patterns (uint16) to float32, exactly."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    wide = np.asarray(bits, dtype=np.uint16).astype(np.uint32)
+    np.left_shift(wide, np.uint32(16), out=wide)  # in place: stays an array, also 0-d
+    return wide.view(np.float32)
 
 
 def as_array(argument: str, value: Any, like: Optional[np.dtype]) -> np.ndarray:
@@ -193,6 +205,89 @@ def _convert(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return arr.astype(dtype)
 
 
+def code_of(dtype: np.dtype) -> Optional[int]:
+    """The ``lossd.v1.DType`` of a numpy dtype, or None when it is not one of the four."""
+    return _code_of(np.dtype(dtype))
+
+
+def itemsize_of(code: int) -> int:
+    """Bytes per element of a ``lossd.v1.DType`` value (2, 4 or 8)."""
+    return 2 if code in (pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16) else _NUMPY[code].itemsize
+
+
+def output_dtype(code: int) -> np.dtype:
+    """The numpy dtype in which outputs of a ``lossd.v1.DType`` are returned.
+
+    bfloat16 is ``ml_dtypes.bfloat16`` when installed, else float32.
+    """
+    if code == pb.DTYPE_BFLOAT16:
+        return BFLOAT16 if BFLOAT16 is not None else np.dtype(np.float32)
+    return _NUMPY[code]
+
+
+def wire_array(array: np.ndarray, wire: Optional[int] = None) -> Tuple[int, np.ndarray]:
+    """The C-contiguous little-endian array whose bytes are a tensor's ``data``.
+
+    No copy when ``array`` already is C-contiguous, little-endian and of the wire dtype.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        Values of a supported dtype, any memory layout.
+    wire : int, optional
+        ``lossd.v1.DType`` to send as; the values are rounded to it (nearest even).
+        Default: the array's own dtype.
+
+    Returns
+    -------
+    (int, numpy.ndarray)
+        The wire dtype and a C-contiguous array with ``shape == array.shape`` whose memory
+        is the wire bytes (bfloat16 as uint16 bit patterns).
+    """
+    code = _code_of(array.dtype)
+    if wire is None:
+        wire = code
+    if wire is None:  # pragma: no cover - callers go through as_array first
+        raise ValueError(f"dtype {array.dtype} is not supported; supported: {_SUPPORTED}")
+    if wire == code and array.flags.c_contiguous:  # the common case: no conversion at all
+        if code == pb.DTYPE_BFLOAT16:
+            return wire, array.view(np.uint16)
+        if array.dtype == _NUMPY[code]:
+            return wire, array
+    if wire == pb.DTYPE_BFLOAT16:
+        if code == pb.DTYPE_BFLOAT16:
+            data = np.ascontiguousarray(array).view(np.uint16)
+        else:
+            data = float_to_bfloat16_bits(array)
+        data = data.astype("<u2", copy=False)
+    else:
+        src = array
+        if code == pb.DTYPE_BFLOAT16:
+            src = bfloat16_bits_to_float32(np.ascontiguousarray(array).view(np.uint16))
+        with np.errstate(over="ignore"):  # values beyond the wire dtype's range become inf
+            data = src.astype(_NUMPY[wire], copy=False)
+    return wire, np.ascontiguousarray(data).reshape(array.shape)
+
+
+def round_from_double(value: Union[float, np.ndarray], code: int) -> np.ndarray:
+    """Round doubles to a wire dtype as the server does (via float32 for half types).
+
+    Returns an array (0-d for a scalar) of :func:`output_dtype` ``(code)``.
+    """
+    if code == pb.DTYPE_FLOAT64:
+        return np.array(value, np.float64)
+    with np.errstate(over="ignore"):  # beyond the dtype's range: infinity, as the server
+        f32 = np.array(value, np.float64).astype(np.float32)
+        if code == pb.DTYPE_FLOAT32:
+            return f32
+        if code == pb.DTYPE_FLOAT16:
+            return f32.astype(np.float16)
+    bits = float_to_bfloat16_bits(f32)
+    if BFLOAT16 is not None:
+        return bits.view(BFLOAT16)
+    return bfloat16_bits_to_float32(bits)
+
+
 def encode(array: np.ndarray, wire: Optional[int] = None) -> "pb.Tensor":
     """Encode an array as a ``lossd.v1.Tensor`` (one copy: the bytes of the message).
 
@@ -209,24 +304,8 @@ def encode(array: np.ndarray, wire: Optional[int] = None) -> "pb.Tensor":
     -------
     lossd.v1.Tensor
     """
-    code = _code_of(array.dtype)
-    if wire is None:
-        wire = code
-    if wire is None:  # pragma: no cover - callers go through as_array first
-        raise ValueError(f"dtype {array.dtype} is not supported; supported: {_SUPPORTED}")
-    if wire == pb.DTYPE_BFLOAT16:
-        if code == pb.DTYPE_BFLOAT16:
-            data = np.ascontiguousarray(array).view(np.uint16).astype("<u2", copy=False)
-        else:
-            data = float_to_bfloat16_bits(array).astype("<u2", copy=False)
-    else:
-        src = array
-        if code == pb.DTYPE_BFLOAT16:
-            src = bfloat16_bits_to_float32(np.ascontiguousarray(array).view(np.uint16))
-        with np.errstate(over="ignore"):  # values beyond the wire dtype's range become inf
-            data = src.astype(_NUMPY[wire], copy=False)
-    return pb.Tensor(dtype=cast(Any, wire), shape=array.shape,
-                     data=np.ascontiguousarray(data).tobytes())
+    wire, data = wire_array(array, wire)
+    return pb.Tensor(dtype=cast(Any, wire), shape=array.shape, data=data.tobytes())
 
 
 def decode(tensor: "pb.Tensor", field: str) -> np.ndarray:

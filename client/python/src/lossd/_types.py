@@ -1,4 +1,4 @@
-"""Result types returned by :class:`lossd.Client`."""
+"""Result types returned by :class:`lossd.Client` and :class:`lossd.AsyncClient`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
-
-__all__ = ["Timing", "BceResult", "Capabilities"]
+__all__ = ["Timing", "LossResult", "BceResult", "AccumulateResult", "Capabilities"]
 
 
 @dataclass(frozen=True)
@@ -31,41 +29,78 @@ class Timing:
 
 
 @dataclass(frozen=True)
-class BceResult:
-    """The result of :meth:`lossd.Client.bce_with_logits`.
+class LossResult:
+    """The result of :meth:`lossd.Client.bce_with_logits` and
+    :meth:`lossd.Client.sigmoid_focal_loss`.
 
-    Arrays are read-only views of the response message's bytes (no copy); call ``.copy()``
-    on one to modify it. They have the logits' dtype (bfloat16 without ``ml_dtypes``:
-    float32).
+    Arrays have the logits' dtype (bfloat16 without ``ml_dtypes``: float32). When the
+    request fit in one message they are read-only views of the reply's bytes (no copy; call
+    ``.copy()`` to modify one, and note that they may be unaligned); results assembled from
+    chunks are ordinary writable arrays. When the logits were a ``torch.Tensor`` every array
+    is a ``torch.Tensor`` with the logits' dtype and device.
 
     Attributes
     ----------
-    loss : numpy.ndarray
-        Per-element loss with the logits' shape for ``reduction="none"``; a 0-d array for
-        ``"mean"`` and ``"sum"``.
-    grad : numpy.ndarray or None
+    loss : numpy.ndarray or torch.Tensor
+        Per-element loss with the logits' shape for ``reduction="none"``; the logits' shape
+        without its last axis for ``"per_sample_mean"``; a 0-d array for ``"mean"`` and
+        ``"sum"``.
+    grad : numpy.ndarray or torch.Tensor or None
         Gradient of the (reduced) loss with respect to the logits, logits' shape; None
         unless ``grad=True`` was asked.
-    grad_targets : numpy.ndarray or None
+    grad_targets : numpy.ndarray or torch.Tensor or None
         Gradient of the (reduced) loss with respect to the targets; None unless
         ``grad_targets=True`` was asked.
     device : str
         Where the server ran it: "cpu" or "cuda".
     timing : Timing
-        Server-side timings.
+        Server-side timings (summed over the chunks of a split request).
     request_id : str
-        The request id echoed by the server.
+        The request id (echoed by the server).
     num_elements : int
         Number of elements of the logits.
     """
 
-    loss: np.ndarray
-    grad: Optional[np.ndarray]
-    grad_targets: Optional[np.ndarray]
+    loss: Any
+    grad: Optional[Any]
+    grad_targets: Optional[Any]
     device: str
     timing: Timing
     request_id: str
     num_elements: int
+
+
+#: The former name of :class:`LossResult`.
+BceResult = LossResult
+
+
+@dataclass(frozen=True)
+class AccumulateResult:
+    """The dataset-level reduction of :meth:`lossd.Client.accumulate`.
+
+    Attributes
+    ----------
+    loss : float
+        SUM or MEAN over every element of every batch: the exact sum rounded once to
+        float64 (then divided by the element count for MEAN, and by the count of elements
+        not ignored with ``normalize``). The same bits for any split into batches.
+    num_elements : int
+    num_batches : int
+        Messages the server received (an oversized batch is sent as several).
+    reduction : str
+        "mean" or "sum".
+    device : str
+        Where the last batch ran.
+    timing : Timing
+        ``compute_ns`` summed over batches; ``total_ns`` of the whole call.
+    """
+
+    loss: float
+    num_elements: int
+    num_batches: int
+    reduction: str
+    device: str
+    timing: Timing
 
 
 @dataclass(frozen=True)
@@ -76,13 +111,13 @@ class Capabilities:
     ----------
     server_version : str
     losses : tuple of str
-        E.g. ``("bce_with_logits",)``.
+        E.g. ``("bce_with_logits", "sigmoid_focal_loss")``.
     dtypes : tuple of str
         Subset of "float32", "float64", "float16", "bfloat16".
     devices : tuple of str
         Devices usable now: "cpu" (always) and "cuda" with a usable GPU.
     reductions : tuple of str
-        Subset of "none", "mean", "sum".
+        Subset of "none", "mean", "sum", "per_sample_mean".
     max_message_bytes : int
         The server's message size limit.
     max_elements : int

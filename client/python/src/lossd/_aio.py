@@ -1,0 +1,363 @@
+"""The asyncio lossd client (``grpc.aio``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterable, Callable, Iterable, Iterator, Optional, Sequence, Tuple, \
+    Union
+
+import grpc
+from numpy.typing import ArrayLike
+
+from ._channel import DEFAULT_MAX_MESSAGE_BYTES, PemSource, RetryPolicy, Target
+from ._client import (
+    DEFAULT_CHUNK_BYTES, _DOC_CLIENT_PARAMS, _HEALTH_CHECK, _SERVICE, _ClientBase, _identity,
+)
+from ._errors import DeadlineExceededError, InternalError, LossdError, from_rpc_error
+from ._job import EvalJob, Progress
+from ._proto.lossd.v1 import lossd_pb2 as pb
+from ._tensor import DTypeLike
+from ._types import AccumulateResult, Capabilities, LossResult
+
+__all__ = ["AsyncClient"]
+
+logger = logging.getLogger("lossd")
+
+
+class AsyncClient(_ClientBase):
+    __doc__ = """An asyncio connection to a lossd server (``grpc.aio``).
+
+    The same methods as :class:`lossd.Client`, as coroutines. Create it inside a running
+    event loop and use it with ``async with`` (or ``await client.close()``).
+
+    Parameters
+    ----------""" + _DOC_CLIENT_PARAMS + """
+    Examples
+    --------
+    >>> async with lossd.AsyncClient("127.0.0.1:50051") as client:     # doctest: +SKIP
+    ...     r = await client.bce_with_logits(logits, targets, reduction="none", grad=True)
+    """
+
+    def __init__(self, target: Target, *, timeout: Optional[float] = 30.0,
+                 root_certificates: Optional[PemSource] = None,
+                 private_key: Optional[PemSource] = None,
+                 certificate_chain: Optional[PemSource] = None,
+                 tls: Optional[bool] = None, server_name: Optional[str] = None,
+                 token: Optional[str] = None, retry: Optional[RetryPolicy] = RetryPolicy(),
+                 load_balancing: str = "round_robin", wait_for_ready: bool = False,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
+                 channel_args: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
+        spec = self._configure(
+            target, timeout=timeout, max_message_bytes=max_message_bytes,
+            chunk_bytes=chunk_bytes, stream_window=stream_window, wait_for_ready=wait_for_ready,
+            root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
+            retry=retry, load_balancing=load_balancing, channel_args=channel_args)
+        if spec.credentials is None:
+            self._channel = grpc.aio.insecure_channel(spec.target, options=spec.options)
+        else:
+            self._channel = grpc.aio.secure_channel(spec.target, spec.credentials,
+                                                    options=spec.options)
+        ch = self._channel
+        self._evaluate = ch.unary_unary(_SERVICE + "Evaluate", request_serializer=_identity,
+                                        response_deserializer=_identity)
+        self._stream = ch.stream_stream(_SERVICE + "EvaluateStream",
+                                        request_serializer=_identity,
+                                        response_deserializer=_identity)
+        self._accumulate = ch.stream_unary(_SERVICE + "Accumulate", request_serializer=_identity,
+                                           response_deserializer=pb.AccumulateResponse.FromString)
+        self._get_capabilities = ch.unary_unary(
+            _SERVICE + "GetCapabilities",
+            request_serializer=pb.GetCapabilitiesRequest.SerializeToString,
+            response_deserializer=pb.Capabilities.FromString)
+        self._health = ch.unary_unary(_HEALTH_CHECK, request_serializer=None,
+                                      response_deserializer=None)
+
+    async def close(self) -> None:
+        """Close the channel (cancelling calls in progress)."""
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"lossd.AsyncClient({self._target!r})"
+
+    async def bce_with_logits(
+        self,
+        logits: ArrayLike,
+        targets: ArrayLike,
+        *,
+        weight: Optional[ArrayLike] = None,
+        pos_weight: Optional[ArrayLike] = None,
+        reduction: str = "mean",
+        grad: bool = False,
+        grad_targets: bool = False,
+        ignore_index: Optional[int] = None,
+        normalize: bool = False,
+        label_smoothing: float = 0.0,
+        device: str = "auto",
+        reject_nan: bool = False,
+        request_id: Optional[str] = None,
+        timeout: Optional[float] = None,
+        dtype: Optional[DTypeLike] = None,
+        progress: Optional[Progress] = None,
+    ) -> LossResult:
+        """Binary cross-entropy with logits; see :meth:`lossd.Client.bce_with_logits`."""
+        job, spec = self._job("bce", logits, targets, weight, pos_weight, dtype, request_id,
+                              reduction=reduction, grad=grad, grad_targets=grad_targets,
+                              device=device, reject_nan=reject_nan, ignore_index=ignore_index,
+                              normalize=normalize, label_smoothing=label_smoothing)
+        return self._finish(job, await self._run(job, timeout, progress), spec)
+
+    async def sigmoid_focal_loss(
+        self,
+        logits: ArrayLike,
+        targets: ArrayLike,
+        *,
+        alpha: Optional[float] = 0.25,
+        gamma: float = 2.0,
+        weight: Optional[ArrayLike] = None,
+        reduction: str = "none",
+        grad: bool = False,
+        device: str = "auto",
+        reject_nan: bool = False,
+        request_id: Optional[str] = None,
+        timeout: Optional[float] = None,
+        dtype: Optional[DTypeLike] = None,
+        progress: Optional[Progress] = None,
+    ) -> LossResult:
+        """torchvision's sigmoid focal loss; see :meth:`lossd.Client.sigmoid_focal_loss`."""
+        job, spec = self._job("focal", logits, targets, weight, None, dtype, request_id,
+                              reduction=reduction, grad=grad, grad_targets=False,
+                              device=device, reject_nan=reject_nan, alpha=alpha, gamma=gamma)
+        return self._finish(job, await self._run(job, timeout, progress), spec)
+
+    async def accumulate(
+        self,
+        batches: Union[Iterable[Any], AsyncIterable[Any]],
+        *,
+        loss: str = "bce_with_logits",
+        reduction: str = "mean",
+        pos_weight: Optional[ArrayLike] = None,
+        ignore_index: Optional[int] = None,
+        normalize: bool = False,
+        label_smoothing: float = 0.0,
+        alpha: Optional[float] = 0.25,
+        gamma: float = 2.0,
+        device: str = "auto",
+        reject_nan: bool = False,
+        request_id: Optional[str] = None,
+        timeout: Optional[float] = None,
+        dtype: Optional[DTypeLike] = None,
+        progress: Optional[Progress] = None,
+    ) -> AccumulateResult:
+        """Dataset-level SUM or MEAN over batches; see :meth:`lossd.Client.accumulate`.
+
+        ``batches`` may also be an async iterable. ``progress`` is called in the event loop.
+        """
+        job = self._accumulate_job(loss, reduction, device, reject_nan, ignore_index, normalize,
+                                   label_smoothing, alpha, gamma, pos_weight, dtype, request_id)
+
+        async def messages() -> Any:
+            if hasattr(batches, "__aiter__"):
+                index = 0
+                async for batch in batches:  # type: ignore[union-attr]
+                    for message in job.messages_for(index, batch):
+                        yield message
+                    index += 1
+                    if progress is not None:
+                        progress(job.sent_elements, None)
+                if index == 0:
+                    yield job.empty_request()
+            else:
+                for message in job.requests(batches, progress):  # type: ignore[arg-type]
+                    yield message
+
+        return job.result(await self._run_accumulate(messages(), timeout))
+
+    # -- transport ------------------------------------------------------------------------
+
+    async def _run(self, job: EvalJob, timeout: Optional[float],
+                   progress: Optional[Progress]) -> LossResult:
+        if job.mode == "unary":
+            try:
+                raw = await self._evaluate(job.unary_request(), **self._call_kwargs(timeout))
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                logger.debug("Evaluate %s failed: %s", job.request_id, err)
+                raise err from None
+            result = job.unary_result(raw)
+            if progress is not None:
+                progress(job.total, job.total)
+            return result
+        if job.mode == "accumulate":
+            async def sent() -> Any:
+                for index, message in enumerate(job.accumulate_requests()):
+                    yield message
+                    if progress is not None:
+                        progress(job.accumulated(index), job.total)
+            job.accumulate_reply(await self._run_accumulate(sent(), timeout))
+            return job.result()
+
+        def on_reply(index: int, raw: bytes) -> None:
+            done = job.stream_reply(index, raw)
+            if progress is not None:
+                progress(done, job.total)
+
+        async def accumulate_requests() -> Any:
+            for message in job.accumulate_requests():
+                yield message
+
+        stream = self._run_stream(job.stream_requests(), job.chunks, on_reply, timeout)
+        if job.mode == "both":
+            acc = asyncio.ensure_future(self._run_accumulate(accumulate_requests(), timeout))
+            try:
+                await stream
+                job.accumulate_reply(await acc)
+            finally:
+                await _settle(acc)
+        else:
+            await stream
+        return job.result()
+
+    async def _run_stream(self, requests: Iterator[bytes], expected: int,
+                          on_reply: Callable[[int, bytes], None],
+                          timeout: Optional[float]) -> None:
+        """Sends ``requests`` on one EvaluateStream with at most ``stream_window`` chunks in
+        flight, calling ``on_reply(index, raw)`` for each reply in order."""
+        kwargs = self._call_kwargs(timeout)
+        started = time.monotonic()
+        call = self._stream(**kwargs)
+        window = asyncio.Semaphore(self._window)
+
+        async def writer() -> None:
+            for message in requests:
+                await window.acquire()
+                await call.write(message)
+            await call.done_writing()
+
+        writing = asyncio.ensure_future(writer())
+        try:
+            for index in range(expected):
+                raw = await _unless_writer_fails(asyncio.ensure_future(call.read()), writing)
+                if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    code = await call.code()
+                    if code != grpc.StatusCode.OK:
+                        raise from_rpc_error(_AioStatus(code, await call.details()))
+                    raise InternalError(grpc.StatusCode.INTERNAL,
+                                        f"client: {index} stream replies for {expected} chunks")
+                window.release()
+                on_reply(index, raw)
+            await writing
+        except grpc.RpcError as exc:
+            raise _converted(exc, started, kwargs["timeout"]) from None
+        finally:
+            call.cancel()
+            await _settle(writing)
+
+    async def _run_accumulate(self, requests: Any,
+                              timeout: Optional[float]) -> "pb.AccumulateResponse":
+        kwargs = self._call_kwargs(timeout)
+        started = time.monotonic()
+        call = self._accumulate(**kwargs)
+
+        async def writer() -> None:
+            async for message in requests:
+                await call.write(message)
+            await call.done_writing()
+
+        async def reply() -> Any:
+            return await call
+
+        writing = asyncio.ensure_future(writer())
+        try:
+            response = await _unless_writer_fails(asyncio.ensure_future(reply()), writing)
+            await writing
+            return response
+        except grpc.RpcError as exc:
+            raise _converted(exc, started, kwargs["timeout"]) from None
+        finally:
+            if not call.done():
+                call.cancel()
+            await _settle(writing)
+
+    # -- service information --------------------------------------------------------------
+
+    async def capabilities(self, *, timeout: Optional[float] = None) -> Capabilities:
+        """What the server supports and its limits; see :meth:`lossd.Client.capabilities`."""
+        try:
+            c = await self._get_capabilities(pb.GetCapabilitiesRequest(),
+                                             **self._call_kwargs(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return self._capabilities(c)
+
+    async def health(self, service: str = "", *, timeout: Optional[float] = None) -> str:
+        """``grpc.health.v1.Health/Check``; see :meth:`lossd.Client.health`."""
+        try:
+            reply = await self._health(self._health_request(service),
+                                       **self._call_kwargs(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return self._health_status(reply)
+
+
+async def _unless_writer_fails(task: "asyncio.Future[Any]", writing: "asyncio.Future[None]"
+                               ) -> Any:
+    """Awaits ``task``, unless the request writer fails first with an exception of its own
+    (a bad batch, say): that exception is raised instead (the server would otherwise wait
+    for the rest of the requests until the deadline)."""
+    try:
+        if not writing.done():
+            await asyncio.wait({task, writing}, return_when=asyncio.FIRST_COMPLETED)
+        if writing.done() and not writing.cancelled():
+            exc = writing.exception()
+            if exc is not None and not isinstance(exc, grpc.RpcError):
+                raise exc
+        return await task
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _converted(exc: grpc.RpcError, started: float, timeout: Optional[float]) -> LossdError:
+    """The LossdError of a failed streaming call.
+
+    When a call's deadline expires while a message is being sent, grpc.aio replaces the
+    DEADLINE_EXCEEDED status by INTERNAL "Internal error from Core"; that case is reported
+    as the deadline it is.
+    """
+    err = from_rpc_error(exc)
+    if err.code == grpc.StatusCode.INTERNAL and timeout is not None and \
+            time.monotonic() - started >= timeout:
+        return DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    return err
+
+
+async def _settle(task: "asyncio.Future[Any]") -> None:
+    """Cancels a helper task if it still runs and consumes its outcome."""
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+class _AioStatus(grpc.RpcError):
+    """A finished call's status as an error (for a stream that ended early)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details

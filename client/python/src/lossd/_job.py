@@ -1,0 +1,768 @@
+"""One loss evaluation, independent of the transport: validation, wire encoding, and the
+splitting of large requests into chunks (and their reassembly). Requests or replies above the
+message limit are always split; those above ``chunk_bytes`` too when that keeps the bits.
+
+The synchronous and the asyncio clients drive the same :class:`EvalJob` and
+:class:`AccumulateJob`; only the RPC calls differ.
+
+Strategies of :class:`EvalJob` (``job.mode``)
+---------------------------------------------
+``"unary"``
+    The request and the reply fit (in the message limit, and in ``chunk_bytes`` when
+    splitting would be exact): one ``Evaluate``.
+``"stream"``
+    ``reduction`` none or per_sample_mean: the tensors are split along their leading axes
+    (whole rows of the last axis for per_sample_mean) into chunks under the limit, sent
+    pipelined on one ``EvaluateStream`` and written into preallocated output arrays. With
+    ``normalize`` the chunks are sent without it and the client divides by the global count
+    of non-ignored elements (see below).
+``"accumulate"``
+    mean/sum without gradients: the chunks go to one ``Accumulate`` call, whose exact
+    dataset-level reduction is rounded to the logits' dtype as the server rounds a one-shot
+    reply: the same bits as one request.
+``"both"``
+    mean/sum with gradients. The gradient of a SUM is per element, so each chunk is
+    evaluated with reduction SUM on the stream and the client divides the gradients by the
+    global divisor (numel for mean, times the non-ignored count with ``normalize``) exactly
+    as the server does (in its compute type, or via float64 when the divisor is not exact in
+    it). Concurrently, an ``Accumulate`` call over the same chunks gives the loss, the same
+    bits as one request. This sends the inputs twice but keeps the loss exact; summing the
+    rounded per-chunk sums instead would not be.
+
+Client-side divisions mirror the CPU backend: the chunks whose results the client divides
+are requested in the server's compute type (float32, or float64 with any float64 input, label
+smoothing or the focal loss), divided as the server divides, and rounded once to the logits'
+dtype, which gives the bits of one request. Exceptions, split only above the message limit
+(:func:`split_is_exact`): per_sample_mean with normalize, dl/dy with label smoothing when the
+client divides (the server scales by 1-s after dividing), per_sample_mean of a 1-D tensor.
+On a CUDA server, client-divided gradients can differ from one request by one ulp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import grpc
+import numpy as np
+
+from ._errors import LossdError, error_for
+from ._proto.lossd.v1 import lossd_pb2 as pb
+from ._tensor import (
+    as_array, bfloat16_bits_to_float32, code_of, itemsize_of, output_dtype, resolve_dtype,
+    round_from_double, wire_array,
+)
+from ._types import AccumulateResult, LossResult, Timing
+from ._wire import (
+    RequestOptions, WireTensor, encode_request, parse_response, parse_stream_response,
+    shape_list, to_array,
+)
+
+__all__ = ["REDUCTIONS", "DEVICES", "Progress", "Inputs", "EvalJob", "AccumulateJob",
+           "make_options", "prepare_inputs", "enum_name"]
+
+#: ``progress(done_elements, total_elements)``; total is None when unknown (iterables).
+Progress = Callable[[int, Optional[int]], None]
+
+REDUCTIONS: Dict[str, int] = {"none": pb.REDUCTION_NONE, "mean": pb.REDUCTION_MEAN,
+                              "sum": pb.REDUCTION_SUM,
+                              "per_sample_mean": pb.REDUCTION_PER_SAMPLE_MEAN}
+DEVICES: Dict[str, int] = {"auto": pb.DEVICE_AUTO, "cpu": pb.DEVICE_CPU, "cuda": pb.DEVICE_CUDA}
+_STATUS_BY_VALUE: Dict[int, grpc.StatusCode] = {
+    c.value[0]: c for c in grpc.StatusCode}  # type: ignore[index]
+
+# Bytes of protobuf framing allowed for besides the tensor data: tags, lengths and options
+# (about 100 bytes), a request id (up to 64 more), and per dimension of each tensor's shape.
+_OVERHEAD = 256
+_PER_DIM = 48
+
+
+def _new_id() -> str:
+    """A random request id: 32 hex digits (as uuid4().hex, at a fraction of its cost)."""
+    return os.urandom(16).hex()
+
+
+def enum_name(enum: Any, prefix: str, value: int) -> str:
+    """Maps e.g. REDUCTION_SUM to "sum"; a value this client does not know to its number."""
+    try:
+        return enum.Name(value)[len(prefix):].lower()
+    except ValueError:
+        return str(value)
+
+
+def _choice(table: Dict[str, int], value: Any, argument: str) -> int:
+    key = value.lower() if isinstance(value, str) else value
+    if key not in table:
+        raise ValueError(f"{argument}: expected one of {sorted(table)}, got {value!r}")
+    return table[key]
+
+
+def make_options(*, loss: str, reduction: Any, grad: bool, grad_targets: bool, device: Any,
+                 reject_nan: bool, ignore_index: Optional[int] = None, normalize: bool = False,
+                 label_smoothing: float = 0.0, alpha: Optional[float] = None,
+                 gamma: Optional[float] = None) -> RequestOptions:
+    """Validates the loss options on the client and returns the request's option fields.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``reduction``/``device``, ``label_smoothing`` outside [0, 1], ``gamma`` < 0,
+        ``alpha`` > 1, ``grad_targets`` with the focal loss, non-integer ``ignore_index``.
+    """
+    red = _choice(REDUCTIONS, reduction, "reduction")
+    dev = _choice(DEVICES, device, "device")
+    if loss == "bce":
+        s = float(label_smoothing)
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"label_smoothing: {label_smoothing!r} is outside [0, 1]")
+        if ignore_index is not None:
+            if isinstance(ignore_index, bool) or int(ignore_index) != ignore_index:
+                raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
+            ignore_index = int(ignore_index)
+        return RequestOptions(loss="bce", reduction=red, grad_logits=bool(grad),
+                              grad_targets=bool(grad_targets), device=dev,
+                              reject_nan=bool(reject_nan), ignore_index=ignore_index,
+                              normalize=bool(normalize), label_smoothing=s)
+    if grad_targets:
+        raise ValueError("grad_targets: sigmoid_focal_loss offers only the gradient wrt the "
+                         "logits")
+    a = -1.0 if alpha is None else float(alpha)
+    g = float(gamma) if gamma is not None else 2.0
+    if not (math.isfinite(a) and a <= 1.0):
+        raise ValueError(f"alpha: {alpha!r} must be in [0, 1], or negative (or None) to "
+                         "disable the alpha weighting")
+    if not 0.0 <= g <= 1e4:
+        raise ValueError(f"gamma: {gamma!r} is outside [0, 10000]")
+    return RequestOptions(loss="focal", reduction=red, grad_logits=bool(grad), device=dev,
+                          reject_nan=bool(reject_nan), alpha=a, gamma=g)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """An input array (any layout) and the dtype it is sent as."""
+
+    array: np.ndarray
+    code: int
+
+    def wire(self, values: Optional[np.ndarray] = None) -> WireTensor:
+        arr = self.array if values is None else values
+        code, data = wire_array(arr, self.code)
+        return WireTensor(code, tuple(int(d) for d in arr.shape), data)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.size) * itemsize_of(self.code)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Validated inputs of one evaluation."""
+
+    x: Operand
+    y: Operand
+    w: Optional[Operand]
+    p: Optional[Operand]
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(int(d) for d in self.x.array.shape)
+
+    @property
+    def numel(self) -> int:
+        return int(self.x.array.size)
+
+
+def prepare_inputs(logits: Any, targets: Any, weight: Any, pos_weight: Any,
+                   dtype: Any = None, wire_codes: Optional[Mapping[str, int]] = None) -> Inputs:
+    """Converts the arguments to arrays and picks the wire dtype of each.
+
+    Parameters
+    ----------
+    logits, targets, weight, pos_weight : array_like (weight/pos_weight may be None)
+    dtype : dtype-like, optional
+        Send every tensor in this dtype (the ``dtype=`` argument of the calls).
+    wire_codes : mapping, optional
+        Per-argument wire dtype overrides (used for torch bfloat16 tensors).
+
+    Raises
+    ------
+    ValueError
+        An unsupported dtype (named with its argument) or an unknown ``dtype``.
+    """
+    forced = None if dtype is None else resolve_dtype(dtype, "dtype")
+    codes = dict(wire_codes or {})
+    x = as_array("logits", logits, None)
+
+    def operand(name: str, value: Any) -> Optional[Operand]:
+        if value is None:
+            return None
+        arr = x if name == "logits" else as_array(name, value, x.dtype)
+        code = forced if forced is not None else codes.get(name)
+        if code is None:
+            code = code_of(arr.dtype)
+        assert code is not None
+        return Operand(arr, code)
+
+    xo = operand("logits", logits)
+    yo = operand("targets", targets)
+    assert xo is not None and yo is not None
+    return Inputs(xo, yo, operand("weight", weight), operand("pos_weight", pos_weight))
+
+
+def _prod(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _compute_type(inputs: Inputs, opts: RequestOptions) -> np.dtype:
+    """The server's compute type: float64 when any input is float64, with label smoothing
+    and for the focal loss; else float32 (also for the half types)."""
+    ops = [o for o in (inputs.x, inputs.y, inputs.w, inputs.p) if o is not None]
+    wide = any(o.code == pb.DTYPE_FLOAT64 for o in ops) or opts.loss == "focal" or \
+        opts.label_smoothing != 0.0
+    return np.dtype(np.float64) if wide else np.dtype(np.float32)
+
+
+def divide_like_server(values: np.ndarray, divisor: float, compute: np.dtype) -> np.ndarray:
+    """``values / divisor`` in the compute type, rounded as the server's gradient division.
+
+    The server divides in its compute type T when the divisor is exact in T, else in
+    float64 and rounds to T. ``values`` must have dtype T; the result is bit-exact.
+    """
+    if divisor == 1.0:
+        return values
+    t_div = compute.type(divisor)
+    if float(t_div) == divisor:
+        return np.divide(values, t_div, out=values) if values.flags.writeable \
+            else values / t_div
+    return (values.astype(np.float64) / divisor).astype(compute)
+
+
+def store_as(values: np.ndarray, out_code: int) -> np.ndarray:
+    """Rounds compute-type values to the output dtype as the server stores them."""
+    out_dt = output_dtype(out_code)
+    if values.dtype == out_dt:
+        return values
+    return round_from_double(values, out_code).astype(out_dt, copy=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Chunk planning
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Split of a tensor of ``shape`` into row ranges of its leading axes ``0..k`` merged.
+
+    The tensor is viewed as ``(rows, *shape[k+1:])`` with ``rows = prod(shape[:k+1])``;
+    chunk ``i`` holds rows ``bounds[i]``.
+    """
+
+    shape: Tuple[int, ...]
+    k: int
+    bounds: Tuple[Tuple[int, int], ...]
+
+    @property
+    def rows(self) -> int:
+        return _prod(self.shape[:self.k + 1])
+
+    @property
+    def rest(self) -> Tuple[int, ...]:
+        return self.shape[self.k + 1:]
+
+
+def _padded(arr: np.ndarray, ndim: int) -> np.ndarray:
+    return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
+
+
+def _is_whole(op: Operand, ndim: int, k: int) -> bool:
+    """True when a broadcast operand is the same for every row (leading dims all 1)."""
+    return all(d == 1 for d in _padded(op.array, ndim).shape[:k + 1])
+
+
+def plan_chunks(inputs: Inputs, *, loss_per_row: str, grads: int, limit: int,
+                preferred: int, min_rest: int = 0) -> ChunkPlan:
+    """Chooses the split axis and the rows per chunk so that requests and replies fit.
+
+    Parameters
+    ----------
+    loss_per_row : {"elements", "samples", "scalar"}
+        What the reply carries per element: the loss of each element, of each last-axis
+        row, or one scalar for the chunk.
+    grads : int
+        Number of gradient tensors in each reply.
+    limit : int
+        The message size limit (bytes).
+    preferred : int
+        Preferred chunk size (bytes); smaller chunks pipeline better.
+    min_rest : int
+        Number of trailing axes that must stay whole (1 for per_sample_mean).
+
+    Raises
+    ------
+    ValueError
+        When even one row of the innermost splittable axis does not fit.
+    """
+    shape = inputs.shape
+    nd = len(shape)
+    x_item = itemsize_of(inputs.x.code)
+    out_item = itemsize_of(inputs.x.code)
+    for k in range(0, max(nd - min_rest, 1)):
+        if nd == 0:
+            break
+        rest = shape[k + 1:]
+        rest_n = _prod(rest)
+        per_row_req = rest_n * (x_item + itemsize_of(inputs.y.code))
+        fixed_req = _OVERHEAD + _PER_DIM * nd
+        for op in (inputs.w, inputs.p):
+            if op is None:
+                continue
+            if _is_whole(op, nd, k):
+                fixed_req += op.nbytes
+            else:
+                per_row_req += _prod(_padded(op.array, nd).shape[k + 1:]) * itemsize_of(op.code)
+        per_row_resp = rest_n * out_item * grads
+        if loss_per_row == "elements":
+            per_row_resp += rest_n * out_item
+        elif loss_per_row == "samples":
+            per_row_resp += max(rest_n // max(shape[-1], 1), 1) * out_item
+        fixed_resp = _OVERHEAD + _PER_DIM * nd
+        rows_total = _prod(shape[:k + 1])
+        for budget in (min(preferred, limit), limit):
+            fit = (budget - fixed_req) // max(per_row_req, 1)
+            if per_row_resp:
+                fit = min(fit, (budget - fixed_resp) // per_row_resp)
+            if fit >= 1:
+                n = max(-(-rows_total // fit), 1)  # chunks of balanced sizes <= fit
+                bounds = tuple((i * rows_total // n, (i + 1) * rows_total // n)
+                               for i in range(n))
+                return ChunkPlan(shape, k, bounds)
+    raise ValueError(
+        f"cannot split logits of shape {shape_list(shape)} into requests of at most {limit} "
+        "bytes (max_message_bytes): one row of the innermost splittable axis is larger"
+        + (" (per_sample_mean keeps last-axis rows whole)" if min_rest else ""))
+
+
+class _Slicer:
+    """Cuts the inputs into the chunks of a plan (copies only what a chunk needs)."""
+
+    def __init__(self, inputs: Inputs, plan: ChunkPlan) -> None:
+        self.plan = plan
+        self.inputs = inputs
+        nd = len(plan.shape)
+        merged = (plan.rows,) + plan.rest
+        x, y = inputs.x.array, inputs.y.array
+        if plan.k > 0:
+            # Merging leading axes needs C order (a no-op for the usual contiguous inputs).
+            x = np.ascontiguousarray(x).reshape(merged)
+            y = np.ascontiguousarray(y).reshape(merged)
+        self._x, self._y = x, y
+        self._ops: List[Tuple[Optional[Operand], Optional[np.ndarray], bool]] = []
+        for op in (inputs.w, inputs.p):
+            if op is None:
+                self._ops.append((None, None, True))
+                continue
+            padded = _padded(op.array, nd)
+            whole = _is_whole(op, nd, plan.k)
+            self._ops.append((op, padded.reshape(padded.shape[plan.k + 1:]) if whole else padded,
+                              whole))
+
+    def chunk(self, r0: int, r1: int) -> Tuple[WireTensor, WireTensor, Optional[WireTensor],
+                                               Optional[WireTensor]]:
+        plan = self.plan
+        out: List[Optional[WireTensor]] = [self.inputs.x.wire(self._x[r0:r1]),
+                                           self.inputs.y.wire(self._y[r0:r1])]
+        for op, arr, whole in self._ops:
+            if op is None or arr is None:
+                out.append(None)
+            elif whole:
+                out.append(op.wire(arr))
+            elif plan.k == 0:
+                out.append(op.wire(arr[r0:r1]))
+            else:
+                lead = arr.shape[:plan.k + 1]
+                idx = np.unravel_index(np.arange(r0, r1), plan.shape[:plan.k + 1])
+                index = tuple(idx[j] if lead[j] != 1 else 0 for j in range(plan.k + 1))
+                out.append(op.wire(arr[index]))
+        return out[0], out[1], out[2], out[3]  # type: ignore[return-value]
+
+
+def _kept(targets: WireTensor, ignore_index: int) -> int:
+    """Elements of a wire targets tensor that are not ``ignore_index`` (as the server counts)."""
+    data = targets.data
+    if targets.code == pb.DTYPE_BFLOAT16:
+        data = bfloat16_bits_to_float32(data)
+    return int(data.size - np.count_nonzero(data.astype(np.float64) == float(ignore_index)))
+
+
+def _timing_of(parsed: Any) -> Timing:
+    return Timing(queue_ns=parsed.queue_ns, compute_ns=parsed.compute_ns,
+                  total_ns=parsed.total_ns)
+
+
+def batch_error(index: int, bounds: Optional[Tuple[int, int]], code: int,
+                message: str) -> LossdError:
+    status = _STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    where = f"chunk {index}" + (f" (rows {bounds[0]}:{bounds[1]})" if bounds else "")
+    return error_for(status, f"{where}: {message}")
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluate
+
+
+def split_is_exact(options: RequestOptions, ndim: int) -> bool:
+    """True when a split request gives the same bits as one request (see the module
+    docstring): not for per_sample_mean with normalize or of a 1-D tensor, nor for dl/dy
+    with label smoothing when the client divides (normalize, or mean with gradients)."""
+    red = options.reduction or pb.REDUCTION_MEAN
+    if red == pb.REDUCTION_PER_SAMPLE_MEAN and (options.normalize or ndim < 2):
+        return False
+    if options.grad_targets and options.label_smoothing and (
+            options.normalize or red == pb.REDUCTION_MEAN):
+        return False
+    return True
+
+
+class EvalJob:
+    """One evaluation (see the module docstring for the strategies).
+
+    Parameters
+    ----------
+    inputs : Inputs
+    options : RequestOptions
+    request_id : str or None
+        None: a random UUID.
+    limit : int
+        Message size limit of the client (bytes): larger requests or replies are split.
+    chunk_bytes : int or None
+        Requests or replies larger than this are split too, into chunks of about this size
+        (pipelined chunks are much faster than one large message with gRPC Python), unless
+        splitting would change the result's bits (see :func:`split_is_exact`). None: split
+        only above ``limit``.
+    """
+
+    def __init__(self, inputs: Inputs, options: RequestOptions, request_id: Optional[str],
+                 limit: int, chunk_bytes: Optional[int]) -> None:
+        self.inputs = inputs
+        self.options = options
+        self.request_id = request_id if request_id is not None else _new_id()
+        self.total = inputs.numel
+        self.out_code = inputs.x.code
+        self.mode = "unary"
+        self.plan: Optional[ChunkPlan] = None
+        self.stream_options = options
+        self.accumulate_options = options
+        shape = inputs.shape
+        n_grads = int(options.grad_logits) + int(options.grad_targets)
+        red = options.reduction or pb.REDUCTION_MEAN
+        self.reduction = red
+        # Room for the request id (chunks append "/<index>").
+        limit -= len(self.request_id.encode("utf-8")) + 16
+        framing = _OVERHEAD + _PER_DIM * len(shape)
+        req_bytes = inputs.x.nbytes + inputs.y.nbytes + sum(
+            o.nbytes for o in (inputs.w, inputs.p) if o is not None) + framing
+        out_item = itemsize_of(self.out_code)
+        loss_count = 1
+        if red == pb.REDUCTION_NONE:
+            loss_count = self.total
+        elif red == pb.REDUCTION_PER_SAMPLE_MEAN:
+            loss_count = _prod(shape[:-1])
+        resp_bytes = (loss_count + n_grads * self.total) * out_item + framing
+        split_at = limit
+        if chunk_bytes and split_is_exact(options, len(shape)):
+            split_at = min(limit, chunk_bytes)
+        preferred_chunk = min(chunk_bytes or limit, limit)
+        if req_bytes <= split_at and resp_bytes <= split_at:
+            return
+        if red == pb.REDUCTION_PER_SAMPLE_MEAN and len(shape) < 2:
+            # One sample: the per-sample mean is the mean (the loss is the same up to the
+            # order of the exact summation; gradients are identical).
+            red = pb.REDUCTION_MEAN
+        self.reduction = red
+        per_sample = red == pb.REDUCTION_PER_SAMPLE_MEAN
+        if red in (pb.REDUCTION_NONE, pb.REDUCTION_PER_SAMPLE_MEAN):
+            self.mode = "stream"
+            self.stream_options = dataclasses.replace(options, normalize=False)
+        else:
+            self.accumulate_options = dataclasses.replace(options, reduction=red,
+                                                          grad_logits=False, grad_targets=False)
+            if n_grads:
+                self.mode = "both"
+                self.stream_options = dataclasses.replace(options, reduction=pb.REDUCTION_SUM,
+                                                          normalize=False)
+            else:
+                self.mode = "accumulate"
+        # Chunks whose results the client still divides (normalize, the MEAN of "both") come
+        # back in the server's compute type (the logits are sent in it, exactly), so that
+        # the division and the final rounding to the logits' dtype happen as in one request.
+        self._compute = _compute_type(inputs, options)
+        divides = options.normalize or (self.mode == "both" and red == pb.REDUCTION_MEAN)
+        work_code = pb.DTYPE_FLOAT64 if self._compute == np.float64 else pb.DTYPE_FLOAT32
+        stream_inputs = inputs
+        if divides and self.mode != "accumulate" and inputs.x.code != work_code:
+            stream_inputs = dataclasses.replace(inputs, x=Operand(inputs.x.array, work_code))
+        self._work_code = stream_inputs.x.code
+        if self.mode == "stream":
+            self.plan = plan_chunks(stream_inputs,
+                                    loss_per_row="samples" if per_sample else "elements",
+                                    grads=n_grads, limit=limit, preferred=preferred_chunk,
+                                    min_rest=1 if per_sample else 0)
+        else:
+            self.plan = plan_chunks(stream_inputs, loss_per_row="scalar", grads=n_grads,
+                                    limit=limit, preferred=preferred_chunk)
+        self._slicer = _Slicer(stream_inputs, self.plan)
+        self._acc_slicer = _Slicer(inputs, self.plan) if stream_inputs is not inputs \
+            else self._slicer
+        self._kept_count = 0
+        self._count_kept = options.normalize and options.ignore_index is not None
+        self._outputs: Dict[str, np.ndarray] = {}
+        out_dt = output_dtype(self._work_code)
+        if self.mode == "stream":
+            loss_shape = shape if red == pb.REDUCTION_NONE else shape[:-1]
+            self._outputs["loss"] = np.empty(loss_shape, out_dt)
+        if options.grad_logits:
+            self._outputs["grad"] = np.empty(shape, out_dt)
+        if options.grad_targets:
+            self._outputs["grad_targets"] = np.empty(shape, out_dt)
+        self._device: int = pb.DEVICE_CPU
+        self._timing = [0, 0, 0]
+        self._acc: Optional[pb.AccumulateResponse] = None
+        self._done = 0
+
+    # -- unary ----------------------------------------------------------------------------
+
+    def unary_request(self) -> bytes:
+        i = self.inputs
+        return encode_request(self.request_id, i.x.wire(), i.y.wire(),
+                              i.w.wire() if i.w else None, i.p.wire() if i.p else None,
+                              self.options)
+
+    def unary_result(self, raw: bytes) -> LossResult:
+        parsed = parse_response(raw)
+        return LossResult(
+            loss=to_array(raw, parsed.loss, "loss"),
+            grad=to_array(raw, parsed.grad_logits, "grad_logits")
+            if self.options.grad_logits else None,
+            grad_targets=to_array(raw, parsed.grad_targets, "grad_targets")
+            if self.options.grad_targets else None,
+            device=enum_name(pb.Device, "DEVICE_", parsed.device),
+            timing=_timing_of(parsed),
+            request_id=parsed.request_id,
+            num_elements=parsed.num_elements,
+        )
+
+    # -- chunked --------------------------------------------------------------------------
+
+    @property
+    def chunks(self) -> int:
+        return len(self.plan.bounds) if self.plan else 1
+
+    def chunk_elements(self, index: int) -> int:
+        assert self.plan is not None
+        r0, r1 = self.plan.bounds[index]
+        return (r1 - r0) * _prod(self.plan.rest)
+
+    def _chunk_requests(self, options: RequestOptions, count_kept: bool,
+                        slicer: "_Slicer") -> Iterator[bytes]:
+        assert self.plan is not None
+        for index, (r0, r1) in enumerate(self.plan.bounds):
+            x, y, w, p = slicer.chunk(r0, r1)
+            if count_kept and self.options.ignore_index is not None:
+                self._kept_count += _kept(y, self.options.ignore_index)
+            yield encode_request(f"{self.request_id}/{index}", x, y, w, p, options)
+
+    def stream_requests(self) -> Iterator[bytes]:
+        """The chunk requests of the EvaluateStream call, generated lazily."""
+        return self._chunk_requests(self.stream_options, self._count_kept, self._slicer)
+
+    def accumulate_requests(self) -> Iterator[bytes]:
+        """The chunk requests of the Accumulate call, generated lazily."""
+        return self._chunk_requests(self.accumulate_options, False, self._acc_slicer)
+
+    def stream_reply(self, index: int, raw: bytes) -> int:
+        """Stores chunk ``index``'s reply; returns the elements done so far.
+
+        Raises
+        ------
+        LossdError
+            The chunk's BatchError (message prefixed with the chunk and its rows), or
+            InternalError for a malformed reply.
+        """
+        assert self.plan is not None
+        _, parsed, error = parse_stream_response(raw)
+        bounds = self.plan.bounds[index]
+        if error is not None:
+            raise batch_error(index, bounds, error[0], error[1])
+        assert parsed is not None
+        r0, r1 = bounds
+        rows = r1 - r0
+        merged = (self.plan.rows,) + self.plan.rest
+        if self.mode == "stream":
+            loss = to_array(raw, parsed.loss, "loss")
+            target = self._outputs["loss"]
+            if self.reduction == pb.REDUCTION_NONE:
+                target.reshape(merged)[r0:r1] = loss.reshape((rows,) + self.plan.rest)
+            else:
+                m = (self.plan.rows,) + self.plan.rest[:-1]
+                target.reshape(m)[r0:r1] = loss.reshape((rows,) + self.plan.rest[:-1])
+        for key, field, tensor in (("grad", "grad_logits", parsed.grad_logits),
+                                   ("grad_targets", "grad_targets", parsed.grad_targets)):
+            if key in self._outputs:
+                g = to_array(raw, tensor, field)
+                self._outputs[key].reshape(merged)[r0:r1] = g.reshape((rows,) + self.plan.rest)
+        self._device = parsed.device
+        self._timing[0] += parsed.queue_ns
+        self._timing[1] += parsed.compute_ns
+        self._timing[2] += parsed.total_ns
+        self._done += rows * _prod(self.plan.rest)
+        return self._done
+
+    def accumulate_reply(self, response: "pb.AccumulateResponse") -> None:
+        self._acc = response
+
+    def accumulated(self, index: int) -> int:
+        """Elements sent to Accumulate after chunk ``index`` (progress without a stream)."""
+        assert self.plan is not None
+        r1 = self.plan.bounds[index][1]
+        return r1 * _prod(self.plan.rest)
+
+    def result(self) -> LossResult:
+        """The assembled result once every reply has been stored."""
+        opts = self.options
+        count = 1.0
+        if opts.normalize:
+            kept = self._kept_count if opts.ignore_index is not None else self.total
+            count = float(kept) if kept > 0 else 1.0
+        out = self._outputs
+        grad_div = count
+        if self.mode == "both" and self.reduction == pb.REDUCTION_MEAN:
+            grad_div = count * float(self.total)
+        if "loss" in out:
+            loss = out["loss"]
+            if count != 1.0:
+                loss = round_from_double(loss.astype(np.float64) / count, self.out_code)
+            out["loss"] = store_as(loss, self.out_code)
+        for key in ("grad", "grad_targets"):
+            if key in out:
+                g = out[key]
+                if g.dtype == self._compute:
+                    g = divide_like_server(g, grad_div, self._compute)
+                elif grad_div != 1.0:  # unreachable: divided results come in compute type
+                    g = round_from_double(g.astype(np.float64) / grad_div, self.out_code)
+                out[key] = store_as(g, self.out_code)
+        device, timing = self._device, Timing(*self._timing)
+        if self.mode in ("accumulate", "both"):
+            acc = self._acc
+            assert acc is not None
+            loss_value = round_from_double(acc.loss, self.out_code)
+            device = acc.device if self.mode == "accumulate" else device
+            if self.mode == "accumulate":
+                timing = Timing(queue_ns=0, compute_ns=acc.timing.compute_ns,
+                                total_ns=acc.timing.total_ns)
+        else:
+            loss_value = out["loss"]
+        return LossResult(loss=loss_value, grad=out.get("grad"), grad_targets=out.get(
+            "grad_targets"), device=enum_name(pb.Device, "DEVICE_", device), timing=timing,
+            request_id=self.request_id, num_elements=self.total)
+
+
+# ---------------------------------------------------------------------------------------
+# Accumulate over an iterable of batches
+
+
+def _unpack_batch(batch: Any, index: int) -> Tuple[Any, Any, Any, Any]:
+    if isinstance(batch, Mapping):
+        unknown = set(batch) - {"logits", "targets", "weight", "pos_weight"}
+        if unknown or "logits" not in batch or "targets" not in batch:
+            raise ValueError(f"batch {index}: a mapping needs keys 'logits' and 'targets' "
+                             f"(optional 'weight', 'pos_weight'), got {sorted(batch)}")
+        return batch["logits"], batch["targets"], batch.get("weight"), batch.get("pos_weight")
+    if isinstance(batch, (tuple, list)) and 2 <= len(batch) <= 4:
+        items = list(batch) + [None] * (4 - len(batch))
+        return items[0], items[1], items[2], items[3]
+    raise ValueError(f"batch {index}: expected (logits, targets[, weight[, pos_weight]]) or a "
+                     f"mapping, got {type(batch).__name__}")
+
+
+#: Converts a batch's (logits, targets, weight, pos_weight), e.g. from torch tensors, and
+#: returns them with per-argument wire dtypes.
+Converter = Callable[[Any, Any, Any, Any], Tuple[Any, Any, Any, Any, Dict[str, int]]]
+
+
+class AccumulateJob:
+    """A dataset-level SUM or MEAN over batches from an iterable, with bounded memory.
+
+    Batches are converted and encoded one at a time as gRPC asks for the next message;
+    a batch larger than the message limit is split into chunks (rows of its leading axes).
+    """
+
+    def __init__(self, options: RequestOptions, request_id: Optional[str], limit: int,
+                 chunk_bytes: Optional[int], dtype: Any, pos_weight: Any,
+                 convert: Optional[Converter] = None) -> None:
+        if options.reduction not in (pb.REDUCTION_MEAN, pb.REDUCTION_SUM):
+            raise ValueError("reduction: accumulate supports 'mean' and 'sum', got "
+                             f"{enum_name(pb.Reduction, 'REDUCTION_', options.reduction)!r}")
+        if options.grad_logits or options.grad_targets:
+            raise ValueError("accumulate returns no gradients")
+        self.options = options
+        self.request_id = request_id if request_id is not None else _new_id()
+        self.limit = limit
+        self.chunk_bytes = chunk_bytes
+        self.dtype = dtype
+        self.pos_weight = pos_weight
+        self.convert = convert
+        self.sent_elements = 0
+
+    def messages_for(self, index: int, batch: Any) -> Iterator[bytes]:
+        """The encoded request(s) of batch ``index`` (several when it must be split)."""
+        x, y, w, p = _unpack_batch(batch, index)
+        if p is None:
+            p = self.pos_weight
+        codes: Dict[str, int] = {}
+        if self.convert is not None:
+            x, y, w, p, codes = self.convert(x, y, w, p)
+        try:
+            inputs = prepare_inputs(x, y, w, p, self.dtype, codes)
+        except ValueError as exc:
+            raise ValueError(f"batch {index}: {exc}") from None
+        job = EvalJob(inputs, self.options, f"{self.request_id}/{index}", self.limit,
+                      self.chunk_bytes)
+        if job.mode == "unary":
+            yield job.unary_request()
+        else:
+            yield from job.accumulate_requests()
+        self.sent_elements += inputs.numel
+
+    def requests(self, batches: Iterable[Any],
+                 progress: Optional[Progress] = None) -> Iterator[bytes]:
+        """Encoded requests for every batch, generated lazily."""
+        index = -1
+        for index, batch in enumerate(batches):
+            yield from self.messages_for(index, batch)
+            if progress is not None:
+                progress(self.sent_elements, None)
+        if index < 0:
+            yield self.empty_request()
+
+    def empty_request(self) -> bytes:
+        """An empty batch: without one, the server cannot know the requested reduction of
+        a call that has no batches (SUM of nothing is 0, MEAN NaN)."""
+        empty = Operand(np.zeros(0, np.float32), pb.DTYPE_FLOAT32)
+        return encode_request(f"{self.request_id}/empty", empty.wire(), empty.wire(), None,
+                              None, self.options)
+
+    @staticmethod
+    def result(response: "pb.AccumulateResponse") -> AccumulateResult:
+        t = response.timing
+        return AccumulateResult(
+            loss=response.loss, num_elements=response.num_elements,
+            num_batches=response.num_batches,
+            reduction=enum_name(pb.Reduction, "REDUCTION_", response.reduction),
+            device=enum_name(pb.Device, "DEVICE_", response.device),
+            timing=Timing(queue_ns=t.queue_ns, compute_ns=t.compute_ns, total_ns=t.total_ns))

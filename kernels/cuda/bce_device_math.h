@@ -1,0 +1,194 @@
+// Per-element BCE math of the CUDA backend for float32, float16 and bfloat16 inputs
+// (float64 inputs use internal::BceElement<double> from kernels/src/bce_math.h directly).
+// Internal header: not part of the public kernels API; compiled by nvcc for the device and by
+// the host compiler for tests (tests/kernels/cuda_backend_test.cc measures its error here).
+//
+// BceElementMixed evaluates the transcendental parts in float and combines them in double.
+// exp(-|x|) comes from ExpNonPosParts instead of CUDA's expf, which is documented at 2 ulp
+// (built on the ex2.approx instruction) and would take most of the 4-ulp budget of DESIGN.md
+// section 5 with log1pf's 1 ulp. ExpNonPosParts uses only IEEE operations (fmaf, rintf, exact
+// scaling), so host and device compute its bits identically; log1pf and the reciprocal's
+// seed differ between host and device within their stated bounds.
+#ifndef LOSSD_KERNELS_CUDA_BCE_DEVICE_MATH_H_
+#define LOSSD_KERNELS_CUDA_BCE_DEVICE_MATH_H_
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "bce_math.h"  // LOSSD_HD
+
+namespace lossd::kernels::internal {
+
+// 2^k as a float, for -126 <= k <= 127.
+LOSSD_HD float Pow2F(int k) {
+  const uint32_t bits = static_cast<uint32_t>(k + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+// 2^k as a double, for -1022 <= k <= 1023.
+LOSSD_HD double Pow2D(int k) {
+  const uint64_t bits = static_cast<uint64_t>(k + 1023) << 52;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(bits));
+#else
+  double d;
+  std::memcpy(&d, &bits, 8);
+  return d;
+#endif
+}
+
+// 1/v within 1 ulp for 1 <= v <= 2 (the hardware approximation on the device, so host and
+// device bits may differ; callers refine it).
+LOSSD_HD float RcpApproxF(float v) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return 1.0f / v;
+#endif
+}
+
+// exp(t) = m * 2^k for -125 <= t <= 0, m in [0.70, 1.42]; m within 0.76 ulp (measured over
+// every float t in [-104, 0]). t < -125 or -inf: m = 0, k = 0 (exp(-125) * 1e6 < 2^-150, so
+// no float result can see it). NaN: m = NaN. t > 0 is not supported. Every multiply-add is an
+// explicit fmaf, so no compiler contraction changes the result between host and device.
+LOSSD_HD float ExpNonPosPartsInRange(float t, int* k);  // -125 <= t <= 0 only
+
+LOSSD_HD float ExpNonPosParts(float t, int* k) {
+  if (!(t >= -125.0f)) {
+    *k = 0;
+    return t != t ? t : 0.0f;
+  }
+  return ExpNonPosPartsInRange(t, k);
+}
+
+LOSSD_HD float ExpNonPosPartsInRange(float t, int* k) {
+  // t = k*ln2 + r, |r| <= ln2/2 (+ rounding); ln2_hi has 15 significant bits, so k*ln2_hi is
+  // exact and the first step is exact by Sterbenz's lemma.
+  const float kf = rintf(t * 1.44269504088896341f);  // in [-181, 0]
+  float r = fmaf(kf, -0.693145751953125f, t);        // ln2_hi = 0x3f317200
+  r = fmaf(kf, -1.42860676533018e-06f, r);           // ln2_lo = 0x35bfbe8e
+  // exp(r) - 1 - r = r^2 * q(r), q the Taylor series to r^6 (truncation < 0.02 ulp).
+  float q = 2.48015873015873e-05f;        // 1/8!
+  q = fmaf(q, r, 1.98412698412698e-04f);  // 1/7!
+  q = fmaf(q, r, 1.38888888888889e-03f);  // 1/6!
+  q = fmaf(q, r, 8.33333333333333e-03f);  // 1/5!
+  q = fmaf(q, r, 4.16666666666667e-02f);  // 1/4!
+  q = fmaf(q, r, 1.66666666666667e-01f);  // 1/3!
+  q = fmaf(q, r, 0.5f);
+  // 1 + r as hi + lo exactly (Fast2Sum, |r| < 1), so the only full rounding is the last add.
+  const float hi = 1.0f + r;
+  const float lo = (1.0f - hi) + r;
+  const float r2 = r * r;
+  *k = static_cast<int>(kf);
+  return hi + fmaf(q, r2, lo);
+}
+
+// exp(t) as a float for t <= 0 (0.76 ulp; results below 2^-126 are rounded once more onto
+// the subnormal grid). Used by tests; the kernel keeps the parts.
+LOSSD_HD float ExpNonPos(float t) {
+  if (!(t >= -104.0f)) return t != t ? t : 0.0f;  // exp(-104) < 2^-150: rounds to 0
+  int k;
+  const float m = ExpNonPosParts(t, &k);
+  return (m * Pow2F(k + 64)) * 0x1p-64f;  // exact, then at most one rounding
+}
+
+// BceElementMixed's rare elements: any NaN, infinite x, or |x| > 125, where e = exp(-|x|) is
+// below 2^-180 and taken as 0 (every term it scales is then below half the smallest float
+// for w, p <= 1e3, so float results do not change). Applies internal::BceElement's rules:
+// terms with an exact-zero coefficient are skipped, so x = +-inf gives the limits.
+LOSSD_HD void BceElementSaturated(float xf, double y, double w, double p, double* loss, double* gx,
+                                  double* gy) {
+  if (xf != xf || y != y || w != w || p != p) {
+    *loss = NAN;
+    *gx = NAN;
+    *gy = NAN;
+    return;
+  }
+  const double x = xf;
+  const double sp_pos = x > 0.0 ? x : 0.0;   // sp(x)
+  const double sp_neg = x < 0.0 ? -x : 0.0;  // sp(-x)
+  const double s_pos = x > 0.0 ? 1.0 : 0.0;  // s(x)
+  const double s_neg = 1.0 - s_pos;          // s(-x)
+  const double a = 1.0 - y;
+  const double b = p * y;
+  double l_val = 0.0, gx_val = 0.0, gy_val = -sp_pos;
+  if (a != 0.0) {
+    l_val = a * sp_pos;
+    gx_val = a * s_pos;
+  }
+  if (b != 0.0) {
+    l_val += b * sp_neg;
+    gx_val -= b * s_neg;
+  }
+  if (p != 0.0) gy_val += p * sp_neg;
+  if (w == 0.0) {
+    l_val = 0.0;
+    gx_val = 0.0;
+    gy_val = 0.0;
+  } else if (w != 1.0) {
+    l_val *= w;
+    gx_val *= w;
+    gy_val *= w;
+  }
+  *loss = l_val;
+  *gx = gx_val;
+  *gy = gy_val;
+}
+
+// The element for float32, float16 and bfloat16 inputs: the transcendental parts in float
+// (e = exp(-|x|) as m * 2^k from ExpNonPosParts, log1pf, a reciprocal), everything else in
+// double, rounded once by the caller. Same contract as internal::BceElement (DESIGN.md
+// section 4): NaN in any input gives NaN outputs, infinite logits give the limits (those and
+// |x| > 125 go to BceElementSaturated). For other x every term is finite, so a term with an
+// exact-zero coefficient is an exact zero and needs no test.
+// Why not all in float: the products with soft labels, w and p add a rounding each, which
+// leaves no margin under the 4-ulp promise; and exp(-|x|) underflows to subnormals for
+// |x| > 87 while w * p * exp(-|x|) need not (x = -93, w = 65: 30 ulp off in float). Here e is
+// exact in double down to 2^-181, log1p(e) = e - e^2/2 for |x| > 17, 1/(1+e) gets a Newton
+// step in double. Error: e 0.76 ulp and log1p(e) about 2 ulp (in float), then one rounding
+// to the output (measured over 2e7 random inputs with an emulation of CUDA's log1pf: loss
+// within 2 ulp, gradients within 2.3 ulp of the larger term).
+// y, w and p come in double: float64 targets stay exact, and the backend uploads small
+// operands converted to double, which saves two conversions per element.
+LOSSD_HD void BceElementMixed(float xf, double y, double w, double p, double* loss, double* gx,
+                              double* gy) {
+  const float ax = fabsf(xf);
+  if (!(ax <= 125.0f) || y != y || w != w || p != p) {
+    return BceElementSaturated(xf, y, w, p, loss, gx, gy);
+  }
+  int k;
+  const float m = ExpNonPosPartsInRange(-ax, &k);
+  const double e = static_cast<double>(m) * Pow2D(k);  // exact
+  // As a float: exact for |x| <= 87; below, only 1 + ef matters and it rounds to 1 either way.
+  const float ef = m * Pow2F(k > -126 ? k : -126);
+  // log1p(e) = e - e^2/2 + e^3/3 - ...: for e < 2^-24 (|x| > 17) two terms are exact enough.
+  const double l = ax > 17.0f ? fma(-0.5 * e, e, e) : static_cast<double>(log1pf(ef));
+  const double d = 1.0 + e;
+  const double r0 = static_cast<double>(RcpApproxF(1.0f + ef));
+  const double inv = fma(r0, fma(-d, r0, 1.0), r0);  // 1/(1+e) to ~2^-44
+  const double x = xf;
+  const bool pos = xf >= 0.0f;
+  const double sp_pos = (pos ? x : 0.0) + l;   // sp(x)
+  const double sp_neg = (pos ? 0.0 : -x) + l;  // sp(-x)
+  const double s_small = e * inv;
+  const double s_pos = pos ? inv : s_small;  // s(x)
+  const double s_neg = pos ? s_small : inv;  // s(-x)
+  const double a = 1.0 - y;                  // exact
+  const double b = p * y;                    // exact
+  *loss = w * (a * sp_pos + b * sp_neg);
+  *gx = w * (a * s_pos - b * s_neg);
+  *gy = w * (p * sp_neg - sp_pos);
+}
+
+}  // namespace lossd::kernels::internal
+
+#endif  // LOSSD_KERNELS_CUDA_BCE_DEVICE_MATH_H_

@@ -1,0 +1,55 @@
+// Device-side entry point of the CUDA backend: the fused BCE kernel on device-resident tensors.
+// Internal header (CUDA types allowed): used by cuda_backend.cu and by gpu_bench.cu, which
+// times the kernel without host transfers. Not part of the public kernels API.
+#ifndef LOSSD_KERNELS_CUDA_CUDA_KERNELS_H_
+#define LOSSD_KERNELS_CUDA_CUDA_KERNELS_H_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "lossd/kernels/kernels.h"
+
+namespace lossd::kernels::cuda {
+
+// Elements per CUDA block iteration: one reduction block (kReduceBlock) = 256 threads x 8.
+inline constexpr int kThreads = 256;
+
+// A broadcast operand in device memory: element i reads data[(i / inner) % period].
+struct DeviceOperand {
+  DType dtype = DType::kFloat32;
+  const void* data = nullptr;  // device pointer; nullptr: absent, every element reads 1
+  int64_t inner = 1;           // >= 1
+  int64_t period = 1;          // >= 1; data holds `period` elements
+};
+
+// One evaluation on device memory. Semantics are those of BceArgs/BceOutputs (kernels.h),
+// except the reduced loss: the kernel writes one double per reduction block into block_sums
+// (the fixed pairwise tree of that block's element losses); the caller adds them exactly.
+struct DeviceBce {
+  int64_t numel = 0;
+  DType dtype = DType::kFloat32;  // logits' dtype; outputs are written in it
+  const void* logits = nullptr;
+  DType targets_dtype = DType::kFloat32;
+  const void* targets = nullptr;
+  DeviceOperand weight;
+  DeviceOperand pos_weight;
+  Reduction reduction = Reduction::kNone;  // kMean divides the gradients by numel
+  void* loss = nullptr;                    // kNone only: numel elements, or nullptr
+  void* grad_logits = nullptr;             // numel elements, or nullptr
+  void* grad_targets = nullptr;            // numel elements, or nullptr
+  double* block_sums = nullptr;  // NumReduceBlocks(numel) doubles, or nullptr: no loss sum
+};
+
+// Number of kReduceBlock-element blocks covering numel elements.
+inline int64_t NumReduceBlocks(int64_t numel) { return (numel + kReduceBlock - 1) / kReduceBlock; }
+
+// Enqueues the fused kernel on `stream` (nothing when numel == 0). Any pointer alignment is
+// accepted; 16-byte vector accesses are used where alignment allows. Returns the launch
+// status (cudaSuccess once queued); execution errors surface at the next synchronization.
+// Thread-safe.
+cudaError_t LaunchBce(const DeviceBce& args, cudaStream_t stream);
+
+}  // namespace lossd::kernels::cuda
+
+#endif  // LOSSD_KERNELS_CUDA_CUDA_KERNELS_H_

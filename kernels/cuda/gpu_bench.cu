@@ -1,0 +1,330 @@
+// GPU validation and bandwidth benchmark for the CUDA backend (DESIGN.md sections 7 and 10).
+//
+// 1. Validates MakeCudaBackend() against ReferenceBce on ~1M random float32 elements with
+//    weight [C] and pos_weight [C]: per-element loss (max ulp), gradients (max error in ulp of
+//    the larger term), MEAN (relative error; and vs the CPU backend). Prints PASS or FAIL.
+// 2. Times, with CUDA events on device-resident data, the fused kernel (cuda::LaunchBce) next
+//    to a device-to-device cudaMemcpy that moves the same number of bytes (read + written),
+//    for float32 sizes 1M..256M. Bytes counted for the kernel: x and y read (+ w and p when
+//    they are full tensors), loss and grad_logits written; MEAN writes grad_logits only.
+//    [C] operands are passed in double, as CudaBackend uploads operands of <= 64K elements.
+//
+// Output: a table, plus one machine-readable line per row:
+//   RESULT <variant> <numel> <kernel_gbps> <copy_gbps> <gelem_per_s>
+// Usage: gpu_bench [--max-elements N] [--skip-validation]. Exit status 1 on FAIL or error.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda_kernels.h"
+#include "lossd/kernels/kernels.h"
+
+namespace lk = lossd::kernels;
+
+namespace {
+
+#define CHECK_CUDA(expr)                                                                   \
+  do {                                                                                     \
+    const cudaError_t e_ = (expr);                                                         \
+    if (e_ != cudaSuccess) {                                                               \
+      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__, \
+                   __LINE__, cudaGetErrorString(e_));                                      \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+int64_t UlpDistance(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) {
+    return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<int64_t>::max();
+  }
+  if (a == b) return 0;
+  auto key = [](float f) {
+    int32_t i;
+    std::memcpy(&i, &f, 4);
+    return i < 0 ? int64_t{INT32_MIN} - i : int64_t{i};
+  };
+  const int64_t d = key(a) - key(b);
+  return d < 0 ? -d : d;
+}
+
+double UlpF32(double v) {
+  const float f = std::fabs(static_cast<float>(v));
+  if (!std::isfinite(f)) return std::numeric_limits<double>::infinity();
+  return static_cast<double>(std::nextafter(f, std::numeric_limits<float>::infinity())) - f;
+}
+
+// Error of a float gradient in ulps of the larger of its two terms (DESIGN.md section 5).
+double GradErrUlps(float got, double ref, double scale) {
+  if (std::isnan(ref) || std::isnan(got)) return std::isnan(ref) == std::isnan(got) ? 0 : 1e30;
+  if (std::isinf(ref) || std::isinf(got)) return static_cast<float>(ref) == got ? 0 : 1e30;
+  const double err = std::fabs(static_cast<double>(got) - ref);
+  if (err == 0) return 0;
+  return err / UlpF32(scale);
+}
+
+double GradScaleX(double x, double y, double w, double p) {
+  const double e = std::exp(-std::fabs(x));
+  const double sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
+  const double sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
+  return std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
+}
+
+double GradScaleY(double x, double w, double p) {
+  const double l = std::log1p(std::exp(-std::fabs(x)));
+  return std::max(std::fabs(w * (std::max(x, 0.0) + l)),
+                  std::fabs(w * p * (std::max(-x, 0.0) + l)));
+}
+
+bool Validate() {
+  const int64_t c = 64, rows = 16411, n = rows * c;  // ~1.05M, not a multiple of 2048
+  std::mt19937_64 rng(20240601);
+  std::uniform_real_distribution<double> u(0, 1);
+  std::vector<float> x(n), y(n), w(c), p(c);
+  const float specials[] = {0.0f,
+                            30.0f,
+                            -30.0f,
+                            1e30f,
+                            -1e30f,
+                            -17.0f,
+                            88.0f,
+                            -88.0f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity()};
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = u(rng) < 0.02
+               ? specials[rng() % std::size(specials)]
+               : static_cast<float>(std::pow(10.0, -6 + 8 * u(rng)) * (u(rng) < 0.5 ? -1 : 1));
+    const double t = u(rng);
+    y[i] = t < 0.4 ? 0.0f : t < 0.8 ? 1.0f : static_cast<float>(u(rng));
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    w[k] = k % 13 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng));
+    p[k] = k % 11 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng));
+  }
+  lk::BceArgs a;
+  a.numel = n;
+  a.logits = x.data();
+  a.targets = y.data();
+  a.weight = *lk::MakeOperand("weight", lk::DType::kFloat32, w.data(), {c}, {rows, c});
+  a.pos_weight = *lk::MakeOperand("pos_weight", lk::DType::kFloat32, p.data(), {c}, {rows, c});
+  a.reduction = lk::Reduction::kNone;
+
+  auto backend = lk::MakeCudaBackend();
+  if (!backend.ok()) {
+    std::printf("validation: FAIL (%s)\n", backend.status().ToString().c_str());
+    return false;
+  }
+  std::vector<float> l(n), gx(n), gy(n);
+  absl::Status st = (*backend)->Bce(a, {l.data(), gx.data(), gy.data()});
+  if (!st.ok()) {
+    std::printf("validation: FAIL (%s)\n", st.ToString().c_str());
+    return false;
+  }
+  std::vector<double> rl(n), rgx(n), rgy(n);
+  lk::ReferenceBce(a, rl.data(), rgx.data(), rgy.data());
+  int64_t max_ulp = 0;
+  double max_gx = 0, max_gy = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    max_ulp = std::max(max_ulp, UlpDistance(l[i], static_cast<float>(rl[i])));
+    const double wi = w[i % c], pi = p[i % c];
+    max_gx = std::max(max_gx, GradErrUlps(gx[i], rgx[i], GradScaleX(x[i], y[i], wi, pi)));
+    max_gy = std::max(max_gy, GradErrUlps(gy[i], rgy[i], GradScaleY(x[i], wi, pi)));
+  }
+  // MEAN against the reference and the CPU backend.
+  a.reduction = lk::Reduction::kMean;
+  float mean_gpu = 0, mean_cpu = 0;
+  double mean_ref = 0;
+  const absl::Status st_mean = (*backend)->Bce(a, {&mean_gpu, gx.data(), nullptr});
+  if (!st_mean.ok()) {
+    std::printf("validation: FAIL (%s)\n", st_mean.ToString().c_str());
+    return false;
+  }
+  lk::ReferenceBce(a, &mean_ref, nullptr, nullptr);
+  if (!lk::MakeCpuBackend()->Bce(a, {&mean_cpu, nullptr, nullptr}).ok()) return false;
+  const double rel_ref = std::fabs(mean_gpu - mean_ref) / std::fabs(mean_ref);
+  const double rel_cpu = std::fabs(static_cast<double>(mean_gpu) - mean_cpu) / std::fabs(mean_cpu);
+  const bool pass =
+      max_ulp <= 4 && max_gx <= 4 && max_gy <= 4 && rel_ref <= 1e-6 && rel_cpu <= 1e-6;
+  std::printf(
+      "validation (%lld float32 elements, weight [%lld], pos_weight [%lld]): %s\n"
+      "  loss max ulp %lld (<= 4); grad_logits max err %.3f ulp of larger term (<= 4);"
+      " grad_targets %.3f (<= 4)\n"
+      "  MEAN rel err vs reference %.3g, vs CPU backend %.3g (<= 1e-6)\n",
+      static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(c),
+      pass ? "PASS" : "FAIL", static_cast<long long>(max_ulp), max_gx, max_gy, rel_ref, rel_cpu);
+  return pass;
+}
+
+// Fills x with logits in [-20, 20] and y with 40% zeros, 40% ones, 20% uniform soft labels.
+__global__ void FillInputs(float* x, float* y, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    uint64_t h = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
+    h ^= h >> 31;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 29;
+    const float u1 = static_cast<float>(h & 0xffffff) * 0x1p-24f;
+    const float u2 = static_cast<float>((h >> 24) & 0xffffff) * 0x1p-24f;
+    x[i] = 40.0f * u1 - 20.0f;
+    y[i] = u2 < 0.4f ? 0.0f : u2 < 0.8f ? 1.0f : (u2 - 0.8f) * 5.0f;
+  }
+}
+
+__global__ void FillConst(float* p, int64_t n, float v) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    p[i] = v + 1e-3f * static_cast<float>(i % 97);
+  }
+}
+
+// Average milliseconds per call of `body` over `iters` calls (after 3 warm-up calls).
+template <typename F>
+double TimeMs(int iters, F body) {
+  for (int i = 0; i < 3; ++i) body();
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  CHECK_CUDA(cudaEventRecord(start));
+  for (int i = 0; i < iters; ++i) body();
+  CHECK_CUDA(cudaEventRecord(stop));
+  CHECK_CUDA(cudaEventSynchronize(stop));
+  float ms = 0;
+  CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
+  CHECK_CUDA(cudaEventDestroy(start));
+  CHECK_CUDA(cudaEventDestroy(stop));
+  return ms / iters;
+}
+
+struct Variant {
+  const char* name;
+  lk::Reduction reduction;
+  int weights;  // 0 absent, 1 [C], 2 full tensors
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t max_n = int64_t{1} << 28;
+  bool validate = true;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--max-elements") == 0 && i + 1 < argc) {
+      max_n = std::atoll(argv[++i]);
+    } else if (std::strcmp(argv[i], "--skip-validation") == 0) {
+      validate = false;
+    } else {
+      std::fprintf(stderr, "usage: %s [--max-elements N] [--skip-validation]\n", argv[0]);
+      return 2;
+    }
+  }
+  const int devices = lk::CudaDeviceCount();
+  if (devices == 0) {
+    std::printf("gpu_bench: no CUDA device; nothing to do\n");
+    return 1;
+  }
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (sm_%d%d, %d SMs, %.1f GiB)\n", prop.name, prop.major, prop.minor,
+              prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0);
+
+  bool ok = true;
+  if (validate) ok = Validate();
+
+  // Device buffers for the largest size.
+  const int64_t c = 64;
+  const int64_t n_max = max_n;
+  float *x, *y, *w, *p, *loss, *grad, *src, *dst;
+  double *wc, *pc, *sums;  // [C] operands in double, as the backend uploads small operands
+  const size_t fb = n_max * sizeof(float);
+  CHECK_CUDA(cudaMalloc(&x, fb));
+  CHECK_CUDA(cudaMalloc(&y, fb));
+  CHECK_CUDA(cudaMalloc(&w, fb));
+  CHECK_CUDA(cudaMalloc(&p, fb));
+  CHECK_CUDA(cudaMalloc(&loss, fb));
+  CHECK_CUDA(cudaMalloc(&grad, fb));
+  CHECK_CUDA(cudaMalloc(&wc, c * sizeof(double)));
+  CHECK_CUDA(cudaMalloc(&pc, c * sizeof(double)));
+  CHECK_CUDA(cudaMalloc(&sums, lossd::kernels::cuda::NumReduceBlocks(n_max) * sizeof(double)));
+  const size_t copy_max = 3 * fb;  // half of the largest byte count (24 B/element)
+  CHECK_CUDA(cudaMalloc(&src, copy_max));
+  CHECK_CUDA(cudaMalloc(&dst, copy_max));
+  FillInputs<<<1024, 256>>>(x, y, n_max, 7);
+  FillConst<<<1024, 256>>>(w, n_max, 0.5f);
+  FillConst<<<1024, 256>>>(p, n_max, 2.0f);
+  {
+    std::vector<double> h(c);
+    for (int64_t k = 0; k < c; ++k) h[k] = 0.5 + 1e-3 * k;
+    CHECK_CUDA(cudaMemcpy(wc, h.data(), c * sizeof(double), cudaMemcpyHostToDevice));
+    for (int64_t k = 0; k < c; ++k) h[k] = 2.0 + 1e-3 * k;
+    CHECK_CUDA(cudaMemcpy(pc, h.data(), c * sizeof(double), cudaMemcpyHostToDevice));
+  }
+  CHECK_CUDA(cudaMemset(src, 0x3c, copy_max));
+  CHECK_CUDA(cudaGetLastError());
+  CHECK_CUDA(cudaDeviceSynchronize());
+
+  const Variant variants[] = {
+      {"none/noweight", lk::Reduction::kNone, 0},
+      {"none/wC", lk::Reduction::kNone, 1},
+      {"none/wfull", lk::Reduction::kNone, 2},
+      {"mean/wC", lk::Reduction::kMean, 1},
+  };
+  std::printf("\nfused loss+grad_logits kernel vs device-to-device copy of the same bytes\n");
+  std::printf("%-14s %11s %8s %11s %10s %7s %9s\n", "variant", "elements", "B/elem", "kernel GB/s",
+              "copy GB/s", "ratio", "Gelem/s");
+  for (const Variant& v : variants) {
+    for (int64_t n = int64_t{1} << 20; n <= n_max; n *= 4) {
+      lossd::kernels::cuda::DeviceBce d;
+      d.numel = n;
+      d.logits = x;
+      d.targets = y;
+      d.reduction = v.reduction;
+      if (v.weights == 1) {
+        d.weight = {lk::DType::kFloat64, wc, 1, c};
+        d.pos_weight = {lk::DType::kFloat64, pc, 1, c};
+      } else if (v.weights == 2) {
+        d.weight = {lk::DType::kFloat32, w, 1, n};
+        d.pos_weight = {lk::DType::kFloat32, p, 1, n};
+      }
+      d.grad_logits = grad;
+      double bytes_per = 12;  // x, y read; grad written
+      if (v.reduction == lk::Reduction::kNone) {
+        d.loss = loss;
+        bytes_per += 4;
+      } else {
+        d.block_sums = sums;
+      }
+      if (v.weights == 2) bytes_per += 8;
+      const double bytes = bytes_per * n;
+      const int iters = static_cast<int>(std::clamp(4e9 / bytes, 10.0, 400.0));
+      const double kernel_ms =
+          TimeMs(iters, [&] { CHECK_CUDA(lossd::kernels::cuda::LaunchBce(d, nullptr)); });
+      const size_t half = static_cast<size_t>(bytes / 2);
+      const double copy_ms = TimeMs(iters, [&] {
+        CHECK_CUDA(cudaMemcpyAsync(dst, src, half, cudaMemcpyDeviceToDevice, nullptr));
+      });
+      CHECK_CUDA(cudaDeviceSynchronize());
+      const double kgbps = bytes / kernel_ms / 1e6;
+      const double cgbps = 2.0 * half / copy_ms / 1e6;
+      const double gelem = n / kernel_ms / 1e6;
+      std::printf("%-14s %11lld %8.0f %11.1f %10.1f %7.3f %9.2f\n", v.name,
+                  static_cast<long long>(n), bytes_per, kgbps, cgbps, kgbps / cgbps, gelem);
+      std::printf("RESULT %s %lld %.2f %.2f %.4f\n", v.name, static_cast<long long>(n), kgbps,
+                  cgbps, gelem);
+    }
+  }
+  for (void* q : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(w),
+                  static_cast<void*>(p), static_cast<void*>(wc), static_cast<void*>(pc),
+                  static_cast<void*>(loss), static_cast<void*>(grad), static_cast<void*>(src),
+                  static_cast<void*>(dst), static_cast<void*>(sums)}) {
+    CHECK_CUDA(cudaFree(q));
+  }
+  std::printf("\ngpu_bench: %s\n", ok ? "PASS" : "FAIL");
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The GPU validation run of DESIGN.md section 10, for a machine with an NVIDIA H100/H200.
+# Run from the repository root (or anywhere: it cds there) after carrying what
+# kernels/cuda/prepare_gpu_carry.sh prepared here: build/tests/kernels_test,
+# build/kernels/gpu_bench and build/gpulibs/. Steps, each bounded by a timeout:
+#   1. card, driver, date, commit;
+#   2. the CUDA tests (kernels_test --gtest_filter='Cuda*'), which compare the backend with the
+#      float64 reference and the CPU backend;
+#   3. gpu_bench: validation on ~1M elements, then kernel vs device-to-device copy bandwidth;
+#   4. kernels/bench/torch_cuda_bench.py: torch CUDA forward+backward on the same problems;
+#   5. our Gelem/s over torch's, per problem.
+# Everything printed also goes to $OUT/gpu_check.log when $OUT is set. Exit status: 0 when the
+# tests and the validation pass (timings are reported, never judged here), 1 otherwise.
+# Takes about 1-2 minutes on an H100 (the torch import and CUDA start-up dominate).
+set -u -o pipefail
+cd "$(dirname "$0")/../.."
+
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT"
+  exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+fi
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+status=0
+
+echo "== lossd GPU check: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+     "$(git status --porcelain 2>/dev/null | grep -q . && echo '(with local changes)')"
+nvidia-smi -L || echo "nvidia-smi failed"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+  --format=csv,noheader 2>/dev/null || true
+
+# Our binaries link Debian 12's absl/libstdc++; they run either with build/gpulibs on
+# LD_LIBRARY_PATH (if this glibc is new enough) or under the bundled glibc loader. Only our
+# binaries get this environment: python/torch keep the machine's own libraries.
+LIBS="$PWD/build/gpulibs"
+RUN=(env "LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
+if ! "${RUN[@]}" build/tests/kernels_test --gtest_list_tests >/dev/null 2>"$TMP/probe"; then
+  echo "binaries do not start with this glibc ($(head -c 300 "$TMP/probe"));" \
+       "using the bundled glibc loader"
+  RUN=("$LIBS/glibc/ld-linux-x86-64.so.2" --library-path
+       "$LIBS/glibc:$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
+  if ! "${RUN[@]}" build/tests/kernels_test --gtest_list_tests >/dev/null; then
+    echo "FAIL: cannot start build/tests/kernels_test"
+    exit 1
+  fi
+fi
+
+echo
+echo "== CUDA tests (kernels_test --gtest_filter='Cuda*')"
+timeout 300 "${RUN[@]}" build/tests/kernels_test --gtest_filter='Cuda*' --gtest_color=no 2>&1 |
+  tee "$TMP/tests.txt" | grep -v '^\[ RUN      \]'
+tests_rc=${PIPESTATUS[0]}
+if grep -q '\[  SKIPPED \] CudaBackendTest' "$TMP/tests.txt"; then
+  echo "FAIL: CUDA tests were skipped: no usable device seen by the test binary"
+  tests_rc=1
+fi
+echo "CUDA tests: $([[ $tests_rc == 0 ]] && echo PASS || echo "FAIL (rc $tests_rc)")"
+[[ $tests_rc == 0 ]] || status=1
+
+echo
+echo "== gpu_bench"
+timeout 240 "${RUN[@]}" build/kernels/gpu_bench 2>&1 | tee "$TMP/bench.txt" | grep -v '^RESULT '
+bench_rc=${PIPESTATUS[0]}
+[[ $bench_rc == 0 ]] || { echo "gpu_bench: FAIL (rc $bench_rc)"; status=1; }
+
+echo
+echo "== torch CUDA forward+backward"
+timeout 300 python3 kernels/bench/torch_cuda_bench.py 2>&1 | tee "$TMP/torch.txt" |
+  grep -v '^TORCH '
+torch_rc=${PIPESTATUS[0]}
+[[ $torch_rc == 0 ]] || echo "torch bench failed (rc $torch_rc); no ratios for what is missing"
+
+echo
+echo "== lossd CUDA kernel vs torch CUDA (forward+backward), elements per second"
+awk '
+  $1 == "RESULT" { ours[$2 " " $3] = $6; order[++n] = $2 " " $3 }
+  $1 == "TORCH"  { torch[$2 " " $3] = $4 }
+  END {
+    printf "%-14s %11s %12s %12s %8s\n", "variant", "elements", "ours Gel/s", "torch Gel/s", "ratio"
+    for (i = 1; i <= n; ++i) {
+      k = order[i]; split(k, f, " ")
+      t = (k in torch) ? torch[k] : 0
+      if (t > 0) printf "%-14s %11s %12.2f %12.3f %8.1fx\n", f[1], f[2], ours[k], t, ours[k] / t
+      else       printf "%-14s %11s %12.2f %12s %8s\n", f[1], f[2], ours[k], "-", "-"
+    }
+  }' "$TMP/bench.txt" "$TMP/torch.txt"
+
+echo
+echo "== lossd server on this GPU: CUDA vs CPU through the Python client"
+server_rc=1
+"${RUN[@]}" build/server/lossd --host 127.0.0.1 --port 0 --device auto 2>"$TMP/server.log" &
+SERVER_PID=$!
+for _ in $(seq 1 100); do
+  PORT=$(sed -n 's/^lossd listening on .*:\([0-9]*\)$/\1/p' "$TMP/server.log" | head -1)
+  [[ -n "$PORT" ]] && break
+  sleep 0.2
+done
+grep -m1 "config:" "$TMP/server.log" || true
+if [[ -n "${PORT:-}" ]]; then
+  LOSSD_TARGET="127.0.0.1:$PORT" PYTHONPATH="$PWD/client/python/src" \
+    timeout 180 python3 kernels/cuda/server_gpu_check.py
+  server_rc=$?
+else
+  echo "server did not start:"; cat "$TMP/server.log"
+fi
+kill -TERM "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null
+echo "server exit after SIGTERM: $?"
+[[ $server_rc == 0 ]] || status=1
+
+echo
+echo "== summary: server $([[ $server_rc == 0 ]] && echo PASS || echo FAIL), tests $([[ $tests_rc == 0 ]] && echo PASS || echo FAIL)," \
+     "gpu_bench $([[ $bench_rc == 0 ]] && echo PASS || echo FAIL)," \
+     "torch bench $([[ $torch_rc == 0 ]] && echo ran || echo failed)"
+exit $status

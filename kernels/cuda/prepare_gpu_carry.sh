@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Prepares the CUDA build for a run of kernels/cuda/gpu_check.sh on another machine (DESIGN.md
+# section 10). Run HERE, from anywhere, after building with CUDA for sm_90:
+#   cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build -j2 \
+#     --target kernels_test gpu_bench
+#   kernels/cuda/prepare_gpu_carry.sh
+# It copies into build/gpulibs/ every shared library that `ldd` lists for the test and bench
+# binaries except glibc and the CUDA driver (absl, hwy, libstdc++, libgcc_s, ...: the GPU
+# machine runs another Linux image), and glibc itself with its loader into build/gpulibs/glibc/
+# (used by gpu_check.sh only if the binaries cannot start on the GPU machine's own glibc).
+# Then it prints what to carry and its size (the carry limit is 64 MiB; keep it under 60).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+BINS=(build/tests/kernels_test build/kernels/gpu_bench build/server/lossd)
+for b in "${BINS[@]}"; do
+  [[ -x "$b" ]] || { echo "missing $b: build it first (see the header of $0)" >&2; exit 1; }
+done
+
+# The device code must be built for sm_90 (H100/H200); nvcc 13 alone defaults to sm_75.
+flags=build/kernels/CMakeFiles/lossd_kernels_cuda.dir/flags.make
+if ! grep -q 'sm_90' "$flags" 2>/dev/null; then
+  echo "build/ does not compile CUDA for sm_90 ($flags); reconfigure with" \
+       "-DCMAKE_CUDA_ARCHITECTURES=90" >&2
+  exit 1
+fi
+
+rm -rf build/gpulibs
+mkdir -p build/gpulibs/glibc
+declare -A seen=()
+for b in "${BINS[@]}"; do
+  while read -r path; do
+    [[ -n "$path" && -z "${seen[$path]:-}" ]] || continue
+    seen[$path]=1
+    name=$(basename "$path")
+    case "$name" in
+      libcuda.so*|libnvidia-*) ;;  # the driver must come from the GPU machine
+      ld-linux*|libc.so.*|libm.so.*|libpthread.so.*|libdl.so.*|librt.so.*|libresolv.so.*|\
+      libutil.so.*|libmvec.so.*)
+        cp -L "$path" build/gpulibs/glibc/ ;;
+      *) cp -L "$path" build/gpulibs/ ;;
+    esac
+  done < <(ldd "$b" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}')
+done
+# The loader-mode fallback needs every glibc piece the libraries might pull in.
+for extra in libpthread.so.0 libdl.so.2 librt.so.1; do
+  for dir in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu; do
+    if [[ -e "$dir/$extra" && ! -e "build/gpulibs/glibc/$extra" ]]; then
+      cp -L "$dir/$extra" build/gpulibs/glibc/
+    fi
+  done
+done
+
+echo "build/gpulibs ($(find build/gpulibs -maxdepth 1 -type f | wc -l) libraries):" \
+     "$(cd build/gpulibs && ls -p | grep -v / | sed 's/\.so.*//' | paste -sd' ')"
+echo "build/gpulibs/glibc: $(ls build/gpulibs/glibc | paste -sd' ')"
+echo
+echo "required GLIBC of the binaries: $(objdump -T "${BINS[@]}" build/gpulibs/*.so* 2>/dev/null |
+  grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1) (gpu_check.sh falls back to the bundled glibc)"
+echo
+CARRY=(build/tests/kernels_test build/kernels/gpu_bench build/server/lossd build/gpulibs)
+du -shc "${CARRY[@]}" | sed 's/^/  /'
+total_kib=$(du -sck "${CARRY[@]}" | tail -1 | cut -f1)
+echo
+echo "carry for the device run (paths relative to the repository root):"
+printf '  ["%s", "%s", "%s"]  = %d KiB\n' "${CARRY[@]}" "$total_kib"
+if (( total_kib > 60 * 1024 )); then
+  echo "  WARNING: over 60 MiB; strip the binaries (strip --strip-debug) to trim" >&2
+fi
+echo "whole build/ folder: $(du -sh build | cut -f1) (too big to carry as is; carrying only" \
+     "the three paths above is enough. To carry build/ itself, first delete what the device" \
+     "run does not need: find build -name '*.o' -delete; rm -rf build/server build/proto)"

@@ -1,0 +1,69 @@
+"""End-to-end check of a lossd server with a GPU (run by gpu_check.sh on the GPU machine).
+
+Starts nothing: expects LOSSD_TARGET (host:port) of a server started with --device=auto.
+Evaluates the same requests on device CUDA and device CPU through the Python client and
+prints the largest differences: per element in float32 ulp, reductions relative.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+
+import lossd
+
+
+def ulp_diff(a: np.ndarray, b: np.ndarray) -> int:
+    ai = a.astype(np.float32).view(np.int32).astype(np.int64)
+    bi = b.astype(np.float32).view(np.int32).astype(np.int64)
+    ai = np.where(ai < 0, -(2**31) - ai, ai)
+    bi = np.where(bi < 0, -(2**31) - bi, bi)
+    return int(np.max(np.abs(ai - bi))) if a.size else 0
+
+
+def main() -> int:
+    target = os.environ["LOSSD_TARGET"]
+    rng = np.random.default_rng(7)
+    ok = True
+    with lossd.Client(target, timeout=120) as c:
+        caps = c.capabilities()
+        print("capabilities:", caps)
+        for n_rows in (1000, 250_000):
+            x = (rng.standard_normal((n_rows, 64)) * 8).astype(np.float32)
+            y = rng.integers(0, 2, size=(n_rows, 64)).astype(np.float32)
+            w = rng.uniform(0.5, 3, 64).astype(np.float32)
+            p = rng.uniform(0.5, 3, 64).astype(np.float32)
+            for red in ("none", "mean", "sum"):
+                g = c.bce_with_logits(x, y, weight=w, pos_weight=p, reduction=red, grad=True,
+                                      device="cuda")
+                h = c.bce_with_logits(x, y, weight=w, pos_weight=p, reduction=red, grad=True,
+                                      device="cpu")
+                if red == "none":
+                    d = ulp_diff(np.asarray(g.loss), np.asarray(h.loss))
+                    good = d <= 4
+                    what = f"loss max {d} ulp"
+                else:
+                    rel = abs(float(g.loss) - float(h.loss)) / abs(float(h.loss))
+                    good = rel <= 1e-6
+                    what = f"loss rel diff {rel:.2e}"
+                gd = np.max(np.abs(np.asarray(g.grad, np.float64) - np.asarray(h.grad, np.float64)))
+                print(f"{n_rows * 64:>9} elements {red:>4}: device {g.device} vs {h.device}: "
+                      f"{what}, grad max abs diff {gd:.2e} -> {'PASS' if good else 'FAIL'}")
+                ok &= good and g.device == "cuda" and h.device == "cpu"
+        # Round-trip latency of a small request on each device.
+        x = rng.standard_normal((16, 64)).astype(np.float32)
+        y = (x > 0).astype(np.float32)
+        for dev in ("cuda", "cpu"):
+            ts = []
+            for _ in range(200):
+                t0 = time.perf_counter()
+                c.bce_with_logits(x, y, reduction="none", grad=True, device=dev)
+                ts.append(time.perf_counter() - t0)
+            ts.sort()
+            print(f"1024 elements on {dev}: p50 {ts[100] * 1e6:.0f} us, p99 {ts[198] * 1e6:.0f} us")
+    print("server check:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

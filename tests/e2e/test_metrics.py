@@ -1,0 +1,122 @@
+"""End-to-end: the Prometheus metrics of a real server after known traffic, parsed with
+prometheus_client's own text parser; and client-side round_robin over two servers, observed
+through their metrics."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+import lossd
+from lossd._proto.lossd.v1 import lossd_pb2 as pb
+from lossd._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+
+prometheus_parser = pytest.importorskip(
+    "prometheus_client.parser", reason="prometheus_client is pinned in tests/requirements.txt")
+
+_METRICS = re.compile(r"lossd metrics on (\S+):(\d+)\s*$")
+
+
+def metrics_address(server) -> str:
+    for line in server.lines:
+        m = _METRICS.search(line)
+        if m:
+            return f"{m.group(1)}:{m.group(2)}"
+    raise AssertionError(f"no 'lossd metrics on' line in:\n{server.stderr_text()}")
+
+
+def scrape(address: str) -> dict:
+    """{(sample name, frozenset(labels)): value} of every sample."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        text = reply.read().decode("utf-8")
+    samples = {}
+    for family in prometheus_parser.text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def tensor(a: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=a.shape, data=a.astype("<f4").tobytes())
+
+
+def test_metrics_after_known_traffic(server_factory) -> None:
+    server = server_factory("--metrics_port", "0", "--metrics_host", "127.0.0.1")
+    address = metrics_address(server)
+    n, m = 1000, 300
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(n).astype(np.float32)
+    y = (x > 0).astype(np.float32)
+    with lossd.Client(server.target) as c:
+        for _ in range(5):
+            c.bce_with_logits(x, y, reduction="none")
+        for _ in range(2):
+            with pytest.raises(lossd.InvalidArgumentError):
+                c.bce_with_logits(x, y[:10])
+        c.capabilities()
+        acc = c.accumulate([(x[:600], y[:600]), (x[600:], y[600:])], reduction="sum")
+        assert acc.num_batches == 2
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.LossServiceStub(channel)
+    batch = pb.EvaluateRequest(logits=tensor(x[:m]), targets=tensor(y[:m]),
+                               bce_with_logits=pb.BceWithLogits(), reduction=pb.REDUCTION_SUM)
+    replies = list(stub.EvaluateStream(iter([batch] * 3), timeout=30))
+    assert len(replies) == 3 and all(r.HasField("response") for r in replies)
+    channel.close()
+
+    deadline = time.monotonic() + 5
+    while True:
+        s = scrape(address)
+        if value(s, "lossd_in_flight_calls") == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+
+    total = "lossd_requests_total"
+    assert value(s, total, method="Evaluate", code="OK", device="cpu") == 5
+    assert value(s, total, method="Evaluate", code="INVALID_ARGUMENT", device="none") == 2
+    assert value(s, total, method="EvaluateStream", code="OK", device="cpu") == 3
+    assert value(s, total, method="Accumulate", code="OK", device="cpu") == 1
+    assert value(s, total, method="GetCapabilities", code="OK", device="none") == 1
+    assert value(s, "lossd_elements_total", device="cpu") == 5 * n + 3 * m + n
+    assert value(s, "lossd_tensor_bytes_total", direction="received") == \
+        5 * 8 * n + 3 * 8 * m + 8 * n
+    assert value(s, "lossd_tensor_bytes_total", direction="sent") == 5 * 4 * n + 3 * 4
+    assert value(s, "lossd_in_flight_calls") == 0
+    assert value(s, "lossd_queued_requests") == 0
+    assert value(s, "lossd_draining") == 0
+    assert value(s, "lossd_compute_chunks_total") >= 5 + 3 + 2
+
+    # Histograms: count per method, cumulative buckets ending at +Inf == count.
+    for method, count in (("Evaluate", 7), ("EvaluateStream", 3), ("Accumulate", 1)):
+        hist = "lossd_request_seconds"
+        assert value(s, hist + "_count", method=method) == count, method
+        buckets = sorted(((float(dict(labels)["le"]), v) for (name, labels), v in s.items()
+                          if name == hist + "_bucket" and dict(labels)["method"] == method))
+        assert buckets[-1][0] == math.inf and buckets[-1][1] == count
+        assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:])), buckets
+        assert value(s, hist + "_sum", method=method) > 0
+    assert value(s, "lossd_compute_seconds_count", method="Evaluate", device="cpu") == 5
+    assert value(s, "lossd_queue_seconds_count", method="EvaluateStream") == 3
+
+
+def test_round_robin_over_two_servers(server_factory) -> None:
+    servers = [server_factory("--metrics_port", "0", "--metrics_host", "127.0.0.1")
+               for _ in range(2)]
+    with lossd.Client([s.target for s in servers]) as c:
+        for _ in range(20):
+            c.bce_with_logits(np.zeros(4), np.ones(4))
+    counts = [value(scrape(metrics_address(s)), "lossd_requests_total", method="Evaluate",
+                    code="OK", device="cpu") for s in servers]
+    assert sum(counts) == 20
+    assert min(counts) >= 5, counts  # round_robin alternates between ready servers

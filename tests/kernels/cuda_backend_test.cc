@@ -1,0 +1,683 @@
+// The CUDA backend against the float64 reference and the CPU backend (DESIGN.md section 5).
+// CudaBackendTest.* need a GPU and skip without one; CudaBuildTest.* and CudaMathTest.* run
+// everywhere (the latter check the device float math, compiled here for the host: it uses
+// only IEEE operations, so the host results are the device's bit for bit, except log1pf).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../cuda/bce_device_math.h"  // kernels/cuda, reached through the kernels/src include dir
+#include "lossd/kernels/kernels.h"
+#include "test_util.h"
+
+#ifdef LOSSD_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "../cuda/cuda_kernels.h"
+#endif
+
+namespace lossd::kernels {
+namespace {
+
+using lossd::testing::UlpDistance;
+using lossd::testing::UlpF32;
+using lossd::testing::UlpF64;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+#define SKIP_WITHOUT_GPU()                                                          \
+  do {                                                                              \
+    if (CudaDeviceCount() == 0) {                                                   \
+      GTEST_SKIP() << "no CUDA device (CudaDeviceCount() == 0): CUDA test skipped"; \
+    }                                                                               \
+  } while (0)
+
+std::unique_ptr<Backend> Cuda() {
+  auto b = MakeCudaBackend();
+  EXPECT_TRUE(b.ok()) << b.status();
+  return b.ok() ? std::move(*b) : nullptr;
+}
+
+double OperandAt(const Operand& op, int64_t i) {
+  return op.data == nullptr ? 1.0 : LoadAsDouble(op.dtype, op.data, (i / op.inner) % op.period);
+}
+
+// The two terms of each gradient (DESIGN.md section 5: a gradient is within k ulp of the
+// larger of its terms). Returns {scale of dl/dx, scale of dl/dy}.
+std::pair<double, double> GradScales(double x, double y, double w, double p) {
+  const double e = std::exp(-std::fabs(x));
+  const double l = std::log1p(e);
+  const double sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
+  const double sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
+  const double gxs = std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
+  const double gys =
+      std::max(std::fabs(w * (std::max(x, 0.0) + l)), std::fabs(w * p * (std::max(-x, 0.0) + l)));
+  return {std::isnan(gxs) ? 0 : gxs, std::isnan(gys) ? 0 : gys};
+}
+
+// Spacing of the output dtype at |v| (for half types: the dtype's own ulp).
+double UlpOf(DType dtype, double v) {
+  const double a = std::fabs(v);
+  switch (dtype) {
+    case DType::kFloat32:
+      return UlpF32(v);
+    case DType::kFloat64:
+      return UlpF64(v);
+    case DType::kFloat16:
+      return a < 0x1p-14 ? 0x1p-24 : std::ldexp(1.0, std::ilogb(a) - 10);
+    case DType::kBFloat16:
+      return a < 0x1p-126 ? 0x1p-133 : std::ldexp(1.0, std::ilogb(a) - 7);
+  }
+  return 0;
+}
+
+// Per-dtype tolerances: float32 is the 4-ulp promise; float64 computes in double with CUDA's
+// exp/log1p (1-2 ulp each), compared with 8 ulp; half types compute in float32 and round once,
+// so they are within 1 ulp of their own type (plus the float32 error of a cancelling gradient).
+struct Tolerance {
+  double ulps;      // in ulps of the output dtype (of the value, or of the larger term)
+  double f32_ulps;  // extra, in float32 ulps of the larger term (half types only)
+};
+Tolerance TolFor(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return {4, 0};
+    case DType::kFloat64:
+      return {8, 0};
+    default:
+      return {1, 4};
+  }
+}
+
+bool Close(double got, double ref, double bound) {
+  if (std::isnan(ref) || std::isnan(got)) return std::isnan(ref) && std::isnan(got);
+  if (std::isinf(ref) || std::isinf(got)) return got == ref;
+  return std::fabs(got - ref) <= bound;
+}
+
+// Checks CUDA outputs (in args.dtype, kNone loss or none) against ReferenceBce. Gradients are
+// those of args.reduction. Returns the largest float32 ulp distance of the loss (float32 only).
+int64_t ExpectMatchesReference(const BceArgs& a, const void* loss, const void* gx, const void* gy) {
+  const int64_t n = a.numel;
+  std::vector<double> rl(n), rgx(n), rgy(n);
+  ReferenceBce(a, rl.data(), rgx.data(), rgy.data());
+  const Tolerance tol = TolFor(a.dtype);
+  const double div = a.reduction == Reduction::kMean ? static_cast<double>(n) : 1.0;
+  int64_t max_ulp = 0, failures = 0;
+  for (int64_t i = 0; i < n && failures < 10; ++i) {
+    const double x = LoadAsDouble(a.dtype, a.logits, i);
+    const double y = LoadAsDouble(a.targets_dtype, a.targets, i);
+    const double w = OperandAt(a.weight, i), p = OperandAt(a.pos_weight, i);
+    const auto [sx, sy] = GradScales(x, y, w, p);
+    auto at = [&] {
+      return ::testing::Message() << "element " << i << ": x=" << x << " y=" << y << " w=" << w
+                                  << " p=" << p << " dtype=" << DTypeName(a.dtype);
+    };
+    if (loss != nullptr) {
+      const double got = LoadAsDouble(a.dtype, loss, i);
+      if (a.dtype == DType::kFloat32) {
+        const int64_t d = UlpDistance(static_cast<float>(got), static_cast<float>(rl[i]));
+        max_ulp = std::max(max_ulp, d);
+        if (d > 4) {
+          ++failures;
+          ADD_FAILURE() << at() << " loss " << got << " vs " << rl[i] << ": " << d << " ulp";
+        }
+      } else if (!Close(got, rl[i], tol.ulps * UlpOf(a.dtype, rl[i]))) {
+        ++failures;
+        ADD_FAILURE() << at() << " loss " << got << " vs reference " << rl[i];
+      }
+    }
+    const struct {
+      const char* name;
+      const void* out;
+      double ref, scale;
+    } grads[] = {{"grad_logits", gx, rgx[i], sx / div}, {"grad_targets", gy, rgy[i], sy / div}};
+    for (const auto& g : grads) {
+      if (g.out == nullptr) continue;
+      const double got = LoadAsDouble(a.dtype, g.out, i);
+      const double bound = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat64
+                               ? tol.ulps * UlpOf(a.dtype, g.scale)
+                               : tol.ulps * UlpOf(a.dtype, g.ref) + tol.f32_ulps * UlpF32(g.scale);
+      if (!Close(got, g.ref, bound)) {
+        ++failures;
+        ADD_FAILURE() << at() << " " << g.name << " " << got << " vs reference " << g.ref
+                      << " (bound " << bound << ", larger term " << g.scale << ")";
+      }
+    }
+  }
+  return max_ulp;
+}
+
+// Random float32 problem: logits over many magnitudes plus specials, hard and soft labels.
+struct F32Problem {
+  int64_t rows = 0, c = 0, n = 0;
+  std::vector<float> x, y, w, p;
+};
+
+F32Problem MakeF32Problem(int64_t rows, int64_t c, uint64_t seed, bool nonfinite) {
+  F32Problem pr;
+  pr.rows = rows;
+  pr.c = c;
+  pr.n = rows * c;
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> u(0, 1);
+  std::vector<float> specials = {0.0f,    -0.0f, 30.0f,  -30.0f, 1e30f, -1e30f,  1e-30f,
+                                 -1e-30f, 88.0f, -88.0f, -17.0f, 17.0f, -103.0f, -87.5f};
+  if (nonfinite) specials.insert(specials.end(), {kInf, -kInf});
+  for (int64_t i = 0; i < pr.n; ++i) {
+    const double r = u(rng);
+    pr.x.push_back(
+        r < 0.05 ? specials[rng() % specials.size()]
+                 : static_cast<float>(std::pow(10.0, -8 + 12 * u(rng)) * (u(rng) < 0.5 ? -1 : 1)));
+    const double t = u(rng);
+    pr.y.push_back(t < 0.4 ? 0.0f : t < 0.8 ? 1.0f : static_cast<float>(u(rng)));
+  }
+  for (int64_t k = 0; k < std::max(rows, c); ++k) {
+    pr.w.push_back(k % 7 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng)));
+    pr.p.push_back(k % 5 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng)));
+  }
+  return pr;
+}
+
+BceArgs F32Args(const F32Problem& pr, Reduction r, const std::vector<int64_t>& wshape,
+                const std::vector<int64_t>& pshape) {
+  BceArgs a;
+  a.numel = pr.n;
+  a.logits = pr.x.data();
+  a.targets = pr.y.data();
+  const std::vector<int64_t> shape = {pr.rows, pr.c};
+  a.weight = *MakeOperand("weight", DType::kFloat32, pr.w.data(), wshape, shape);
+  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, pr.p.data(), pshape, shape);
+  a.reduction = r;
+  return a;
+}
+
+// Every combination of special logits, targets, weights and pos_weights, as full tensors.
+struct SpecialGrid {
+  std::vector<float> x, y, w, p;
+  SpecialGrid() {
+    const float xs[] = {0.0f,   -0.0f, 30.0f, -30.0f, 1e30f,   -1e30f, kInf,    -kInf,  kNaN, 17.0f,
+                        -17.0f, 17.5f, 88.0f, -88.0f, -103.5f, 124.0f, -126.0f, 1e-30f, 1e-8f};
+    const float ys[] = {0.0f, 1.0f, 0.25f, 0.5f, 0.75f, 1e-3f, kNaN};
+    const float ws[] = {0.0f, 1.0f, 3.5f, 1e3f, kNaN};
+    const float ps[] = {0.0f, 1.0f, 2.5f, 1e3f};
+    for (float xv : xs)
+      for (float yv : ys)
+        for (float wv : ws)
+          for (float pv : ps) {
+            x.push_back(xv);
+            y.push_back(yv);
+            w.push_back(wv);
+            p.push_back(pv);
+          }
+  }
+};
+
+// ---- Runs everywhere ---------------------------------------------------------------------
+
+TEST(CudaBuildTest, CompiledAndFailedPreconditionWithoutDevice) {
+#ifdef LOSSD_HAVE_CUDA
+  EXPECT_TRUE(CudaCompiled()) << "CUDA build without the CUDA backend";
+#else
+  EXPECT_FALSE(CudaCompiled());
+#endif
+  if (CudaDeviceCount() == 0) {
+    auto b = MakeCudaBackend();
+    ASSERT_FALSE(b.ok());
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kFailedPrecondition) << b.status();
+    if (CudaCompiled()) {
+      EXPECT_NE(b.status().message().find("no usable CUDA device: "), std::string::npos)
+          << b.status();
+    }
+    EXPECT_EQ(CudaDeviceName(), "");
+  } else {
+    auto b = MakeCudaBackend();
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ((*b)->Name(), "cuda");
+    EXPECT_FALSE(CudaDeviceName().empty());
+  }
+}
+
+// ExpNonPos (the device exp) over a dense sample of [-104, 0]: below 0.8 ulp (the header
+// states 0.76 measured exhaustively), subnormal results below 1 ulp of the subnormal grid.
+TEST(CudaMathTest, ExpNonPosBelowOneUlp) {
+  double max_err = 0;
+  for (uint64_t b = 0x80000000u; b <= 0xC2D00000u; b += 251) {
+    const uint32_t bits = static_cast<uint32_t>(b);
+    float t;
+    std::memcpy(&t, &bits, 4);
+    const double ref = std::exp(static_cast<double>(t));
+    const double ulp = ref < 0x1p-126 ? 0x1p-149 : UlpF32(ref);
+    const double err = std::fabs(internal::ExpNonPos(t) - ref) / ulp;
+    max_err = std::max(max_err, err);
+    ASSERT_LT(err, ref < 0x1p-126 ? 1.0 : 0.8) << "t=" << t;
+  }
+  EXPECT_GT(max_err, 0.3);  // the sample is dense enough to see real rounding
+  EXPECT_EQ(internal::ExpNonPos(-kInf), 0.0f);
+  EXPECT_EQ(internal::ExpNonPos(-200.0f), 0.0f);
+  EXPECT_EQ(internal::ExpNonPos(-0.0f), 1.0f);
+  EXPECT_EQ(internal::ExpNonPos(0.0f), 1.0f);
+  EXPECT_TRUE(std::isnan(internal::ExpNonPos(kNaN)));
+}
+
+// The float32 element function on the host (host log1pf instead of CUDA's, which is within
+// 1 ulp too): 4-ulp loss and gradient bounds on random inputs and specials, including the
+// ranges where exp(-|x|) is subnormal.
+TEST(CudaMathTest, HostBceElementMixedWithinFourUlp) {
+  F32Problem pr = MakeF32Problem(2001, 37, 5, true);
+  BceArgs a = F32Args(pr, Reduction::kNone, {pr.c}, {pr.c});
+  std::vector<float> l(pr.n), gx(pr.n), gy(pr.n);
+  for (int64_t i = 0; i < pr.n; ++i) {
+    double dl, dx, dy;
+    internal::BceElementMixed(pr.x[i], pr.y[i], pr.w[i % pr.c], pr.p[i % pr.c], &dl, &dx, &dy);
+    l[i] = static_cast<float>(dl);
+    gx[i] = static_cast<float>(dx);
+    gy[i] = static_cast<float>(dy);
+  }
+  const int64_t max_ulp = ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
+  EXPECT_LE(max_ulp, 4);
+}
+
+TEST(CudaMathTest, HostBceElementMixedSpecialValues) {
+  SpecialGrid g;
+  const int64_t n = static_cast<int64_t>(g.x.size());
+  BceArgs a;
+  a.numel = n;
+  a.logits = g.x.data();
+  a.targets = g.y.data();
+  a.weight = *MakeOperand("weight", DType::kFloat32, g.w.data(), {n}, {n});
+  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, g.p.data(), {n}, {n});
+  a.reduction = Reduction::kNone;
+  std::vector<float> l(n), gx(n), gy(n);
+  for (int64_t i = 0; i < n; ++i) {
+    double dl, dx, dy;
+    internal::BceElementMixed(g.x[i], g.y[i], g.w[i], g.p[i], &dl, &dx, &dy);
+    l[i] = static_cast<float>(dl);
+    gx[i] = static_cast<float>(dx);
+    gy[i] = static_cast<float>(dy);
+  }
+  ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
+}
+
+// ---- Need a GPU ----------------------------------------------------------------------------
+
+TEST(CudaBackendTest, Float32WithinFourUlpOfReference) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  F32Problem pr = MakeF32Problem(3001, 37, 11, true);  // not a multiple of the block size
+  BceArgs a = F32Args(pr, Reduction::kNone, {pr.c}, {pr.c});
+  std::vector<float> l(pr.n), gx(pr.n), gy(pr.n);
+  ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+  const int64_t max_ulp = ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
+  std::printf("float32 loss: max %lld ulp from the reference\n", static_cast<long long>(max_ulp));
+}
+
+TEST(CudaBackendTest, Float32SpecialValues) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  SpecialGrid g;
+  const std::vector<float>&x = g.x, &y = g.y, &w = g.w, &p = g.p;
+  const int64_t n = static_cast<int64_t>(x.size());
+  BceArgs a;
+  a.numel = n;
+  a.logits = x.data();
+  a.targets = y.data();
+  // Full-shape weight and pos_weight: the vectorized full-operand path.
+  a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
+  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
+  for (Reduction r : {Reduction::kNone, Reduction::kMean}) {
+    a.reduction = r;
+    std::vector<float> l(n), gx(n), gy(n);
+    ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+    ExpectMatchesReference(a, r == Reduction::kNone ? l.data() : nullptr, gx.data(), gy.data());
+    if (r == Reduction::kMean) {
+      EXPECT_TRUE(std::isnan(l[0]));  // NaN inputs poison the mean
+    }
+  }
+  // Limits: x = +inf, y = 1 gives loss 0 and gradient 0 (torch gives NaN).
+  const float xi = kInf, yi = 1.0f;
+  BceArgs b;
+  b.numel = 1;
+  b.logits = &xi;
+  b.targets = &yi;
+  b.reduction = Reduction::kNone;
+  float l1 = -1, g1 = -1;
+  ASSERT_TRUE(cuda->Bce(b, {&l1, &g1, nullptr}).ok());
+  EXPECT_EQ(l1, 0.0f);
+  EXPECT_EQ(g1, 0.0f);
+}
+
+TEST(CudaBackendTest, Float32Broadcasting) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  F32Problem pr = MakeF32Problem(1237, 29, 3, true);
+  const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> shapes = {
+      {{pr.rows, 1}, {pr.c}},  // weight [N,1], pos_weight [C]
+      {{pr.c}, {pr.rows, 1}},  // weight [C], pos_weight [N,1]
+      {{}, {1, pr.c}},         // scalar weight, pos_weight [1,C]
+      {{1}, {pr.rows, 1}},     // weight [1], pos_weight [N,1]
+  };
+  for (const auto& [ws, ps] : shapes) {
+    BceArgs a = F32Args(pr, Reduction::kNone, ws, ps);
+    std::vector<float> l(pr.n), gx(pr.n), gy(pr.n);
+    ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+    ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
+  }
+  // Absent weight and pos_weight.
+  BceArgs a = F32Args(pr, Reduction::kNone, {pr.c}, {pr.c});
+  a.weight = Operand{};
+  a.pos_weight = Operand{};
+  std::vector<float> l(pr.n), gx(pr.n), gy(pr.n);
+  ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+  ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
+  // float16 targets with float32 logits (exact in float32: same 4-ulp bound).
+  std::vector<uint16_t> yh(pr.n);
+  std::vector<float> yr(pr.n);
+  for (int64_t i = 0; i < pr.n; ++i) {
+    yh[i] = FloatToHalf(pr.y[i]);
+    yr[i] = HalfToFloat(yh[i]);
+  }
+  a.targets_dtype = DType::kFloat16;
+  a.targets = yh.data();
+  ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+  ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
+}
+
+// A problem in any dtype: logits and targets stored in `dtype`, weight [C] in float32,
+// pos_weight [C] in `dtype` (mixed operand dtypes).
+struct TypedProblem {
+  DType dtype;
+  int64_t rows, c, n;
+  std::vector<char> x, y, w, p;
+  BceArgs args(Reduction r) const {
+    BceArgs a;
+    a.numel = n;
+    a.dtype = a.targets_dtype = dtype;
+    a.logits = x.data();
+    a.targets = y.data();
+    a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {c}, {rows, c});
+    a.pos_weight = *MakeOperand("pos_weight", dtype, p.data(), {c}, {rows, c});
+    a.reduction = r;
+    return a;
+  }
+};
+
+TypedProblem MakeTyped(DType dtype, int64_t rows, int64_t c, double xmax, double wmax,
+                       uint64_t seed, bool specials_too = true) {
+  TypedProblem pr{dtype, rows, c, rows * c, {}, {}, {}, {}};
+  const size_t item = ItemSize(dtype);
+  pr.x.resize(pr.n * item);
+  pr.y.resize(pr.n * item);
+  pr.w.resize(c * sizeof(float));
+  pr.p.resize(c * item);
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> u(0, 1);
+  const double specials[] = {0.0, -0.0, kInf, -kInf, kNaN, xmax, -xmax, 1e-3};
+  for (int64_t i = 0; i < pr.n; ++i) {
+    const double xv = specials_too && u(rng) < 0.03 ? specials[rng() % std::size(specials)]
+                                    : xmax * (2 * u(rng) - 1) * std::pow(u(rng), 3);
+    const double t = u(rng);
+    StoreFromDouble(dtype, pr.x.data(), i, xv);
+    StoreFromDouble(dtype, pr.y.data(), i, t < 0.4 ? 0.0 : t < 0.8 ? 1.0 : u(rng));
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    StoreFromDouble(DType::kFloat32, pr.w.data(), k, k % 7 == 0 ? 0.0 : wmax * u(rng));
+    StoreFromDouble(dtype, pr.p.data(), k, k % 5 == 0 ? 0.0 : wmax * u(rng));
+  }
+  return pr;
+}
+
+void CheckTyped(DType dtype, double xmax, double wmax) {
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  TypedProblem pr = MakeTyped(dtype, 2011, 23, xmax, wmax, 17);
+  const size_t item = ItemSize(dtype);
+  for (Reduction r : {Reduction::kNone, Reduction::kMean, Reduction::kSum}) {
+    BceArgs a = pr.args(r);
+    std::vector<char> l(pr.n * item), gx(pr.n * item), gy(pr.n * item);
+    ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+    ExpectMatchesReference(a, r == Reduction::kNone ? l.data() : nullptr, gx.data(), gy.data());
+    if (r != Reduction::kNone) {
+      double ref;
+      ReferenceBce(a, &ref, nullptr, nullptr);
+      const double got = LoadAsDouble(dtype, l.data(), 0);
+      EXPECT_TRUE(std::isnan(got) && std::isnan(ref)) << got << " vs " << ref;  // NaN inputs
+    }
+  }
+  // Reductions without special values: the reference rounded to the dtype, within 1 ulp of
+  // the dtype and 1e-6 relative (a float16 SUM may overflow to inf in both).
+  TypedProblem fin = MakeTyped(dtype, 2011, 23, xmax, wmax, 19, false);
+  for (Reduction r : {Reduction::kMean, Reduction::kSum}) {
+    BceArgs a = fin.args(r);
+    std::vector<char> l(item);
+    ASSERT_TRUE(cuda->Bce(a, {l.data(), nullptr, nullptr}).ok());
+    double ref;
+    ReferenceBce(a, &ref, nullptr, nullptr);
+    std::vector<char> rounded(item);
+    StoreFromDouble(dtype, rounded.data(), 0, ref);
+    const double expected = LoadAsDouble(dtype, rounded.data(), 0);
+    const double got = LoadAsDouble(dtype, l.data(), 0);
+    EXPECT_TRUE(Close(got, expected, UlpOf(dtype, expected) + 1e-6 * std::fabs(ref)))
+        << DTypeName(dtype) << (r == Reduction::kSum ? " SUM " : " MEAN ") << got << " vs "
+        << ref;
+  }
+}
+
+TEST(CudaBackendTest, Float64) {
+  SKIP_WITHOUT_GPU();
+  CheckTyped(DType::kFloat64, 700, 1e3);
+}
+
+TEST(CudaBackendTest, Float16) {
+  SKIP_WITHOUT_GPU();
+  CheckTyped(DType::kFloat16, 12, 10);
+}
+
+TEST(CudaBackendTest, BFloat16) {
+  SKIP_WITHOUT_GPU();
+  CheckTyped(DType::kBFloat16, 60, 1e3);
+}
+
+// SUM and MEAN against the reference and the CPU backend, over sizes around the block size.
+TEST(CudaBackendTest, ReductionsMatchReferenceAndCpu) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  auto cpu = MakeCpuBackend({2});
+  for (int64_t rows : {1, 3, 2047, 2048, 2049, 4101, 100003}) {
+    F32Problem pr = MakeF32Problem(rows, 1, 100 + rows, false);
+    pr.p[0] = 2.5f;  // the scalar pos_weight
+    for (Reduction r : {Reduction::kSum, Reduction::kMean}) {
+      BceArgs a = F32Args(pr, r, {pr.rows, 1}, {});
+      float got = 0, cpu_loss = 0;
+      std::vector<float> gx(pr.n), gy(pr.n);
+      ASSERT_TRUE(cuda->Bce(a, {&got, gx.data(), gy.data()}).ok());
+      ASSERT_TRUE(cpu->Bce(a, {&cpu_loss, nullptr, nullptr}).ok());
+      double ref;
+      ReferenceBce(a, &ref, nullptr, nullptr);
+      EXPECT_LE(std::fabs(got - ref), 1e-6 * std::fabs(ref))
+          << "n=" << pr.n << " " << got << " vs " << ref;
+      EXPECT_LE(std::fabs(static_cast<double>(got) - cpu_loss), 1e-6 * std::fabs(cpu_loss))
+          << "n=" << pr.n << " cuda " << got << " cpu " << cpu_loss;
+      ExpectMatchesReference(a, nullptr, gx.data(), gy.data());
+    }
+  }
+}
+
+TEST(CudaBackendTest, MatchesCpuBackend) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  auto cpu = MakeCpuBackend({2});
+  F32Problem pr = MakeF32Problem(4099, 31, 23, true);
+  BceArgs a = F32Args(pr, Reduction::kNone, {pr.c}, {pr.c});
+  std::vector<float> l(pr.n), gx(pr.n), gy(pr.n), cl(pr.n), cgx(pr.n), cgy(pr.n);
+  ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+  ASSERT_TRUE(cpu->Bce(a, {cl.data(), cgx.data(), cgy.data()}).ok());
+  int64_t failures = 0;
+  for (int64_t i = 0; i < pr.n && failures < 10; ++i) {
+    const auto [sx, sy] = GradScales(pr.x[i], pr.y[i], pr.w[i % pr.c], pr.p[i % pr.c]);
+    const bool ok = UlpDistance(l[i], cl[i]) <= 4 && Close(gx[i], cgx[i], 4 * UlpF32(sx)) &&
+                    Close(gy[i], cgy[i], 4 * UlpF32(sy));
+    if (!ok) {
+      ++failures;
+      ADD_FAILURE() << "element " << i << " x=" << pr.x[i] << " y=" << pr.y[i] << ": cuda (" << l[i]
+                    << ", " << gx[i] << ", " << gy[i] << ") cpu (" << cl[i] << ", " << cgx[i]
+                    << ", " << cgy[i] << ")";
+    }
+  }
+}
+
+TEST(CudaBackendTest, LargeReduction) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  auto cpu = MakeCpuBackend();
+  F32Problem pr = MakeF32Problem(81967, 61, 99, false);  // 4,999,987 elements
+  for (Reduction r : {Reduction::kSum, Reduction::kMean}) {
+    BceArgs a = F32Args(pr, r, {pr.c}, {pr.c});
+    float got = 0, cpu_loss = 0;
+    std::vector<float> gx(pr.n);
+    ASSERT_TRUE(cuda->Bce(a, {&got, gx.data(), nullptr}).ok());
+    ASSERT_TRUE(cpu->Bce(a, {&cpu_loss, nullptr, nullptr}).ok());
+    double ref;
+    ReferenceBce(a, &ref, nullptr, nullptr);
+    EXPECT_LE(std::fabs(got - ref), 1e-6 * std::fabs(ref)) << got << " vs " << ref;
+    EXPECT_LE(std::fabs(static_cast<double>(got) - cpu_loss), 1e-6 * std::fabs(cpu_loss));
+    if (r == Reduction::kMean) {
+      ExpectMatchesReference(a, nullptr, gx.data(), nullptr);
+    }
+  }
+}
+
+TEST(CudaBackendTest, RepeatedAndConcurrentRunsAreBitwiseIdentical) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  F32Problem pr = MakeF32Problem(50021, 7, 31, true);
+  for (Reduction r : {Reduction::kNone, Reduction::kSum, Reduction::kMean}) {
+    BceArgs a = F32Args(pr, r, {pr.c}, {pr.c});
+    const int64_t nl = r == Reduction::kNone ? pr.n : 1;
+    auto run = [&](std::vector<float>* out) {
+      out->assign(nl + 2 * pr.n, 0.0f);
+      return cuda->Bce(a, {out->data(), out->data() + nl, out->data() + nl + pr.n});
+    };
+    std::vector<float> first;
+    ASSERT_TRUE(run(&first).ok());
+    for (int k = 0; k < 3; ++k) {
+      std::vector<float> again;
+      ASSERT_TRUE(run(&again).ok());
+      EXPECT_EQ(std::memcmp(first.data(), again.data(), first.size() * 4), 0);
+    }
+    std::vector<std::vector<float>> outs(6);
+    std::vector<absl::Status> st(outs.size());
+    std::vector<std::thread> threads;
+    for (size_t t = 0; t < outs.size(); ++t) {
+      threads.emplace_back([&, t] { st[t] = run(&outs[t]); });
+    }
+    for (auto& t : threads) t.join();
+    for (size_t t = 0; t < outs.size(); ++t) {
+      ASSERT_TRUE(st[t].ok()) << st[t];
+      EXPECT_EQ(std::memcmp(first.data(), outs[t].data(), first.size() * 4), 0) << t;
+    }
+  }
+}
+
+TEST(CudaBackendTest, EmptyTensor) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  BceArgs a;
+  a.numel = 0;
+  float loss = 1;
+  a.reduction = Reduction::kMean;
+  ASSERT_TRUE(cuda->Bce(a, {&loss, nullptr, nullptr}).ok());
+  EXPECT_TRUE(std::isnan(loss));
+  a.reduction = Reduction::kSum;
+  ASSERT_TRUE(cuda->Bce(a, {&loss, nullptr, nullptr}).ok());
+  EXPECT_EQ(loss, 0.0f);
+  a.reduction = Reduction::kNone;
+  EXPECT_TRUE(cuda->Bce(a, {nullptr, nullptr, nullptr}).ok());
+}
+
+// Any subset of outputs may be requested; each equals the full run's bit for bit.
+TEST(CudaBackendTest, NullOutputsAreSkipped) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  F32Problem pr = MakeF32Problem(777, 13, 41, true);
+  for (Reduction r : {Reduction::kNone, Reduction::kMean}) {
+    BceArgs a = F32Args(pr, r, {pr.c}, {pr.c});
+    const int64_t nl = r == Reduction::kNone ? pr.n : 1;
+    std::vector<float> l(nl), gx(pr.n), gy(pr.n);
+    ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+    std::vector<float> l2(nl, -1), gx2(pr.n, -1), gy2(pr.n, -1);
+    ASSERT_TRUE(cuda->Bce(a, {nullptr, nullptr, gy2.data()}).ok());
+    ASSERT_TRUE(cuda->Bce(a, {nullptr, gx2.data(), nullptr}).ok());
+    ASSERT_TRUE(cuda->Bce(a, {l2.data(), nullptr, nullptr}).ok());
+    EXPECT_EQ(std::memcmp(l.data(), l2.data(), nl * 4), 0);
+    EXPECT_EQ(std::memcmp(gx.data(), gx2.data(), pr.n * 4), 0);
+    EXPECT_EQ(std::memcmp(gy.data(), gy2.data(), pr.n * 4), 0);
+  }
+}
+
+#ifdef LOSSD_HAVE_CUDA
+// The device entry point on misaligned pointers (scalar loads and stores) equals the aligned,
+// vectorized run bit for bit, for every dtype.
+TEST(CudaBackendTest, UnalignedDevicePointersMatchAligned) {
+  SKIP_WITHOUT_GPU();
+  for (DType dtype : {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16}) {
+    TypedProblem pr = MakeTyped(dtype, 301, 11, 20, 10, 5);
+    const size_t item = ItemSize(dtype), bytes = pr.n * item;
+    char* dev = nullptr;
+    ASSERT_EQ(cudaMalloc(&dev, 8 * (bytes + 256)), cudaSuccess);
+    auto run = [&](size_t shift, std::vector<char>* out) {
+      char* x = dev + shift;
+      char* y = x + bytes + 256;
+      char* p = y + bytes + 256;
+      char* w = dev + (7 * (bytes + 256) + 255) / 256 * 256;  // float32 weight: aligned
+      char* l = p + 256;
+      char* g = l + bytes + 256;
+      ASSERT_EQ(cudaMemcpy(x, pr.x.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(y, pr.y.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(p, pr.p.data(), pr.c * item, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(w, pr.w.data(), pr.c * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      cuda::DeviceBce d;
+      d.numel = pr.n;
+      d.dtype = d.targets_dtype = dtype;
+      d.logits = x;
+      d.targets = y;
+      d.weight = {DType::kFloat32, w, 1, pr.c};
+      d.pos_weight = {dtype, p, 1, pr.c};
+      d.loss = l;
+      d.grad_logits = g;
+      ASSERT_EQ(cuda::LaunchBce(d, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      out->resize(2 * bytes);
+      ASSERT_EQ(cudaMemcpy(out->data(), l, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(out->data() + bytes, g, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    };
+    std::vector<char> aligned, shifted;
+    run(0, &aligned);
+    run(item, &shifted);  // every pointer one element off 16-byte alignment
+    EXPECT_EQ(aligned, shifted) << DTypeName(dtype);
+    cudaFree(dev);
+  }
+}
+#endif
+
+}  // namespace
+}  // namespace lossd::kernels
