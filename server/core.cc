@@ -136,17 +136,14 @@ absl::Status Core::Compute(grpc::CallbackServerContext* context, const EvaluateP
   kernels::Backend* backend = cpu_.get();
   v1::Device device = v1::DEVICE_CPU;
   // The CUDA backend implements plain BCE with logits (weight, pos_weight, NONE/SUM/MEAN);
-  // the other options run on the CPU, also when AUTO would prefer the GPU.
+  // the other options and Accumulate's per-element values run on the CPU, also when the
+  // request asks for CUDA
   const kernels::BceArgs& a = plan.args;
   const bool cuda_capable = a.loss == kernels::Loss::kBce && !a.has_ignore_index &&
                             !a.normalize && a.label_smoothing == 0.0 &&
                             a.reduction != kernels::Reduction::kPerSampleMean &&
                             loss_values == nullptr;
-  if (plan.device == v1::DEVICE_CUDA && cuda_ != nullptr && !cuda_capable) {
-    return absl::InvalidArgumentError(
-        "device CUDA supports bce_with_logits without ignore_index, normalize, label_smoothing "
-        "or PER_SAMPLE_MEAN (and not Accumulate) in this version; use device AUTO or CPU");
-  }
+  // (The reply's device field says where it ran.)
   if (plan.device != v1::DEVICE_CPU && cuda_ != nullptr && cuda_capable) {
     backend = cuda_.get();
     device = v1::DEVICE_CUDA;
