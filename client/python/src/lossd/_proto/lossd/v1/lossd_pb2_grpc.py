@@ -63,7 +63,8 @@ class LossServiceServicer(object):
 
     def Accumulate(self, request_iterator, context):
         """Many batches, one dataset-level SUM or MEAN. Every batch must use the same loss options and
-        reduction (SUM or MEAN); gradients are not returned.
+        reduction (SUM or MEAN); gradients are not returned. A call with no batches replies
+        MEAN of nothing (NaN); send one empty batch to state the reduction.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
