@@ -16,7 +16,7 @@ APT_PACKAGES := build-essential cmake pkg-config git \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps venv build test test-cpp test-py demo clean stubs
+.PHONY: deps venv build test test-cpp test-py demo clean stubs asan
 
 # Installs the Debian packages that are missing (no-op when all are present).
 deps:
@@ -59,3 +59,13 @@ stubs: venv
 
 clean:
 	rm -rf $(BUILD)
+
+# The server tests under AddressSanitizer + LeakSanitizer (CPU build; a few minutes).
+asan: deps
+	cmake -S . -B build-asan -DLOSSD_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCMAKE_CXX_FLAGS="-fsanitize=address -fno-omit-frame-pointer" \
+	  -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address"
+	cmake --build build-asan -j $(JOBS) --target server_test kernels_test
+	ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp \
+	  build-asan/tests/server_test
+	ASAN_OPTIONS=detect_leaks=1 build-asan/tests/kernels_test
