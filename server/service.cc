@@ -4,18 +4,50 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "absl/time/clock.h"
 #include "grpc_status.h"
 #include "log.h"
 
 namespace lossd::server {
 
+namespace {
+
+// At most kLogBurst failure lines per second; the rest are counted and reported in the next
+// line, so a misbehaving client cannot flood the log.
+constexpr int kLogBurst = 50;
+absl::Mutex log_mu;
+int64_t log_second ABSL_GUARDED_BY(log_mu) = 0;
+int log_count ABSL_GUARDED_BY(log_mu) = 0;
+int64_t log_suppressed ABSL_GUARDED_BY(log_mu) = 0;
+
+}  // namespace
+
 void LogFailure(const char* method, const grpc::CallbackServerContext& context,
                 const std::string& request_id, const absl::Status& status) {
+  int64_t suppressed = 0;
+  {
+    absl::MutexLock lock(&log_mu);
+    const int64_t now = absl::ToUnixSeconds(absl::Now());
+    if (now != log_second) {
+      log_second = now;
+      log_count = 0;
+    }
+    if (++log_count > kLogBurst) {
+      ++log_suppressed;
+      return;
+    }
+    suppressed = log_suppressed;
+    log_suppressed = 0;
+  }
   Log(LogLevel::kWarning,
       absl::StrCat(method, " failed: status=", absl::StatusCodeToString(status.code()),
                    " message=\"", status.message(), "\" peer=", context.peer(),
-                   " request_id=\"", request_id, "\""));
+                   " request_id=\"", request_id, "\"",
+                   suppressed > 0 ? absl::StrCat(" (", suppressed, " earlier failure lines "
+                                                 "suppressed)")
+                                  : ""));
 }
 
 grpc::ServerUnaryReactor* LossServiceImpl::Evaluate(grpc::CallbackServerContext* context,
