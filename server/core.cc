@@ -135,16 +135,10 @@ absl::Status Core::Compute(grpc::CallbackServerContext* context, const EvaluateP
   }
   kernels::Backend* backend = cpu_.get();
   v1::Device device = v1::DEVICE_CPU;
-  // The CUDA backend implements plain BCE with logits (weight, pos_weight, NONE/SUM/MEAN);
-  // the other options and Accumulate's per-element values run on the CPU, also when the
-  // request asks for CUDA
-  const kernels::BceArgs& a = plan.args;
-  const bool cuda_capable = a.loss == kernels::Loss::kBce && !a.has_ignore_index &&
-                            !a.normalize && a.label_smoothing == 0.0 &&
-                            a.reduction != kernels::Reduction::kPerSampleMean &&
-                            loss_values == nullptr;
-  // (The reply's device field says where it ran.)
-  if (plan.device != v1::DEVICE_CPU && cuda_ != nullptr && cuda_capable) {
+  // Every option (focal, ignore_index, normalize, smoothing, per-sample mean, Accumulate's
+  // per-element values) runs on CUDA when the request asks for it or for AUTO and a GPU is
+  // available; the reply's device field says where it ran.
+  if (plan.device != v1::DEVICE_CPU && cuda_ != nullptr) {
     backend = cuda_.get();
     device = v1::DEVICE_CUDA;
   }

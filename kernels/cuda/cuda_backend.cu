@@ -16,6 +16,13 @@
 // uniform branch), with 32-bit multiply-shift division for (i / inner) % period when
 // numel < 2^31. Float kernels are capped at 64 registers (4 blocks of 256 threads per SM).
 //
+// Generic kernel (GenericKernel): every other option (focal, ignore_index, normalize, label
+// smoothing, kPerSampleMean, per-element loss_values). One element per thread of a grid-stride
+// loop through internal::LossElement<double>; element losses go to a device array of doubles
+// and gradients, divided by the CPU backend's divisor, are rounded once to the output dtype.
+// The host copies the losses back and reduces them as the CPU backend does (block tree +
+// ExactSum, per-row ExactSum, or per-element division by the normalize count).
+//
 // Backend (CudaBackend): inputs and outputs are host pointers. Each call takes a Slot from a
 // pool (a non-blocking stream plus a grow-only device buffer; at most kMaxSlots exist, further
 // callers wait), copies inputs in (operands of <= 64K elements converted to double on the
@@ -393,6 +400,75 @@ OperandParams MakeOperandParams(const DeviceOperand& o, int64_t numel, bool smal
   return op;
 }
 
+// ---- Generic kernel: every option of BceArgs (focal, ignore_index, normalize, smoothing,
+// per-sample mean, per-element values). One element per thread of a grid-stride loop, all
+// math in double through internal::LossElement; losses go to `values` as double (the host
+// reduces them), gradients are divided by grad_div and rounded once to the logits' dtype.
+struct GenericParams {
+  const void* x = nullptr;
+  const void* y = nullptr;
+  int y_dtype = 1;
+  OperandParams w, p;  // only data, dtype, inner and period are used
+  internal::ElementOptions<double> opts;
+  double* values = nullptr;  // numel doubles, or nullptr
+  void* gx = nullptr;
+  void* gy = nullptr;
+  double grad_div = 1.0;
+  int64_t numel = 0;
+};
+
+__device__ __forceinline__ double LoadOperand(const OperandParams& o, int64_t i) {
+  if (o.data == nullptr) return 1.0;
+  return LoadDyn<double>(o.dtype, o.data, (i / o.inner) % o.period);
+}
+
+template <typename TX>
+__global__ void __launch_bounds__(kThreads) GenericKernel(const GenericParams P) {
+  const TX* __restrict__ xp = static_cast<const TX*>(P.x);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < P.numel;
+       i += stride) {
+    const double x = Cvt<double>(xp[i]);
+    const double y = LoadDyn<double>(P.y_dtype, P.y, i);
+    const double w = LoadOperand(P.w, i);
+    const double p = LoadOperand(P.p, i);
+    double l, gx, gy;
+    internal::LossElement<double>(P.opts, x, y, w, p, &l, &gx, &gy);
+    if (P.values) P.values[i] = l;
+    if (P.gx) static_cast<TX*>(P.gx)[i] = Store<TX>(gx / P.grad_div);
+    if (P.gy) static_cast<TX*>(P.gy)[i] = Store<TX>(gy / P.grad_div);
+  }
+}
+
+template <typename TX>
+cudaError_t LaunchGenericTyped(const GenericParams& P, cudaStream_t stream) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = (P.numel + kThreads - 1) / kThreads;
+  const int64_t grid = std::min<int64_t>(blocks, int64_t{8} * std::max(sms, 1));
+  GenericKernel<TX><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(P);
+  return cudaGetLastError();
+}
+
+// Device pointers and options of one generic evaluation (numel > 0).
+cudaError_t LaunchGeneric(DType dtype, const GenericParams& P, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return LaunchGenericTyped<float>(P, stream);
+    case DType::kFloat64:
+      return LaunchGenericTyped<double>(P, stream);
+    case DType::kFloat16:
+      return LaunchGenericTyped<__half>(P, stream);
+    case DType::kBFloat16:
+      return LaunchGenericTyped<__nv_bfloat16>(P, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
@@ -527,7 +603,10 @@ class CudaBackend final : public Backend {
   absl::StatusOr<Slot*> Acquire();
   void Release(Slot* slot);
   absl::Status Reserve(Slot* slot, size_t bytes);
+  // Plain BCE (NONE/SUM/MEAN, no per-element values): the fused kernel.
   absl::Status Run(Slot* slot, const BceArgs& args, const BceOutputs& out);
+  // Every other option: the generic kernel, reductions on the host.
+  absl::Status RunGeneric(Slot* slot, const BceArgs& args, const BceOutputs& out);
 
   absl::Mutex mu_;
   std::vector<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);
@@ -597,28 +676,187 @@ absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
       args.pos_weight.period < 1) {
     return absl::InvalidArgumentError("cuda backend: malformed BceArgs");
   }
-  const bool reduce = args.reduction != Reduction::kNone;
+  if (args.reduction == Reduction::kPerSampleMean &&
+      (args.last_dim < 1 || args.numel % args.last_dim != 0)) {
+    return absl::InvalidArgumentError("cuda backend: last_dim does not divide numel");
+  }
+  // Cancellation is checked once, before any work (the kernel is not split into chunks).
+  if (args.should_stop && args.should_stop()) {
+    return absl::CancelledError("stopped before completion");
+  }
+  const bool scalar = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
   if (args.numel == 0) {
-    if (reduce && out.loss != nullptr) {
+    if (scalar && out.loss != nullptr) {
       StoreFromDouble(
           args.dtype, out.loss, 0,
           args.reduction == Reduction::kMean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
     }
     return absl::OkStatus();
   }
-  if (out.loss == nullptr && out.grad_logits == nullptr && out.grad_targets == nullptr) {
+  // Work units as the CPU backend counts them (observability only).
+  auto count_chunks = [&args] {
+    if (args.chunks_done != nullptr) {
+      args.chunks_done->fetch_add((args.numel + kChunkElements - 1) / kChunkElements,
+                                  std::memory_order_relaxed);
+    }
+  };
+  if (out.loss == nullptr && out.grad_logits == nullptr && out.grad_targets == nullptr &&
+      out.loss_values == nullptr) {
+    count_chunks();
     return absl::OkStatus();
   }
+  // The fused kernel covers plain BCE; every other option takes the generic kernel.
+  const bool plain = args.loss == Loss::kBce && !args.has_ignore_index && !args.normalize &&
+                     args.label_smoothing == 0.0 && args.reduction != Reduction::kPerSampleMean &&
+                     out.loss_values == nullptr;
   absl::StatusOr<Slot*> slot = Acquire();
   if (!slot.ok()) return slot.status();
-  absl::Status status = Run(*slot, args, out);
+  absl::Status status = plain ? Run(*slot, args, out) : RunGeneric(*slot, args, out);
   if (!status.ok()) {
     // Never hand back a slot with work in flight on its buffer.
     cudaStreamSynchronize((*slot)->stream);
     cudaGetLastError();
   }
   Release(*slot);
+  if (status.ok()) count_chunks();
   return status;
+}
+
+absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceOutputs& out) {
+  const int64_t n = args.numel;
+  const size_t ix = ItemSize(args.dtype), iy = ItemSize(args.targets_dtype);
+  // Divisors as the CPU backend's Plan: non-ignored count (normalize), numel (MEAN gradients),
+  // last_dim (per-sample mean gradients).
+  double count = 1.0;
+  if (args.normalize) {
+    int64_t ignored = 0;
+    if (args.has_ignore_index) {
+      for (int64_t i = 0; i < n; ++i) {
+        ignored += LoadAsDouble(args.targets_dtype, args.targets, i) == args.ignore_index;
+      }
+    }
+    const int64_t kept = n - ignored;
+    count = kept > 0 ? static_cast<double>(kept) : 1.0;
+  }
+  double grad_div = count;
+  if (args.reduction == Reduction::kMean) grad_div *= static_cast<double>(n);
+  if (args.reduction == Reduction::kPerSampleMean) {
+    grad_div *= static_cast<double>(args.last_dim);
+  }
+  const bool want_values = out.loss != nullptr || out.loss_values != nullptr;
+
+  Upload uploads[2];
+  PrepareUpload(args.weight, &uploads[0]);
+  PrepareUpload(args.pos_weight, &uploads[1]);
+  size_t off = 0;
+  auto place = [&off](size_t bytes) {
+    const size_t at = off;
+    off += AlignUp(bytes);
+    return at;
+  };
+  const size_t at_x = place(n * ix);
+  const size_t at_y = place(n * iy);
+  const size_t at_w = place(uploads[0].bytes);
+  const size_t at_p = place(uploads[1].bytes);
+  const size_t at_v = place(want_values ? n * sizeof(double) : 0);
+  const size_t at_gx = place(out.grad_logits != nullptr ? n * ix : 0);
+  const size_t at_gy = place(out.grad_targets != nullptr ? n * ix : 0);
+
+  LOSSD_CUDA_RETURN_IF_ERROR(cudaSetDevice(0));
+  if (absl::Status s = Reserve(slot, off); !s.ok()) return s;
+  char* base = static_cast<char*>(slot->buffer);
+  cudaStream_t stream = slot->stream;
+  LOSSD_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(base + at_x, args.logits, n * ix, cudaMemcpyHostToDevice, stream));
+  LOSSD_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(base + at_y, args.targets, n * iy, cudaMemcpyHostToDevice, stream));
+
+  cuda::GenericParams P;
+  P.x = base + at_x;
+  P.y = base + at_y;
+  P.y_dtype = static_cast<int>(args.targets_dtype);
+  const struct {
+    const Operand* host;
+    const Upload* up;
+    size_t offset;
+    cuda::OperandParams* dev;
+  } operands[] = {{&args.weight, &uploads[0], at_w, &P.w},
+                  {&args.pos_weight, &uploads[1], at_p, &P.p}};
+  for (const auto& o : operands) {
+    o.dev->dtype = static_cast<int>(o.up->dtype);
+    o.dev->inner = o.host->inner;
+    o.dev->period = o.host->period;
+    if (o.host->data == nullptr) continue;
+    o.dev->data = base + o.offset;
+    LOSSD_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(base + o.offset, o.up->host, o.up->bytes, cudaMemcpyHostToDevice, stream));
+  }
+  P.opts.focal = args.loss == Loss::kFocal;
+  P.opts.has_ignore_index = args.has_ignore_index;
+  P.opts.ignore_index = args.ignore_index;
+  P.opts.label_smoothing = args.label_smoothing;
+  P.opts.alpha = args.focal_alpha;
+  P.opts.gamma = args.focal_gamma;
+  P.values = want_values ? reinterpret_cast<double*>(base + at_v) : nullptr;
+  P.gx = out.grad_logits != nullptr ? base + at_gx : nullptr;
+  P.gy = out.grad_targets != nullptr ? base + at_gy : nullptr;
+  P.grad_div = grad_div;
+  P.numel = n;
+  LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchGeneric(args.dtype, P, stream));
+
+  // Values land in the caller's loss_values when given, else in host scratch.
+  std::vector<double> scratch;
+  double* values = out.loss_values;
+  if (want_values && values == nullptr) {
+    scratch.resize(n);
+    values = scratch.data();
+  }
+  if (want_values) {
+    LOSSD_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(values, P.values, n * sizeof(double), cudaMemcpyDeviceToHost, stream));
+  }
+  if (P.gx != nullptr) {
+    LOSSD_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(out.grad_logits, P.gx, n * ix, cudaMemcpyDeviceToHost, stream));
+  }
+  if (P.gy != nullptr) {
+    LOSSD_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(out.grad_targets, P.gy, n * ix, cudaMemcpyDeviceToHost, stream));
+  }
+  LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  if (out.loss == nullptr) return absl::OkStatus();
+
+  // Reductions on the host, structured as the CPU backend's.
+  switch (args.reduction) {
+    case Reduction::kSum:
+    case Reduction::kMean: {
+      std::vector<double> tree(kReduceBlock);
+      ExactSum total;
+      for (int64_t i0 = 0; i0 < n; i0 += kReduceBlock) {
+        const int64_t len = std::min(kReduceBlock, n - i0);
+        std::copy(values + i0, values + i0 + len, tree.begin());
+        total.Add(TreeSumBlock(tree.data(), len));
+      }
+      double v = total.Value() / count;
+      if (args.reduction == Reduction::kMean) v /= static_cast<double>(n);
+      StoreFromDouble(args.dtype, out.loss, 0, v);
+      break;
+    }
+    case Reduction::kPerSampleMean: {
+      const int64_t len = args.last_dim;
+      const int64_t rows = n / len;
+      for (int64_t r = 0; r < rows; ++r) {
+        ExactSum s;
+        for (int64_t j = 0; j < len; ++j) s.Add(values[r * len + j]);
+        StoreFromDouble(args.dtype, out.loss, r, s.Value() / static_cast<double>(len) / count);
+      }
+      break;
+    }
+    case Reduction::kNone:
+      for (int64_t i = 0; i < n; ++i) StoreFromDouble(args.dtype, out.loss, i, values[i] / count);
+      break;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs& out) {

@@ -60,6 +60,35 @@ def main() -> int:
                 print(f"{n_rows * 64:>9} elements {red:>4}: device {g.device} vs {h.device}: "
                       f"{what}, grad max abs diff {gd:.2e} -> {'PASS' if good else 'FAIL'}")
                 ok &= good and g.device == "cuda" and h.device == "cpu"
+        # The options served by the generic CUDA path, CUDA vs CPU.
+        x = (rng.standard_normal((500, 13)) * 6).astype(np.float32)
+        y = rng.integers(0, 2, size=(500, 13)).astype(np.float32)
+        y[::7] = -100
+        cases = [
+            ("bce ignore+normalize", dict(ignore_index=-100, normalize=True)),
+            ("bce label_smoothing", dict(label_smoothing=0.1)),
+        ]
+        for name, opts in cases:
+            for red in ("none", "mean", "per_sample_mean"):
+                yy = y if "ignore_index" in opts else np.where(y < 0, 0, y).astype(np.float32)
+                g = c.bce_with_logits(x, yy, reduction=red, grad=True, device="cuda", **opts)
+                h = c.bce_with_logits(x, yy, reduction=red, grad=True, device="cpu", **opts)
+                rel = float(np.max(np.abs(np.asarray(g.loss, np.float64) - np.asarray(h.loss, np.float64))
+                                   / (np.abs(np.asarray(h.loss, np.float64)) + 1e-30)))
+                good = rel <= 1e-5 and g.device == "cuda"
+                print(f"{name} {red}: device {g.device}, max rel loss diff vs cpu {rel:.2e} -> "
+                      f"{'PASS' if good else 'FAIL'}")
+                ok &= good
+        for gamma in (0.5, 2.0):
+            yy = np.where(y < 0, 0, y).astype(np.float32)
+            g = c.sigmoid_focal_loss(x, yy, gamma=gamma, reduction="none", grad=True, device="cuda")
+            h = c.sigmoid_focal_loss(x, yy, gamma=gamma, reduction="none", grad=True, device="cpu")
+            rel = float(np.max(np.abs(np.asarray(g.loss, np.float64) - np.asarray(h.loss, np.float64))
+                               / (np.abs(np.asarray(h.loss, np.float64)) + 1e-30)))
+            good = rel <= 1e-5 and g.device == "cuda"
+            print(f"focal gamma={gamma}: device {g.device}, max rel loss diff vs cpu {rel:.2e} -> "
+                  f"{'PASS' if good else 'FAIL'}")
+            ok &= good
         # Round-trip latency of a small request on each device.
         x = rng.standard_normal((16, 64)).astype(np.float32)
         y = (x > 0).astype(np.float32)
