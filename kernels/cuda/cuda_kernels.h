@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "bce_math.h"
 #include "lossd/kernels/kernels.h"
 
 namespace lossd::kernels::cuda {
@@ -49,6 +50,26 @@ inline int64_t NumReduceBlocks(int64_t numel) { return (numel + kReduceBlock - 1
 // status (cudaSuccess once queued); execution errors surface at the next synchronization.
 // Thread-safe.
 cudaError_t LaunchBce(const DeviceBce& args, cudaStream_t stream);
+
+// One evaluation with any option of BceArgs (focal, ignore_index, label smoothing; the
+// caller handles normalize and the reductions): element losses go to `values` as double
+// (numel of them, or nullptr), gradients are divided by grad_div and rounded once to `dtype`.
+// All math in double through internal::LossElement. Thread-safe; nothing when numel == 0.
+struct DeviceGeneric {
+  int64_t numel = 0;
+  DType dtype = DType::kFloat32;
+  const void* logits = nullptr;
+  DType targets_dtype = DType::kFloat32;
+  const void* targets = nullptr;
+  DeviceOperand weight;
+  DeviceOperand pos_weight;
+  internal::ElementOptions<double> opts;
+  double* values = nullptr;
+  void* grad_logits = nullptr;
+  void* grad_targets = nullptr;
+  double grad_div = 1.0;
+};
+cudaError_t LaunchGeneric(const DeviceGeneric& args, cudaStream_t stream);
 
 }  // namespace lossd::kernels::cuda
 
