@@ -25,7 +25,7 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div, bool scale,
-                          V* loss, V* gx, V* gy) {
+                          bool want_gy, V* loss, V* gx, V* gy) {
   using T = hn::TFromD<D>;
   const V zero = hn::Zero(d);
   const V one = hn::Set(d, T(1));
@@ -49,25 +49,38 @@ HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div
                     hn::IfThenElseZero(b_nz, hn::Mul(b, sp_neg)));
   V gxv = hn::MulSub(a, hn::IfThenElseZero(a_nz, s_pos),
                      hn::IfThenElseZero(b_nz, hn::Mul(b, s_neg)));
-  V gyv = has_p ? hn::Sub(hn::IfThenElseZero(hn::Ne(p, zero), hn::Mul(p, sp_neg)), sp_pos)
+  V gyv = zero;
+  if (want_gy) {
+    gyv = has_p ? hn::Sub(hn::IfThenElseZero(hn::Ne(p, zero), hn::Mul(p, sp_neg)), sp_pos)
                 : hn::Sub(sp_neg, sp_pos);
-  auto nan = hn::Or(hn::IsNaN(x), hn::IsNaN(y));
+  }
   if (has_w) {
     const auto w_zero = hn::Eq(w, zero);
     lv = hn::IfThenZeroElse(w_zero, hn::Mul(w, lv));
     gxv = hn::IfThenZeroElse(w_zero, hn::Mul(w, gxv));
-    gyv = hn::IfThenZeroElse(w_zero, hn::Mul(w, gyv));
-    nan = hn::Or(nan, hn::IsNaN(w));
+    if (want_gy) gyv = hn::IfThenZeroElse(w_zero, hn::Mul(w, gyv));
   }
-  if (has_p) nan = hn::Or(nan, hn::IsNaN(p));
   if (scale) {
     gxv = hn::Div(gxv, div);
-    gyv = hn::Div(gyv, div);
+    if (want_gy) gyv = hn::Div(gyv, div);
   }
-  const V nanv = hn::Div(zero, zero);
-  *loss = hn::IfThenElse(nan, nanv, lv);
-  *gx = hn::IfThenElse(nan, nanv, gxv);
-  *gy = hn::IfThenElse(nan, nanv, gyv);
+  // NaN inputs: a cheap probe (a sum is NaN when any input is, and rarely otherwise), then the
+  // exact per-lane mask only for vectors that need it.
+  V probe = hn::Add(x, y);
+  if (has_w) probe = hn::Add(probe, w);
+  if (has_p) probe = hn::Add(probe, p);
+  if (HWY_UNLIKELY(!hn::AllFalse(d, hn::IsNaN(probe)))) {
+    auto nan = hn::Or(hn::IsNaN(x), hn::IsNaN(y));
+    if (has_w) nan = hn::Or(nan, hn::IsNaN(w));
+    if (has_p) nan = hn::Or(nan, hn::IsNaN(p));
+    const V nanv = hn::Set(d, std::numeric_limits<T>::quiet_NaN());
+    lv = hn::IfThenElse(nan, nanv, lv);
+    gxv = hn::IfThenElse(nan, nanv, gxv);
+    gyv = hn::IfThenElse(nan, nanv, gyv);
+  }
+  *loss = lv;
+  *gx = gxv;
+  *gy = gyv;
 }
 
 // Where exp(-|x|) would be subnormal in T its relative precision is lost, so lanes with
@@ -99,6 +112,7 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   const bool has_w = a.w != nullptr;
   const bool has_p = a.p != nullptr;
   const bool scale = a.grad_divisor != T(1);
+  const bool want_gy = a.gy != nullptr;
   const V div = hn::Set(d, a.grad_divisor);
   const V one = hn::Set(d, T(1));
   const V far_x = hn::Set(d, kFarX<T>);
@@ -111,7 +125,7 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
     const V w = has_w ? hn::LoadU(d, a.w + i) : one;
     const V p = has_p ? hn::LoadU(d, a.p + i) : one;
     V l, gx, gy;
-    BceVector(d, x, y, w, p, has_w, has_p, div, scale, &l, &gx, &gy);
+    BceVector(d, x, y, w, p, has_w, has_p, div, scale, want_gy, &l, &gx, &gy);
     const auto far = hn::And(hn::Gt(hn::Abs(x), far_x), hn::Lt(hn::Abs(x), inf));
     if (HWY_UNLIKELY(!hn::AllFalse(d, far))) {
       HWY_ALIGN T lb[HWY_MAX_BYTES / sizeof(T)], gxb[HWY_MAX_BYTES / sizeof(T)],
@@ -140,7 +154,7 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
     if (has_p) std::memcpy(buf[3], a.p + i, r * sizeof(T));
     V l, gx, gy;
     BceVector(d, hn::Load(d, buf[0]), hn::Load(d, buf[1]), has_w ? hn::Load(d, buf[2]) : one,
-              has_p ? hn::Load(d, buf[3]) : one, has_w, has_p, div, scale, &l, &gx, &gy);
+              has_p ? hn::Load(d, buf[3]) : one, has_w, has_p, div, scale, want_gy, &l, &gx, &gy);
     hn::Store(l, d, buf[4]);
     hn::Store(gx, d, buf[5]);
     hn::Store(gy, d, buf[6]);
