@@ -105,6 +105,20 @@ void PrepareUpload(const Operand& op, Upload* up) {
   up->bytes = static_cast<size_t>(op.period) * ItemSize(up->dtype);
 }
 
+// Describes `host` (prepared as `up`) to the kernels and enqueues its upload to base + offset;
+// an absent operand stays absent (data nullptr).
+absl::Status UploadOperand(const Operand& host, const Upload& up, char* base, size_t offset,
+                           cudaStream_t stream, cuda::DeviceOperand* dev) {
+  dev->dtype = up.dtype;
+  dev->inner = host.inner;
+  dev->period = host.period;
+  if (host.data == nullptr) return absl::OkStatus();
+  dev->data = base + offset;
+  LOSSD_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(base + offset, up.host, up.bytes, cudaMemcpyHostToDevice, stream));
+  return absl::OkStatus();
+}
+
 // A stream and its grow-only device buffer. Owned by the pool; used by one call at a time.
 struct Slot {
   cudaStream_t stream = nullptr;
@@ -309,21 +323,14 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   P.logits = base + at_x;
   P.targets = base + at_y;
   P.targets_dtype = args.targets_dtype;
-  const struct {
-    const Operand* host;
-    const Upload* up;
-    size_t offset;
-    cuda::DeviceOperand* dev;
-  } operands[] = {{&args.weight, &uploads[0], at_w, &P.weight},
-                  {&args.pos_weight, &uploads[1], at_p, &P.pos_weight}};
-  for (const auto& o : operands) {
-    o.dev->dtype = o.up->dtype;
-    o.dev->inner = o.host->inner;
-    o.dev->period = o.host->period;
-    if (o.host->data == nullptr) continue;
-    o.dev->data = base + o.offset;
-    LOSSD_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(base + o.offset, o.up->host, o.up->bytes, cudaMemcpyHostToDevice, stream));
+  if (absl::Status s = UploadOperand(args.weight, uploads[0], base, at_w, stream, &P.weight);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s =
+          UploadOperand(args.pos_weight, uploads[1], base, at_p, stream, &P.pos_weight);
+      !s.ok()) {
+    return s;
   }
   P.opts.focal = args.loss == Loss::kFocal;
   P.opts.has_ignore_index = args.has_ignore_index;
@@ -435,21 +442,14 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   d.targets_dtype = args.targets_dtype;
   d.targets = base + L.y;
   d.reduction = args.reduction;
-  const struct {
-    const Operand* host;
-    const Upload* up;
-    size_t offset;
-    cuda::DeviceOperand* dev;
-  } operands[] = {{&args.weight, &uploads[0], L.w, &d.weight},
-                  {&args.pos_weight, &uploads[1], L.p, &d.pos_weight}};
-  for (const auto& o : operands) {
-    o.dev->dtype = o.up->dtype;
-    o.dev->inner = o.host->inner;
-    o.dev->period = o.host->period;
-    if (o.host->data == nullptr) continue;
-    o.dev->data = base + o.offset;
-    LOSSD_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(base + o.offset, o.up->host, o.up->bytes, cudaMemcpyHostToDevice, stream));
+  if (absl::Status s = UploadOperand(args.weight, uploads[0], base, L.w, stream, &d.weight);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s =
+          UploadOperand(args.pos_weight, uploads[1], base, L.p, stream, &d.pos_weight);
+      !s.ok()) {
+    return s;
   }
   d.loss = !reduce && out.loss != nullptr ? base + L.loss : nullptr;
   d.grad_logits = out.grad_logits != nullptr ? base + L.gx : nullptr;
