@@ -98,10 +98,12 @@ absl::StatusOr<EvaluatePlan> Core::Prepare(const v1::EvaluateRequest& request) c
   return plan;
 }
 
-bool Core::Submit(std::function<void()> task) {
+absl::Status Core::Submit(std::function<void()> task) {
   const bool ok = queue_.TrySubmit(std::move(task));
   metrics_->SetQueued(queue_.queued());
-  return ok;
+  if (ok) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "work queue is full (", config_.queue_capacity, " waiting requests); retry later"));
 }
 
 void Core::CallStarted() {

@@ -53,8 +53,9 @@ class Core {
   // available: FAILED_PRECONDITION for CUDA on a server without one.
   absl::StatusOr<EvaluatePlan> Prepare(const v1::EvaluateRequest& request) const;
 
-  // Queues `task` for a compute worker; false when the queue is full.
-  bool Submit(std::function<void()> task);
+  // Queues `task` for a compute worker. RESOURCE_EXHAUSTED ("work queue is full ...") when
+  // the queue is full; the task is then dropped.
+  absl::Status Submit(std::function<void()> task);
 
   // Runs a prepared plan (on a worker thread) and fills `response`. `loss_values`, when given,
   // receives numel per-element loss values (for Accumulate). Stops between chunks when the call

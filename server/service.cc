@@ -89,14 +89,11 @@ grpc::ServerUnaryReactor* LossServiceImpl::Evaluate(grpc::CallbackServerContext*
     return reactor;
   }
   auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
-  const bool queued = core->Submit([core, context, response, shared_plan, start_ns, finish] {
-    finish(core->Compute(context, *shared_plan, start_ns, response));
-  });
-  if (!queued) {
-    finish(absl::ResourceExhaustedError(
-        absl::StrCat("work queue is full (", core->config().queue_capacity,
-                     " waiting requests); retry later")));
-  }
+  const absl::Status queued =
+      core->Submit([core, context, response, shared_plan, start_ns, finish] {
+        finish(core->Compute(context, *shared_plan, start_ns, response));
+      });
+  if (!queued.ok()) finish(queued);
   return reactor;
 }
 

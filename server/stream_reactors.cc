@@ -153,12 +153,11 @@ class EvaluateStreamReactor final
     }
     ++inflight_;
     auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
-    const bool queued = core_->Submit([this, raw, shared_plan] { Computed(raw, *shared_plan); });
-    if (!queued) {
+    const absl::Status queued =
+        core_->Submit([this, raw, shared_plan] { Computed(raw, *shared_plan); });
+    if (!queued.ok()) {
       --inflight_;
-      SetError(raw, absl::ResourceExhaustedError(absl::StrCat(
-                        "work queue is full (", core_->config().queue_capacity,
-                        " waiting requests); retry later")));
+      SetError(raw, queued);
     }
     (void)a;
   }
@@ -362,13 +361,10 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
   void Submit(Batch batch, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     computing_ = true;
     auto shared = std::make_shared<Batch>(std::move(batch));
-    const bool queued = core_->Submit([this, shared] { Computed(*shared); });
-    if (!queued) {
+    const absl::Status queued = core_->Submit([this, shared] { Computed(*shared); });
+    if (!queued.ok()) {
       computing_ = false;
-      RequestFinish(absl::ResourceExhaustedError(absl::StrCat(
-                        "work queue is full (", core_->config().queue_capacity,
-                        " waiting requests); retry later")),
-                    a);
+      RequestFinish(queued, a);
     }
   }
 
