@@ -23,6 +23,41 @@ namespace HWY_NAMESPACE {
 
 namespace hn = hwy::HWY_NAMESPACE;
 
+// log1p(e) for e in [0, 1], given inv = 1/(1+e) (float lanes). u = 1+e rounded, c = e-(u-1)
+// exact, log1p(e) = log(u) + c/u. log(u) = k ln2 + log1p(f) with k = [u > sqrt 2],
+// f = u/2^k - 1 exact in [-0.293, 0.415], log1p(f) = f - f^2/2 + f^3 Q(f) (Q: degree-7
+// minimax fit of the relative error, 2^-27.2). k ln2_hi + f is exact, so the result is rounded
+// about once. No division, unlike the general Log1p.
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE V Log1pUnit(D d, V e, V inv) {
+  using T = hn::TFromD<D>;
+  if constexpr (sizeof(T) != 4) {
+    (void)inv;
+    return hn::Log1p(d, e);
+  } else {
+    const V one = hn::Set(d, 1.0f);
+    const V u = hn::Add(one, e);
+    const V c = hn::Sub(e, hn::Sub(u, one));
+    const auto k = hn::Gt(u, hn::Set(d, 1.41421356f));
+    const V f = hn::Sub(hn::IfThenElse(k, hn::Mul(u, hn::Set(d, 0.5f)), u), one);
+    V q = hn::Set(d, -0.07633990049362183f);
+    q = hn::MulAdd(q, f, hn::Set(d, 0.12760886549949646f));
+    q = hn::MulAdd(q, f, hn::Set(d, -0.13160046935081482f));
+    q = hn::MulAdd(q, f, hn::Set(d, 0.14201843738555908f));
+    q = hn::MulAdd(q, f, hn::Set(d, -0.16623379290103912f));
+    q = hn::MulAdd(q, f, hn::Set(d, 0.2000122368335724f));
+    q = hn::MulAdd(q, f, hn::Set(d, -0.2500081956386566f));
+    q = hn::MulAdd(q, f, hn::Set(d, 0.3333333134651184f));
+    const V f2 = hn::Mul(f, f);
+    const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
+    // ln 2 = 0x1.62e4p-1 (exact, 16 bits) + 1.4286068e-6
+    const V hi = hn::Add(hn::IfThenElseZero(k, hn::Set(d, 0.693145751953125f)), f);
+    const V lo = hn::Add(hn::MulAdd(c, inv, corr),
+                         hn::IfThenElseZero(k, hn::Set(d, 1.4286068203094172e-06f)));
+    return hn::Add(hi, lo);
+  }
+}
+
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div, bool scale,
                           bool want_gy, V* loss, V* gx, V* gy) {
@@ -31,10 +66,10 @@ HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div
   const V one = hn::Set(d, T(1));
   const V ax = hn::Abs(x);
   const V e = hn::Exp(d, hn::Neg(ax));  // 0 for -|x| < -104 (float) / -1000 (double)
-  const V l = hn::Log1p(d, e);
+  const V inv = hn::Div(one, hn::Add(one, e));
+  const V l = Log1pUnit(d, e, inv);
   const V sp_pos = hn::Add(hn::Max(x, zero), l);
   const V sp_neg = hn::Add(hn::Max(hn::Neg(x), zero), l);
-  const V inv = hn::Div(one, hn::Add(one, e));
   const V e_inv = hn::Mul(e, inv);
   const auto x_ge0 = hn::Ge(x, zero);
   const V s_pos = hn::IfThenElse(x_ge0, inv, e_inv);
