@@ -58,6 +58,37 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv) {
   }
 }
 
+// exp(t) for t <= 0 (float lanes; double lanes use Highway's Exp): q = round(t / ln 2) by the
+// 1.5 * 2^23 shifter, r = t - q ln 2 in two parts, Highway's degree-5 polynomial for exp(r) - 1 - r
+// (1 ulp), and 2^q from the shifter's bits in one step. 0 for t < -87 (where 2^q would leave the
+// normal range); lanes with |x| > kFarX are recomputed in a wider type anyway.
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE V ExpNonPositive(D d, V t) {
+  using T = hn::TFromD<D>;
+  if constexpr (sizeof(T) != 4) {
+    return hn::Exp(d, t);
+  } else {
+    const hn::RebindToSigned<D> di;
+    const V shifter = hn::Set(d, 12582912.0f);  // 1.5 * 2^23
+    const V qs = hn::MulAdd(t, hn::Set(d, 1.44269504088896341f), shifter);
+    const V q = hn::Sub(qs, shifter);
+    V r = hn::MulAdd(q, hn::Set(d, -0.693145751953125f), t);
+    r = hn::MulAdd(q, hn::Set(d, -1.428606765330187045e-6f), r);
+    V p = hn::Set(d, 0.000198527617612853646278381f);
+    p = hn::MulAdd(p, r, hn::Set(d, 0.00139304355252534151077271f));
+    p = hn::MulAdd(p, r, hn::Set(d, 0.00833336077630519866943359f));
+    p = hn::MulAdd(p, r, hn::Set(d, 0.0416664853692054748535156f));
+    p = hn::MulAdd(p, r, hn::Set(d, 0.166666671633720397949219f));
+    p = hn::MulAdd(p, r, hn::Set(d, 0.5f));
+    const V em1 = hn::MulAdd(p, hn::Mul(r, r), r);
+    // The shifter's low bits hold q (two's complement); (bits + 127) << 23 is 2^q.
+    const V scale = hn::BitCast(
+        d, hn::ShiftLeft<23>(hn::Add(hn::BitCast(di, qs), hn::Set(di, 127))));
+    const V y = hn::MulAdd(em1, scale, scale);
+    return hn::IfThenZeroElse(hn::Lt(t, hn::Set(d, -87.0f)), y);
+  }
+}
+
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div, bool scale,
                           bool want_gy, V* loss, V* gx, V* gy) {
@@ -65,7 +96,7 @@ HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div
   const V zero = hn::Zero(d);
   const V one = hn::Set(d, T(1));
   const V ax = hn::Abs(x);
-  const V e = hn::Exp(d, hn::Neg(ax));  // 0 for -|x| < -104 (float) / -1000 (double)
+  const V e = ExpNonPositive(d, hn::Neg(ax));  // 0 for -|x| < -87 (float) / -1000 (double)
   const V inv = hn::Div(one, hn::Add(one, e));
   const V l = Log1pUnit(d, e, inv);
   const V sp_pos = hn::Add(hn::Max(x, zero), l);
