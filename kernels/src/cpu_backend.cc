@@ -236,8 +236,7 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
       for (int64_t j = 0; j < n; ++j) out.loss_values[i0 + j] = static_cast<double>(k.loss[j]);
     }
     if (plan.reduce) {
-      for (int64_t j = 0; j < n; ++j) tree[j] = static_cast<double>(k.loss[j]);
-      sum->Add(TreeSumBlock(tree.data(), n));
+      sum->Add(internal::BlockTreeSum(k.loss, n, tree.data()));
     } else if (plan.loss_f64 != nullptr) {
       for (int64_t j = 0; j < n; ++j) plan.loss_f64[i0 + j] = static_cast<double>(k.loss[j]);
     } else if (out.loss != nullptr && !direct_loss) {

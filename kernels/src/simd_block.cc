@@ -16,6 +16,7 @@
 #include "hwy/contrib/math/math-inl.h"
 #include "bce_math.h"
 #include "simd_block.h"
+#include "lossd/kernels/kernels.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lossd::kernels::internal {
@@ -89,9 +90,26 @@ HWY_INLINE V ExpNonPositive(D d, V t) {
   }
 }
 
+// g / div from r = 1/div (rounded): q = g r, then one correction step with the exact residual
+// g - q div (FMA), which rounds correctly but in rare cases (then 1 ulp). Cheaper than a division.
+// Infinite quotients keep q (the residual would be inf - inf).
+// Targets without FMA divide (their residual would not be exact).
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE V DivideByReciprocal(D d, V g, V div, V r) {
+#if HWY_NATIVE_FMA
+  const V q = hn::Mul(g, r);
+  const V fixed = hn::MulAdd(hn::NegMulAdd(q, div, g), r, q);
+  return hn::IfThenElse(hn::IsFinite(q), fixed, q);
+#else
+  (void)d;
+  (void)r;
+  return hn::Div(g, div);
+#endif
+}
+
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div, bool scale,
-                          bool want_gy, V* loss, V* gx, V* gy) {
+                          V rdiv, bool want_gy, V* loss, V* gx, V* gy) {
   using T = hn::TFromD<D>;
   const V zero = hn::Zero(d);
   const V one = hn::Set(d, T(1));
@@ -127,8 +145,8 @@ HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div
     if (want_gy) gyv = hn::IfThenZeroElse(w_zero, hn::Mul(w, gyv));
   }
   if (scale) {
-    gxv = hn::Div(gxv, div);
-    if (want_gy) gyv = hn::Div(gyv, div);
+    gxv = DivideByReciprocal(d, gxv, div, rdiv);
+    if (want_gy) gyv = DivideByReciprocal(d, gyv, div, rdiv);
   }
   // NaN inputs: a cheap probe (a sum is NaN when any input is, and rarely otherwise), then the
   // exact per-lane mask only for vectors that need it.
@@ -180,6 +198,7 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   const bool scale = a.grad_divisor != T(1);
   const bool want_gy = a.gy != nullptr;
   const V div = hn::Set(d, a.grad_divisor);
+  const V rdiv = hn::Set(d, T(1) / a.grad_divisor);
   const V one = hn::Set(d, T(1));
   const V far_x = hn::Set(d, kFarX<T>);
   const V inf = hn::Set(d, std::numeric_limits<T>::infinity());
@@ -191,7 +210,7 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
     const V w = has_w ? hn::LoadU(d, a.w + i) : one;
     const V p = has_p ? hn::LoadU(d, a.p + i) : one;
     V l, gx, gy;
-    BceVector(d, x, y, w, p, has_w, has_p, div, scale, want_gy, &l, &gx, &gy);
+    BceVector(d, x, y, w, p, has_w, has_p, div, scale, rdiv, want_gy, &l, &gx, &gy);
     const auto far = hn::And(hn::Gt(hn::Abs(x), far_x), hn::Lt(hn::Abs(x), inf));
     if (HWY_UNLIKELY(!hn::AllFalse(d, far))) {
       HWY_ALIGN T lb[HWY_MAX_BYTES / sizeof(T)], gxb[HWY_MAX_BYTES / sizeof(T)],
@@ -220,7 +239,8 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
     if (has_p) std::memcpy(buf[3], a.p + i, r * sizeof(T));
     V l, gx, gy;
     BceVector(d, hn::Load(d, buf[0]), hn::Load(d, buf[1]), has_w ? hn::Load(d, buf[2]) : one,
-              has_p ? hn::Load(d, buf[3]) : one, has_w, has_p, div, scale, want_gy, &l, &gx, &gy);
+              has_p ? hn::Load(d, buf[3]) : one, has_w, has_p, div, scale, rdiv, want_gy, &l, &gx,
+              &gy);
     hn::Store(l, d, buf[4]);
     hn::Store(gx, d, buf[5]);
     hn::Store(gy, d, buf[6]);
@@ -232,7 +252,48 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   }
 }
 
+// TreeSumBlock (common.cc) with the float-to-double conversion folded into the first level and
+// every level of h >= lanes done in vectors. The additions are the same, pair for pair, so the
+// result is bitwise identical.
+template <class DD, typename T>
+HWY_INLINE hn::Vec<DD> LoadWide(DD dd, const T* p) {
+  if constexpr (sizeof(T) == sizeof(double)) {
+    return hn::LoadU(dd, p);
+  } else {
+    return hn::PromoteTo(dd, hn::LoadU(hn::Rebind<T, DD>(), p));
+  }
+}
+
+template <typename T>
+HWY_INLINE double BlockTreeSumImpl(const T* v, int64_t n, double* s) {
+  const hn::ScalableTag<double> dd;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(dd));
+  if (n <= 0) return 0.0;
+  int64_t h = kReduceBlock / 2;
+  while (h >= 1 && n <= h) h /= 2;
+  if (h == 0) return static_cast<double>(v[0]);
+  // First level: s[j] = v[j] + v[j + h] for j < n - h, s[j] = v[j] for n - h <= j < h.
+  int64_t j = 0;
+  for (; j + N <= n - h; j += N) {
+    hn::StoreU(hn::Add(LoadWide(dd, v + j), LoadWide(dd, v + j + h)), dd, s + j);
+  }
+  for (; j < n - h; ++j) s[j] = static_cast<double>(v[j]) + static_cast<double>(v[j + h]);
+  for (; j < h; ++j) s[j] = static_cast<double>(v[j]);
+  for (h /= 2; h >= 1; h /= 2) {
+    if (h >= N) {
+      for (int64_t k = 0; k < h; k += N) {
+        hn::StoreU(hn::Add(hn::LoadU(dd, s + k), hn::LoadU(dd, s + k + h)), dd, s + k);
+      }
+    } else {
+      for (int64_t k = 0; k < h; ++k) s[k] += s[k + h];
+    }
+  }
+  return s[0];
+}
+
 void BceBlockF32(const BlockArgs<float>& a) { BceBlockImpl<float>(a); }
+double BlockTreeSumF32(const float* v, int64_t n, double* s) { return BlockTreeSumImpl(v, n, s); }
+double BlockTreeSumF64(const double* v, int64_t n, double* s) { return BlockTreeSumImpl(v, n, s); }
 void BceBlockF64(const BlockArgs<double>& a) { BceBlockImpl<double>(a); }
 const char* TargetNameHere() { return hwy::TargetName(HWY_TARGET); }
 
@@ -246,9 +307,17 @@ namespace lossd::kernels::internal {
 HWY_EXPORT(BceBlockF32);
 HWY_EXPORT(BceBlockF64);
 HWY_EXPORT(TargetNameHere);
+HWY_EXPORT(BlockTreeSumF32);
+HWY_EXPORT(BlockTreeSumF64);
 
 void BceBlock(const BlockArgs<float>& a) { HWY_DYNAMIC_DISPATCH(BceBlockF32)(a); }
 void BceBlock(const BlockArgs<double>& a) { HWY_DYNAMIC_DISPATCH(BceBlockF64)(a); }
+double BlockTreeSum(const float* v, int64_t n, double* scratch) {
+  return HWY_DYNAMIC_DISPATCH(BlockTreeSumF32)(v, n, scratch);
+}
+double BlockTreeSum(const double* v, int64_t n, double* scratch) {
+  return HWY_DYNAMIC_DISPATCH(BlockTreeSumF64)(v, n, scratch);
+}
 const char* BceBlockTargetName() { return HWY_DYNAMIC_DISPATCH(TargetNameHere)(); }
 
 }  // namespace lossd::kernels::internal

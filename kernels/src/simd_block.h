@@ -28,6 +28,11 @@ struct BlockArgs {
 void BceBlock(const BlockArgs<float>& a);
 void BceBlock(const BlockArgs<double>& a);
 
+// TreeSumBlock (kernels.h) of n <= kReduceBlock values given as float or double, bitwise
+// identical to it. `scratch`: kReduceBlock doubles.
+double BlockTreeSum(const float* values, int64_t n, double* scratch);
+double BlockTreeSum(const double* values, int64_t n, double* scratch);
+
 // Name of the target BceBlock currently dispatches to (e.g. "AVX3", "AVX2").
 const char* BceBlockTargetName();
 

@@ -7,10 +7,13 @@
 #include <cstring>
 #include <iostream>
 #include <limits>
+#include <random>
+#include <utility>
 #include <vector>
 
 #include "hwy/targets.h"
 #include "lossd/kernels/kernels.h"
+#include "simd_block.h"
 #include "test_util.h"
 
 namespace lossd::kernels {
@@ -106,6 +109,85 @@ TEST_P(AccuracyTest, Float32DenseGrid) {
   std::cout << "target " << hwy::TargetName(GetParam()) << ": worst float32 loss error "
             << worst_loss << " ulp, dl/dx " << worst_gx << " ulp, dl/dy " << worst_gy
             << " ulp (of the larger term)\n";
+}
+
+TEST_P(AccuracyTest, Float32MeanGradientsOnDenseGrid) {
+  // MEAN divides the gradients by n inside the kernel (a reciprocal with one correction step).
+  std::vector<float> xs = GridX();
+  xs.resize(xs.size() - xs.size() % 3 + 1);  // an odd count that is not a power of two
+  const int64_t n = static_cast<int64_t>(xs.size());
+  auto cpu = MakeCpuBackend({1});
+  double worst = 0;
+  for (float yv : {0.0f, 1.0f, 0.3f}) {
+    for (const auto& pair : {std::pair{1.0f, 1.0f}, std::pair{3.5f, 0.01f}, std::pair{1e3f, 1e3f}}) {
+      std::vector<float> y(n, yv), w(n, pair.first), p(n, pair.second);
+      BceArgs a;
+      a.numel = n;
+      a.logits = xs.data();
+      a.targets = y.data();
+      a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
+      a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
+      a.reduction = Reduction::kMean;
+      float l;
+      std::vector<float> gx(n), gy(n);
+      ASSERT_TRUE(cpu->Bce(a, {&l, gx.data(), gy.data()}).ok());
+      double rl;
+      std::vector<double> rgx(n), rgy(n);
+      ReferenceBce(a, &rl, rgx.data(), rgy.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const double ex = std::fabs(gx[i] - rgx[i]) /
+                          UlpF32(GradXScale(xs[i], yv, pair.first, pair.second) / n);
+        if (!(ex <= 4)) {
+          ASSERT_EQ(gx[i], static_cast<float>(rgx[i])) << "gx x=" << xs[i] << " y=" << yv;
+        } else {
+          worst = std::max(worst, ex);
+        }
+        if (std::isfinite(static_cast<float>(rgy[i]))) {
+          ASSERT_LE(std::fabs(gy[i] - rgy[i]) / UlpF32(GradYScale(xs[i], pair.first, pair.second) / n), 4)
+              << "gy x=" << xs[i] << " y=" << yv;
+        }
+      }
+    }
+  }
+  // A gradient that overflows float stays infinite after the division.
+  const float x1[] = {-5.0f, 2.0f, 0.5f}, y1[] = {1.0f, 0.0f, 1.0f}, big[] = {1e30f, 1.0f, 1.0f};
+  BceArgs a;
+  a.numel = 3;
+  a.logits = x1;
+  a.targets = y1;
+  a.weight = *MakeOperand("weight", DType::kFloat32, big, {3}, {3});
+  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, big, {3}, {3});
+  a.reduction = Reduction::kMean;
+  float l, g[3];
+  ASSERT_TRUE(cpu->Bce(a, {&l, g, nullptr}).ok());
+  EXPECT_EQ(g[0], -std::numeric_limits<float>::infinity());
+  std::cout << "target " << hwy::TargetName(GetParam()) << ": float32 mean dl/dx worst " << worst
+            << " ulp (of the larger term / n)\n";
+}
+
+TEST_P(AccuracyTest, BlockTreeSumBitwiseEqualsTreeSumBlock) {
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<double> mant(-1, 1);
+  std::uniform_int_distribution<int> expo(-40, 40);
+  std::vector<double> scratch(kReduceBlock), ref(kReduceBlock);
+  for (int64_t n : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{7}, int64_t{8}, int64_t{9},
+                    int64_t{100}, int64_t{1023}, int64_t{1024}, int64_t{1025}, int64_t{2047},
+                    kReduceBlock}) {
+    std::vector<float> f(n);
+    std::vector<double> d(n);
+    for (int64_t i = 0; i < n; ++i) {
+      d[i] = std::ldexp(mant(rng), expo(rng));
+      f[i] = static_cast<float>(d[i]);
+    }
+    std::copy(f.begin(), f.end(), ref.begin());
+    const double want_f = TreeSumBlock(ref.data(), n);
+    const double got_f = internal::BlockTreeSum(f.data(), n, scratch.data());
+    EXPECT_EQ(std::memcmp(&want_f, &got_f, 8), 0) << "float n=" << n << " " << want_f << " " << got_f;
+    std::copy(d.begin(), d.end(), ref.begin());
+    const double want_d = TreeSumBlock(ref.data(), n);
+    const double got_d = internal::BlockTreeSum(d.data(), n, scratch.data());
+    EXPECT_EQ(std::memcmp(&want_d, &got_d, 8), 0) << "double n=" << n;
+  }
 }
 
 TEST_P(AccuracyTest, Float64AgainstLongDouble) {
