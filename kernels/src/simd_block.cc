@@ -41,15 +41,14 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv) {
     const V c = hn::Sub(e, hn::Sub(u, one));
     const auto k = hn::Gt(u, hn::Set(d, 1.41421356f));
     const V f = hn::Sub(hn::IfThenElse(k, hn::Mul(u, hn::Set(d, 0.5f)), u), one);
-    V q = hn::Set(d, -0.07633990049362183f);
-    q = hn::MulAdd(q, f, hn::Set(d, 0.12760886549949646f));
-    q = hn::MulAdd(q, f, hn::Set(d, -0.13160046935081482f));
-    q = hn::MulAdd(q, f, hn::Set(d, 0.14201843738555908f));
-    q = hn::MulAdd(q, f, hn::Set(d, -0.16623379290103912f));
-    q = hn::MulAdd(q, f, hn::Set(d, 0.2000122368335724f));
-    q = hn::MulAdd(q, f, hn::Set(d, -0.2500081956386566f));
-    q = hn::MulAdd(q, f, hn::Set(d, 0.3333333134651184f));
+    // Estrin's scheme: short dependency chains.
     const V f2 = hn::Mul(f, f);
+    const V f4 = hn::Mul(f2, f2);
+    const V q01 = hn::MulAdd(hn::Set(d, -0.2500081956386566f), f, hn::Set(d, 0.3333333134651184f));
+    const V q23 = hn::MulAdd(hn::Set(d, -0.16623379290103912f), f, hn::Set(d, 0.2000122368335724f));
+    const V q45 = hn::MulAdd(hn::Set(d, -0.13160046935081482f), f, hn::Set(d, 0.14201843738555908f));
+    const V q67 = hn::MulAdd(hn::Set(d, -0.07633990049362183f), f, hn::Set(d, 0.12760886549949646f));
+    const V q = hn::MulAdd(hn::MulAdd(q67, f2, q45), f4, hn::MulAdd(q23, f2, q01));
     const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
     // ln 2 = 0x1.62e4p-1 (exact, 16 bits) + 1.4286068e-6
     const V hi = hn::Add(hn::IfThenElseZero(k, hn::Set(d, 0.693145751953125f)), f);
@@ -61,12 +60,14 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv) {
 
 // exp(t) for t <= 0 (float lanes; double lanes use Highway's Exp): q = round(t / ln 2) by the
 // 1.5 * 2^23 shifter, r = t - q ln 2 in two parts, Highway's degree-5 polynomial for exp(r) - 1 - r
-// (1 ulp), and 2^q from the shifter's bits in one step. 0 for t < -87 (where 2^q would leave the
-// normal range); lanes with |x| > kFarX are recomputed in a wider type anyway.
+// (1 ulp), and 2^q from the shifter's bits in one step. Lanes in `far` (|x| > kFarX, which
+// covers t < -87 where 2^q would leave the normal range) give 0: they are recomputed in a wider
+// type, except infinite x, whose limit needs exactly 0.
 template <class D, class V = hn::Vec<D>>
-HWY_INLINE V ExpNonPositive(D d, V t) {
+HWY_INLINE V ExpNonPositive(D d, V t, hn::Mask<D> far) {
   using T = hn::TFromD<D>;
   if constexpr (sizeof(T) != 4) {
+    (void)far;
     return hn::Exp(d, t);
   } else {
     const hn::RebindToSigned<D> di;
@@ -75,111 +76,122 @@ HWY_INLINE V ExpNonPositive(D d, V t) {
     const V q = hn::Sub(qs, shifter);
     V r = hn::MulAdd(q, hn::Set(d, -0.693145751953125f), t);
     r = hn::MulAdd(q, hn::Set(d, -1.428606765330187045e-6f), r);
-    V p = hn::Set(d, 0.000198527617612853646278381f);
-    p = hn::MulAdd(p, r, hn::Set(d, 0.00139304355252534151077271f));
-    p = hn::MulAdd(p, r, hn::Set(d, 0.00833336077630519866943359f));
-    p = hn::MulAdd(p, r, hn::Set(d, 0.0416664853692054748535156f));
-    p = hn::MulAdd(p, r, hn::Set(d, 0.166666671633720397949219f));
-    p = hn::MulAdd(p, r, hn::Set(d, 0.5f));
-    const V em1 = hn::MulAdd(p, hn::Mul(r, r), r);
+    const V r2 = hn::Mul(r, r);
+    const V p01 = hn::MulAdd(hn::Set(d, 0.166666671633720397949219f), r, hn::Set(d, 0.5f));
+    const V p23 = hn::MulAdd(hn::Set(d, 0.00833336077630519866943359f), r,
+                             hn::Set(d, 0.0416664853692054748535156f));
+    const V p45 = hn::MulAdd(hn::Set(d, 0.000198527617612853646278381f), r,
+                             hn::Set(d, 0.00139304355252534151077271f));
+    const V p = hn::MulAdd(hn::MulAdd(p45, r2, p23), r2, p01);
+    const V em1 = hn::MulAdd(p, r2, r);
     // The shifter's low bits hold q (two's complement); (bits + 127) << 23 is 2^q.
     const V scale = hn::BitCast(
         d, hn::ShiftLeft<23>(hn::Add(hn::BitCast(di, qs), hn::Set(di, 127))));
     const V y = hn::MulAdd(em1, scale, scale);
-    return hn::IfThenZeroElse(hn::Lt(t, hn::Set(d, -87.0f)), y);
+    return hn::IfThenZeroElse(far, y);
   }
+}
+
+// 1/v for v in [1, 2]. AVX-512: the 14-bit hardware estimate and one Newton step in FMA form,
+// r0 + r0 (1 - v r0): relative error 2^-28 before the final rounding, so within 0.5 ulp + 2^-4
+// ulp; cheaper than a division there. Other targets divide.
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE V ReciprocalOneTwo(D d, V v) {
+  using T = hn::TFromD<D>;
+#if HWY_TARGET <= HWY_AVX3
+  if constexpr (sizeof(T) == 4) {
+    const V r0 = hn::ApproximateReciprocal(v);
+    return hn::MulAdd(r0, hn::NegMulAdd(v, r0, hn::Set(d, 1.0f)), r0);
+  }
+#endif
+  return hn::Div(hn::Set(d, T(1)), v);
 }
 
 // g / div from r = 1/div (rounded): q = g r, then one correction step with the exact residual
 // g - q div (FMA), which rounds correctly but in rare cases (then 1 ulp). Cheaper than a division.
-// Infinite quotients keep q (the residual would be inf - inf).
-// Targets without FMA divide (their residual would not be exact).
-template <class D, class V = hn::Vec<D>>
-HWY_INLINE V DivideByReciprocal(D d, V g, V div, V r) {
+// g is finite here (lanes with non-finite results are recomputed by FixRareLanes). Targets
+// without FMA divide (their residual would not be exact).
+template <class V>
+HWY_INLINE V DivideByReciprocal(V g, V div, V r) {
 #if HWY_NATIVE_FMA
   const V q = hn::Mul(g, r);
-  const V fixed = hn::MulAdd(hn::NegMulAdd(q, div, g), r, q);
-  return hn::IfThenElse(hn::IsFinite(q), fixed, q);
+  return hn::MulAdd(hn::NegMulAdd(q, div, g), r, q);
 #else
-  (void)d;
   (void)r;
   return hn::Div(g, div);
 #endif
 }
 
+// Lanes with |x| beyond kFarX<T> (where exp(-|x|) would be subnormal in T and lose its relative
+// precision), infinite x, NaN inputs and overflowing products are "rare": the vector code
+// leaves them to FixRareLanes.
+template <typename T>
+constexpr T kFarX = sizeof(T) == 4 ? T(80) : T(700);
+
+// Vector part of BceElement (bce_math.h) for lanes with finite |x| <= kFarX: there every
+// softplus and sigmoid value is finite, so a zero coefficient gives an exactly zero term without
+// masks. Returns the mask of lanes that are not rare; the outputs of the others are not
+// meaningful.
 template <class D, class V = hn::Vec<D>>
-HWY_INLINE void BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div, bool scale,
-                          V rdiv, bool want_gy, V* loss, V* gx, V* gy) {
+HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div,
+                                 bool scale, V rdiv, bool want_gx, bool want_gy, V* loss, V* gx,
+                                 V* gy) {
   using T = hn::TFromD<D>;
   const V zero = hn::Zero(d);
   const V one = hn::Set(d, T(1));
   const V ax = hn::Abs(x);
-  const V e = ExpNonPositive(d, hn::Neg(ax));  // 0 for -|x| < -87 (float) / -1000 (double)
-  const V inv = hn::Div(one, hn::Add(one, e));
+  const auto far = hn::Gt(ax, hn::Set(d, kFarX<T>));  // includes infinities, not NaN
+  const V e = ExpNonPositive(d, hn::Neg(ax), far);    // 0 where far (float), exp (double)
+  const V inv = ReciprocalOneTwo(d, hn::Add(one, e));
   const V l = Log1pUnit(d, e, inv);
   const V sp_pos = hn::Add(hn::Max(x, zero), l);
   const V sp_neg = hn::Add(hn::Max(hn::Neg(x), zero), l);
-  const V e_inv = hn::Mul(e, inv);
-  const auto x_ge0 = hn::Ge(x, zero);
-  const V s_pos = hn::IfThenElse(x_ge0, inv, e_inv);
-  const V s_neg = hn::IfThenElse(x_ge0, e_inv, inv);
   const V a = hn::Sub(one, y);
   const V b = has_p ? hn::Mul(p, y) : y;
-  const auto a_nz = hn::Ne(a, zero);
-  const auto b_nz = hn::Ne(b, zero);
-  // Fused multiply-adds save a rounding; a factor masked to 0 makes its term exactly 0 even
-  // when the other factor is infinite.
-  V lv = hn::MulAdd(a, hn::IfThenElseZero(a_nz, sp_pos),
-                    hn::IfThenElseZero(b_nz, hn::Mul(b, sp_neg)));
-  V gxv = hn::MulSub(a, hn::IfThenElseZero(a_nz, s_pos),
-                     hn::IfThenElseZero(b_nz, hn::Mul(b, s_neg)));
-  V gyv = zero;
-  if (want_gy) {
-    gyv = has_p ? hn::Sub(hn::IfThenElseZero(hn::Ne(p, zero), hn::Mul(p, sp_neg)), sp_pos)
-                : hn::Sub(sp_neg, sp_pos);
+  // Fused multiply-adds save a rounding.
+  V lv = hn::MulAdd(a, sp_pos, hn::Mul(b, sp_neg));
+  V gxv = zero;
+  if (want_gx) {
+    const V e_inv = hn::Mul(e, inv);
+    const auto x_ge0 = hn::Ge(x, zero);
+    const V s_pos = hn::IfThenElse(x_ge0, inv, e_inv);
+    const V s_neg = hn::IfThenElse(x_ge0, e_inv, inv);
+    gxv = hn::MulSub(a, s_pos, hn::Mul(b, s_neg));
   }
+  V gyv = zero;
+  if (want_gy) gyv = has_p ? hn::MulSub(p, sp_neg, sp_pos) : hn::Sub(sp_neg, sp_pos);
   if (has_w) {
+    lv = hn::Mul(w, lv);
+    gxv = hn::Mul(w, gxv);
+    if (want_gy) gyv = hn::Mul(w, gyv);
+  }
+  // NaN inputs make lv NaN (w = 0 included: 0 * NaN), overflow makes it or gxv infinite.
+  const auto ok = hn::AndNot(far, hn::IsFinite(want_gx ? hn::Add(lv, gxv) : lv));
+  if (has_w) {
+    // A zero weight gives +0 (not -0) like the scalar math.
     const auto w_zero = hn::Eq(w, zero);
-    lv = hn::IfThenZeroElse(w_zero, hn::Mul(w, lv));
-    gxv = hn::IfThenZeroElse(w_zero, hn::Mul(w, gxv));
-    if (want_gy) gyv = hn::IfThenZeroElse(w_zero, hn::Mul(w, gyv));
+    lv = hn::IfThenZeroElse(w_zero, lv);
+    gxv = hn::IfThenZeroElse(w_zero, gxv);
+    if (want_gy) gyv = hn::IfThenZeroElse(w_zero, gyv);
   }
   if (scale) {
-    gxv = DivideByReciprocal(d, gxv, div, rdiv);
-    if (want_gy) gyv = DivideByReciprocal(d, gyv, div, rdiv);
-  }
-  // NaN inputs: a cheap probe (a sum is NaN when any input is, and rarely otherwise), then the
-  // exact per-lane mask only for vectors that need it.
-  V probe = hn::Add(x, y);
-  if (has_w) probe = hn::Add(probe, w);
-  if (has_p) probe = hn::Add(probe, p);
-  if (HWY_UNLIKELY(!hn::AllFalse(d, hn::IsNaN(probe)))) {
-    auto nan = hn::Or(hn::IsNaN(x), hn::IsNaN(y));
-    if (has_w) nan = hn::Or(nan, hn::IsNaN(w));
-    if (has_p) nan = hn::Or(nan, hn::IsNaN(p));
-    const V nanv = hn::Set(d, std::numeric_limits<T>::quiet_NaN());
-    lv = hn::IfThenElse(nan, nanv, lv);
-    gxv = hn::IfThenElse(nan, nanv, gxv);
-    gyv = hn::IfThenElse(nan, nanv, gyv);
+    gxv = DivideByReciprocal(gxv, div, rdiv);
+    if (want_gy) gyv = DivideByReciprocal(gyv, div, rdiv);
   }
   *loss = lv;
   *gx = gxv;
   *gy = gyv;
+  return ok;
 }
 
-// Where exp(-|x|) would be subnormal in T its relative precision is lost, so lanes with
-// |x| beyond kFarX<T> (finite) are recomputed by the scalar math in a wider type. This depends
-// only on each element's own inputs, so results stay position-independent.
+// Recomputes the lanes flagged in `rare` (nonzero) by the scalar math in a wider type. The flag
+// depends only on each element's own inputs, so results stay position-independent.
 template <typename T>
-constexpr T kFarX = sizeof(T) == 4 ? T(80) : T(700);
-
-template <typename T>
-HWY_NOINLINE void FixFarLanes(size_t lanes, const T* x, const T* y, const T* w, const T* p,
-                              T div, T* l, T* gx, T* gy) {
+HWY_NOINLINE void FixRareLanes(size_t lanes, const T* rare, const T* x, const T* y, const T* w,
+                               const T* p, T div, T* l, T* gx, T* gy) {
   using Wide = std::conditional_t<sizeof(T) == 4, double, long double>;
   for (size_t j = 0; j < lanes; ++j) {
-    const T ax = x[j] < T(0) ? -x[j] : x[j];
-    if (!(ax > kFarX<T>) || ax == std::numeric_limits<T>::infinity()) continue;
+    if (rare[j] == T(0)) continue;
     Wide lw, gxw, gyw;
     BceElement<Wide>(x[j], y[j], w ? w[j] : Wide(1), p ? p[j] : Wide(1), &lw, &gxw, &gyw);
     l[j] = static_cast<T>(lw);
@@ -192,63 +204,64 @@ template <typename T>
 HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   const hn::ScalableTag<T> d;
   using V = hn::Vec<decltype(d)>;
+  constexpr size_t kMaxLanes = HWY_MAX_BYTES / sizeof(T);
   const size_t N = hn::Lanes(d);
   const bool has_w = a.w != nullptr;
   const bool has_p = a.p != nullptr;
   const bool scale = a.grad_divisor != T(1);
+  const bool want_gx = a.gx != nullptr;
   const bool want_gy = a.gy != nullptr;
   const V div = hn::Set(d, a.grad_divisor);
   const V rdiv = hn::Set(d, T(1) / a.grad_divisor);
   const V one = hn::Set(d, T(1));
-  const V far_x = hn::Set(d, kFarX<T>);
-  const V inf = hn::Set(d, std::numeric_limits<T>::infinity());
+  // Evaluates N lanes at the given inputs and stores n_out <= N of them.
+  const auto eval = [&](const T* x, const T* y, const T* w, const T* p, T* lo, T* gxo, T* gyo,
+                        size_t n_out) {
+    V l, gx, gy;
+    const auto ok =
+        BceVector(d, hn::LoadU(d, x), hn::LoadU(d, y), has_w ? hn::LoadU(d, w) : one,
+                  has_p ? hn::LoadU(d, p) : one, has_w, has_p, div, scale, rdiv, want_gx,
+                  want_gy, &l, &gx, &gy);
+    if (HWY_LIKELY(n_out == N && hn::AllTrue(d, ok))) {
+      hn::StoreU(l, d, lo);
+      if (gxo) hn::StoreU(gx, d, gxo);
+      if (gyo) hn::StoreU(gy, d, gyo);
+      return;
+    }
+    HWY_ALIGN T rb[kMaxLanes], lb[kMaxLanes], gxb[kMaxLanes], gyb[kMaxLanes];
+    hn::Store(hn::VecFromMask(d, hn::Not(ok)), d, rb);
+    hn::Store(l, d, lb);
+    hn::Store(gx, d, gxb);
+    hn::Store(gy, d, gyb);
+    FixRareLanes<T>(n_out, rb, x, y, w, p, a.grad_divisor, lb, gxb, gyb);
+    std::memcpy(lo, lb, n_out * sizeof(T));
+    if (gxo) std::memcpy(gxo, gxb, n_out * sizeof(T));
+    if (gyo) std::memcpy(gyo, gyb, n_out * sizeof(T));
+  };
   const size_t n = static_cast<size_t>(a.n);
   size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    eval(a.x + i, a.y + i, has_w ? a.w + i : nullptr, has_p ? a.p + i : nullptr, a.loss + i,
+         want_gx ? a.gx + i : nullptr, want_gy ? a.gy + i : nullptr, N);
+    const size_t j = i + N;
+    eval(a.x + j, a.y + j, has_w ? a.w + j : nullptr, has_p ? a.p + j : nullptr, a.loss + j,
+         want_gx ? a.gx + j : nullptr, want_gy ? a.gy + j : nullptr, N);
+  }
   for (; i + N <= n; i += N) {
-    const V x = hn::LoadU(d, a.x + i);
-    const V y = hn::LoadU(d, a.y + i);
-    const V w = has_w ? hn::LoadU(d, a.w + i) : one;
-    const V p = has_p ? hn::LoadU(d, a.p + i) : one;
-    V l, gx, gy;
-    BceVector(d, x, y, w, p, has_w, has_p, div, scale, rdiv, want_gy, &l, &gx, &gy);
-    const auto far = hn::And(hn::Gt(hn::Abs(x), far_x), hn::Lt(hn::Abs(x), inf));
-    if (HWY_UNLIKELY(!hn::AllFalse(d, far))) {
-      HWY_ALIGN T lb[HWY_MAX_BYTES / sizeof(T)], gxb[HWY_MAX_BYTES / sizeof(T)],
-          gyb[HWY_MAX_BYTES / sizeof(T)];
-      hn::Store(l, d, lb);
-      hn::Store(gx, d, gxb);
-      hn::Store(gy, d, gyb);
-      FixFarLanes<T>(N, a.x + i, a.y + i, has_w ? a.w + i : nullptr, has_p ? a.p + i : nullptr,
-                     a.grad_divisor, lb, gxb, gyb);
-      l = hn::Load(d, lb);
-      gx = hn::Load(d, gxb);
-      gy = hn::Load(d, gyb);
-    }
-    hn::StoreU(l, d, a.loss + i);
-    if (a.gx) hn::StoreU(gx, d, a.gx + i);
-    if (a.gy) hn::StoreU(gy, d, a.gy + i);
+    eval(a.x + i, a.y + i, has_w ? a.w + i : nullptr, has_p ? a.p + i : nullptr, a.loss + i,
+         want_gx ? a.gx + i : nullptr, want_gy ? a.gy + i : nullptr, N);
   }
   if (i < n) {
     // The tail goes through the same vector code on padded copies, so an element's result
     // never depends on where it sits.
     const size_t r = n - i;
-    HWY_ALIGN T buf[7][HWY_MAX_BYTES / sizeof(T)] = {};
+    HWY_ALIGN T buf[4][kMaxLanes] = {};
     std::memcpy(buf[0], a.x + i, r * sizeof(T));
     std::memcpy(buf[1], a.y + i, r * sizeof(T));
     if (has_w) std::memcpy(buf[2], a.w + i, r * sizeof(T));
     if (has_p) std::memcpy(buf[3], a.p + i, r * sizeof(T));
-    V l, gx, gy;
-    BceVector(d, hn::Load(d, buf[0]), hn::Load(d, buf[1]), has_w ? hn::Load(d, buf[2]) : one,
-              has_p ? hn::Load(d, buf[3]) : one, has_w, has_p, div, scale, rdiv, want_gy, &l, &gx,
-              &gy);
-    hn::Store(l, d, buf[4]);
-    hn::Store(gx, d, buf[5]);
-    hn::Store(gy, d, buf[6]);
-    FixFarLanes<T>(r, buf[0], buf[1], has_w ? buf[2] : nullptr, has_p ? buf[3] : nullptr,
-                   a.grad_divisor, buf[4], buf[5], buf[6]);
-    std::memcpy(a.loss + i, buf[4], r * sizeof(T));
-    if (a.gx) std::memcpy(a.gx + i, buf[5], r * sizeof(T));
-    if (a.gy) std::memcpy(a.gy + i, buf[6], r * sizeof(T));
+    eval(buf[0], buf[1], has_w ? buf[2] : nullptr, has_p ? buf[3] : nullptr, a.loss + i,
+         want_gx ? a.gx + i : nullptr, want_gy ? a.gy + i : nullptr, r);
   }
 }
 
