@@ -61,8 +61,8 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv) {
 // exp(t) for t <= 0 (float lanes; double lanes use Highway's Exp): q = round(t / ln 2) by the
 // 1.5 * 2^23 shifter, r = t - q ln 2 in two parts, Highway's degree-5 polynomial for exp(r) - 1 - r
 // (1 ulp), and 2^q from the shifter's bits in one step. Lanes in `far` (|x| > kFarX, which
-// covers t < -87 where 2^q would leave the normal range) give 0: they are recomputed in a wider
-// type, except infinite x, whose limit needs exactly 0.
+// covers t < -87 where 2^q would leave the normal range, and infinities) give 0; the caller
+// recomputes them in a wider type.
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE V ExpNonPositive(D d, V t, hn::Mask<D> far) {
   using T = hn::TFromD<D>;
