@@ -16,7 +16,7 @@ APT_PACKAGES := build-essential cmake pkg-config git \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps venv build test test-cpp test-py demo clean stubs asan
+.PHONY: deps venv build test test-cpp test-py demo clean stubs asan bench-kernels bench-torch golden-venv
 
 # Installs the Debian packages that are missing (no-op when all are present).
 deps:
@@ -56,6 +56,21 @@ demo: build venv
 # Regenerates the committed Python stubs from proto/ (needs grpcio-tools in the venv).
 stubs: venv
 	$(VENV)/bin/python client/python/generate_stubs.py
+
+# CPU kernel benchmark: 10M float32 elements, 1 and 2 threads, each variant beside a
+# 2-read-2-write streaming loop run alternately with it (ratios, docs/perf.md).
+bench-kernels: build
+	$(BUILD)/kernels/cpu_bench --reps=9
+
+# torch CPU forward + backward against the same kernels (ratios). torch lives only in the golden
+# virtual environment (several GB), never in the test venv.
+GOLDEN_VENV ?= .venv-golden
+golden-venv: deps
+	@[ -x $(GOLDEN_VENV)/bin/python ] || $(PYTHON) -m venv $(GOLDEN_VENV)
+	$(GOLDEN_VENV)/bin/python -m pip install -q -r tests/golden/requirements-golden.txt
+
+bench-torch: build golden-venv
+	$(GOLDEN_VENV)/bin/python kernels/bench/torch_cpu_bench.py --cpu-bench $(BUILD)/kernels/cpu_bench
 
 clean:
 	rm -rf $(BUILD)

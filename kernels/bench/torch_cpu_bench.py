@@ -10,7 +10,9 @@ float32 elements with weight [C] and pos_weight [C]. This script times torch's
 
 with ``torch.set_num_threads(t)`` for each thread count, the median of --repeats runs after one
 warm-up, then runs lossd's ``cpu_bench --n=N`` (which measures the same work with its own
-thread pool, 1 and 2 threads) and prints threads, torch Melem/s, lossd Melem/s and the ratio.
+thread pool, 1 and 2 threads). That is one round; --rounds rounds run back to back (torch, lossd,
+torch, lossd, ...) so that both see the same machine state, and the table gives each round's
+ratio and the median ratio.
 
 Run with the golden virtual environment (torch is never a `make test` dependency):
 
@@ -99,6 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--c", type=int, default=64, help="classes: last dimension (default 64)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per point (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="torch + lossd rounds (default 3)")
     ap.add_argument("--cpu-bench", default="build/kernels/cpu_bench",
                     help="lossd's cpu_bench binary (default build/kernels/cpu_bench)")
     ap.add_argument("--no-lossd", action="store_true", help="time torch only")
@@ -111,29 +114,35 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{args.c}], weight [{args.c}], pos_weight [{args.c}], forward + backward")
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; "
           f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    torch_rate: Dict[Tuple[str, int], float] = {}
-    for mode in LOSSD_ROWS:
-        for t in threads:
-            sec = time_torch(n, args.c, mode, t, args.repeats)
-            torch_rate[(mode, t)] = n / sec / 1e6
-    lossd: Dict[Tuple[str, int], float] = {}
-    if not args.no_lossd:
-        if not os.path.exists(args.cpu_bench):
-            print(f"error: {args.cpu_bench} not found (build it, or pass --cpu-bench or "
-                  f"--no-lossd)", file=sys.stderr)
-            return 2
-        lossd, raw = run_lossd(args.cpu_bench, n)
-        if args.show_lossd:
-            print(raw)
+    if not args.no_lossd and not os.path.exists(args.cpu_bench):
+        print(f"error: {args.cpu_bench} not found (build it, or pass --cpu-bench or "
+              f"--no-lossd)", file=sys.stderr)
+        return 2
+    torch_rates: List[Dict[Tuple[str, int], float]] = []
+    lossd_rates: List[Dict[Tuple[str, int], float]] = []
+    for _ in range(args.rounds):
+        rate: Dict[Tuple[str, int], float] = {}
+        for mode in LOSSD_ROWS:
+            for t in threads:
+                rate[(mode, t)] = n / time_torch(n, args.c, mode, t, args.repeats) / 1e6
+        torch_rates.append(rate)
+        if not args.no_lossd:
+            lossd, raw = run_lossd(args.cpu_bench, n)
+            lossd_rates.append(lossd)
+            if args.show_lossd:
+                print(raw)
     print(f"{'reduction':<10}{'threads':>8}{'torch Melem/s':>15}{'lossd Melem/s':>15}"
-          f"{'ratio':>9}")
+          f"{'ratio (median)':>16}  ratio per round")
     for mode, row in LOSSD_ROWS.items():
         for t in threads:
-            tr = torch_rate[(mode, t)]
-            lr = lossd.get((row, t))
-            ls = f"{lr:15.1f}" if lr is not None else f"{'-':>15}"
-            ratio = f"{lr / tr:8.1f}x" if lr is not None else f"{'-':>9}"
-            print(f"{mode:<10}{t:>8}{tr:15.1f}{ls}{ratio}")
+            tr = statistics.median(r[(mode, t)] for r in torch_rates)
+            if lossd_rates:
+                lr = statistics.median(r[(row, t)] for r in lossd_rates)
+                ratios = [lo[(row, t)] / to[(mode, t)] for lo, to in zip(lossd_rates, torch_rates)]
+                per = ", ".join(f"{q:.1f}x" for q in ratios)
+                print(f"{mode:<10}{t:>8}{tr:15.1f}{lr:15.1f}{statistics.median(ratios):15.1f}x  {per}")
+            else:
+                print(f"{mode:<10}{t:>8}{tr:15.1f}")
     print("(lossd rows: 'none' = cpu_bench \"%s\", 'mean' = \"%s\"; target >= 15x)"
           % (LOSSD_ROWS["none"], LOSSD_ROWS["mean"]))
     return 0

@@ -24,6 +24,72 @@ namespace HWY_NAMESPACE {
 
 namespace hn = hwy::HWY_NAMESPACE;
 
+#if HWY_TARGET <= HWY_AVX3
+// Tables of the AVX-512 log1p below, for j = floor(31 e): r_j = 1/c_j rounded to 6 significant
+// bits (c_j = 1 + (j + 0.5)/31; r_0 = 1) and -log(r_j) as hi + lo (tools: Python's math.log in
+// double, split into two floats).
+alignas(64) constexpr float kLog1pR[32] = {
+    0x1.0000000000000p+0f, 0x1.e800000000000p-1f, 0x1.d800000000000p-1f, 0x1.d000000000000p-1f,
+    0x1.c000000000000p-1f, 0x1.b000000000000p-1f, 0x1.a800000000000p-1f, 0x1.a000000000000p-1f,
+    0x1.9000000000000p-1f, 0x1.8800000000000p-1f, 0x1.8000000000000p-1f, 0x1.7800000000000p-1f,
+    0x1.7000000000000p-1f, 0x1.6800000000000p-1f, 0x1.6000000000000p-1f, 0x1.5800000000000p-1f,
+    0x1.5000000000000p-1f, 0x1.4800000000000p-1f, 0x1.4000000000000p-1f, 0x1.3800000000000p-1f,
+    0x1.3800000000000p-1f, 0x1.3000000000000p-1f, 0x1.2800000000000p-1f, 0x1.2000000000000p-1f,
+    0x1.2000000000000p-1f, 0x1.1800000000000p-1f, 0x1.1800000000000p-1f, 0x1.1000000000000p-1f,
+    0x1.0800000000000p-1f, 0x1.0800000000000p-1f, 0x1.0000000000000p-1f, 0x1.f800000000000p-2f};
+alignas(64) constexpr float kLog1pLogHi[32] = {
+    0.0f, 0x1.894aa20000000p-5f, 0x1.4d31160000000p-4f, 0x1.9335e60000000p-4f,
+    0x1.1178e80000000p-3f, 0x1.5bf4060000000p-3f, 0x1.823c160000000p-3f, 0x1.a93ed40000000p-3f,
+    0x1.f991c60000000p-3f, 0x1.1178e80000000p-2f, 0x1.2696220000000p-2f, 0x1.3c25280000000p-2f,
+    0x1.522ae00000000p-2f, 0x1.68ac840000000p-2f, 0x1.7fafa40000000p-2f, 0x1.973a340000000p-2f,
+    0x1.af52960000000p-2f, 0x1.c7ff9c0000000p-2f, 0x1.e148a20000000p-2f, 0x1.fb358a0000000p-2f,
+    0x1.fb358a0000000p-2f, 0x1.0ae76e0000000p-1f, 0x1.188ee40000000p-1f, 0x1.2696220000000p-1f,
+    0x1.2696220000000p-1f, 0x1.35028a0000000p-1f, 0x1.35028a0000000p-1f, 0x1.43da000000000p-1f,
+    0x1.5322e20000000p-1f, 0x1.5322e20000000p-1f, 0x1.62e4300000000p-1f, 0x1.6af45c0000000p-1f};
+alignas(64) constexpr float kLog1pLogLo[32] = {
+    0.0f, -0x1.6c09980000000p-30f, -0x1.6fc0aa0000000p-31f, -0x1.535b3c0000000p-31f,
+    0x1.13f23e0000000p-30f, 0x1.6a87b60000000p-28f, 0x1.5468f00000000p-29f,
+    -0x1.ba930e0000000p-30f, 0x1.9676700000000p-28f, 0x1.13f23e0000000p-29f,
+    -0x1.d9648e0000000p-27f, -0x1.1999d00000000p-27f, 0x1.ce28f60000000p-28f,
+    -0x1.6395ec0000000p-30f, -0x1.09fab80000000p-28f, 0x1.89ab580000000p-29f,
+    -0x1.b6e6460000000p-27f, 0x1.d155320000000p-28f, -0x1.76364c0000000p-28f,
+    0x1.ef49100000000p-27f, 0x1.ef49100000000p-27f, 0x1.682a7c0000000p-28f,
+    0x1.e4794c0000000p-30f, -0x1.d9648e0000000p-26f, -0x1.d9648e0000000p-26f,
+    0x1.b3b1900000000p-26f, 0x1.b3b1900000000p-26f, -0x1.a0db880000000p-26f,
+    0x1.a19e160000000p-27f, 0x1.a19e160000000p-27f, -0x1.05c6100000000p-29f,
+    -0x1.c8256a0000000p-26f};
+
+// log1p(e) for e in [0, 1], given inv = 1/(1+e) (float lanes, AVX-512): u = 1+e rounded,
+// c = e-(u-1) exact, log1p(e) = log(u) + c/u. j = floor(31 e) from the top mantissa bits of
+// 1 + e 31/32 (two 16-lane table lookups per table). f = u r_j - 1 is exact (r_j has 6 bits and
+// |f| < 2^-5), log(u) = -log(r_j) + log1p(f), log1p(f) = f - f^2/2 + f^3 (q0 + q1 f + q2 f^2)
+// (minimax on |f| <= 0.0325, relative error 2^-30). Rounded about once for j = 0, below
+// 0.75 ulp otherwise.
+HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<float> inv) {
+  const hn::Full512<float> d;
+  const hn::RebindToSigned<decltype(d)> di;
+  using V = hn::Vec512<float>;
+  const V one = hn::Set(d, 1.0f);
+  const V u = hn::Add(one, e);
+  const V c = hn::Sub(e, hn::Sub(u, one));
+  // The lookups use the low 5 bits of each index lane: the top 5 mantissa bits of 1 + e 31/32.
+  const __m512i idx =
+      hn::ShiftRight<18>(hn::BitCast(di, hn::MulAdd(e, hn::Set(d, 0.96875f), one))).raw;
+  const auto lookup = [&](const float* t) {
+    return V{_mm512_permutex2var_ps(hn::Load(d, t).raw, idx, hn::Load(d, t + 16).raw)};
+  };
+  const V r = lookup(kLog1pR);
+  const V log_hi = lookup(kLog1pLogHi);
+  const V log_lo = lookup(kLog1pLogLo);
+  const V f = hn::MulSub(u, r, one);
+  const V f2 = hn::Mul(f, f);
+  const V q = hn::MulAdd(hn::MulAdd(hn::Set(d, 0x1.99f3dep-3f), f, hn::Set(d, -0x1.002818p-2f)), f,
+                         hn::Set(d, 0x1.555554p-2f));
+  const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
+  return hn::Add(log_hi, hn::Add(f, hn::Add(hn::MulAdd(c, inv, corr), log_lo)));
+}
+#endif
+
 // log1p(e) for e in [0, 1], given inv = 1/(1+e) (float lanes). u = 1+e rounded, c = e-(u-1)
 // exact, log1p(e) = log(u) + c/u. log(u) = k ln2 + log1p(f) with k = [u > sqrt 2],
 // f = u/2^k - 1 exact in [-0.293, 0.415], log1p(f) = f - f^2/2 + f^3 Q(f) (Q: degree-7
@@ -35,6 +101,10 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv) {
   if constexpr (sizeof(T) != 4) {
     (void)inv;
     return hn::Log1p(d, e);
+#if HWY_TARGET <= HWY_AVX3
+  } else if constexpr (hn::MaxLanes(D()) == 16) {
+    return Log1pUnitAvx512(e, inv);
+#endif
   } else {
     const V one = hn::Set(d, 1.0f);
     const V u = hn::Add(one, e);

@@ -111,6 +111,35 @@ TEST_P(AccuracyTest, Float32DenseGrid) {
             << " ulp (of the larger term)\n";
 }
 
+TEST_P(AccuracyTest, Float32FineSweepWhereLog1pMatters) {
+  // exp(-|x|) in [1e-8, 1]: every step of 2^-13 in x over [-18, 18], so each interval of the
+  // log1p range reduction is hit many times, at hard and soft targets.
+  std::vector<float> xs;
+  for (float v = -18.0f; v <= 18.0f; v += 0x1p-13f) xs.push_back(v);
+  const int64_t n = static_cast<int64_t>(xs.size());
+  auto cpu = MakeCpuBackend({1});
+  int64_t worst = 0;
+  for (float yv : {0.0f, 1.0f, 0.25f}) {
+    std::vector<float> y(n, yv);
+    BceArgs a;
+    a.numel = n;
+    a.logits = xs.data();
+    a.targets = y.data();
+    a.reduction = Reduction::kNone;
+    std::vector<float> l(n);
+    ASSERT_TRUE(cpu->Bce(a, {l.data(), nullptr, nullptr}).ok());
+    std::vector<double> rl(n);
+    ReferenceBce(a, rl.data(), nullptr, nullptr);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t dist = UlpDistance(l[i], static_cast<float>(rl[i]));
+      worst = std::max(worst, dist);
+      ASSERT_LE(dist, 4) << "x=" << xs[i] << " y=" << yv;
+    }
+  }
+  std::cout << "target " << hwy::TargetName(GetParam()) << ": float32 loss on the fine sweep worst "
+            << worst << " ulp\n";
+}
+
 TEST_P(AccuracyTest, Float32MeanGradientsOnDenseGrid) {
   // MEAN divides the gradients by n inside the kernel (a reciprocal with one correction step).
   std::vector<float> xs = GridX();
