@@ -64,14 +64,18 @@ const T* DenseRun(DType dtype, const void* data, int64_t i0, int64_t n, T* scrat
 // Largest period of a trailing broadcast ([C]) that is served from a precomputed tile.
 constexpr int64_t kMaxTilePeriod = 8192;
 
-// For an operand with inner 1 and a short period P, kReduceBlock + P values
-// tile[k] = op[k % P], so that any block's values start at tile + i0 % P without copying.
+// The SIMD kernel reads tiled operands in pieces of kTilePiece elements, so that a tile stays
+// small enough to remain in the L1 cache beside the streamed inputs and outputs.
+constexpr int64_t kTilePiece = 256;
+
+// For an operand with inner 1 and a short period P, span + P values tile[k] = op[k % P], so
+// that the values of any run of up to `span` elements start at tile + i0 % P without copying.
 template <typename T>
-hwy::AlignedFreeUniquePtr<T[]> MakeTile(const Operand& op, int64_t numel) {
+hwy::AlignedFreeUniquePtr<T[]> MakeTile(const Operand& op, int64_t numel, int64_t span) {
   if (op.data == nullptr || op.inner != 1 || op.period == numel || op.period > kMaxTilePeriod) {
     return nullptr;
   }
-  const int64_t len = std::min(kReduceBlock, numel) + op.period;
+  const int64_t len = std::min(span, numel) + op.period;
   auto tile = hwy::AllocateAligned<T>(len);
   LoadRun(op.dtype, op.data, 0, op.period, tile.get());
   for (int64_t k = op.period; k < len; ++k) tile[k] = tile[k - op.period];
@@ -177,8 +181,9 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
   eo.alpha = static_cast<T>(args.focal_alpha);
   eo.gamma = static_cast<T>(args.focal_gamma);
 
-  const auto w_tile = MakeTile<T>(args.weight, args.numel);
-  const auto p_tile = MakeTile<T>(args.pos_weight, args.numel);
+  const int64_t span = focal ? B : kTilePiece;  // the focal loop reads whole blocks
+  const auto w_tile = MakeTile<T>(args.weight, args.numel, span);
+  const auto p_tile = MakeTile<T>(args.pos_weight, args.numel, span);
   internal::BlockArgs<T> k;
   k.grad_divisor = div_in_kernel ? static_cast<T>(plan.grad_div) : T(1);
   for (int64_t b = b0; b < b1; ++b) {
@@ -207,7 +212,26 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
       } else {
         k.y = y_raw;
       }
-      internal::BceBlock(k);
+      if (w_tile == nullptr && p_tile == nullptr) {
+        internal::BceBlock(k);
+      } else {
+        for (int64_t off = 0; off < n; off += kTilePiece) {
+          internal::BlockArgs<T> piece = k;
+          piece.n = std::min(kTilePiece, n - off);
+          piece.x += off;
+          piece.y += off;
+          piece.loss += off;
+          if (piece.gx) piece.gx += off;
+          if (piece.gy) piece.gy += off;
+          const auto operand = [&](const Operand& op, const T* tile, const T* run) -> const T* {
+            if (run == nullptr) return nullptr;
+            return tile != nullptr ? tile + (i0 + off) % op.period : run + off;
+          };
+          piece.w = operand(args.weight, w_tile.get(), k.w);
+          piece.p = operand(args.pos_weight, p_tile.get(), k.p);
+          internal::BceBlock(piece);
+        }
+      }
       if (smooth && k.gy) {
         for (int64_t j = 0; j < n; ++j) k.gy[j] *= (T(1) - s);
       }
