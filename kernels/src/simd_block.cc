@@ -284,14 +284,14 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   const V div = hn::Set(d, a.grad_divisor);
   const V rdiv = hn::Set(d, T(1) / a.grad_divisor);
   const V one = hn::Set(d, T(1));
-  // Evaluates N lanes at the given inputs and stores n_out <= N of them.
-  const auto eval = [&](const T* x, const T* y, const T* w, const T* p, T* lo, T* gxo, T* gyo,
-                        size_t n_out) {
-    V l, gx, gy;
-    const auto ok =
-        BceVector(d, hn::LoadU(d, x), hn::LoadU(d, y), has_w ? hn::LoadU(d, w) : one,
-                  has_p ? hn::LoadU(d, p) : one, has_w, has_p, div, scale, rdiv, want_gx,
-                  want_gy, &l, &gx, &gy);
+  const auto compute = [&](const T* x, const T* y, const T* w, const T* p, V* l, V* gx, V* gy) {
+    return BceVector(d, hn::LoadU(d, x), hn::LoadU(d, y), has_w ? hn::LoadU(d, w) : one,
+                     has_p ? hn::LoadU(d, p) : one, has_w, has_p, div, scale, rdiv, want_gx,
+                     want_gy, l, gx, gy);
+  };
+  // Stores n_out <= N lanes of computed results, recomputing the rare lanes first.
+  const auto finish = [&](hn::Mask<decltype(d)> ok, V l, V gx, V gy, const T* x, const T* y,
+                          const T* w, const T* p, T* lo, T* gxo, T* gyo, size_t n_out) {
     if (HWY_LIKELY(n_out == N && hn::AllTrue(d, ok))) {
       hn::StoreU(l, d, lo);
       if (gxo) hn::StoreU(gx, d, gxo);
@@ -308,14 +308,29 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
     if (gxo) std::memcpy(gxo, gxb, n_out * sizeof(T));
     if (gyo) std::memcpy(gyo, gyb, n_out * sizeof(T));
   };
+  const auto eval = [&](const T* x, const T* y, const T* w, const T* p, T* lo, T* gxo, T* gyo,
+                        size_t n_out) {
+    V l, gx, gy;
+    const auto ok = compute(x, y, w, p, &l, &gx, &gy);
+    finish(ok, l, gx, gy, x, y, w, p, lo, gxo, gyo, n_out);
+  };
   const size_t n = static_cast<size_t>(a.n);
   size_t i = 0;
+  // Two vectors per iteration, both computed before either is checked and stored: one basic
+  // block with two independent dependency chains.
   for (; i + 2 * N <= n; i += 2 * N) {
-    eval(a.x + i, a.y + i, has_w ? a.w + i : nullptr, has_p ? a.p + i : nullptr, a.loss + i,
-         want_gx ? a.gx + i : nullptr, want_gy ? a.gy + i : nullptr, N);
     const size_t j = i + N;
-    eval(a.x + j, a.y + j, has_w ? a.w + j : nullptr, has_p ? a.p + j : nullptr, a.loss + j,
-         want_gx ? a.gx + j : nullptr, want_gy ? a.gy + j : nullptr, N);
+    const T* w0 = has_w ? a.w + i : nullptr;
+    const T* p0 = has_p ? a.p + i : nullptr;
+    const T* w1 = has_w ? a.w + j : nullptr;
+    const T* p1 = has_p ? a.p + j : nullptr;
+    V l0, gx0, gy0, l1, gx1, gy1;
+    const auto ok0 = compute(a.x + i, a.y + i, w0, p0, &l0, &gx0, &gy0);
+    const auto ok1 = compute(a.x + j, a.y + j, w1, p1, &l1, &gx1, &gy1);
+    finish(ok0, l0, gx0, gy0, a.x + i, a.y + i, w0, p0, a.loss + i, want_gx ? a.gx + i : nullptr,
+           want_gy ? a.gy + i : nullptr, N);
+    finish(ok1, l1, gx1, gy1, a.x + j, a.y + j, w1, p1, a.loss + j, want_gx ? a.gx + j : nullptr,
+           want_gy ? a.gy + j : nullptr, N);
   }
   for (; i + N <= n; i += N) {
     eval(a.x + i, a.y + i, has_w ? a.w + i : nullptr, has_p ? a.p + i : nullptr, a.loss + i,
