@@ -86,7 +86,7 @@ HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<flo
   const V q = hn::MulAdd(hn::MulAdd(hn::Set(d, 0x1.99f3dep-3f), f, hn::Set(d, -0x1.002818p-2f)), f,
                          hn::Set(d, 0x1.555554p-2f));
   const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
-  return hn::Add(log_hi, hn::Add(f, hn::Add(hn::MulAdd(c, inv, corr), log_lo)));
+  return hn::Add(log_hi, hn::Add(hn::Add(f, log_lo), hn::MulAdd(c, inv, corr)));
 }
 #endif
 
@@ -152,8 +152,8 @@ HWY_INLINE V ExpNonPositive(D d, V t, hn::Mask<D> far) {
                              hn::Set(d, 0.0416664853692054748535156f));
     const V p45 = hn::MulAdd(hn::Set(d, 0.000198527617612853646278381f), r,
                              hn::Set(d, 0.00139304355252534151077271f));
-    const V p = hn::MulAdd(hn::MulAdd(p45, r2, p23), r2, p01);
-    const V em1 = hn::MulAdd(p, r2, r);
+    // r + r^2 p01 + r^4 (p23 + r^2 p45): the two halves in parallel.
+    const V em1 = hn::MulAdd(hn::Mul(r2, r2), hn::MulAdd(p45, r2, p23), hn::MulAdd(r2, p01, r));
     // The shifter's low bits hold q (two's complement); (bits + 127) << 23 is 2^q.
     const V scale = hn::BitCast(
         d, hn::ShiftLeft<23>(hn::Add(hn::BitCast(di, qs), hn::Set(di, 127))));
@@ -214,12 +214,13 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   const V e = ExpNonPositive(d, hn::Neg(ax), far);    // 0 where far (float), exp (double)
   const V inv = ReciprocalOneTwo(d, hn::Add(one, e));
   const V l = Log1pUnit(d, e, inv);
-  const V sp_pos = hn::Add(hn::Max(x, zero), l);
-  const V sp_neg = hn::Add(hn::Max(hn::Neg(x), zero), l);
+  const V x_pos = hn::Max(x, zero);
+  const V x_neg = hn::Max(hn::Neg(x), zero);
   const V a = hn::Sub(one, y);
   const V b = has_p ? hn::Mul(p, y) : y;
-  // Fused multiply-adds save a rounding.
-  V lv = hn::MulAdd(a, sp_pos, hn::Mul(b, sp_neg));
+  // a sp(x) + b sp(-x) = (a + b) l + (a max(x,0) + b max(-x,0)): the second part (one product:
+  // one of the maxima is 0) is ready before l, so only one FMA waits for l.
+  V lv = hn::MulAdd(hn::Add(a, b), l, hn::MulAdd(a, x_pos, hn::Mul(b, x_neg)));
   V gxv = zero;
   if (want_gx) {
     const V e_inv = hn::Mul(e, inv);
@@ -229,7 +230,11 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
     gxv = hn::MulSub(a, s_pos, hn::Mul(b, s_neg));
   }
   V gyv = zero;
-  if (want_gy) gyv = has_p ? hn::MulSub(p, sp_neg, sp_pos) : hn::Sub(sp_neg, sp_pos);
+  if (want_gy) {
+    const V sp_pos = hn::Add(x_pos, l);
+    const V sp_neg = hn::Add(x_neg, l);
+    gyv = has_p ? hn::MulSub(p, sp_neg, sp_pos) : hn::Sub(sp_neg, sp_pos);
+  }
   if (has_w) {
     lv = hn::Mul(w, lv);
     gxv = hn::Mul(w, gxv);
