@@ -216,8 +216,16 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   const V l = Log1pUnit(d, e, inv);
   const V x_pos = hn::Max(x, zero);
   const V x_neg = hn::Max(hn::Neg(x), zero);
-  const V a = hn::Sub(one, y);
-  const V b = has_p ? hn::Mul(p, y) : y;
+  // The coefficients with the weight folded in: a = w (1 - y) (one rounding, and +0 for w = 0),
+  // b = w p y. With finite inputs a zero weight then gives +0 everywhere without masks.
+#if HWY_NATIVE_FMA
+  V a = has_w ? hn::NegMulAdd(w, y, w) : hn::Sub(one, y);
+#else
+  // Without FMA, w - w y would cancel: w (1 - y), plus +0 so that w = 0 gives +0.
+  V a = has_w ? hn::Add(hn::Mul(w, hn::Sub(one, y)), zero) : hn::Sub(one, y);
+#endif
+  V b = has_p ? hn::Mul(p, y) : y;
+  if (has_w) b = hn::Mul(w, b);
   // a sp(x) + b sp(-x) = (a + b) l + (a max(x,0) + b max(-x,0)): the second part (one product:
   // one of the maxima is 0) is ready before l, so only one FMA waits for l.
   V lv = hn::MulAdd(hn::Add(a, b), l, hn::MulAdd(a, x_pos, hn::Mul(b, x_neg)));
@@ -235,20 +243,12 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
     const V sp_neg = hn::Add(x_neg, l);
     gyv = has_p ? hn::MulSub(p, sp_neg, sp_pos) : hn::Sub(sp_neg, sp_pos);
   }
-  if (has_w) {
-    lv = hn::Mul(w, lv);
-    gxv = hn::Mul(w, gxv);
-    if (want_gy) gyv = hn::Mul(w, gyv);
+  if (has_w && want_gy) {
+    // A zero weight gives +0 (not -0) like the scalar math.
+    gyv = hn::IfThenZeroElse(hn::Eq(w, zero), hn::Mul(w, gyv));
   }
   // NaN inputs make lv NaN (w = 0 included: 0 * NaN), overflow makes it or gxv infinite.
   const auto ok = hn::AndNot(far, hn::IsFinite(want_gx ? hn::Add(lv, gxv) : lv));
-  if (has_w) {
-    // A zero weight gives +0 (not -0) like the scalar math.
-    const auto w_zero = hn::Eq(w, zero);
-    lv = hn::IfThenZeroElse(w_zero, lv);
-    gxv = hn::IfThenZeroElse(w_zero, gxv);
-    if (want_gy) gyv = hn::IfThenZeroElse(w_zero, gyv);
-  }
   if (scale) {
     gxv = DivideByReciprocal(gxv, div, rdiv);
     if (want_gy) gyv = DivideByReciprocal(gyv, div, rdiv);

@@ -140,6 +140,42 @@ TEST_P(AccuracyTest, Float32FineSweepWhereLog1pMatters) {
             << worst << " ulp\n";
 }
 
+TEST_P(AccuracyTest, ZeroWeightGivesPositiveZero) {
+  // The scalar math gives +0 (not -0) for every output of an element with weight 0 and finite
+  // inputs, whatever the signs of the other factors; the SIMD kernels fold the weight into the
+  // coefficients and must agree bit for bit.
+  std::vector<float> x, y, p;
+  for (float xv : {-90.0f, -20.0f, -3.0f, -1e-30f, 0.0f, -0.0f, 1e-30f, 0.5f, 4.0f, 30.0f, 85.0f}) {
+    for (float yv : {0.0f, 0.3f, 1.0f, 1.5f, -0.5f}) {
+      for (float pv : {0.0f, 1.0f, 2.5f, -2.0f}) {
+        x.push_back(xv);
+        y.push_back(yv);
+        p.push_back(pv);
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(x.size());
+  std::vector<float> w(n, 0.0f);
+  for (Reduction r : {Reduction::kNone, Reduction::kSum}) {
+    BceArgs a;
+    a.numel = n;
+    a.logits = x.data();
+    a.targets = y.data();
+    a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
+    a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
+    a.reduction = r;
+    std::vector<float> l(n), gx(n), gy(n);
+    ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+    for (int64_t i = 0; i < n; ++i) {
+      for (float v : {r == Reduction::kNone ? l[i] : 0.0f, gx[i], gy[i]}) {
+        ASSERT_TRUE(v == 0.0f && !std::signbit(v))
+            << "x=" << x[i] << " y=" << y[i] << " p=" << p[i] << " got " << v;
+      }
+    }
+    if (r == Reduction::kSum) EXPECT_TRUE(l[0] == 0.0f && !std::signbit(l[0]));
+  }
+}
+
 TEST_P(AccuracyTest, Float32MeanGradientsOnDenseGrid) {
   // MEAN divides the gradients by n inside the kernel (a reciprocal with one correction step).
   std::vector<float> xs = GridX();
