@@ -375,20 +375,42 @@ HWY_INLINE double BlockTreeSumImpl(const T* v, int64_t n, double* s) {
   int64_t h = kReduceBlock / 2;
   while (h >= 1 && n <= h) h /= 2;
   if (h == 0) return static_cast<double>(v[0]);
-  // First level: s[j] = v[j] + v[j + h] for j < n - h, s[j] = v[j] for n - h <= j < h.
   int64_t j = 0;
-  for (; j + N <= n - h; j += N) {
-    hn::StoreU(hn::Add(LoadWide(dd, v + j), LoadWide(dd, v + j + h)), dd, s + j);
+  if (n == 2 * h && h / 2 >= N) {
+    // A full tree: the first two levels at once, s[j] = (v[j] + v[j+h]) + (v[j+q] + v[j+q+h]).
+    const int64_t q = h / 2;
+    for (; j < q; j += N) {
+      const auto a = hn::Add(LoadWide(dd, v + j), LoadWide(dd, v + j + h));
+      const auto b = hn::Add(LoadWide(dd, v + j + q), LoadWide(dd, v + j + q + h));
+      hn::StoreU(hn::Add(a, b), dd, s + j);
+    }
+    h = q;
+  } else {
+    // First level: s[j] = v[j] + v[j + h] for j < n - h, s[j] = v[j] for n - h <= j < h.
+    for (; j + N <= n - h; j += N) {
+      hn::StoreU(hn::Add(LoadWide(dd, v + j), LoadWide(dd, v + j + h)), dd, s + j);
+    }
+    for (; j < n - h; ++j) s[j] = static_cast<double>(v[j]) + static_cast<double>(v[j + h]);
+    for (; j < h; ++j) s[j] = static_cast<double>(v[j]);
   }
-  for (; j < n - h; ++j) s[j] = static_cast<double>(v[j]) + static_cast<double>(v[j + h]);
-  for (; j < h; ++j) s[j] = static_cast<double>(v[j]);
-  for (h /= 2; h >= 1; h /= 2) {
-    if (h >= N) {
+  // Remaining levels, two at a time where both are whole vectors.
+  for (h /= 2; h >= 1;) {
+    if (h >= 2 * N) {
+      const int64_t q = h / 2;
+      for (int64_t k = 0; k < q; k += N) {
+        const auto a = hn::Add(hn::LoadU(dd, s + k), hn::LoadU(dd, s + k + h));
+        const auto b = hn::Add(hn::LoadU(dd, s + k + q), hn::LoadU(dd, s + k + q + h));
+        hn::StoreU(hn::Add(a, b), dd, s + k);
+      }
+      h = q / 2;
+    } else if (h >= N) {
       for (int64_t k = 0; k < h; k += N) {
         hn::StoreU(hn::Add(hn::LoadU(dd, s + k), hn::LoadU(dd, s + k + h)), dd, s + k);
       }
+      h /= 2;
     } else {
       for (int64_t k = 0; k < h; ++k) s[k] += s[k + h];
+      h /= 2;
     }
   }
   return s[0];
