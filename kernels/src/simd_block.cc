@@ -65,7 +65,8 @@ alignas(64) constexpr float kLog1pLogLo[32] = {
 // |f| < 2^-5), log(u) = -log(r_j) + log1p(f), log1p(f) = f - f^2/2 + f^3 (q0 + q1 f + q2 f^2)
 // (minimax on |f| <= 0.0325, relative error 2^-30). Rounded about once for j = 0, below
 // 0.75 ulp otherwise.
-HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<float> inv) {
+HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<float> inv,
+                                             hn::Vec512<float>* lo) {
   const hn::Full512<float> d;
   const hn::RebindToSigned<decltype(d)> di;
   using V = hn::Vec512<float>;
@@ -86,24 +87,30 @@ HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<flo
   const V q = hn::MulAdd(hn::MulAdd(hn::Set(d, 0x1.99f3dep-3f), f, hn::Set(d, -0x1.002818p-2f)), f,
                          hn::Set(d, 0x1.555554p-2f));
   const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
-  return hn::Add(log_hi, hn::Add(hn::Add(f, log_lo), hn::MulAdd(c, inv, corr)));
+  // hi + lo with hi = -log(r_j) + f rounded and lo its exact error (|-log r_j| >= |f| or
+  // -log r_j = 0) plus the small terms, so that callers can use the sum unrounded.
+  const V hi = hn::Add(log_hi, f);
+  *lo = hn::Add(hn::Add(hn::Sub(log_hi, hi), f), hn::Add(log_lo, hn::MulAdd(c, inv, corr)));
+  return hi;
 }
 #endif
 
 // log1p(e) for e in [0, 1], given inv = 1/(1+e) (float lanes). u = 1+e rounded, c = e-(u-1)
 // exact, log1p(e) = log(u) + c/u. log(u) = k ln2 + log1p(f) with k = [u > sqrt 2],
 // f = u/2^k - 1 exact in [-0.293, 0.415], log1p(f) = f - f^2/2 + f^3 Q(f) (Q: degree-7
-// minimax fit of the relative error, 2^-27.2). k ln2_hi + f is exact, so the result is rounded
-// about once. No division, unlike the general Log1p.
+// minimax fit of the relative error, 2^-27.2). k ln2_hi + f is exact; it is returned, and the
+// remaining small terms go to *lo, so that callers can use hi + lo without rounding it. No
+// division, unlike the general Log1p. Double lanes: Highway's Log1p and *lo = 0.
 template <class D, class V = hn::Vec<D>>
-HWY_INLINE V Log1pUnit(D d, V e, V inv) {
+HWY_INLINE V Log1pUnit(D d, V e, V inv, V* lo) {
   using T = hn::TFromD<D>;
   if constexpr (sizeof(T) != 4) {
     (void)inv;
+    *lo = hn::Zero(d);
     return hn::Log1p(d, e);
 #if HWY_TARGET <= HWY_AVX3
   } else if constexpr (hn::MaxLanes(D()) == 16) {
-    return Log1pUnitAvx512(e, inv);
+    return Log1pUnitAvx512(e, inv, lo);
 #endif
   } else {
     const V one = hn::Set(d, 1.0f);
@@ -122,9 +129,10 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv) {
     const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
     // ln 2 = 0x1.62e4p-1 (exact, 16 bits) + 1.4286068e-6
     const V hi = hn::Add(hn::IfThenElseZero(k, hn::Set(d, 0.693145751953125f)), f);
-    const V lo = hn::Add(hn::MulAdd(c, inv, corr),
+    const V lo_part = hn::Add(hn::MulAdd(c, inv, corr),
                          hn::IfThenElseZero(k, hn::Set(d, 1.4286068203094172e-06f)));
-    return hn::Add(hi, lo);
+    *lo = lo_part;
+    return hi;
   }
 }
 
@@ -213,7 +221,8 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   const auto far = hn::Gt(ax, hn::Set(d, kFarX<T>));  // includes infinities, not NaN
   const V e = ExpNonPositive(d, hn::Neg(ax), far);    // 0 where far (float), exp (double)
   const V inv = ReciprocalOneTwo(d, hn::Add(one, e));
-  const V l = Log1pUnit(d, e, inv);
+  V l_lo;
+  const V l = Log1pUnit(d, e, inv, &l_lo);  // log1p(e) = l + l_lo
   const V x_pos = hn::Max(x, zero);
   const V x_neg = hn::Max(hn::Neg(x), zero);
   // The coefficients with the weight folded in: a = w (1 - y) (one rounding, and +0 for w = 0),
@@ -228,7 +237,8 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   if (has_w) b = hn::Mul(w, b);
   // a sp(x) + b sp(-x) = (a + b) l + (a max(x,0) + b max(-x,0)): the second part (one product:
   // one of the maxima is 0) is ready before l, so only one FMA waits for l.
-  V lv = hn::MulAdd(hn::Add(a, b), l, hn::MulAdd(a, x_pos, hn::Mul(b, x_neg)));
+  const V ab = hn::Add(a, b);
+  V lv = hn::MulAdd(ab, l, hn::MulAdd(ab, l_lo, hn::MulAdd(a, x_pos, hn::Mul(b, x_neg))));
   V gxv = zero;
   if (want_gx) {
     const V e_inv = hn::Mul(e, inv);
@@ -239,8 +249,9 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   }
   V gyv = zero;
   if (want_gy) {
-    const V sp_pos = hn::Add(x_pos, l);
-    const V sp_neg = hn::Add(x_neg, l);
+    const V l_sum = hn::Add(l, l_lo);
+    const V sp_pos = hn::Add(x_pos, l_sum);
+    const V sp_neg = hn::Add(x_neg, l_sum);
     gyv = has_p ? hn::MulSub(p, sp_neg, sp_pos) : hn::Sub(sp_neg, sp_pos);
   }
   if (has_w && want_gy) {
