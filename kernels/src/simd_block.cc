@@ -218,7 +218,9 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   const V zero = hn::Zero(d);
   const V one = hn::Set(d, T(1));
   const V ax = hn::Abs(x);
-  const auto far = hn::Gt(ax, hn::Set(d, kFarX<T>));  // includes infinities, not NaN
+  // Far, infinite or NaN x (a NaN x must not rely on propagation: Highway's double Exp gives 0
+  // for it and Max drops it).
+  const auto far = hn::Not(hn::Le(ax, hn::Set(d, kFarX<T>)));
   const V e = ExpNonPositive(d, hn::Neg(ax), far);    // 0 where far (float), exp (double)
   const V inv = ReciprocalOneTwo(d, hn::Add(one, e));
   V l_lo;
@@ -258,7 +260,7 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
     // A zero weight gives +0 (not -0) like the scalar math.
     gyv = hn::IfThenZeroElse(hn::Eq(w, zero), hn::Mul(w, gyv));
   }
-  // NaN inputs make lv NaN (w = 0 included: 0 * NaN), overflow makes it or gxv infinite.
+  // NaN in y, w or p makes lv NaN (w = 0 included: 0 * NaN), overflow makes it or gxv infinite.
   const auto ok = hn::AndNot(far, hn::IsFinite(want_gx ? hn::Add(lv, gxv) : lv));
   if (scale) {
     gxv = DivideByReciprocal(gxv, div, rdiv);

@@ -176,6 +176,48 @@ TEST_P(AccuracyTest, ZeroWeightGivesPositiveZero) {
   }
 }
 
+// A NaN in any input gives NaN in every output of that element only, on every target, in both
+// compute types, with and without a zero weight in the same element.
+template <typename T>
+void ExpectNaNPerElement(DType dtype) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  std::vector<T> x, y, w, p;
+  std::vector<bool> want;
+  for (T xv : {T(-3), T(0), T(2.5), T(90), T(-1e30)}) {
+    for (int which = 0; which < 5; ++which) {  // 0: none, 1: x, 2: y, 3: w, 4: p
+      for (T wv : {T(0), T(1.5)}) {
+        x.push_back(which == 1 ? nan : xv);
+        y.push_back(which == 2 ? nan : T(0.25));
+        w.push_back(which == 3 ? nan : wv);
+        p.push_back(which == 4 ? nan : T(2));
+        want.push_back(which != 0);
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(x.size());
+  BceArgs a;
+  a.numel = n;
+  a.dtype = a.targets_dtype = dtype;
+  a.logits = x.data();
+  a.targets = y.data();
+  a.weight = *MakeOperand("weight", dtype, w.data(), {n}, {n});
+  a.pos_weight = *MakeOperand("pos_weight", dtype, p.data(), {n}, {n});
+  a.reduction = Reduction::kNone;
+  std::vector<T> l(n), gx(n), gy(n);
+  ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+  for (int64_t i = 0; i < n; ++i) {
+    for (T v : {l[i], gx[i], gy[i]}) {
+      ASSERT_EQ(std::isnan(v), want[i]) << "i=" << i << " x=" << x[i] << " y=" << y[i]
+                                        << " w=" << w[i] << " p=" << p[i] << " got " << v;
+    }
+  }
+}
+
+TEST_P(AccuracyTest, NaNPropagatesPerElement) {
+  ExpectNaNPerElement<float>(DType::kFloat32);
+  ExpectNaNPerElement<double>(DType::kFloat64);
+}
+
 TEST_P(AccuracyTest, Float32MeanGradientsOnDenseGrid) {
   // MEAN divides the gradients by n inside the kernel (a reciprocal with one correction step).
   std::vector<float> xs = GridX();
