@@ -71,6 +71,7 @@ struct Params {
   double n_double;  // numel, for MEAN gradients
   double inv_n;     // 1 / numel
   bool mean;
+  bool all_float;  // BceElementF32 where it applies (float compute, float-exact y, w, p)
   bool vec;    // x, y and outputs allow 4-element vector accesses
   bool small;  // every index < 2^31: 32-bit operand index arithmetic
 };
@@ -261,7 +262,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int e = 4 * h + k;
-        Element(x[e], y[e], w[k], p[k], &l[e], &gx[k], &gy[k]);
+        bool done = false;
+        if constexpr (std::is_same_v<TC, float> && std::is_same_v<TYC, float>) {
+          float lf, gxf, gyf;
+          if (P.all_float && internal::BceElementF32(x[e], y[e], static_cast<float>(w[k]),
+                                                     static_cast<float>(p[k]), &lf, &gxf, &gyf)) {
+            l[e] = lf;
+            gx[k] = gxf;
+            gy[k] = gyf;
+            done = true;
+          }
+        }
+        if (!done) Element(x[e], y[e], w[k], p[k], &l[e], &gx[k], &gy[k]);
         if (P.mean) {
           gx[k] = MeanScale<TC>(gx[k], P);
           gy[k] = MeanScale<TC>(gy[k], P);
@@ -473,6 +485,7 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
   P.n_double = static_cast<double>(a.numel);
   P.inv_n = 1.0 / P.n_double;
   P.mean = a.reduction == Reduction::kMean;
+  P.all_float = a.float_math;
   P.small = small;
   const size_t vx = 4 * ItemSize(a.dtype);
   P.vec = Aligned(a.logits, vx) && Aligned(a.targets, 4 * ItemSize(a.targets_dtype)) &&

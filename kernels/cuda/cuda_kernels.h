@@ -40,6 +40,12 @@ struct DeviceBce {
   void* grad_logits = nullptr;             // numel elements, or nullptr
   void* grad_targets = nullptr;            // numel elements, or nullptr
   double* block_sums = nullptr;  // NumReduceBlocks(numel) doubles, or nullptr: no loss sum
+  // true: elements of float32 and half logits with non-double targets are computed by
+  // internal::BceElementF32 (all-float math, the CPU kernel's formulas; rare elements still in
+  // double), which requires every target, weight and pos_weight value to be exact in float (as
+  // when they come from float32 or half tensors). Off by default: gpu_bench validates and
+  // times both.
+  bool float_math = false;
 };
 
 // Number of kReduceBlock-element blocks covering numel elements.

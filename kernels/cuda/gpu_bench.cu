@@ -2,12 +2,15 @@
 //
 // 1. Validates MakeCudaBackend() against ReferenceBce on ~1M random float32 elements with
 //    weight [C] and pos_weight [C]: per-element loss (max ulp), gradients (max error in ulp of
-//    the larger term), MEAN (relative error; and vs the CPU backend). Prints PASS or FAIL.
+//    the larger term), the loss against the CPU backend per element, MEAN (relative error; and
+//    vs the CPU backend); then cuda::LaunchBce with DeviceBce::float_math on the same data.
+//    Prints PASS or FAIL for each.
 // 2. Times, with CUDA events on device-resident data, the fused kernel (cuda::LaunchBce) next
 //    to a device-to-device cudaMemcpy that moves the same number of bytes (read + written),
 //    for float32 sizes 1M..256M. Bytes counted for the kernel: x and y read (+ w and p when
 //    they are full tensors), loss and grad_logits written; MEAN writes grad_logits only.
 //    [C] operands are passed in double, as CudaBackend uploads operands of <= 64K elements.
+//    The "/f32" variants repeat the problems with DeviceBce::float_math from 16M elements.
 //
 // Output: a table, plus one machine-readable line per row:
 //   RESULT <variant> <numel> <kernel_gbps> <copy_gbps> <gelem_per_s>
@@ -83,61 +86,103 @@ double GradScaleY(double x, double w, double p) {
                   std::fabs(w * p * (std::max(-x, 0.0) + l)));
 }
 
-bool Validate() {
-  const int64_t c = 64, rows = 16411, n = rows * c;  // ~1.05M, not a multiple of 2048
-  std::mt19937_64 rng(20240601);
-  std::uniform_real_distribution<double> u(0, 1);
-  std::vector<float> x(n), y(n), w(c), p(c);
-  const float specials[] = {0.0f,
-                            30.0f,
-                            -30.0f,
-                            1e30f,
-                            -1e30f,
-                            -17.0f,
-                            88.0f,
-                            -88.0f,
-                            std::numeric_limits<float>::infinity(),
-                            -std::numeric_limits<float>::infinity()};
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = u(rng) < 0.02
-               ? specials[rng() % std::size(specials)]
-               : static_cast<float>(std::pow(10.0, -6 + 8 * u(rng)) * (u(rng) < 0.5 ? -1 : 1));
-    const double t = u(rng);
-    y[i] = t < 0.4 ? 0.0f : t < 0.8 ? 1.0f : static_cast<float>(u(rng));
+// ~1M random float32 elements with weight [C] and pos_weight [C] (magnitudes 1e-6..1e2, 2%
+// specials including infinities, hard and soft labels, zero weights).
+struct ValidationData {
+  int64_t c = 64, rows = 16411, n = 16411 * 64;  // not a multiple of 2048
+  std::vector<float> x, y, w, p;
+  ValidationData() {
+    std::mt19937_64 rng(20240601);
+    std::uniform_real_distribution<double> u(0, 1);
+    x.resize(n);
+    y.resize(n);
+    w.resize(c);
+    p.resize(c);
+    const float specials[] = {0.0f,
+                              30.0f,
+                              -30.0f,
+                              1e30f,
+                              -1e30f,
+                              -17.0f,
+                              88.0f,
+                              -88.0f,
+                              std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity()};
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = u(rng) < 0.02
+                 ? specials[rng() % std::size(specials)]
+                 : static_cast<float>(std::pow(10.0, -6 + 8 * u(rng)) * (u(rng) < 0.5 ? -1 : 1));
+      const double t = u(rng);
+      y[i] = t < 0.4 ? 0.0f : t < 0.8 ? 1.0f : static_cast<float>(u(rng));
+    }
+    for (int64_t k = 0; k < c; ++k) {
+      w[k] = k % 13 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng));
+      p[k] = k % 11 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng));
+    }
   }
-  for (int64_t k = 0; k < c; ++k) {
-    w[k] = k % 13 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng));
-    p[k] = k % 11 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng));
+  lk::BceArgs Args(lk::Reduction r) const {
+    lk::BceArgs a;
+    a.numel = n;
+    a.logits = x.data();
+    a.targets = y.data();
+    a.weight = *lk::MakeOperand("weight", lk::DType::kFloat32, w.data(), {c}, {rows, c});
+    a.pos_weight = *lk::MakeOperand("pos_weight", lk::DType::kFloat32, p.data(), {c}, {rows, c});
+    a.reduction = r;
+    return a;
   }
-  lk::BceArgs a;
-  a.numel = n;
-  a.logits = x.data();
-  a.targets = y.data();
-  a.weight = *lk::MakeOperand("weight", lk::DType::kFloat32, w.data(), {c}, {rows, c});
-  a.pos_weight = *lk::MakeOperand("pos_weight", lk::DType::kFloat32, p.data(), {c}, {rows, c});
-  a.reduction = lk::Reduction::kNone;
+};
 
+struct ElementErrors {
+  int64_t loss_ulp = 0;      // max ulp distance of the loss from the reference
+  double gx = 0, gy = 0;     // max gradient errors, in ulps of the larger term
+  int64_t vs_cpu_ulp = 0;    // max ulp distance of the loss from the CPU backend's
+  bool Pass() const { return loss_ulp <= 4 && gx <= 4 && gy <= 4 && vs_cpu_ulp <= 4; }
+};
+
+ElementErrors CompareElements(const ValidationData& v, const std::vector<float>& l,
+                              const std::vector<float>& gx, const std::vector<float>& gy) {
+  const lk::BceArgs a = v.Args(lk::Reduction::kNone);
+  std::vector<double> rl(v.n), rgx(v.n), rgy(v.n);
+  lk::ReferenceBce(a, rl.data(), rgx.data(), rgy.data());
+  std::vector<float> cpu(v.n);
+  ElementErrors e;
+  if (!lk::MakeCpuBackend()->Bce(a, {cpu.data(), nullptr, nullptr}).ok()) {
+    e.vs_cpu_ulp = std::numeric_limits<int64_t>::max();
+    return e;
+  }
+  for (int64_t i = 0; i < v.n; ++i) {
+    e.loss_ulp = std::max(e.loss_ulp, UlpDistance(l[i], static_cast<float>(rl[i])));
+    e.vs_cpu_ulp = std::max(e.vs_cpu_ulp, UlpDistance(l[i], cpu[i]));
+    const double wi = v.w[i % v.c], pi = v.p[i % v.c];
+    e.gx = std::max(e.gx, GradErrUlps(gx[i], rgx[i], GradScaleX(v.x[i], v.y[i], wi, pi)));
+    e.gy = std::max(e.gy, GradErrUlps(gy[i], rgy[i], GradScaleY(v.x[i], wi, pi)));
+  }
+  return e;
+}
+
+void PrintElementErrors(const ElementErrors& e) {
+  std::printf(
+      "  loss max ulp %lld (<= 4); grad_logits max err %.3f ulp of larger term (<= 4);"
+      " grad_targets %.3f (<= 4); loss vs CPU backend max %lld ulp (<= 4)\n",
+      static_cast<long long>(e.loss_ulp), e.gx, e.gy, static_cast<long long>(e.vs_cpu_ulp));
+}
+
+// MakeCudaBackend() (the double-combining element math) against the reference and the CPU
+// backend, per element and for MEAN.
+bool Validate(const ValidationData& v) {
   auto backend = lk::MakeCudaBackend();
   if (!backend.ok()) {
     std::printf("validation: FAIL (%s)\n", backend.status().ToString().c_str());
     return false;
   }
-  std::vector<float> l(n), gx(n), gy(n);
+  lk::BceArgs a = v.Args(lk::Reduction::kNone);
+  std::vector<float> l(v.n), gx(v.n), gy(v.n);
   absl::Status st = (*backend)->Bce(a, {l.data(), gx.data(), gy.data()});
   if (!st.ok()) {
     std::printf("validation: FAIL (%s)\n", st.ToString().c_str());
     return false;
   }
-  std::vector<double> rl(n), rgx(n), rgy(n);
-  lk::ReferenceBce(a, rl.data(), rgx.data(), rgy.data());
-  int64_t max_ulp = 0;
-  double max_gx = 0, max_gy = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    max_ulp = std::max(max_ulp, UlpDistance(l[i], static_cast<float>(rl[i])));
-    const double wi = w[i % c], pi = p[i % c];
-    max_gx = std::max(max_gx, GradErrUlps(gx[i], rgx[i], GradScaleX(x[i], y[i], wi, pi)));
-    max_gy = std::max(max_gy, GradErrUlps(gy[i], rgy[i], GradScaleY(x[i], wi, pi)));
-  }
+  const ElementErrors e = CompareElements(v, l, gx, gy);
   // MEAN against the reference and the CPU backend.
   a.reduction = lk::Reduction::kMean;
   float mean_gpu = 0, mean_cpu = 0;
@@ -156,16 +201,49 @@ bool Validate() {
   const double rel_cpu = mean_gpu == mean_cpu ? 0.0
                              : std::fabs(static_cast<double>(mean_gpu) - mean_cpu) /
                                    std::fabs(mean_cpu);
-  const bool pass =
-      max_ulp <= 4 && max_gx <= 4 && max_gy <= 4 && rel_ref <= 1e-6 && rel_cpu <= 1e-6;
-  std::printf(
-      "validation (%lld float32 elements, weight [%lld], pos_weight [%lld]): %s\n"
-      "  loss max ulp %lld (<= 4); grad_logits max err %.3f ulp of larger term (<= 4);"
-      " grad_targets %.3f (<= 4)\n"
-      "  MEAN rel err vs reference %.3g, vs CPU backend %.3g (<= 1e-6)\n",
-      static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(c),
-      pass ? "PASS" : "FAIL", static_cast<long long>(max_ulp), max_gx, max_gy, rel_ref, rel_cpu);
+  const bool pass = e.Pass() && rel_ref <= 1e-6 && rel_cpu <= 1e-6;
+  std::printf("validation (%lld float32 elements, weight [%lld], pos_weight [%lld]): %s\n",
+              static_cast<long long>(v.n), static_cast<long long>(v.c),
+              static_cast<long long>(v.c), pass ? "PASS" : "FAIL");
+  PrintElementErrors(e);
+  std::printf("  MEAN rel err vs reference %.3g, vs CPU backend %.3g (<= 1e-6)\n", rel_ref,
+              rel_cpu);
   return pass;
+}
+
+// cuda::LaunchBce with DeviceBce::float_math (the all-float element math) on the same data.
+bool ValidateFloatMath(const ValidationData& v) {
+  float *x, *y, *w, *p, *l, *gx, *gy;
+  const size_t fb = v.n * sizeof(float);
+  for (float** q : {&x, &y, &l, &gx, &gy}) CHECK_CUDA(cudaMalloc(q, fb));
+  CHECK_CUDA(cudaMalloc(&w, v.c * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&p, v.c * sizeof(float)));
+  CHECK_CUDA(cudaMemcpy(x, v.x.data(), fb, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(y, v.y.data(), fb, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(w, v.w.data(), v.c * sizeof(float), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(p, v.p.data(), v.c * sizeof(float), cudaMemcpyHostToDevice));
+  lossd::kernels::cuda::DeviceBce d;
+  d.numel = v.n;
+  d.logits = x;
+  d.targets = y;
+  d.weight = {lk::DType::kFloat32, w, 1, v.c};
+  d.pos_weight = {lk::DType::kFloat32, p, 1, v.c};
+  d.reduction = lk::Reduction::kNone;
+  d.loss = l;
+  d.grad_logits = gx;
+  d.grad_targets = gy;
+  d.float_math = true;
+  CHECK_CUDA(lossd::kernels::cuda::LaunchBce(d, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<float> hl(v.n), hgx(v.n), hgy(v.n);
+  CHECK_CUDA(cudaMemcpy(hl.data(), l, fb, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(hgx.data(), gx, fb, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(hgy.data(), gy, fb, cudaMemcpyDeviceToHost));
+  for (float* q : {x, y, w, p, l, gx, gy}) CHECK_CUDA(cudaFree(q));
+  const ElementErrors e = CompareElements(v, hl, hgx, hgy);
+  std::printf("validation of float_math (same data, LaunchBce): %s\n", e.Pass() ? "PASS" : "FAIL");
+  PrintElementErrors(e);
+  return e.Pass();
 }
 
 // Fills x with logits in [-20, 20] and y with 40% zeros, 40% ones, 20% uniform soft labels.
@@ -212,6 +290,8 @@ struct Variant {
   const char* name;
   lk::Reduction reduction;
   int weights;  // 0 absent, 1 [C], 2 full tensors
+  bool float_math = false;        // DeviceBce::float_math
+  int64_t min_n = int64_t{1} << 20;  // smallest size timed
 };
 
 }  // namespace
@@ -240,7 +320,11 @@ int main(int argc, char** argv) {
               prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0);
 
   bool ok = true;
-  if (validate) ok = Validate();
+  if (validate) {
+    const ValidationData v;
+    ok = Validate(v);
+    ok = ValidateFloatMath(v) && ok;
+  }
 
   // Device buffers for the largest size.
   const int64_t c = 64;
@@ -265,9 +349,10 @@ int main(int argc, char** argv) {
   FillConst<<<1024, 256>>>(p, n_max, 2.0f);
   {
     std::vector<double> h(c);
-    for (int64_t k = 0; k < c; ++k) h[k] = 0.5 + 1e-3 * k;
+    // Values exact in float, so that the float_math variants may use them.
+    for (int64_t k = 0; k < c; ++k) h[k] = static_cast<float>(0.5 + 1e-3 * k);
     CHECK_CUDA(cudaMemcpy(wc, h.data(), c * sizeof(double), cudaMemcpyHostToDevice));
-    for (int64_t k = 0; k < c; ++k) h[k] = 2.0 + 1e-3 * k;
+    for (int64_t k = 0; k < c; ++k) h[k] = static_cast<float>(2.0 + 1e-3 * k);
     CHECK_CUDA(cudaMemcpy(pc, h.data(), c * sizeof(double), cudaMemcpyHostToDevice));
   }
   CHECK_CUDA(cudaMemset(src, 0x3c, copy_max));
@@ -279,14 +364,20 @@ int main(int argc, char** argv) {
       {"none/wC", lk::Reduction::kNone, 1},
       {"none/wfull", lk::Reduction::kNone, 2},
       {"mean/wC", lk::Reduction::kMean, 1},
+      // The same problems with the all-float element math, from 16M elements.
+      {"none/noweight/f32", lk::Reduction::kNone, 0, true, int64_t{1} << 24},
+      {"none/wC/f32", lk::Reduction::kNone, 1, true, int64_t{1} << 24},
+      {"none/wfull/f32", lk::Reduction::kNone, 2, true, int64_t{1} << 24},
+      {"mean/wC/f32", lk::Reduction::kMean, 1, true, int64_t{1} << 24},
   };
   std::printf("\nfused loss+grad_logits kernel vs device-to-device copy of the same bytes\n");
-  std::printf("%-14s %11s %8s %11s %10s %7s %9s\n", "variant", "elements", "B/elem", "kernel GB/s",
+  std::printf("%-18s %11s %8s %11s %10s %7s %9s\n", "variant", "elements", "B/elem", "kernel GB/s",
               "copy GB/s", "ratio", "Gelem/s");
   for (const Variant& v : variants) {
-    for (int64_t n = int64_t{1} << 20; n <= n_max; n *= 4) {
+    for (int64_t n = v.min_n; n <= n_max; n *= 4) {
       lossd::kernels::cuda::DeviceBce d;
       d.numel = n;
+      d.float_math = v.float_math;
       d.logits = x;
       d.targets = y;
       d.reduction = v.reduction;
@@ -318,7 +409,7 @@ int main(int argc, char** argv) {
       const double kgbps = bytes / kernel_ms / 1e6;
       const double cgbps = 2.0 * half / copy_ms / 1e6;
       const double gelem = n / kernel_ms / 1e6;
-      std::printf("%-14s %11lld %8.0f %11.1f %10.1f %7.3f %9.2f\n", v.name,
+      std::printf("%-18s %11lld %8.0f %11.1f %10.1f %7.3f %9.2f\n", v.name,
                   static_cast<long long>(n), bytes_per, kgbps, cgbps, kgbps / cgbps, gelem);
       std::printf("RESULT %s %lld %.2f %.2f %.4f\n", v.name, static_cast<long long>(n), kgbps,
                   cgbps, gelem);

@@ -14,6 +14,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "../cuda/bce_device_math.h"  // kernels/cuda, reached through the kernels/src include dir
@@ -150,7 +151,11 @@ int64_t ExpectMatchesReference(const BceArgs& a, const void* loss, const void* g
       const double bound = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat64
                                ? tol.ulps * UlpOf(a.dtype, g.scale)
                                : tol.ulps * UlpOf(a.dtype, g.ref) + tol.f32_ulps * UlpF32(g.scale);
-      if (!Close(got, g.ref, bound)) {
+      // A reference beyond the float32 range must give the infinity it rounds to.
+      const bool overflows = a.dtype == DType::kFloat32 && std::isfinite(g.ref) &&
+                             std::isinf(static_cast<float>(g.ref));
+      if (overflows ? got != static_cast<double>(static_cast<float>(g.ref))
+                    : !Close(got, g.ref, bound)) {
         ++failures;
         ADD_FAILURE() << at() << " " << g.name << " " << got << " vs reference " << g.ref
                       << " (bound " << bound << ", larger term " << g.scale << ")";
@@ -202,6 +207,19 @@ BceArgs F32Args(const F32Problem& pr, Reduction r, const std::vector<int64_t>& w
   a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, pr.p.data(), pshape, shape);
   a.reduction = r;
   return a;
+}
+
+// One float32 element as the fused kernel computes it: BceElementF32 when `all_float` and it
+// handles the element, else BceElementMixed rounded to float. Returns whether BceElementF32 did.
+bool F32Element(float x, float y, float w, float p, float* l, float* gx, float* gy,
+                bool all_float) {
+  if (all_float && internal::BceElementF32(x, y, w, p, l, gx, gy)) return true;
+  double dl, dx, dy;
+  internal::BceElementMixed(x, y, w, p, &dl, &dx, &dy);
+  *l = static_cast<float>(dl);
+  *gx = static_cast<float>(dx);
+  *gy = static_cast<float>(dy);
+  return false;
 }
 
 // Every combination of special logits, targets, weights and pos_weights, as full tensors.
@@ -313,25 +331,95 @@ TEST(CudaMathTest, CpuBackendAgreesWithDeviceMathPerElement) {
   a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {c}, {n / c, c});
   a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {c}, {n / c, c});
   a.reduction = Reduction::kNone;
-  std::vector<float> device(n);
+  std::vector<float> mixed(n), all_float(n);
   for (int64_t i = 0; i < n; ++i) {
-    double dl, dx, dy;
-    internal::BceElementMixed(x[i], y[i], w[i % c], p[i % c], &dl, &dx, &dy);
-    device[i] = static_cast<float>(dl);
+    float gxf, gyf;
+    F32Element(x[i], y[i], w[i % c], p[i % c], &mixed[i], &gxf, &gyf, false);
+    F32Element(x[i], y[i], w[i % c], p[i % c], &all_float[i], &gxf, &gyf, true);
   }
   for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
     hwy::SetSupportedTargetsForTest(target);
     ASSERT_TRUE(MakeCpuBackend({2})->Bce(a, {l.data(), nullptr, nullptr}).ok());
-    int64_t worst = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t d = UlpDistance(l[i], device[i]);
-      worst = std::max(worst, d);
-      ASSERT_LE(d, 4) << hwy::TargetName(target) << " x=" << x[i] << " y=" << y[i];
+    for (const auto* device : {&mixed, &all_float}) {
+      int64_t worst = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t d = UlpDistance(l[i], (*device)[i]);
+        worst = std::max(worst, d);
+        ASSERT_LE(d, 4) << hwy::TargetName(target) << " x=" << x[i] << " y=" << y[i];
+      }
+      std::printf("target %s: CPU backend vs CUDA element math %s (host): worst %lld ulp\n",
+                  hwy::TargetName(target), device == &mixed ? "BceElementMixed" : "BceElementF32",
+                  static_cast<long long>(worst));
     }
-    std::printf("target %s: CPU backend vs CUDA element math (host): worst %lld ulp\n",
-                hwy::TargetName(target), static_cast<long long>(worst));
   }
   hwy::SetSupportedTargetsForTest(0);
+}
+
+// BceElementF32 with the fallback the kernel uses, on the random problem with specials and on
+// a dense grid of logits over the whole float range: the 4-ulp bounds of DESIGN.md section 5.
+TEST(CudaMathTest, HostBceElementF32WithinFourUlp) {
+  F32Problem pr = MakeF32Problem(2001, 37, 11, true);
+  BceArgs a = F32Args(pr, Reduction::kNone, {pr.c}, {pr.c});
+  std::vector<float> l(pr.n), gx(pr.n), gy(pr.n);
+  int64_t handled = 0;
+  for (int64_t i = 0; i < pr.n; ++i) {
+    handled += F32Element(pr.x[i], pr.y[i], pr.w[i % pr.c], pr.p[i % pr.c], &l[i], &gx[i], &gy[i],
+                          true);
+  }
+  EXPECT_GT(handled, pr.n / 2);  // the rest: |x| > 80 and non-finite values
+  const int64_t max_ulp = ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
+  EXPECT_LE(max_ulp, 3);
+  std::printf("BceElementF32, random problem: loss worst %lld ulp\n",
+              static_cast<long long>(max_ulp));
+
+  std::vector<float> xs;
+  for (uint32_t bits = 0x00800000u; bits < 0x7f000000u; bits += 997u * 64u) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    xs.push_back(f);
+    xs.push_back(-f);
+  }
+  const int64_t n = static_cast<int64_t>(xs.size());
+  for (float yv : {0.0f, 1.0f, 0.3f, 1e-6f}) {
+    for (const auto& wp : {std::pair{1.0f, 1.0f}, std::pair{0.0f, 2.0f}, std::pair{1e3f, 1e3f},
+                           std::pair{0.01f, 7.0f}}) {
+      std::vector<float> y(n, yv), w(n, wp.first), p(n, wp.second), gl(n), ggx(n), ggy(n);
+      for (int64_t i = 0; i < n; ++i) {
+        F32Element(xs[i], yv, wp.first, wp.second, &gl[i], &ggx[i], &ggy[i], true);
+        if (wp.first == 0.0f) {
+          ASSERT_TRUE(gl[i] == 0.0f && !std::signbit(gl[i]) && !std::signbit(ggx[i]) &&
+                      !std::signbit(ggy[i]))
+              << "x=" << xs[i];
+        }
+      }
+      BceArgs g;
+      g.numel = n;
+      g.logits = xs.data();
+      g.targets = y.data();
+      g.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
+      g.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
+      g.reduction = Reduction::kNone;
+      EXPECT_LE(ExpectMatchesReference(g, gl.data(), ggx.data(), ggy.data()), 3)
+          << "y=" << yv << " w=" << wp.first << " p=" << wp.second;
+    }
+  }
+}
+
+// The elements BceElementF32 leaves to the double path: far, infinite and NaN logits, NaN
+// operands, overflowing products.
+TEST(CudaMathTest, HostBceElementF32DeclinesRareElements) {
+  float l, gx, gy;
+  for (float x : {80.5f, -81.0f, 1e30f, kInf, -kInf, kNaN}) {
+    EXPECT_FALSE(internal::BceElementF32(x, 0.5f, 1.0f, 1.0f, &l, &gx, &gy)) << x;
+  }
+  EXPECT_FALSE(internal::BceElementF32(1.0f, kNaN, 1.0f, 1.0f, &l, &gx, &gy));
+  EXPECT_FALSE(internal::BceElementF32(1.0f, 0.5f, kNaN, 1.0f, &l, &gx, &gy));
+  EXPECT_FALSE(internal::BceElementF32(1.0f, 0.5f, 0.0f, kNaN, &l, &gx, &gy));
+  EXPECT_FALSE(internal::BceElementF32(-60.0f, 1.0f, 3e38f, 1e10f, &l, &gx, &gy));  // overflow
+  EXPECT_TRUE(internal::BceElementF32(80.0f, 0.5f, 1.0f, 1.0f, &l, &gx, &gy));
+  EXPECT_TRUE(internal::BceElementF32(0.0f, 0.0f, 1.0f, 1.0f, &l, &gx, &gy));
+  EXPECT_EQ(l, static_cast<float>(std::log(2.0)));
+  EXPECT_EQ(gx, 0.5f);
 }
 
 TEST(CudaMathTest, HostBceElementMixedSpecialValues) {
@@ -849,6 +937,72 @@ TEST(CudaBackendTest, UnalignedDevicePointersMatchAligned) {
     run(item, &shifted);  // every pointer one element off 16-byte alignment
     EXPECT_EQ(aligned, shifted) << DTypeName(dtype);
     cudaFree(dev);
+  }
+}
+
+// DeviceBce::float_math on the device: the 4-ulp bounds against the reference on the random
+// problem and on the special grid, and the host's BceElementF32 (with its fallback) within
+// 1 ulp per element (the reciprocal's seed is the only part allowed to differ).
+TEST(CudaBackendTest, FloatMathMatchesReferenceAndHost) {
+  SKIP_WITHOUT_GPU();
+  SpecialGrid g;
+  F32Problem pr = MakeF32Problem(1601, 41, 17, true);
+  struct Case {
+    std::vector<float> x, y, w, p;  // w and p: one value per element
+  };
+  Case cases[2];
+  for (int64_t i = 0; i < pr.n; ++i) {
+    cases[0].x.push_back(pr.x[i]);
+    cases[0].y.push_back(pr.y[i]);
+    cases[0].w.push_back(pr.w[i % pr.c]);
+    cases[0].p.push_back(pr.p[i % pr.c]);
+  }
+  cases[1] = {g.x, g.y, g.w, g.p};
+  for (const Case& c : cases) {
+    const int64_t n = static_cast<int64_t>(c.x.size());
+    const size_t bytes = n * sizeof(float);
+    float* dev = nullptr;
+    ASSERT_EQ(cudaMalloc(&dev, 7 * bytes), cudaSuccess);
+    float *x = dev, *y = dev + n, *w = dev + 2 * n, *p = dev + 3 * n, *l = dev + 4 * n,
+          *gx = dev + 5 * n, *gy = dev + 6 * n;
+    ASSERT_EQ(cudaMemcpy(x, c.x.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(y, c.y.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(w, c.w.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(p, c.p.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    cuda::DeviceBce d;
+    d.numel = n;
+    d.logits = x;
+    d.targets = y;
+    d.weight = {DType::kFloat32, w, 1, n};
+    d.pos_weight = {DType::kFloat32, p, 1, n};
+    d.loss = l;
+    d.grad_logits = gx;
+    d.grad_targets = gy;
+    d.float_math = true;
+    ASSERT_EQ(cuda::LaunchBce(d, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> hl(n), hgx(n), hgy(n);
+    ASSERT_EQ(cudaMemcpy(hl.data(), l, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(hgx.data(), gx, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(hgy.data(), gy, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    cudaFree(dev);
+    BceArgs a;
+    a.numel = n;
+    a.logits = c.x.data();
+    a.targets = c.y.data();
+    a.weight = *MakeOperand("weight", DType::kFloat32, c.w.data(), {n}, {n});
+    a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, c.p.data(), {n}, {n});
+    a.reduction = Reduction::kNone;
+    EXPECT_LE(ExpectMatchesReference(a, hl.data(), hgx.data(), hgy.data()), 4);
+    int64_t worst = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      float el, egx, egy;
+      F32Element(c.x[i], c.y[i], c.w[i], c.p[i], &el, &egx, &egy, true);
+      worst = std::max(worst, UlpDistance(hl[i], el));
+    }
+    EXPECT_LE(worst, 1);
+    std::printf("float_math on the device vs the host's BceElementF32: loss worst %lld ulp\n",
+                static_cast<long long>(worst));
   }
 }
 #endif
