@@ -1,7 +1,6 @@
 // The CUDA backend against the float64 reference and the CPU backend (DESIGN.md section 5).
-// CudaBackendTest.* need a GPU and skip without one; CudaBuildTest.* and CudaMathTest.* run
-// everywhere (the latter check the device float math, compiled here for the host: it uses
-// only IEEE operations, so the host results are the device's bit for bit, except log1pf).
+// CudaBackendTest.* need a GPU and skip without one; CudaBuildTest.* runs everywhere. The
+// device element math on the host: cuda_math_test.cc.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,10 +16,8 @@
 #include <utility>
 #include <vector>
 
-#include "../cuda/bce_device_math.h"  // kernels/cuda, reached through the kernels/src include dir
-#include "hwy/targets.h"
+#include "cuda_test_util.h"
 #include "lossd/kernels/kernels.h"
-#include "test_util.h"
 
 #ifdef LOSSD_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -31,12 +28,21 @@
 namespace lossd::kernels {
 namespace {
 
-using lossd::testing::UlpDistance;
-using lossd::testing::UlpF32;
-using lossd::testing::UlpF64;
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+using cuda_test::Close;
+using cuda_test::Cuda;
+using cuda_test::ExpectMatchesReference;
+using cuda_test::F32Args;
+using cuda_test::F32Element;
+using cuda_test::F32Problem;
+using cuda_test::GradScales;
+using cuda_test::kInf;
+using cuda_test::kNaN;
+using cuda_test::MakeF32Problem;
+using cuda_test::OperandAt;
+using cuda_test::SpecialGrid;
+using cuda_test::UlpDistance;
+using cuda_test::UlpF32;
+using cuda_test::UlpOf;
 
 #define SKIP_WITHOUT_GPU()                                                          \
   do {                                                                              \
@@ -44,204 +50,6 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
       GTEST_SKIP() << "no CUDA device (CudaDeviceCount() == 0): CUDA test skipped"; \
     }                                                                               \
   } while (0)
-
-std::unique_ptr<Backend> Cuda() {
-  auto b = MakeCudaBackend();
-  EXPECT_TRUE(b.ok()) << b.status();
-  return b.ok() ? std::move(*b) : nullptr;
-}
-
-double OperandAt(const Operand& op, int64_t i) {
-  return op.data == nullptr ? 1.0 : LoadAsDouble(op.dtype, op.data, (i / op.inner) % op.period);
-}
-
-// The two terms of each gradient (DESIGN.md section 5: a gradient is within k ulp of the
-// larger of its terms). Returns {scale of dl/dx, scale of dl/dy}.
-std::pair<double, double> GradScales(double x, double y, double w, double p) {
-  const double e = std::exp(-std::fabs(x));
-  const double l = std::log1p(e);
-  const double sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
-  const double sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
-  const double gxs = std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
-  const double gys =
-      std::max(std::fabs(w * (std::max(x, 0.0) + l)), std::fabs(w * p * (std::max(-x, 0.0) + l)));
-  return {std::isnan(gxs) ? 0 : gxs, std::isnan(gys) ? 0 : gys};
-}
-
-// Spacing of the output dtype at |v| (for half types: the dtype's own ulp).
-double UlpOf(DType dtype, double v) {
-  const double a = std::fabs(v);
-  switch (dtype) {
-    case DType::kFloat32:
-      return UlpF32(v);
-    case DType::kFloat64:
-      return UlpF64(v);
-    case DType::kFloat16:
-      return a < 0x1p-14 ? 0x1p-24 : std::ldexp(1.0, std::ilogb(a) - 10);
-    case DType::kBFloat16:
-      return a < 0x1p-126 ? 0x1p-133 : std::ldexp(1.0, std::ilogb(a) - 7);
-  }
-  return 0;
-}
-
-// Per-dtype tolerances: float32 is the 4-ulp promise; float64 computes in double with CUDA's
-// exp/log1p (1-2 ulp each), compared with 8 ulp; half types compute in float32 and round once,
-// so they are within 1 ulp of their own type (plus the float32 error of a cancelling gradient).
-struct Tolerance {
-  double ulps;      // in ulps of the output dtype (of the value, or of the larger term)
-  double f32_ulps;  // extra, in float32 ulps of the larger term (half types only)
-};
-Tolerance TolFor(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return {4, 0};
-    case DType::kFloat64:
-      return {8, 0};
-    default:
-      return {1, 4};
-  }
-}
-
-bool Close(double got, double ref, double bound) {
-  if (std::isnan(ref) || std::isnan(got)) return std::isnan(ref) && std::isnan(got);
-  if (std::isinf(ref) || std::isinf(got)) return got == ref;
-  return std::fabs(got - ref) <= bound;
-}
-
-// Checks CUDA outputs (in args.dtype, kNone loss or none) against ReferenceBce. Gradients are
-// those of args.reduction. Returns the largest float32 ulp distance of the loss (float32 only).
-int64_t ExpectMatchesReference(const BceArgs& a, const void* loss, const void* gx, const void* gy) {
-  const int64_t n = a.numel;
-  std::vector<double> rl(n), rgx(n), rgy(n);
-  ReferenceBce(a, rl.data(), rgx.data(), rgy.data());
-  const Tolerance tol = TolFor(a.dtype);
-  const double div = a.reduction == Reduction::kMean ? static_cast<double>(n) : 1.0;
-  int64_t max_ulp = 0, failures = 0;
-  for (int64_t i = 0; i < n && failures < 10; ++i) {
-    const double x = LoadAsDouble(a.dtype, a.logits, i);
-    const double y = LoadAsDouble(a.targets_dtype, a.targets, i);
-    const double w = OperandAt(a.weight, i), p = OperandAt(a.pos_weight, i);
-    const auto [sx, sy] = GradScales(x, y, w, p);
-    auto at = [&] {
-      return ::testing::Message() << "element " << i << ": x=" << x << " y=" << y << " w=" << w
-                                  << " p=" << p << " dtype=" << DTypeName(a.dtype);
-    };
-    if (loss != nullptr) {
-      const double got = LoadAsDouble(a.dtype, loss, i);
-      if (a.dtype == DType::kFloat32) {
-        const int64_t d = UlpDistance(static_cast<float>(got), static_cast<float>(rl[i]));
-        max_ulp = std::max(max_ulp, d);
-        if (d > 4) {
-          ++failures;
-          ADD_FAILURE() << at() << " loss " << got << " vs " << rl[i] << ": " << d << " ulp";
-        }
-      } else if (!Close(got, rl[i], tol.ulps * UlpOf(a.dtype, rl[i]))) {
-        ++failures;
-        ADD_FAILURE() << at() << " loss " << got << " vs reference " << rl[i];
-      }
-    }
-    const struct {
-      const char* name;
-      const void* out;
-      double ref, scale;
-    } grads[] = {{"grad_logits", gx, rgx[i], sx / div}, {"grad_targets", gy, rgy[i], sy / div}};
-    for (const auto& g : grads) {
-      if (g.out == nullptr) continue;
-      const double got = LoadAsDouble(a.dtype, g.out, i);
-      const double bound = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat64
-                               ? tol.ulps * UlpOf(a.dtype, g.scale)
-                               : tol.ulps * UlpOf(a.dtype, g.ref) + tol.f32_ulps * UlpF32(g.scale);
-      // A reference beyond the float32 range must give the infinity it rounds to.
-      const bool overflows = a.dtype == DType::kFloat32 && std::isfinite(g.ref) &&
-                             std::isinf(static_cast<float>(g.ref));
-      if (overflows ? got != static_cast<double>(static_cast<float>(g.ref))
-                    : !Close(got, g.ref, bound)) {
-        ++failures;
-        ADD_FAILURE() << at() << " " << g.name << " " << got << " vs reference " << g.ref
-                      << " (bound " << bound << ", larger term " << g.scale << ")";
-      }
-    }
-  }
-  return max_ulp;
-}
-
-// Random float32 problem: logits over many magnitudes plus specials, hard and soft labels.
-struct F32Problem {
-  int64_t rows = 0, c = 0, n = 0;
-  std::vector<float> x, y, w, p;
-};
-
-F32Problem MakeF32Problem(int64_t rows, int64_t c, uint64_t seed, bool nonfinite) {
-  F32Problem pr;
-  pr.rows = rows;
-  pr.c = c;
-  pr.n = rows * c;
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(0, 1);
-  std::vector<float> specials = {0.0f,    -0.0f, 30.0f,  -30.0f, 1e30f, -1e30f,  1e-30f,
-                                 -1e-30f, 88.0f, -88.0f, -17.0f, 17.0f, -103.0f, -87.5f};
-  if (nonfinite) specials.insert(specials.end(), {kInf, -kInf});
-  for (int64_t i = 0; i < pr.n; ++i) {
-    const double r = u(rng);
-    pr.x.push_back(
-        r < 0.05 ? specials[rng() % specials.size()]
-                 : static_cast<float>(std::pow(10.0, -8 + 12 * u(rng)) * (u(rng) < 0.5 ? -1 : 1)));
-    const double t = u(rng);
-    pr.y.push_back(t < 0.4 ? 0.0f : t < 0.8 ? 1.0f : static_cast<float>(u(rng)));
-  }
-  for (int64_t k = 0; k < std::max(rows, c); ++k) {
-    pr.w.push_back(k % 7 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng)));
-    pr.p.push_back(k % 5 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng)));
-  }
-  return pr;
-}
-
-BceArgs F32Args(const F32Problem& pr, Reduction r, const std::vector<int64_t>& wshape,
-                const std::vector<int64_t>& pshape) {
-  BceArgs a;
-  a.numel = pr.n;
-  a.logits = pr.x.data();
-  a.targets = pr.y.data();
-  const std::vector<int64_t> shape = {pr.rows, pr.c};
-  a.weight = *MakeOperand("weight", DType::kFloat32, pr.w.data(), wshape, shape);
-  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, pr.p.data(), pshape, shape);
-  a.reduction = r;
-  return a;
-}
-
-// One float32 element as the fused kernel computes it: BceElementF32 when `all_float` and it
-// handles the element, else BceElementMixed rounded to float. Returns whether BceElementF32 did.
-bool F32Element(float x, float y, float w, float p, float* l, float* gx, float* gy,
-                bool all_float) {
-  if (all_float && internal::BceElementF32(x, y, w, p, l, gx, gy)) return true;
-  double dl, dx, dy;
-  internal::BceElementMixed(x, y, w, p, &dl, &dx, &dy);
-  *l = static_cast<float>(dl);
-  *gx = static_cast<float>(dx);
-  *gy = static_cast<float>(dy);
-  return false;
-}
-
-// Every combination of special logits, targets, weights and pos_weights, as full tensors.
-struct SpecialGrid {
-  std::vector<float> x, y, w, p;
-  SpecialGrid() {
-    const float xs[] = {0.0f,   -0.0f, 30.0f, -30.0f, 1e30f,   -1e30f, kInf,    -kInf,  kNaN, 17.0f,
-                        -17.0f, 17.5f, 88.0f, -88.0f, -103.5f, 124.0f, -126.0f, 1e-30f, 1e-8f};
-    const float ys[] = {0.0f, 1.0f, 0.25f, 0.5f, 0.75f, 1e-3f, kNaN};
-    const float ws[] = {0.0f, 1.0f, 3.5f, 1e3f, kNaN};
-    const float ps[] = {0.0f, 1.0f, 2.5f, 1e3f};
-    for (float xv : xs)
-      for (float yv : ys)
-        for (float wv : ws)
-          for (float pv : ps) {
-            x.push_back(xv);
-            y.push_back(yv);
-            w.push_back(wv);
-            p.push_back(pv);
-          }
-  }
-};
 
 // ---- Runs everywhere ---------------------------------------------------------------------
 
@@ -266,181 +74,6 @@ TEST(CudaBuildTest, CompiledAndFailedPreconditionWithoutDevice) {
     EXPECT_EQ((*b)->Name(), "cuda");
     EXPECT_FALSE(CudaDeviceName().empty());
   }
-}
-
-// ExpNonPos (the device exp) over a dense sample of [-104, 0]: below 0.8 ulp (the header
-// states 0.76 measured exhaustively), subnormal results below 1 ulp of the subnormal grid.
-TEST(CudaMathTest, ExpNonPosBelowOneUlp) {
-  double max_err = 0;
-  for (uint64_t b = 0x80000000u; b <= 0xC2D00000u; b += 251) {
-    const uint32_t bits = static_cast<uint32_t>(b);
-    float t;
-    std::memcpy(&t, &bits, 4);
-    const double ref = std::exp(static_cast<double>(t));
-    const double ulp = ref < 0x1p-126 ? 0x1p-149 : UlpF32(ref);
-    const double err = std::fabs(internal::ExpNonPos(t) - ref) / ulp;
-    max_err = std::max(max_err, err);
-    ASSERT_LT(err, ref < 0x1p-126 ? 1.0 : 0.8) << "t=" << t;
-  }
-  EXPECT_GT(max_err, 0.3);  // the sample is dense enough to see real rounding
-  EXPECT_EQ(internal::ExpNonPos(-kInf), 0.0f);
-  EXPECT_EQ(internal::ExpNonPos(-200.0f), 0.0f);
-  EXPECT_EQ(internal::ExpNonPos(-0.0f), 1.0f);
-  EXPECT_EQ(internal::ExpNonPos(0.0f), 1.0f);
-  EXPECT_TRUE(std::isnan(internal::ExpNonPos(kNaN)));
-}
-
-// The float32 element function on the host (host log1pf instead of CUDA's, which is within
-// 1 ulp too): 4-ulp loss and gradient bounds on random inputs and specials, including the
-// ranges where exp(-|x|) is subnormal.
-TEST(CudaMathTest, HostBceElementMixedWithinFourUlp) {
-  F32Problem pr = MakeF32Problem(2001, 37, 5, true);
-  BceArgs a = F32Args(pr, Reduction::kNone, {pr.c}, {pr.c});
-  std::vector<float> l(pr.n), gx(pr.n), gy(pr.n);
-  for (int64_t i = 0; i < pr.n; ++i) {
-    double dl, dx, dy;
-    internal::BceElementMixed(pr.x[i], pr.y[i], pr.w[i % pr.c], pr.p[i % pr.c], &dl, &dx, &dy);
-    l[i] = static_cast<float>(dl);
-    gx[i] = static_cast<float>(dx);
-    gy[i] = static_cast<float>(dy);
-  }
-  const int64_t max_ulp = ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
-  EXPECT_LE(max_ulp, 4);
-}
-
-// Per element the CPU backend and the CUDA element math agree within 4 float32 ulp of the loss
-// (DESIGN.md section 5). Here the CUDA math runs on the host, where log1pf is the host's (CUDA's
-// is within the same 1 ulp): on a GPU machine gpu_check.sh measures the device itself. Data as in
-// kernels/cuda/server_gpu_check.py, plus soft labels; every SIMD target compiled in.
-TEST(CudaMathTest, CpuBackendAgreesWithDeviceMathPerElement) {
-  const int64_t c = 64, n = 1 << 21;
-  std::mt19937_64 rng(7);
-  std::normal_distribution<float> nx(0.0f, 8.0f);
-  std::uniform_real_distribution<float> uw(0.5f, 3.0f), u01(0.0f, 1.0f);
-  std::vector<float> x(n), y(n), w(c), p(c), l(n);
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = nx(rng);
-    y[i] = i % 5 == 0 ? u01(rng) : static_cast<float>(rng() & 1);
-  }
-  for (float& v : w) v = uw(rng);
-  for (float& v : p) v = uw(rng);
-  BceArgs a;
-  a.numel = n;
-  a.logits = x.data();
-  a.targets = y.data();
-  a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {c}, {n / c, c});
-  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {c}, {n / c, c});
-  a.reduction = Reduction::kNone;
-  std::vector<float> mixed(n), all_float(n);
-  for (int64_t i = 0; i < n; ++i) {
-    float gxf, gyf;
-    F32Element(x[i], y[i], w[i % c], p[i % c], &mixed[i], &gxf, &gyf, false);
-    F32Element(x[i], y[i], w[i % c], p[i % c], &all_float[i], &gxf, &gyf, true);
-  }
-  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
-    hwy::SetSupportedTargetsForTest(target);
-    ASSERT_TRUE(MakeCpuBackend({2})->Bce(a, {l.data(), nullptr, nullptr}).ok());
-    for (const auto* device : {&mixed, &all_float}) {
-      int64_t worst = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t d = UlpDistance(l[i], (*device)[i]);
-        worst = std::max(worst, d);
-        ASSERT_LE(d, 4) << hwy::TargetName(target) << " x=" << x[i] << " y=" << y[i];
-      }
-      std::printf("target %s: CPU backend vs CUDA element math %s (host): worst %lld ulp\n",
-                  hwy::TargetName(target), device == &mixed ? "BceElementMixed" : "BceElementF32",
-                  static_cast<long long>(worst));
-    }
-  }
-  hwy::SetSupportedTargetsForTest(0);
-}
-
-// BceElementF32 with the fallback the kernel uses, on the random problem with specials and on
-// a dense grid of logits over the whole float range: the 4-ulp bounds of DESIGN.md section 5.
-TEST(CudaMathTest, HostBceElementF32WithinFourUlp) {
-  F32Problem pr = MakeF32Problem(2001, 37, 11, true);
-  BceArgs a = F32Args(pr, Reduction::kNone, {pr.c}, {pr.c});
-  std::vector<float> l(pr.n), gx(pr.n), gy(pr.n);
-  int64_t handled = 0;
-  for (int64_t i = 0; i < pr.n; ++i) {
-    handled += F32Element(pr.x[i], pr.y[i], pr.w[i % pr.c], pr.p[i % pr.c], &l[i], &gx[i], &gy[i],
-                          true);
-  }
-  EXPECT_GT(handled, pr.n / 2);  // the rest: |x| > 80 and non-finite values
-  const int64_t max_ulp = ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
-  EXPECT_LE(max_ulp, 3);
-  std::printf("BceElementF32, random problem: loss worst %lld ulp\n",
-              static_cast<long long>(max_ulp));
-
-  std::vector<float> xs;
-  for (uint32_t bits = 0x00800000u; bits < 0x7f000000u; bits += 997u * 64u) {
-    float f;
-    std::memcpy(&f, &bits, 4);
-    xs.push_back(f);
-    xs.push_back(-f);
-  }
-  const int64_t n = static_cast<int64_t>(xs.size());
-  for (float yv : {0.0f, 1.0f, 0.3f, 1e-6f}) {
-    for (const auto& wp : {std::pair{1.0f, 1.0f}, std::pair{0.0f, 2.0f}, std::pair{1e3f, 1e3f},
-                           std::pair{0.01f, 7.0f}}) {
-      std::vector<float> y(n, yv), w(n, wp.first), p(n, wp.second), gl(n), ggx(n), ggy(n);
-      for (int64_t i = 0; i < n; ++i) {
-        F32Element(xs[i], yv, wp.first, wp.second, &gl[i], &ggx[i], &ggy[i], true);
-        if (wp.first == 0.0f) {
-          ASSERT_TRUE(gl[i] == 0.0f && !std::signbit(gl[i]) && !std::signbit(ggx[i]) &&
-                      !std::signbit(ggy[i]))
-              << "x=" << xs[i];
-        }
-      }
-      BceArgs g;
-      g.numel = n;
-      g.logits = xs.data();
-      g.targets = y.data();
-      g.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
-      g.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
-      g.reduction = Reduction::kNone;
-      EXPECT_LE(ExpectMatchesReference(g, gl.data(), ggx.data(), ggy.data()), 3)
-          << "y=" << yv << " w=" << wp.first << " p=" << wp.second;
-    }
-  }
-}
-
-// The elements BceElementF32 leaves to the double path: far, infinite and NaN logits, NaN
-// operands, overflowing products.
-TEST(CudaMathTest, HostBceElementF32DeclinesRareElements) {
-  float l, gx, gy;
-  for (float x : {80.5f, -81.0f, 1e30f, kInf, -kInf, kNaN}) {
-    EXPECT_FALSE(internal::BceElementF32(x, 0.5f, 1.0f, 1.0f, &l, &gx, &gy)) << x;
-  }
-  EXPECT_FALSE(internal::BceElementF32(1.0f, kNaN, 1.0f, 1.0f, &l, &gx, &gy));
-  EXPECT_FALSE(internal::BceElementF32(1.0f, 0.5f, kNaN, 1.0f, &l, &gx, &gy));
-  EXPECT_FALSE(internal::BceElementF32(1.0f, 0.5f, 0.0f, kNaN, &l, &gx, &gy));
-  EXPECT_FALSE(internal::BceElementF32(-60.0f, 1.0f, 3e38f, 1e10f, &l, &gx, &gy));  // overflow
-  EXPECT_TRUE(internal::BceElementF32(80.0f, 0.5f, 1.0f, 1.0f, &l, &gx, &gy));
-  EXPECT_TRUE(internal::BceElementF32(0.0f, 0.0f, 1.0f, 1.0f, &l, &gx, &gy));
-  EXPECT_EQ(l, static_cast<float>(std::log(2.0)));
-  EXPECT_EQ(gx, 0.5f);
-}
-
-TEST(CudaMathTest, HostBceElementMixedSpecialValues) {
-  SpecialGrid g;
-  const int64_t n = static_cast<int64_t>(g.x.size());
-  BceArgs a;
-  a.numel = n;
-  a.logits = g.x.data();
-  a.targets = g.y.data();
-  a.weight = *MakeOperand("weight", DType::kFloat32, g.w.data(), {n}, {n});
-  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, g.p.data(), {n}, {n});
-  a.reduction = Reduction::kNone;
-  std::vector<float> l(n), gx(n), gy(n);
-  for (int64_t i = 0; i < n; ++i) {
-    double dl, dx, dy;
-    internal::BceElementMixed(g.x[i], g.y[i], g.w[i], g.p[i], &dl, &dx, &dy);
-    l[i] = static_cast<float>(dl);
-    gx[i] = static_cast<float>(dx);
-    gy[i] = static_cast<float>(dy);
-  }
-  ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
 }
 
 // ---- Need a GPU ----------------------------------------------------------------------------
