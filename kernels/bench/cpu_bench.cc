@@ -43,8 +43,8 @@ struct Paired {
 
 // Alternates the streaming loop and the kernel, round by round, so that both see the same
 // machine state (shared machines drift by tens of percent between seconds).
-Paired TimePaired(int reps, const std::function<void()>& stream, const std::function<void()>& kernel,
-                  std::vector<double>* stream_times) {
+Paired TimePaired(int reps, const std::function<void()>& stream,
+                  const std::function<void()>& kernel, std::vector<double>* stream_times) {
   stream();  // warm-up: page faults, caches
   kernel();
   std::vector<double> tk, ratio;
@@ -126,17 +126,21 @@ int main(int argc, char** argv) {
       if (v.weights) {
         if (v.full) {
           a.weight = *lossd::kernels::MakeOperand("weight", DType::kFloat32, wf.data(), {n}, {n});
-          a.pos_weight = *lossd::kernels::MakeOperand("pos_weight", DType::kFloat32, pf.data(), {n}, {n});
+          a.pos_weight =
+              *lossd::kernels::MakeOperand("pos_weight", DType::kFloat32, pf.data(), {n}, {n});
         } else {
-          a.weight = *lossd::kernels::MakeOperand("weight", DType::kFloat32, w.data(), {C}, {n / C, C});
-          a.pos_weight = *lossd::kernels::MakeOperand("pos_weight", DType::kFloat32, p.data(), {C}, {n / C, C});
+          a.weight =
+              *lossd::kernels::MakeOperand("weight", DType::kFloat32, w.data(), {C}, {n / C, C});
+          a.pos_weight = *lossd::kernels::MakeOperand("pos_weight", DType::kFloat32, p.data(), {C},
+                                                      {n / C, C});
         }
       }
       a.reduction = v.reduce ? Reduction::kMean : Reduction::kNone;
       float scalar;
       BceOutputs out{v.reduce ? &scalar : o1.data(), v.grad ? o2.data() : nullptr,
                      v.grad_y ? o3.data() : nullptr};
-      const Paired r = TimePaired(reps, stream, [&] { (void)cpu->Bce(a, out); }, &stream_times);
+      const Paired r = TimePaired(
+          reps, stream, [&] { (void)cpu->Bce(a, out); }, &stream_times);
       const double t = r.kernel_s;
       const double gbs = 4.0 * (v.reads + v.writes) * n / t / 1e9;
       std::printf("%-44s %7d %10.1f %9.2f %9.2f\n", v.name, threads, n / t / 1e6, gbs, r.ratio);
@@ -146,7 +150,8 @@ int main(int argc, char** argv) {
                 n / ts / 1e6, 16.0 * n / ts / 1e9, "1.00");
   }
   std::printf(
-      "(vs stream: median over rounds of the streaming loop's time over the kernel's time, the two\n"
+      "(vs stream: median over rounds of the streaming loop's time over the kernel's time, the "
+      "two\n"
       " run alternately with the same threads; the stream row is the median of all its rounds)\n");
   return 0;
 }

@@ -1,8 +1,8 @@
 // CPU backend: blocks of kReduceBlock elements are evaluated by the SIMD block kernels
 // (simd_block.cc) in float (float32 and half inputs) or double (float64 inputs), reading the
-// caller's buffers in place and writing straight into the output buffers when the dtypes allow. Blocks are spread
-// over a worker pool; reductions use the fixed block tree plus exact summation, so results are
-// bitwise identical for any thread count.
+// caller's buffers in place and writing straight into the output buffers when the dtypes allow.
+// Blocks are spread over a worker pool; reductions use the fixed block tree plus exact
+// summation, so results are bitwise identical for any thread count.
 #include <algorithm>
 #include <atomic>
 #include <cmath>

@@ -51,7 +51,8 @@ double GradXScale(double x, double y, double w, double p) {
 // Larger term for dl/dy = w[-sp(x) + p sp(-x)].
 double GradYScale(double x, double w, double p) {
   const double l = std::log1p(std::exp(-std::fabs(x)));
-  return std::max(std::fabs(w * (std::max(x, 0.0) + l)), std::fabs(w * p * (std::max(-x, 0.0) + l)));
+  return std::max(std::fabs(w * (std::max(x, 0.0) + l)),
+                  std::fabs(w * p * (std::max(-x, 0.0) + l)));
 }
 
 class AccuracyTest : public ::testing::TestWithParam<int64_t> {
@@ -85,11 +86,10 @@ TEST_P(AccuracyTest, Float32DenseGrid) {
       for (int64_t i = 0; i < n; ++i) {
         const int64_t d = UlpDistance(l[i], static_cast<float>(rl[i]));
         worst_loss = std::max(worst_loss, d);
-        if (d >= 3 && getenv("LOSSD_DEBUG")) std::cout << "ulp " << d << " x=" << xs[i] << " y=" << yv << " w=" << pair[0] << " p=" << pair[1] << "\n";
         ASSERT_LE(d, 4) << "x=" << xs[i] << " y=" << yv << " w=" << pair[0] << " p=" << pair[1]
                         << " got " << l[i] << " want " << rl[i];
-        const double ex = std::fabs(gx[i] - rgx[i]) /
-                          UlpF32(GradXScale(xs[i], yv, pair[0], pair[1]));
+        const double ex =
+            std::fabs(gx[i] - rgx[i]) / UlpF32(GradXScale(xs[i], yv, pair[0], pair[1]));
         if (!(ex <= 4)) {
           ASSERT_EQ(gx[i], static_cast<float>(rgx[i])) << "gx x=" << xs[i] << " y=" << yv;
         } else {
@@ -226,7 +226,8 @@ TEST_P(AccuracyTest, Float32MeanGradientsOnDenseGrid) {
   auto cpu = MakeCpuBackend({1});
   double worst = 0;
   for (float yv : {0.0f, 1.0f, 0.3f}) {
-    for (const auto& pair : {std::pair{1.0f, 1.0f}, std::pair{3.5f, 0.01f}, std::pair{1e3f, 1e3f}}) {
+    for (const auto& pair :
+         {std::pair{1.0f, 1.0f}, std::pair{3.5f, 0.01f}, std::pair{1e3f, 1e3f}}) {
       std::vector<float> y(n, yv), w(n, pair.first), p(n, pair.second);
       BceArgs a;
       a.numel = n;
@@ -242,15 +243,16 @@ TEST_P(AccuracyTest, Float32MeanGradientsOnDenseGrid) {
       std::vector<double> rgx(n), rgy(n);
       ReferenceBce(a, &rl, rgx.data(), rgy.data());
       for (int64_t i = 0; i < n; ++i) {
-        const double ex = std::fabs(gx[i] - rgx[i]) /
-                          UlpF32(GradXScale(xs[i], yv, pair.first, pair.second) / n);
+        const double ex =
+            std::fabs(gx[i] - rgx[i]) / UlpF32(GradXScale(xs[i], yv, pair.first, pair.second) / n);
         if (!(ex <= 4)) {
           ASSERT_EQ(gx[i], static_cast<float>(rgx[i])) << "gx x=" << xs[i] << " y=" << yv;
         } else {
           worst = std::max(worst, ex);
         }
         if (std::isfinite(static_cast<float>(rgy[i]))) {
-          ASSERT_LE(std::fabs(gy[i] - rgy[i]) / UlpF32(GradYScale(xs[i], pair.first, pair.second) / n), 4)
+          ASSERT_LE(
+              std::fabs(gy[i] - rgy[i]) / UlpF32(GradYScale(xs[i], pair.first, pair.second) / n), 4)
               << "gy x=" << xs[i] << " y=" << yv;
         }
       }
@@ -277,9 +279,9 @@ TEST_P(AccuracyTest, BlockTreeSumBitwiseEqualsTreeSumBlock) {
   std::uniform_real_distribution<double> mant(-1, 1);
   std::uniform_int_distribution<int> expo(-40, 40);
   std::vector<double> scratch(kReduceBlock), ref(kReduceBlock);
-  for (int64_t n : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{7}, int64_t{8}, int64_t{9},
-                    int64_t{100}, int64_t{1023}, int64_t{1024}, int64_t{1025}, int64_t{2047},
-                    kReduceBlock}) {
+  for (int64_t n :
+       {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{7}, int64_t{8}, int64_t{9}, int64_t{100},
+        int64_t{1023}, int64_t{1024}, int64_t{1025}, int64_t{2047}, kReduceBlock}) {
     std::vector<float> f(n);
     std::vector<double> d(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -289,7 +291,8 @@ TEST_P(AccuracyTest, BlockTreeSumBitwiseEqualsTreeSumBlock) {
     std::copy(f.begin(), f.end(), ref.begin());
     const double want_f = TreeSumBlock(ref.data(), n);
     const double got_f = internal::BlockTreeSum(f.data(), n, scratch.data());
-    EXPECT_EQ(std::memcmp(&want_f, &got_f, 8), 0) << "float n=" << n << " " << want_f << " " << got_f;
+    EXPECT_EQ(std::memcmp(&want_f, &got_f, 8), 0)
+        << "float n=" << n << " " << want_f << " " << got_f;
     std::copy(d.begin(), d.end(), ref.begin());
     const double want_d = TreeSumBlock(ref.data(), n);
     const double got_d = internal::BlockTreeSum(d.data(), n, scratch.data());
@@ -323,12 +326,13 @@ TEST_P(AccuracyTest, Float64AgainstLongDouble) {
       long double want = 0;
       if (yy != 1) want += (1 - yy) * (std::max(x, 0.0L) + lg);
       if (yy != 0) want += yy * (std::max(-x, 0.0L) + lg);
-      const double e = std::fabs(l[i] - static_cast<double>(want)) / UlpF64(static_cast<double>(want));
+      const double e =
+          std::fabs(l[i] - static_cast<double>(want)) / UlpF64(static_cast<double>(want));
       worst = std::max(worst, e);
       ASSERT_LE(e, 4) << "x=" << xs[i] << " y=" << yv;
     }
-    std::cout << "target " << hwy::TargetName(GetParam()) << ": float64 y=" << yv
-              << " worst " << worst << " ulp\n";
+    std::cout << "target " << hwy::TargetName(GetParam()) << ": float64 y=" << yv << " worst "
+              << worst << " ulp\n";
   }
 }
 

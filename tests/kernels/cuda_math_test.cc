@@ -125,8 +125,8 @@ TEST(CudaMathTest, HostBceElementF32WithinFourUlp) {
   std::vector<float> l(pr.n), gx(pr.n), gy(pr.n);
   int64_t handled = 0;
   for (int64_t i = 0; i < pr.n; ++i) {
-    handled += F32Element(pr.x[i], pr.y[i], pr.w[i % pr.c], pr.p[i % pr.c], &l[i], &gx[i], &gy[i],
-                          true);
+    handled +=
+        F32Element(pr.x[i], pr.y[i], pr.w[i % pr.c], pr.p[i % pr.c], &l[i], &gx[i], &gy[i], true);
   }
   EXPECT_GT(handled, pr.n / 2);  // the rest: |x| > 80 and non-finite values
   const int64_t max_ulp = ExpectMatchesReference(a, l.data(), gx.data(), gy.data());

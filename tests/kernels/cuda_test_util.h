@@ -1,7 +1,6 @@
-// Helpers shared by the CUDA tests (cuda_backend_test.cc, cuda_math_test.cc):
-// tolerances of DESIGN.md section 5 per dtype, a checker against the float64
-// reference, random and special float32 problems, and the float32 element as
-// the fused kernel computes it.
+// Helpers shared by the CUDA tests (cuda_backend_test.cc, cuda_math_test.cc): tolerances of
+// DESIGN.md section 5 per dtype, a checker against the float64 reference, random and special
+// float32 problems, and the float32 element as the fused kernel computes it.
 #ifndef LOSSD_TESTS_KERNELS_CUDA_TEST_UTIL_H_
 #define LOSSD_TESTS_KERNELS_CUDA_TEST_UTIL_H_
 
@@ -16,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "../cuda/bce_device_math.h" // kernels/cuda, reached through the kernels/src include dir
+#include "../cuda/bce_device_math.h"  // kernels/cuda, reached through the kernels/src include dir
 #include "lossd/kernels/kernels.h"
 #include "test_util.h"
 
@@ -35,24 +34,20 @@ inline std::unique_ptr<Backend> Cuda() {
   return b.ok() ? std::move(*b) : nullptr;
 }
 
-inline double OperandAt(const Operand &op, int64_t i) {
-  return op.data == nullptr
-             ? 1.0
-             : LoadAsDouble(op.dtype, op.data, (i / op.inner) % op.period);
+inline double OperandAt(const Operand& op, int64_t i) {
+  return op.data == nullptr ? 1.0 : LoadAsDouble(op.dtype, op.data, (i / op.inner) % op.period);
 }
 
-// The two terms of each gradient (DESIGN.md section 5: a gradient is within k
-// ulp of the larger of its terms). Returns {scale of dl/dx, scale of dl/dy}.
-inline std::pair<double, double> GradScales(double x, double y, double w,
-                                            double p) {
+// The two terms of each gradient (DESIGN.md section 5: a gradient is within k ulp of the
+// larger of its terms). Returns {scale of dl/dx, scale of dl/dy}.
+inline std::pair<double, double> GradScales(double x, double y, double w, double p) {
   const double e = std::exp(-std::fabs(x));
   const double l = std::log1p(e);
   const double sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
   const double sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
-  const double gxs =
-      std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
-  const double gys = std::max(std::fabs(w * (std::max(x, 0.0) + l)),
-                              std::fabs(w * p * (std::max(-x, 0.0) + l)));
+  const double gxs = std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
+  const double gys =
+      std::max(std::fabs(w * (std::max(x, 0.0) + l)), std::fabs(w * p * (std::max(-x, 0.0) + l)));
   return {std::isnan(gxs) ? 0 : gxs, std::isnan(gys) ? 0 : gys};
 }
 
@@ -60,58 +55,51 @@ inline std::pair<double, double> GradScales(double x, double y, double w,
 inline double UlpOf(DType dtype, double v) {
   const double a = std::fabs(v);
   switch (dtype) {
-  case DType::kFloat32:
-    return UlpF32(v);
-  case DType::kFloat64:
-    return UlpF64(v);
-  case DType::kFloat16:
-    return a < 0x1p-14 ? 0x1p-24 : std::ldexp(1.0, std::ilogb(a) - 10);
-  case DType::kBFloat16:
-    return a < 0x1p-126 ? 0x1p-133 : std::ldexp(1.0, std::ilogb(a) - 7);
+    case DType::kFloat32:
+      return UlpF32(v);
+    case DType::kFloat64:
+      return UlpF64(v);
+    case DType::kFloat16:
+      return a < 0x1p-14 ? 0x1p-24 : std::ldexp(1.0, std::ilogb(a) - 10);
+    case DType::kBFloat16:
+      return a < 0x1p-126 ? 0x1p-133 : std::ldexp(1.0, std::ilogb(a) - 7);
   }
   return 0;
 }
 
-// Per-dtype tolerances: float32 is the 4-ulp promise; float64 computes in
-// double with CUDA's exp/log1p (1-2 ulp each), compared with 8 ulp; half types
-// compute in float32 and round once, so they are within 1 ulp of their own type
-// (plus the float32 error of a cancelling gradient).
+// Per-dtype tolerances: float32 is the 4-ulp promise; float64 computes in double with CUDA's
+// exp/log1p (1-2 ulp each), compared with 8 ulp; half types compute in float32 and round once,
+// so they are within 1 ulp of their own type (plus the float32 error of a cancelling gradient).
 struct Tolerance {
-  double
-      ulps; // in ulps of the output dtype (of the value, or of the larger term)
-  double
-      f32_ulps; // extra, in float32 ulps of the larger term (half types only)
+  double ulps;      // in ulps of the output dtype (of the value, or of the larger term)
+  double f32_ulps;  // extra, in float32 ulps of the larger term (half types only)
 };
 inline Tolerance TolFor(DType dtype) {
   switch (dtype) {
-  case DType::kFloat32:
-    return {4, 0};
-  case DType::kFloat64:
-    return {8, 0};
-  default:
-    return {1, 4};
+    case DType::kFloat32:
+      return {4, 0};
+    case DType::kFloat64:
+      return {8, 0};
+    default:
+      return {1, 4};
   }
 }
 
 inline bool Close(double got, double ref, double bound) {
-  if (std::isnan(ref) || std::isnan(got))
-    return std::isnan(ref) && std::isnan(got);
-  if (std::isinf(ref) || std::isinf(got))
-    return got == ref;
+  if (std::isnan(ref) || std::isnan(got)) return std::isnan(ref) && std::isnan(got);
+  if (std::isinf(ref) || std::isinf(got)) return got == ref;
   return std::fabs(got - ref) <= bound;
 }
 
-// Checks CUDA outputs (in args.dtype, kNone loss or none) against ReferenceBce.
-// Gradients are those of args.reduction. Returns the largest float32 ulp
-// distance of the loss (float32 only).
-inline int64_t ExpectMatchesReference(const BceArgs &a, const void *loss,
-                                      const void *gx, const void *gy) {
+// Checks CUDA outputs (in args.dtype, kNone loss or none) against ReferenceBce. Gradients are
+// those of args.reduction. Returns the largest float32 ulp distance of the loss (float32 only).
+inline int64_t ExpectMatchesReference(const BceArgs& a, const void* loss, const void* gx,
+                                      const void* gy) {
   const int64_t n = a.numel;
   std::vector<double> rl(n), rgx(n), rgy(n);
   ReferenceBce(a, rl.data(), rgx.data(), rgy.data());
   const Tolerance tol = TolFor(a.dtype);
-  const double div =
-      a.reduction == Reduction::kMean ? static_cast<double>(n) : 1.0;
+  const double div = a.reduction == Reduction::kMean ? static_cast<double>(n) : 1.0;
   int64_t max_ulp = 0, failures = 0;
   for (int64_t i = 0; i < n && failures < 10; ++i) {
     const double x = LoadAsDouble(a.dtype, a.logits, i);
@@ -119,20 +107,17 @@ inline int64_t ExpectMatchesReference(const BceArgs &a, const void *loss,
     const double w = OperandAt(a.weight, i), p = OperandAt(a.pos_weight, i);
     const auto [sx, sy] = GradScales(x, y, w, p);
     auto at = [&] {
-      return ::testing::Message()
-             << "element " << i << ": x=" << x << " y=" << y << " w=" << w
-             << " p=" << p << " dtype=" << DTypeName(a.dtype);
+      return ::testing::Message() << "element " << i << ": x=" << x << " y=" << y << " w=" << w
+                                  << " p=" << p << " dtype=" << DTypeName(a.dtype);
     };
     if (loss != nullptr) {
       const double got = LoadAsDouble(a.dtype, loss, i);
       if (a.dtype == DType::kFloat32) {
-        const int64_t d =
-            UlpDistance(static_cast<float>(got), static_cast<float>(rl[i]));
+        const int64_t d = UlpDistance(static_cast<float>(got), static_cast<float>(rl[i]));
         max_ulp = std::max(max_ulp, d);
         if (d > 4) {
           ++failures;
-          ADD_FAILURE() << at() << " loss " << got << " vs " << rl[i] << ": "
-                        << d << " ulp";
+          ADD_FAILURE() << at() << " loss " << got << " vs " << rl[i] << ": " << d << " ulp";
         }
       } else if (!Close(got, rl[i], tol.ulps * UlpOf(a.dtype, rl[i]))) {
         ++failures;
@@ -140,67 +125,53 @@ inline int64_t ExpectMatchesReference(const BceArgs &a, const void *loss,
       }
     }
     const struct {
-      const char *name;
-      const void *out;
+      const char* name;
+      const void* out;
       double ref, scale;
-    } grads[] = {{"grad_logits", gx, rgx[i], sx / div},
-                 {"grad_targets", gy, rgy[i], sy / div}};
-    for (const auto &g : grads) {
-      if (g.out == nullptr)
-        continue;
+    } grads[] = {{"grad_logits", gx, rgx[i], sx / div}, {"grad_targets", gy, rgy[i], sy / div}};
+    for (const auto& g : grads) {
+      if (g.out == nullptr) continue;
       const double got = LoadAsDouble(a.dtype, g.out, i);
-      const double bound =
-          a.dtype == DType::kFloat32 || a.dtype == DType::kFloat64
-              ? tol.ulps * UlpOf(a.dtype, g.scale)
-              : tol.ulps * UlpOf(a.dtype, g.ref) +
-                    tol.f32_ulps * UlpF32(g.scale);
-      // A reference beyond the float32 range must give the infinity it rounds
-      // to.
-      const bool overflows = a.dtype == DType::kFloat32 &&
-                             std::isfinite(g.ref) &&
+      const double bound = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat64
+                               ? tol.ulps * UlpOf(a.dtype, g.scale)
+                               : tol.ulps * UlpOf(a.dtype, g.ref) + tol.f32_ulps * UlpF32(g.scale);
+      // A reference beyond the float32 range must give the infinity it rounds to.
+      const bool overflows = a.dtype == DType::kFloat32 && std::isfinite(g.ref) &&
                              std::isinf(static_cast<float>(g.ref));
       if (overflows ? got != static_cast<double>(static_cast<float>(g.ref))
                     : !Close(got, g.ref, bound)) {
         ++failures;
-        ADD_FAILURE() << at() << " " << g.name << " " << got << " vs reference "
-                      << g.ref << " (bound " << bound << ", larger term "
-                      << g.scale << ")";
+        ADD_FAILURE() << at() << " " << g.name << " " << got << " vs reference " << g.ref
+                      << " (bound " << bound << ", larger term " << g.scale << ")";
       }
     }
   }
   return max_ulp;
 }
 
-// Random float32 problem: logits over many magnitudes plus specials, hard and
-// soft labels.
+// Random float32 problem: logits over many magnitudes plus specials, hard and soft labels.
 struct F32Problem {
   int64_t rows = 0, c = 0, n = 0;
   std::vector<float> x, y, w, p;
 };
 
-inline F32Problem MakeF32Problem(int64_t rows, int64_t c, uint64_t seed,
-                                 bool nonfinite) {
+inline F32Problem MakeF32Problem(int64_t rows, int64_t c, uint64_t seed, bool nonfinite) {
   F32Problem pr;
   pr.rows = rows;
   pr.c = c;
   pr.n = rows * c;
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<double> u(0, 1);
-  std::vector<float> specials = {0.0f,   -0.0f,  30.0f,   -30.0f, 1e30f,
-                                 -1e30f, 1e-30f, -1e-30f, 88.0f,  -88.0f,
-                                 -17.0f, 17.0f,  -103.0f, -87.5f};
-  if (nonfinite)
-    specials.insert(specials.end(), {kInf, -kInf});
+  std::vector<float> specials = {0.0f,    -0.0f, 30.0f,  -30.0f, 1e30f, -1e30f,  1e-30f,
+                                 -1e-30f, 88.0f, -88.0f, -17.0f, 17.0f, -103.0f, -87.5f};
+  if (nonfinite) specials.insert(specials.end(), {kInf, -kInf});
   for (int64_t i = 0; i < pr.n; ++i) {
     const double r = u(rng);
-    pr.x.push_back(r < 0.05
-                       ? specials[rng() % specials.size()]
-                       : static_cast<float>(std::pow(10.0, -8 + 12 * u(rng)) *
-                                            (u(rng) < 0.5 ? -1 : 1)));
+    pr.x.push_back(
+        r < 0.05 ? specials[rng() % specials.size()]
+                 : static_cast<float>(std::pow(10.0, -8 + 12 * u(rng)) * (u(rng) < 0.5 ? -1 : 1)));
     const double t = u(rng);
-    pr.y.push_back(t < 0.4   ? 0.0f
-                   : t < 0.8 ? 1.0f
-                             : static_cast<float>(u(rng)));
+    pr.y.push_back(t < 0.4 ? 0.0f : t < 0.8 ? 1.0f : static_cast<float>(u(rng)));
   }
   for (int64_t k = 0; k < std::max(rows, c); ++k) {
     pr.w.push_back(k % 7 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng)));
@@ -209,29 +180,24 @@ inline F32Problem MakeF32Problem(int64_t rows, int64_t c, uint64_t seed,
   return pr;
 }
 
-inline BceArgs F32Args(const F32Problem &pr, Reduction r,
-                       const std::vector<int64_t> &wshape,
-                       const std::vector<int64_t> &pshape) {
+inline BceArgs F32Args(const F32Problem& pr, Reduction r, const std::vector<int64_t>& wshape,
+                       const std::vector<int64_t>& pshape) {
   BceArgs a;
   a.numel = pr.n;
   a.logits = pr.x.data();
   a.targets = pr.y.data();
   const std::vector<int64_t> shape = {pr.rows, pr.c};
-  a.weight =
-      *MakeOperand("weight", DType::kFloat32, pr.w.data(), wshape, shape);
-  a.pos_weight =
-      *MakeOperand("pos_weight", DType::kFloat32, pr.p.data(), pshape, shape);
+  a.weight = *MakeOperand("weight", DType::kFloat32, pr.w.data(), wshape, shape);
+  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, pr.p.data(), pshape, shape);
   a.reduction = r;
   return a;
 }
 
-// One float32 element as the fused kernel computes it: BceElementF32 when
-// `all_float` and it handles the element, else BceElementMixed rounded to
-// float. Returns whether BceElementF32 did.
-inline bool F32Element(float x, float y, float w, float p, float *l, float *gx,
-                       float *gy, bool all_float) {
-  if (all_float && internal::BceElementF32(x, y, w, p, l, gx, gy))
-    return true;
+// One float32 element as the fused kernel computes it: BceElementF32 when `all_float` and it
+// handles the element, else BceElementMixed rounded to float. Returns whether BceElementF32 did.
+inline bool F32Element(float x, float y, float w, float p, float* l, float* gx, float* gy,
+                       bool all_float) {
+  if (all_float && internal::BceElementF32(x, y, w, p, l, gx, gy)) return true;
   double dl, dx, dy;
   internal::BceElementMixed(x, y, w, p, &dl, &dx, &dy);
   *l = static_cast<float>(dl);
@@ -240,14 +206,12 @@ inline bool F32Element(float x, float y, float w, float p, float *l, float *gx,
   return false;
 }
 
-// Every combination of special logits, targets, weights and pos_weights, as
-// full tensors.
+// Every combination of special logits, targets, weights and pos_weights, as full tensors.
 struct SpecialGrid {
   std::vector<float> x, y, w, p;
   SpecialGrid() {
-    const float xs[] = {0.0f,    -0.0f,  30.0f,   -30.0f, 1e30f, -1e30f, kInf,
-                        -kInf,   kNaN,   17.0f,   -17.0f, 17.5f, 88.0f,  -88.0f,
-                        -103.5f, 124.0f, -126.0f, 1e-30f, 1e-8f};
+    const float xs[] = {0.0f,   -0.0f, 30.0f, -30.0f, 1e30f,   -1e30f, kInf,    -kInf,  kNaN, 17.0f,
+                        -17.0f, 17.5f, 88.0f, -88.0f, -103.5f, 124.0f, -126.0f, 1e-30f, 1e-8f};
     const float ys[] = {0.0f, 1.0f, 0.25f, 0.5f, 0.75f, 1e-3f, kNaN};
     const float ws[] = {0.0f, 1.0f, 3.5f, 1e3f, kNaN};
     const float ps[] = {0.0f, 1.0f, 2.5f, 1e3f};
@@ -263,6 +227,6 @@ struct SpecialGrid {
   }
 };
 
-} // namespace lossd::kernels::cuda_test
+}  // namespace lossd::kernels::cuda_test
 
-#endif // LOSSD_TESTS_KERNELS_CUDA_TEST_UTIL_H_
+#endif  // LOSSD_TESTS_KERNELS_CUDA_TEST_UTIL_H_
