@@ -91,11 +91,10 @@ HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<flo
   const V q = hn::MulAdd(hn::MulAdd(hn::Set(d, 0x1.99f3dep-3f), f, hn::Set(d, -0x1.002818p-2f)), f,
                          hn::Set(d, 0x1.555554p-2f));
   const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
-  // hi + lo with hi = -log(r_j) + f rounded and lo its exact error (|-log r_j| >= |f| or
-  // -log r_j = 0) plus the small terms, so that callers can use the sum unrounded.
-  const V hi = hn::Add(log_hi, f);
-  *lo = hn::Add(hn::Add(hn::Sub(log_hi, hi), f), hn::Add(log_lo, hn::MulAdd(c, inv, corr)));
-  return hi;
+  // hi + lo with hi = -log(r_j) + f (exact for j = 0, where -log r_j = 0 and small e needs
+  // it most; rounded once otherwise) and lo the small terms, for callers to use unrounded.
+  *lo = hn::Add(log_lo, hn::MulAdd(c, inv, corr));
+  return hn::Add(log_hi, f);
 }
 #endif
 
