@@ -144,8 +144,8 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv, V* lo) {
 // exp(t) for t <= 0 (float lanes; double lanes use Highway's Exp): q = round(t / ln 2) by the
 // 1.5 * 2^23 shifter, r = t - q ln 2 in two parts, Highway's degree-5 polynomial for exp(r) - 1 - r
 // (1 ulp), and 2^q from the shifter's bits in one step. Lanes in `far` (|x| > kFarX, which
-// covers t < -87 where 2^q would leave the normal range, and infinities) give 0; the caller
-// recomputes them in a wider type.
+// covers t < -87 where 2^q would leave the normal range, infinities and NaN) give meaningless
+// values: the caller recomputes them in a wider type.
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE V ExpNonPositive(D d, V t, hn::Mask<D> far) {
   using T = hn::TFromD<D>;
@@ -171,7 +171,8 @@ HWY_INLINE V ExpNonPositive(D d, V t, hn::Mask<D> far) {
     const V scale = hn::BitCast(
         d, hn::ShiftLeft<23>(hn::Add(hn::BitCast(di, qs), hn::Set(di, 127))));
     const V y = hn::MulAdd(em1, scale, scale);
-    return hn::IfThenZeroElse(far, y);
+    (void)far;  // those lanes are recomputed: their value does not matter
+    return y;
   }
 }
 
@@ -226,12 +227,11 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   // Far, infinite or NaN x (a NaN x must not rely on propagation: Highway's double Exp gives 0
   // for it and Max drops it).
   const auto far = hn::Not(hn::Le(ax, hn::Set(d, kFarX<T>)));
-  const V e = ExpNonPositive(d, hn::Neg(ax), far);    // 0 where far (float), exp (double)
+  const V e = ExpNonPositive(d, hn::Neg(ax), far);  // meaningless where far
   const V inv = ReciprocalOneTwo(d, hn::Add(one, e));
   V l_lo;
   const V l = Log1pUnit(d, e, inv, &l_lo);  // log1p(e) = l + l_lo
-  const V x_pos = hn::Max(x, zero);
-  const V x_neg = hn::Max(hn::Neg(x), zero);
+  const auto x_ge0 = hn::Ge(x, zero);
   // The coefficients with the weight folded in: a = w (1 - y) (one rounding, and +0 for w = 0),
   // b = w p y. With finite inputs a zero weight then gives +0 everywhere without masks.
 #if HWY_NATIVE_FMA
@@ -242,14 +242,14 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
 #endif
   V b = has_p ? hn::Mul(p, y) : y;
   if (has_w) b = hn::Mul(w, b);
-  // a sp(x) + b sp(-x) = (a + b) l + (a max(x,0) + b max(-x,0)): the second part (one product:
-  // one of the maxima is 0) is ready before l, so only one FMA waits for l.
+  // a sp(x) + b sp(-x) = (a + b) l + (a max(x,0) + b max(-x,0)), the second part one product
+  // (x a for x >= 0, -x b else), ready before l, so only one FMA waits for l.
   const V ab = hn::Add(a, b);
-  V lv = hn::MulAdd(ab, l, hn::MulAdd(ab, l_lo, hn::MulAdd(a, x_pos, hn::Mul(b, x_neg))));
+  const V lin = hn::Mul(x, hn::IfThenElse(x_ge0, a, hn::Neg(b)));
+  V lv = hn::MulAdd(ab, l, hn::MulAdd(ab, l_lo, lin));
   V gxv = zero;
   if (want_gx) {
     const V e_inv = hn::Mul(e, inv);
-    const auto x_ge0 = hn::Ge(x, zero);
     const V s_pos = hn::IfThenElse(x_ge0, inv, e_inv);
     const V s_neg = hn::IfThenElse(x_ge0, e_inv, inv);
     gxv = hn::MulSub(a, s_pos, hn::Mul(b, s_neg));
@@ -257,16 +257,18 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   V gyv = zero;
   if (want_gy) {
     const V l_sum = hn::Add(l, l_lo);
-    const V sp_pos = hn::Add(x_pos, l_sum);
-    const V sp_neg = hn::Add(x_neg, l_sum);
+    const V sp_pos = hn::Add(hn::Max(x, zero), l_sum);
+    const V sp_neg = hn::Add(hn::Max(hn::Neg(x), zero), l_sum);
     gyv = has_p ? hn::MulSub(p, sp_neg, sp_pos) : hn::Sub(sp_neg, sp_pos);
   }
   if (has_w && want_gy) {
     // A zero weight gives +0 (not -0) like the scalar math.
     gyv = hn::IfThenZeroElse(hn::Eq(w, zero), hn::Mul(w, gyv));
   }
-  // NaN in y, w or p makes lv NaN (w = 0 included: 0 * NaN), overflow makes it or gxv infinite.
-  const auto ok = hn::AndNot(far, hn::IsFinite(want_gx ? hn::Add(lv, gxv) : lv));
+  // NaN in y, w or p makes lv NaN (w = 0 included: 0 * NaN), overflow makes it infinite (an
+  // infinite a or b makes ab infinite, and l > 0 here). dl/dx needs no test: with a and b
+  // finite, |a s(x) - b s(-x)| <= max(|a|, |b|) as s(x) + s(-x) = 1.
+  const auto ok = hn::AndNot(far, hn::IsFinite(lv));
   if (scale) {
     gxv = DivideByReciprocal(gxv, div, rdiv);
     if (want_gy) gyv = DivideByReciprocal(gyv, div, rdiv);
