@@ -245,14 +245,14 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   // a sp(x) + b sp(-x) = (a + b) l + (a max(x,0) + b max(-x,0)), the second part one product
   // (x a for x >= 0, -x b else), ready before l, so only one FMA waits for l.
   const V ab = hn::Add(a, b);
-  const V lin = hn::Mul(x, hn::IfThenElse(x_ge0, a, hn::Neg(b)));
+  const V a_or_nb = hn::IfThenElse(x_ge0, a, hn::Neg(b));
+  const V lin = hn::Mul(x, a_or_nb);
   V lv = hn::MulAdd(ab, l, hn::MulAdd(ab, l_lo, lin));
   V gxv = zero;
   if (want_gx) {
-    const V e_inv = hn::Mul(e, inv);
-    const V s_pos = hn::IfThenElse(x_ge0, inv, e_inv);
-    const V s_neg = hn::IfThenElse(x_ge0, e_inv, inv);
-    gxv = hn::MulSub(a, s_pos, hn::Mul(b, s_neg));
+    // a s(x) - b s(-x) = inv (P - Q e) with (P, Q) = (a, b) for x >= 0, (-b, -a) else.
+    const V q = hn::IfThenElse(x_ge0, b, hn::Neg(a));
+    gxv = hn::Mul(inv, hn::NegMulAdd(q, e, a_or_nb));
   }
   V gyv = zero;
   if (want_gy) {
