@@ -87,13 +87,14 @@ HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<flo
   const V log_hi = lookup(kLog1pLogHi);
   const V log_lo = lookup(kLog1pLogLo);
   const V f = hn::MulSub(u, r, one);
-  const V f2 = hn::Mul(f, f);
-  const V q = hn::MulAdd(hn::MulAdd(hn::Set(d, 0x1.99f3dep-3f), f, hn::Set(d, -0x1.002818p-2f)), f,
-                         hn::Set(d, 0x1.555554p-2f));
-  const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
+  // log1p(f) - f = f^2 (-1/2 + f (q0 + f (q1 + f q2))), plus the table's low part.
+  V q = hn::MulAdd(hn::Set(d, 0x1.99f3dep-3f), f, hn::Set(d, -0x1.002818p-2f));
+  q = hn::MulAdd(q, f, hn::Set(d, 0x1.555554p-2f));
+  q = hn::MulAdd(q, f, hn::Set(d, -0.5f));
+  const V corr = hn::MulAdd(hn::Mul(f, f), q, log_lo);
   // hi + lo with hi = -log(r_j) + f (exact for j = 0, where -log r_j = 0 and small e needs
   // it most; rounded once otherwise) and lo the small terms, for callers to use unrounded.
-  *lo = hn::Add(log_lo, hn::MulAdd(c, inv, corr));
+  *lo = hn::MulAdd(c, inv, corr);
   return hn::Add(log_hi, f);
 }
 #endif
