@@ -142,23 +142,24 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv, V* lo) {
   }
 }
 
-// exp(t) for t <= 0 (float lanes; double lanes use Highway's Exp): q = round(t / ln 2) by the
+// exp(t) for t = -ax <= 0 (float lanes; double lanes use Highway's Exp): q = round(t / ln 2) by the
 // 1.5 * 2^23 shifter, r = t - q ln 2 in two parts, Highway's degree-5 polynomial for exp(r) - 1 - r
 // (1 ulp), and 2^q from the shifter's bits in one step. Lanes in `far` (|x| > kFarX, which
 // covers t < -87 where 2^q would leave the normal range, infinities and NaN) give meaningless
 // values: the caller recomputes them in a wider type.
 template <class D, class V = hn::Vec<D>>
-HWY_INLINE V ExpNonPositive(D d, V t, hn::Mask<D> far) {
+HWY_INLINE V ExpNegAbs(D d, V ax, hn::Mask<D> far) {
   using T = hn::TFromD<D>;
   if constexpr (sizeof(T) != 4) {
     (void)far;
-    return hn::Exp(d, t);
+    return hn::Exp(d, hn::Neg(ax));
   } else {
     const hn::RebindToSigned<D> di;
     const V shifter = hn::Set(d, 12582912.0f);  // 1.5 * 2^23
-    const V qs = hn::MulAdd(t, hn::Set(d, 1.44269504088896341f), shifter);
+    // t = -ax folded into the FMAs: q = round(-ax / ln 2), r = -ax - q ln 2.
+    const V qs = hn::MulAdd(ax, hn::Set(d, -1.44269504088896341f), shifter);
     const V q = hn::Sub(qs, shifter);
-    V r = hn::MulAdd(q, hn::Set(d, -0.693145751953125f), t);
+    V r = hn::NegMulSub(q, hn::Set(d, 0.693145751953125f), ax);
     r = hn::MulAdd(q, hn::Set(d, -1.428606765330187045e-6f), r);
     const V r2 = hn::Mul(r, r);
     const V p01 = hn::MulAdd(hn::Set(d, 0.166666671633720397949219f), r, hn::Set(d, 0.5f));
@@ -228,7 +229,7 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   // Far, infinite or NaN x (a NaN x must not rely on propagation: Highway's double Exp gives 0
   // for it and Max drops it).
   const auto far = hn::Not(hn::Le(ax, hn::Set(d, kFarX<T>)));
-  const V e = ExpNonPositive(d, hn::Neg(ax), far);  // meaningless where far
+  const V e = ExpNegAbs(d, ax, far);  // meaningless where far
   const V inv = ReciprocalOneTwo(d, hn::Add(one, e));
   V l_lo;
   const V l = Log1pUnit(d, e, inv, &l_lo);  // log1p(e) = l + l_lo
