@@ -1,7 +1,7 @@
 // BCE-with-logits block kernels on Highway, compiled for every x86/Arm target Highway supports
 // and chosen at run time (foreach_target + HWY_EXPORT + HWY_DYNAMIC_DISPATCH).
 //
-// Per element (float lanes): e = exp(-|x|) (ExpNonPositive), inv = 1/(1+e) (the AVX-512
+// Per element (float lanes): e = exp(-|x|) (ExpNegAbs), inv = 1/(1+e) (the AVX-512
 // estimate and a Newton step, else a division), log1p(e) without divisions as an unrounded
 // pair (Log1pUnit; a 32-entry table on AVX-512, a polynomial elsewhere), then with the weight
 // folded into the coefficients a = w (1-y), b = w p y:
