@@ -63,7 +63,7 @@ du -shc "${CARRY[@]}" | sed 's/^/  /'
 total_kib=$(du -sck "${CARRY[@]}" | tail -1 | cut -f1)
 echo
 echo "carry for the device run (paths relative to the repository root):"
-printf '  ["%s", "%s", "%s"]  = %d KiB\n' "${CARRY[@]}" "$total_kib"
+printf '  [%s]  = %d KiB\n' "$(printf '"%s", ' "${CARRY[@]}" | sed 's/, $//')" "$total_kib"
 if (( total_kib > 60 * 1024 )); then
   echo "  WARNING: over 60 MiB; strip the binaries (strip --strip-debug) to trim" >&2
 fi
