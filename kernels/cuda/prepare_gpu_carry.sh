@@ -68,5 +68,5 @@ if (( total_kib > 60 * 1024 )); then
   echo "  WARNING: over 60 MiB; strip the binaries (strip --strip-debug) to trim" >&2
 fi
 echo "whole build/ folder: $(du -sh build | cut -f1) (too big to carry as is; carrying only" \
-     "the three paths above is enough. To carry build/ itself, first delete what the device" \
+     "the paths above is enough. To carry build/ itself, first delete what the device" \
      "run does not need: find build -name '*.o' -delete; rm -rf build/server build/proto)"
