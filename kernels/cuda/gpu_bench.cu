@@ -29,8 +29,11 @@
 
 #include "cuda_kernels.h"
 #include "lossd/kernels/kernels.h"
+#include "test_util.h"  // tests/kernels: the ulp helpers of the kernel tests
 
 namespace lk = lossd::kernels;
+using lossd::testing::UlpDistance;
+using lossd::testing::UlpF32;
 
 namespace {
 
@@ -43,26 +46,6 @@ namespace {
       std::exit(1);                                                                        \
     }                                                                                      \
   } while (0)
-
-int64_t UlpDistance(float a, float b) {
-  if (std::isnan(a) || std::isnan(b)) {
-    return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<int64_t>::max();
-  }
-  if (a == b) return 0;
-  auto key = [](float f) {
-    int32_t i;
-    std::memcpy(&i, &f, 4);
-    return i < 0 ? int64_t{INT32_MIN} - i : int64_t{i};
-  };
-  const int64_t d = key(a) - key(b);
-  return d < 0 ? -d : d;
-}
-
-double UlpF32(double v) {
-  const float f = std::fabs(static_cast<float>(v));
-  if (!std::isfinite(f)) return std::numeric_limits<double>::infinity();
-  return static_cast<double>(std::nextafter(f, std::numeric_limits<float>::infinity())) - f;
-}
 
 // Error of a float gradient in ulps of the larger of its two terms (DESIGN.md section 5).
 double GradErrUlps(float got, double ref, double scale) {
