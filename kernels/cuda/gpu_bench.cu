@@ -32,6 +32,7 @@
 #include "test_util.h"  // tests/kernels: the ulp helpers of the kernel tests
 
 namespace lk = lossd::kernels;
+using lossd::testing::GradTermScales;
 using lossd::testing::UlpDistance;
 using lossd::testing::UlpF32;
 
@@ -54,19 +55,6 @@ double GradErrUlps(float got, double ref, double scale) {
   const double err = std::fabs(static_cast<double>(got) - ref);
   if (err == 0) return 0;
   return err / UlpF32(scale);
-}
-
-double GradScaleX(double x, double y, double w, double p) {
-  const double e = std::exp(-std::fabs(x));
-  const double sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
-  const double sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
-  return std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
-}
-
-double GradScaleY(double x, double w, double p) {
-  const double l = std::log1p(std::exp(-std::fabs(x)));
-  return std::max(std::fabs(w * (std::max(x, 0.0) + l)),
-                  std::fabs(w * p * (std::max(-x, 0.0) + l)));
 }
 
 // ~1M random float32 elements with weight [C] and pos_weight [C] (magnitudes 1e-6..1e2, 2%
@@ -137,8 +125,9 @@ ElementErrors CompareElements(const ValidationData& v, const std::vector<float>&
     e.loss_ulp = std::max(e.loss_ulp, UlpDistance(l[i], static_cast<float>(rl[i])));
     e.vs_cpu_ulp = std::max(e.vs_cpu_ulp, UlpDistance(l[i], cpu[i]));
     const double wi = v.w[i % v.c], pi = v.p[i % v.c];
-    e.gx = std::max(e.gx, GradErrUlps(gx[i], rgx[i], GradScaleX(v.x[i], v.y[i], wi, pi)));
-    e.gy = std::max(e.gy, GradErrUlps(gy[i], rgy[i], GradScaleY(v.x[i], wi, pi)));
+    const auto [sx, sy] = GradTermScales(v.x[i], v.y[i], wi, pi);
+    e.gx = std::max(e.gx, GradErrUlps(gx[i], rgx[i], sx));
+    e.gy = std::max(e.gy, GradErrUlps(gy[i], rgy[i], sy));
   }
   return e;
 }

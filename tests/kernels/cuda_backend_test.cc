@@ -34,7 +34,7 @@ using cuda_test::ExpectMatchesReference;
 using cuda_test::F32Args;
 using cuda_test::F32Element;
 using cuda_test::F32Problem;
-using cuda_test::GradScales;
+using cuda_test::GradTermScales;
 using cuda_test::kInf;
 using cuda_test::kNaN;
 using cuda_test::MakeF32Problem;
@@ -296,7 +296,7 @@ TEST(CudaBackendTest, MatchesCpuBackend) {
   ASSERT_TRUE(cpu->Bce(a, {cl.data(), cgx.data(), cgy.data()}).ok());
   int64_t failures = 0;
   for (int64_t i = 0; i < pr.n && failures < 10; ++i) {
-    const auto [sx, sy] = GradScales(pr.x[i], pr.y[i], pr.w[i % pr.c], pr.p[i % pr.c]);
+    const auto [sx, sy] = GradTermScales(pr.x[i], pr.y[i], pr.w[i % pr.c], pr.p[i % pr.c]);
     const bool ok = UlpDistance(l[i], cl[i]) <= 4 && Close(gx[i], cgx[i], 4 * UlpF32(sx)) &&
                     Close(gy[i], cgy[i], 4 * UlpF32(sy));
     if (!ok) {

@@ -21,6 +21,7 @@
 
 namespace lossd::kernels::cuda_test {
 
+using lossd::testing::GradTermScales;
 using lossd::testing::UlpDistance;
 using lossd::testing::UlpF32;
 using lossd::testing::UlpF64;
@@ -36,19 +37,6 @@ inline std::unique_ptr<Backend> Cuda() {
 
 inline double OperandAt(const Operand& op, int64_t i) {
   return op.data == nullptr ? 1.0 : LoadAsDouble(op.dtype, op.data, (i / op.inner) % op.period);
-}
-
-// The two terms of each gradient (DESIGN.md section 5: a gradient is within k ulp of the
-// larger of its terms). Returns {scale of dl/dx, scale of dl/dy}.
-inline std::pair<double, double> GradScales(double x, double y, double w, double p) {
-  const double e = std::exp(-std::fabs(x));
-  const double l = std::log1p(e);
-  const double sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
-  const double sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
-  const double gxs = std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
-  const double gys =
-      std::max(std::fabs(w * (std::max(x, 0.0) + l)), std::fabs(w * p * (std::max(-x, 0.0) + l)));
-  return {std::isnan(gxs) ? 0 : gxs, std::isnan(gys) ? 0 : gys};
 }
 
 // Spacing of the output dtype at |v| (for half types: the dtype's own ulp).
@@ -105,7 +93,7 @@ inline int64_t ExpectMatchesReference(const BceArgs& a, const void* loss, const 
     const double x = LoadAsDouble(a.dtype, a.logits, i);
     const double y = LoadAsDouble(a.targets_dtype, a.targets, i);
     const double w = OperandAt(a.weight, i), p = OperandAt(a.pos_weight, i);
-    const auto [sx, sy] = GradScales(x, y, w, p);
+    const auto [sx, sy] = GradTermScales(x, y, w, p);
     auto at = [&] {
       return ::testing::Message() << "element " << i << ": x=" << x << " y=" << y << " w=" << w
                                   << " p=" << p << " dtype=" << DTypeName(a.dtype);

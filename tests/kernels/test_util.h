@@ -2,10 +2,12 @@
 #ifndef LOSSD_TESTS_KERNELS_TEST_UTIL_H_
 #define LOSSD_TESTS_KERNELS_TEST_UTIL_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 namespace lossd::testing {
 
@@ -34,6 +36,20 @@ inline double UlpF32(double v) {
 inline double UlpF64(double v) {
   const double a = std::fabs(v);
   return std::nextafter(a, std::numeric_limits<double>::infinity()) - a;
+}
+
+// The larger of the two terms of each gradient, in double (DESIGN.md section 5: a float32
+// gradient is within 4 ulp of it): {dl/dx: max(|w (1-y) s(x)|, |w p y s(-x)|), dl/dy:
+// max(|w sp(x)|, |w p sp(-x)|)}. A NaN term gives 0.
+inline std::pair<double, double> GradTermScales(double x, double y, double w, double p) {
+  const double e = std::exp(-std::fabs(x));
+  const double l = std::log1p(e);
+  const double sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
+  const double sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
+  const double gxs = std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
+  const double gys =
+      std::max(std::fabs(w * (std::max(x, 0.0) + l)), std::fabs(w * p * (std::max(-x, 0.0) + l)));
+  return {std::isnan(gxs) ? 0 : gxs, std::isnan(gys) ? 0 : gys};
 }
 
 }  // namespace lossd::testing
