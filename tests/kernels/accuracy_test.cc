@@ -239,7 +239,8 @@ TEST_P(AccuracyTest, Float32MeanGradientsOnDenseGrid) {
           worst = std::max(worst, ex);
         }
         if (std::isfinite(static_cast<float>(rgy[i]))) {
-          ASSERT_LE(std::fabs(gy[i] - rgy[i]) / UlpF32(sy / n), 4) << "gy x=" << xs[i] << " y=" << yv;
+          ASSERT_LE(std::fabs(gy[i] - rgy[i]) / UlpF32(sy / n), 4)
+              << "gy x=" << xs[i] << " y=" << yv;
         }
       }
     }
