@@ -268,9 +268,10 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
     gyv = hn::IfThenZeroElse(hn::Eq(w, zero), hn::Mul(w, gyv));
   }
   // NaN in y, w or p makes lv NaN (w = 0 included: 0 * NaN), overflow makes it infinite (an
-  // infinite a or b makes ab infinite, and l > 0 here). dl/dx needs no test: with a and b
-  // finite, |a s(x) - b s(-x)| <= max(|a|, |b|) as s(x) + s(-x) = 1.
-  const auto ok = hn::AndNot(far, hn::IsFinite(lv));
+  // infinite a or b makes ab infinite, and l > 0 here). dl/dx is finite in exact arithmetic
+  // (|a s(x) - b s(-x)| <= max(|a|, |b|)), but P - Q e can overflow for huge coefficients of
+  // opposite signs, so it is probed too.
+  const auto ok = hn::AndNot(far, hn::IsFinite(want_gx ? hn::Add(lv, gxv) : lv));
   if (scale) {
     gxv = DivideByReciprocal(gxv, div, rdiv);
     if (want_gy) gyv = DivideByReciprocal(gyv, div, rdiv);
