@@ -19,21 +19,15 @@
 namespace lossd::kernels {
 namespace {
 
+using lossd::testing::FlatArgs;
 using lossd::testing::GradTermScales;
 using lossd::testing::UlpDistance;
 using lossd::testing::UlpF32;
 using lossd::testing::UlpF64;
 
-// Dense grid of float32 logits: every 997th bit pattern with |x| in [1e-38, 3e38] plus the
-// special values, both signs.
+// DenseLogitGrid plus the special values, both signs.
 std::vector<float> GridX() {
-  std::vector<float> xs;
-  for (uint32_t bits = 0x00800000u; bits < 0x7f000000u; bits += 997u * 64u) {
-    float f;
-    std::memcpy(&f, &bits, 4);
-    xs.push_back(f);
-    xs.push_back(-f);
-  }
+  std::vector<float> xs = lossd::testing::DenseLogitGrid();
   for (float f : {0.0f, -0.0f, 1e-45f, 1e-30f, 1.0f, 17.0f, 30.0f, 87.0f, 88.7f, 89.0f, 103.0f,
                   104.0f, 110.0f, 1e30f, std::numeric_limits<float>::max()}) {
     xs.push_back(f);
@@ -59,13 +53,8 @@ TEST_P(AccuracyTest, Float32DenseGrid) {
     for (const auto& pair : wp) {
       const int64_t n = static_cast<int64_t>(xs.size());
       std::vector<float> y(n, yv), w(n, pair[0]), p(n, pair[1]);
-      BceArgs a;
-      a.numel = n;
-      a.logits = xs.data();
-      a.targets = y.data();
-      a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
-      a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
-      a.reduction = Reduction::kNone;
+      const BceArgs a =
+          FlatArgs(DType::kFloat32, n, xs.data(), y.data(), w.data(), p.data(), Reduction::kNone);
       std::vector<float> l(n), gx(n), gy(n);
       ASSERT_TRUE(cpu->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
       std::vector<double> rl(n), rgx(n), rgy(n);
@@ -109,11 +98,8 @@ TEST_P(AccuracyTest, Float32FineSweepWhereLog1pMatters) {
   int64_t worst = 0;
   for (float yv : {0.0f, 1.0f, 0.25f}) {
     std::vector<float> y(n, yv);
-    BceArgs a;
-    a.numel = n;
-    a.logits = xs.data();
-    a.targets = y.data();
-    a.reduction = Reduction::kNone;
+    const BceArgs a =
+        FlatArgs(DType::kFloat32, n, xs.data(), y.data(), nullptr, nullptr, Reduction::kNone);
     std::vector<float> l(n);
     ASSERT_TRUE(cpu->Bce(a, {l.data(), nullptr, nullptr}).ok());
     std::vector<double> rl(n);
@@ -145,13 +131,7 @@ TEST_P(AccuracyTest, ZeroWeightGivesPositiveZero) {
   const int64_t n = static_cast<int64_t>(x.size());
   std::vector<float> w(n, 0.0f);
   for (Reduction r : {Reduction::kNone, Reduction::kSum}) {
-    BceArgs a;
-    a.numel = n;
-    a.logits = x.data();
-    a.targets = y.data();
-    a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
-    a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
-    a.reduction = r;
+    const BceArgs a = FlatArgs(DType::kFloat32, n, x.data(), y.data(), w.data(), p.data(), r);
     std::vector<float> l(n), gx(n), gy(n);
     ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
     for (int64_t i = 0; i < n; ++i) {
@@ -183,14 +163,7 @@ void ExpectNaNPerElement(DType dtype) {
     }
   }
   const int64_t n = static_cast<int64_t>(x.size());
-  BceArgs a;
-  a.numel = n;
-  a.dtype = a.targets_dtype = dtype;
-  a.logits = x.data();
-  a.targets = y.data();
-  a.weight = *MakeOperand("weight", dtype, w.data(), {n}, {n});
-  a.pos_weight = *MakeOperand("pos_weight", dtype, p.data(), {n}, {n});
-  a.reduction = Reduction::kNone;
+  const BceArgs a = FlatArgs(dtype, n, x.data(), y.data(), w.data(), p.data(), Reduction::kNone);
   std::vector<T> l(n), gx(n), gy(n);
   ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
   for (int64_t i = 0; i < n; ++i) {
@@ -217,13 +190,8 @@ TEST_P(AccuracyTest, Float32MeanGradientsOnDenseGrid) {
     for (const auto& pair :
          {std::pair{1.0f, 1.0f}, std::pair{3.5f, 0.01f}, std::pair{1e3f, 1e3f}}) {
       std::vector<float> y(n, yv), w(n, pair.first), p(n, pair.second);
-      BceArgs a;
-      a.numel = n;
-      a.logits = xs.data();
-      a.targets = y.data();
-      a.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
-      a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
-      a.reduction = Reduction::kMean;
+      const BceArgs a =
+          FlatArgs(DType::kFloat32, n, xs.data(), y.data(), w.data(), p.data(), Reduction::kMean);
       float l;
       std::vector<float> gx(n), gy(n);
       ASSERT_TRUE(cpu->Bce(a, {&l, gx.data(), gy.data()}).ok());
@@ -247,13 +215,7 @@ TEST_P(AccuracyTest, Float32MeanGradientsOnDenseGrid) {
   }
   // A gradient that overflows float stays infinite after the division.
   const float x1[] = {-5.0f, 2.0f, 0.5f}, y1[] = {1.0f, 0.0f, 1.0f}, big[] = {1e30f, 1.0f, 1.0f};
-  BceArgs a;
-  a.numel = 3;
-  a.logits = x1;
-  a.targets = y1;
-  a.weight = *MakeOperand("weight", DType::kFloat32, big, {3}, {3});
-  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, big, {3}, {3});
-  a.reduction = Reduction::kMean;
+  const BceArgs a = FlatArgs(DType::kFloat32, 3, x1, y1, big, big, Reduction::kMean);
   float l, g[3];
   ASSERT_TRUE(cpu->Bce(a, {&l, g, nullptr}).ok());
   EXPECT_EQ(g[0], -std::numeric_limits<float>::infinity());
@@ -267,12 +229,7 @@ TEST_P(AccuracyTest, HugeOppositeCoefficientsKeepFiniteGradients) {
   // finite and so must the result be (an intermediate of the SIMD form overflows there).
   const float x2[] = {0.0f, 0.5f, -0.5f, 2.0f}, y2[] = {-1e38f, -1e38f, -1e38f, -1e38f};
   const float w2[] = {3.0f, 3.0f, 3.0f, 3.0f};
-  BceArgs b2;
-  b2.numel = 4;
-  b2.logits = x2;
-  b2.targets = y2;
-  b2.weight = *MakeOperand("weight", DType::kFloat32, w2, {4}, {4});
-  b2.reduction = Reduction::kNone;
+  const BceArgs b2 = FlatArgs(DType::kFloat32, 4, x2, y2, w2, nullptr, Reduction::kNone);
   float l2[4], g2[4];
   ASSERT_TRUE(cpu->Bce(b2, {l2, g2, nullptr}).ok());
   double rl2[4], rg2[4];
@@ -323,12 +280,8 @@ TEST_P(AccuracyTest, Float64AgainstLongDouble) {
   const int64_t n = static_cast<int64_t>(xs.size());
   for (double yv : {0.0, 1.0, 0.25}) {
     std::vector<double> y(n, yv);
-    BceArgs a;
-    a.numel = n;
-    a.dtype = a.targets_dtype = DType::kFloat64;
-    a.logits = xs.data();
-    a.targets = y.data();
-    a.reduction = Reduction::kNone;
+    const BceArgs a =
+        FlatArgs(DType::kFloat64, n, xs.data(), y.data(), nullptr, nullptr, Reduction::kNone);
     std::vector<double> l(n);
     ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {l.data(), nullptr, nullptr}).ok());
     double worst = 0;

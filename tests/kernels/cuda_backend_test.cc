@@ -619,13 +619,8 @@ TEST(CudaBackendTest, FloatMathMatchesReferenceAndHost) {
     ASSERT_EQ(cudaMemcpy(hgx.data(), gx, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
     ASSERT_EQ(cudaMemcpy(hgy.data(), gy, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
     cudaFree(dev);
-    BceArgs a;
-    a.numel = n;
-    a.logits = c.x.data();
-    a.targets = c.y.data();
-    a.weight = *MakeOperand("weight", DType::kFloat32, c.w.data(), {n}, {n});
-    a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, c.p.data(), {n}, {n});
-    a.reduction = Reduction::kNone;
+    const BceArgs a = lossd::testing::FlatArgs(DType::kFloat32, n, c.x.data(), c.y.data(),
+                                               c.w.data(), c.p.data(), Reduction::kNone);
     EXPECT_LE(ExpectMatchesReference(a, hl.data(), hgx.data(), hgy.data()), 4);
     int64_t worst = 0;
     for (int64_t i = 0; i < n; ++i) {

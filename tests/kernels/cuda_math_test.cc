@@ -134,13 +134,7 @@ TEST(CudaMathTest, HostBceElementF32WithinFourUlp) {
   std::printf("BceElementF32, random problem: loss worst %lld ulp\n",
               static_cast<long long>(max_ulp));
 
-  std::vector<float> xs;
-  for (uint32_t bits = 0x00800000u; bits < 0x7f000000u; bits += 997u * 64u) {
-    float f;
-    std::memcpy(&f, &bits, 4);
-    xs.push_back(f);
-    xs.push_back(-f);
-  }
+  const std::vector<float> xs = lossd::testing::DenseLogitGrid();
   const int64_t n = static_cast<int64_t>(xs.size());
   for (float yv : {0.0f, 1.0f, 0.3f, 1e-6f}) {
     for (const auto& wp : {std::pair{1.0f, 1.0f}, std::pair{0.0f, 2.0f}, std::pair{1e3f, 1e3f},
@@ -154,13 +148,8 @@ TEST(CudaMathTest, HostBceElementF32WithinFourUlp) {
               << "x=" << xs[i];
         }
       }
-      BceArgs g;
-      g.numel = n;
-      g.logits = xs.data();
-      g.targets = y.data();
-      g.weight = *MakeOperand("weight", DType::kFloat32, w.data(), {n}, {n});
-      g.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, p.data(), {n}, {n});
-      g.reduction = Reduction::kNone;
+      const BceArgs g = lossd::testing::FlatArgs(DType::kFloat32, n, xs.data(), y.data(),
+                                                 w.data(), p.data(), Reduction::kNone);
       EXPECT_LE(ExpectMatchesReference(g, gl.data(), ggx.data(), ggy.data()), 3)
           << "y=" << yv << " w=" << wp.first << " p=" << wp.second;
     }
@@ -187,13 +176,8 @@ TEST(CudaMathTest, HostBceElementF32DeclinesRareElements) {
 TEST(CudaMathTest, HostBceElementMixedSpecialValues) {
   SpecialGrid g;
   const int64_t n = static_cast<int64_t>(g.x.size());
-  BceArgs a;
-  a.numel = n;
-  a.logits = g.x.data();
-  a.targets = g.y.data();
-  a.weight = *MakeOperand("weight", DType::kFloat32, g.w.data(), {n}, {n});
-  a.pos_weight = *MakeOperand("pos_weight", DType::kFloat32, g.p.data(), {n}, {n});
-  a.reduction = Reduction::kNone;
+  const BceArgs a = lossd::testing::FlatArgs(DType::kFloat32, n, g.x.data(), g.y.data(),
+                                             g.w.data(), g.p.data(), Reduction::kNone);
   std::vector<float> l(n), gx(n), gy(n);
   for (int64_t i = 0; i < n; ++i) {
     double dl, dx, dy;

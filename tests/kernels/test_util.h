@@ -8,6 +8,9 @@
 #include <cstring>
 #include <limits>
 #include <utility>
+#include <vector>
+
+#include "lossd/kernels/kernels.h"
 
 namespace lossd::testing {
 
@@ -50,6 +53,34 @@ inline std::pair<double, double> GradTermScales(double x, double y, double w, do
   const double gys =
       std::max(std::fabs(w * (std::max(x, 0.0) + l)), std::fabs(w * p * (std::max(-x, 0.0) + l)));
   return {std::isnan(gxs) ? 0 : gxs, std::isnan(gys) ? 0 : gys};
+}
+
+// Dense grid of float32 logits: every 997th bit pattern with |x| in [1e-38, 3e38], both signs.
+inline std::vector<float> DenseLogitGrid() {
+  std::vector<float> xs;
+  for (uint32_t bits = 0x00800000u; bits < 0x7f000000u; bits += 997u * 64u) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    xs.push_back(f);
+    xs.push_back(-f);
+  }
+  return xs;
+}
+
+// n elements of `dtype` as flat tensors: logits x, targets y, and weight w and pos_weight p of
+// the full shape (nullptr: absent).
+inline lossd::kernels::BceArgs FlatArgs(lossd::kernels::DType dtype, int64_t n, const void* x,
+                                        const void* y, const void* w, const void* p,
+                                        lossd::kernels::Reduction reduction) {
+  lossd::kernels::BceArgs a;
+  a.numel = n;
+  a.dtype = a.targets_dtype = dtype;
+  a.logits = x;
+  a.targets = y;
+  if (w != nullptr) a.weight = *lossd::kernels::MakeOperand("weight", dtype, w, {n}, {n});
+  if (p != nullptr) a.pos_weight = *lossd::kernels::MakeOperand("pos_weight", dtype, p, {n}, {n});
+  a.reduction = reduction;
+  return a;
 }
 
 }  // namespace lossd::testing
