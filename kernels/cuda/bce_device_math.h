@@ -74,8 +74,8 @@ LOSSD_HD float ExpNonPosPartsInRange(float t, int* k) {
   // t = k*ln2 + r, |r| <= ln2/2 (+ rounding); ln2_hi has 15 significant bits, so k*ln2_hi is
   // exact and the first step is exact by Sterbenz's lemma.
   const float kf = rintf(t * 1.44269504088896341f);  // in [-181, 0]
-  float r = fmaf(kf, -0.693145751953125f, t);        // ln2_hi = 0x3f317200
-  r = fmaf(kf, -1.42860676533018e-06f, r);           // ln2_lo = 0x35bfbe8e
+  float r = fmaf(kf, -kLn2HiF, t);  // ln2_hi = 0x3f317200
+  r = fmaf(kf, -kLn2LoF, r);        // ln2_lo = 0x35bfbe8e
   // exp(r) - 1 - r = r^2 * q(r), q the Taylor series to r^6 (truncation < 0.02 ulp).
   float q = 2.48015873015873e-05f;        // 1/8!
   q = fmaf(q, r, 1.98412698412698e-04f);  // 1/7!
@@ -232,14 +232,14 @@ LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, flo
   const float f = (big ? u * 0.5f : u) - 1.0f;
   const float f2 = f * f;
   const float f4 = f2 * f2;
-  const float q01 = fmaf(-0.2500081956386566f, f, 0.3333333134651184f);
-  const float q23 = fmaf(-0.16623379290103912f, f, 0.2000122368335724f);
-  const float q45 = fmaf(-0.13160046935081482f, f, 0.14201843738555908f);
-  const float q67 = fmaf(-0.07633990049362183f, f, 0.12760886549949646f);
+  const float q01 = fmaf(kLog1pQ1, f, kLog1pQ0);
+  const float q23 = fmaf(kLog1pQ3, f, kLog1pQ2);
+  const float q45 = fmaf(kLog1pQ5, f, kLog1pQ4);
+  const float q67 = fmaf(kLog1pQ7, f, kLog1pQ6);
   const float q = fmaf(fmaf(q67, f2, q45), f4, fmaf(q23, f2, q01));
   const float corr = fmaf(f2 * f, q, f2 * -0.5f);
-  const float hi = (big ? 0.693145751953125f : 0.0f) + f;  // exact
-  const float lo = fmaf(c, inv, corr) + (big ? 1.4286068203094172e-06f : 0.0f);
+  const float hi = (big ? kLn2HiF : 0.0f) + f;  // exact
+  const float lo = fmaf(c, inv, corr) + (big ? kLn2LoF : 0.0f);
   // Coefficients with the weight folded in.
   const float a = fmaf(-w, y, w);
   const float b = MulRn(w, MulRn(p, y));  // feeds a + b: never contracted into an FMA

@@ -13,6 +13,22 @@
 
 namespace lossd::kernels::internal {
 
+// Constants of the float32 kernels, shared by the SIMD CPU kernel (simd_block.cc) and the CUDA
+// all-float element (kernels/cuda/bce_device_math.h).
+// ln 2 = kLn2HiF (16 significant bits, so q * kLn2HiF is exact for |q| < 2^8) + kLn2LoF.
+inline constexpr float kLn2HiF = 0.693145751953125f;
+inline constexpr float kLn2LoF = 1.4286068203094172e-06f;
+// log1p(f) = f - f^2/2 + f^3 Q(f) for f in [-0.293, 0.415], Q(f) = kLog1pQ0 + kLog1pQ1 f + ...
+// + kLog1pQ7 f^7: a minimax fit of the relative error (2^-27.2).
+inline constexpr float kLog1pQ0 = 0.3333333134651184f;
+inline constexpr float kLog1pQ1 = -0.2500081956386566f;
+inline constexpr float kLog1pQ2 = 0.2000122368335724f;
+inline constexpr float kLog1pQ3 = -0.16623379290103912f;
+inline constexpr float kLog1pQ4 = 0.14201843738555908f;
+inline constexpr float kLog1pQ5 = -0.13160046935081482f;
+inline constexpr float kLog1pQ6 = 0.12760886549949646f;
+inline constexpr float kLog1pQ7 = -0.07633990049362183f;
+
 // Computes, for one element, the loss and its gradients wrt x and y in type T, with the
 // cancellation-free forms of DESIGN.md section 4:
 //   e = exp(-|x|), l = log1p(e), sp(x) = max(x,0) + l, sp(-x) = max(-x,0) + l,

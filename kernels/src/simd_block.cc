@@ -128,16 +128,15 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv, V* lo) {
     const auto pair = [&](float c1, float c0) {
       return hn::MulAdd(hn::Set(d, c1), f, hn::Set(d, c0));
     };
-    const V q01 = pair(-0.2500081956386566f, 0.3333333134651184f);
-    const V q23 = pair(-0.16623379290103912f, 0.2000122368335724f);
-    const V q45 = pair(-0.13160046935081482f, 0.14201843738555908f);
-    const V q67 = pair(-0.07633990049362183f, 0.12760886549949646f);
+    const V q01 = pair(kLog1pQ1, kLog1pQ0);
+    const V q23 = pair(kLog1pQ3, kLog1pQ2);
+    const V q45 = pair(kLog1pQ5, kLog1pQ4);
+    const V q67 = pair(kLog1pQ7, kLog1pQ6);
     const V q = hn::MulAdd(hn::MulAdd(q67, f2, q45), f4, hn::MulAdd(q23, f2, q01));
     const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
-    // ln 2 = 0x1.62e4p-1 (exact, 16 bits) + 1.4286068e-6
-    const V hi = hn::Add(hn::IfThenElseZero(k, hn::Set(d, 0.693145751953125f)), f);
+    const V hi = hn::Add(hn::IfThenElseZero(k, hn::Set(d, kLn2HiF)), f);
     *lo = hn::Add(hn::MulAdd(c, inv, corr),
-                  hn::IfThenElseZero(k, hn::Set(d, 1.4286068203094172e-06f)));
+                  hn::IfThenElseZero(k, hn::Set(d, kLn2LoF)));
     return hi;
   }
 }
@@ -159,8 +158,8 @@ HWY_INLINE V ExpNegAbs(D d, V ax, hn::Mask<D> far) {
     // t = -ax folded into the FMAs: q = round(-ax / ln 2), r = -ax - q ln 2.
     const V qs = hn::MulAdd(ax, hn::Set(d, -1.44269504088896341f), shifter);
     const V q = hn::Sub(qs, shifter);
-    V r = hn::NegMulSub(q, hn::Set(d, 0.693145751953125f), ax);
-    r = hn::MulAdd(q, hn::Set(d, -1.428606765330187045e-6f), r);
+    V r = hn::NegMulSub(q, hn::Set(d, kLn2HiF), ax);
+    r = hn::NegMulAdd(q, hn::Set(d, kLn2LoF), r);
     const V r2 = hn::Mul(r, r);
     const V p01 = hn::MulAdd(hn::Set(d, 0.166666671633720397949219f), r, hn::Set(d, 0.5f));
     const V p23 = hn::MulAdd(hn::Set(d, 0.00833336077630519866943359f), r,
