@@ -311,18 +311,32 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   const V div = hn::Set(d, a.grad_divisor);
   const V rdiv = hn::Set(d, T(1) / a.grad_divisor);
   const V one = hn::Set(d, T(1));
-  const auto compute = [&](const T* x, const T* y, const T* w, const T* p, V* l, V* gx, V* gy) {
-    return BceVector(d, hn::LoadU(d, x), hn::LoadU(d, y), has_w ? hn::LoadU(d, w) : one,
-                     has_p ? hn::LoadU(d, p) : one, has_w, has_p, div, scale, rdiv, want_gx,
+  // The inputs and outputs of one vector of lanes (absent ones null).
+  struct Ptrs {
+    const T *x, *y, *w, *p;
+    T *l, *gx, *gy;
+  };
+  const auto at = [&](size_t i) {
+    return Ptrs{a.x + i,
+                a.y + i,
+                has_w ? a.w + i : nullptr,
+                has_p ? a.p + i : nullptr,
+                a.loss + i,
+                want_gx ? a.gx + i : nullptr,
+                want_gy ? a.gy + i : nullptr};
+  };
+  const auto compute = [&](const Ptrs& q, V* l, V* gx, V* gy) {
+    return BceVector(d, hn::LoadU(d, q.x), hn::LoadU(d, q.y), has_w ? hn::LoadU(d, q.w) : one,
+                     has_p ? hn::LoadU(d, q.p) : one, has_w, has_p, div, scale, rdiv, want_gx,
                      want_gy, l, gx, gy);
   };
   // Stores n_out <= N lanes of computed results, recomputing the rare lanes first.
-  const auto finish = [&](hn::Mask<decltype(d)> ok, V l, V gx, V gy, const T* x, const T* y,
-                          const T* w, const T* p, T* lo, T* gxo, T* gyo, size_t n_out) {
+  const auto finish = [&](hn::Mask<decltype(d)> ok, V l, V gx, V gy, const Ptrs& q,
+                          size_t n_out) {
     if (HWY_LIKELY(n_out == N && hn::AllTrue(d, ok))) {
-      hn::StoreU(l, d, lo);
-      if (gxo) hn::StoreU(gx, d, gxo);
-      if (gyo) hn::StoreU(gy, d, gyo);
+      hn::StoreU(l, d, q.l);
+      if (q.gx) hn::StoreU(gx, d, q.gx);
+      if (q.gy) hn::StoreU(gy, d, q.gy);
       return;
     }
     HWY_ALIGN T rb[kMaxLanes], lb[kMaxLanes], gxb[kMaxLanes], gyb[kMaxLanes];
@@ -330,50 +344,44 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
     hn::Store(l, d, lb);
     hn::Store(gx, d, gxb);
     hn::Store(gy, d, gyb);
-    FixRareLanes<T>(n_out, rb, x, y, w, p, a.grad_divisor, lb, gxb, gyb);
-    std::memcpy(lo, lb, n_out * sizeof(T));
-    if (gxo) std::memcpy(gxo, gxb, n_out * sizeof(T));
-    if (gyo) std::memcpy(gyo, gyb, n_out * sizeof(T));
+    FixRareLanes<T>(n_out, rb, q.x, q.y, q.w, q.p, a.grad_divisor, lb, gxb, gyb);
+    std::memcpy(q.l, lb, n_out * sizeof(T));
+    if (q.gx) std::memcpy(q.gx, gxb, n_out * sizeof(T));
+    if (q.gy) std::memcpy(q.gy, gyb, n_out * sizeof(T));
   };
-  const auto eval = [&](const T* x, const T* y, const T* w, const T* p, T* lo, T* gxo, T* gyo,
-                        size_t n_out) {
+  const auto eval = [&](const Ptrs& q, size_t n_out) {
     V l, gx, gy;
-    const auto ok = compute(x, y, w, p, &l, &gx, &gy);
-    finish(ok, l, gx, gy, x, y, w, p, lo, gxo, gyo, n_out);
+    const auto ok = compute(q, &l, &gx, &gy);
+    finish(ok, l, gx, gy, q, n_out);
   };
   const size_t n = static_cast<size_t>(a.n);
   size_t i = 0;
   // Two vectors per iteration, both computed before either is checked and stored: one basic
   // block with two independent dependency chains.
   for (; i + 2 * N <= n; i += 2 * N) {
-    const size_t j = i + N;
-    const T* w0 = has_w ? a.w + i : nullptr;
-    const T* p0 = has_p ? a.p + i : nullptr;
-    const T* w1 = has_w ? a.w + j : nullptr;
-    const T* p1 = has_p ? a.p + j : nullptr;
+    const Ptrs q0 = at(i), q1 = at(i + N);
     V l0, gx0, gy0, l1, gx1, gy1;
-    const auto ok0 = compute(a.x + i, a.y + i, w0, p0, &l0, &gx0, &gy0);
-    const auto ok1 = compute(a.x + j, a.y + j, w1, p1, &l1, &gx1, &gy1);
-    finish(ok0, l0, gx0, gy0, a.x + i, a.y + i, w0, p0, a.loss + i, want_gx ? a.gx + i : nullptr,
-           want_gy ? a.gy + i : nullptr, N);
-    finish(ok1, l1, gx1, gy1, a.x + j, a.y + j, w1, p1, a.loss + j, want_gx ? a.gx + j : nullptr,
-           want_gy ? a.gy + j : nullptr, N);
+    const auto ok0 = compute(q0, &l0, &gx0, &gy0);
+    const auto ok1 = compute(q1, &l1, &gx1, &gy1);
+    finish(ok0, l0, gx0, gy0, q0, N);
+    finish(ok1, l1, gx1, gy1, q1, N);
   }
-  for (; i + N <= n; i += N) {
-    eval(a.x + i, a.y + i, has_w ? a.w + i : nullptr, has_p ? a.p + i : nullptr, a.loss + i,
-         want_gx ? a.gx + i : nullptr, want_gy ? a.gy + i : nullptr, N);
-  }
+  for (; i + N <= n; i += N) eval(at(i), N);
   if (i < n) {
     // The tail goes through the same vector code on padded copies, so an element's result
     // never depends on where it sits.
     const size_t r = n - i;
     HWY_ALIGN T buf[4][kMaxLanes] = {};
-    std::memcpy(buf[0], a.x + i, r * sizeof(T));
-    std::memcpy(buf[1], a.y + i, r * sizeof(T));
-    if (has_w) std::memcpy(buf[2], a.w + i, r * sizeof(T));
-    if (has_p) std::memcpy(buf[3], a.p + i, r * sizeof(T));
-    eval(buf[0], buf[1], has_w ? buf[2] : nullptr, has_p ? buf[3] : nullptr, a.loss + i,
-         want_gx ? a.gx + i : nullptr, want_gy ? a.gy + i : nullptr, r);
+    Ptrs q = at(i);
+    std::memcpy(buf[0], q.x, r * sizeof(T));
+    std::memcpy(buf[1], q.y, r * sizeof(T));
+    if (has_w) std::memcpy(buf[2], q.w, r * sizeof(T));
+    if (has_p) std::memcpy(buf[3], q.p, r * sizeof(T));
+    q.x = buf[0];
+    q.y = buf[1];
+    q.w = has_w ? buf[2] : nullptr;
+    q.p = has_p ? buf[3] : nullptr;
+    eval(q, r);
   }
 }
 
