@@ -24,6 +24,9 @@ ABSL_FLAG(int, workers, 0, "Compute worker threads; 0 = number of cores.");
 ABSL_FLAG(int, queue_capacity, 256,
           "Requests that may wait for a worker; more get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int, cpu_threads, 0, "Threads used by the CPU kernels; 0 = number of cores.");
+ABSL_FLAG(bool, cuda_float_math, false,
+          "CUDA: all-float element math for float32/half inputs (same 4-ulp bound; see "
+          "docs/perf.md for its speed).");
 ABSL_FLAG(int64_t, inline_elements, 16384,
           "Unary requests with at most this many elements are computed on the gRPC thread.");
 ABSL_FLAG(int, stream_window, 4, "Batches of one EvaluateStream computed or waiting at once.");
@@ -67,6 +70,7 @@ int main(int argc, char** argv) {
   options.workers = absl::GetFlag(FLAGS_workers);
   options.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
   options.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+  options.cuda_float_math = absl::GetFlag(FLAGS_cuda_float_math);
   options.stream_window = absl::GetFlag(FLAGS_stream_window);
   options.inline_elements = absl::GetFlag(FLAGS_inline_elements);
   options.metrics_host = absl::GetFlag(FLAGS_metrics_host);
@@ -105,6 +109,7 @@ int main(int argc, char** argv) {
                    " max_elements=", options.max_elements, " workers=", options.workers,
                    " queue_capacity=", options.queue_capacity,
                    " cpu_threads=", options.cpu_threads,
+                   " cuda_float_math=", options.cuda_float_math ? "on" : "off",
                    " stream_window=", options.stream_window,
                    " inline_elements=", options.inline_elements,
                    " metrics_port=", (*server)->metrics_port(),

@@ -96,7 +96,9 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   std::unique_ptr<kernels::Backend> cuda;
   std::string cuda_name;
   if (options.device != DevicePolicy::kCpu) {
-    auto backend = kernels::MakeCudaBackend();
+    kernels::CudaOptions cuda_options;
+    cuda_options.float_math = options.cuda_float_math;
+    auto backend = kernels::MakeCudaBackend(cuda_options);
     if (backend.ok()) {
       cuda = *std::move(backend);
       cuda_name = kernels::CudaDeviceName();

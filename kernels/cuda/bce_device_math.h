@@ -201,11 +201,11 @@ LOSSD_HD float MulRn(float a, float b) {
 }
 
 // All-float element (the formulas of the CPU SIMD kernel, kernels/src/simd_block.cc, one lane):
-// for float32 and half inputs whose y, w and p are exact in float. Returns false, leaving the
-// outputs unset, for the elements it does not handle: |x| > 80 or NaN x (exp(-|x|) would be
-// subnormal in float), and any non-finite loss or dl/dx (NaN in y, w or p, or overflow); the
-// caller then uses BceElementMixed. Otherwise every term is finite, so a zero coefficient gives
-// an exact zero without tests, and a zero weight gives +0.
+// for float32 and half inputs whose y, w and p are exact in float. Returns false (the outputs
+// are then not meaningful) for the elements it does not handle: |x| > 80 or NaN x (exp(-|x|)
+// would be subnormal in float), and any non-finite loss or dl/dx (NaN in y, w or p, or
+// overflow); the caller then uses BceElementMixed. Otherwise every term is finite, so a zero
+// coefficient gives an exact zero without tests, and a zero weight gives +0.
 //   e = exp(-|x|) (ExpNonPosParts, exact scaling), inv = 1/(1+e) (reciprocal + Newton step),
 //   log1p(e) = hi + lo unrounded (u = 1+e, c = e-(u-1), k = [u > sqrt 2], f = u/2^k - 1,
 //   f - f^2/2 + f^3 Q(f), Q a degree-7 minimax fit, 2^-27.2), a = w (1-y) = fma(-w, y, w),
@@ -219,9 +219,11 @@ LOSSD_HD float MulRn(float a, float b) {
 LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, float* gx,
                             float* gy) {
   const float ax = fabsf(x);
-  if (!(ax <= 80.0f)) return false;
+  const bool near = ax <= 80.0f;  // false for NaN
   int k;
-  const float m = ExpNonPosPartsInRange(-ax, &k);
+  // Elements beyond 80 are evaluated at 80 (and declined below): no branch, so the lanes of a
+  // warp never split here.
+  const float m = ExpNonPosPartsInRange(near ? -ax : -80.0f, &k);
   const float e = m * Pow2F(k);  // exact: k >= -116
   const float u = 1.0f + e;
   const float r0 = RcpApproxF(u);
@@ -251,14 +253,13 @@ LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, flo
   const bool pos = x >= 0.0f;
   const float g = fmaf(a, pos ? inv : e_inv, -(b * (pos ? e_inv : inv)));
   const float probe = lv + g;
-  if (!(probe - probe == 0.0f)) return false;  // not finite
   const float l = hi + lo;
   const float sp_pos = x_pos + l;
   const float sp_neg = x_neg + l;
   *loss = lv;
   *gx = g;
   *gy = w == 0.0f ? 0.0f : w * fmaf(p, sp_neg, -sp_pos);
-  return true;
+  return near && probe - probe == 0.0f;  // probe finite
 }
 
 }  // namespace lossd::kernels::internal

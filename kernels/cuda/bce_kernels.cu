@@ -70,6 +70,9 @@ struct Params {
   int64_t nblocks;
   double n_double;  // numel, for MEAN gradients
   double inv_n;     // 1 / numel
+  float div_f;      // all-float kernel: MEAN gradient divisor numel when exact in float, else 1
+  float rdiv_f;     // 1 / div_f rounded
+  bool div_exact_f;  // numel is exact in float (the all-float kernel divides in float)
   bool mean;
   bool all_float;  // BceElementF32 where it applies (float compute, float-exact y, w, p)
   bool vec;    // x, y and outputs allow 4-element vector accesses
@@ -121,6 +124,18 @@ __device__ __forceinline__ TX Store(double v) {
   }
 }
 
+// Rounds a float result to the output dtype (the all-float kernel).
+template <typename TX>
+__device__ __forceinline__ TX StoreF(float v) {
+  if constexpr (std::is_same_v<TX, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<TX, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
+}
+
 template <typename TC, typename T>
 __device__ __forceinline__ void Load4(const T* __restrict__ p, int64_t i0, TC* out) {
   const Pack4<T> v = *reinterpret_cast<const Pack4<T>*>(p + i0);
@@ -133,6 +148,13 @@ __device__ __forceinline__ void Store4(void* p, int64_t i0, const double* in) {
   Pack4<TX> v;
 #pragma unroll
   for (int k = 0; k < 4; ++k) v.v[k] = Store<TX>(in[k]);
+  *reinterpret_cast<Pack4<TX>*>(static_cast<TX*>(p) + i0) = v;
+}
+template <typename TX>
+__device__ __forceinline__ void Store4(void* p, int64_t i0, const float* in) {
+  Pack4<TX> v;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) v.v[k] = StoreF<TX>(in[k]);
   *reinterpret_cast<Pack4<TX>*>(static_cast<TX*>(p) + i0) = v;
 }
 
@@ -221,36 +243,104 @@ __device__ __forceinline__ double MeanScale(double g, const Params& P) {
 template <typename TX>
 constexpr int kMinBlocks = std::is_same_v<TX, double> ? 2 : 4;
 
+// Logits and targets of the thread's elements: x[0..3] from i0 = base, x[4..7] from
+// base + kHalfBlock; whole[h] tells whether all four of half h exist. Missing elements read 0.
+template <typename TC, typename TYC, typename TX, typename TY>
+__device__ __forceinline__ void LoadLogitsTargets(const TX* __restrict__ xp,
+                                                  const TY* __restrict__ yp, int64_t base,
+                                                  const Params& P, TC* x, TYC* y, bool* whole) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i0 = base + h * kHalfBlock;
+    whole[h] = i0 + 4 <= P.numel;
+    if (whole[h] && P.vec) {
+      Load4(xp, i0, x + 4 * h);
+      Load4(yp, i0, y + 4 * h);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const bool in = i0 + k < P.numel;
+        x[4 * h + k] = in ? Cvt<TC>(xp[i0 + k]) : TC(0);
+        y[4 * h + k] = in ? Cvt<TYC>(yp[i0 + k]) : TYC(0);
+      }
+    }
+  }
+}
+
+// Writes the requested outputs of elements i0..i0+3 (losses only without a reduction).
+template <typename TX, bool kReduce, typename TV>
+__device__ __forceinline__ void StoreOutputs(const Params& P, int64_t i0, bool whole,
+                                             const TV* l, const TV* gx, const TV* gy) {
+  if (whole && P.vec) {
+    if (!kReduce && P.loss) Store4<TX>(P.loss, i0, l);
+    if (P.gx) Store4<TX>(P.gx, i0, gx);
+    if (P.gy) Store4<TX>(P.gy, i0, gy);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (i0 + k >= P.numel) break;
+      if constexpr (std::is_same_v<TV, double>) {
+        if (!kReduce && P.loss) static_cast<TX*>(P.loss)[i0 + k] = Store<TX>(l[k]);
+        if (P.gx) static_cast<TX*>(P.gx)[i0 + k] = Store<TX>(gx[k]);
+        if (P.gy) static_cast<TX*>(P.gy)[i0 + k] = Store<TX>(gy[k]);
+      } else {
+        if (!kReduce && P.loss) static_cast<TX*>(P.loss)[i0 + k] = StoreF<TX>(l[k]);
+        if (P.gx) static_cast<TX*>(P.gx)[i0 + k] = StoreF<TX>(gx[k]);
+        if (P.gy) static_cast<TX*>(P.gy)[i0 + k] = StoreF<TX>(gy[k]);
+      }
+    }
+  }
+}
+
+// The fixed tree of kernels.h over block b's element losses l (the thread's elements as
+// LoadLogitsTargets lays them out): v[j] += v[j + h] for h = 1024 ... 1, zero-padded. Each
+// level writes v[0, h) and reads v[h, 2h), so it runs in place with one barrier. The first
+// level adds the thread's own pairs in registers; the block's sum goes to P.sums[b].
+template <typename TV>
+__device__ __forceinline__ void BlockTreeSum(double* tree, const TV* l, int64_t base, int64_t b,
+                                             const Params& P) {
+  const int t = threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const double lo = base + k < P.numel ? static_cast<double>(l[k]) : 0.0;
+    const double hi = base + kHalfBlock + k < P.numel ? static_cast<double>(l[4 + k]) : 0.0;
+    tree[4 * t + k] = lo + hi;  // h = 1024
+  }
+  __syncthreads();
+  tree[t] += tree[t + 512];  // h = 512
+  tree[t + 256] += tree[t + 768];
+  __syncthreads();
+  tree[t] += tree[t + 256];  // h = 256
+  __syncthreads();
+  if (t < 128) tree[t] += tree[t + 128];
+  __syncthreads();
+  if (t < 64) tree[t] += tree[t + 64];
+  __syncthreads();
+  if (t < 32) {
+    double s = tree[t] + tree[t + 32];  // h = 32
+#pragma unroll
+    for (int h = 16; h >= 1; h /= 2) s += __shfl_down_sync(0xffffffffu, s, h);
+    if (t == 0) P.sums[b] = s;
+  }
+  __syncthreads();  // tree is reused by the next block
+}
+
+// Kernel with the element math in double (BceElementMixed for float and half logits,
+// BceElement<double> for float64), results rounded once when stored.
 template <typename TX, typename TY, bool kReduce>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Params P) {
   using TC = typename ComputeType<TX>::type;
+  // Targets stay float for float compute unless they are float64 (then exact in double).
+  using TYC = std::conditional_t<std::is_same_v<TY, double>, double, TC>;
   __shared__ double tree[kReduce ? kHalfBlock : 1];
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
   const TY* __restrict__ yp = static_cast<const TY*>(P.y);
-  const int t = threadIdx.x;
   for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x) {
-    const int64_t base = b * kReduceBlock + 4 * t;
-    // Targets stay float for float compute unless they are float64 (then exact in double).
-    using TYC = std::conditional_t<std::is_same_v<TY, double>, double, TC>;
+    const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
     TC x[8];
     TYC y[8];
     bool whole[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t i0 = base + h * kHalfBlock;
-      whole[h] = i0 + 4 <= P.numel;
-      if (whole[h] && P.vec) {
-        Load4(xp, i0, x + 4 * h);
-        Load4(yp, i0, y + 4 * h);
-      } else {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const bool in = i0 + k < P.numel;
-          x[4 * h + k] = in ? Cvt<TC>(xp[i0 + k]) : TC(0);
-          y[4 * h + k] = in ? Cvt<TYC>(yp[i0 + k]) : TYC(0);
-        }
-      }
-    }
+    LoadLogitsTargets(xp, yp, base, P, x, y, whole);
     double l[8];  // element losses, kept for the reduction tree
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -262,74 +352,91 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int e = 4 * h + k;
-        bool done = false;
-        if constexpr (std::is_same_v<TC, float> && std::is_same_v<TYC, float>) {
-          float lf, gxf, gyf;
-          if (P.all_float && internal::BceElementF32(x[e], y[e], static_cast<float>(w[k]),
-                                                     static_cast<float>(p[k]), &lf, &gxf, &gyf)) {
-            l[e] = lf;
-            gx[k] = gxf;
-            gy[k] = gyf;
-            done = true;
-          }
-        }
-        if (!done) Element(x[e], y[e], w[k], p[k], &l[e], &gx[k], &gy[k]);
+        Element(x[e], y[e], w[k], p[k], &l[e], &gx[k], &gy[k]);
         if (P.mean) {
           gx[k] = MeanScale<TC>(gx[k], P);
           gy[k] = MeanScale<TC>(gy[k], P);
         }
       }
-      if (whole[h] && P.vec) {
-        if (!kReduce && P.loss) Store4<TX>(P.loss, i0, l + 4 * h);
-        if (P.gx) Store4<TX>(P.gx, i0, gx);
-        if (P.gy) Store4<TX>(P.gy, i0, gy);
-      } else {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if (i0 + k >= P.numel) break;
-          if (!kReduce && P.loss) static_cast<TX*>(P.loss)[i0 + k] = Store<TX>(l[4 * h + k]);
-          if (P.gx) static_cast<TX*>(P.gx)[i0 + k] = Store<TX>(gx[k]);
-          if (P.gy) static_cast<TX*>(P.gy)[i0 + k] = Store<TX>(gy[k]);
-        }
-      }
+      StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
-    if constexpr (kReduce) {
-      // The fixed tree of kernels.h: v[j] += v[j + h] for h = 1024 ... 1, zero-padded. Each
-      // level writes v[0, h) and reads v[h, 2h), so it runs in place with one barrier.
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const double lo = base + k < P.numel ? l[k] : 0.0;
-        const double hi = base + kHalfBlock + k < P.numel ? l[4 + k] : 0.0;
-        tree[4 * t + k] = lo + hi;  // h = 1024
-      }
-      __syncthreads();
-      tree[t] += tree[t + 512];  // h = 512
-      tree[t + 256] += tree[t + 768];
-      __syncthreads();
-      tree[t] += tree[t + 256];  // h = 256
-      __syncthreads();
-      if (t < 128) tree[t] += tree[t + 128];
-      __syncthreads();
-      if (t < 64) tree[t] += tree[t + 64];
-      __syncthreads();
-      if (t < 32) {
-        double s = tree[t] + tree[t + 32];  // h = 32
-#pragma unroll
-        for (int h = 16; h >= 1; h /= 2) s += __shfl_down_sync(0xffffffffu, s, h);
-        if (t == 0) P.sums[b] = s;
-      }
-      __syncthreads();  // tree is reused by the next block
-    }
+    if constexpr (kReduce) BlockTreeSum(tree, l, base, b, P);
   }
 }
 
+// An element that BceElementF32 declines (far, infinite or NaN inputs, overflow), for the
+// all-float kernel: BceElementMixed, the gradients divided by div (numel for MEAN, else 1) in
+// double, each result rounded once to float, as the CPU kernel's FixRareLanes does. Out of
+// line: rare, and its double math would otherwise take registers from the float path.
+struct F32Result {
+  float l, gx, gy;
+};
+__device__ __noinline__ F32Result RareElementF32(float x, float y, float w, float p, double div) {
+  double l, gx, gy;
+  internal::BceElementMixed(x, y, w, p, &l, &gx, &gy);
+  return {static_cast<float>(l), static_cast<float>(gx / div), static_cast<float>(gy / div)};
+}
+
+// g / div in float for the MEAN gradients: q = g r, then one FMA correction (the CPU kernel's
+// DivideByReciprocal with FMA, so both compute the same bits).
+__device__ __forceinline__ float DivideF(float g, float div, float rdiv) {
+  const float q = __fmul_rn(g, rdiv);
+  return fmaf(fmaf(-q, div, g), rdiv, q);
+}
+
+// All-float kernel (DeviceBce::float_math) for float32, float16 and bfloat16 logits with
+// non-float64 targets: internal::BceElementF32 per element, branch-free, with the rare elements
+// it declines recomputed by RareElementF32. Operands load as float (the backend uploads them
+// as float32 for this kernel); losses enter the reduction tree as the float values stored.
 template <typename TX, typename TY, bool kReduce>
+__global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
+  __shared__ double tree[kReduce ? kHalfBlock : 1];
+  const TX* __restrict__ xp = static_cast<const TX*>(P.x);
+  const TY* __restrict__ yp = static_cast<const TY*>(P.y);
+  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x) {
+    const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
+    float x[8], y[8];
+    bool whole[2];
+    LoadLogitsTargets(xp, yp, base, P, x, y, whole);
+    float l[8];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i0 = base + h * kHalfBlock;
+      float w[4], p[4];
+      LoadOperand4(P.w, i0, whole[h], P.small, w);
+      LoadOperand4(P.p, i0, whole[h], P.small, p);
+      float gx[4], gy[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int e = 4 * h + k;
+        const bool ok = internal::BceElementF32(x[e], y[e], w[k], p[k], &l[e], &gx[k], &gy[k]);
+        if (P.mean && P.div_exact_f) {
+          gx[k] = DivideF(gx[k], P.div_f, P.rdiv_f);
+          gy[k] = DivideF(gy[k], P.div_f, P.rdiv_f);
+        } else if (P.mean) {
+          gx[k] = static_cast<float>(static_cast<double>(gx[k]) * P.inv_n);
+          gy[k] = static_cast<float>(static_cast<double>(gy[k]) * P.inv_n);
+        }
+        if (!ok) {
+          const F32Result r = RareElementF32(x[e], y[e], w[k], p[k], P.mean ? P.n_double : 1.0);
+          l[e] = r.l;
+          gx[k] = r.gx;
+          gy[k] = r.gy;
+        }
+      }
+      StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
+    }
+    if constexpr (kReduce) BlockTreeSum(tree, l, base, b, P);
+  }
+}
+
+template <typename TX, typename TY, bool kReduce, bool kF32>
 cudaError_t LaunchTyped(const Params& P, cudaStream_t stream) {
+  constexpr auto kernel = kF32 ? BceKernelF32<TX, TY, kReduce> : BceKernel<TX, TY, kReduce>;
   // Resident blocks per SM for this instantiation, computed once (thread-safe static).
   static const int per_sm = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, BceKernel<TX, TY, kReduce>, kThreads,
-                                                      0) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
       cudaGetLastError();
       n = 0;
     }
@@ -342,13 +449,20 @@ cudaError_t LaunchTyped(const Params& P, cudaStream_t stream) {
   }
   if (err != cudaSuccess) return err;
   const int64_t grid = std::min<int64_t>(P.nblocks, int64_t{per_sm} * std::max(sms, 1));
-  BceKernel<TX, TY, kReduce><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(P);
+  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(P);
   return cudaGetLastError();
 }
 
 template <typename TX, typename TY>
 cudaError_t LaunchReduce(const Params& P, bool reduce, cudaStream_t stream) {
-  return reduce ? LaunchTyped<TX, TY, true>(P, stream) : LaunchTyped<TX, TY, false>(P, stream);
+  // The all-float kernel exists for float and half logits with float or half targets.
+  constexpr bool kHasF32 = !std::is_same_v<TX, double> && !std::is_same_v<TY, double>;
+  if (kHasF32 && P.all_float) {
+    return reduce ? LaunchTyped<TX, TY, true, kHasF32>(P, stream)
+                  : LaunchTyped<TX, TY, false, kHasF32>(P, stream);
+  }
+  return reduce ? LaunchTyped<TX, TY, true, false>(P, stream)
+                : LaunchTyped<TX, TY, false, false>(P, stream);
 }
 
 template <typename TX>
@@ -484,6 +598,11 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
   P.nblocks = NumReduceBlocks(a.numel);
   P.n_double = static_cast<double>(a.numel);
   P.inv_n = 1.0 / P.n_double;
+  // MEAN gradients of the all-float kernel are divided as the CPU kernel does: in float when
+  // numel is exact in float, else in double.
+  P.div_exact_f = static_cast<double>(static_cast<float>(a.numel)) == P.n_double;
+  P.div_f = P.mean && P.div_exact_f ? static_cast<float>(a.numel) : 1.0f;
+  P.rdiv_f = 1.0f / P.div_f;
   P.mean = a.reduction == Reduction::kMean;
   P.all_float = a.float_math;
   P.small = small;

@@ -79,8 +79,9 @@ struct Layout {
   size_t x = 0, y = 0, w = 0, p = 0, loss = 0, gx = 0, gy = 0, sums = 0, total = 0;
 };
 
-// Operands of at most this many elements are converted to double on the host before upload:
-// the kernel reads operands as double, so this saves a conversion per element and operand.
+// Operands of at most this many elements are converted on the host before upload to the
+// compute type of the kernel that reads them (double, or float for the all-float kernel):
+// this saves a conversion per element and operand.
 constexpr int64_t kHostConvertMax = int64_t{1} << 16;
 
 // An operand as uploaded: its bytes in `dtype`, from `host` (the caller's data or `converted`).
@@ -89,20 +90,44 @@ struct Upload {
   const void* host = nullptr;
   size_t bytes = 0;
   std::vector<double> converted;
+  std::vector<float> converted_f;
 };
 
-void PrepareUpload(const Operand& op, Upload* up) {
+// `compute` is kFloat64 or kFloat32 (then every value of a float64 operand converted must be
+// exact in float: see FloatExact).
+void PrepareUpload(const Operand& op, DType compute, Upload* up) {
   up->dtype = op.dtype;
   if (op.data == nullptr) return;
-  if (op.dtype != DType::kFloat64 && op.period <= kHostConvertMax) {
-    up->converted.resize(op.period);
-    for (int64_t j = 0; j < op.period; ++j) up->converted[j] = LoadAsDouble(op.dtype, op.data, j);
-    up->dtype = DType::kFloat64;
-    up->host = up->converted.data();
-  } else {
-    up->host = op.data;
+  up->host = op.data;
+  if (op.dtype != compute && op.period <= kHostConvertMax) {
+    up->dtype = compute;
+    if (compute == DType::kFloat64) {
+      up->converted.resize(op.period);
+      for (int64_t j = 0; j < op.period; ++j) {
+        up->converted[j] = LoadAsDouble(op.dtype, op.data, j);
+      }
+      up->host = up->converted.data();
+    } else {
+      up->converted_f.resize(op.period);
+      for (int64_t j = 0; j < op.period; ++j) {
+        up->converted_f[j] = static_cast<float>(LoadAsDouble(op.dtype, op.data, j));
+      }
+      up->host = up->converted_f.data();
+    }
   }
   up->bytes = static_cast<size_t>(op.period) * ItemSize(up->dtype);
+}
+
+// Whether every value of the operand is exact in float (NaN counts as exact: it stays NaN).
+// float64 operands are checked only up to kHostConvertMax values; larger ones count as not.
+bool FloatExact(const Operand& op) {
+  if (op.data == nullptr || op.dtype != DType::kFloat64) return true;
+  if (op.period > kHostConvertMax) return false;
+  const double* v = static_cast<const double*>(op.data);
+  for (int64_t j = 0; j < op.period; ++j) {
+    if (v[j] == v[j] && static_cast<double>(static_cast<float>(v[j])) != v[j]) return false;
+  }
+  return true;
 }
 
 // Describes `host` (prepared as `up`) to the kernels and enqueues its upload to base + offset;
@@ -128,7 +153,7 @@ struct Slot {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend() = default;
+  explicit CudaBackend(const CudaOptions& options) : options_(options) {}
   ~CudaBackend() override {
     // Errors are ignored here: at process exit the runtime may already be shutting down.
     absl::MutexLock lock(&mu_);
@@ -155,6 +180,7 @@ class CudaBackend final : public Backend {
   // Every other option: the generic kernel, reductions on the host.
   absl::Status RunGeneric(Slot* slot, const BceArgs& args, const BceOutputs& out);
 
+  const CudaOptions options_;
   absl::Mutex mu_;
   std::vector<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);
   std::vector<Slot*> idle_ ABSL_GUARDED_BY(mu_);
@@ -293,8 +319,8 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   const bool want_values = out.loss != nullptr || out.loss_values != nullptr;
 
   Upload uploads[2];
-  PrepareUpload(args.weight, &uploads[0]);
-  PrepareUpload(args.pos_weight, &uploads[1]);
+  PrepareUpload(args.weight, DType::kFloat64, &uploads[0]);
+  PrepareUpload(args.pos_weight, DType::kFloat64, &uploads[1]);
   size_t off = 0;
   auto place = [&off](size_t bytes) {
     const size_t at = off;
@@ -415,9 +441,14 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   };
   L.x = place(n * ix);
   L.y = place(n * iy);
+  // The all-float kernel where it applies (CudaOptions::float_math).
+  const bool float_math = options_.float_math && args.dtype != DType::kFloat64 &&
+                          args.targets_dtype != DType::kFloat64 && FloatExact(args.weight) &&
+                          FloatExact(args.pos_weight);
+  const DType compute = float_math ? DType::kFloat32 : DType::kFloat64;
   Upload uploads[2];
-  PrepareUpload(args.weight, &uploads[0]);
-  PrepareUpload(args.pos_weight, &uploads[1]);
+  PrepareUpload(args.weight, compute, &uploads[0]);
+  PrepareUpload(args.pos_weight, compute, &uploads[1]);
   L.w = place(uploads[0].bytes);
   L.p = place(uploads[1].bytes);
   L.loss = place(!reduce && out.loss != nullptr ? n * ix : 0);
@@ -455,6 +486,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   d.grad_logits = out.grad_logits != nullptr ? base + L.gx : nullptr;
   d.grad_targets = out.grad_targets != nullptr ? base + L.gy : nullptr;
   d.block_sums = want_sum ? reinterpret_cast<double*>(base + L.sums) : nullptr;
+  d.float_math = float_math;
   LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchBce(d, stream));
 
   std::vector<double> sums(want_sum ? nblocks : 0);
@@ -508,7 +540,7 @@ std::string CudaDeviceName() {
   return prop.name;
 }
 
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend() {
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaOptions& options) {
   int n = 0;
   cudaError_t err = cudaGetDeviceCount(&n);
   if (err == cudaSuccess && n == 0) err = cudaErrorNoDevice;
@@ -519,7 +551,7 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend() {
     return absl::FailedPreconditionError(
         absl::StrCat("no usable CUDA device: ", cudaGetErrorString(err)));
   }
-  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>());
+  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(options));
 }
 
 }  // namespace lossd::kernels

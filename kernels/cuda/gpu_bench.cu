@@ -3,14 +3,16 @@
 // 1. Validates MakeCudaBackend() against ReferenceBce on ~1M random float32 elements with
 //    weight [C] and pos_weight [C]: per-element loss (max ulp), gradients (max error in ulp of
 //    the larger term), the loss against the CPU backend per element, MEAN (relative error; and
-//    vs the CPU backend); then cuda::LaunchBce with DeviceBce::float_math on the same data.
-//    Prints PASS or FAIL for each.
+//    vs the CPU backend); the same with CudaOptions::float_math, then cuda::LaunchBce with
+//    DeviceBce::float_math and full-tensor operands on the same data. Prints PASS or FAIL for
+//    each.
 // 2. Times, with CUDA events on device-resident data, the fused kernel (cuda::LaunchBce) next
 //    to a device-to-device cudaMemcpy that moves the same number of bytes (read + written),
 //    for float32 sizes 1M..256M. Bytes counted for the kernel: x and y read (+ w and p when
 //    they are full tensors), loss and grad_logits written; MEAN writes grad_logits only.
-//    [C] operands are passed in double, as CudaBackend uploads operands of <= 64K elements.
-//    The "/f32" variants repeat the problems with DeviceBce::float_math from 16M elements.
+//    [C] operands are passed in double, as CudaBackend uploads operands of <= 64K elements
+//    (in float for the "/f32" variants, which repeat the problems with DeviceBce::float_math
+//    from 16M elements).
 //
 // Output: a table, plus one machine-readable line per row:
 //   RESULT <variant> <numel> <kernel_gbps> <copy_gbps> <gelem_per_s>
@@ -25,6 +27,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda_kernels.h"
@@ -139,10 +142,11 @@ void PrintElementErrors(const ElementErrors& e) {
       static_cast<long long>(e.loss_ulp), e.gx, e.gy, static_cast<long long>(e.vs_cpu_ulp));
 }
 
-// MakeCudaBackend() (the double-combining element math) against the reference and the CPU
-// backend, per element and for MEAN.
-bool Validate(const ValidationData& v) {
-  auto backend = lk::MakeCudaBackend();
+// MakeCudaBackend() against the reference and the CPU backend, per element and for MEAN.
+bool Validate(const ValidationData& v, bool float_math) {
+  lk::CudaOptions options;
+  options.float_math = float_math;
+  auto backend = lk::MakeCudaBackend(options);
   if (!backend.ok()) {
     std::printf("validation: FAIL (%s)\n", backend.status().ToString().c_str());
     return false;
@@ -174,32 +178,36 @@ bool Validate(const ValidationData& v) {
                              : std::fabs(static_cast<double>(mean_gpu) - mean_cpu) /
                                    std::fabs(mean_cpu);
   const bool pass = e.Pass() && rel_ref <= 1e-6 && rel_cpu <= 1e-6;
-  std::printf("validation (%lld float32 elements, weight [%lld], pos_weight [%lld]): %s\n",
-              static_cast<long long>(v.n), static_cast<long long>(v.c),
-              static_cast<long long>(v.c), pass ? "PASS" : "FAIL");
+  std::printf("validation%s (%lld float32 elements, weight [%lld], pos_weight [%lld]): %s\n",
+              float_math ? " with CudaOptions::float_math" : "", static_cast<long long>(v.n),
+              static_cast<long long>(v.c), static_cast<long long>(v.c), pass ? "PASS" : "FAIL");
   PrintElementErrors(e);
   std::printf("  MEAN rel err vs reference %.3g, vs CPU backend %.3g (<= 1e-6)\n", rel_ref,
               rel_cpu);
   return pass;
 }
 
-// cuda::LaunchBce with DeviceBce::float_math (the all-float element math) on the same data.
+// cuda::LaunchBce with DeviceBce::float_math (the all-float element math) on the same data,
+// with weight and pos_weight as full tensors.
 bool ValidateFloatMath(const ValidationData& v) {
   float *x, *y, *w, *p, *l, *gx, *gy;
   const size_t fb = v.n * sizeof(float);
-  for (float** q : {&x, &y, &l, &gx, &gy}) CHECK_CUDA(cudaMalloc(q, fb));
-  CHECK_CUDA(cudaMalloc(&w, v.c * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&p, v.c * sizeof(float)));
+  for (float** q : {&x, &y, &w, &p, &l, &gx, &gy}) CHECK_CUDA(cudaMalloc(q, fb));
+  std::vector<float> wfull(v.n), pfull(v.n);
+  for (int64_t i = 0; i < v.n; ++i) {
+    wfull[i] = v.w[i % v.c];
+    pfull[i] = v.p[i % v.c];
+  }
   CHECK_CUDA(cudaMemcpy(x, v.x.data(), fb, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(y, v.y.data(), fb, cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(w, v.w.data(), v.c * sizeof(float), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(p, v.p.data(), v.c * sizeof(float), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(w, wfull.data(), fb, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(p, pfull.data(), fb, cudaMemcpyHostToDevice));
   lossd::kernels::cuda::DeviceBce d;
   d.numel = v.n;
   d.logits = x;
   d.targets = y;
-  d.weight = {lk::DType::kFloat32, w, 1, v.c};
-  d.pos_weight = {lk::DType::kFloat32, p, 1, v.c};
+  d.weight = {lk::DType::kFloat32, w, 1, v.n};
+  d.pos_weight = {lk::DType::kFloat32, p, 1, v.n};
   d.reduction = lk::Reduction::kNone;
   d.loss = l;
   d.grad_logits = gx;
@@ -213,7 +221,8 @@ bool ValidateFloatMath(const ValidationData& v) {
   CHECK_CUDA(cudaMemcpy(hgy.data(), gy, fb, cudaMemcpyDeviceToHost));
   for (float* q : {x, y, w, p, l, gx, gy}) CHECK_CUDA(cudaFree(q));
   const ElementErrors e = CompareElements(v, hl, hgx, hgy);
-  std::printf("validation of float_math (same data, LaunchBce): %s\n", e.Pass() ? "PASS" : "FAIL");
+  std::printf("validation of DeviceBce::float_math (same data, full operands, LaunchBce): %s\n",
+              e.Pass() ? "PASS" : "FAIL");
   PrintElementErrors(e);
   return e.Pass();
 }
@@ -294,7 +303,8 @@ int main(int argc, char** argv) {
   bool ok = true;
   if (validate) {
     const ValidationData v;
-    ok = Validate(v);
+    ok = Validate(v, false);
+    ok = Validate(v, true) && ok;
     ok = ValidateFloatMath(v) && ok;
   }
 
@@ -303,6 +313,7 @@ int main(int argc, char** argv) {
   const int64_t n_max = max_n;
   float *x, *y, *w, *p, *loss, *grad, *src, *dst;
   double *wc, *pc, *sums;  // [C] operands in double, as the backend uploads small operands
+  float *wcf, *pcf;        // and in float, as it uploads them for the all-float kernel
   const size_t fb = n_max * sizeof(float);
   CHECK_CUDA(cudaMalloc(&x, fb));
   CHECK_CUDA(cudaMalloc(&y, fb));
@@ -312,6 +323,8 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMalloc(&grad, fb));
   CHECK_CUDA(cudaMalloc(&wc, c * sizeof(double)));
   CHECK_CUDA(cudaMalloc(&pc, c * sizeof(double)));
+  CHECK_CUDA(cudaMalloc(&wcf, c * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&pcf, c * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&sums, lossd::kernels::cuda::NumReduceBlocks(n_max) * sizeof(double)));
   const size_t copy_max = 3 * fb;  // half of the largest byte count (24 B/element)
   CHECK_CUDA(cudaMalloc(&src, copy_max));
@@ -320,12 +333,14 @@ int main(int argc, char** argv) {
   FillConst<<<1024, 256>>>(w, n_max, 0.5f);
   FillConst<<<1024, 256>>>(p, n_max, 2.0f);
   {
-    std::vector<double> h(c);
-    // Values exact in float, so that the float_math variants may use them.
-    for (int64_t k = 0; k < c; ++k) h[k] = static_cast<float>(0.5 + 1e-3 * k);
-    CHECK_CUDA(cudaMemcpy(wc, h.data(), c * sizeof(double), cudaMemcpyHostToDevice));
-    for (int64_t k = 0; k < c; ++k) h[k] = static_cast<float>(2.0 + 1e-3 * k);
-    CHECK_CUDA(cudaMemcpy(pc, h.data(), c * sizeof(double), cudaMemcpyHostToDevice));
+    // The same values (exact in float) in double and in float.
+    std::vector<float> hf(c);
+    for (const auto& [dst_d, dst_f, base] : {std::tuple{wc, wcf, 0.5}, std::tuple{pc, pcf, 2.0}}) {
+      for (int64_t k = 0; k < c; ++k) hf[k] = static_cast<float>(base + 1e-3 * k);
+      const std::vector<double> hd(hf.begin(), hf.end());
+      CHECK_CUDA(cudaMemcpy(dst_d, hd.data(), c * sizeof(double), cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMemcpy(dst_f, hf.data(), c * sizeof(float), cudaMemcpyHostToDevice));
+    }
   }
   CHECK_CUDA(cudaMemset(src, 0x3c, copy_max));
   CHECK_CUDA(cudaGetLastError());
@@ -353,7 +368,10 @@ int main(int argc, char** argv) {
       d.logits = x;
       d.targets = y;
       d.reduction = v.reduction;
-      if (v.weights == 1) {
+      if (v.weights == 1 && v.float_math) {
+        d.weight = {lk::DType::kFloat32, wcf, 1, c};
+        d.pos_weight = {lk::DType::kFloat32, pcf, 1, c};
+      } else if (v.weights == 1) {
         d.weight = {lk::DType::kFloat64, wc, 1, c};
         d.pos_weight = {lk::DType::kFloat64, pc, 1, c};
       } else if (v.weights == 2) {
@@ -389,6 +407,7 @@ int main(int argc, char** argv) {
   }
   for (void* q : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(w),
                   static_cast<void*>(p), static_cast<void*>(wc), static_cast<void*>(pc),
+                  static_cast<void*>(wcf), static_cast<void*>(pcf),
                   static_cast<void*>(loss), static_cast<void*>(grad), static_cast<void*>(src),
                   static_cast<void*>(dst), static_cast<void*>(sums)}) {
     CHECK_CUDA(cudaFree(q));

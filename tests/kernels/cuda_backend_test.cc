@@ -29,7 +29,6 @@ namespace lossd::kernels {
 namespace {
 
 using cuda_test::Close;
-using cuda_test::Cuda;
 using cuda_test::ExpectMatchesReference;
 using cuda_test::F32Args;
 using cuda_test::F32Element;
@@ -78,7 +77,21 @@ TEST(CudaBuildTest, CompiledAndFailedPreconditionWithoutDevice) {
 
 // ---- Need a GPU ----------------------------------------------------------------------------
 
-TEST(CudaBackendTest, Float32WithinFourUlpOfReference) {
+// Every backend test runs with both element maths of the fused kernel for float and half
+// inputs (CudaOptions::float_math false and true): "Cuda/CudaBackendTest.<test>/MixedMath" and
+// ".../FloatMath".
+class CudaBackendTest : public ::testing::TestWithParam<bool> {
+ protected:
+  bool float_math() const { return GetParam(); }
+  std::unique_ptr<Backend> Cuda() const { return cuda_test::Cuda(float_math()); }
+};
+
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaBackendTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return std::string(info.param ? "FloatMath" : "MixedMath");
+                         });
+
+TEST_P(CudaBackendTest, Float32WithinFourUlpOfReference) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -90,7 +103,7 @@ TEST(CudaBackendTest, Float32WithinFourUlpOfReference) {
   std::printf("float32 loss: max %lld ulp from the reference\n", static_cast<long long>(max_ulp));
 }
 
-TEST(CudaBackendTest, Float32SpecialValues) {
+TEST_P(CudaBackendTest, Float32SpecialValues) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -126,7 +139,7 @@ TEST(CudaBackendTest, Float32SpecialValues) {
   EXPECT_EQ(g1, 0.0f);
 }
 
-TEST(CudaBackendTest, Float32Broadcasting) {
+TEST_P(CudaBackendTest, Float32Broadcasting) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -207,8 +220,8 @@ TypedProblem MakeTyped(DType dtype, int64_t rows, int64_t c, double xmax, double
   return pr;
 }
 
-void CheckTyped(DType dtype, double xmax, double wmax) {
-  auto cuda = Cuda();
+void CheckTyped(bool float_math, DType dtype, double xmax, double wmax) {
+  auto cuda = cuda_test::Cuda(float_math);
   ASSERT_NE(cuda, nullptr);
   TypedProblem pr = MakeTyped(dtype, 2011, 23, xmax, wmax, 17);
   const size_t item = ItemSize(dtype);
@@ -243,23 +256,23 @@ void CheckTyped(DType dtype, double xmax, double wmax) {
   }
 }
 
-TEST(CudaBackendTest, Float64) {
+TEST_P(CudaBackendTest, Float64) {
   SKIP_WITHOUT_GPU();
-  CheckTyped(DType::kFloat64, 700, 1e3);
+  CheckTyped(float_math(), DType::kFloat64, 700, 1e3);
 }
 
-TEST(CudaBackendTest, Float16) {
+TEST_P(CudaBackendTest, Float16) {
   SKIP_WITHOUT_GPU();
-  CheckTyped(DType::kFloat16, 12, 10);
+  CheckTyped(float_math(), DType::kFloat16, 12, 10);
 }
 
-TEST(CudaBackendTest, BFloat16) {
+TEST_P(CudaBackendTest, BFloat16) {
   SKIP_WITHOUT_GPU();
-  CheckTyped(DType::kBFloat16, 60, 1e3);
+  CheckTyped(float_math(), DType::kBFloat16, 60, 1e3);
 }
 
 // SUM and MEAN against the reference and the CPU backend, over sizes around the block size.
-TEST(CudaBackendTest, ReductionsMatchReferenceAndCpu) {
+TEST_P(CudaBackendTest, ReductionsMatchReferenceAndCpu) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -284,7 +297,7 @@ TEST(CudaBackendTest, ReductionsMatchReferenceAndCpu) {
   }
 }
 
-TEST(CudaBackendTest, MatchesCpuBackend) {
+TEST_P(CudaBackendTest, MatchesCpuBackend) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -308,7 +321,7 @@ TEST(CudaBackendTest, MatchesCpuBackend) {
   }
 }
 
-TEST(CudaBackendTest, LargeReduction) {
+TEST_P(CudaBackendTest, LargeReduction) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -336,7 +349,36 @@ TEST(CudaBackendTest, LargeReduction) {
   }
 }
 
-TEST(CudaBackendTest, RepeatedAndConcurrentRunsAreBitwiseIdentical) {
+// MEAN gradients for an element count that float32 cannot hold exactly (2^24 + 3): both
+// backends then divide in double; per element against the CPU backend (4 ulp of the larger
+// term over n) and the loss against it (1e-6 relative).
+TEST_P(CudaBackendTest, MeanGradientsBeyondFloatExactCounts) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  auto cpu = MakeCpuBackend();
+  F32Problem pr = MakeF32Problem((int64_t{1} << 24) + 3, 1, 5, false);
+  pr.w.assign(1, 0.75f);
+  pr.p.assign(1, 3.0f);
+  const BceArgs a = F32Args(pr, Reduction::kMean, {1}, {1});
+  ASSERT_NE(static_cast<double>(static_cast<float>(pr.n)), static_cast<double>(pr.n));
+  float loss = 0, cpu_loss = 0;
+  std::vector<float> gx(pr.n), cgx(pr.n);
+  ASSERT_TRUE(cuda->Bce(a, {&loss, gx.data(), nullptr}).ok());
+  ASSERT_TRUE(cpu->Bce(a, {&cpu_loss, cgx.data(), nullptr}).ok());
+  EXPECT_TRUE(Close(loss, cpu_loss, 1e-6 * std::fabs(cpu_loss))) << loss << " vs " << cpu_loss;
+  int64_t failures = 0;
+  for (int64_t i = 0; i < pr.n && failures < 10; ++i) {
+    const double sx = GradTermScales(pr.x[i], pr.y[i], 0.75, 3.0).first / pr.n;
+    if (!Close(gx[i], cgx[i], 4 * UlpF32(sx))) {
+      ++failures;
+      ADD_FAILURE() << "element " << i << " x=" << pr.x[i] << " y=" << pr.y[i] << ": cuda "
+                    << gx[i] << " cpu " << cgx[i];
+    }
+  }
+}
+
+TEST_P(CudaBackendTest, RepeatedAndConcurrentRunsAreBitwiseIdentical) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -369,7 +411,7 @@ TEST(CudaBackendTest, RepeatedAndConcurrentRunsAreBitwiseIdentical) {
   }
 }
 
-TEST(CudaBackendTest, EmptyTensor) {
+TEST_P(CudaBackendTest, EmptyTensor) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -387,7 +429,7 @@ TEST(CudaBackendTest, EmptyTensor) {
 }
 
 // Any subset of outputs may be requested; each equals the full run's bit for bit.
-TEST(CudaBackendTest, NullOutputsAreSkipped) {
+TEST_P(CudaBackendTest, NullOutputsAreSkipped) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -409,7 +451,7 @@ TEST(CudaBackendTest, NullOutputsAreSkipped) {
 
 // Every option the generic kernel handles (ignore_index + normalize, label smoothing, focal)
 // under every reduction, with per-element values, against the float64 reference.
-TEST(CudaBackendTest, GenericOptionsMatchReference) {
+TEST_P(CudaBackendTest, GenericOptionsMatchReference) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -515,7 +557,7 @@ TEST(CudaBackendTest, GenericOptionsMatchReference) {
 }
 
 // should_stop is polled before any work: CANCELLED, nothing counted.
-TEST(CudaBackendTest, ShouldStopCancelsBeforeLaunch) {
+TEST_P(CudaBackendTest, ShouldStopCancelsBeforeLaunch) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
@@ -532,7 +574,7 @@ TEST(CudaBackendTest, ShouldStopCancelsBeforeLaunch) {
 #ifdef LOSSD_HAVE_CUDA
 // The device entry point on misaligned pointers (scalar loads and stores) equals the aligned,
 // vectorized run bit for bit, for every dtype.
-TEST(CudaBackendTest, UnalignedDevicePointersMatchAligned) {
+TEST_P(CudaBackendTest, UnalignedDevicePointersMatchAligned) {
   SKIP_WITHOUT_GPU();
   for (DType dtype : {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16}) {
     TypedProblem pr = MakeTyped(dtype, 301, 11, 20, 10, 5);
@@ -559,6 +601,7 @@ TEST(CudaBackendTest, UnalignedDevicePointersMatchAligned) {
       d.pos_weight = {dtype, p, 1, pr.c};
       d.loss = l;
       d.grad_logits = g;
+      d.float_math = float_math();
       ASSERT_EQ(cuda::LaunchBce(d, nullptr), cudaSuccess);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       out->resize(2 * bytes);
@@ -576,7 +619,7 @@ TEST(CudaBackendTest, UnalignedDevicePointersMatchAligned) {
 // DeviceBce::float_math on the device: the 4-ulp bounds against the reference on the random
 // problem and on the special grid, and the host's BceElementF32 (with its fallback) within
 // 1 ulp per element (the reciprocal's seed is the only part allowed to differ).
-TEST(CudaBackendTest, FloatMathMatchesReferenceAndHost) {
+TEST(CudaFloatMathTest, MatchesReferenceAndHost) {
   SKIP_WITHOUT_GPU();
   SpecialGrid g;
   F32Problem pr = MakeF32Problem(1601, 41, 17, true);

@@ -29,8 +29,10 @@ using lossd::testing::UlpF64;
 inline constexpr float kInf = std::numeric_limits<float>::infinity();
 inline constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-inline std::unique_ptr<Backend> Cuda() {
-  auto b = MakeCudaBackend();
+inline std::unique_ptr<Backend> Cuda(bool float_math = false) {
+  CudaOptions options;
+  options.float_math = float_math;
+  auto b = MakeCudaBackend(options);
   EXPECT_TRUE(b.ok()) << b.status();
   return b.ok() ? std::move(*b) : nullptr;
 }

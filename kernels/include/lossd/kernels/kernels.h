@@ -181,8 +181,17 @@ bool CudaCompiled();
 int CudaDeviceCount();
 // Name of device 0, empty when none.
 std::string CudaDeviceName();
+struct CudaOptions {
+  // Element math of the fused kernel for float32, float16 and bfloat16 logits. false: exp,
+  // log1p and the reciprocal in float, the combination in double. true: everything in float
+  // (the CPU SIMD kernel's formulas), rare elements (|x| > 80, NaN, infinities, overflow) in
+  // double; used only where the targets, weight and pos_weight are exact in float (not float64
+  // targets; float64 operands only when every value converts exactly). Both keep every element
+  // within the 4-ulp bound of DESIGN.md section 5; docs/perf.md has the speed of each.
+  bool float_math = false;
+};
 // The CUDA backend on device 0. FAILED_PRECONDITION when no GPU is usable.
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend();
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaOptions& options = {});
 
 // The float64 scalar reference (readable, slow). Outputs are double regardless of args.dtype:
 // loss has LossCount(args) doubles; gradients numel doubles. Used by tests only.
