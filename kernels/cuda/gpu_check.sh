@@ -8,7 +8,9 @@
 #      float64 reference and the CPU backend;
 #   3. gpu_bench: validation on ~1M elements, then kernel vs device-to-device copy bandwidth;
 #   4. kernels/bench/torch_cuda_bench.py: torch CUDA forward+backward on the same problems;
-#   5. our Gelem/s over torch's, per problem.
+#   5. our Gelem/s over torch's, per problem;
+#   6. build/server/lossd on this GPU through the Python client (kernels/cuda/server_gpu_check.py),
+#      CUDA vs CPU, with the default element math and with --cuda_float_math.
 # Everything printed also goes to $OUT/gpu_check.log when $OUT is set. Exit status: 0 when the
 # tests and the validation pass (timings are reported, never judged here), 1 otherwise.
 # Takes about 1-2 minutes on an H100 (the torch import and CUDA start-up dominate).
@@ -87,26 +89,37 @@ awk '
     }
   }' "$TMP/bench.txt" "$TMP/torch.txt"
 
+# One server run: lossd with the given extra flags, the Python client's checks against it.
+server_check() {
+  local rc=1 port="" pid
+  "${RUN[@]}" build/server/lossd --host 127.0.0.1 --port 0 --device auto "$@" \
+    2>"$TMP/server.log" &
+  pid=$!
+  for _ in $(seq 1 100); do
+    port=$(sed -n 's/^lossd listening on .*:\([0-9]*\)$/\1/p' "$TMP/server.log" | head -1)
+    [[ -n "$port" ]] && break
+    sleep 0.2
+  done
+  grep -m1 "config:" "$TMP/server.log" || true
+  if [[ -n "$port" ]]; then
+    LOSSD_TARGET="127.0.0.1:$port" PYTHONPATH="$PWD/client/python/src" \
+      timeout 180 python3 kernels/cuda/server_gpu_check.py
+    rc=$?
+  else
+    echo "server did not start:"; cat "$TMP/server.log"
+  fi
+  kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  echo "server exit after SIGTERM: $?"
+  return $rc
+}
+
 echo
 echo "== lossd server on this GPU: CUDA vs CPU through the Python client"
-server_rc=1
-"${RUN[@]}" build/server/lossd --host 127.0.0.1 --port 0 --device auto 2>"$TMP/server.log" &
-SERVER_PID=$!
-for _ in $(seq 1 100); do
-  PORT=$(sed -n 's/^lossd listening on .*:\([0-9]*\)$/\1/p' "$TMP/server.log" | head -1)
-  [[ -n "$PORT" ]] && break
-  sleep 0.2
-done
-grep -m1 "config:" "$TMP/server.log" || true
-if [[ -n "${PORT:-}" ]]; then
-  LOSSD_TARGET="127.0.0.1:$PORT" PYTHONPATH="$PWD/client/python/src" \
-    timeout 180 python3 kernels/cuda/server_gpu_check.py
-  server_rc=$?
-else
-  echo "server did not start:"; cat "$TMP/server.log"
-fi
-kill -TERM "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null
-echo "server exit after SIGTERM: $?"
+server_check; server_rc=$?
+echo
+echo "== the same with --cuda_float_math"
+server_check --cuda_float_math; server_f32_rc=$?
+[[ $server_f32_rc == 0 ]] || server_rc=1
 [[ $server_rc == 0 ]] || status=1
 
 echo
