@@ -209,15 +209,16 @@ LOSSD_HD float MulRn(float a, float b) {
 //   e = exp(-|x|) (ExpNonPosParts, exact scaling), inv = 1/(1+e) (reciprocal + Newton step),
 //   log1p(e) = hi + lo unrounded (u = 1+e, c = e-(u-1), k = [u > sqrt 2], f = u/2^k - 1,
 //   f - f^2/2 + f^3 Q(f), Q a degree-7 minimax fit, 2^-27.2), a = w (1-y) = fma(-w, y, w),
-//   b = w p y, loss = (a+b) (hi+lo) + (a max(x,0) + b max(-x,0)), dl/dx = a s(x) - b s(-x),
-//   dl/dy = w (p sp(-x) - sp(x)).
+//   b = w p y, loss = (a+b) (hi+lo) + (a max(x,0) + b max(-x,0)), dl/dx = a s(x) - b s(-x);
+//   *log1p_e = hi + lo rounded, for dl/dy = w (p sp(-x) - sp(x)) (BceGradTargetsF32, apart so
+//   that a kernel without dl/dy skips it).
 // Branch-free for the elements it handles (no divergence between hard and soft labels). Every
 // multiply-add is an explicit fmaf and no product feeds a plain addition, so the host and the
 // device compute the same bits, except the reciprocal's seed (refined by the Newton step).
 // Error (host, tests/kernels/cuda_backend_test.cc): loss within 3 ulp of the float64
 // reference, gradients within 4 ulp of the larger term.
 LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, float* gx,
-                            float* gy) {
+                            float* log1p_e) {
   const float ax = fabsf(x);
   const bool near = ax <= 80.0f;  // false for NaN
   int k;
@@ -253,13 +254,18 @@ LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, flo
   const bool pos = x >= 0.0f;
   const float g = fmaf(a, pos ? inv : e_inv, -(b * (pos ? e_inv : inv)));
   const float probe = lv + g;
-  const float l = hi + lo;
-  const float sp_pos = x_pos + l;
-  const float sp_neg = x_neg + l;
   *loss = lv;
   *gx = g;
-  *gy = w == 0.0f ? 0.0f : w * fmaf(p, sp_neg, -sp_pos);
+  *log1p_e = hi + lo;
   return near && probe - probe == 0.0f;  // probe finite
+}
+
+// dl/dy of an element that BceElementF32 handled, from its log1p_e: w (p sp(-x) - sp(x)), +0
+// for a zero weight.
+LOSSD_HD float BceGradTargetsF32(float x, float w, float p, float log1p_e) {
+  const float sp_pos = (x > 0.0f ? x : 0.0f) + log1p_e;
+  const float sp_neg = (x < 0.0f ? -x : 0.0f) + log1p_e;
+  return w == 0.0f ? 0.0f : w * fmaf(p, sp_neg, -sp_pos);
 }
 
 }  // namespace lossd::kernels::internal

@@ -377,11 +377,16 @@ __device__ __noinline__ F32Result RareElementF32(float x, float y, float w, floa
   return {static_cast<float>(l), static_cast<float>(gx / div), static_cast<float>(gy / div)};
 }
 
-// g / div in float for the MEAN gradients: q = g r, then one FMA correction (the CPU kernel's
-// DivideByReciprocal with FMA, so both compute the same bits).
-__device__ __forceinline__ float DivideF(float g, float div, float rdiv) {
-  const float q = __fmul_rn(g, rdiv);
-  return fmaf(fmaf(-q, div, g), rdiv, q);
+// A gradient of the all-float kernel for the reduction: g / numel for MEAN, as the CPU kernel
+// divides: in float when numel is exact in float (q = g r, then one FMA correction, its
+// DivideByReciprocal), else in double, rounded once.
+__device__ __forceinline__ float MeanScaleF(float g, const Params& P) {
+  if (!P.mean) return g;
+  if (P.div_exact_f) {
+    const float q = __fmul_rn(g, P.rdiv_f);
+    return fmaf(fmaf(-q, P.div_f, g), P.rdiv_f, q);
+  }
+  return static_cast<float>(static_cast<double>(g) * P.inv_n);
 }
 
 // All-float kernel (DeviceBce::float_math) for float32, float16 and bfloat16 logits with
@@ -405,19 +410,24 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
       float w[4], p[4];
       LoadOperand4(P.w, i0, whole[h], P.small, w);
       LoadOperand4(P.p, i0, whole[h], P.small, p);
-      float gx[4], gy[4];
+      float gx[4], gy[4], l1p[4];
+      bool ok[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int e = 4 * h + k;
-        const bool ok = internal::BceElementF32(x[e], y[e], w[k], p[k], &l[e], &gx[k], &gy[k]);
-        if (P.mean && P.div_exact_f) {
-          gx[k] = DivideF(gx[k], P.div_f, P.rdiv_f);
-          gy[k] = DivideF(gy[k], P.div_f, P.rdiv_f);
-        } else if (P.mean) {
-          gx[k] = static_cast<float>(static_cast<double>(gx[k]) * P.inv_n);
-          gy[k] = static_cast<float>(static_cast<double>(gy[k]) * P.inv_n);
+        ok[k] = internal::BceElementF32(x[e], y[e], w[k], p[k], &l[e], &gx[k], &l1p[k]);
+        gx[k] = MeanScaleF(gx[k], P);
+      }
+      if (P.gy) {  // uniform: kernels without dl/dy skip this
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          gy[k] = MeanScaleF(internal::BceGradTargetsF32(x[4 * h + k], w[k], p[k], l1p[k]), P);
         }
-        if (!ok) {
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (!ok[k]) {
+          const int e = 4 * h + k;
           const F32Result r = RareElementF32(x[e], y[e], w[k], p[k], P.mean ? P.n_double : 1.0);
           l[e] = r.l;
           gx[k] = r.gx;

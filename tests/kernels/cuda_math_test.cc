@@ -159,18 +159,21 @@ TEST(CudaMathTest, HostBceElementF32WithinFourUlp) {
 // The elements BceElementF32 leaves to the double path: far, infinite and NaN logits, NaN
 // operands, overflowing products.
 TEST(CudaMathTest, HostBceElementF32DeclinesRareElements) {
-  float l, gx, gy;
+  float l, gx, l1p;
   for (float x : {80.5f, -81.0f, 1e30f, kInf, -kInf, kNaN}) {
-    EXPECT_FALSE(internal::BceElementF32(x, 0.5f, 1.0f, 1.0f, &l, &gx, &gy)) << x;
+    EXPECT_FALSE(internal::BceElementF32(x, 0.5f, 1.0f, 1.0f, &l, &gx, &l1p)) << x;
   }
-  EXPECT_FALSE(internal::BceElementF32(1.0f, kNaN, 1.0f, 1.0f, &l, &gx, &gy));
-  EXPECT_FALSE(internal::BceElementF32(1.0f, 0.5f, kNaN, 1.0f, &l, &gx, &gy));
-  EXPECT_FALSE(internal::BceElementF32(1.0f, 0.5f, 0.0f, kNaN, &l, &gx, &gy));
-  EXPECT_FALSE(internal::BceElementF32(-60.0f, 1.0f, 3e38f, 1e10f, &l, &gx, &gy));  // overflow
-  EXPECT_TRUE(internal::BceElementF32(80.0f, 0.5f, 1.0f, 1.0f, &l, &gx, &gy));
-  EXPECT_TRUE(internal::BceElementF32(0.0f, 0.0f, 1.0f, 1.0f, &l, &gx, &gy));
+  EXPECT_FALSE(internal::BceElementF32(1.0f, kNaN, 1.0f, 1.0f, &l, &gx, &l1p));
+  EXPECT_FALSE(internal::BceElementF32(1.0f, 0.5f, kNaN, 1.0f, &l, &gx, &l1p));
+  EXPECT_FALSE(internal::BceElementF32(1.0f, 0.5f, 0.0f, kNaN, &l, &gx, &l1p));
+  EXPECT_FALSE(internal::BceElementF32(-60.0f, 1.0f, 3e38f, 1e10f, &l, &gx, &l1p));  // overflow
+  EXPECT_TRUE(internal::BceElementF32(80.0f, 0.5f, 1.0f, 1.0f, &l, &gx, &l1p));
+  EXPECT_TRUE(internal::BceElementF32(0.0f, 0.0f, 1.0f, 1.0f, &l, &gx, &l1p));
   EXPECT_EQ(l, static_cast<float>(std::log(2.0)));
   EXPECT_EQ(gx, 0.5f);
+  EXPECT_EQ(l1p, static_cast<float>(std::log(2.0)));
+  EXPECT_EQ(internal::BceGradTargetsF32(0.0f, 1.0f, 1.0f, l1p), 0.0f);  // w (p sp(0) - sp(0))
+  EXPECT_EQ(internal::BceGradTargetsF32(0.0f, 2.0f, 3.0f, l1p), 4.0f * l1p);
 }
 
 TEST(CudaMathTest, HostBceElementMixedSpecialValues) {

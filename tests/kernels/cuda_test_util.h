@@ -187,7 +187,11 @@ inline BceArgs F32Args(const F32Problem& pr, Reduction r, const std::vector<int6
 // handles the element, else BceElementMixed rounded to float. Returns whether BceElementF32 did.
 inline bool F32Element(float x, float y, float w, float p, float* l, float* gx, float* gy,
                        bool all_float) {
-  if (all_float && internal::BceElementF32(x, y, w, p, l, gx, gy)) return true;
+  float l1p;
+  if (all_float && internal::BceElementF32(x, y, w, p, l, gx, &l1p)) {
+    *gy = internal::BceGradTargetsF32(x, w, p, l1p);
+    return true;
+  }
   double dl, dx, dy;
   internal::BceElementMixed(x, y, w, p, &dl, &dx, &dy);
   *l = static_cast<float>(dl);
