@@ -441,8 +441,17 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
 }
 
 template <typename TX, typename TY, bool kReduce, bool kF32>
+constexpr auto KernelOf() {
+  if constexpr (kF32) {
+    return BceKernelF32<TX, TY, kReduce>;
+  } else {
+    return BceKernel<TX, TY, kReduce>;
+  }
+}
+
+template <typename TX, typename TY, bool kReduce, bool kF32>
 cudaError_t LaunchTyped(const Params& P, cudaStream_t stream) {
-  constexpr auto kernel = kF32 ? BceKernelF32<TX, TY, kReduce> : BceKernel<TX, TY, kReduce>;
+  constexpr auto kernel = KernelOf<TX, TY, kReduce, kF32>();
   // Resident blocks per SM for this instantiation, computed once (thread-safe static).
   static const int per_sm = [] {
     int n = 0;
