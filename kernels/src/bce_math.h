@@ -125,7 +125,10 @@ LOSSD_HD void FocalElement(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
   const T log_q = hi == -inf ? -inf : (lo == -inf ? hi : hi + log1p(exp(lo - hi)));
   const T mod = gamma == T(0) ? T(1) : exp(gamma * log_q);
   const T at = alpha >= T(0) ? alpha * y + (T(1) - alpha) * (T(1) - y) : T(1);
-  T lv = ce == T(0) ? T(0) : at * ce * mod;
+  // ce is infinite only at an infinite logit whose term has a positive coefficient, where q > 0:
+  // the limit is +inf even when q^gamma underflows to 0 (and 0 when at = 0, a loss that is 0
+  // for every x).
+  T lv = ce == T(0) || at == T(0) ? T(0) : ce == inf ? inf : at * ce * mod;
   T g = dce * mod;
   const T dq = (a - b) * s_pos * s_neg;
   if (gamma != T(0) && ce != T(0) && dq != T(0) && ce < inf) {

@@ -166,6 +166,10 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
   const bool smooth = args.label_smoothing != 0.0;
   const T s = static_cast<T>(args.label_smoothing);
   const T ignore = static_cast<T>(args.ignore_index);
+  // Targets are compared with ignore_index exactly, as in double (CountIgnored, the reference):
+  // an ignore_index that T cannot hold matches no target.
+  const bool has_ignore =
+      args.has_ignore_index && static_cast<double>(ignore) == args.ignore_index;
   // Outputs are written in place when they have the compute type and nothing is applied after.
   const bool direct = args.dtype == kDTypeOf<T>;
   const bool direct_loss = direct && !plan.reduce && plan.loss_f64 == nullptr &&
@@ -175,7 +179,7 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
   const bool div_in_kernel = static_cast<double>(static_cast<T>(plan.grad_div)) == plan.grad_div;
   internal::ElementOptions<T> eo;
   eo.focal = focal;
-  eo.has_ignore_index = args.has_ignore_index;
+  eo.has_ignore_index = has_ignore;
   eo.ignore_index = ignore;
   eo.label_smoothing = s;
   eo.alpha = static_cast<T>(args.focal_alpha);
@@ -236,7 +240,7 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
         for (int64_t j = 0; j < n; ++j) k.gy[j] *= (T(1) - s);
       }
     }
-    if (args.has_ignore_index) {
+    if (has_ignore) {
       for (int64_t j = 0; j < n; ++j) {
         if (y_raw[j] != ignore) continue;
         k.loss[j] = T(0);

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "lossd/kernels/kernels.h"
@@ -89,6 +90,83 @@ TEST(ReferenceTest, InfinitiesGiveLimits) {
   // pos_weight 0 removes the positive term.
   o = Ref(-kInf, 1, 1.0, 0.0);
   EXPECT_EQ(o.loss, 0.0);
+}
+
+// Focal loss at infinite logits: +inf where a term with a positive coefficient diverges, even
+// when (1 - p_t)^gamma underflows (gamma = 1e4, the largest accepted), and 0, not NaN, when
+// alpha_t = 0 (then the loss is 0 for every x). The reference and the CPU backend, float32 and
+// float64 (the backend's focal path is the same element code in the logits' type).
+TEST(ReferenceTest, FocalInfiniteLogitsGiveLimits) {
+  struct Case {
+    double x, y, alpha, gamma, loss, gx;
+  };
+  const Case cases[] = {
+      {kInf, 0.3, 0.25, 1e4, kInf, 0.0},  {-kInf, 0.3, 0.25, 1e4, kInf, 0.0},
+      {kInf, 0.0, 1.0, 2.0, 0.0, 0.0},    {-kInf, 1.0, 0.0, 2.0, 0.0, 0.0},
+      {kInf, 1.0, 0.25, 1e4, 0.0, 0.0},   {-kInf, 0.0, 0.25, 0.5, 0.0, 0.0},
+      {kInf, 0.0, -1.0, 1e4, kInf, 1.0},
+  };
+  auto cpu = MakeCpuBackend({1});
+  for (const Case& c : cases) {
+    for (DType dt : {DType::kFloat64, DType::kFloat32}) {
+      double xd = c.x, yd = c.y;
+      float xf = static_cast<float>(c.x), yf = static_cast<float>(c.y);
+      BceArgs a;
+      a.numel = 1;
+      a.dtype = a.targets_dtype = dt;
+      a.logits = dt == DType::kFloat64 ? static_cast<const void*>(&xd) : &xf;
+      a.targets = dt == DType::kFloat64 ? static_cast<const void*>(&yd) : &yf;
+      a.reduction = Reduction::kNone;
+      a.loss = Loss::kFocal;
+      a.focal_alpha = c.alpha;
+      a.focal_gamma = c.gamma;
+      double rl = 0, rgx = 0;
+      ReferenceBce(a, &rl, &rgx, nullptr);
+      double l[1] = {0}, gx[1] = {0};
+      float lf[1] = {0}, gxf[1] = {0};
+      void* lo = dt == DType::kFloat64 ? static_cast<void*>(l) : lf;
+      void* go = dt == DType::kFloat64 ? static_cast<void*>(gx) : gxf;
+      ASSERT_TRUE(cpu->Bce(a, {lo, go, nullptr}).ok());
+      const double bl = dt == DType::kFloat64 ? l[0] : lf[0];
+      const double bg = dt == DType::kFloat64 ? gx[0] : gxf[0];
+      const std::string at = ::testing::PrintToString(c.x) + " y=" +
+                             ::testing::PrintToString(c.y) + " alpha=" +
+                             ::testing::PrintToString(c.alpha) + " gamma=" +
+                             ::testing::PrintToString(c.gamma) + " " + DTypeName(dt);
+      EXPECT_EQ(rl, c.loss) << "reference loss, x=" << at;
+      EXPECT_EQ(rgx, c.gx) << "reference dl/dx, x=" << at;
+      EXPECT_EQ(bl, c.loss) << "cpu loss, x=" << at;
+      EXPECT_EQ(bg, c.gx) << "cpu dl/dx, x=" << at;
+    }
+  }
+}
+
+// ignore_index matches a target only when they are equal as numbers: 2^24 + 1 is no float32,
+// so it must not match the float32 target 2^24 (to which it would round), while 2^24 does. The
+// CPU backend (float compute) against the reference (double compute), with normalize.
+TEST(ReferenceTest, IgnoreIndexComparesExactly) {
+  auto cpu = MakeCpuBackend({1});
+  const float x[2] = {0.5f, -1.0f};
+  const float y[2] = {16777216.0f, 0.0f};
+  for (double ignore : {16777217.0, 16777216.0}) {
+    BceArgs a;
+    a.numel = 2;
+    a.logits = x;
+    a.targets = y;
+    a.reduction = Reduction::kNone;
+    a.has_ignore_index = true;
+    a.ignore_index = ignore;
+    a.normalize = true;
+    double ref[2];
+    ReferenceBce(a, ref, nullptr, nullptr);
+    float got[2];
+    ASSERT_TRUE(cpu->Bce(a, {got, nullptr, nullptr}).ok());
+    EXPECT_EQ(ref[0] == 0.0, ignore == 16777216.0) << ref[0];
+    for (int i = 0; i < 2; ++i) {  // an element ignored or counted wrongly is off by 2x or all
+      EXPECT_NEAR(got[i], ref[i], 1e-6 * std::fabs(ref[i])) << "ignore_index " << ignore
+                                                            << " element " << i;
+    }
+  }
 }
 
 TEST(ReferenceTest, NaNPropagates) {
