@@ -60,10 +60,12 @@ def time_torch(n: int, c: int, mode: str, threads: int, repeats: int) -> float:
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     rows = n // c
-    x = (torch.rand(rows, c, generator=g) * 24 - 12).requires_grad_(True)
+    # The distributions of cpu_bench's data: x in U(-8, 8), hard labels with probability 1/2,
+    # w and p in U(0.5, 3).
+    x = (torch.rand(rows, c, generator=g) * 16 - 8).requires_grad_(True)
     y = torch.randint(0, 2, (rows, c), generator=g).to(torch.float32)
-    w = torch.rand(c, generator=g) * 3
-    p = torch.rand(c, generator=g) * 3.75 + 0.25
+    w = torch.rand(c, generator=g) * 2.5 + 0.5
+    p = torch.rand(c, generator=g) * 2.5 + 0.5
     ones = torch.ones(rows, c)
     times: List[float] = []
     for i in range(repeats + 1):  # the first run is a warm-up
