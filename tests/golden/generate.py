@@ -471,6 +471,12 @@ def case_list() -> List[Dict[str, Any]]:
             weight="C", pos_weight=True)
         add(g, f"ls0.2_wN1_{dt}_per_sample", "torch_keras", dtype=dt, y="soft",
             reduction="per_sample_mean", weight="N1", label_smoothing=0.2)
+    for dt in ("float16", "bfloat16"):  # torch's half ops on the CPU
+        for red in ("none", "mean", "per_sample_mean"):
+            add(g, f"ls0.1_{dt}_{red}", "torch_keras", dtype=dt, y="binary", reduction=red,
+                label_smoothing=0.1)
+        add(g, f"per_sample_wC_pwC_{dt}", "torch_keras", dtype=dt, reduction="per_sample_mean",
+            weight="C", pos_weight=True)
     add(g, "ls1.0_float32_none", "torch_keras", dtype="float32", label_smoothing=1.0)
     add(g, "ls0.1_extreme_float32_none", "torch_keras", dtype="float32", x="extreme",
         label_smoothing=0.1)
@@ -492,6 +498,11 @@ def case_list() -> List[Dict[str, Any]]:
             reduction="sum", alpha=0.25, gamma=2.0, weight="C", shape=(8, 37))
     add(g, "a0.25_g2.0_bfloat16_none", "torchvision", loss="sigmoid_focal_loss",
         dtype="bfloat16", alpha=0.25, gamma=2.0, shape=(8, 37))
+    for gamma, red in ((2.0, "none"), (0.5, "mean"), (2.0, "sum")):
+        add(g, f"a0.25_g{gamma}_float16_{red}", "torchvision", loss="sigmoid_focal_loss",
+            dtype="float16", reduction=red, alpha=0.25, gamma=gamma, shape=(8, 37))
+    add(g, "wC_a0.75_g0.5_bfloat16_mean", "torchvision", loss="sigmoid_focal_loss",
+        dtype="bfloat16", reduction="mean", alpha=0.75, gamma=0.5, weight="C", shape=(8, 37))
 
     # --- paddle: BCE API (ignores targets == -100) ----------------------------------------
     g = "paddle_bce"
