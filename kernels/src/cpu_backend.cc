@@ -208,6 +208,7 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
         internal::LossElement<T>(eo, k.x[j], y_raw[j], k.w ? k.w[j] : T(1), T(1), &l, &gx, &gy);
         k.loss[j] = l;
         if (k.gx) k.gx[j] = div_in_kernel ? gx / k.grad_divisor : gx;
+        if (k.gy) k.gy[j] = gy;  // NaN: the focal loss offers no dl/dy (as the reference)
       }
     } else {
       if (smooth) {

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <random>
 #include <string>
@@ -137,6 +138,43 @@ TEST(ReferenceTest, FocalInfiniteLogitsGiveLimits) {
       EXPECT_EQ(rgx, c.gx) << "reference dl/dx, x=" << at;
       EXPECT_EQ(bl, c.loss) << "cpu loss, x=" << at;
       EXPECT_EQ(bg, c.gx) << "cpu dl/dx, x=" << at;
+    }
+  }
+}
+
+// The focal loss offers no dl/dy: a caller that asks for it gets NaN in every element, as
+// from the reference, never what the buffer held before (float32 writes in place, float16
+// goes through scratch space).
+TEST(ReferenceTest, FocalGradTargetsAreNaN) {
+  auto cpu = MakeCpuBackend({2});
+  constexpr int kN = 5000;
+  std::vector<float> x(kN), y(kN);
+  for (int i = 0; i < kN; ++i) {
+    x[i] = static_cast<float>(i % 41) - 20.0f;
+    y[i] = static_cast<float>(i % 3) * 0.5f;
+  }
+  std::vector<uint16_t> xh(kN), yh(kN);
+  for (int i = 0; i < kN; ++i) {
+    xh[i] = FloatToHalf(x[i]);
+    yh[i] = FloatToHalf(y[i]);
+  }
+  for (DType dt : {DType::kFloat32, DType::kFloat16}) {
+    BceArgs a;
+    a.numel = kN;
+    a.dtype = a.targets_dtype = dt;
+    a.logits = dt == DType::kFloat32 ? static_cast<const void*>(x.data()) : xh.data();
+    a.targets = dt == DType::kFloat32 ? static_cast<const void*>(y.data()) : yh.data();
+    a.reduction = Reduction::kNone;
+    a.loss = Loss::kFocal;
+    std::vector<float> gy(kN, 7.0f);
+    std::vector<uint16_t> gyh(kN, FloatToHalf(7.0f));
+    void* out = dt == DType::kFloat32 ? static_cast<void*>(gy.data()) : gyh.data();
+    ASSERT_TRUE(cpu->Bce(a, {nullptr, nullptr, out}).ok());
+    std::vector<double> ref(kN);
+    ReferenceBce(a, nullptr, nullptr, ref.data());
+    for (int i = 0; i < kN; ++i) {
+      ASSERT_TRUE(std::isnan(ref[i]));
+      ASSERT_TRUE(std::isnan(LoadAsDouble(dt, out, i))) << DTypeName(dt) << " element " << i;
     }
   }
 }
