@@ -36,23 +36,51 @@ inline double UlpF32(double v) {
   return static_cast<double>(std::nextafter(f, std::numeric_limits<float>::infinity())) - f;
 }
 
+// The same for doubles.
+inline int64_t UlpDistanceF64(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) {
+    return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<int64_t>::max();
+  }
+  if (a == b) return 0;
+  auto key = [](double f) {
+    int64_t i;
+    std::memcpy(&i, &f, 8);
+    return i < 0 ? std::numeric_limits<int64_t>::min() - i : i;
+  };
+  // The keys of finite values and infinities differ by less than 2^64.
+  const int64_t ka = key(a), kb = key(b);
+  const uint64_t d = ka >= kb ? static_cast<uint64_t>(ka) - static_cast<uint64_t>(kb)
+                              : static_cast<uint64_t>(kb) - static_cast<uint64_t>(ka);
+  return d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())
+             ? std::numeric_limits<int64_t>::max()
+             : static_cast<int64_t>(d);
+}
+
 inline double UlpF64(double v) {
   const double a = std::fabs(v);
   return std::nextafter(a, std::numeric_limits<double>::infinity()) - a;
 }
 
-// The larger of the two terms of each gradient, in double (DESIGN.md section 5: a float32
-// gradient is within 4 ulp of it): {dl/dx: max(|w (1-y) s(x)|, |w p y s(-x)|), dl/dy:
-// max(|w sp(x)|, |w p sp(-x)|)}. A NaN term gives 0.
+// The larger of the two terms of each gradient, in T (DESIGN.md section 5: a gradient is within
+// 4 ulp of it): {dl/dx: max(|w (1-y) s(x)|, |w p y s(-x)|), dl/dy: max(|w sp(x)|,
+// |w p sp(-x)|)}. A NaN term gives 0. T = long double serves the float64 kernels.
+template <typename T>
+std::pair<T, T> GradTermScalesIn(T x, T y, T w, T p) {
+  using std::exp;
+  using std::fabs;
+  using std::log1p;
+  const T e = exp(-fabs(x));
+  const T l = log1p(e);
+  const T sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
+  const T sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
+  const T gxs = std::max(fabs(w * (1 - y) * sp), fabs(w * p * y * sn));
+  const T gys = std::max(fabs(w * (std::max(x, T(0)) + l)), fabs(w * p * (std::max(-x, T(0)) + l)));
+  return {std::isnan(gxs) ? T(0) : gxs, std::isnan(gys) ? T(0) : gys};
+}
+
+// The scales in double, for the float32 kernels.
 inline std::pair<double, double> GradTermScales(double x, double y, double w, double p) {
-  const double e = std::exp(-std::fabs(x));
-  const double l = std::log1p(e);
-  const double sp = x >= 0 ? 1 / (1 + e) : e / (1 + e);
-  const double sn = x >= 0 ? e / (1 + e) : 1 / (1 + e);
-  const double gxs = std::max(std::fabs(w * (1 - y) * sp), std::fabs(w * p * y * sn));
-  const double gys =
-      std::max(std::fabs(w * (std::max(x, 0.0) + l)), std::fabs(w * p * (std::max(-x, 0.0) + l)));
-  return {std::isnan(gxs) ? 0 : gxs, std::isnan(gys) ? 0 : gys};
+  return GradTermScalesIn<double>(x, y, w, p);
 }
 
 // Dense grid of float32 logits: every 997th bit pattern with |x| in [1e-38, 3e38], both signs.
