@@ -70,7 +70,7 @@ struct Params {
   int64_t nblocks;
   double n_double;  // numel, for MEAN gradients
   double inv_n;     // 1 / numel
-  float div_f;      // all-float kernel: MEAN gradient divisor numel when exact in float, else 1
+  float div_f;      // all-float kernel: MEAN gradient divisor, numel when exact in float
   float rdiv_f;     // 1 / div_f rounded
   bool div_exact_f;  // numel is exact in float (the all-float kernel divides in float)
   bool mean;
@@ -620,7 +620,7 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
   // MEAN gradients of the all-float kernel are divided as the CPU kernel does: in float when
   // numel is exact in float, else in double.
   P.div_exact_f = static_cast<double>(static_cast<float>(a.numel)) == P.n_double;
-  P.div_f = P.mean && P.div_exact_f ? static_cast<float>(a.numel) : 1.0f;
+  P.div_f = P.div_exact_f ? static_cast<float>(a.numel) : 1.0f;
   P.rdiv_f = 1.0f / P.div_f;
   P.mean = a.reduction == Reduction::kMean;
   P.all_float = a.float_math;
