@@ -124,10 +124,10 @@ __device__ __forceinline__ TX Store(double v) {
   }
 }
 
-// Rounds a float result to the output dtype (the all-float kernel).
+// The same for a float result (the all-float kernel).
 template <typename TX>
-__device__ __forceinline__ TX StoreF(float v) {
-  if constexpr (std::is_same_v<TX, float>) {
+__device__ __forceinline__ TX Store(float v) {
+  if constexpr (std::is_same_v<TX, float> || std::is_same_v<TX, double>) {
     return v;
   } else if constexpr (std::is_same_v<TX, __half>) {
     return __float2half_rn(v);
@@ -143,18 +143,11 @@ __device__ __forceinline__ void Load4(const T* __restrict__ p, int64_t i0, TC* o
   for (int k = 0; k < 4; ++k) out[k] = Cvt<TC>(v.v[k]);
 }
 
-template <typename TX>
-__device__ __forceinline__ void Store4(void* p, int64_t i0, const double* in) {
+template <typename TX, typename TV>
+__device__ __forceinline__ void Store4(void* p, int64_t i0, const TV* in) {
   Pack4<TX> v;
 #pragma unroll
   for (int k = 0; k < 4; ++k) v.v[k] = Store<TX>(in[k]);
-  *reinterpret_cast<Pack4<TX>*>(static_cast<TX*>(p) + i0) = v;
-}
-template <typename TX>
-__device__ __forceinline__ void Store4(void* p, int64_t i0, const float* in) {
-  Pack4<TX> v;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) v.v[k] = StoreF<TX>(in[k]);
   *reinterpret_cast<Pack4<TX>*>(static_cast<TX*>(p) + i0) = v;
 }
 
@@ -279,15 +272,9 @@ __device__ __forceinline__ void StoreOutputs(const Params& P, int64_t i0, bool w
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if (i0 + k >= P.numel) break;
-      if constexpr (std::is_same_v<TV, double>) {
-        if (!kReduce && P.loss) static_cast<TX*>(P.loss)[i0 + k] = Store<TX>(l[k]);
-        if (P.gx) static_cast<TX*>(P.gx)[i0 + k] = Store<TX>(gx[k]);
-        if (P.gy) static_cast<TX*>(P.gy)[i0 + k] = Store<TX>(gy[k]);
-      } else {
-        if (!kReduce && P.loss) static_cast<TX*>(P.loss)[i0 + k] = StoreF<TX>(l[k]);
-        if (P.gx) static_cast<TX*>(P.gx)[i0 + k] = StoreF<TX>(gx[k]);
-        if (P.gy) static_cast<TX*>(P.gy)[i0 + k] = StoreF<TX>(gy[k]);
-      }
+      if (!kReduce && P.loss) static_cast<TX*>(P.loss)[i0 + k] = Store<TX>(l[k]);
+      if (P.gx) static_cast<TX*>(P.gx)[i0 + k] = Store<TX>(gx[k]);
+      if (P.gy) static_cast<TX*>(P.gy)[i0 + k] = Store<TX>(gy[k]);
     }
   }
 }
