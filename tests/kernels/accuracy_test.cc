@@ -86,6 +86,16 @@ float DrawLogitF32(Draws& r) {
   }
 }
 
+// n float32 elements: a logit (DrawLogitF32), a target, a weight and a pos_weight each.
+void DrawElementsF32(Draws& r, int64_t n, float* x, float* y, float* w, float* p) {
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = DrawLogitF32(r);
+    y[i] = static_cast<float>(r.Target());
+    w[i] = static_cast<float>(r.Factor());
+    p[i] = static_cast<float>(r.Factor());
+  }
+}
+
 // v with every digit needed to reproduce it (long double: rounded to double).
 template <typename T>
 std::string Str(T v) {
@@ -323,12 +333,7 @@ TEST_P(AccuracyTest, Float32RandomFullRange) {
   std::vector<float> x(kChunk), y(kChunk), w(kChunk), p(kChunk), l(kChunk), gx(kChunk), gy(kChunk);
   std::vector<double> rl(kChunk), rgx(kChunk), rgy(kChunk);
   for (int64_t c = 0; c < kChunks; ++c) {
-    for (int64_t i = 0; i < kChunk; ++i) {
-      x[i] = DrawLogitF32(r);
-      y[i] = static_cast<float>(r.Target());
-      w[i] = static_cast<float>(r.Factor());
-      p[i] = static_cast<float>(r.Factor());
-    }
+    DrawElementsF32(r, kChunk, x.data(), y.data(), w.data(), p.data());
     const BceArgs a =
         FlatArgs(DType::kFloat32, kChunk, x.data(), y.data(), w.data(), p.data(), Reduction::kNone);
     ASSERT_TRUE(cpu->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
@@ -366,12 +371,7 @@ TEST_P(AccuracyTest, Float32RandomFullRangeMeanGradients) {
   constexpr int64_t kN = 3 * 65536 + 1;
   Draws r(20240612);
   std::vector<float> x(kN), y(kN), w(kN), p(kN), gx(kN), gy(kN);
-  for (int64_t i = 0; i < kN; ++i) {
-    x[i] = DrawLogitF32(r);
-    y[i] = static_cast<float>(r.Target());
-    w[i] = static_cast<float>(r.Factor());
-    p[i] = static_cast<float>(r.Factor());
-  }
+  DrawElementsF32(r, kN, x.data(), y.data(), w.data(), p.data());
   const BceArgs a =
       FlatArgs(DType::kFloat32, kN, x.data(), y.data(), w.data(), p.data(), Reduction::kMean);
   float l;

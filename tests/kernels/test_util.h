@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -14,46 +15,36 @@
 
 namespace lossd::testing {
 
-// Distance in units in the last place between two floats (0 when both NaN; huge when one is).
-inline int64_t UlpDistance(float a, float b) {
+// Distance in units in the last place between two floats or two doubles (0 when both NaN;
+// the largest int64_t when one is, or when the distance does not fit).
+template <typename F>
+int64_t UlpDistanceIn(F a, F b) {
   if (std::isnan(a) || std::isnan(b)) {
     return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<int64_t>::max();
   }
   if (a == b) return 0;
-  auto key = [](float f) {
-    int32_t i;
-    std::memcpy(&i, &f, 4);
-    return i < 0 ? int64_t{INT32_MIN} - i : int64_t{i};
+  using I = std::conditional_t<sizeof(F) == 4, int32_t, int64_t>;
+  // Keys ordered like the values; those of finite values and infinities differ by < 2^64.
+  auto key = [](F f) {
+    I i;
+    std::memcpy(&i, &f, sizeof(F));
+    return static_cast<int64_t>(i < 0 ? std::numeric_limits<I>::min() - i : i);
   };
-  const int64_t d = key(a) - key(b);
-  return d < 0 ? -d : d;
-}
-
-// The float32 spacing at |v| (ulp of the float nearest v).
-inline double UlpF32(double v) {
-  const float f = std::fabs(static_cast<float>(v));
-  if (!std::isfinite(f)) return std::numeric_limits<double>::infinity();
-  return static_cast<double>(std::nextafter(f, std::numeric_limits<float>::infinity())) - f;
-}
-
-// The same for doubles.
-inline int64_t UlpDistanceF64(double a, double b) {
-  if (std::isnan(a) || std::isnan(b)) {
-    return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<int64_t>::max();
-  }
-  if (a == b) return 0;
-  auto key = [](double f) {
-    int64_t i;
-    std::memcpy(&i, &f, 8);
-    return i < 0 ? std::numeric_limits<int64_t>::min() - i : i;
-  };
-  // The keys of finite values and infinities differ by less than 2^64.
   const int64_t ka = key(a), kb = key(b);
   const uint64_t d = ka >= kb ? static_cast<uint64_t>(ka) - static_cast<uint64_t>(kb)
                               : static_cast<uint64_t>(kb) - static_cast<uint64_t>(ka);
   return d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())
              ? std::numeric_limits<int64_t>::max()
              : static_cast<int64_t>(d);
+}
+inline int64_t UlpDistance(float a, float b) { return UlpDistanceIn(a, b); }
+inline int64_t UlpDistanceF64(double a, double b) { return UlpDistanceIn(a, b); }
+
+// The float32 spacing at |v| (ulp of the float nearest v).
+inline double UlpF32(double v) {
+  const float f = std::fabs(static_cast<float>(v));
+  if (!std::isfinite(f)) return std::numeric_limits<double>::infinity();
+  return static_cast<double>(std::nextafter(f, std::numeric_limits<float>::infinity())) - f;
 }
 
 inline double UlpF64(double v) {
