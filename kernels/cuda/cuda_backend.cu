@@ -93,6 +93,16 @@ struct Upload {
   std::vector<float> converted_f;
 };
 
+// The operand's values converted to T in *out; returns out's data.
+template <typename T>
+const void* ConvertOperand(const Operand& op, std::vector<T>* out) {
+  out->resize(op.period);
+  for (int64_t j = 0; j < op.period; ++j) {
+    (*out)[j] = static_cast<T>(LoadAsDouble(op.dtype, op.data, j));
+  }
+  return out->data();
+}
+
 // `compute` is kFloat64 or kFloat32 (then every value of a float64 operand converted must be
 // exact in float: see FloatExact).
 void PrepareUpload(const Operand& op, DType compute, Upload* up) {
@@ -101,19 +111,8 @@ void PrepareUpload(const Operand& op, DType compute, Upload* up) {
   up->host = op.data;
   if (op.dtype != compute && op.period <= kHostConvertMax) {
     up->dtype = compute;
-    if (compute == DType::kFloat64) {
-      up->converted.resize(op.period);
-      for (int64_t j = 0; j < op.period; ++j) {
-        up->converted[j] = LoadAsDouble(op.dtype, op.data, j);
-      }
-      up->host = up->converted.data();
-    } else {
-      up->converted_f.resize(op.period);
-      for (int64_t j = 0; j < op.period; ++j) {
-        up->converted_f[j] = static_cast<float>(LoadAsDouble(op.dtype, op.data, j));
-      }
-      up->host = up->converted_f.data();
-    }
+    up->host = compute == DType::kFloat64 ? ConvertOperand(op, &up->converted)
+                                          : ConvertOperand(op, &up->converted_f);
   }
   up->bytes = static_cast<size_t>(op.period) * ItemSize(up->dtype);
 }
