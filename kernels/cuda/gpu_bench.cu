@@ -17,7 +17,9 @@
 //
 // Output: a table, plus one machine-readable line per row:
 //   RESULT <variant> <numel> <kernel_gbps> <copy_gbps> <gelem_per_s>
-// Usage: gpu_bench [--max-elements N] [--skip-validation]. Exit status 1 on FAIL or error.
+// Usage: gpu_bench [--min-elements N] [--max-elements N] [--only VARIANT] [--skip-validation]
+// (--min-elements raises every variant's smallest size; --only times one variant, e.g. to profile
+// one kernel under ncu). Exit status 1 on FAIL or error.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -280,14 +282,23 @@ struct Variant {
 
 int main(int argc, char** argv) {
   int64_t max_n = int64_t{1} << 28;
+  int64_t min_n = 0;
+  const char* only = nullptr;
   bool validate = true;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--max-elements") == 0 && i + 1 < argc) {
       max_n = std::atoll(argv[++i]);
+    } else if (std::strcmp(argv[i], "--min-elements") == 0 && i + 1 < argc) {
+      min_n = std::atoll(argv[++i]);
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+      only = argv[++i];
     } else if (std::strcmp(argv[i], "--skip-validation") == 0) {
       validate = false;
     } else {
-      std::fprintf(stderr, "usage: %s [--max-elements N] [--skip-validation]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--min-elements N] [--max-elements N] [--only VARIANT]"
+                   " [--skip-validation]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -364,11 +375,12 @@ int main(int argc, char** argv) {
   std::printf("%-18s %11s %8s %11s %10s %7s %9s\n", "variant", "elements", "B/elem", "kernel GB/s",
               "copy GB/s", "ratio", "Gelem/s");
   for (const Variant& v : variants) {
+    if (only != nullptr && std::strcmp(only, v.name) != 0) continue;
     if (!(v.float_math ? ok_float : ok_mixed)) {
       std::printf("%-18s not timed: its validation failed\n", v.name);
       continue;
     }
-    for (int64_t n = v.min_n; n <= n_max; n *= 4) {
+    for (int64_t n = std::max(v.min_n, min_n); n <= n_max; n *= 4) {
       lossd::kernels::cuda::DeviceBce d;
       d.numel = n;
       d.float_math = v.float_math;
