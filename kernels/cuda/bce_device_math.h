@@ -206,17 +206,21 @@ LOSSD_HD float MulRn(float a, float b) {
 // would be subnormal in float), and any non-finite loss or dl/dx (NaN in y, w or p, or
 // overflow); the caller then uses BceElementMixed. Otherwise every term is finite, so a zero
 // coefficient gives an exact zero without tests, and a zero weight gives +0.
-//   e = exp(-|x|) (ExpNonPosParts, exact scaling), inv = 1/(1+e) (reciprocal + Newton step),
-//   log1p(e) = hi + lo unrounded (u = 1+e, c = e-(u-1), k = [u > sqrt 2], f = u/2^k - 1,
-//   f - f^2/2 + f^3 Q(f), Q a degree-7 minimax fit, 2^-27.2), a = w (1-y) = fma(-w, y, w),
-//   b = w p y, loss = (a+b) (hi+lo) + (a max(x,0) + b max(-x,0)), dl/dx = a s(x) - b s(-x);
-//   *log1p_e = hi + lo rounded, for dl/dy = w (p sp(-x) - sp(x)) (BceGradTargetsF32, apart so
-//   that a kernel without dl/dy skips it).
+//   e = exp(-|x|) (ExpNonPosParts, exact scaling), u = 1+e rounded and c = e-(u-1) its exact
+//   error, inv = 1/(u+c) for the sigmoids (reciprocal seed and one Newton step on u + c: 1/u
+//   alone would carry u's rounding, up to half an ulp), log1p(e) = log(u) + c/u = hi + lo
+//   unrounded (k = [u > sqrt 2], f = u/2^k - 1, f - f^2/2 + f^3 Q(f), Q a degree-7 minimax
+//   fit, 2^-27.2; c/u from the Newton step on u alone, exact where u = 1),
+//   a = w (1-y) = fma(-w, y, w), b = w p y with w p exact as a pair (one rounding instead of
+//   two), loss = (a+b) (hi+lo) + x P, dl/dx = inv (P - Q e) with (P, Q) = (a, b) for x >= 0,
+//   (-b, -a) else; *log1p_e = hi + lo rounded, for dl/dy = w (p sp(-x) - sp(x))
+//   (BceGradTargetsF32, apart so that a kernel without dl/dy skips it).
 // Branch-free for the elements it handles (no divergence between hard and soft labels). Every
 // multiply-add is an explicit fmaf and no product feeds a plain addition, so the host and the
 // device compute the same bits, except the reciprocal's seed (refined by the Newton step).
-// Error (host, tests/kernels/cuda_backend_test.cc): loss within 3 ulp of the float64
-// reference, gradients within 4 ulp of the larger term.
+// Error (host, 8e7 random draws with |x| up to 6, 20, 40 and 90, y in [0, 1], w and p in
+// [0, 1e3]; tests/kernels/cuda_math_test.cc): loss within 3.1 ulp of the exact value,
+// dl/dx within 3.3 and dl/dy within 3 ulp of the larger term.
 LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, float* gx,
                             float* log1p_e) {
   const float ax = fabsf(x);
@@ -227,10 +231,12 @@ LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, flo
   const float m = ExpNonPosPartsInRange(near ? -ax : -80.0f, &k);
   const float e = m * Pow2F(k);  // exact: k >= -116
   const float u = 1.0f + e;
+  const float c = e - (u - 1.0f);  // exact
   const float r0 = RcpApproxF(u);
-  const float inv = fmaf(r0, fmaf(-u, r0, 1.0f), r0);
+  const float t = fmaf(-u, r0, 1.0f);
+  const float inv = fmaf(r0, fmaf(-c, r0, t), r0);  // 1/(1+e), for the sigmoids
+  const float inv_u = fmaf(r0, t, r0);               // 1/u, for log1p's c/u
   // log1p(e) as hi + lo.
-  const float c = e - (u - 1.0f);
   const bool big = u > 1.41421356f;
   const float f = (big ? u * 0.5f : u) - 1.0f;
   const float f2 = f * f;
@@ -242,17 +248,18 @@ LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, flo
   const float q = fmaf(fmaf(q67, f2, q45), f4, fmaf(q23, f2, q01));
   const float corr = fmaf(f2 * f, q, f2 * -0.5f);
   const float hi = (big ? kLn2HiF : 0.0f) + f;  // exact
-  const float lo = fmaf(c, inv, corr) + (big ? kLn2LoF : 0.0f);
-  // Coefficients with the weight folded in.
+  const float lo = fmaf(c, inv_u, corr) + (big ? kLn2LoF : 0.0f);
+  // Coefficients with the weight folded in. An overflowing w p makes b NaN or infinite, and
+  // the element is declined by the probe below.
   const float a = fmaf(-w, y, w);
-  const float b = MulRn(w, MulRn(p, y));  // feeds a + b: never contracted into an FMA
+  const float wp = MulRn(w, p);
+  const float b = fmaf(wp, y, MulRn(fmaf(w, p, -wp), y));
   const float ab = a + b;
-  const float x_pos = x > 0.0f ? x : 0.0f;
-  const float x_neg = x < 0.0f ? -x : 0.0f;
-  const float lv = fmaf(ab, hi, fmaf(ab, lo, fmaf(a, x_pos, b * x_neg)));
-  const float e_inv = e * inv;
   const bool pos = x >= 0.0f;
-  const float g = fmaf(a, pos ? inv : e_inv, -(b * (pos ? e_inv : inv)));
+  const float pc = pos ? a : -b;
+  const float qc = pos ? b : -a;
+  const float lv = fmaf(ab, hi, fmaf(ab, lo, MulRn(x, pc)));
+  const float g = MulRn(inv, fmaf(-qc, e, pc));
   const float probe = lv + g;
   *loss = lv;
   *gx = g;

@@ -53,6 +53,10 @@ struct OperandParams {
   const void* data = nullptr;  // nullptr: absent (reads 1)
   int dtype = 1;
   bool full = false;  // inner 1, period numel, aligned for 4-element vector loads
+  // Each aligned group of 4 elements reads 4 consecutive values from a 4-aligned index (inner 1,
+  // period a multiple of 4, data aligned): one vector load, e.g. a weight [C] with C % 4 == 0.
+  bool vec_period = false;
+  bool same4 = false;  // inner a multiple of 4: the 4 elements of a group share one value
   int64_t inner = 1;
   int64_t period = 1;
   FastDiv inner_div, period_div;  // valid when Params::small
@@ -190,6 +194,26 @@ __device__ __forceinline__ void LoadOperand4(const OperandParams& o, int64_t i0,
     return;
   }
   if (o.full && whole) return LoadVecDyn(o.dtype, o.data, i0, out);
+  if (o.vec_period) {
+    const int64_t j = small ? static_cast<int64_t>(static_cast<uint32_t>(i0) -
+                                                   o.period_div.Div(static_cast<uint32_t>(i0)) *
+                                                       static_cast<uint32_t>(o.period))
+                            : i0 % o.period;
+    return LoadVecDyn(o.dtype, o.data, j, out);
+  }
+  if (o.same4) {
+    int64_t j;
+    if (small) {
+      const uint32_t q = o.inner_div.Div(static_cast<uint32_t>(i0));
+      j = q - o.period_div.Div(q) * static_cast<uint32_t>(o.period);
+    } else {
+      j = (i0 / o.inner) % o.period;
+    }
+    const TC v = LoadDyn<TC>(o.dtype, o.data, j);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = v;
+    return;
+  }
   int64_t r, j;
   if (small) {
     const uint32_t n = static_cast<uint32_t>(i0);
@@ -496,6 +520,9 @@ OperandParams MakeOperandParams(const DeviceOperand& o, int64_t numel, bool smal
   op.period = o.period;
   op.full = o.data != nullptr && o.inner == 1 && o.period == numel &&
             Aligned(o.data, 4 * ItemSize(o.dtype));
+  op.vec_period = o.data != nullptr && !op.full && o.inner == 1 && o.period % 4 == 0 &&
+                  Aligned(o.data, 4 * ItemSize(o.dtype));
+  op.same4 = o.data != nullptr && o.inner % 4 == 0;
   if (small) {
     op.inner_div = FastDiv::Make(static_cast<uint32_t>(o.inner));
     op.period_div = FastDiv::Make(static_cast<uint32_t>(o.period));

@@ -11,9 +11,10 @@
 #   5. our Gelem/s over torch's, per problem;
 #   6. build/server/lossd on this GPU through the Python client (kernels/cuda/server_gpu_check.py),
 #      CUDA vs CPU, with the default element math and with --cuda_float_math;
-#   7. with LOSSD_NCU=1 and Nsight Compute's ncu on PATH: one profiled launch of each element
-#      math at 64M elements (none/wC and none/wC/f32), speed-of-light and occupancy sections
-#      ($OUT/ncu.txt when $OUT is set, else printed).
+#   7. with LOSSD_NCU=1 and Nsight Compute's ncu on PATH: one profiled launch of each gpu_bench
+#      variant named in LOSSD_NCU_VARIANTS (default "none/wC none/wC/f32") at 64M elements:
+#      speed of light, occupancy, launch, memory, compute and warp-state sections ($OUT/ncu.txt
+#      when $OUT is set, else printed).
 # Everything printed also goes to $OUT/gpu_check.log when $OUT is set. Exit status: 0 when the
 # tests and the validation pass (timings are reported, never judged here), 1 otherwise.
 # Takes about 1-2 minutes on an H100 (the torch import and CUDA start-up dominate).
@@ -127,12 +128,13 @@ server_check --cuda_float_math; server_f32_rc=$?
 
 if [[ "${LOSSD_NCU:-0}" == 1 ]] && command -v ncu >/dev/null; then
   echo
-  echo "== ncu: one launch per element math at 64M elements"
+  echo "== ncu: one launch per variant at 64M elements"
   ncu_out="${OUT:-$TMP}/ncu.txt"
-  for variant in none/wC none/wC/f32; do
+  for variant in ${LOSSD_NCU_VARIANTS:-none/wC none/wC/f32}; do
     timeout 120 ncu -k regex:BceKernel --launch-skip 3 --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section WarpStateStats \
       "${RUN[@]}" build/kernels/gpu_bench --skip-validation --only "$variant" \
       --min-elements 67108864 --max-elements 67108864 >>"$ncu_out" 2>&1 ||
       echo "ncu on $variant failed (rc $?)"

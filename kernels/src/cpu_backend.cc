@@ -1,5 +1,6 @@
 // CPU backend: blocks of kReduceBlock elements are evaluated by the SIMD block kernels
-// (simd_block.cc) in float (float32 and half inputs) or double (float64 inputs), reading the
+// (simd_block.cc) in float (float32 and half inputs; in double on SIMD targets without FMA) or
+// double (float64 inputs), reading the
 // caller's buffers in place and writing straight into the output buffers when the dtypes allow.
 // Blocks are spread over a worker pool; reductions use the fixed block tree plus exact
 // summation, so results are bitwise identical for any thread count.
@@ -306,7 +307,9 @@ class CpuBackend final : public Backend {
                       is64(args.pos_weight.dtype, args.pos_weight.data) ||
                       // Smoothed targets and the focal factors are rounded intermediates that
                       // float cannot keep within 4 ulp of the result: these use double.
-                      args.label_smoothing != 0.0 || args.loss == Loss::kFocal;
+                      args.label_smoothing != 0.0 || args.loss == Loss::kFocal ||
+                      // SIMD targets without FMA cannot keep the float formulas within 4 ulp.
+                      !internal::FloatBlockIsExact();
     Plan plan;
     plan.reduce = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
     if (args.normalize) {

@@ -1,10 +1,11 @@
 // BCE-with-logits block kernels on Highway, compiled for every x86/Arm target Highway supports
 // and chosen at run time (foreach_target + HWY_EXPORT + HWY_DYNAMIC_DISPATCH).
 //
-// Per element (float lanes): e = exp(-|x|) (ExpNegAbs), inv = 1/(1+e) (the AVX-512
-// estimate and a Newton step, else a division), log1p(e) without divisions as an unrounded
-// pair (Log1pUnit; a 32-entry table on AVX-512, a polynomial elsewhere), then with the weight
-// folded into the coefficients a = w (1-y), b = w p y:
+// Per element (float lanes): e = exp(-|x|) (ExpNegAbs), u = 1+e rounded with its exact error
+// c, inv = 1/(u+c) (the AVX-512 estimate or a division, then Newton steps, ReciprocalOnePlus),
+// log1p(e) without divisions as an unrounded pair (Log1pUnit; a 32-entry table on AVX-512, a
+// polynomial elsewhere), then with the weight folded into the coefficients a = w (1-y),
+// b = w p y (w p split exactly, so b is rounded once):
 //   loss = (a+b) log1p(e) + a max(x,0) + b max(-x,0),  dl/dx = a s(x) - b s(-x),
 //   dl/dy = w (p sp(-x) - sp(x)),  s(x), s(-x) = inv or e inv (no cancellation).
 // Lanes with far, infinite or NaN logits and lanes whose results are not finite are
@@ -64,19 +65,18 @@ alignas(64) constexpr float kLog1pLogLo[32] = {
     0x1.a19e160000000p-27f, 0x1.a19e160000000p-27f, -0x1.05c6100000000p-29f,
     -0x1.c8256a0000000p-26f};
 
-// log1p(e) for e in [0, 1], given inv = 1/(1+e) (float lanes, AVX-512): u = 1+e rounded,
-// c = e-(u-1) exact, log1p(e) = log(u) + c/u. j = floor(31 e) from the top mantissa bits of
+// log1p(e) for e in [0, 1], given u = 1+e rounded, c = e-(u-1) (exact) and inv_u = 1/u (float
+// lanes, AVX-512): log1p(e) = log(u) + c/u. j = floor(31 e) from the top mantissa bits of
 // 1 + e 31/32 (two 16-lane table lookups per table). f = u r_j - 1 is exact (r_j has 6 bits and
 // |f| < 2^-5), log(u) = -log(r_j) + log1p(f), log1p(f) = f - f^2/2 + f^3 (q0 + q1 f + q2 f^2)
 // (minimax on |f| <= 0.0325, relative error 2^-30). Returned as hi + *lo, unrounded.
-HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<float> inv,
+HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<float> u,
+                                             hn::Vec512<float> c, hn::Vec512<float> inv_u,
                                              hn::Vec512<float>* lo) {
   const hn::Full512<float> d;
   const hn::RebindToSigned<decltype(d)> di;
   using V = hn::Vec512<float>;
   const V one = hn::Set(d, 1.0f);
-  const V u = hn::Add(one, e);
-  const V c = hn::Sub(e, hn::Sub(u, one));
   // The lookups use the low 5 bits of each index lane: the top 5 mantissa bits of 1 + e 31/32.
   const __m512i idx =
       hn::ShiftRight<18>(hn::BitCast(di, hn::MulAdd(e, hn::Set(d, 0.96875f), one))).raw;
@@ -94,32 +94,32 @@ HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<flo
   const V corr = hn::MulAdd(hn::Mul(f, f), q, log_lo);
   // hi + lo with hi = -log(r_j) + f (exact for j = 0, where -log r_j = 0 and small e needs
   // it most; rounded once otherwise) and lo the small terms, for callers to use unrounded.
-  *lo = hn::MulAdd(c, inv, corr);
+  *lo = hn::MulAdd(c, inv_u, corr);
   return hn::Add(log_hi, f);
 }
 #endif
 
-// log1p(e) for e in [0, 1], given inv = 1/(1+e) (float lanes). u = 1+e rounded, c = e-(u-1)
-// exact, log1p(e) = log(u) + c/u. log(u) = k ln2 + log1p(f) with k = [u > sqrt 2],
+// log1p(e) for e in [0, 1], given u = 1+e rounded, c = e-(u-1) (exact) and inv_u = 1/u (float
+// lanes): log1p(e) = log(u) + c/u. log(u) = k ln2 + log1p(f) with k = [u > sqrt 2],
 // f = u/2^k - 1 exact in [-0.293, 0.415], log1p(f) = f - f^2/2 + f^3 Q(f) (Q: degree-7
 // minimax fit of the relative error, 2^-27.2). k ln2_hi + f is exact; it is returned, and the
 // remaining small terms go to *lo, so that callers can use hi + lo without rounding it. No
 // division, unlike the general Log1p. Double lanes: Highway's Log1p and *lo = 0.
 template <class D, class V = hn::Vec<D>>
-HWY_INLINE V Log1pUnit(D d, V e, V inv, V* lo) {
+HWY_INLINE V Log1pUnit(D d, V e, V u, V c, V inv_u, V* lo) {
   using T = hn::TFromD<D>;
   if constexpr (sizeof(T) != 4) {
-    (void)inv;
+    (void)u;
+    (void)c;
+    (void)inv_u;
     *lo = hn::Zero(d);
     return hn::Log1p(d, e);
 #if HWY_TARGET <= HWY_AVX3
   } else if constexpr (hn::MaxLanes(D()) == 16) {
-    return Log1pUnitAvx512(e, inv, lo);
+    return Log1pUnitAvx512(e, u, c, inv_u, lo);
 #endif
   } else {
     const V one = hn::Set(d, 1.0f);
-    const V u = hn::Add(one, e);
-    const V c = hn::Sub(e, hn::Sub(u, one));
     const auto k = hn::Gt(u, hn::Set(d, 1.41421356f));
     const V f = hn::Sub(hn::IfThenElse(k, hn::Mul(u, hn::Set(d, 0.5f)), u), one);
     // Estrin's scheme: short dependency chains.
@@ -135,7 +135,7 @@ HWY_INLINE V Log1pUnit(D d, V e, V inv, V* lo) {
     const V q = hn::MulAdd(hn::MulAdd(q67, f2, q45), f4, hn::MulAdd(q23, f2, q01));
     const V corr = hn::MulAdd(hn::Mul(f2, f), q, hn::Mul(f2, hn::Set(d, -0.5f)));
     const V hi = hn::Add(hn::IfThenElseZero(k, hn::Set(d, kLn2HiF)), f);
-    *lo = hn::Add(hn::MulAdd(c, inv, corr),
+    *lo = hn::Add(hn::MulAdd(c, inv_u, corr),
                   hn::IfThenElseZero(k, hn::Set(d, kLn2LoF)));
     return hi;
   }
@@ -177,19 +177,34 @@ HWY_INLINE V ExpNegAbs(D d, V ax, hn::Mask<D> far) {
   }
 }
 
-// 1/v for v in [1, 2]. AVX-512: the 14-bit hardware estimate and one Newton step in FMA form,
-// r0 + r0 (1 - v r0): relative error 2^-28 before the final rounding, so within 0.5 ulp + 2^-4
-// ulp; cheaper than a division there. Other targets divide.
+// 1/(1+e) for e in [0, 1], given u = 1+e rounded and c = e-(u-1) (exact); also *inv_u = 1/u.
+// r = 1/u (AVX-512 float: the 14-bit hardware estimate; elsewhere a division), then Newton steps
+// in FMA form with the residual t = 1 - u r: *inv_u = r + r t, and 1/(u+c) = r + r (t - c r),
+// which takes in u's rounding (1/u alone is off by up to half an ulp of 1+e, enough to push
+// dl/dx past 4 ulp where its terms are large). Relative error 2^-28 before the final rounding
+// (AVX-512) or 2^-46 (division), so within 0.5 ulp + 2^-4 ulp.
 template <class D, class V = hn::Vec<D>>
-HWY_INLINE V ReciprocalOneTwo(D d, V v) {
+HWY_INLINE V ReciprocalOnePlus(D d, V u, V c, V* inv_u) {
   using T = hn::TFromD<D>;
+  V r;
 #if HWY_TARGET <= HWY_AVX3
   if constexpr (sizeof(T) == 4) {
-    const V r0 = hn::ApproximateReciprocal(v);
-    return hn::MulAdd(r0, hn::NegMulAdd(v, r0, hn::Set(d, 1.0f)), r0);
+    r = hn::ApproximateReciprocal(u);
+  } else {
+    r = hn::Div(hn::Set(d, T(1)), u);
   }
+#else
+  r = hn::Div(hn::Set(d, T(1)), u);
 #endif
-  return hn::Div(hn::Set(d, T(1)), v);
+#if HWY_NATIVE_FMA
+  const V t = hn::NegMulAdd(u, r, hn::Set(d, T(1)));
+  *inv_u = hn::MulAdd(r, t, r);
+  return hn::MulAdd(r, hn::NegMulAdd(c, r, t), r);
+#else
+  // Without FMA the residual would not be exact: r (1 - c r) from the division alone.
+  *inv_u = r;
+  return hn::Mul(r, hn::NegMulAdd(c, r, hn::Set(d, T(1))));
+#endif
 }
 
 // g / div from r = 1/div (rounded): q = g r, then one correction step with the exact residual
@@ -229,9 +244,12 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   // for it and Max drops it).
   const auto far = hn::Not(hn::Le(ax, hn::Set(d, kFarX<T>)));
   const V e = ExpNegAbs(d, ax, far);  // meaningless where far
-  const V inv = ReciprocalOneTwo(d, hn::Add(one, e));
+  const V u = hn::Add(one, e);
+  const V c = hn::Sub(e, hn::Sub(u, one));  // u's rounding error, exact
+  V inv_u;
+  const V inv = ReciprocalOnePlus(d, u, c, &inv_u);
   V l_lo;
-  const V l = Log1pUnit(d, e, inv, &l_lo);  // log1p(e) = l + l_lo
+  const V l = Log1pUnit(d, e, u, c, inv_u, &l_lo);  // log1p(e) = l + l_lo
   const auto x_ge0 = hn::Ge(x, zero);
   // The coefficients with the weight folded in: a = w (1 - y) (one rounding, and +0 for w = 0),
   // b = w p y. With finite inputs a zero weight then gives +0 everywhere without masks.
@@ -241,8 +259,19 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   // Without FMA, w - w y would cancel: w (1 - y), plus +0 so that w = 0 gives +0.
   V a = has_w ? hn::Add(hn::Mul(w, hn::Sub(one, y)), zero) : hn::Sub(one, y);
 #endif
-  V b = has_p ? hn::Mul(p, y) : y;
-  if (has_w) b = hn::Mul(w, b);
+  // b = w p y: with both factors, w p is split exactly into hi + lo (FMA), so b is rounded once
+  // instead of twice (dl/dx's larger term carries b's error).
+  V b = y;
+  if (has_w && has_p) {
+#if HWY_NATIVE_FMA
+    const V wp = hn::Mul(w, p);
+    b = hn::MulAdd(wp, y, hn::Mul(hn::MulSub(w, p, wp), y));
+#else
+    b = hn::Mul(w, hn::Mul(p, y));
+#endif
+  } else if (has_w || has_p) {
+    b = hn::Mul(has_w ? w : p, y);
+  }
   // a sp(x) + b sp(-x) = (a + b) l + (a max(x,0) + b max(-x,0)), the second part one product
   // (x a for x >= 0, -x b else), ready before l, so only one FMA waits for l.
   const V ab = hn::Add(a, b);
@@ -451,6 +480,7 @@ double BlockTreeSumF32(const float* v, int64_t n, double* s) { return BlockTreeS
 double BlockTreeSumF64(const double* v, int64_t n, double* s) { return BlockTreeSumImpl(v, n, s); }
 void BceBlockF64(const BlockArgs<double>& a) { BceBlockImpl<double>(a); }
 const char* TargetNameHere() { return hwy::TargetName(HWY_TARGET); }
+bool HasNativeFmaHere() { return HWY_NATIVE_FMA != 0; }
 
 }  // namespace HWY_NAMESPACE
 }  // namespace lossd::kernels::internal
@@ -462,6 +492,7 @@ namespace lossd::kernels::internal {
 HWY_EXPORT(BceBlockF32);
 HWY_EXPORT(BceBlockF64);
 HWY_EXPORT(TargetNameHere);
+HWY_EXPORT(HasNativeFmaHere);
 HWY_EXPORT(BlockTreeSumF32);
 HWY_EXPORT(BlockTreeSumF64);
 
@@ -474,6 +505,7 @@ double BlockTreeSum(const double* v, int64_t n, double* scratch) {
   return HWY_DYNAMIC_DISPATCH(BlockTreeSumF64)(v, n, scratch);
 }
 const char* BceBlockTargetName() { return HWY_DYNAMIC_DISPATCH(TargetNameHere)(); }
+bool FloatBlockIsExact() { return HWY_DYNAMIC_DISPATCH(HasNativeFmaHere)(); }
 
 }  // namespace lossd::kernels::internal
 #endif  // HWY_ONCE

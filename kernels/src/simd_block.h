@@ -33,6 +33,11 @@ void BceBlock(const BlockArgs<double>& a);
 double BlockTreeSum(const float* values, int64_t n, double* scratch);
 double BlockTreeSum(const double* values, int64_t n, double* scratch);
 
+// Whether the float block kernel of the target BceBlock dispatches to keeps float32 results
+// within 4 ulp: it needs fused multiply-adds (exact products and residuals). On targets without
+// them (SSE4, SSSE3, EMU128, ...) callers compute float inputs with the double kernel instead.
+bool FloatBlockIsExact();
+
 // Name of the target BceBlock currently dispatches to (e.g. "AVX3", "AVX2").
 const char* BceBlockTargetName();
 

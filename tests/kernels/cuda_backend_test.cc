@@ -143,19 +143,28 @@ TEST_P(CudaBackendTest, Float32Broadcasting) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
-  F32Problem pr = MakeF32Problem(1237, 29, 3, true);
-  const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> shapes = {
-      {{pr.rows, 1}, {pr.c}},  // weight [N,1], pos_weight [C]
-      {{pr.c}, {pr.rows, 1}},  // weight [C], pos_weight [N,1]
-      {{}, {1, pr.c}},         // scalar weight, pos_weight [1,C]
-      {{1}, {pr.rows, 1}},     // weight [1], pos_weight [N,1]
-  };
-  for (const auto& [ws, ps] : shapes) {
-    BceArgs a = F32Args(pr, Reduction::kNone, ws, ps);
-    std::vector<float> l(pr.n), gx(pr.n), gy(pr.n);
-    ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
-    ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
+  // C = 36: a multiple of 4, so [C] operands load 4 values at once and [N,1] operands (inner
+  // 36) give each group of 4 elements one value; C = 29 takes the general index path.
+  for (int64_t c : {36, 29}) {
+    F32Problem pr = MakeF32Problem(1237, c, 3, true);
+    const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> shapes = {
+        {{pr.rows, 1}, {pr.c}},  // weight [N,1], pos_weight [C]
+        {{pr.c}, {pr.rows, 1}},  // weight [C], pos_weight [N,1]
+        {{}, {1, pr.c}},         // scalar weight, pos_weight [1,C]
+        {{1}, {pr.rows, 1}},     // weight [1], pos_weight [N,1]
+    };
+    for (const auto& [ws, ps] : shapes) {
+      for (Reduction r : {Reduction::kNone, Reduction::kMean}) {
+        BceArgs a = F32Args(pr, r, ws, ps);
+        std::vector<float> l(r == Reduction::kNone ? pr.n : 1), gx(pr.n), gy(pr.n);
+        ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+        // MEAN: the gradients (the loss of this data, with infinite logits, is not finite).
+        ExpectMatchesReference(a, r == Reduction::kNone ? l.data() : nullptr, gx.data(),
+                               gy.data());
+      }
+    }
   }
+  F32Problem pr = MakeF32Problem(1237, 29, 3, true);
   // Absent weight and pos_weight.
   BceArgs a = F32Args(pr, Reduction::kNone, {pr.c}, {pr.c});
   a.weight = Operand{};
