@@ -52,7 +52,6 @@ struct FastDiv {
 struct OperandParams {
   const void* data = nullptr;  // nullptr: absent (reads 1)
   int dtype = 1;
-  int item_size = 4;  // bytes per value
   bool full = false;  // inner 1, period numel, aligned for 4-element vector loads
   // Each aligned group of 4 elements reads 4 consecutive values from a 4-aligned index (inner 1,
   // period a multiple of 4, data aligned): one vector load, e.g. a weight [C] with C % 4 == 0.
@@ -285,25 +284,6 @@ __device__ __forceinline__ void LoadLogitsTargets(const TX* __restrict__ xp,
   }
 }
 
-// Asks L2 for the lines that the thread's next block iteration (block b) will read: logits,
-// targets and full-shape operands, both halves. Without it a warp waits the whole DRAM latency
-// at the top of every iteration, and 8 warps per scheduler cannot hide it at 64 registers.
-__device__ __forceinline__ void PrefetchL2(const void* p, size_t item, int64_t i) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + i * item));
-}
-template <typename TX, typename TY>
-__device__ __forceinline__ void PrefetchNext(const Params& P, int64_t b) {
-  if (b >= P.nblocks) return;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t i = std::min(b * kReduceBlock + 4 * threadIdx.x + h * kHalfBlock, P.numel - 1);
-    PrefetchL2(P.x, sizeof(TX), i);
-    PrefetchL2(P.y, sizeof(TY), i);
-    if (P.w.full) PrefetchL2(P.w.data, P.w.item_size, i);
-    if (P.p.full) PrefetchL2(P.p.data, P.p.item_size, i);
-  }
-}
-
 // Writes the requested outputs of elements i0..i0+3 (losses only without a reduction).
 template <typename TX, bool kReduce, typename TV>
 __device__ __forceinline__ void StoreOutputs(const Params& P, int64_t i0, bool whole,
@@ -368,7 +348,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
   const TY* __restrict__ yp = static_cast<const TY*>(P.y);
   for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x) {
     const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
-    PrefetchNext<TX, TY>(P, b + gridDim.x);
     TC x[8];
     TYC y[8];
     bool whole[2];
@@ -432,7 +411,6 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
   const TY* __restrict__ yp = static_cast<const TY*>(P.y);
   for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x) {
     const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
-    PrefetchNext<TX, TY>(P, b + gridDim.x);
     float x[8], y[8];
     bool whole[2];
     LoadLogitsTargets(xp, yp, base, P, x, y, whole);
@@ -538,7 +516,6 @@ OperandParams MakeOperandParams(const DeviceOperand& o, int64_t numel, bool smal
   OperandParams op;
   op.data = o.data;
   op.dtype = static_cast<int>(o.dtype);
-  op.item_size = static_cast<int>(ItemSize(o.dtype));
   op.inner = o.inner;
   op.period = o.period;
   op.full = o.data != nullptr && o.inner == 1 && o.period == numel &&
