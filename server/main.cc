@@ -24,9 +24,9 @@ ABSL_FLAG(int, workers, 0, "Compute worker threads; 0 = number of cores.");
 ABSL_FLAG(int, queue_capacity, 256,
           "Requests that may wait for a worker; more get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int, cpu_threads, 0, "Threads used by the CPU kernels; 0 = number of cores.");
-ABSL_FLAG(bool, cuda_float_math, false,
-          "CUDA: all-float element math for float32/half inputs (same 4-ulp bound; see "
-          "docs/perf.md for its speed).");
+ABSL_FLAG(bool, cuda_float_math, true,
+          "CUDA: all-float element math for float32/half inputs; false combines in double "
+          "(same 4-ulp bound; see docs/perf.md for the speed of each).");
 ABSL_FLAG(int64_t, inline_elements, 16384,
           "Unary requests with at most this many elements are computed on the gRPC thread.");
 ABSL_FLAG(int, stream_window, 4, "Batches of one EvaluateStream computed or waiting at once.");

@@ -28,7 +28,7 @@ struct ServerOptions {
   int workers = 0;           // compute workers; 0 = hardware concurrency
   int queue_capacity = 256;  // waiting requests beyond which calls get RESOURCE_EXHAUSTED
   int cpu_threads = 0;       // threads of the CPU kernels; 0 = hardware concurrency
-  bool cuda_float_math = false;  // kernels::CudaOptions::float_math of the CUDA backend
+  bool cuda_float_math = true;  // kernels::CudaOptions::float_math of the CUDA backend
   int stream_window = 4;     // batches of one EvaluateStream computed or waiting at once
   int64_t inline_elements = 16384;  // unary requests this small skip the worker queue
 

@@ -304,12 +304,17 @@ __device__ __forceinline__ void StoreOutputs(const Params& P, int64_t i0, bool w
 }
 
 // The fixed tree of kernels.h over block b's element losses l (the thread's elements as
-// LoadLogitsTargets lays them out): v[j] += v[j + h] for h = 1024 ... 1, zero-padded. Each
-// level writes v[0, h) and reads v[h, 2h), so it runs in place with one barrier. The first
-// level adds the thread's own pairs in registers; the block's sum goes to P.sums[b].
+// LoadLogitsTargets lays them out): v[j] += v[j + h] for h = 1024 ... 1, zero-padded. The first
+// level adds the thread's own pairs in registers; then each thread computes two levels at once
+// from four values in the tree's order, (v[j] + v[j+2h]) + (v[j+h] + v[j+3h]), so the levels
+// 512 and 256, then 128 and 64, take one barrier each; the last 32 go through warp shuffles.
+// `tree` holds two buffers of kHalfBlock doubles, used by alternate iterations (`parity`): a
+// buffer is written again only after every thread has passed the next iteration's first
+// barrier, so no barrier is needed at the end. The block's sum goes to P.sums[b].
 template <typename TV>
-__device__ __forceinline__ void BlockTreeSum(double* tree, const TV* l, int64_t base, int64_t b,
-                                             const Params& P) {
+__device__ __forceinline__ void BlockTreeSum(double* tree_pair, int parity, const TV* l,
+                                             int64_t base, int64_t b, const Params& P) {
+  double* tree = tree_pair + parity * kHalfBlock;
   const int t = threadIdx.x;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
@@ -318,14 +323,12 @@ __device__ __forceinline__ void BlockTreeSum(double* tree, const TV* l, int64_t 
     tree[4 * t + k] = lo + hi;  // h = 1024
   }
   __syncthreads();
-  tree[t] += tree[t + 512];  // h = 512
-  tree[t + 256] += tree[t + 768];
+  // h = 512 and 256: thread t reads tree[t + 256 m] and writes only tree[t].
+  tree[t] = (tree[t] + tree[t + 512]) + (tree[t + 256] + tree[t + 768]);
   __syncthreads();
-  tree[t] += tree[t + 256];  // h = 256
-  __syncthreads();
-  if (t < 128) tree[t] += tree[t + 128];
-  __syncthreads();
-  if (t < 64) tree[t] += tree[t + 64];
+  if (t < 64) {  // h = 128 and 64
+    tree[t] = (tree[t] + tree[t + 128]) + (tree[t + 64] + tree[t + 192]);
+  }
   __syncthreads();
   if (t < 32) {
     double s = tree[t] + tree[t + 32];  // h = 32
@@ -333,7 +336,6 @@ __device__ __forceinline__ void BlockTreeSum(double* tree, const TV* l, int64_t 
     for (int h = 16; h >= 1; h /= 2) s += __shfl_down_sync(0xffffffffu, s, h);
     if (t == 0) P.sums[b] = s;
   }
-  __syncthreads();  // tree is reused by the next block
 }
 
 // Kernel with the element math in double (BceElementMixed for float and half logits,
@@ -343,10 +345,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
   using TC = typename ComputeType<TX>::type;
   // Targets stay float for float compute unless they are float64 (then exact in double).
   using TYC = std::conditional_t<std::is_same_v<TY, double>, double, TC>;
-  __shared__ double tree[kReduce ? kHalfBlock : 1];
+  __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
   const TY* __restrict__ yp = static_cast<const TY*>(P.y);
-  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x) {
+  int parity = 0;  // BlockTreeSum's buffer
+  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
     const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
     TC x[8];
     TYC y[8];
@@ -371,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
       }
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
-    if constexpr (kReduce) BlockTreeSum(tree, l, base, b, P);
+    if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P);
   }
 }
 
@@ -406,10 +409,11 @@ __device__ __forceinline__ float MeanScaleF(float g, const Params& P) {
 // as float32 for this kernel); losses enter the reduction tree as the float values stored.
 template <typename TX, typename TY, bool kReduce>
 __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
-  __shared__ double tree[kReduce ? kHalfBlock : 1];
+  __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
   const TY* __restrict__ yp = static_cast<const TY*>(P.y);
-  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x) {
+  int parity = 0;  // BlockTreeSum's buffer
+  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
     const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
     float x[8], y[8];
     bool whole[2];
@@ -447,7 +451,7 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
       }
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
-    if constexpr (kReduce) BlockTreeSum(tree, l, base, b, P);
+    if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P);
   }
 }
 

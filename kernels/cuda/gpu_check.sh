@@ -10,7 +10,7 @@
 #   4. kernels/bench/torch_cuda_bench.py: torch CUDA forward+backward on the same problems;
 #   5. our Gelem/s over torch's, per problem;
 #   6. build/server/lossd on this GPU through the Python client (kernels/cuda/server_gpu_check.py),
-#      CUDA vs CPU, with the default element math and with --cuda_float_math;
+#      CUDA vs CPU, with the default (all-float) element math and with --cuda_float_math=false;
 #   7. with LOSSD_NCU=1 and Nsight Compute's ncu on PATH: one profiled launch of each gpu_bench
 #      variant named in LOSSD_NCU_VARIANTS (default "none/wC none/wC/f32") at 64M elements:
 #      speed of light, occupancy, launch, memory, compute and warp-state sections ($OUT/ncu.txt
@@ -121,8 +121,8 @@ echo
 echo "== lossd server on this GPU: CUDA vs CPU through the Python client"
 server_check; server_rc=$?
 echo
-echo "== the same with --cuda_float_math"
-server_check --cuda_float_math; server_f32_rc=$?
+echo "== the same with --cuda_float_math=false"
+server_check --cuda_float_math=false; server_f32_rc=$?
 [[ $server_f32_rc == 0 ]] || server_rc=1
 [[ $server_rc == 0 ]] || status=1
 
