@@ -391,16 +391,27 @@ __device__ __noinline__ F32Result RareElementF32(float x, float y, float w, floa
   return {static_cast<float>(l), static_cast<float>(gx / div), static_cast<float>(gy / div)};
 }
 
-// A gradient of the all-float kernel for the reduction: g / numel for MEAN, as the CPU kernel
-// divides: in float when numel is exact in float (q = g r, then one FMA correction, its
-// DivideByReciprocal), else in double, rounded once.
-__device__ __forceinline__ float MeanScaleF(float g, const Params& P) {
-  if (!P.mean) return g;
+// g / numel in double, rounded once: MEAN gradients when numel is not exact in float. Out of
+// line, so that the compiler does not evaluate it (predicated off) beside the float path.
+__device__ __noinline__ float MeanScaleWide(float g, double inv_n) {
+  return static_cast<float>(static_cast<double>(g) * inv_n);
+}
+
+// Gradients of the all-float kernel for the reduction, in place: g / numel for MEAN, as the CPU
+// kernel divides: in float when numel is exact in float (q = g r, then one FMA correction, its
+// DivideByReciprocal), else in double (uniform branches).
+__device__ __forceinline__ void MeanScale4(float* g, const Params& P) {
+  if (!P.mean) return;
   if (P.div_exact_f) {
-    const float q = __fmul_rn(g, P.rdiv_f);
-    return fmaf(fmaf(-q, P.div_f, g), P.rdiv_f, q);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float q = __fmul_rn(g[k], P.rdiv_f);
+      g[k] = fmaf(fmaf(-q, P.div_f, g[k]), P.rdiv_f, q);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) g[k] = MeanScaleWide(g[k], P.inv_n);
   }
-  return static_cast<float>(static_cast<double>(g) * P.inv_n);
 }
 
 // All-float kernel (DeviceBce::float_math) for float32, float16 and bfloat16 logits with
@@ -431,22 +442,27 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
       for (int k = 0; k < 4; ++k) {
         const int e = 4 * h + k;
         ok[k] = internal::BceElementF32(x[e], y[e], w[k], p[k], &l[e], &gx[k], &l1p[k]);
-        gx[k] = MeanScaleF(gx[k], P);
       }
+      MeanScale4(gx, P);
       if (P.gy) {  // uniform: kernels without dl/dy skip this
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          gy[k] = MeanScaleF(internal::BceGradTargetsF32(x[4 * h + k], w[k], p[k], l1p[k]), P);
+          gy[k] = internal::BceGradTargetsF32(x[4 * h + k], w[k], p[k], l1p[k]);
         }
+        MeanScale4(gy, P);
       }
+      // One branch per group of 4 in the common case, where every element was handled.
+      if (!(ok[0] && ok[1] && ok[2] && ok[3])) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (!ok[k]) {
-          const int e = 4 * h + k;
-          const F32Result r = RareElementF32(x[e], y[e], w[k], p[k], P.mean ? P.n_double : 1.0);
-          l[e] = r.l;
-          gx[k] = r.gx;
-          gy[k] = r.gy;
+        for (int k = 0; k < 4; ++k) {
+          if (!ok[k]) {
+            const int e = 4 * h + k;
+            const F32Result r =
+                RareElementF32(x[e], y[e], w[k], p[k], P.mean ? P.n_double : 1.0);
+            l[e] = r.l;
+            gx[k] = r.gx;
+            gy[k] = r.gy;
+          }
         }
       }
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
