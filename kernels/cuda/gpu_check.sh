@@ -30,7 +30,8 @@ trap 'rm -rf "$TMP"' EXIT
 status=0
 
 echo "== lossd GPU check: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+echo "binaries built from: $(cat build/gpulibs/BUILT_FROM 2>/dev/null || echo unknown)"
+echo "checkout here: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
      "$(git status --porcelain 2>/dev/null | grep -q . && echo '(with local changes)')"
 nvidia-smi -L || echo "nvidia-smi failed"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \

@@ -51,8 +51,12 @@ for extra in libpthread.so.0 libdl.so.2 librt.so.1; do
   done
 done
 
-echo "build/gpulibs ($(find build/gpulibs -maxdepth 1 -type f | wc -l) libraries):" \
-     "$(cd build/gpulibs && ls -p | grep -v / | sed 's/\.so.*//' | paste -sd' ')"
+# The commit the binaries were built from (the GPU machine's checkout may be another one).
+echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain \
+  2>/dev/null | grep -q . && echo ' (with local changes)')" >build/gpulibs/BUILT_FROM
+
+echo "build/gpulibs ($(find build/gpulibs -maxdepth 1 -type f -name '*.so*' | wc -l) libraries):" \
+     "$(cd build/gpulibs && ls -p | grep '\.so' | sed 's/\.so.*//' | paste -sd' ')"
 echo "build/gpulibs/glibc: $(ls build/gpulibs/glibc | paste -sd' ')"
 echo
 echo "required GLIBC of the binaries: $(objdump -T "${BINS[@]}" build/gpulibs/*.so* 2>/dev/null |
