@@ -10,7 +10,8 @@
 //   dl/dy = w (p sp(-x) - sp(x)),  s(x), s(-x) = inv or e inv (no cancellation).
 // Lanes with far, infinite or NaN logits and lanes whose results are not finite are
 // recomputed by the scalar math in a wider type (FixRareLanes). Double lanes use Highway's Exp
-// and Log1p in the same scheme. Errors: tests/kernels/accuracy_test.cc, on every target.
+// and Log1pUnitF64 (log1p as an unrounded pair too) in the same scheme. Errors:
+// tests/kernels/accuracy_test.cc, on every target.
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -99,21 +100,57 @@ HWY_INLINE hn::Vec512<float> Log1pUnitAvx512(hn::Vec512<float> e, hn::Vec512<flo
 }
 #endif
 
+// log1p(e) for e in [0, 1] in double lanes, given u = 1+e rounded, c = e-(u-1) (exact) and
+// inv_u = 1/u: log1p(e) = log(u) + c/u, returned as hi + *lo unrounded. log(u) = k ln2 +
+// log1p(f), k = [u > sqrt 2], f = u/2^k - 1 exact in [-0.293, 0.415]; log1p(f) = 2 atanh(s)
+// with s = f/(2+f) in [-0.172, 0.172] kept as s + s_lo (the division's residual by FMA, and
+// 1/(2+f) to 2^-7 for the small part), 2 atanh(s) = 2s + 2s s^2 R(s^2), R the Taylor series
+// 1/3 + s^2/5 + ... + s^18/21 (the first term left out is below 2^-57 of the result). The only
+// roundings of note are in the small terms, so the pair is within about 2^-56 of log1p(e)
+// (Highway's Log1p, rounded, was about 1 ulp, and with the exp before it the loss reached 5 ulp).
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE V Log1pUnitF64(D d, V u, V c, V inv_u, V* lo) {
+  const V one = hn::Set(d, 1.0);
+  const V two = hn::Set(d, 2.0);
+  const auto k = hn::Gt(u, hn::Set(d, 1.4142135623730951));
+  const V f = hn::Sub(hn::IfThenElse(k, hn::Mul(u, hn::Set(d, 0.5)), u), one);
+  const V den = hn::Add(two, f);
+  const V den_lo = hn::Sub(f, hn::Sub(den, two));  // exact (Fast2Sum, |f| < 2)
+  const V s = hn::Div(f, den);
+  // f - s (den + den_lo): the first product's error is exact in the FMA.
+  const V r = hn::NegMulAdd(s, den_lo, hn::NegMulAdd(s, den, f));
+  const V rden = hn::MulAdd(hn::MulAdd(hn::Set(d, 0.125), f, hn::Set(d, -0.25)), f,
+                            hn::Set(d, 0.5));  // 1/(2+f) within 0.5%
+  const V s_lo = hn::Mul(r, rden);
+  const V s2 = hn::Mul(s, s);
+  V q = hn::Set(d, 1.0 / 21);
+  for (double coef : {1.0 / 19, 1.0 / 17, 1.0 / 15, 1.0 / 13, 1.0 / 11, 1.0 / 9, 1.0 / 7,
+                      1.0 / 5, 1.0 / 3}) {
+    q = hn::MulAdd(q, s2, hn::Set(d, coef));
+  }
+  const V two_s = hn::Add(s, s);  // exact
+  // k ln2_hi + 2s as hi plus its rounding error (Fast2Sum: |2s| < ln 2 where k = 1).
+  const V a = hn::IfThenElseZero(k, hn::Set(d, 0.69314718055994529));
+  const V hi = hn::Add(a, two_s);
+  const V sum_err = hn::Add(hn::Sub(a, hi), two_s);
+  const V small = hn::MulAdd(hn::Mul(two_s, s2), q, hn::Add(s_lo, s_lo));
+  *lo = hn::Add(hn::Add(sum_err, hn::IfThenElseZero(k, hn::Set(d, 2.3190468138462996e-17))),
+                hn::MulAdd(c, inv_u, small));
+  return hi;
+}
+
 // log1p(e) for e in [0, 1], given u = 1+e rounded, c = e-(u-1) (exact) and inv_u = 1/u (float
 // lanes): log1p(e) = log(u) + c/u. log(u) = k ln2 + log1p(f) with k = [u > sqrt 2],
 // f = u/2^k - 1 exact in [-0.293, 0.415], log1p(f) = f - f^2/2 + f^3 Q(f) (Q: degree-7
 // minimax fit of the relative error, 2^-27.2). k ln2_hi + f is exact; it is returned, and the
 // remaining small terms go to *lo, so that callers can use hi + lo without rounding it. No
-// division, unlike the general Log1p. Double lanes: Highway's Log1p and *lo = 0.
+// division, unlike the general Log1p. Double lanes: Log1pUnitF64.
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE V Log1pUnit(D d, V e, V u, V c, V inv_u, V* lo) {
   using T = hn::TFromD<D>;
   if constexpr (sizeof(T) != 4) {
-    (void)u;
-    (void)c;
-    (void)inv_u;
-    *lo = hn::Zero(d);
-    return hn::Log1p(d, e);
+    (void)e;
+    return Log1pUnitF64(d, u, c, inv_u, lo);
 #if HWY_TARGET <= HWY_AVX3
   } else if constexpr (hn::MaxLanes(D()) == 16) {
     return Log1pUnitAvx512(e, u, c, inv_u, lo);
