@@ -8,7 +8,13 @@ with 40% zeros, 40% ones and 20% soft labels, and
 * ``none/noweight``: reduction 'none', no weight; backward of a ones tensor;
 * ``none/wC``: reduction 'none', weight [64] and pos_weight [64];
 * ``none/wfull``: reduction 'none', full-shape weight and pos_weight;
-* ``mean/wC``: reduction 'mean', weight [64] and pos_weight [64].
+* ``mean/wC``: reduction 'mean', weight [64] and pos_weight [64];
+* ``focal/none``: torchvision's sigmoid_focal_loss formula (alpha 0.25, gamma 2, reduction
+  'none') written out in torch operations, as torchvision does;
+* ``ignnorm/mean/wC``: paddle's ignore_index (-100) + normalize emulated with a mask:
+  sum(mask * loss) / count(mask) / numel, weight and pos_weight [64];
+* ``smooth/mean/wC``: Keras's label smoothing 0.1 (targets y (1 - 0.1) + 0.05) then reduction
+  'mean', weight and pos_weight [64].
 
 Prints a table and one machine-readable line per row: ``TORCH <variant> <numel> <gelem/s>``,
 which kernels/cuda/gpu_check.sh joins with gpu_bench's RESULT lines. Needs torch with CUDA.
@@ -25,7 +31,11 @@ VARIANTS = (
     ("none/wC", "none", "C"),
     ("none/wfull", "none", "full"),
     ("mean/wC", "mean", "C"),
+    ("focal/none", "focal", None),
+    ("ignnorm/mean/wC", "ignnorm", "C"),
+    ("smooth/mean/wC", "smooth", "C"),
 )
+MIN_ELEMENTS = {"focal/none": 1 << 24, "ignnorm/mean/wC": 1 << 24, "smooth/mean/wC": 1 << 24}
 C = 64
 
 
@@ -57,14 +67,28 @@ def bench(n, reduction, weights, gen):
     elif weights == "full":
         kwargs["weight"] = torch.full((rows, C), 0.5, device="cuda")
         kwargs["pos_weight"] = torch.full((rows, C), 2.0, device="cuda")
-    grad_out = torch.ones(rows, C, device="cuda") if reduction == "none" else None
+    grad_out = torch.ones(rows, C, device="cuda") if reduction in ("none", "focal") else None
 
     def step():
         x.grad = None
-        loss = F.binary_cross_entropy_with_logits(x, y, reduction=reduction, **kwargs)
+        if reduction == "focal":
+            p = torch.sigmoid(x)
+            ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+            p_t = p * y + (1 - p) * (1 - y)
+            loss = ce * ((1 - p_t) ** 2)
+            loss = (0.25 * y + 0.75 * (1 - y)) * loss
+        elif reduction == "ignnorm":
+            mask = (y != -100.0).to(x.dtype)
+            per = F.binary_cross_entropy_with_logits(x, y, reduction="none", **kwargs)
+            loss = (per * mask).sum() / mask.sum().clamp(min=1.0) / x.numel()
+        elif reduction == "smooth":
+            loss = F.binary_cross_entropy_with_logits(x, y * 0.9 + 0.05, reduction="mean",
+                                                      **kwargs)
+        else:
+            loss = F.binary_cross_entropy_with_logits(x, y, reduction=reduction, **kwargs)
         loss.backward(grad_out)
 
-    bytes_per = 16 if reduction == "none" else 12
+    bytes_per = 16 if reduction in ("none", "focal") else 12
     if weights == "full":
         bytes_per += 8
     iters = int(min(200, max(5, 2e9 / (bytes_per * n))))
@@ -84,7 +108,7 @@ def main():
     gen.manual_seed(7)
     print(f"{'variant':<14} {'elements':>11} {'ms':>9} {'Gelem/s':>9}")
     for name, reduction, weights in VARIANTS:
-        n = 1 << 20
+        n = MIN_ELEMENTS.get(name, 1 << 20)
         while n <= args.max_elements:
             try:
                 ms = bench(n, reduction, weights, gen)

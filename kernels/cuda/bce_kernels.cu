@@ -310,16 +310,17 @@ __device__ __forceinline__ void StoreOutputs(const Params& P, int64_t i0, bool w
 // 512 and 256, then 128 and 64, take one barrier each; the last 32 go through warp shuffles.
 // `tree` holds two buffers of kHalfBlock doubles, used by alternate iterations (`parity`): a
 // buffer is written again only after every thread has passed the next iteration's first
-// barrier, so no barrier is needed at the end. The block's sum goes to P.sums[b].
+// barrier, so no barrier is needed at the end. The block's sum goes to sums[b].
 template <typename TV>
 __device__ __forceinline__ void BlockTreeSum(double* tree_pair, int parity, const TV* l,
-                                             int64_t base, int64_t b, const Params& P) {
+                                             int64_t base, int64_t b, int64_t numel,
+                                             double* sums) {
   double* tree = tree_pair + parity * kHalfBlock;
   const int t = threadIdx.x;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const double lo = base + k < P.numel ? static_cast<double>(l[k]) : 0.0;
-    const double hi = base + kHalfBlock + k < P.numel ? static_cast<double>(l[4 + k]) : 0.0;
+    const double lo = base + k < numel ? static_cast<double>(l[k]) : 0.0;
+    const double hi = base + kHalfBlock + k < numel ? static_cast<double>(l[4 + k]) : 0.0;
     tree[4 * t + k] = lo + hi;  // h = 1024
   }
   __syncthreads();
@@ -334,7 +335,7 @@ __device__ __forceinline__ void BlockTreeSum(double* tree_pair, int parity, cons
     double s = tree[t] + tree[t + 32];  // h = 32
 #pragma unroll
     for (int h = 16; h >= 1; h /= 2) s += __shfl_down_sync(0xffffffffu, s, h);
-    if (t == 0) P.sums[b] = s;
+    if (t == 0) sums[b] = s;
   }
 }
 
@@ -374,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
       }
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
-    if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P);
+    if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P.numel, P.sums);
   }
 }
 
@@ -467,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
       }
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
-    if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P);
+    if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P.numel, P.sums);
   }
 }
 
@@ -551,20 +552,27 @@ OperandParams MakeOperandParams(const DeviceOperand& o, int64_t numel, bool smal
 }
 
 // ---- Generic kernel: every option of BceArgs (focal, ignore_index, normalize, smoothing,
-// per-sample mean, per-element values). One element per thread of a grid-stride loop, all
-// math in double through internal::LossElement; losses go to `values` as double (the host
-// reduces them), gradients are divided by grad_div and rounded once to the logits' dtype.
+// per-sample mean, per-element values). The fused kernel's layout (thread t owns elements
+// 4t..4t+3 and 1024+4t..1024+4t+3 of each 2048-element reduction block, grid-stride over
+// blocks), all math in double through internal::LossElement. Per element: the loss divided by
+// the normalize count to `loss` (NONE), the undivided loss to `values`, gradients divided by
+// count * grad_extra and rounded once; per reduction block the tree sum of the undivided
+// losses to `sums` (SUM, MEAN).
 struct GenericParams {
   const void* x = nullptr;
   const void* y = nullptr;
   int y_dtype = 1;
   OperandParams w, p;  // only data, dtype, inner and period are used
   internal::ElementOptions<double> opts;
-  double* values = nullptr;  // numel doubles, or nullptr
+  const unsigned long long* ignored = nullptr;  // normalize: targets equal to ignore_index
+  double grad_extra = 1.0;
+  void* loss = nullptr;
+  double* values = nullptr;
+  double* sums = nullptr;
   void* gx = nullptr;
   void* gy = nullptr;
-  double grad_div = 1.0;
   int64_t numel = 0;
+  int64_t nblocks = 0;
 };
 
 __device__ __forceinline__ double LoadOperand(const OperandParams& o, int64_t i) {
@@ -572,36 +580,83 @@ __device__ __forceinline__ double LoadOperand(const OperandParams& o, int64_t i)
   return LoadDyn<double>(o.dtype, o.data, (i / o.inner) % o.period);
 }
 
-template <typename TX>
+template <typename TX, bool kReduce>
 __global__ void __launch_bounds__(kThreads) GenericKernel(const GenericParams P) {
+  __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
+  // The CPU backend's divisors: count = numel - ignored (at least 1) under normalize, else 1;
+  // gradients divide by count * grad_extra (numel for MEAN, last_dim for per-sample mean).
+  double count = 1.0;
+  if (P.ignored != nullptr) {
+    const int64_t kept = P.numel - static_cast<int64_t>(*P.ignored);
+    count = kept > 0 ? static_cast<double>(kept) : 1.0;
+  }
+  const double grad_div = count * P.grad_extra;
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < P.numel;
-       i += stride) {
-    const double x = Cvt<double>(xp[i]);
-    const double y = LoadDyn<double>(P.y_dtype, P.y, i);
-    const double w = LoadOperand(P.w, i);
-    const double p = LoadOperand(P.p, i);
-    double l, gx, gy;
-    internal::LossElement<double>(P.opts, x, y, w, p, &l, &gx, &gy);
-    if (P.values) P.values[i] = l;
-    if (P.gx) static_cast<TX*>(P.gx)[i] = Store<TX>(gx / P.grad_div);
-    if (P.gy) static_cast<TX*>(P.gy)[i] = Store<TX>(gy / P.grad_div);
+  int parity = 0;  // BlockTreeSum's buffer
+  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
+    const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
+    double l[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int64_t i = base + (e / 4) * kHalfBlock + e % 4;
+      l[e] = 0.0;
+      if (i >= P.numel) continue;
+      const double x = Cvt<double>(xp[i]);
+      const double y = LoadDyn<double>(P.y_dtype, P.y, i);
+      double gx, gy;
+      internal::LossElement<double>(P.opts, x, y, LoadOperand(P.w, i), LoadOperand(P.p, i),
+                                    &l[e], &gx, &gy);
+      if (!kReduce && P.loss) static_cast<TX*>(P.loss)[i] = Store<TX>(l[e] / count);
+      if (P.values) P.values[i] = l[e];
+      if (P.gx) static_cast<TX*>(P.gx)[i] = Store<TX>(gx / grad_div);
+      if (P.gy) static_cast<TX*>(P.gy)[i] = Store<TX>(gy / grad_div);
+    }
+    if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P.numel, P.sums);
   }
 }
 
-template <typename TX>
-cudaError_t LaunchGenericTyped(const GenericParams& P, cudaStream_t stream) {
+// Adds to *out the number of targets equal to ignore_index (exactly, as the CPU backend's
+// CountIgnored compares them).
+__global__ void __launch_bounds__(kThreads) CountIgnoredKernel(const void* y, int y_dtype,
+                                                               double ignore_index, int64_t n,
+                                                               unsigned long long* out) {
+  unsigned long long c = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    c += LoadDyn<double>(y_dtype, y, i) == ignore_index;
+  }
+#pragma unroll
+  for (int h = 16; h >= 1; h /= 2) c += __shfl_down_sync(0xffffffffu, c, h);
+  if ((threadIdx.x & 31) == 0 && c != 0) atomicAdd(out, c);
+}
+
+template <typename TX, bool kReduce>
+cudaError_t LaunchGenericKernel(const GenericParams& P, cudaStream_t stream) {
+  constexpr auto kernel = GenericKernel<TX, kReduce>;
+  static const int per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
+      cudaGetLastError();
+      n = 0;
+    }
+    return std::max(n, 1);
+  }();
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   }
   if (err != cudaSuccess) return err;
-  const int64_t blocks = (P.numel + kThreads - 1) / kThreads;
-  const int64_t grid = std::min<int64_t>(blocks, int64_t{8} * std::max(sms, 1));
-  GenericKernel<TX><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(P);
+  const int64_t grid = std::min<int64_t>(P.nblocks, int64_t{per_sm} * std::max(sms, 1));
+  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(P);
   return cudaGetLastError();
+}
+
+template <typename TX>
+cudaError_t LaunchGenericTyped(const GenericParams& P, cudaStream_t stream) {
+  return P.sums != nullptr ? LaunchGenericKernel<TX, true>(P, stream)
+                           : LaunchGenericKernel<TX, false>(P, stream);
 }
 
 // Device pointers and options of one generic evaluation (numel > 0).
@@ -677,6 +732,7 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
 
 cudaError_t LaunchGeneric(const DeviceGeneric& a, cudaStream_t stream) {
   if (a.numel <= 0) return cudaSuccess;
+  if (a.normalize && a.ignored == nullptr) return cudaErrorInvalidValue;
   GenericParams P;
   P.x = a.logits;
   P.y = a.targets;
@@ -684,11 +740,34 @@ cudaError_t LaunchGeneric(const DeviceGeneric& a, cudaStream_t stream) {
   P.w = MakeOperandParams(a.weight, a.numel, /*small=*/false);
   P.p = MakeOperandParams(a.pos_weight, a.numel, /*small=*/false);
   P.opts = a.opts;
+  P.grad_extra = a.grad_extra;
+  P.loss = a.reduction == Reduction::kNone ? a.loss : nullptr;
   P.values = a.values;
+  P.sums = a.reduction == Reduction::kSum || a.reduction == Reduction::kMean ? a.block_sums
+                                                                              : nullptr;
   P.gx = a.grad_logits;
   P.gy = a.grad_targets;
-  P.grad_div = a.grad_div;
   P.numel = a.numel;
+  P.nblocks = NumReduceBlocks(a.numel);
+  if (a.normalize) {
+    cudaError_t err = cudaMemsetAsync(a.ignored, 0, sizeof(unsigned long long), stream);
+    if (err != cudaSuccess) return err;
+    if (a.opts.has_ignore_index) {
+      int device = 0, sms = 0;
+      err = cudaGetDevice(&device);
+      if (err == cudaSuccess) {
+        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      }
+      if (err != cudaSuccess) return err;
+      const int64_t blocks = (a.numel + kThreads - 1) / kThreads;
+      const int64_t grid = std::min<int64_t>(blocks, int64_t{8} * std::max(sms, 1));
+      CountIgnoredKernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+          a.targets, P.y_dtype, a.opts.ignore_index, a.numel, a.ignored);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    P.ignored = a.ignored;
+  }
   return LaunchGenericParams(a.dtype, P, stream);
 }
 

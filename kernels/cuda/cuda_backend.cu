@@ -17,11 +17,13 @@
 // numel < 2^31. Float kernels are capped at 64 registers (4 blocks of 256 threads per SM).
 //
 // Generic kernel (GenericKernel): every other option (focal, ignore_index, normalize, label
-// smoothing, kPerSampleMean, per-element loss_values). One element per thread of a grid-stride
-// loop through internal::LossElement<double>; element losses go to a device array of doubles
-// and gradients, divided by the CPU backend's divisor, are rounded once to the output dtype.
-// The host copies the losses back and reduces them as the CPU backend does (block tree +
-// ExactSum, per-row ExactSum, or per-element division by the normalize count).
+// smoothing, kPerSampleMean, per-element loss_values), in the same block layout, all math in
+// double through internal::LossElement<double>. normalize counts the ignored targets on the
+// device first (CountIgnoredKernel); losses (NONE, divided by the count) and gradients
+// (divided by the CPU backend's divisor) are rounded once to the output dtype on the device;
+// SUM and MEAN produce block tree sums that the host adds with ExactSum; per-sample mean and
+// loss_values copy the element losses back as double (per-sample mean is reduced per row on
+// the host with ExactSum, as the CPU backend does).
 //
 // Backend (CudaBackend): inputs and outputs are host pointers. Each call takes a Slot from a
 // pool (a non-blocking stream plus a grow-only device buffer; at most kMaxSlots exist, further
@@ -297,25 +299,14 @@ absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
 absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceOutputs& out) {
   const int64_t n = args.numel;
   const size_t ix = ItemSize(args.dtype), iy = ItemSize(args.targets_dtype);
-  // Divisors as the CPU backend's Plan: non-ignored count (normalize), numel (MEAN gradients),
-  // last_dim (per-sample mean gradients).
-  double count = 1.0;
-  if (args.normalize) {
-    int64_t ignored = 0;
-    if (args.has_ignore_index) {
-      for (int64_t i = 0; i < n; ++i) {
-        ignored += LoadAsDouble(args.targets_dtype, args.targets, i) == args.ignore_index;
-      }
-    }
-    const int64_t kept = n - ignored;
-    count = kept > 0 ? static_cast<double>(kept) : 1.0;
-  }
-  double grad_div = count;
-  if (args.reduction == Reduction::kMean) grad_div *= static_cast<double>(n);
-  if (args.reduction == Reduction::kPerSampleMean) {
-    grad_div *= static_cast<double>(args.last_dim);
-  }
-  const bool want_values = out.loss != nullptr || out.loss_values != nullptr;
+  const bool sum = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
+  const bool want_sum = sum && out.loss != nullptr;
+  const bool want_loss = args.reduction == Reduction::kNone && out.loss != nullptr;
+  // Per-element values come back for per-sample mean (reduced here, per row, as the CPU
+  // backend does) and for the caller's loss_values.
+  const bool want_values = out.loss_values != nullptr ||
+                           (args.reduction == Reduction::kPerSampleMean && out.loss != nullptr);
+  const int64_t nblocks = cuda::NumReduceBlocks(n);
 
   Upload uploads[2];
   PrepareUpload(args.weight, DType::kFloat64, &uploads[0]);
@@ -330,6 +321,9 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   const size_t at_y = place(n * iy);
   const size_t at_w = place(uploads[0].bytes);
   const size_t at_p = place(uploads[1].bytes);
+  const size_t at_ign = place(args.normalize ? sizeof(unsigned long long) : 0);
+  const size_t at_l = place(want_loss ? n * ix : 0);
+  const size_t at_s = place(want_sum ? nblocks * sizeof(double) : 0);
   const size_t at_v = place(want_values ? n * sizeof(double) : 0);
   const size_t at_gx = place(out.grad_logits != nullptr ? n * ix : 0);
   const size_t at_gy = place(out.grad_targets != nullptr ? n * ix : 0);
@@ -344,6 +338,7 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
       cudaMemcpyAsync(base + at_y, args.targets, n * iy, cudaMemcpyHostToDevice, stream));
 
   cuda::DeviceGeneric P;
+  P.numel = n;
   P.dtype = args.dtype;
   P.logits = base + at_x;
   P.targets = base + at_y;
@@ -363,13 +358,35 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   P.opts.label_smoothing = args.label_smoothing;
   P.opts.alpha = args.focal_alpha;
   P.opts.gamma = args.focal_gamma;
+  P.reduction = args.reduction;
+  P.normalize = args.normalize;
+  P.ignored = args.normalize ? reinterpret_cast<unsigned long long*>(base + at_ign) : nullptr;
+  // The CPU backend's gradient divisor: count, times numel (MEAN) or last_dim (per-sample).
+  if (args.reduction == Reduction::kMean) P.grad_extra = static_cast<double>(n);
+  if (args.reduction == Reduction::kPerSampleMean) {
+    P.grad_extra = static_cast<double>(args.last_dim);
+  }
+  P.loss = want_loss ? base + at_l : nullptr;
+  P.block_sums = want_sum ? reinterpret_cast<double*>(base + at_s) : nullptr;
   P.values = want_values ? reinterpret_cast<double*>(base + at_v) : nullptr;
   P.grad_logits = out.grad_logits != nullptr ? base + at_gx : nullptr;
   P.grad_targets = out.grad_targets != nullptr ? base + at_gy : nullptr;
-  P.grad_div = grad_div;
-  P.numel = n;
   LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchGeneric(P, stream));
 
+  unsigned long long ignored = 0;
+  if (args.normalize) {
+    LOSSD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&ignored, P.ignored, sizeof(ignored),
+                                               cudaMemcpyDeviceToHost, stream));
+  }
+  std::vector<double> sums(want_sum ? nblocks : 0);
+  if (want_sum) {
+    LOSSD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sums.data(), P.block_sums, nblocks * sizeof(double),
+                                               cudaMemcpyDeviceToHost, stream));
+  }
+  if (want_loss) {
+    LOSSD_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(out.loss, P.loss, n * ix, cudaMemcpyDeviceToHost, stream));
+  }
   // Values land in the caller's loss_values when given, else in host scratch.
   std::vector<double> scratch;
   double* values = out.loss_values;
@@ -390,37 +407,29 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
         cudaMemcpyAsync(out.grad_targets, P.grad_targets, n * ix, cudaMemcpyDeviceToHost, stream));
   }
   LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-  if (out.loss == nullptr) return absl::OkStatus();
+  if (out.loss == nullptr || want_loss) return absl::OkStatus();
 
-  // Reductions on the host, structured as the CPU backend's.
-  switch (args.reduction) {
-    case Reduction::kSum:
-    case Reduction::kMean: {
-      std::vector<double> tree(kReduceBlock);
-      ExactSum total;
-      for (int64_t i0 = 0; i0 < n; i0 += kReduceBlock) {
-        const int64_t len = std::min(kReduceBlock, n - i0);
-        std::copy(values + i0, values + i0 + len, tree.begin());
-        total.Add(TreeSumBlock(tree.data(), len));
-      }
-      double v = total.Value() / count;
-      if (args.reduction == Reduction::kMean) v /= static_cast<double>(n);
-      StoreFromDouble(args.dtype, out.loss, 0, v);
-      break;
+  // The reduced loss, as the CPU backend forms it: exact sum of the block sums, or of each
+  // row's values, divided by the normalize count (and numel or last_dim).
+  double count = 1.0;
+  if (args.normalize) {
+    const int64_t kept = n - static_cast<int64_t>(ignored);
+    count = kept > 0 ? static_cast<double>(kept) : 1.0;
+  }
+  if (want_sum) {
+    ExactSum total;
+    for (double s : sums) total.Add(s);
+    double v = total.Value() / count;
+    if (args.reduction == Reduction::kMean) v /= static_cast<double>(n);
+    StoreFromDouble(args.dtype, out.loss, 0, v);
+  } else if (args.reduction == Reduction::kPerSampleMean) {
+    const int64_t len = args.last_dim;
+    const int64_t rows = n / len;
+    for (int64_t r = 0; r < rows; ++r) {
+      ExactSum s;
+      for (int64_t j = 0; j < len; ++j) s.Add(values[r * len + j]);
+      StoreFromDouble(args.dtype, out.loss, r, s.Value() / static_cast<double>(len) / count);
     }
-    case Reduction::kPerSampleMean: {
-      const int64_t len = args.last_dim;
-      const int64_t rows = n / len;
-      for (int64_t r = 0; r < rows; ++r) {
-        ExactSum s;
-        for (int64_t j = 0; j < len; ++j) s.Add(values[r * len + j]);
-        StoreFromDouble(args.dtype, out.loss, r, s.Value() / static_cast<double>(len) / count);
-      }
-      break;
-    }
-    case Reduction::kNone:
-      for (int64_t i = 0; i < n; ++i) StoreFromDouble(args.dtype, out.loss, i, values[i] / count);
-      break;
   }
   return absl::OkStatus();
 }

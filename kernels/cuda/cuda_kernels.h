@@ -57,10 +57,17 @@ inline int64_t NumReduceBlocks(int64_t numel) { return (numel + kReduceBlock - 1
 // Thread-safe.
 cudaError_t LaunchBce(const DeviceBce& args, cudaStream_t stream);
 
-// One evaluation with any option of BceArgs (focal, ignore_index, label smoothing; the
-// caller handles normalize and the reductions): element losses go to `values` as double
-// (numel of them, or nullptr), gradients are divided by grad_div and rounded once to `dtype`.
-// All math in double through internal::LossElement. Thread-safe; nothing when numel == 0.
+// One evaluation with any option of BceArgs (focal, ignore_index, normalize, label smoothing,
+// per-sample mean), all math in double through internal::LossElement, in the fused kernel's
+// block layout. normalize: the count of kept elements (numel minus targets equal to
+// opts.ignore_index when opts.has_ignore_index, at least 1) is computed on the device into
+// *ignored (8 bytes of device scratch, required then) and divides the losses and gradients as
+// the CPU backend does. Outputs: `loss` for kNone (numel values / count, in `dtype`),
+// `block_sums` for kSum/kMean (NumReduceBlocks(numel) tree sums of the undivided element
+// losses; the caller adds them exactly and divides), `values` (numel undivided element losses
+// as double; per-sample mean and loss_values), gradients divided by count * grad_extra
+// (grad_extra: numel for kMean, last_dim for kPerSampleMean, else 1) and rounded once to
+// `dtype`. Each may be nullptr. Thread-safe; nothing when numel == 0.
 struct DeviceGeneric {
   int64_t numel = 0;
   DType dtype = DType::kFloat32;
@@ -70,10 +77,15 @@ struct DeviceGeneric {
   DeviceOperand weight;
   DeviceOperand pos_weight;
   internal::ElementOptions<double> opts;
+  Reduction reduction = Reduction::kNone;
+  bool normalize = false;
+  unsigned long long* ignored = nullptr;
+  double grad_extra = 1.0;
+  void* loss = nullptr;
+  double* block_sums = nullptr;
   double* values = nullptr;
   void* grad_logits = nullptr;
   void* grad_targets = nullptr;
-  double grad_div = 1.0;
 };
 cudaError_t LaunchGeneric(const DeviceGeneric& args, cudaStream_t stream);
 

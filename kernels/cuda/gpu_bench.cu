@@ -13,7 +13,10 @@
 //    they are full tensors), loss and grad_logits written; MEAN writes grad_logits only.
 //    [C] operands are passed in double, as CudaBackend uploads operands of <= 64K elements
 //    (in float for the "/f32" variants, which repeat the problems with DeviceBce::float_math
-//    from 16M elements).
+//    from 16M elements). Then the option kernel (cuda::LaunchGeneric, math in double) from 16M
+//    elements: focal loss (NONE), ignore_index + normalize (MEAN, [C] weights), label
+//    smoothing (MEAN, [C] weights), validated first through the backend against the
+//    reference (4 ulp per NONE element, MEAN within 1e-6).
 //
 // Output: a table, plus one machine-readable line per row:
 //   RESULT <variant> <numel> <kernel_gbps> <copy_gbps> <gelem_per_s>
@@ -230,6 +233,60 @@ bool ValidateFloatMath(const ValidationData& v) {
   return e.Pass();
 }
 
+// The option kernel (focal, ignore_index + normalize, label smoothing) through the backend on
+// the same data with every 9th target set to -100: per-element NONE losses within 4 ulp of the
+// reference and MEAN within 1e-6 relative.
+bool ValidateOptions(const ValidationData& v) {
+  auto backend = lk::MakeCudaBackend();
+  if (!backend.ok()) return false;
+  std::vector<float> y = v.y;
+  for (int64_t i = 0; i < v.n; i += 9) y[i] = -100.0f;
+  bool all = true;
+  for (int option = 0; option < 3; ++option) {
+    int64_t worst = 0;
+    double mean_rel = 0;
+    for (lk::Reduction r : {lk::Reduction::kNone, lk::Reduction::kMean}) {
+      lk::BceArgs a = v.Args(r);
+      a.targets = y.data();
+      std::vector<float> ys;
+      if (option == 0) {
+        a.loss = lk::Loss::kFocal;
+        a.pos_weight = lk::Operand();
+      }
+      if (option == 1) {
+        a.has_ignore_index = true;
+        a.normalize = true;
+      }
+      if (option != 1) {  // -100 is an ordinary (out-of-range) label there: use 0
+        ys = y;
+        for (float& t : ys) t = t == -100.0f ? 0.0f : t;
+        a.targets = ys.data();
+      }
+      if (option == 2) a.label_smoothing = 0.1;
+      const int64_t nl = lk::LossCount(a);
+      std::vector<float> l(nl);
+      std::vector<double> rl(nl);
+      if (!(*backend)->Bce(a, {l.data(), nullptr, nullptr}).ok()) return false;
+      lk::ReferenceBce(a, rl.data(), nullptr, nullptr);
+      if (r == lk::Reduction::kNone) {
+        for (int64_t i = 0; i < nl; ++i) {
+          worst = std::max(worst, UlpDistance(l[i], static_cast<float>(rl[i])));
+        }
+      } else {
+        mean_rel = l[0] == static_cast<float>(rl[0]) ? 0.0 : std::fabs(l[0] - rl[0]) /
+                                                               std::fabs(rl[0]);
+      }
+    }
+    const char* names[] = {"focal (gamma 2, alpha 0.25)", "ignore_index + normalize",
+                           "label smoothing 0.1"};
+    const bool pass = worst <= 4 && mean_rel <= 1e-6;
+    all = all && pass;
+    std::printf("validation of the option kernel, %s: %s (loss max %lld ulp, MEAN rel err %.3g)\n",
+                names[option], pass ? "PASS" : "FAIL", static_cast<long long>(worst), mean_rel);
+  }
+  return all;
+}
+
 // Fills x with logits in [-20, 20] and y with 40% zeros, 40% ones, 20% uniform soft labels.
 __global__ void FillInputs(float* x, float* y, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
@@ -276,6 +333,7 @@ struct Variant {
   int weights;  // 0 absent, 1 [C], 2 full tensors
   bool float_math = false;        // DeviceBce::float_math
   int64_t min_n = int64_t{1} << 20;  // smallest size timed
+  int option = 0;  // the option kernel: 1 focal, 2 ignore_index + normalize, 3 smoothing
 };
 
 }  // namespace
@@ -313,14 +371,15 @@ int main(int argc, char** argv) {
               prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0);
 
   // Each element math is timed only when its validation passed.
-  bool ok_mixed = true, ok_float = true;
+  bool ok_mixed = true, ok_float = true, ok_options = true;
   if (validate) {
     const ValidationData v;
     ok_mixed = Validate(v, false);
     ok_float = Validate(v, true);
     ok_float = ValidateFloatMath(v) && ok_float;
+    ok_options = ValidateOptions(v);
   }
-  const bool ok = ok_mixed && ok_float;
+  const bool ok = ok_mixed && ok_float && ok_options;
 
   // Device buffers for the largest size.
   const int64_t c = 64;
@@ -340,6 +399,8 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMalloc(&wcf, c * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&pcf, c * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&sums, lossd::kernels::cuda::NumReduceBlocks(n_max) * sizeof(double)));
+  unsigned long long* ignored;  // the option kernel's normalize count
+  CHECK_CUDA(cudaMalloc(&ignored, sizeof(unsigned long long)));
   const size_t copy_max = 3 * fb;  // half of the largest byte count (24 B/element)
   CHECK_CUDA(cudaMalloc(&src, copy_max));
   CHECK_CUDA(cudaMalloc(&dst, copy_max));
@@ -370,13 +431,18 @@ int main(int argc, char** argv) {
       {"none/wC/f32", lk::Reduction::kNone, 1, true, int64_t{1} << 24},
       {"none/wfull/f32", lk::Reduction::kNone, 2, true, int64_t{1} << 24},
       {"mean/wC/f32", lk::Reduction::kMean, 1, true, int64_t{1} << 24},
+      // The option kernel (double math): focal loss (no pos_weight), ignore_index + normalize
+      // and label smoothing, from 16M elements.
+      {"focal/none", lk::Reduction::kNone, 0, false, int64_t{1} << 24, 1},
+      {"ignnorm/mean/wC", lk::Reduction::kMean, 1, false, int64_t{1} << 24, 2},
+      {"smooth/mean/wC", lk::Reduction::kMean, 1, false, int64_t{1} << 24, 3},
   };
   std::printf("\nfused loss+grad_logits kernel vs device-to-device copy of the same bytes\n");
   std::printf("%-18s %11s %8s %11s %10s %7s %9s\n", "variant", "elements", "B/elem", "kernel GB/s",
               "copy GB/s", "ratio", "Gelem/s");
   for (const Variant& v : variants) {
     if (only != nullptr && std::strcmp(only, v.name) != 0) continue;
-    if (!(v.float_math ? ok_float : ok_mixed)) {
+    if (!(v.option != 0 ? ok_options : v.float_math ? ok_float : ok_mixed)) {
       std::printf("%-18s not timed: its validation failed\n", v.name);
       continue;
     }
@@ -408,8 +474,29 @@ int main(int argc, char** argv) {
       if (v.weights == 2) bytes_per += 8;
       const double bytes = bytes_per * n;
       const int iters = static_cast<int>(std::clamp(4e9 / bytes, 10.0, 400.0));
-      const double kernel_ms =
-          TimeMs(iters, [&] { CHECK_CUDA(lossd::kernels::cuda::LaunchBce(d, nullptr)); });
+      lossd::kernels::cuda::DeviceGeneric g;
+      if (v.option != 0) {
+        g.numel = n;
+        g.logits = x;
+        g.targets = y;
+        g.weight = d.weight;
+        g.pos_weight = d.pos_weight;
+        g.reduction = v.reduction;
+        g.opts.focal = v.option == 1;
+        g.opts.has_ignore_index = v.option == 2;
+        g.opts.ignore_index = -100.0;
+        g.normalize = v.option == 2;
+        g.ignored = ignored;
+        g.opts.label_smoothing = v.option == 3 ? 0.1 : 0.0;
+        g.grad_extra = v.reduction == lk::Reduction::kMean ? static_cast<double>(n) : 1.0;
+        g.loss = d.loss;
+        g.block_sums = d.block_sums;
+        g.grad_logits = grad;
+      }
+      const double kernel_ms = TimeMs(iters, [&] {
+        CHECK_CUDA(v.option != 0 ? lossd::kernels::cuda::LaunchGeneric(g, nullptr)
+                                 : lossd::kernels::cuda::LaunchBce(d, nullptr));
+      });
       const size_t half = static_cast<size_t>(bytes / 2);
       const double copy_ms = TimeMs(iters, [&] {
         CHECK_CUDA(cudaMemcpyAsync(dst, src, half, cudaMemcpyDeviceToDevice, nullptr));
@@ -428,7 +515,8 @@ int main(int argc, char** argv) {
                   static_cast<void*>(p), static_cast<void*>(wc), static_cast<void*>(pc),
                   static_cast<void*>(wcf), static_cast<void*>(pcf),
                   static_cast<void*>(loss), static_cast<void*>(grad), static_cast<void*>(src),
-                  static_cast<void*>(dst), static_cast<void*>(sums)}) {
+                  static_cast<void*>(dst), static_cast<void*>(sums),
+                  static_cast<void*>(ignored)}) {
     CHECK_CUDA(cudaFree(q));
   }
   std::printf("\ngpu_bench: %s\n", ok ? "PASS" : "FAIL");
