@@ -72,12 +72,16 @@ struct Params {
   double* sums;  // reducing kernels only
   int64_t numel;
   int64_t nblocks;
-  double n_double;  // numel, for MEAN gradients
-  double inv_n;     // 1 / numel
-  float div_f;      // all-float kernel: MEAN gradient divisor, numel when exact in float
+  double div_d;    // gradient divisor: count * numel for MEAN, count otherwise (1: none)
+  double inv_div;  // 1 / div_d
+  float div_f;      // all-float kernel: div_d when exact in float, else 1
   float rdiv_f;     // 1 / div_f rounded
-  bool div_exact_f;  // numel is exact in float (the all-float kernel divides in float)
-  bool mean;
+  bool div_exact_f;  // div_d is exact in float (the all-float kernel divides in float)
+  bool scale;        // div_d != 1
+  double loss_div;   // kNone losses are divided by it (the normalize count; 1: none)
+  bool has_ignore;   // targets equal to ignore_index give 0 (only if the compute type holds it)
+  float ignore_f;    // ignore_index for float targets
+  double ignore_d;   // ignore_index for float64 targets
   bool all_float;  // BceElementF32 where it applies (float compute, float-exact y, w, p)
   bool vec;    // x, y and outputs allow 4-element vector accesses
   bool small;  // every index < 2^31: 32-bit operand index arithmetic
@@ -245,14 +249,26 @@ __device__ __forceinline__ void Element(double x, double y, double w, double p, 
   internal::BceElement<double>(x, y, w, p, l, gx, gy);
 }
 
-// Gradient of the MEAN: g / numel. float outputs multiply by the rounded 1/numel (its 2^-53
-// error vanishes in the rounding to float); float64 divides, as the CPU backend does.
+// A gradient divided by div_d (MEAN: count * numel; normalize: count). float outputs multiply
+// by the rounded 1/div_d (its 2^-53 error vanishes in the rounding to float); float64
+// divides, as the CPU backend does.
 template <typename TC>
-__device__ __forceinline__ double MeanScale(double g, const Params& P) {
+__device__ __forceinline__ double GradScale(double g, const Params& P) {
   if constexpr (std::is_same_v<TC, double>) {
-    return g / P.n_double;
+    return g / P.div_d;
   } else {
-    return g * P.inv_n;
+    return g * P.inv_div;
+  }
+}
+
+// Whether a target equals ignore_index, compared in the targets' compute type as the CPU
+// backend compares them.
+template <typename TYC>
+__device__ __forceinline__ bool Ignored(TYC y, const Params& P) {
+  if constexpr (std::is_same_v<TYC, double>) {
+    return P.has_ignore && y == P.ignore_d;
+  } else {
+    return P.has_ignore && y == P.ignore_f;
   }
 }
 
@@ -368,10 +384,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
       for (int k = 0; k < 4; ++k) {
         const int e = 4 * h + k;
         Element(x[e], y[e], w[k], p[k], &l[e], &gx[k], &gy[k]);
-        if (P.mean) {
-          gx[k] = MeanScale<TC>(gx[k], P);
-          gy[k] = MeanScale<TC>(gy[k], P);
+        if (P.scale) {
+          gx[k] = GradScale<TC>(gx[k], P);
+          gy[k] = GradScale<TC>(gy[k], P);
         }
+        if (Ignored(y[e], P)) {
+          l[e] = 0.0;
+          gx[k] = 0.0;
+          gy[k] = 0.0;
+        }
+        if (!kReduce && P.loss_div != 1.0) l[e] /= P.loss_div;
       }
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
@@ -380,7 +402,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
 }
 
 // An element that BceElementF32 declines (far, infinite or NaN inputs, overflow), for the
-// all-float kernel: BceElementMixed, the gradients divided by div (numel for MEAN, else 1) in
+// all-float kernel: BceElementMixed, the gradients divided by div (Params::div_d) in
 // double, each result rounded once to float, as the CPU kernel's FixRareLanes does. Out of
 // line: rare, and its double math would otherwise take registers from the float path.
 struct F32Result {
@@ -392,17 +414,17 @@ __device__ __noinline__ F32Result RareElementF32(float x, float y, float w, floa
   return {static_cast<float>(l), static_cast<float>(gx / div), static_cast<float>(gy / div)};
 }
 
-// g / numel in double, rounded once: MEAN gradients when numel is not exact in float. Out of
+// g / div_d in double, rounded once: gradients when the divisor is not exact in float. Out of
 // line, so that the compiler does not evaluate it (predicated off) beside the float path.
-__device__ __noinline__ float MeanScaleWide(float g, double inv_n) {
-  return static_cast<float>(static_cast<double>(g) * inv_n);
+__device__ __noinline__ float GradScaleWide(float g, double inv_div) {
+  return static_cast<float>(static_cast<double>(g) * inv_div);
 }
 
-// Gradients of the all-float kernel for the reduction, in place: g / numel for MEAN, as the CPU
-// kernel divides: in float when numel is exact in float (q = g r, then one FMA correction, its
-// DivideByReciprocal), else in double (uniform branches).
-__device__ __forceinline__ void MeanScale4(float* g, const Params& P) {
-  if (!P.mean) return;
+// Gradients of the all-float kernel, in place: g / div_d (MEAN: count * numel; normalize:
+// count), as the CPU kernel divides: in float when the divisor is exact in float (q = g r,
+// then one FMA correction, its DivideByReciprocal), else in double (uniform branches).
+__device__ __forceinline__ void GradScale4(float* g, const Params& P) {
+  if (!P.scale) return;
   if (P.div_exact_f) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -411,7 +433,7 @@ __device__ __forceinline__ void MeanScale4(float* g, const Params& P) {
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) g[k] = MeanScaleWide(g[k], P.inv_n);
+    for (int k = 0; k < 4; ++k) g[k] = GradScaleWide(g[k], P.inv_div);
   }
 }
 
@@ -444,13 +466,13 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
         const int e = 4 * h + k;
         ok[k] = internal::BceElementF32(x[e], y[e], w[k], p[k], &l[e], &gx[k], &l1p[k]);
       }
-      MeanScale4(gx, P);
+      GradScale4(gx, P);
       if (P.gy) {  // uniform: kernels without dl/dy skip this
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           gy[k] = internal::BceGradTargetsF32(x[4 * h + k], w[k], p[k], l1p[k]);
         }
-        MeanScale4(gy, P);
+        GradScale4(gy, P);
       }
       // One branch per group of 4 in the common case, where every element was handled.
       if (!(ok[0] && ok[1] && ok[2] && ok[3])) {
@@ -459,11 +481,29 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
           if (!ok[k]) {
             const int e = 4 * h + k;
             const F32Result r =
-                RareElementF32(x[e], y[e], w[k], p[k], P.mean ? P.n_double : 1.0);
+                RareElementF32(x[e], y[e], w[k], p[k], P.div_d);
             l[e] = r.l;
             gx[k] = r.gx;
             gy[k] = r.gy;
           }
+        }
+      }
+      // ignore_index and normalize (uniform branches; the CPU kernel's order: zero the ignored
+      // elements, then divide the kept losses in double).
+      if (P.has_ignore) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (Ignored(y[4 * h + k], P)) {
+            l[4 * h + k] = 0.0f;
+            gx[k] = 0.0f;
+            gy[k] = 0.0f;
+          }
+        }
+      }
+      if (!kReduce && P.loss_div != 1.0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          l[4 * h + k] = static_cast<float>(static_cast<double>(l[4 * h + k]) / P.loss_div);
         }
       }
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
@@ -677,7 +717,8 @@ cudaError_t LaunchGenericParams(DType dtype, const GenericParams& P, cudaStream_
 }  // namespace
 
 cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
-  if (a.numel < 0 || ItemSize(a.dtype) == 0 || ItemSize(a.targets_dtype) == 0 ||
+  if (a.numel < 0 || !(a.count >= 1.0) || ItemSize(a.dtype) == 0 ||
+      ItemSize(a.targets_dtype) == 0 ||
       a.weight.inner < 1 || a.weight.period < 1 || a.pos_weight.inner < 1 ||
       a.pos_weight.period < 1 || (a.weight.data != nullptr && ItemSize(a.weight.dtype) == 0) ||
       (a.pos_weight.data != nullptr && ItemSize(a.pos_weight.dtype) == 0)) {
@@ -704,14 +745,23 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
   P.sums = reduce ? a.block_sums : nullptr;
   P.numel = a.numel;
   P.nblocks = NumReduceBlocks(a.numel);
-  P.n_double = static_cast<double>(a.numel);
-  P.inv_n = 1.0 / P.n_double;
-  // MEAN gradients of the all-float kernel are divided as the CPU kernel does: in float when
-  // numel is exact in float, else in double.
-  P.div_exact_f = static_cast<double>(static_cast<float>(a.numel)) == P.n_double;
-  P.div_f = P.div_exact_f ? static_cast<float>(a.numel) : 1.0f;
+  // Gradient divisor as the CPU backend's Plan: the normalize count, times numel for MEAN.
+  P.div_d = a.reduction == Reduction::kMean ? a.count * static_cast<double>(a.numel) : a.count;
+  P.inv_div = 1.0 / P.div_d;
+  P.scale = P.div_d != 1.0;
+  // The all-float kernel divides as the CPU kernel does: in float when the divisor is exact in
+  // float, else in double.
+  P.div_exact_f = static_cast<double>(static_cast<float>(P.div_d)) == P.div_d;
+  P.div_f = P.div_exact_f ? static_cast<float>(P.div_d) : 1.0f;
   P.rdiv_f = 1.0f / P.div_f;
-  P.mean = a.reduction == Reduction::kMean;
+  P.loss_div = a.reduction == Reduction::kNone ? a.count : 1.0;
+  // Targets are compared in their compute type: float (float, half targets) or double; an
+  // ignore_index that float cannot hold matches no float target (as on the CPU).
+  P.has_ignore = a.has_ignore_index &&
+                 (a.targets_dtype == DType::kFloat64 ||
+                  static_cast<double>(static_cast<float>(a.ignore_index)) == a.ignore_index);
+  P.ignore_f = static_cast<float>(a.ignore_index);
+  P.ignore_d = a.ignore_index;
   P.all_float = a.float_math;
   P.small = small;
   const size_t vx = 4 * ItemSize(a.dtype);
@@ -728,6 +778,21 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
       return LaunchTargets<__nv_bfloat16>(a.targets_dtype, P, reduce, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t LaunchCountIgnored(DType targets_dtype, const void* targets, double ignore_index,
+                               int64_t numel, unsigned long long* out, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(out, 0, sizeof(unsigned long long), stream);
+  if (err != cudaSuccess || numel <= 0) return err;
+  int device = 0, sms = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = (numel + kThreads - 1) / kThreads;
+  const int64_t grid = std::min<int64_t>(blocks, int64_t{8} * std::max(sms, 1));
+  CountIgnoredKernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+      targets, static_cast<int>(targets_dtype), ignore_index, numel, out);
+  return cudaGetLastError();
 }
 
 cudaError_t LaunchGeneric(const DeviceGeneric& a, cudaStream_t stream) {
@@ -750,22 +815,12 @@ cudaError_t LaunchGeneric(const DeviceGeneric& a, cudaStream_t stream) {
   P.numel = a.numel;
   P.nblocks = NumReduceBlocks(a.numel);
   if (a.normalize) {
-    cudaError_t err = cudaMemsetAsync(a.ignored, 0, sizeof(unsigned long long), stream);
+    const cudaError_t err =
+        a.opts.has_ignore_index
+            ? LaunchCountIgnored(a.targets_dtype, a.targets, a.opts.ignore_index, a.numel,
+                                 a.ignored, stream)
+            : cudaMemsetAsync(a.ignored, 0, sizeof(unsigned long long), stream);
     if (err != cudaSuccess) return err;
-    if (a.opts.has_ignore_index) {
-      int device = 0, sms = 0;
-      err = cudaGetDevice(&device);
-      if (err == cudaSuccess) {
-        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-      }
-      if (err != cudaSuccess) return err;
-      const int64_t blocks = (a.numel + kThreads - 1) / kThreads;
-      const int64_t grid = std::min<int64_t>(blocks, int64_t{8} * std::max(sms, 1));
-      CountIgnoredKernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-          a.targets, P.y_dtype, a.opts.ignore_index, a.numel, a.ignored);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
     P.ignored = a.ignored;
   }
   return LaunchGenericParams(a.dtype, P, stream);

@@ -16,10 +16,14 @@
 // uniform branch), with 32-bit multiply-shift division for (i / inner) % period when
 // numel < 2^31. Float kernels are capped at 64 registers (4 blocks of 256 threads per SM).
 //
-// Generic kernel (GenericKernel): every other option (focal, ignore_index, normalize, label
-// smoothing, kPerSampleMean, per-element loss_values), in the same block layout, all math in
-// double through internal::LossElement<double>. normalize counts the ignored targets on the
-// device first (CountIgnoredKernel); losses (NONE, divided by the count) and gradients
+// ignore_index and normalize (paddle) run in the fused kernel: ignored elements give 0, and
+// with normalize the kept count (counted on the device, read back before the launch) divides
+// the NONE losses and the gradients (times numel for MEAN) as on the CPU.
+//
+// Generic kernel (GenericKernel): every other option (focal, label smoothing, kPerSampleMean,
+// per-element loss_values, with or without ignore_index and normalize), in the same block
+// layout, all math in double through internal::LossElement<double>. normalize counts the
+// ignored targets on the device first (CountIgnoredKernel); losses (NONE, divided by the count) and gradients
 // (divided by the CPU backend's divisor) are rounded once to the output dtype on the device;
 // SUM and MEAN produce block tree sums that the host adds with ExactSum; per-sample mean and
 // loss_values copy the element losses back as double (per-sample mean is reduced per row on
@@ -78,7 +82,7 @@ size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 // Byte offsets of one call's tensors inside a slot's device buffer.
 struct Layout {
-  size_t x = 0, y = 0, w = 0, p = 0, loss = 0, gx = 0, gy = 0, sums = 0, total = 0;
+  size_t x = 0, y = 0, w = 0, p = 0, loss = 0, gx = 0, gy = 0, sums = 0, ignored = 0, total = 0;
 };
 
 // Operands of at most this many elements are converted on the host before upload to the
@@ -279,10 +283,10 @@ absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
     count_chunks();
     return absl::OkStatus();
   }
-  // The fused kernel covers plain BCE; every other option takes the generic kernel.
-  const bool plain = args.loss == Loss::kBce && !args.has_ignore_index && !args.normalize &&
-                     args.label_smoothing == 0.0 && args.reduction != Reduction::kPerSampleMean &&
-                     out.loss_values == nullptr;
+  // The fused kernel covers BCE with ignore_index and normalize; focal loss, label smoothing,
+  // per-sample mean and per-element values take the option kernel.
+  const bool plain = args.loss == Loss::kBce && args.label_smoothing == 0.0 &&
+                     args.reduction != Reduction::kPerSampleMean && out.loss_values == nullptr;
   absl::StatusOr<Slot*> slot = Acquire();
   if (!slot.ok()) return slot.status();
   absl::Status status = plain ? Run(*slot, args, out) : RunGeneric(*slot, args, out);
@@ -463,6 +467,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   L.gx = place(out.grad_logits != nullptr ? n * ix : 0);
   L.gy = place(out.grad_targets != nullptr ? n * ix : 0);
   L.sums = place(want_sum ? nblocks * sizeof(double) : 0);
+  L.ignored = place(args.normalize && args.has_ignore_index ? sizeof(unsigned long long) : 0);
   L.total = off;
 
   LOSSD_CUDA_RETURN_IF_ERROR(cudaSetDevice(0));
@@ -474,6 +479,24 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
       cudaMemcpyAsync(base + L.x, args.logits, n * ix, cudaMemcpyHostToDevice, stream));
   LOSSD_CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(base + L.y, args.targets, n * iy, cudaMemcpyHostToDevice, stream));
+  // normalize: the kept count first (counted on the device, read back before the launch, as
+  // the divisors depend on it), as the CPU backend's Plan: numel minus the ignored targets.
+  double count = 1.0;
+  if (args.normalize) {
+    int64_t ignored = 0;
+    if (args.has_ignore_index) {
+      auto* dev = reinterpret_cast<unsigned long long*>(base + L.ignored);
+      LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchCountIgnored(args.targets_dtype, base + L.y,
+                                                          args.ignore_index, n, dev, stream));
+      unsigned long long host = 0;
+      LOSSD_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(&host, dev, sizeof(host), cudaMemcpyDeviceToHost, stream));
+      LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+      ignored = static_cast<int64_t>(host);
+    }
+    const int64_t kept = n - ignored;
+    count = kept > 0 ? static_cast<double>(kept) : 1.0;
+  }
   cuda::DeviceBce d;
   d.numel = n;
   d.dtype = args.dtype;
@@ -495,6 +518,9 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   d.grad_targets = out.grad_targets != nullptr ? base + L.gy : nullptr;
   d.block_sums = want_sum ? reinterpret_cast<double*>(base + L.sums) : nullptr;
   d.float_math = float_math;
+  d.count = count;
+  d.has_ignore_index = args.has_ignore_index;
+  d.ignore_index = args.ignore_index;
   LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchBce(d, stream));
 
   std::vector<double> sums(want_sum ? nblocks : 0);
@@ -518,7 +544,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   if (want_sum) {
     ExactSum total;
     for (double s : sums) total.Add(s);
-    double v = total.Value();
+    double v = total.Value() / count;
     if (args.reduction == Reduction::kMean) v /= static_cast<double>(n);
     StoreFromDouble(args.dtype, out.loss, 0, v);
   }

@@ -40,6 +40,14 @@ struct DeviceBce {
   void* grad_logits = nullptr;             // numel elements, or nullptr
   void* grad_targets = nullptr;            // numel elements, or nullptr
   double* block_sums = nullptr;  // NumReduceBlocks(numel) doubles, or nullptr: no loss sum
+  // normalize (paddle): the number of kept elements (>= 1; 1 without normalize). kNone losses
+  // are divided by it, gradients too (kMean gradients by count * numel), as the CPU backend
+  // divides; the caller divides the block sums.
+  double count = 1.0;
+  // Elements whose target equals ignore_index get loss and gradients 0 (targets compared in
+  // their compute type: an ignore_index that float cannot hold matches no float target).
+  bool has_ignore_index = false;
+  double ignore_index = -100.0;
   // true: elements of float32 and half logits with non-double targets are computed by
   // internal::BceElementF32 (all-float math, the CPU kernel's formulas; rare elements still in
   // double), which requires every target, weight and pos_weight value to be exact in float (as
@@ -88,6 +96,11 @@ struct DeviceGeneric {
   void* grad_targets = nullptr;
 };
 cudaError_t LaunchGeneric(const DeviceGeneric& args, cudaStream_t stream);
+
+// Sets *out (device memory) to the number of the numel targets equal to ignore_index (compared
+// in double, as the CPU backend counts them for normalize). Enqueued on `stream`.
+cudaError_t LaunchCountIgnored(DType targets_dtype, const void* targets, double ignore_index,
+                               int64_t numel, unsigned long long* out, cudaStream_t stream);
 
 }  // namespace lossd::kernels::cuda
 

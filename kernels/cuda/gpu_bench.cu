@@ -13,10 +13,11 @@
 //    they are full tensors), loss and grad_logits written; MEAN writes grad_logits only.
 //    [C] operands are passed in double, as CudaBackend uploads operands of <= 64K elements
 //    (in float for the "/f32" variants, which repeat the problems with DeviceBce::float_math
-//    from 16M elements). Then the option kernel (cuda::LaunchGeneric, math in double) from 16M
-//    elements: focal loss (NONE), ignore_index + normalize (MEAN, [C] weights), label
-//    smoothing (MEAN, [C] weights), validated first through the backend against the
-//    reference (4 ulp per NONE element, MEAN within 1e-6).
+//    from 16M elements). Then, from 16M elements, ignore_index + normalize in the fused
+//    all-float kernel (MEAN, [C] weights, the count kernel included), and the option kernel
+//    (cuda::LaunchGeneric, math in double): focal loss (NONE), label smoothing (MEAN, [C]
+//    weights); each validated first through the backend against the reference (4 ulp per
+//    NONE element, MEAN within 1e-6).
 //
 // Output: a table, plus one machine-readable line per row:
 //   RESULT <variant> <numel> <kernel_gbps> <copy_gbps> <gelem_per_s>
@@ -431,10 +432,11 @@ int main(int argc, char** argv) {
       {"none/wC/f32", lk::Reduction::kNone, 1, true, int64_t{1} << 24},
       {"none/wfull/f32", lk::Reduction::kNone, 2, true, int64_t{1} << 24},
       {"mean/wC/f32", lk::Reduction::kMean, 1, true, int64_t{1} << 24},
-      // The option kernel (double math): focal loss (no pos_weight), ignore_index + normalize
-      // and label smoothing, from 16M elements.
+      // ignore_index (-100) + normalize in the fused all-float kernel, the count kernel
+      // included; then the option kernel (double math): focal loss (no pos_weight) and label
+      // smoothing, from 16M elements.
+      {"ignnorm/mean/wC/f32", lk::Reduction::kMean, 1, true, int64_t{1} << 24, 2},
       {"focal/none", lk::Reduction::kNone, 0, false, int64_t{1} << 24, 1},
-      {"ignnorm/mean/wC", lk::Reduction::kMean, 1, false, int64_t{1} << 24, 2},
       {"smooth/mean/wC", lk::Reduction::kMean, 1, false, int64_t{1} << 24, 3},
   };
   std::printf("\nfused loss+grad_logits kernel vs device-to-device copy of the same bytes\n");
@@ -442,7 +444,8 @@ int main(int argc, char** argv) {
               "copy GB/s", "ratio", "Gelem/s");
   for (const Variant& v : variants) {
     if (only != nullptr && std::strcmp(only, v.name) != 0) continue;
-    if (!(v.option != 0 ? ok_options : v.float_math ? ok_float : ok_mixed)) {
+    if (!(v.option != 0 ? ok_options && (!v.float_math || ok_float)
+                        : v.float_math ? ok_float : ok_mixed)) {
       std::printf("%-18s not timed: its validation failed\n", v.name);
       continue;
     }
@@ -474,8 +477,14 @@ int main(int argc, char** argv) {
       if (v.weights == 2) bytes_per += 8;
       const double bytes = bytes_per * n;
       const int iters = static_cast<int>(std::clamp(4e9 / bytes, 10.0, 400.0));
+      const bool fused = v.option == 0 || v.option == 2;
+      if (v.option == 2) {  // no target is -100 here: the count stays numel
+        d.has_ignore_index = true;
+        d.ignore_index = -100.0;
+        d.count = static_cast<double>(n);
+      }
       lossd::kernels::cuda::DeviceGeneric g;
-      if (v.option != 0) {
+      if (!fused) {
         g.numel = n;
         g.logits = x;
         g.targets = y;
@@ -494,8 +503,12 @@ int main(int argc, char** argv) {
         g.grad_logits = grad;
       }
       const double kernel_ms = TimeMs(iters, [&] {
-        CHECK_CUDA(v.option != 0 ? lossd::kernels::cuda::LaunchGeneric(g, nullptr)
-                                 : lossd::kernels::cuda::LaunchBce(d, nullptr));
+        if (v.option == 2) {
+          CHECK_CUDA(lossd::kernels::cuda::LaunchCountIgnored(lk::DType::kFloat32, y, -100.0, n,
+                                                              ignored, nullptr));
+        }
+        CHECK_CUDA(fused ? lossd::kernels::cuda::LaunchBce(d, nullptr)
+                         : lossd::kernels::cuda::LaunchGeneric(g, nullptr));
       });
       const size_t half = static_cast<size_t>(bytes / 2);
       const double copy_ms = TimeMs(iters, [&] {
