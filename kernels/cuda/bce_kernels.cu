@@ -355,18 +355,6 @@ __device__ __forceinline__ void BlockTreeSum(double* tree_pair, int parity, cons
   }
 }
 
-// Losses divided by the normalize count (kNone), in double as the CPU backend divides them; a
-// float loss is rounded once more. Out of line: a double division is long code, and inline it
-// took registers from every kernel, normalize or not.
-__device__ __noinline__ void DivideLosses4(double* l, double count) {
-#pragma unroll
-  for (int k = 0; k < 4; ++k) l[k] /= count;
-}
-__device__ __noinline__ void DivideLosses4(float* l, double count) {
-#pragma unroll
-  for (int k = 0; k < 4; ++k) l[k] = static_cast<float>(static_cast<double>(l[k]) / count);
-}
-
 // Kernel with the element math in double (BceElementMixed for float and half logits,
 // BceElement<double> for float64), results rounded once when stored.
 template <typename TX, typename TY, bool kReduce>
@@ -405,8 +393,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
           gx[k] = 0.0;
           gy[k] = 0.0;
         }
+        if (!kReduce && P.loss_div != 1.0) l[e] /= P.loss_div;
       }
-      if (!kReduce && P.loss_div != 1.0) DivideLosses4(l + 4 * h, P.loss_div);
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
     if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P.numel, P.sums);
@@ -512,7 +500,12 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
           }
         }
       }
-      if (!kReduce && P.loss_div != 1.0) DivideLosses4(l + 4 * h, P.loss_div);
+      if (!kReduce && P.loss_div != 1.0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          l[4 * h + k] = static_cast<float>(static_cast<double>(l[4 * h + k]) / P.loss_div);
+        }
+      }
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
     if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P.numel, P.sums);
