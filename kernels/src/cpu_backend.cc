@@ -280,13 +280,25 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
   }
 }
 
-// Elements whose raw target equals ignore_index, counted for `normalize`.
-int64_t CountIgnored(const BceArgs& args) {
-  int64_t ignored = 0;
-  for (int64_t i = 0; i < args.numel; ++i) {
-    ignored += LoadAsDouble(args.targets_dtype, args.targets, i) == args.ignore_index;
-  }
-  return ignored;
+// Elements whose raw target equals ignore_index (compared in double, as the reference does),
+// counted for `normalize`: chunks in parallel, runs of kReduceBlock converted to double.
+int64_t CountIgnored(const BceArgs& args, internal::ThreadPool& pool) {
+  const int64_t chunks = (args.numel + kChunkElements - 1) / kChunkElements;
+  std::vector<int64_t> counts(chunks, 0);
+  pool.ParallelFor(chunks, [&](int64_t t) {
+    double run[kReduceBlock];
+    const int64_t end = std::min(args.numel, (t + 1) * kChunkElements);
+    int64_t c = 0;
+    for (int64_t i0 = t * kChunkElements; i0 < end; i0 += kReduceBlock) {
+      const int64_t n = std::min(kReduceBlock, end - i0);
+      const double* y = DenseRun(args.targets_dtype, args.targets, i0, n, run);
+      for (int64_t k = 0; k < n; ++k) c += y[k] == args.ignore_index;
+    }
+    counts[t] = c;
+  });
+  int64_t total = 0;
+  for (int64_t c : counts) total += c;
+  return total;
 }
 
 class CpuBackend final : public Backend {
@@ -313,7 +325,8 @@ class CpuBackend final : public Backend {
     Plan plan;
     plan.reduce = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
     if (args.normalize) {
-      const int64_t kept = args.numel - (args.has_ignore_index ? CountIgnored(args) : 0);
+      const int64_t kept =
+          args.numel - (args.has_ignore_index ? CountIgnored(args, pool_) : 0);
       plan.count = kept > 0 ? static_cast<double>(kept) : 1.0;
     }
     plan.grad_div = plan.count;
