@@ -176,8 +176,9 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
   const bool direct_loss = direct && !plan.reduce && plan.loss_f64 == nullptr &&
                            plan.count == 1.0 && out.loss != nullptr &&
                            out.loss_values == nullptr;
-  // Gradient division inside the SIMD kernel when the divisor is exact in T.
-  const bool div_in_kernel = static_cast<double>(static_cast<T>(plan.grad_div)) == plan.grad_div;
+  // Gradient division inside the SIMD kernel: the divisor as T plus what T cannot hold of it.
+  const T div_hi = static_cast<T>(plan.grad_div);
+  const T div_lo = static_cast<T>(plan.grad_div - static_cast<double>(div_hi));
   internal::ElementOptions<T> eo;
   eo.focal = focal;
   eo.has_ignore_index = has_ignore;
@@ -190,7 +191,8 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
   const auto w_tile = MakeTile<T>(args.weight, args.numel, span);
   const auto p_tile = MakeTile<T>(args.pos_weight, args.numel, span);
   internal::BlockArgs<T> k;
-  k.grad_divisor = div_in_kernel ? static_cast<T>(plan.grad_div) : T(1);
+  k.grad_divisor = div_hi;
+  k.grad_divisor_lo = div_lo;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t i0 = b * B;
     const int64_t n = std::min(B, args.numel - i0);
@@ -208,7 +210,7 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
         T l, gx, gy;
         internal::LossElement<T>(eo, k.x[j], y_raw[j], k.w ? k.w[j] : T(1), T(1), &l, &gx, &gy);
         k.loss[j] = l;
-        if (k.gx) k.gx[j] = div_in_kernel ? gx / k.grad_divisor : gx;
+        if (k.gx) k.gx[j] = gx / (div_hi + div_lo);  // T is double here: div_lo is 0
         if (k.gy) k.gy[j] = gy;  // NaN: the focal loss offers no dl/dy (as the reference)
       }
     } else {
@@ -248,14 +250,6 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
         k.loss[j] = T(0);
         if (k.gx) k.gx[j] = T(0);
         if (k.gy) k.gy[j] = T(0);
-      }
-    }
-    if (!div_in_kernel) {
-      for (T* g : {k.gx, k.gy}) {
-        if (g == nullptr) continue;
-        for (int64_t j = 0; j < n; ++j) {
-          g[j] = static_cast<T>(static_cast<double>(g[j]) / plan.grad_div);
-        }
       }
     }
     if (!direct) {

@@ -259,6 +259,21 @@ HWY_INLINE V DivideByReciprocal(V g, V div, V r) {
 #endif
 }
 
+// The same for a divisor div + div_lo that the lane type cannot hold (a float lane's MEAN
+// divisor beyond 2^24, or the normalize count times numel): the residual g - q div - q div_lo
+// by two FMAs, so the quotient is the float one of g / divisor, rounded once (within 1 ulp in
+// rare cases), without a pass in double afterwards.
+template <class V>
+HWY_INLINE V DivideByReciprocalPair(V g, V div, V div_lo, V r) {
+#if HWY_NATIVE_FMA
+  const V q = hn::Mul(g, r);
+  return hn::MulAdd(hn::NegMulAdd(q, div_lo, hn::NegMulAdd(q, div, g)), r, q);
+#else
+  (void)r;
+  return hn::Div(g, hn::Add(div, div_lo));
+#endif
+}
+
 // Lanes with |x| beyond kFarX<T> (where exp(-|x|) would be subnormal in T and lose its relative
 // precision), infinite x, NaN inputs and overflowing products are "rare": the vector code
 // leaves them to FixRareLanes.
@@ -271,7 +286,8 @@ constexpr T kFarX = sizeof(T) == 4 ? T(80) : T(700);
 // meaningful.
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p, V div,
-                                 bool scale, V rdiv, bool want_gx, bool want_gy, V* loss, V* gx,
+                                 V div_lo, bool scale, bool scale_lo, V rdiv, bool want_gx,
+                                 bool want_gy, V* loss, V* gx,
                                  V* gy) {
   using T = hn::TFromD<D>;
   const V zero = hn::Zero(d);
@@ -338,8 +354,13 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   // opposite signs, so it is probed too.
   const auto ok = hn::AndNot(far, hn::IsFinite(want_gx ? hn::Add(lv, gxv) : lv));
   if (scale) {
-    gxv = DivideByReciprocal(gxv, div, rdiv);
-    if (want_gy) gyv = DivideByReciprocal(gyv, div, rdiv);
+    if (scale_lo) {
+      gxv = DivideByReciprocalPair(gxv, div, div_lo, rdiv);
+      if (want_gy) gyv = DivideByReciprocalPair(gyv, div, div_lo, rdiv);
+    } else {
+      gxv = DivideByReciprocal(gxv, div, rdiv);
+      if (want_gy) gyv = DivideByReciprocal(gyv, div, rdiv);
+    }
   }
   *loss = lv;
   *gx = gxv;
@@ -351,8 +372,9 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
 // depends only on each element's own inputs, so results stay position-independent.
 template <typename T>
 HWY_NOINLINE void FixRareLanes(size_t lanes, const T* rare, const T* x, const T* y, const T* w,
-                               const T* p, T div, T* l, T* gx, T* gy) {
+                               const T* p, T div_hi, T div_lo, T* l, T* gx, T* gy) {
   using Wide = std::conditional_t<sizeof(T) == 4, double, long double>;
+  const Wide div = static_cast<Wide>(div_hi) + static_cast<Wide>(div_lo);
   for (size_t j = 0; j < lanes; ++j) {
     if (rare[j] == T(0)) continue;
     Wide lw, gxw, gyw;
@@ -371,11 +393,16 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   const size_t N = hn::Lanes(d);
   const bool has_w = a.w != nullptr;
   const bool has_p = a.p != nullptr;
-  const bool scale = a.grad_divisor != T(1);
+  const bool scale_lo = a.grad_divisor_lo != T(0);
+  const bool scale = a.grad_divisor != T(1) || scale_lo;
   const bool want_gx = a.gx != nullptr;
   const bool want_gy = a.gy != nullptr;
   const V div = hn::Set(d, a.grad_divisor);
-  const V rdiv = hn::Set(d, T(1) / a.grad_divisor);
+  const V div_lo = hn::Set(d, a.grad_divisor_lo);
+  const V rdiv = hn::Set(
+      d, scale_lo ? static_cast<T>(1.0 / (static_cast<double>(a.grad_divisor) +
+                                          static_cast<double>(a.grad_divisor_lo)))
+                  : T(1) / a.grad_divisor);
   const V one = hn::Set(d, T(1));
   // The inputs and outputs of one vector of lanes (absent ones null).
   struct Ptrs {
@@ -393,8 +420,8 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   };
   const auto compute = [&](const Ptrs& q, V* l, V* gx, V* gy) {
     return BceVector(d, hn::LoadU(d, q.x), hn::LoadU(d, q.y), has_w ? hn::LoadU(d, q.w) : one,
-                     has_p ? hn::LoadU(d, q.p) : one, has_w, has_p, div, scale, rdiv, want_gx,
-                     want_gy, l, gx, gy);
+                     has_p ? hn::LoadU(d, q.p) : one, has_w, has_p, div, div_lo, scale,
+                     scale_lo, rdiv, want_gx, want_gy, l, gx, gy);
   };
   // Stores n_out <= N lanes of computed results, recomputing the rare lanes first.
   const auto finish = [&](hn::Mask<decltype(d)> ok, V l, V gx, V gy, const Ptrs& q,
@@ -410,7 +437,8 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
     hn::Store(l, d, lb);
     hn::Store(gx, d, gxb);
     hn::Store(gy, d, gyb);
-    FixRareLanes<T>(n_out, rb, q.x, q.y, q.w, q.p, a.grad_divisor, lb, gxb, gyb);
+    FixRareLanes<T>(n_out, rb, q.x, q.y, q.w, q.p, a.grad_divisor, a.grad_divisor_lo, lb, gxb,
+                    gyb);
     std::memcpy(q.l, lb, n_out * sizeof(T));
     if (q.gx) std::memcpy(q.gx, gxb, n_out * sizeof(T));
     if (q.gy) std::memcpy(q.gy, gyb, n_out * sizeof(T));

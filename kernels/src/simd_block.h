@@ -8,8 +8,9 @@ namespace lossd::kernels::internal {
 
 // One run of n elements of BCE with logits in compute type T (float or double).
 // x, y: n values. w, p: n values, or null for 1. loss: n outputs (required). gx, gy: n outputs
-// or null when not wanted. Gradients are divided by grad_divisor (1 = none; it must be exactly
-// representable in T). Semantics of BceElement (bce_math.h); per element the result depends only
+// or null when not wanted. Gradients are divided by grad_divisor + grad_divisor_lo (1 + 0 =
+// none; grad_divisor_lo is what a divisor beyond T leaves over, 0 when T holds it exactly).
+// Semantics of BceElement (bce_math.h); per element the result depends only
 // on that element's inputs, never on its position or on n.
 template <typename T>
 struct BlockArgs {
@@ -22,6 +23,7 @@ struct BlockArgs {
   T* gx = nullptr;
   T* gy = nullptr;
   T grad_divisor = T(1);
+  T grad_divisor_lo = T(0);
 };
 
 // Dispatches to the best SIMD target of this CPU.

@@ -400,6 +400,54 @@ TEST_P(AccuracyTest, Float32RandomFullRangeMeanGradients) {
             << " ulp (of the larger term / n)\n";
 }
 
+TEST_P(AccuracyTest, Float32NormalizedMeanGradientsWithDivisorBeyondFloat) {
+  // ignore_index + normalize under MEAN: the gradients are divided by count * n, which float
+  // cannot hold here (about 3.4e10, not a multiple of a power of two fitting 24 bits), so the
+  // kernel divides by it as a pair of floats. Bound: 4 ulp of the larger term / divisor; the
+  // ignored elements give exactly 0.
+  constexpr int64_t kN = 3 * 65536 + 1;
+  Draws r(20240614);
+  std::vector<float> x(kN), y(kN), w(kN), p(kN), gx(kN), gy(kN);
+  DrawElementsF32(r, kN, x.data(), y.data(), w.data(), p.data());
+  int64_t kept = kN;
+  for (int64_t i = 0; i < kN; i += 7) {
+    y[i] = -100.0f;
+    --kept;
+  }
+  const double divisor = static_cast<double>(kept) * kN;
+  ASSERT_NE(static_cast<double>(static_cast<float>(divisor)), divisor);
+  BceArgs a =
+      FlatArgs(DType::kFloat32, kN, x.data(), y.data(), w.data(), p.data(), Reduction::kMean);
+  a.has_ignore_index = true;
+  a.ignore_index = -100;
+  a.normalize = true;
+  float l;
+  ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {&l, gx.data(), gy.data()}).ok());
+  double rl;
+  std::vector<double> rgx(kN), rgy(kN);
+  ReferenceBce(a, &rl, rgx.data(), rgy.data());
+  Tally t;
+  for (int64_t i = 0; i < kN; ++i) {
+    if (y[i] == -100.0f) {
+      if (gx[i] != 0.0f || gy[i] != 0.0f) t.Fail("ignored element " + std::to_string(i));
+      continue;
+    }
+    const auto [sx, sy] = GradTermScales(x[i], y[i], w[i], p[i]);
+    if (!t.GradOk(gx[i], rgx[i], UlpF32(sx / divisor), &t.worst_gx)) {
+      t.Fail("dl/dx " + Inputs(x[i], y[i], w[i], p[i]) + ": got " + Str(gx[i]) + " want " +
+             Str(rgx[i]));
+    }
+    if (!t.GradOk(gy[i], rgy[i], UlpF32(sy / divisor), &t.worst_gy)) {
+      t.Fail("dl/dy " + Inputs(x[i], y[i], w[i], p[i]) + ": got " + Str(gy[i]) + " want " +
+             Str(rgy[i]));
+    }
+  }
+  EXPECT_EQ(t.failures, 0) << "elements out of bounds, of " << kN;
+  std::cout << "target " << hwy::TargetName(GetParam()) << ": normalized mean (divisor "
+            << divisor << "), worst dl/dx " << t.worst_gx << " ulp, dl/dy " << t.worst_gy
+            << " ulp (of the larger term / divisor)\n";
+}
+
 TEST_P(AccuracyTest, HugeOppositeCoefficientsKeepFiniteGradients) {
   auto cpu = MakeCpuBackend({1});
   // Coefficients near the float range with opposite signs (|y| ~ 1e38): the exact dl/dx is
