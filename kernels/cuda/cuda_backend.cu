@@ -6,15 +6,19 @@
 // 1024+4t..1024+4t+3 of the block: 16-byte (float) vector loads and stores, coalesced across
 // the warp, and exactly the pair that the first level (h = 1024) of the fixed reduction tree
 // adds, so that level happens in registers. The remaining levels (h = 512..32) run in shared
-// memory, h = 16..1 with warp shuffles; the block's sum (a double) goes to block_sums[b]. The
-// host adds the block sums with ExactSum, so the result is bitwise reproducible.
-// Per element: float32, float16 and bfloat16 logits use BceElementMixed (bce_device_math.h:
-// exp, log1p and the reciprocal in float, the rest in double), float64 uses
-// internal::BceElement<double>; results are rounded once to the output dtype, and the tree
-// sums the element losses as computed, in double (as the CPU backend does). The targets' dtype
-// is a template parameter; weight and pos_weight load as double through a dtype switch (a
-// uniform branch), with 32-bit multiply-shift division for (i / inner) % period when
-// numel < 2^31. Float kernels are capped at 64 registers (4 blocks of 256 threads per SM).
+// memory, two levels per barrier, h = 16..1 with warp shuffles; the block's sum (a double)
+// goes to block_sums[b]. The host adds the block sums with ExactSum, so the result is bitwise
+// reproducible.
+// Per element: float32, float16 and bfloat16 logits use BceElementF32 by default
+// (CudaOptions::float_math; bce_device_math.h: the CPU kernel's float formulas, rare elements
+// in double) where targets and operands are exact in float, else BceElementMixed (exp, log1p
+// and the reciprocal in float, the rest in double); float64 uses internal::BceElement<double>.
+// Results are rounded once to the output dtype, and the tree sums the element losses as
+// stored, in double (as the CPU backend does). The targets' dtype is a template parameter;
+// weight and pos_weight load through a dtype switch (a uniform branch; uploaded as float or
+// double when small, [C] operands with C % 4 == 0 as one vector load per 4 elements), with
+// 32-bit multiply-shift division for (i / inner) % period when numel < 2^31. Float kernels
+// are capped at 64 registers (4 blocks of 256 threads per SM).
 //
 // ignore_index and normalize (paddle) run in the fused kernel: ignored elements give 0, and
 // with normalize the kept count (counted on the device, read back before the launch) divides
