@@ -136,6 +136,20 @@ struct Tally {
     }
     return got == static_cast<T>(want);
   }
+  // Both gradients of one float32 element, each within 4 ulp of its larger term / divisor
+  // (GradOk), against the float64 reference; failures name the inputs.
+  void GradsF32(float x, float y, float w, float p, float gx, float gy, double want_gx,
+                double want_gy, double divisor) {
+    const auto [sx, sy] = GradTermScales(x, y, w, p);
+    if (!GradOk(gx, want_gx, UlpF32(sx / divisor), &worst_gx)) {
+      Fail("dl/dx " + Inputs(x, y, w, p) + ": got " + Str(gx) + " want " + Str(want_gx) +
+           " larger term " + Str(sx));
+    }
+    if (!GradOk(gy, want_gy, UlpF32(sy / divisor), &worst_gy)) {
+      Fail("dl/dy " + Inputs(x, y, w, p) + ": got " + Str(gy) + " want " + Str(want_gy) +
+           " larger term " + Str(sy));
+    }
+  }
 };
 
 class AccuracyTest : public ::testing::TestWithParam<int64_t> {
@@ -350,15 +364,7 @@ TEST_P(AccuracyTest, Float32RandomFullRange) {
         t.Fail("loss " + in() + ": got " + Str(l[i]) + " want " + Str(rl[i]) + ", " +
                std::to_string(d) + " ulp");
       }
-      const auto [sx, sy] = GradTermScales(x[i], y[i], w[i], p[i]);
-      if (!t.GradOk(gx[i], rgx[i], UlpF32(sx), &t.worst_gx)) {
-        t.Fail("dl/dx " + in() + ": got " + Str(gx[i]) + " want " + Str(rgx[i]) + " larger term " +
-               Str(sx));
-      }
-      if (!t.GradOk(gy[i], rgy[i], UlpF32(sy), &t.worst_gy)) {
-        t.Fail("dl/dy " + in() + ": got " + Str(gy[i]) + " want " + Str(rgy[i]) + " larger term " +
-               Str(sy));
-      }
+      t.GradsF32(x[i], y[i], w[i], p[i], gx[i], gy[i], rgx[i], rgy[i], 1.0);
     }
   }
   EXPECT_EQ(t.failures, 0) << "elements out of bounds, of " << kChunk * kChunks;
@@ -384,15 +390,7 @@ TEST_P(AccuracyTest, Float32RandomFullRangeMeanGradients) {
   ReferenceBce(a, &rl, rgx.data(), rgy.data());
   Tally t;
   for (int64_t i = 0; i < kN; ++i) {
-    const auto [sx, sy] = GradTermScales(x[i], y[i], w[i], p[i]);
-    if (!t.GradOk(gx[i], rgx[i], UlpF32(sx / kN), &t.worst_gx)) {
-      t.Fail("dl/dx " + Inputs(x[i], y[i], w[i], p[i]) + ": got " + Str(gx[i]) + " want " +
-             Str(rgx[i]));
-    }
-    if (!t.GradOk(gy[i], rgy[i], UlpF32(sy / kN), &t.worst_gy)) {
-      t.Fail("dl/dy " + Inputs(x[i], y[i], w[i], p[i]) + ": got " + Str(gy[i]) + " want " +
-             Str(rgy[i]));
-    }
+    t.GradsF32(x[i], y[i], w[i], p[i], gx[i], gy[i], rgx[i], rgy[i], kN);
   }
   EXPECT_EQ(t.failures, 0) << "elements out of bounds, of " << kN;
   std::cout << "target " << hwy::TargetName(GetParam()) << ": random full-range float32 mean, "
@@ -432,15 +430,7 @@ TEST_P(AccuracyTest, Float32NormalizedMeanGradientsWithDivisorBeyondFloat) {
       if (gx[i] != 0.0f || gy[i] != 0.0f) t.Fail("ignored element " + std::to_string(i));
       continue;
     }
-    const auto [sx, sy] = GradTermScales(x[i], y[i], w[i], p[i]);
-    if (!t.GradOk(gx[i], rgx[i], UlpF32(sx / divisor), &t.worst_gx)) {
-      t.Fail("dl/dx " + Inputs(x[i], y[i], w[i], p[i]) + ": got " + Str(gx[i]) + " want " +
-             Str(rgx[i]));
-    }
-    if (!t.GradOk(gy[i], rgy[i], UlpF32(sy / divisor), &t.worst_gy)) {
-      t.Fail("dl/dy " + Inputs(x[i], y[i], w[i], p[i]) + ": got " + Str(gy[i]) + " want " +
-             Str(rgy[i]));
-    }
+    t.GradsF32(x[i], y[i], w[i], p[i], gx[i], gy[i], rgx[i], rgy[i], divisor);
   }
   EXPECT_EQ(t.failures, 0) << "elements out of bounds, of " << kN;
   std::cout << "target " << hwy::TargetName(GetParam()) << ": normalized mean (divisor "
