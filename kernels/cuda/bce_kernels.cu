@@ -521,27 +521,39 @@ constexpr auto KernelOf() {
   }
 }
 
-template <typename TX, typename TY, bool kReduce, bool kF32>
-cudaError_t LaunchTyped(const Params& P, cudaStream_t stream) {
-  constexpr auto kernel = KernelOf<TX, TY, kReduce, kF32>();
-  // Resident blocks per SM for this instantiation, computed once (thread-safe static).
+// Multiprocessors of the current device, at least 1.
+cudaError_t SmCount(int* sms) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  *sms = std::max(*sms, 1);
+  return err;
+}
+
+// Launches a block-looping kernel over P.nblocks reduction blocks with as many CUDA blocks as
+// fit on the device at once (resident blocks per SM for this kernel, computed once).
+template <auto kKernel, typename TParams>
+cudaError_t LaunchResident(const TParams& P, cudaStream_t stream) {
   static const int per_sm = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0) != cudaSuccess) {
       cudaGetLastError();
       n = 0;
     }
     return std::max(n, 1);
   }();
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  }
-  if (err != cudaSuccess) return err;
-  const int64_t grid = std::min<int64_t>(P.nblocks, int64_t{per_sm} * std::max(sms, 1));
-  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(P);
+  int sms = 0;
+  if (cudaError_t err = SmCount(&sms); err != cudaSuccess) return err;
+  const int64_t grid = std::min<int64_t>(P.nblocks, int64_t{per_sm} * sms);
+  kKernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(P);
   return cudaGetLastError();
+}
+
+template <typename TX, typename TY, bool kReduce, bool kF32>
+cudaError_t LaunchTyped(const Params& P, cudaStream_t stream) {
+  return LaunchResident<KernelOf<TX, TY, kReduce, kF32>()>(P, stream);
 }
 
 template <typename TX, typename TY>
@@ -671,32 +683,10 @@ __global__ void __launch_bounds__(kThreads) CountIgnoredKernel(const void* y, in
   if ((threadIdx.x & 31) == 0 && c != 0) atomicAdd(out, c);
 }
 
-template <typename TX, bool kReduce>
-cudaError_t LaunchGenericKernel(const GenericParams& P, cudaStream_t stream) {
-  constexpr auto kernel = GenericKernel<TX, kReduce>;
-  static const int per_sm = [] {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
-      cudaGetLastError();
-      n = 0;
-    }
-    return std::max(n, 1);
-  }();
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  }
-  if (err != cudaSuccess) return err;
-  const int64_t grid = std::min<int64_t>(P.nblocks, int64_t{per_sm} * std::max(sms, 1));
-  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(P);
-  return cudaGetLastError();
-}
-
 template <typename TX>
 cudaError_t LaunchGenericTyped(const GenericParams& P, cudaStream_t stream) {
-  return P.sums != nullptr ? LaunchGenericKernel<TX, true>(P, stream)
-                           : LaunchGenericKernel<TX, false>(P, stream);
+  return P.sums != nullptr ? LaunchResident<GenericKernel<TX, true>>(P, stream)
+                           : LaunchResident<GenericKernel<TX, false>>(P, stream);
 }
 
 // Device pointers and options of one generic evaluation (numel > 0).
@@ -784,12 +774,10 @@ cudaError_t LaunchCountIgnored(DType targets_dtype, const void* targets, double 
                                int64_t numel, unsigned long long* out, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(out, 0, sizeof(unsigned long long), stream);
   if (err != cudaSuccess || numel <= 0) return err;
-  int device = 0, sms = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
+  int sms = 0;
+  if (err = SmCount(&sms); err != cudaSuccess) return err;
   const int64_t blocks = (numel + kThreads - 1) / kThreads;
-  const int64_t grid = std::min<int64_t>(blocks, int64_t{8} * std::max(sms, 1));
+  const int64_t grid = std::min<int64_t>(blocks, int64_t{8} * sms);
   CountIgnoredKernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
       targets, static_cast<int>(targets_dtype), ignore_index, numel, out);
   return cudaGetLastError();

@@ -153,6 +153,23 @@ absl::Status UploadOperand(const Operand& host, const Upload& up, char* base, si
   return absl::OkStatus();
 }
 
+// The normalize divisor, as the CPU backend's Plan: the kept elements, at least 1.
+double KeptCount(int64_t numel, int64_t ignored) {
+  const int64_t kept = numel - ignored;
+  return kept > 0 ? static_cast<double>(kept) : 1.0;
+}
+
+// The SUM or MEAN loss from the device's block tree sums, as the CPU backend forms it: their
+// exact sum, divided by the normalize count, and by numel for MEAN; rounded once to the dtype.
+void StoreSumLoss(const BceArgs& args, const std::vector<double>& sums, double count,
+                  void* loss) {
+  ExactSum total;
+  for (double s : sums) total.Add(s);
+  double v = total.Value() / count;
+  if (args.reduction == Reduction::kMean) v /= static_cast<double>(args.numel);
+  StoreFromDouble(args.dtype, loss, 0, v);
+}
+
 // A stream and its grow-only device buffer. Owned by the pool; used by one call at a time.
 struct Slot {
   cudaStream_t stream = nullptr;
@@ -419,17 +436,9 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
 
   // The reduced loss, as the CPU backend forms it: exact sum of the block sums, or of each
   // row's values, divided by the normalize count (and numel or last_dim).
-  double count = 1.0;
-  if (args.normalize) {
-    const int64_t kept = n - static_cast<int64_t>(ignored);
-    count = kept > 0 ? static_cast<double>(kept) : 1.0;
-  }
+  const double count = args.normalize ? KeptCount(n, static_cast<int64_t>(ignored)) : 1.0;
   if (want_sum) {
-    ExactSum total;
-    for (double s : sums) total.Add(s);
-    double v = total.Value() / count;
-    if (args.reduction == Reduction::kMean) v /= static_cast<double>(n);
-    StoreFromDouble(args.dtype, out.loss, 0, v);
+    StoreSumLoss(args, sums, count, out.loss);
   } else if (args.reduction == Reduction::kPerSampleMean) {
     const int64_t len = args.last_dim;
     const int64_t rows = n / len;
@@ -498,8 +507,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
       LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
       ignored = static_cast<int64_t>(host);
     }
-    const int64_t kept = n - ignored;
-    count = kept > 0 ? static_cast<double>(kept) : 1.0;
+    count = KeptCount(n, ignored);
   }
   cuda::DeviceBce d;
   d.numel = n;
@@ -545,13 +553,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
                                                cudaMemcpyDeviceToHost, stream));
   }
   LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-  if (want_sum) {
-    ExactSum total;
-    for (double s : sums) total.Add(s);
-    double v = total.Value() / count;
-    if (args.reduction == Reduction::kMean) v /= static_cast<double>(n);
-    StoreFromDouble(args.dtype, out.loss, 0, v);
-  }
+  if (want_sum) StoreSumLoss(args, sums, count, out.loss);
   return absl::OkStatus();
 }
 
