@@ -637,11 +637,8 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const GenericParams P)
   __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
   // The CPU backend's divisors: count = numel - ignored (at least 1) under normalize, else 1;
   // gradients divide by count * grad_extra (numel for MEAN, last_dim for per-sample mean).
-  double count = 1.0;
-  if (P.ignored != nullptr) {
-    const int64_t kept = P.numel - static_cast<int64_t>(*P.ignored);
-    count = kept > 0 ? static_cast<double>(kept) : 1.0;
-  }
+  const double count =
+      P.ignored != nullptr ? internal::KeptCount(P.numel, static_cast<int64_t>(*P.ignored)) : 1.0;
   const double grad_div = count * P.grad_extra;
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
   int parity = 0;  // BlockTreeSum's buffer

@@ -27,8 +27,9 @@
 // Generic kernel (GenericKernel): every other option (focal, label smoothing, kPerSampleMean,
 // per-element loss_values, with or without ignore_index and normalize), in the same block
 // layout, all math in double through internal::LossElement<double>. normalize counts the
-// ignored targets on the device first (CountIgnoredKernel); losses (NONE, divided by the count) and gradients
-// (divided by the CPU backend's divisor) are rounded once to the output dtype on the device;
+// ignored targets on the device first (CountIgnoredKernel); losses (NONE, divided by the
+// count) and gradients (divided by the CPU backend's divisor) are rounded once to the output
+// dtype on the device;
 // SUM and MEAN produce block tree sums that the host adds with ExactSum; per-sample mean and
 // loss_values copy the element losses back as double (per-sample mean is reduced per row on
 // the host with ExactSum, as the CPU backend does).
@@ -151,12 +152,6 @@ absl::Status UploadOperand(const Operand& host, const Upload& up, char* base, si
   LOSSD_CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(base + offset, up.host, up.bytes, cudaMemcpyHostToDevice, stream));
   return absl::OkStatus();
-}
-
-// The normalize divisor, as the CPU backend's Plan: the kept elements, at least 1.
-double KeptCount(int64_t numel, int64_t ignored) {
-  const int64_t kept = numel - ignored;
-  return kept > 0 ? static_cast<double>(kept) : 1.0;
 }
 
 // The SUM or MEAN loss from the device's block tree sums, as the CPU backend forms it: their
@@ -436,7 +431,7 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
 
   // The reduced loss, as the CPU backend forms it: exact sum of the block sums, or of each
   // row's values, divided by the normalize count (and numel or last_dim).
-  const double count = args.normalize ? KeptCount(n, static_cast<int64_t>(ignored)) : 1.0;
+  const double count = args.normalize ? internal::KeptCount(n, static_cast<int64_t>(ignored)) : 1.0;
   if (want_sum) {
     StoreSumLoss(args, sums, count, out.loss);
   } else if (args.reduction == Reduction::kPerSampleMean) {
@@ -507,7 +502,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
       LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
       ignored = static_cast<int64_t>(host);
     }
-    count = KeptCount(n, ignored);
+    count = internal::KeptCount(n, ignored);
   }
   cuda::DeviceBce d;
   d.numel = n;

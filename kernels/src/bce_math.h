@@ -4,6 +4,7 @@
 #define LOSSD_KERNELS_SRC_BCE_MATH_H_
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define LOSSD_HD __host__ __device__ __forceinline__
@@ -28,6 +29,13 @@ inline constexpr float kLog1pQ4 = 0.14201843738555908f;
 inline constexpr float kLog1pQ5 = -0.13160046935081482f;
 inline constexpr float kLog1pQ6 = 0.12760886549949646f;
 inline constexpr float kLog1pQ7 = -0.07633990049362183f;
+
+// The normalize divisor (paddle): the elements kept, numel minus those whose target equals
+// ignore_index, at least 1. Every backend divides by it the same way.
+LOSSD_HD double KeptCount(int64_t numel, int64_t ignored) {
+  const int64_t kept = numel - ignored;
+  return kept > 0 ? static_cast<double>(kept) : 1.0;
+}
 
 // Computes, for one element, the loss and its gradients wrt x and y in type T, with the
 // cancellation-free forms of DESIGN.md section 4:

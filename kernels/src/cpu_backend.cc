@@ -319,9 +319,8 @@ class CpuBackend final : public Backend {
     Plan plan;
     plan.reduce = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
     if (args.normalize) {
-      const int64_t kept =
-          args.numel - (args.has_ignore_index ? CountIgnored(args, pool_) : 0);
-      plan.count = kept > 0 ? static_cast<double>(kept) : 1.0;
+      plan.count =
+          internal::KeptCount(args.numel, args.has_ignore_index ? CountIgnored(args, pool_) : 0);
     }
     plan.grad_div = plan.count;
     if (args.reduction == Reduction::kMean) plan.grad_div *= static_cast<double>(args.numel);
