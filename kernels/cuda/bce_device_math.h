@@ -200,19 +200,48 @@ LOSSD_HD float MulRn(float a, float b) {
 #endif
 }
 
-// All-float element (the formulas of the CPU SIMD kernel, kernels/src/simd_block.cc, one lane):
-// for float32 and half inputs whose y, w and p are exact in float. Returns false (the outputs
-// are then not meaningful) for the elements it does not handle: |x| > 80 or NaN x (exp(-|x|)
-// would be subnormal in float), and any non-finite loss or dl/dx (NaN in y, w or p, or
-// overflow); the caller then uses BceElementMixed. Otherwise every term is finite, so a zero
+// The coefficients of the all-float element for targets exact in float, with the weight folded
+// in: a = w (1 - y) and b = w p y, each rounded once (w p is split exactly by an FMA, so b is
+// not rounded twice).
+LOSSD_HD void CoefF32(float y, float w, float p, float* a, float* b) {
+  *a = fmaf(-w, y, w);
+  const float wp = MulRn(w, p);
+  *b = fmaf(wp, y, MulRn(fmaf(w, p, -wp), y));
+}
+
+// The label-smoothed target y (1 - s) + s/2 in double, as LossElement forms it (a product
+// and a sum, each rounded; never fused by the device compiler). keep = 1 - s, half = s / 2.
+LOSSD_HD double SmoothedTarget(double y, double keep, double half) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(__dmul_rn(y, keep), half);
+#else
+  return y * keep + half;
+#endif
+}
+
+// The coefficients for a smoothed target ys, which float cannot hold: w (1 - ys) and w p ys
+// formed in double (w p is exact there) and rounded once to float, so the element's error
+// analysis is that of CoefF32. Adding +0 turns the -0 of a zero weight into +0, as CoefF32
+// gives.
+LOSSD_HD void CoefF32Smoothed(double ys, float w, float p, float* a, float* b) {
+  const double wd = w;
+  *a = static_cast<float>(wd * (1.0 - ys)) + 0.0f;
+  *b = static_cast<float>(wd * static_cast<double>(p) * ys) + 0.0f;
+}
+
+// All-float element (the formulas of the CPU SIMD kernel, kernels/src/simd_block.cc, one lane)
+// from the coefficients a = w (1-y) and b = w p y, each rounded once to float (CoefF32 for
+// targets exact in float, CoefF32Smoothed for smoothed ones): for float32 and half inputs.
+// Returns false (the outputs are then not meaningful) for the elements it does not handle:
+// |x| > 80 or NaN x (exp(-|x|) would be subnormal in float), and any non-finite loss or dl/dx
+// (NaN in y, w or p, or overflow); the caller then uses BceElementMixed. Otherwise every term is finite, so a zero
 // coefficient gives an exact zero without tests, and a zero weight gives +0.
 //   e = exp(-|x|) (ExpNonPosParts, exact scaling), u = 1+e rounded and c = e-(u-1) its exact
 //   error, inv = 1/(u+c) for the sigmoids (reciprocal seed and one Newton step on u + c: 1/u
 //   alone would carry u's rounding, up to half an ulp), log1p(e) = log(u) + c/u = hi + lo
 //   unrounded (k = [u > sqrt 2], f = u/2^k - 1, f - f^2/2 + f^3 Q(f), Q a degree-7 minimax
 //   fit, 2^-27.2; c/u from the Newton step on u alone, exact where u = 1),
-//   a = w (1-y) = fma(-w, y, w), b = w p y with w p exact as a pair (one rounding instead of
-//   two), loss = (a+b) (hi+lo) + x P, dl/dx = inv (P - Q e) with (P, Q) = (a, b) for x >= 0,
+//   loss = (a+b) (hi+lo) + x P, dl/dx = inv (P - Q e) with (P, Q) = (a, b) for x >= 0,
 //   (-b, -a) else; *log1p_e = hi + lo rounded, for dl/dy = w (p sp(-x) - sp(x))
 //   (BceGradTargetsF32, apart so that a kernel without dl/dy skips it).
 // Branch-free for the elements it handles (no divergence between hard and soft labels). Every
@@ -221,8 +250,8 @@ LOSSD_HD float MulRn(float a, float b) {
 // Error (host, 8e7 random draws with |x| up to 6, 20, 40 and 90, y in [0, 1], w and p in
 // [0, 1e3]; tests/kernels/cuda_math_test.cc): loss within 3.1 ulp of the exact value,
 // dl/dx within 3.3 and dl/dy within 3 ulp of the larger term.
-LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, float* gx,
-                            float* log1p_e) {
+LOSSD_HD bool BceElementF32Coef(float x, float a, float b, float* loss, float* gx,
+                                float* log1p_e) {
   const float ax = fabsf(x);
   const bool near = ax <= 80.0f;  // false for NaN
   int k;
@@ -249,11 +278,8 @@ LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, flo
   const float corr = fmaf(f2 * f, q, f2 * -0.5f);
   const float hi = (big ? kLn2HiF : 0.0f) + f;  // exact
   const float lo = fmaf(c, inv_u, corr) + (big ? kLn2LoF : 0.0f);
-  // Coefficients with the weight folded in. An overflowing w p makes b NaN or infinite, and
-  // the element is declined by the probe below.
-  const float a = fmaf(-w, y, w);
-  const float wp = MulRn(w, p);
-  const float b = fmaf(wp, y, MulRn(fmaf(w, p, -wp), y));
+  // An overflowing w p makes b NaN or infinite, and the element is declined by the probe
+  // below.
   const float ab = a + b;
   const bool pos = x >= 0.0f;
   const float pc = pos ? a : -b;
@@ -267,12 +293,31 @@ LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, flo
   return near && probe - probe == 0.0f;  // probe finite
 }
 
+// BceElementF32Coef with the coefficients of float targets (CoefF32).
+LOSSD_HD bool BceElementF32(float x, float y, float w, float p, float* loss, float* gx,
+                            float* log1p_e) {
+  float a, b;
+  CoefF32(y, w, p, &a, &b);
+  return BceElementF32Coef(x, a, b, loss, gx, log1p_e);
+}
+
 // dl/dy of an element that BceElementF32 handled, from its log1p_e: w (p sp(-x) - sp(x)), +0
 // for a zero weight.
 LOSSD_HD float BceGradTargetsF32(float x, float w, float p, float log1p_e) {
   const float sp_pos = (x > 0.0f ? x : 0.0f) + log1p_e;
   const float sp_neg = (x < 0.0f ? -x : 0.0f) + log1p_e;
   return w == 0.0f ? 0.0f : w * fmaf(p, sp_neg, -sp_pos);
+}
+
+// dl/dy of the raw target under label smoothing, keep = 1 - s: keep w (p sp(-x) - sp(x)), the
+// product formed in double and rounded once (as many roundings as BceGradTargetsF32); +0 for a
+// zero weight.
+LOSSD_HD float BceGradTargetsF32Smoothed(float x, float w, float p, float log1p_e, double keep) {
+  const float sp_pos = (x > 0.0f ? x : 0.0f) + log1p_e;
+  const float sp_neg = (x < 0.0f ? -x : 0.0f) + log1p_e;
+  return w == 0.0f ? 0.0f
+                   : static_cast<float>(static_cast<double>(w) * keep *
+                                        static_cast<double>(fmaf(p, sp_neg, -sp_pos)));
 }
 
 }  // namespace lossd::kernels::internal

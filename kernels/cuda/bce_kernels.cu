@@ -79,6 +79,9 @@ struct Params {
   bool div_exact_f;  // div_d is exact in float (the all-float kernel divides in float)
   bool scale;        // div_d != 1
   double loss_div;   // kNone losses are divided by it (the normalize count; 1: none)
+  bool smooth;         // label smoothing: y' = y keep + half (keep = 1 - s, half = s / 2)
+  double smooth_keep;  // 1 - s (1 without smoothing); dl/dy of the raw target is scaled by it
+  double smooth_half;  // s / 2
   bool has_ignore;   // targets equal to ignore_index give 0 (only if the compute type holds it)
   float ignore_f;    // ignore_index for float targets
   double ignore_d;   // ignore_index for float64 targets
@@ -383,7 +386,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int e = 4 * h + k;
-        Element(x[e], y[e], w[k], p[k], &l[e], &gx[k], &gy[k]);
+        const double ys = P.smooth ? internal::SmoothedTarget(y[e], P.smooth_keep, P.smooth_half)
+                                   : static_cast<double>(y[e]);
+        Element(x[e], ys, w[k], p[k], &l[e], &gx[k], &gy[k]);
+        if (P.smooth) gy[k] *= P.smooth_keep;  // dl/dy of the raw target
         if (P.scale) {
           gx[k] = GradScale<TC>(gx[k], P);
           gy[k] = GradScale<TC>(gy[k], P);
@@ -414,6 +420,16 @@ __device__ __noinline__ F32Result RareElementF32(float x, float y, float w, floa
   return {static_cast<float>(l), static_cast<float>(gx / div), static_cast<float>(gy / div)};
 }
 
+// The same under label smoothing: ys is the smoothed target, and dl/dy (of the raw target) is
+// scaled by keep = 1 - s before the division.
+__device__ __noinline__ F32Result RareElementF32Smoothed(float x, double ys, float w, float p,
+                                                         double div, double keep) {
+  double l, gx, gy;
+  internal::BceElementMixed(x, ys, w, p, &l, &gx, &gy);
+  return {static_cast<float>(l), static_cast<float>(gx / div),
+          static_cast<float>(gy * keep / div)};
+}
+
 // g / div_d in double, rounded once: gradients when the divisor is not exact in float. Out of
 // line, so that the compiler does not evaluate it (predicated off) beside the float path.
 __device__ __noinline__ float GradScaleWide(float g, double inv_div) {
@@ -441,7 +457,9 @@ __device__ __forceinline__ void GradScale4(float* g, const Params& P) {
 // non-float64 targets: internal::BceElementF32 per element, branch-free, with the rare elements
 // it declines recomputed by RareElementF32. Operands load as float (the backend uploads them
 // as float32 for this kernel); losses enter the reduction tree as the float values stored.
-template <typename TX, typename TY, bool kReduce>
+// kSmooth: label smoothing (a separate instantiation, so that the kernels without it keep
+// their code).
+template <typename TX, typename TY, bool kReduce, bool kSmooth>
 __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
   __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
@@ -464,13 +482,26 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int e = 4 * h + k;
-        ok[k] = internal::BceElementF32(x[e], y[e], w[k], p[k], &l[e], &gx[k], &l1p[k]);
+        // Coefficients: label smoothing forms them from the smoothed target in double.
+        float a, b;
+        if constexpr (kSmooth) {
+          internal::CoefF32Smoothed(
+              internal::SmoothedTarget(y[e], P.smooth_keep, P.smooth_half), w[k], p[k], &a, &b);
+        } else {
+          internal::CoefF32(y[e], w[k], p[k], &a, &b);
+        }
+        ok[k] = internal::BceElementF32Coef(x[e], a, b, &l[e], &gx[k], &l1p[k]);
       }
       GradScale4(gx, P);
       if (P.gy) {  // uniform: kernels without dl/dy skip this
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          gy[k] = internal::BceGradTargetsF32(x[4 * h + k], w[k], p[k], l1p[k]);
+          if constexpr (kSmooth) {
+            gy[k] = internal::BceGradTargetsF32Smoothed(x[4 * h + k], w[k], p[k], l1p[k],
+                                                        P.smooth_keep);
+          } else {
+            gy[k] = internal::BceGradTargetsF32(x[4 * h + k], w[k], p[k], l1p[k]);
+          }
         }
         GradScale4(gy, P);
       }
@@ -480,8 +511,14 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
         for (int k = 0; k < 4; ++k) {
           if (!ok[k]) {
             const int e = 4 * h + k;
-            const F32Result r =
-                RareElementF32(x[e], y[e], w[k], p[k], P.div_d);
+            F32Result r;
+            if constexpr (kSmooth) {
+              r = RareElementF32Smoothed(
+                  x[e], internal::SmoothedTarget(y[e], P.smooth_keep, P.smooth_half), w[k], p[k],
+                  P.div_d, P.smooth_keep);
+            } else {
+              r = RareElementF32(x[e], y[e], w[k], p[k], P.div_d);
+            }
             l[e] = r.l;
             gx[k] = r.gx;
             gy[k] = r.gy;
@@ -512,10 +549,10 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
   }
 }
 
-template <typename TX, typename TY, bool kReduce, bool kF32>
+template <typename TX, typename TY, bool kReduce, bool kF32, bool kSmooth>
 constexpr auto KernelOf() {
   if constexpr (kF32) {
-    return BceKernelF32<TX, TY, kReduce>;
+    return BceKernelF32<TX, TY, kReduce, kSmooth>;
   } else {
     return BceKernel<TX, TY, kReduce>;
   }
@@ -551,9 +588,9 @@ cudaError_t LaunchResident(const TParams& P, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename TX, typename TY, bool kReduce, bool kF32>
+template <typename TX, typename TY, bool kReduce, bool kF32, bool kSmooth = false>
 cudaError_t LaunchTyped(const Params& P, cudaStream_t stream) {
-  return LaunchResident<KernelOf<TX, TY, kReduce, kF32>()>(P, stream);
+  return LaunchResident<KernelOf<TX, TY, kReduce, kF32, kSmooth>()>(P, stream);
 }
 
 template <typename TX, typename TY>
@@ -561,6 +598,10 @@ cudaError_t LaunchReduce(const Params& P, bool reduce, cudaStream_t stream) {
   // The all-float kernel exists for float and half logits with float or half targets.
   constexpr bool kHasF32 = !std::is_same_v<TX, double> && !std::is_same_v<TY, double>;
   if (kHasF32 && P.all_float) {
+    if (P.smooth) {
+      return reduce ? LaunchTyped<TX, TY, true, kHasF32, true>(P, stream)
+                    : LaunchTyped<TX, TY, false, kHasF32, true>(P, stream);
+    }
     return reduce ? LaunchTyped<TX, TY, true, kHasF32>(P, stream)
                   : LaunchTyped<TX, TY, false, kHasF32>(P, stream);
   }
@@ -704,7 +745,8 @@ cudaError_t LaunchGenericParams(DType dtype, const GenericParams& P, cudaStream_
 }  // namespace
 
 cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
-  if (a.numel < 0 || !(a.count >= 1.0) || ItemSize(a.dtype) == 0 ||
+  if (a.numel < 0 || !(a.count >= 1.0) || !(a.label_smoothing >= 0.0 && a.label_smoothing <= 1.0) ||
+      ItemSize(a.dtype) == 0 ||
       ItemSize(a.targets_dtype) == 0 ||
       a.weight.inner < 1 || a.weight.period < 1 || a.pos_weight.inner < 1 ||
       a.pos_weight.period < 1 || (a.weight.data != nullptr && ItemSize(a.weight.dtype) == 0) ||
@@ -748,6 +790,9 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
                  (a.targets_dtype == DType::kFloat64 ||
                   static_cast<double>(static_cast<float>(a.ignore_index)) == a.ignore_index);
   P.ignore_f = static_cast<float>(a.ignore_index);
+  P.smooth = a.label_smoothing != 0.0;
+  P.smooth_keep = 1.0 - a.label_smoothing;
+  P.smooth_half = a.label_smoothing * 0.5;
   P.ignore_d = a.ignore_index;
   P.all_float = a.float_math;
   P.small = small;

@@ -22,9 +22,11 @@
 //
 // ignore_index and normalize (paddle) run in the fused kernel: ignored elements give 0, and
 // with normalize the kept count (counted on the device, read back before the launch) divides
-// the NONE losses and the gradients (times numel for MEAN) as on the CPU.
+// the NONE losses and the gradients (times numel for MEAN) as on the CPU. So does label
+// smoothing (Keras): the smoothed target is formed in double per element; the all-float math
+// rounds its coefficients w (1 - y') and w p y' once from double (CoefF32Smoothed).
 //
-// Generic kernel (GenericKernel): every other option (focal, label smoothing, kPerSampleMean,
+// Generic kernel (GenericKernel): every other option (focal, kPerSampleMean,
 // per-element loss_values, with or without ignore_index and normalize), in the same block
 // layout, all math in double through internal::LossElement<double>. normalize counts the
 // ignored targets on the device first (CountIgnoredKernel); losses (NONE, divided by the
@@ -299,10 +301,10 @@ absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
     count_chunks();
     return absl::OkStatus();
   }
-  // The fused kernel covers BCE with ignore_index and normalize; focal loss, label smoothing,
+  // The fused kernel covers BCE with ignore_index, normalize and label smoothing; focal loss,
   // per-sample mean and per-element values take the option kernel.
-  const bool plain = args.loss == Loss::kBce && args.label_smoothing == 0.0 &&
-                     args.reduction != Reduction::kPerSampleMean && out.loss_values == nullptr;
+  const bool plain = args.loss == Loss::kBce && args.reduction != Reduction::kPerSampleMean &&
+                     out.loss_values == nullptr;
   absl::StatusOr<Slot*> slot = Acquire();
   if (!slot.ok()) return slot.status();
   absl::Status status = plain ? Run(*slot, args, out) : RunGeneric(*slot, args, out);
@@ -528,6 +530,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   d.count = count;
   d.has_ignore_index = args.has_ignore_index;
   d.ignore_index = args.ignore_index;
+  d.label_smoothing = args.label_smoothing;
   LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchBce(d, stream));
 
   std::vector<double> sums(want_sum ? nblocks : 0);

@@ -48,6 +48,10 @@ struct DeviceBce {
   // their compute type: an ignore_index that float cannot hold matches no float target).
   bool has_ignore_index = false;
   double ignore_index = -100.0;
+  // Keras's label_smoothing s in [0, 1]: the targets become y (1 - s) + s/2 (formed in double,
+  // as internal::LossElement does; the all-float math rounds the coefficients w (1 - y') and
+  // w p y' once from double), and dl/dy of the raw target is scaled by 1 - s.
+  double label_smoothing = 0.0;
   // true: elements of float32 and half logits with non-double targets are computed by
   // internal::BceElementF32 (all-float math, the CPU kernel's formulas; rare elements still in
   // double), which requires every target, weight and pos_weight value to be exact in float (as

@@ -23,6 +23,7 @@ using cuda_test::ExpectMatchesReference;
 using cuda_test::F32Args;
 using cuda_test::F32Element;
 using cuda_test::F32Problem;
+using cuda_test::GradTermScales;
 using cuda_test::kInf;
 using cuda_test::kNaN;
 using cuda_test::MakeF32Problem;
@@ -179,6 +180,91 @@ TEST(CudaMathTest, HostBceElementF32ModerateLogitsLargeCoefficients) {
                                              p.data(), Reduction::kNone);
   const int64_t max_ulp = ExpectMatchesReference(a, l.data(), gx.data(), gy.data());
   EXPECT_LE(max_ulp, 3);
+}
+
+// The fused all-float kernel under label smoothing, element by element on the host:
+// SmoothedTarget, CoefF32Smoothed and BceElementF32Coef, dl/dy from BceGradTargetsF32Smoothed;
+// declined elements through BceElementMixed on the smoothed target (as RareElementF32Smoothed).
+// Against the float64 reference with the option set (LossElement: smoothed target, BCE, dl/dy
+// times 1 - s): loss within 4 ulp, dl/dx within 4 ulp of the larger term of the smoothed
+// target's gradient, dl/dy within 4 ulp of (1 - s) times its larger term (DESIGN.md section 5,
+// as tests/kernels/options_test.cc bounds the CPU backend). Draws: a quarter of x in [-8, 8], a
+// quarter in [-90, 90], the rest over 1e-8..1e4 and specials; hard and soft labels; w and p per
+// element in [0, 1e3] with zeros; smoothing 0.1, 0.05, 0.3 and 1.
+TEST(CudaMathTest, HostBceElementF32SmoothedWithinFourUlp) {
+  constexpr int64_t kN = 1 << 19;
+  const float specials[] = {0.0f, -0.0f, 17.0f, -17.0f, 30.0f, -30.0f, 80.0f, -80.5f,
+                            88.0f, -103.0f, 1e30f, -1e30f, 1e-30f, -1e-30f, kInf, -kInf};
+  double worst_l = 0, worst_gx = 0, worst_gy = 0;
+  for (double s : {0.1, 0.05, 0.3, 1.0}) {
+    std::mt19937_64 rng(static_cast<uint64_t>(s * 1000) + 3);
+    std::uniform_real_distribution<double> u(0, 1);
+    std::vector<float> x(kN), y(kN), w(kN), p(kN), l(kN), gx(kN), gy(kN);
+    const double keep = 1.0 - s, half = s * 0.5;
+    int64_t handled = 0;
+    for (int64_t i = 0; i < kN; ++i) {
+      const double r = u(rng);
+      x[i] = r < 0.25   ? static_cast<float>(16 * u(rng) - 8)
+             : r < 0.5  ? static_cast<float>(180 * u(rng) - 90)
+             : r < 0.53 ? specials[rng() % std::size(specials)]
+                        : static_cast<float>(std::pow(10.0, -8 + 12 * u(rng)) *
+                                             (u(rng) < 0.5 ? -1 : 1));
+      const double t = u(rng);
+      y[i] = t < 0.35 ? 0.0f : t < 0.7 ? 1.0f : static_cast<float>(u(rng));
+      w[i] = i % 11 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng));
+      p[i] = i % 13 == 0 ? 0.0f : static_cast<float>(1e3 * u(rng));
+      const double ys = internal::SmoothedTarget(y[i], keep, half);
+      float a, b, l1p;
+      internal::CoefF32Smoothed(ys, w[i], p[i], &a, &b);
+      if (internal::BceElementF32Coef(x[i], a, b, &l[i], &gx[i], &l1p)) {
+        gy[i] = internal::BceGradTargetsF32Smoothed(x[i], w[i], p[i], l1p, keep);
+        ++handled;
+        if (w[i] == 0.0f) {
+          ASSERT_TRUE(l[i] == 0.0f && !std::signbit(l[i]) && !std::signbit(gx[i]) &&
+                      !std::signbit(gy[i]))
+              << "x=" << x[i];
+        }
+      } else {
+        double dl, dx, dy;
+        internal::BceElementMixed(x[i], ys, w[i], p[i], &dl, &dx, &dy);
+        l[i] = static_cast<float>(dl);
+        gx[i] = static_cast<float>(dx);
+        gy[i] = static_cast<float>(dy * keep);
+      }
+    }
+    EXPECT_GT(handled, kN / 2);
+    BceArgs a = lossd::testing::FlatArgs(DType::kFloat32, kN, x.data(), y.data(), w.data(),
+                                         p.data(), Reduction::kNone);
+    a.label_smoothing = s;
+    std::vector<double> rl(kN), rgx(kN), rgy(kN);
+    ReferenceBce(a, rl.data(), rgx.data(), rgy.data());
+    int64_t failures = 0;
+    for (int64_t i = 0; i < kN && failures < 10; ++i) {
+      const double ys = static_cast<double>(y[i]) * keep + half;
+      const auto [sx, sy] = GradTermScales(x[i], ys, w[i], p[i]);
+      const double el = static_cast<double>(UlpDistance(l[i], static_cast<float>(rl[i])));
+      auto grad_err = [](float got, double ref, double scale) {
+        if (std::isnan(ref)) return std::isnan(got) ? 0.0 : kInf;
+        if (std::isinf(ref)) return got == ref ? 0.0 : kInf;
+        return std::fabs(got - ref) / UlpF32(scale);
+      };
+      const double ex = grad_err(gx[i], rgx[i], sx);
+      const double ey = grad_err(gy[i], rgy[i], sy * keep);
+      worst_l = std::max(worst_l, el);
+      worst_gx = std::max(worst_gx, ex);
+      worst_gy = std::max(worst_gy, ey);
+      if (el > 4 || !(ex <= 4) || !(ey <= 4)) {
+        ++failures;
+        ADD_FAILURE() << "s=" << s << " x=" << x[i] << " y=" << y[i] << " w=" << w[i]
+                      << " p=" << p[i] << ": loss " << l[i] << " vs " << rl[i] << " (" << el
+                      << " ulp), dl/dx " << gx[i] << " vs " << rgx[i] << " (" << ex
+                      << "), dl/dy " << gy[i] << " vs " << rgy[i] << " (" << ey << ")";
+      }
+    }
+  }
+  std::printf("BceElementF32 with label smoothing: loss worst %.0f ulp, dl/dx %.2f, dl/dy %.2f "
+              "ulp of the larger term\n",
+              worst_l, worst_gx, worst_gy);
 }
 
 // The elements BceElementF32 leaves to the double path: far, infinite and NaN logits, NaN
