@@ -626,6 +626,14 @@ cudaError_t LaunchTargets(DType targets, const Params& P, bool reduce, cudaStrea
 
 bool Aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// Whether every element index (up to a reduction block past numel) and operand size fits the
+// 32-bit multiply-shift division (FastDiv: n < 2^31).
+bool SmallIndices(int64_t numel, const DeviceOperand& w, const DeviceOperand& p) {
+  constexpr int64_t kLimit = (int64_t{1} << 31) - 1 - kReduceBlock;
+  return numel <= kLimit && w.inner <= kLimit && w.period <= kLimit && p.inner <= kLimit &&
+         p.period <= kLimit;
+}
+
 OperandParams MakeOperandParams(const DeviceOperand& o, int64_t numel, bool small) {
   OperandParams op;
   op.data = o.data;
@@ -655,7 +663,7 @@ struct GenericParams {
   const void* x = nullptr;
   const void* y = nullptr;
   int y_dtype = 1;
-  OperandParams w, p;  // only data, dtype, inner and period are used
+  OperandParams w, p;  // data, dtype, inner, period, and the FastDivs when `small`
   internal::ElementOptions<double> opts;
   const unsigned long long* ignored = nullptr;  // normalize: targets equal to ignore_index
   double grad_extra = 1.0;
@@ -666,11 +674,19 @@ struct GenericParams {
   void* gy = nullptr;
   int64_t numel = 0;
   int64_t nblocks = 0;
+  bool small = false;  // every index < 2^31: 32-bit multiply-shift division for operands
 };
 
-__device__ __forceinline__ double LoadOperand(const OperandParams& o, int64_t i) {
+__device__ __forceinline__ double LoadOperand(const OperandParams& o, int64_t i, bool small) {
   if (o.data == nullptr) return 1.0;
-  return LoadDyn<double>(o.dtype, o.data, (i / o.inner) % o.period);
+  int64_t j;
+  if (small) {
+    const uint32_t q = o.inner_div.Div(static_cast<uint32_t>(i));
+    j = q - o.period_div.Div(q) * static_cast<uint32_t>(o.period);
+  } else {
+    j = (i / o.inner) % o.period;
+  }
+  return LoadDyn<double>(o.dtype, o.data, j);
 }
 
 template <typename TX, bool kReduce>
@@ -694,12 +710,19 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const GenericParams P)
       const double x = Cvt<double>(xp[i]);
       const double y = LoadDyn<double>(P.y_dtype, P.y, i);
       double gx, gy;
-      internal::LossElement<double>(P.opts, x, y, LoadOperand(P.w, i), LoadOperand(P.p, i),
-                                    &l[e], &gx, &gy);
-      if (!kReduce && P.loss) static_cast<TX*>(P.loss)[i] = Store<TX>(l[e] / count);
+      internal::LossElement<double>(P.opts, x, y, LoadOperand(P.w, i, P.small),
+                                    LoadOperand(P.p, i, P.small), &l[e], &gx, &gy);
+      // Divisions by 1 (no normalize; NONE) are skipped: uniform branches, same results.
+      if (!kReduce && P.loss) {
+        static_cast<TX*>(P.loss)[i] = Store<TX>(count != 1.0 ? l[e] / count : l[e]);
+      }
       if (P.values) P.values[i] = l[e];
-      if (P.gx) static_cast<TX*>(P.gx)[i] = Store<TX>(gx / grad_div);
-      if (P.gy) static_cast<TX*>(P.gy)[i] = Store<TX>(gy / grad_div);
+      if (grad_div != 1.0) {
+        gx /= grad_div;
+        gy /= grad_div;
+      }
+      if (P.gx) static_cast<TX*>(P.gx)[i] = Store<TX>(gx);
+      if (P.gy) static_cast<TX*>(P.gy)[i] = Store<TX>(gy);
     }
     if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P.numel, P.sums);
   }
@@ -759,10 +782,7 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
   if (loss == nullptr && a.grad_logits == nullptr && a.grad_targets == nullptr && !reduce) {
     return cudaSuccess;  // nothing requested
   }
-  constexpr int64_t kSmallLimit = (int64_t{1} << 31) - 1 - kReduceBlock;
-  const bool small = a.numel <= kSmallLimit && a.weight.inner <= kSmallLimit &&
-                     a.weight.period <= kSmallLimit && a.pos_weight.inner <= kSmallLimit &&
-                     a.pos_weight.period <= kSmallLimit;
+  const bool small = SmallIndices(a.numel, a.weight, a.pos_weight);
   Params P{};
   P.x = a.logits;
   P.y = a.targets;
@@ -832,8 +852,9 @@ cudaError_t LaunchGeneric(const DeviceGeneric& a, cudaStream_t stream) {
   P.x = a.logits;
   P.y = a.targets;
   P.y_dtype = static_cast<int>(a.targets_dtype);
-  P.w = MakeOperandParams(a.weight, a.numel, /*small=*/false);
-  P.p = MakeOperandParams(a.pos_weight, a.numel, /*small=*/false);
+  P.small = SmallIndices(a.numel, a.weight, a.pos_weight);
+  P.w = MakeOperandParams(a.weight, a.numel, P.small);
+  P.p = MakeOperandParams(a.pos_weight, a.numel, P.small);
   P.opts = a.opts;
   P.grad_extra = a.grad_extra;
   P.loss = a.reduction == Reduction::kNone ? a.loss : nullptr;
