@@ -109,6 +109,7 @@ int main(int argc, char** argv) {
       const char* name;
       bool weights, full, grad, reduce, grad_y;
       int reads, writes;  // float32 streams
+      bool focal = false;  // sigmoid focal loss, alpha 0.25, gamma 2, targets 0 or 1; no pos_weight
     };
     const Variant variants[] = {
         {"loss+grad, weight[C] pos_weight[C] (main)", true, false, true, false, false, 2, 2},
@@ -117,6 +118,7 @@ int main(int argc, char** argv) {
         {"mean+grad, weight[C] pos_weight[C]", true, false, true, true, false, 2, 1},
         {"loss+grad, full-shape weight and pos_weight", true, true, true, false, false, 4, 2},
         {"loss+grad+grad_y, weight[C] pos_weight[C]", true, false, true, false, true, 2, 3},
+        {"focal loss+grad, weight[C], gamma 2", true, false, true, false, false, 2, 2, true},
     };
     for (const Variant& v : variants) {
       BceArgs a;
@@ -131,10 +133,13 @@ int main(int argc, char** argv) {
         } else {
           a.weight =
               *lossd::kernels::MakeOperand("weight", DType::kFloat32, w.data(), {C}, {n / C, C});
-          a.pos_weight = *lossd::kernels::MakeOperand("pos_weight", DType::kFloat32, p.data(), {C},
-                                                      {n / C, C});
+          if (!v.focal) {
+            a.pos_weight = *lossd::kernels::MakeOperand("pos_weight", DType::kFloat32, p.data(),
+                                                        {C}, {n / C, C});
+          }
         }
       }
+      if (v.focal) a.loss = lossd::kernels::Loss::kFocal;
       a.reduction = v.reduce ? Reduction::kMean : Reduction::kNone;
       float scalar;
       BceOutputs out{v.reduce ? &scalar : o1.data(), v.grad ? o2.data() : nullptr,

@@ -205,7 +205,7 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
     k.gx = out.grad_logits ? (direct ? static_cast<T*>(out.grad_logits) + i0 : gxs) : nullptr;
     k.gy = out.grad_targets ? (direct ? static_cast<T*>(out.grad_targets) + i0 : gys) : nullptr;
     if (focal) {
-      // Focal loss: the shared scalar math per element (log-space form).
+      // Focal loss: the shared scalar math per element (internal::FocalElement).
       for (int64_t j = 0; j < n; ++j) {
         T l, gx, gy;
         internal::LossElement<T>(eo, k.x[j], y_raw[j], k.w ? k.w[j] : T(1), T(1), &l, &gx, &gy);
