@@ -777,15 +777,29 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const GenericParams P)
 
 // Adds to *out the number of targets equal to ignore_index (exactly, as the CPU backend's
 // CountIgnored compares them).
-__global__ void __launch_bounds__(kThreads) CountIgnoredKernel(const void* y, int y_dtype,
-                                                               double ignore_index, int64_t n,
-                                                               unsigned long long* out) {
+// TC is the compute type in which TY's values are exact (float for float and half targets,
+// double for float64) and `ignore` is ignore_index in it: the caller counts nothing when TC
+// cannot hold ignore_index, where the comparison in double would match no target. With `vec`
+// (targets aligned to 4 values) the threads read groups of 4 with one vector load.
+template <typename TY, typename TC>
+__global__ void __launch_bounds__(kThreads)
+    CountIgnoredKernel(const TY* __restrict__ y, TC ignore, int64_t n, bool vec,
+                       unsigned long long* out) {
   unsigned long long c = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
-    c += LoadDyn<double>(y_dtype, y, i) == ignore_index;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t tail = 0;
+  if (vec) {
+    const int64_t groups = n / 4;
+    for (int64_t g = first; g < groups; g += stride) {
+      TC v[4];
+      Load4(y, 4 * g, v);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) c += v[k] == ignore;
+    }
+    tail = 4 * groups;
   }
+  for (int64_t i = tail + first; i < n; i += stride) c += Cvt<TC>(y[i]) == ignore;
 #pragma unroll
   for (int h = 16; h >= 1; h /= 2) c += __shfl_down_sync(0xffffffffu, c, h);
   if ((threadIdx.x & 31) == 0 && c != 0) atomicAdd(out, c);
@@ -883,12 +897,35 @@ cudaError_t LaunchCountIgnored(DType targets_dtype, const void* targets, double 
                                int64_t numel, unsigned long long* out, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(out, 0, sizeof(unsigned long long), stream);
   if (err != cudaSuccess || numel <= 0) return err;
+  // Non-float64 targets compare in float, exactly as in double when float holds ignore_index;
+  // otherwise (NaN included) no target matches and the count stays 0.
+  const float ignore_f = static_cast<float>(ignore_index);
+  if (targets_dtype != DType::kFloat64 && !(static_cast<double>(ignore_f) == ignore_index)) {
+    return cudaSuccess;
+  }
   int sms = 0;
   if (err = SmCount(&sms); err != cudaSuccess) return err;
-  const int64_t blocks = (numel + kThreads - 1) / kThreads;
-  const int64_t grid = std::min<int64_t>(blocks, int64_t{8} * sms);
-  CountIgnoredKernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      targets, static_cast<int>(targets_dtype), ignore_index, numel, out);
+  const bool vec = Aligned(targets, 4 * ItemSize(targets_dtype));
+  const int64_t blocks = (numel / (vec ? 4 : 1) + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, int64_t{8} * sms));
+  switch (targets_dtype) {
+    case DType::kFloat64:
+      CountIgnoredKernel<<<grid, kThreads, 0, stream>>>(static_cast<const double*>(targets),
+                                                        ignore_index, numel, vec, out);
+      break;
+    case DType::kFloat16:
+      CountIgnoredKernel<<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(targets),
+                                                        ignore_f, numel, vec, out);
+      break;
+    case DType::kBFloat16:
+      CountIgnoredKernel<<<grid, kThreads, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(targets), ignore_f, numel, vec, out);
+      break;
+    default:
+      CountIgnoredKernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(targets),
+                                                        ignore_f, numel, vec, out);
+      break;
+  }
   return cudaGetLastError();
 }
 
