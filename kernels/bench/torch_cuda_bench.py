@@ -11,6 +11,8 @@ with 40% zeros, 40% ones and 20% soft labels, and
 * ``mean/wC``: reduction 'mean', weight [64] and pos_weight [64];
 * ``focal/none``: torchvision's sigmoid_focal_loss formula (alpha 0.25, gamma 2, reduction
   'none') written out in torch operations, as torchvision does;
+* ``focal/none/hard``: the same on hard labels only (half zeros, half ones), the usual
+  detection targets;
 * ``ignnorm/mean/wC``: paddle's ignore_index (-100) + normalize emulated with a mask:
   sum(mask * loss) / count(mask) / numel, weight and pos_weight [64];
 * ``smooth/mean/wC``: Keras's label smoothing 0.1 (targets y (1 - 0.1) + 0.05) then reduction
@@ -32,10 +34,12 @@ VARIANTS = (
     ("none/wfull", "none", "full"),
     ("mean/wC", "mean", "C"),
     ("focal/none", "focal", None),
+    ("focal/none/hard", "focalhard", None),
     ("ignnorm/mean/wC", "ignnorm", "C"),
     ("smooth/mean/wC", "smooth", "C"),
 )
-MIN_ELEMENTS = {"focal/none": 1 << 24, "ignnorm/mean/wC": 1 << 24, "smooth/mean/wC": 1 << 24}
+MIN_ELEMENTS = {"focal/none": 1 << 24, "focal/none/hard": 1 << 24, "ignnorm/mean/wC": 1 << 24,
+                "smooth/mean/wC": 1 << 24}
 C = 64
 
 
@@ -58,7 +62,10 @@ def bench(n, reduction, weights, gen):
     x = torch.empty(rows, C, device="cuda").uniform_(-20.0, 20.0, generator=gen)
     x.requires_grad_(True)
     u = torch.rand(rows, C, device="cuda", generator=gen)
-    y = torch.where(u < 0.4, 0.0, torch.where(u < 0.8, 1.0, (u - 0.8) * 5.0))
+    if reduction == "focalhard":
+        y = (u >= 0.5).to(torch.float32)
+    else:
+        y = torch.where(u < 0.4, 0.0, torch.where(u < 0.8, 1.0, (u - 0.8) * 5.0))
     del u
     kwargs = {}
     if weights == "C":
@@ -67,11 +74,12 @@ def bench(n, reduction, weights, gen):
     elif weights == "full":
         kwargs["weight"] = torch.full((rows, C), 0.5, device="cuda")
         kwargs["pos_weight"] = torch.full((rows, C), 2.0, device="cuda")
-    grad_out = torch.ones(rows, C, device="cuda") if reduction in ("none", "focal") else None
+    focal = reduction in ("focal", "focalhard")
+    grad_out = torch.ones(rows, C, device="cuda") if reduction == "none" or focal else None
 
     def step():
         x.grad = None
-        if reduction == "focal":
+        if focal:
             p = torch.sigmoid(x)
             ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
             p_t = p * y + (1 - p) * (1 - y)
@@ -88,7 +96,7 @@ def bench(n, reduction, weights, gen):
             loss = F.binary_cross_entropy_with_logits(x, y, reduction=reduction, **kwargs)
         loss.backward(grad_out)
 
-    bytes_per = 16 if reduction in ("none", "focal") else 12
+    bytes_per = 16 if reduction == "none" or focal else 12
     if weights == "full":
         bytes_per += 8
     iters = int(min(200, max(5, 2e9 / (bytes_per * n))))

@@ -16,7 +16,8 @@
 //    from 16M elements). Then, from 16M elements, in the fused all-float kernel: ignore_index +
 //    normalize (MEAN, [C] weights, the count kernel included: its read of the targets counts,
 //    so 16 bytes per element) and label smoothing 0.1 (MEAN, [C] weights); and in the option
-//    kernel (cuda::LaunchGeneric, math in double): focal loss (NONE); each validated first
+//    kernel (cuda::LaunchGeneric, math in double): focal loss (NONE), on the mixed labels and
+//    on hard labels only ("focal/none/hard": half zeros, half ones); each validated first
 //    through the backend against the reference (4 ulp per NONE element, MEAN within 1e-6).
 //
 // Output: a table, plus one machine-readable line per row:
@@ -304,6 +305,18 @@ __global__ void FillInputs(float* x, float* y, int64_t n, uint64_t seed) {
   }
 }
 
+// Fills y with hard labels: half zeros, half ones.
+__global__ void FillHardLabels(float* y, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    uint64_t h = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
+    h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 32;
+    y[i] = static_cast<float>(h & 1);
+  }
+}
+
 __global__ void FillConst(float* p, int64_t n, float v) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -335,7 +348,9 @@ struct Variant {
   int weights;  // 0 absent, 1 [C], 2 full tensors
   bool float_math = false;        // DeviceBce::float_math
   int64_t min_n = int64_t{1} << 20;  // smallest size timed
-  int option = 0;  // 1 focal (option kernel), 2 ignore_index + normalize, 3 smoothing (fused)
+  // 1 focal (option kernel), 2 ignore_index + normalize, 3 smoothing (fused), 4 focal on hard
+  // labels
+  int option = 0;
 };
 
 }  // namespace
@@ -386,12 +401,13 @@ int main(int argc, char** argv) {
   // Device buffers for the largest size.
   const int64_t c = 64;
   const int64_t n_max = max_n;
-  float *x, *y, *w, *p, *loss, *grad, *src, *dst;
+  float *x, *y, *yh, *w, *p, *loss, *grad, *src, *dst;
   double *wc, *pc, *sums;  // [C] operands in double, as the backend uploads small operands
   float *wcf, *pcf;        // and in float, as it uploads them for the all-float kernel
   const size_t fb = n_max * sizeof(float);
   CHECK_CUDA(cudaMalloc(&x, fb));
   CHECK_CUDA(cudaMalloc(&y, fb));
+  CHECK_CUDA(cudaMalloc(&yh, fb));
   CHECK_CUDA(cudaMalloc(&w, fb));
   CHECK_CUDA(cudaMalloc(&p, fb));
   CHECK_CUDA(cudaMalloc(&loss, fb));
@@ -407,6 +423,7 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMalloc(&src, copy_max));
   CHECK_CUDA(cudaMalloc(&dst, copy_max));
   FillInputs<<<1024, 256>>>(x, y, n_max, 7);
+  FillHardLabels<<<1024, 256>>>(yh, n_max, 11);
   FillConst<<<1024, 256>>>(w, n_max, 0.5f);
   FillConst<<<1024, 256>>>(p, n_max, 2.0f);
   {
@@ -439,6 +456,7 @@ int main(int argc, char** argv) {
       {"ignnorm/mean/wC/f32", lk::Reduction::kMean, 1, true, int64_t{1} << 24, 2},
       {"smooth/mean/wC/f32", lk::Reduction::kMean, 1, true, int64_t{1} << 24, 3},
       {"focal/none", lk::Reduction::kNone, 0, false, int64_t{1} << 24, 1},
+      {"focal/none/hard", lk::Reduction::kNone, 0, false, int64_t{1} << 24, 4},
   };
   std::printf("\nfused loss+grad_logits kernel vs device-to-device copy of the same bytes\n");
   std::printf("%-18s %11s %8s %11s %10s %7s %9s\n", "variant", "elements", "B/elem", "kernel GB/s",
@@ -479,7 +497,7 @@ int main(int argc, char** argv) {
       if (v.option == 2) bytes_per += 4;  // the count kernel reads the targets once more
       const double bytes = bytes_per * n;
       const int iters = static_cast<int>(std::clamp(4e9 / bytes, 10.0, 400.0));
-      const bool fused = v.option != 1;
+      const bool fused = v.option != 1 && v.option != 4;
       if (v.option == 2) {  // no target is -100 here: the count stays numel
         d.has_ignore_index = true;
         d.ignore_index = -100.0;
@@ -490,7 +508,7 @@ int main(int argc, char** argv) {
       if (!fused) {
         g.numel = n;
         g.logits = x;
-        g.targets = y;
+        g.targets = v.option == 4 ? yh : y;
         g.weight = d.weight;
         g.pos_weight = d.pos_weight;
         g.reduction = v.reduction;
@@ -522,8 +540,9 @@ int main(int argc, char** argv) {
                   cgbps, gelem);
     }
   }
-  for (void* q : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(w),
-                  static_cast<void*>(p), static_cast<void*>(wc), static_cast<void*>(pc),
+  for (void* q : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(yh),
+                  static_cast<void*>(w), static_cast<void*>(p), static_cast<void*>(wc),
+                  static_cast<void*>(pc),
                   static_cast<void*>(wcf), static_cast<void*>(pcf),
                   static_cast<void*>(loss), static_cast<void*>(grad), static_cast<void*>(src),
                   static_cast<void*>(dst), static_cast<void*>(sums),
