@@ -749,7 +749,9 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const GenericParams P)
   for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
     const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
     double l[8];
-#pragma unroll
+    // Not unrolled: the element's code (double math, focal loss's two forms) is large enough
+    // that 8 copies would not fit the instruction cache; l[] then lives in local memory.
+#pragma unroll 1
     for (int e = 0; e < 8; ++e) {
       const int64_t i = base + (e / 4) * kHalfBlock + e % 4;
       l[e] = 0.0;
