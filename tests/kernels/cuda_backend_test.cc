@@ -387,10 +387,10 @@ TEST_P(CudaBackendTest, MeanGradientsBeyondFloatExactCounts) {
   }
 }
 
-// The generic kernel over many reduction blocks (each CUDA block loops, so the tree's two
-// buffers alternate) and the ignored-target count over many CUDA blocks: ignore_index +
-// normalize and label smoothing on 1.5M elements, against the reference (1e-6 relative for
-// SUM and MEAN, 4 ulp per element for NONE) and bitwise repeatable.
+// The options over many reduction blocks (each CUDA block loops, so the tree's two buffers
+// alternate) and the ignored-target count over many CUDA blocks: ignore_index + normalize and
+// label smoothing (both in the fused kernel) on 1.5M elements, against the reference (1e-6
+// relative for SUM and MEAN, 4 ulp per element for NONE) and bitwise repeatable.
 TEST_P(CudaBackendTest, GenericReductionsOverManyBlocks) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
@@ -432,6 +432,39 @@ TEST_P(CudaBackendTest, GenericReductionsOverManyBlocks) {
       } else {
         EXPECT_LE(std::fabs(loss[0] - rl[0]), 1e-6 * std::fabs(rl[0])) << loss[0] << " vs "
                                                                         << rl[0];
+      }
+    }
+  }
+}
+
+// The fused kernel over more reduction blocks than the grid holds (each CUDA block loops, so
+// the [C] operands' per-thread cursors advance by the grid's stride), with C = 36 (vector loads
+// of [C] operands), C = 36 with pos_weight [N,1], and a partial last block (1,440,324 elements:
+// 703 whole blocks and one of 596): per element against the reference (4 ulp, gradients 4 ulp of
+// the larger term), MEAN within 1e-6 of the reference and of the CPU backend.
+TEST_P(CudaBackendTest, FusedOverManyBlocksWithVectorOperands) {
+  SKIP_WITHOUT_GPU();
+  auto cuda = Cuda();
+  ASSERT_NE(cuda, nullptr);
+  auto cpu = MakeCpuBackend({2});
+  F32Problem pr = MakeF32Problem(40009, 36, 67, false);
+  const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> shapes = {
+      {{pr.c}, {pr.c}}, {{pr.c}, {pr.rows, 1}}};
+  for (const auto& [ws, ps] : shapes) {
+    for (Reduction r : {Reduction::kNone, Reduction::kMean}) {
+      SCOPED_TRACE(::testing::Message() << "pos_weight rank " << ps.size() << " reduction "
+                                        << static_cast<int>(r));
+      BceArgs a = F32Args(pr, r, ws, ps);
+      std::vector<float> l(r == Reduction::kNone ? pr.n : 1), gx(pr.n), gy(pr.n);
+      ASSERT_TRUE(cuda->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
+      ExpectMatchesReference(a, r == Reduction::kNone ? l.data() : nullptr, gx.data(), gy.data());
+      if (r == Reduction::kMean) {
+        std::vector<double> rl(1);
+        ReferenceBce(a, rl.data(), nullptr, nullptr);
+        EXPECT_LE(std::fabs(l[0] - rl[0]), 1e-6 * std::fabs(rl[0])) << l[0] << " vs " << rl[0];
+        float cl = 0;
+        ASSERT_TRUE(cpu->Bce(a, {&cl, nullptr, nullptr}).ok());
+        EXPECT_TRUE(Close(l[0], cl, 1e-6 * std::fabs(cl))) << l[0] << " vs " << cl;
       }
     }
   }
@@ -508,8 +541,9 @@ TEST_P(CudaBackendTest, NullOutputsAreSkipped) {
   }
 }
 
-// Every option the generic kernel handles (ignore_index + normalize, label smoothing, focal)
-// under every reduction, with per-element values, against the float64 reference.
+// Every option (ignore_index + normalize and label smoothing: the fused kernel, or the option
+// kernel with per-sample mean or per-element values; focal: the option kernel) under every
+// reduction, with and without per-element values, against the float64 reference.
 TEST_P(CudaBackendTest, GenericOptionsMatchReference) {
   SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
