@@ -7,6 +7,8 @@
 #   2. the CUDA tests (kernels_test --gtest_filter='Cuda*'), which compare the backend with the
 #      float64 reference and the CPU backend;
 #   3. gpu_bench: validation on ~1M elements, then kernel vs device-to-device copy bandwidth;
+#      and, when build/gpulibs/gpu_bench_base exists (prepare_gpu_carry.sh with
+#      LOSSD_BASE_COMMIT), the same timings of that baseline build, side by side;
 #   4. kernels/bench/torch_cuda_bench.py: torch CUDA forward+backward on the same problems;
 #   5. our Gelem/s over torch's, per problem;
 #   6. build/server/lossd on this GPU through the Python client (kernels/cuda/server_gpu_check.py),
@@ -70,6 +72,31 @@ echo "== gpu_bench"
 timeout 240 "${RUN[@]}" build/kernels/gpu_bench 2>&1 | tee "$TMP/bench.txt" | grep -v '^RESULT '
 bench_rc=${PIPESTATUS[0]}
 [[ $bench_rc == 0 ]] || { echo "gpu_bench: FAIL (rc $bench_rc)"; status=1; }
+
+if [[ -x build/gpulibs/gpu_bench_base ]]; then
+  echo
+  echo "== baseline gpu_bench (built from $(cat build/gpulibs/BASE_FROM 2>/dev/null)), timed" \
+       "after this build's on the same GPU"
+  timeout 240 "${RUN[@]}" build/gpulibs/gpu_bench_base --skip-validation >"$TMP/base.txt" 2>&1 ||
+    echo "baseline gpu_bench failed (rc $?)"
+  # A row of this build is compared with the baseline's row of the same name, else with its
+  # name without "/f32" or "/hard" (e.g. label smoothing, which moved to the fused kernel).
+  awk '
+    $1 == "RESULT" && FILENAME == ARGV[1] { base[$2 " " $3] = $6 }
+    $1 == "RESULT" && FILENAME == ARGV[2] { now[$2 " " $3] = $6; order[++n] = $2 " " $3 }
+    END {
+      printf "%-20s %11s %-16s %11s %11s %7s\n", "variant", "elements", "baseline row",
+             "base Gel/s", "now Gel/s", "now/base"
+      for (i = 1; i <= n; ++i) {
+        k = order[i]; split(k, f, " "); name = f[1]
+        alt = name; sub(/\/(f32|hard)$/, "", alt)
+        b = (k in base) ? name : (((alt " " f[2]) in base) ? alt : "")
+        if (b == "") { printf "%-20s %11s %-16s\n", name, f[2], "-"; continue }
+        bv = base[b " " f[2]]
+        printf "%-20s %11s %-16s %11.2f %11.2f %7.3f\n", name, f[2], b, bv, now[k], now[k] / bv
+      }
+    }' "$TMP/base.txt" "$TMP/bench.txt"
+fi
 
 echo
 echo "== torch CUDA forward+backward"

@@ -9,6 +9,9 @@
 # machine runs another Linux image), and glibc itself with its loader into build/gpulibs/glibc/
 # (used by gpu_check.sh only if the binaries cannot start on the GPU machine's own glibc).
 # Then it prints what to carry and its size (the carry limit is 64 MiB; keep it under 60).
+# With LOSSD_BASE_COMMIT=<commit> it also builds gpu_bench at that commit (a temporary git
+# worktree, build folder build/base-bench) into build/gpulibs/gpu_bench_base: gpu_check.sh then
+# times both builds on the same GPU, one after the other, and prints their Gelem/s side by side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -25,8 +28,21 @@ if ! grep -q 'sm_90' "$flags" 2>/dev/null; then
   exit 1
 fi
 
+if [[ -n "${LOSSD_BASE_COMMIT:-}" ]]; then
+  base_src="$(mktemp -d)/src"
+  git worktree add --detach "$base_src" "$LOSSD_BASE_COMMIT" >/dev/null
+  cmake -S "$base_src" -B build/base-bench -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
+  cmake --build build/base-bench -j2 --target gpu_bench >/dev/null
+  git worktree remove --force "$base_src"
+  BINS+=(build/base-bench/kernels/gpu_bench)
+fi
+
 rm -rf build/gpulibs
 mkdir -p build/gpulibs/glibc
+if [[ -n "${LOSSD_BASE_COMMIT:-}" ]]; then
+  strip --strip-debug -o build/gpulibs/gpu_bench_base build/base-bench/kernels/gpu_bench
+  git rev-parse --short "$LOSSD_BASE_COMMIT" >build/gpulibs/BASE_FROM
+fi
 declare -A seen=()
 for b in "${BINS[@]}"; do
   while read -r path; do
