@@ -188,9 +188,10 @@ TEST(CudaMathTest, HostBceElementF32ModerateLogitsLargeCoefficients) {
 // Against the float64 reference with the option set (LossElement: smoothed target, BCE, dl/dy
 // times 1 - s): loss within 4 ulp, dl/dx within 4 ulp of the larger term of the smoothed
 // target's gradient, dl/dy within 4 ulp of (1 - s) times its larger term (DESIGN.md section 5,
-// as tests/kernels/options_test.cc bounds the CPU backend). Draws: a quarter of x in [-8, 8], a
-// quarter in [-90, 90], the rest over 1e-8..1e4 and specials; hard and soft labels; w and p per
-// element in [0, 1e3] with zeros; smoothing 0.1, 0.05, 0.3 and 1.
+// as tests/kernels/options_test.cc bounds the CPU backend), and the loss within 4 ulp of the CPU
+// backend's. Draws: a quarter of x in [-8, 8], a quarter in [-90, 90], the rest over 1e-8..1e4
+// and specials; hard and soft labels; w and p per element in [0, 1e3] with zeros; smoothing
+// 0.1, 0.05, 0.3 and 1.
 TEST(CudaMathTest, HostBceElementF32SmoothedWithinFourUlp) {
   constexpr int64_t kN = 1 << 19;
   const float specials[] = {0.0f, -0.0f, 17.0f, -17.0f, 30.0f, -30.0f, 80.0f, -80.5f,
@@ -238,6 +239,14 @@ TEST(CudaMathTest, HostBceElementF32SmoothedWithinFourUlp) {
     a.label_smoothing = s;
     std::vector<double> rl(kN), rgx(kN), rgy(kN);
     ReferenceBce(a, rl.data(), rgx.data(), rgy.data());
+    // Per element, the CPU backend (smoothing in double) and this math agree within 4 ulp.
+    std::vector<float> cpu_l(kN);
+    ASSERT_TRUE(MakeCpuBackend({2})->Bce(a, {cpu_l.data(), nullptr, nullptr}).ok());
+    int64_t worst_cpu = 0;
+    for (int64_t i = 0; i < kN; ++i) {
+      worst_cpu = std::max(worst_cpu, UlpDistance(cpu_l[i], l[i]));
+    }
+    EXPECT_LE(worst_cpu, 4) << "s=" << s;
     int64_t failures = 0;
     for (int64_t i = 0; i < kN && failures < 10; ++i) {
       const double ys = static_cast<double>(y[i]) * keep + half;
