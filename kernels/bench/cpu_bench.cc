@@ -1,6 +1,6 @@
 // CPU kernel benchmark: elements/s and GB/s of the fused BCE kernels beside a
 // 2-read-2-write streaming loop measured in the same process, for 1 and 2 threads.
-// Usage: cpu_bench [--n=10000000] [--reps=7]
+// Usage: cpu_bench [--n=10000000] [--reps=7] [--only=SUBSTRING (rows whose name has it)]
 // Speed is reported as ratios against the streaming loop (the memory ceiling of this machine),
 // which runs alternately with each kernel so that both see the same machine state.
 #include <algorithm>
@@ -78,14 +78,16 @@ void Stream(int threads, const float* a, const float* b, float* o1, float* o2, i
 int main(int argc, char** argv) {
   int64_t n = 10'000'000;
   int reps = 7;
+  const char* only = "";
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--n=", 4) == 0) n = std::atoll(argv[i] + 4);
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::atoi(argv[i] + 7);
+    if (std::strncmp(argv[i], "--only=", 7) == 0) only = argv[i] + 7;
   }
   const int64_t C = 64;
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> ux(-8, 8), u01(0, 1), uw(0.5f, 3);
-  std::vector<float> x(n), y(n), w(C), p(C), wf(n), pf(n), o1(n), o2(n), o3(n);
+  std::vector<float> x(n), y(n), ym(n), w(C), p(C), wf(n), pf(n), o1(n), o2(n), o3(n);
   for (int64_t i = 0; i < n; ++i) {
     x[i] = ux(rng);
     y[i] = u01(rng) < 0.5f ? 0.0f : 1.0f;
@@ -95,6 +97,11 @@ int main(int argc, char** argv) {
   for (int64_t c = 0; c < C; ++c) {
     w[c] = uw(rng);
     p[c] = uw(rng);
+  }
+  // Targets of the mixed focal row (as in gpu_bench): 40% 0, 40% 1, 20% uniform in (0, 1).
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = u01(rng);
+    ym[i] = u < 0.4f ? 0.0f : u < 0.8f ? 1.0f : u01(rng);
   }
   const int hw = static_cast<int>(std::thread::hardware_concurrency());
   std::printf("lossd cpu_bench: n=%lld float32, SIMD target %s, %d hardware threads\n",
@@ -110,6 +117,7 @@ int main(int argc, char** argv) {
       bool weights, full, grad, reduce, grad_y;
       int reads, writes;  // float32 streams
       bool focal = false;  // sigmoid focal loss, alpha 0.25, gamma 2, targets 0 or 1; no pos_weight
+      bool mixed = false;  // targets ym instead: hard and soft labels
     };
     const Variant variants[] = {
         {"loss+grad, weight[C] pos_weight[C] (main)", true, false, true, false, false, 2, 2},
@@ -119,12 +127,15 @@ int main(int argc, char** argv) {
         {"loss+grad, full-shape weight and pos_weight", true, true, true, false, false, 4, 2},
         {"loss+grad+grad_y, weight[C] pos_weight[C]", true, false, true, false, true, 2, 3},
         {"focal loss+grad, weight[C], gamma 2", true, false, true, false, false, 2, 2, true},
+        {"focal loss+grad, weight[C], gamma 2, mixed y", true, false, true, false, false, 2, 2,
+         true, true},
     };
     for (const Variant& v : variants) {
+      if (std::strstr(v.name, only) == nullptr) continue;
       BceArgs a;
       a.numel = n;
       a.logits = x.data();
-      a.targets = y.data();
+      a.targets = v.mixed ? ym.data() : y.data();
       if (v.weights) {
         if (v.full) {
           a.weight = *lossd::kernels::MakeOperand("weight", DType::kFloat32, wf.data(), {n}, {n});

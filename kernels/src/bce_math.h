@@ -90,7 +90,7 @@ LOSSD_HD void BceElement(T x, T y, T w, T p, T* loss, T* gx, T* gy) {
 
 
 // torchvision's sigmoid focal loss for one element, in log space, for any target y in [0, 1]
-// (FocalElement uses it for soft labels):
+// (FocalElement uses it for NaN inputs, infinite logits and targets outside [0, 1] or tiny):
 //   q = 1 - p_t = (1-y) s(x) + y s(-x),  log q = logaddexp(log(1-y) - sp(-x), log(y) - sp(x))
 //   loss = w * alpha_t * ce * q^gamma,   ce = (1-y) sp(x) + y sp(-x)
 //   dl/dx = w * alpha_t * [ ce' q^gamma + gamma (1-2y) exp((gamma-1) log q + log ce - sp(x)
@@ -100,8 +100,9 @@ LOSSD_HD void BceElement(T x, T y, T w, T p, T* loss, T* gx, T* gy) {
 // Error: exp of a log-space sum carries the sum's rounding (about |sum| ulp of T) as a relative
 // error, so it grows with gamma |log q| and |x|: in float64, a few ulp for |x| < 2 and 20-50
 // ulp of the gradient in the tails (|x| about 11; docs/golden.md), still within 1e-13
-// relative; for hard labels with x in [-40, 40], up to 180 ulp of the loss and 410 ulp of the
-// gradient's larger term at gamma 3.7 (FocalTest.HardLabelsMatchLongDouble).
+// relative; with x in [-40, 40], up to 180 ulp of the loss and 410 ulp of the gradient's
+// larger term at gamma 3.7 for hard labels, 224 and 422 for soft labels
+// (FocalTest.HardLabelsMatchLongDouble, FocalTest.SoftLabelsMatchLongDouble).
 template <typename T>
 LOSSD_HD void FocalElementLogSpace(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
   using std::exp;
@@ -161,37 +162,171 @@ LOSSD_HD void FocalElementLogSpace(T x, T y, T w, T alpha, T gamma, T* loss, T* 
   *gx = g;
 }
 
-// torchvision's sigmoid focal loss for one element (the semantics of FocalElementLogSpace),
-// with a shorter form for hard labels (y = 0 or 1, the usual detection targets) that needs no
-// logarithm; soft labels and NaN inputs go to FocalElementLogSpace. With z = x for y = 0 and
-// z = -x for y = 1, the terms of the log-space form collapse to
-//   ce = sp(z),  q = 1 - p_t = s(z),  log q = -sp(-z),  loss = w * alpha_t * ce * q^gamma,
-//   dl/dx = (1-2y) * w * alpha_t * q^gamma * (s(z) + gamma ce s(-z)),
-// two terms of one sign (gamma ce q^(gamma-1) s(x) s(-x) = gamma ce q^gamma s(-z)). q^gamma is
-// q or q*q for gamma = 1 or 2, else exp(-gamma sp(-z)) corrected to first order for the
-// rounding of sp(-z) and of the product (which would otherwise add a relative error of about
-// gamma sp(-z) ulp). Per element: exp, log1p and one division, plus one exp for gamma other
-// than 0, 1 and 2. Special values give what FocalElementLogSpace gives, bit for bit: NaN for
-// NaN inputs, the limits at infinite logits (+inf loss where ce is infinite, 0 where alpha_t
-// is), +0 for w = 0, finite gradients for gamma < 1.
-// Error in float64 for hard labels, finite x and w in [0, 1e3] (FocalTest.HardLabels*): loss
-// within 9 ulp, dl/dx within 15 ulp of its larger term (10 ulp of dl/dx itself); the worst
-// cases are at gamma 1 and 2, where q's rounding counts once per factor (over 2^23 draws: 8.8
-// and 14.2 ulp; 4.4 and 8.3 for the other gamma). Where an intermediate is subnormal (e.g.
-// q^gamma below 2^-1022) the error is in units of the subnormal spacing instead, as in the
-// log-space form. The backends evaluate it in double for every dtype and round once: float
-// results are within 1 ulp of the exact value.
+// c ? a : b for finite a and b. On the host as a * c + b * (1 - c), which is exact for c in
+// {0, 1} (the sign of a zero aside): compilers turn a floating-point select into a branch on
+// targets without a blend instruction, and FocalElementDirect's conditions (the sign of x,
+// y > 1/2) are as random as the data.
 template <typename T>
-LOSSD_HD void FocalElement(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
+LOSSD_HD T Pick(bool c, T a, T b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const T t = T(c);
+  return a * t + b * (T(1) - t);
+#endif
+}
+
+// FocalElementLogSpace for the elements FocalElement leaves to it (NaN inputs, infinite logits,
+// targets outside [0, 1] or tiny), out of line on the host: inlined, its code would keep
+// FocalElement from being inlined into the backends' element loops.
+template <typename T>
+#if defined(__CUDACC__)
+LOSSD_HD
+#else
+__attribute__((noinline, cold))
+#endif
+void FocalElementFallback(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
+  FocalElementLogSpace<T>(x, y, w, alpha, gamma, loss, gx);
+}
+
+// a * b + c, rounded once where the target has a fused multiply-add (CUDA devices, hosts
+// compiled for FMA), else twice: on a host without it std::fma is a library call, dearer than
+// the rounding it saves.
+template <typename T>
+LOSSD_HD T MulAdd(T a, T b, T c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// torchvision's sigmoid focal loss for one element (the semantics of FocalElementLogSpace) in a
+// direct form without logarithms for gamma 0, 1 and 2, one code path for hard (y = 0 or 1)
+// and soft labels, for y in [0, 1] outside (0, 4 times the smallest normal), finite x and w
+// not NaN (FocalElement gives the rest to FocalElementLogSpace). With A = max(y, 1-y) >= 1/2,
+// B = min(y, 1-y) and z = x for y <= 1/2, z = -x for y > 1/2 (sgn = +-1: 1-2y = sgn (A-B)):
+//   q = 1 - p_t = A s(z) + B s(-z),  ce = A sp(z) + B sp(-z),  loss = w alpha_t ce q^gamma,
+//   dl/dx = sgn w alpha_t q^gamma [ A s(z) - B s(-z) + gamma (A-B) ce v ],  v = s(z) s(-z) / q,
+// (the gamma term is gamma (1-2y) ce s(x) s(-x) q^(gamma-1), the derivative of q^gamma). q and
+// ce are sums of non-negative terms, and q >= A s(z) >= s(z)/2 bounds v by 2 s(-z): no
+// q^(gamma-1) is formed, and the gradient stays finite for gamma < 1. With e = exp(-|z|):
+// q = N / (1+e), N = A + B e (z >= 0) or A e + B (z < 0), v = s(-z) c / N with c = 1 or e;
+// 1 - y is kept as A + A_lo where it rounds. q^gamma is 1, q or q*q for gamma 0, 1 or 2, else
+// exp(-gamma (-log q)) corrected to first order for the rounding of -log q and of the product,
+// -log q being sp(-z) (exact terms) for a hard label, sp(-z) - log(A + B/e) for z < 0 and
+// A e >= B, else l - log N with a Newton step on log N where |log N| > 2 (its rounding would
+// otherwise be gamma |log N| / 2 ulp). For a hard label (A = 1, B = 0) the terms collapse to the
+// closed form ce = sp(z), q = s(z), v = s(-z), dl/dx = (1-2y) w alpha_t q^gamma (s(z) +
+// gamma ce s(-z)), with the roundings of FocalElementHard, bit for bit.
+// Per element: exp, log1p and two divisions; for other gamma one more exp (hard labels), or a
+// log, one or two exps and a division (soft labels). No branch depends on the element for
+// gamma 0, 1 and 2 (selects by Pick), so a GPU warp with hard and soft labels takes one path.
+// w = 0 gives +0, alpha_t = 0 a loss of 0. Tiny targets (where q would lose precision), NaN
+// and infinite inputs are FocalElementLogSpace's: special values are the log-space ones.
+// Error in float64 for finite x and w in [0, 1e3], in ulps of the loss and of the larger term
+// of dl/dx (FocalGradTermScale: for soft labels the first two terms cancel):
+// - hard labels (FocalTest.HardLabels*, on FocalElementHard's bits): within 9 and 15 ulp (10
+//   ulp of dl/dx itself); over 2^23 draws 8.8 and 14.2 ulp, the worst at gamma 1 and 2, where
+//   q's rounding counts once per factor; 4.4 and 8.3 for the other gamma.
+// - soft labels (FocalTest.SoftLabels*, y near 0 and 1 included): within 12 and 18 ulp; over
+//   2^23 draws 10.2 and 15.4 ulp (gamma 2), 9.6 and 14.8 (gamma 3.7), 5.7 and 13.7 (gamma 1),
+//   5.4 and 8.0 (gamma 0.5); with MulAdd fused (the CUDA form, host libm) 8.9 and 15.5 at most
+//   over 2^22 draws. The log-space form reaches 224 and 422 ulp there (gamma 3.7).
+// Where an intermediate is subnormal (e.g. q^gamma below 2^-1022) the error is in units of the
+// subnormal spacing instead, as in the log-space form. The backends evaluate it in double for
+// every dtype and round once: float results are within 1 ulp of the exact value.
+template <typename T>
+LOSSD_HD void FocalElementDirect(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
+  using std::exp;
+  using std::fabs;
+  using std::fma;
+  using std::log;
+  using std::log1p;
+  const T omy = T(1) - y;
+  const T A_lo = (T(1) - omy) - y;  // 1 - y = omy + A_lo exactly; 0 for y >= 1/2
+  const bool flip = omy < y;        // y > 1/2
+  const T sgn = Pick(flip, T(-1), T(1));
+  const T A = Pick(flip, y, omy);  // max(y, 1-y) >= 1/2; A + A_lo exactly
+  const T B = Pick(flip, omy, y);  // min(y, 1-y) <= 1/2, exact
+  const T d = fabs(T(1) - T(2) * y);  // A - B
+  const T z = sgn * x;
+  const bool pos = z >= T(0);
+  const T e = exp(-fabs(z));
+  // What does not need log1p(e) comes first: the divisions can run during the call.
+  const T inv = T(1) / (T(1) + e);
+  const T c = Pick(pos, T(1), e);  // s(z) (1 + e)
+  const T N = MulAdd(Pick(pos, B, A), e, Pick(pos, A_lo, B)) + Pick(pos, A, T(0));  // q (1 + e)
+  // s(z) / q = c / N: exactly 1 for a hard label (N = c).
+  T u = T(1);
+  if (gamma != T(0)) u = Pick(N > T(0), c, T(1)) / Pick(N > T(0), N, T(1));
+  const T qz = c * inv;                   // s(z)
+  const T rz = Pick(pos, e, T(1)) * inv;  // s(-z)
+  const T q = N * inv;                    // 1 - p_t = A s(z) + B s(-z)
+  // s(z) s(-z) / q times A - B: s(-z) for a hard label.
+  const T vd = rz * u * d;
+  // dl/dx / (w alpha_t q^gamma) without the gamma term: (1-2y) ce' = sgn (A s(z) - B s(-z)),
+  // +0 where that is 0.
+  const T sdce = sgn * MulAdd(A, qz, -(B * rz)) + T(0);
+  // ce - l = A z (z >= 0, A with A_lo) or -B z (z < 0)
+  const T ce_m = MulAdd(Pick(pos, A, -B), z, Pick(pos, A_lo, T(0)) * z);
+  const T at = alpha >= T(0) ? alpha * y + ((T(1) - alpha) * omy + (T(1) - alpha) * A_lo) : T(1);
+  const T l = log1p(e);
+  const T ce = ce_m + l;  // A sp(z) + B sp(-z)
+  T mod = T(1);
+  if (gamma == T(1)) {
+    mod = q;
+  } else if (gamma == T(2)) {
+    mod = q * q;
+  } else if (gamma != T(0)) {
+    T M = pos ? T(0) : -z;  // -log N, exact for a hard label (N = 1 or e)
+    T M_err = T(0);
+    if (B != T(0) && !pos && A * e >= B) {
+      // q = s(z) (A + B e^-z): -log q = sp(-z) - log(A + B / e), the log's argument in [A, 2A].
+      const T lk = log(A + B / e);
+      M = -z - lk;
+      M_err = (-z - M) - lk;  // Fast2Sum: |z| >= |lk|
+    } else if (B != T(0)) {
+      const T ln = log(N);
+      M = -ln;
+      if (fabs(ln) > T(2)) {
+        // log N rounded carries up to half an ulp of |log N|: one Newton step,
+        // log N = ln + (N - exp(ln)) / N to first order (N - exp(ln) is exact).
+        M_err = (exp(ln) - N) / N;
+      }
+    }
+    const T nlq = M + l;  // -log q
+    const T bb = nlq - M;
+    const T s_err = (M - (nlq - bb)) + (l - bb);  // 2Sum: the rounding error of M + l
+    const T t = gamma * nlq;
+    const T t_err = fma(gamma, nlq, -t) + gamma * (s_err + M_err);
+    mod = exp(-t);
+    if (mod != T(0)) mod -= mod * t_err;
+  }
+  T lv = ce == T(0) || at == T(0) ? T(0) : at * ce * mod;
+  const T tq = gamma * ce * vd;
+  T g = (sdce + sgn * tq) * mod;
+  g *= at;
+  if (w == T(0)) {
+    lv = T(0);
+    g = T(0);
+  } else if (w != T(1)) {
+    lv *= w;
+    g *= w;
+  }
+  *loss = lv;
+  *gx = g;
+}
+
+// FocalElementDirect for a hard label (y = 0 or 1; x finite, w not NaN) in fewer operations and
+// with the same roundings, so the same bits (FocalTest.DirectFormGivesHardLabelFormBits):
+// z = (1-2y) x, ce = sp(z), q = s(z), dl/dx = (1-2y) w alpha_t q^gamma (s(z) + gamma ce s(-z)).
+template <typename T>
+LOSSD_HD void FocalElementHard(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
   using std::exp;
   using std::fabs;
   using std::fma;
   using std::log1p;
-  if (!(y == T(0) || y == T(1)) || x != x || w != w) {
-    FocalElementLogSpace<T>(x, y, w, alpha, gamma, loss, gx);
-    return;
-  }
-  const T inf = T(INFINITY);
   const T sgn = T(1) - T(2) * y;  // 1 - 2y: +1 for y = 0, -1 for y = 1
   const T z = sgn * x;
   const T e = exp(-fabs(z));
@@ -219,10 +354,8 @@ LOSSD_HD void FocalElement(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
     if (mod != T(0)) mod -= mod * t_err;
   }
   const T at = alpha >= T(0) ? alpha * y + (T(1) - alpha) * (T(1) - y) : T(1);
-  // As in FocalElementLogSpace: +inf where ce is (z = +inf, q = 1), 0 where ce or at is 0.
-  T lv = ce == T(0) || at == T(0) ? T(0) : ce == inf ? inf : at * ce * mod;
-  // The gamma term is 0 where s(-z) = 0, except at ce = inf, where it is dropped (the limit).
-  const T tq = ce < inf ? gamma * ce * r : T(0);
+  T lv = ce == T(0) || at == T(0) ? T(0) : at * ce * mod;
+  const T tq = gamma * ce * r;
   // ce' = (1-y) s(x) - y s(-x) = (1-2y) q, with the general form's zero: +0 for y = 1, q = 0.
   const T dce = sgn * q + T(0);
   T g = (dce + sgn * tq) * mod;
@@ -236,6 +369,31 @@ LOSSD_HD void FocalElement(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
   }
   *loss = lv;
   *gx = g;
+}
+
+// torchvision's sigmoid focal loss for one element: FocalElementDirect, or FocalElementLogSpace
+// for what the direct form leaves to it (NaN inputs, infinite logits, targets outside [0, 1]
+// or in (0, 4 times the smallest normal)). The host takes FocalElementHard for hard labels
+// (the same bits, about a fifth faster there); the device does not, so that a warp with hard
+// and soft labels runs one path.
+template <typename T>
+LOSSD_HD void FocalElement(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
+  using std::fabs;
+  const T inf = T(INFINITY);
+  // Twice the smallest normal T (float or double); a literal, for device code.
+  const T tiny = sizeof(T) == sizeof(float) ? T(0x1p-125) : T(0x1p-1021);
+  // One comparison per condition (y > 0 would be a branch as random as hard labels are).
+  if (!(y >= T(0) && y <= T(1)) || !(fabs(x) < inf) || w != w || fabs(y - tiny) < tiny) {
+    FocalElementFallback<T>(x, y, w, alpha, gamma, loss, gx);
+    return;
+  }
+#if !defined(__CUDA_ARCH__)
+  if (y * (T(1) - y) == T(0)) {
+    FocalElementHard<T>(x, y, w, alpha, gamma, loss, gx);
+    return;
+  }
+#endif
+  FocalElementDirect<T>(x, y, w, alpha, gamma, loss, gx);
 }
 
 // Per-element options shared by every backend.

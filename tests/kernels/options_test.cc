@@ -19,6 +19,8 @@ namespace lossd::kernels {
 namespace {
 
 using internal::FocalElement;
+using internal::FocalElementDirect;
+using internal::FocalElementHard;
 using internal::FocalElementLogSpace;
 using lossd::testing::UlpDistance;
 using lossd::testing::UlpF32;
@@ -86,6 +88,31 @@ FocalLD HardLabelFocal(double x, double y, double w, double alpha, double gamma)
   // The limit at z = +inf: ce = inf, pt = 0, and the gamma term tends to 0.
   const L gterm = std::isinf(ce) ? 0.0L : gamma * ce * pt;
   return {wat == 0 ? 0.0L : wat * ce * mod, (y == 1 ? -1 : 1) * wat * mod * (q + gterm)};
+}
+
+// The focal loss and dl/dx for a soft label y in (0, 1) in long double, by the direct form
+// (written apart from FocalElement, which takes the same algebra in float64): with a = 1-y,
+// b = y,
+//   q = 1 - p_t = a s(x) + b s(-x),  ce = a sp(x) + b sp(-x),  loss = w alpha_t ce q^gamma,
+//   dl/dx = w alpha_t [ (a s(x) - b s(-x)) q^gamma + gamma (a-b) s(x) s(-x) ce q^(gamma-1) ]
+// (the derivative of ce q^gamma: ce' = a s(x) - b s(-x), q' = (a-b) s(x) s(-x)).
+// q and ce are sums of non-negative terms and q >= min(a, b), so nothing cancels but the
+// gradient's first two terms, whose difference long double holds to a few 2^-64 of the larger
+// term (FocalGradTermScale); NaiveFocal's 1 - p_t and x - x y cancel where y is near 0 or 1.
+// SoftLabelReferenceMatchesNaiveFormula checks it against NaiveFocal and its numeric
+// derivative. Every finite x, 1e30 included; y in (0, 1).
+FocalLD SoftLabelFocal(double x, double y, double w, double alpha, double gamma) {
+  using L = long double;
+  const L lx = x, a = 1 - static_cast<L>(y), b = y, g = gamma;
+  const L s_pos = 1 / (1 + std::exp(-lx)), s_neg = 1 / (1 + std::exp(lx));  // s(x), s(-x)
+  const L l = std::log1p(std::exp(-std::fabs(lx)));
+  const L ce = a * (std::max(lx, 0.0L) + l) + b * (std::max(-lx, 0.0L) + l);
+  const L q = a * s_pos + b * s_neg;
+  const L mod = gamma == 0 ? 1.0L : std::pow(q, g);
+  const L at = alpha >= 0 ? alpha * b + (1.0L - alpha) * a : 1.0L;
+  const L wat = static_cast<L>(w) * at;
+  const L dq = gamma == 0 ? 0.0L : g * (a - b) * s_pos * s_neg * ce * std::pow(q, g - 1);
+  return {wat == 0 ? 0.0L : wat * ce * mod, wat * ((a * s_pos - b * s_neg) * mod + dq)};
 }
 
 BceArgs Args64(const std::vector<double>& x, const std::vector<double>& y) {
@@ -170,7 +197,7 @@ TEST(FocalTest, FiniteGradientsForSmallGammaAndLimitsAtInfinity) {
 // Bounds 9 and 15 ulp. Measured worst (recorded per gamma): loss 6.8 ulp at gamma 2, dl/dx
 // 13.1 ulp at gamma 1 (q^gamma is q or q * q there, with the rounding of q = 1/(1+e^-z) once
 // per factor); 4.1 and 7.0 ulp for gamma 0.5 and 3.7 (a corrected exp); 2.4 and 2.9 for
-// gamma 0. The log-space form (FocalElementLogSpace, used for soft labels) on the same draws:
+// gamma 0. The log-space form (FocalElementLogSpace) on the same draws:
 // up to 172 ulp and 374 ulp at gamma 3.7, growing with gamma |log q|; recorded, not checked.
 TEST(FocalTest, HardLabelsMatchLongDouble) {
   std::mt19937_64 rng(23);
@@ -328,6 +355,270 @@ TEST(FocalTest, HardLabelSpecialValuesMatchLogSpace) {
         EXPECT_LE(static_cast<double>(std::fabs(gx - want.gx)), 15 * UlpF64(scale))
             << "x=" << x << " y=" << y << " gamma=" << gamma;
       }
+    }
+  }
+}
+
+// The soft-label reference (SoftLabelFocal) against NaiveFocal and a numeric derivative of it,
+// where NaiveFocal is accurate (x in [-8, 8], y in [0.01, 0.99]: its cancellations lose at
+// most 7 of long double's 64 bits): the loss within 1e-15 relative, dl/dx within 1e-9 of the
+// gradient's larger term (a five-point central difference, h = 2^-10: truncation about
+// h^4 / 30 of the fifth derivative). A wrong derivative formula is off by O(1) of that term.
+TEST(FocalTest, SoftLabelReferenceMatchesNaiveFormula) {
+  std::mt19937_64 rng(31);
+  std::uniform_real_distribution<double> ux(-8, 8), uy(0.01, 0.99);
+  const double alphas[] = {0.25, -1.0, 0.0, 1.0};
+  const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
+  for (int i = 0; i < 4000; ++i) {
+    const double x = ux(rng), y = uy(rng), alpha = alphas[rng() % 4], gamma = gammas[i % 5];
+    const FocalLD want = SoftLabelFocal(x, y, 1.0, alpha, gamma);
+    const long double naive = NaiveFocal(x, y, alpha, gamma);
+    const std::string at = "x=" + ::testing::PrintToString(x) + " y=" +
+                           ::testing::PrintToString(y) + " alpha=" + std::to_string(alpha) +
+                           " gamma=" + std::to_string(gamma);
+    ASSERT_LE(std::fabs(static_cast<double>(want.loss - naive)),
+              1e-15 * std::fabs(static_cast<double>(naive)))
+        << at;
+    const long double h = 1.0L / 1024;
+    auto f = [&](long double dx) { return NaiveFocal(x + dx, y, alpha, gamma); };
+    const long double num = (f(-2 * h) - 8 * f(-h) + 8 * f(h) - f(2 * h)) / (12 * h);
+    ASSERT_LE(std::fabs(static_cast<double>(want.gx - num)),
+              1e-9 * FocalGradTermScale(x, y, 1.0, alpha, gamma))
+        << at << " dl/dx " << static_cast<double>(want.gx) << " numeric "
+        << static_cast<double>(num);
+  }
+}
+
+// Soft labels (0 < y < 1) on FocalElement's direct form against the long double direct form
+// (SoftLabelFocal), in float64 ulps: the loss in ulps of its value, dl/dx in ulps of the larger
+// of its three terms (FocalGradTermScale: the first two cancel for a soft label). 2^19 draws:
+// x as in HardLabelsMatchLongDouble (uniform in [-40, 40], a quarter in [-8, 8], now and then
+// +-700, +-1e3, +-1e30 or +-1e-30); y uniform in (0, 1), one draw in four instead from 1e-6,
+// 1 - 1e-6, 1e-12, 1 - 1e-12, 1e-30 and 0.5; w in [0, 1e3] with 0 and 1 among them; alpha
+// 0.25, off (-1), 0 and 1; gamma 0, 0.5, 1, 2 and 3.7. Bounds 12 and 18 ulp (the hard-label
+// ones are 9 and 15: q = N / (1+e) takes one or two roundings more). Measured worst (recorded
+// per gamma): loss 8.3 ulp at gamma 2 and 9.3 at gamma 3.7, dl/dx 13.4 ulp at gamma 1 and 14.8
+// at gamma 3.7; 4.6 and 7.0 at gamma 0.5, 4.5 and 4.7 at gamma 0 (over 2^23 draws: 10.2 and
+// 15.4). The log-space form (FocalElementLogSpace) on the same draws: 84 and 172 ulp at gamma
+// 2, 223 and 309 at gamma 3.7, growing with gamma |log q|; recorded, not checked.
+TEST(FocalTest, SoftLabelsMatchLongDouble) {
+  std::mt19937_64 rng(37);
+  std::uniform_real_distribution<double> ux(-40, 40), ux8(-8, 8), uy(0, 1), uw(0, 1e3);
+  const double alphas[] = {0.25, -1.0, 0.0, 1.0};
+  const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
+  const double far[] = {700, 1e3, 1e30, 1e-30};
+  const double edge_y[] = {1e-6, 1 - 1e-6, 1e-12, 1 - 1e-12, 1e-30, 0.5};
+  // Per gamma: the worst loss and dl/dx errors of FocalElement, then of FocalElementLogSpace.
+  double worst[5][4] = {};
+  for (int i = 0; i < (1 << 19); ++i) {
+    double x = i % 4 == 0 ? ux8(rng) : ux(rng);
+    if (i % 512 == 7) x = far[(i / 512) % 4] * ((i / 2048) % 2 ? -1 : 1);
+    double y = uy(rng);
+    if (i % 4 == 1) y = edge_y[rng() % 6];
+    if (y == 0) y = 0.25;
+    const double w = i % 64 == 0 ? 0.0 : i % 8 == 1 ? 1.0 : uw(rng);
+    const int k = static_cast<int>(rng() % 5);
+    const double alpha = alphas[rng() % 4], gamma = gammas[k];
+    const FocalLD want = SoftLabelFocal(x, y, w, alpha, gamma);
+    const double scale = FocalGradTermScale(x, y, w, alpha, gamma);
+    const double ulp_l = UlpF64(static_cast<double>(want.loss)), ulp_g = UlpF64(scale);
+    double l, gx;
+    FocalElement<double>(x, y, w, alpha, gamma, &l, &gx);
+    const double el = static_cast<double>(std::fabs(l - want.loss)) / ulp_l;
+    const double eg = static_cast<double>(std::fabs(gx - want.gx)) / ulp_g;
+    worst[k][0] = std::max(worst[k][0], el);
+    worst[k][1] = std::max(worst[k][1], eg);
+    const std::string at = "x=" + ::testing::PrintToString(x) + " y=" +
+                           ::testing::PrintToString(y) + " w=" + ::testing::PrintToString(w) +
+                           " alpha=" + std::to_string(alpha) + " gamma=" + std::to_string(gamma);
+    ASSERT_LE(el, 12.0) << at << " loss " << l << " want " << static_cast<double>(want.loss);
+    ASSERT_LE(eg, 18.0) << at << " dl/dx " << gx << " want " << static_cast<double>(want.gx)
+                        << " larger term " << scale;
+    FocalElementLogSpace<double>(x, y, w, alpha, gamma, &l, &gx);
+    worst[k][2] = std::max(worst[k][2], static_cast<double>(std::fabs(l - want.loss)) / ulp_l);
+    worst[k][3] = std::max(worst[k][3], static_cast<double>(std::fabs(gx - want.gx)) / ulp_g);
+  }
+  for (int k = 0; k < 5; ++k) {
+    const std::string g = "_gamma" + ::testing::PrintToString(gammas[k]);
+    RecordProperty("worst_loss_ulp" + g, std::to_string(worst[k][0]));
+    RecordProperty("worst_grad_logits_ulp_of_term" + g, std::to_string(worst[k][1]));
+    RecordProperty("log_space_worst_loss_ulp" + g, std::to_string(worst[k][2]));
+    RecordProperty("log_space_worst_grad_logits_ulp_of_term" + g, std::to_string(worst[k][3]));
+  }
+}
+
+// The backends evaluate the focal loss in double for every dtype and round once: for float
+// inputs and soft labels (the draws of SoftLabelsMatchLongDouble rounded to float), the
+// float32 loss is within 1 float32 ulp of the exact value, and so is dl/dx wherever it is at
+// least 2^-20 of its larger term; below that (the two terms of dl/dx nearly cancel) it is
+// within 1 float32 ulp of that term (DESIGN.md section 5), as the float64 error of up to 15
+// ulp of the term is then no longer far below the final rounding.
+TEST(FocalTest, SoftLabelsRoundedToFloatWithinOneUlp) {
+  std::mt19937_64 rng(41);
+  std::uniform_real_distribution<double> ux(-40, 40), ux8(-8, 8), uy(0, 1), uw(0, 1e3);
+  const double alphas[] = {0.25, -1.0, 0.0, 1.0};
+  const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
+  const double far[] = {1e3, 1e30, 1e-30};
+  const double edge_y[] = {1e-6, 1 - 1e-6, 1e-12, 1e-30, 0.5};
+  double worst_loss = 0, worst_gx = 0;
+  for (int i = 0; i < (1 << 18); ++i) {
+    double xd = i % 4 == 0 ? ux8(rng) : ux(rng);
+    if (i % 512 == 7) xd = far[(i / 512) % 3] * ((i / 1536) % 2 ? -1 : 1);
+    const double x = static_cast<float>(xd);
+    double y = static_cast<float>(i % 4 == 1 ? edge_y[rng() % 5] : uy(rng));
+    if (y == 0 || y == 1) y = 0.25;
+    const double w = static_cast<float>(i % 64 == 0 ? 0.0 : i % 8 == 1 ? 1.0 : uw(rng));
+    const double alpha = alphas[rng() % 4], gamma = gammas[rng() % 5];
+    const FocalLD want = SoftLabelFocal(x, y, w, alpha, gamma);
+    const double scale = FocalGradTermScale(x, y, w, alpha, gamma);
+    const double want_gx = static_cast<double>(want.gx);
+    double l, gx;
+    FocalElement<double>(x, y, w, alpha, gamma, &l, &gx);
+    const float lf = static_cast<float>(l), gf = static_cast<float>(gx);
+    const double el = static_cast<double>(std::fabs(lf - want.loss)) /
+                      UlpF32(static_cast<double>(want.loss));
+    const double eg = static_cast<double>(std::fabs(gf - want.gx)) /
+                      UlpF32(std::fabs(want_gx) >= 0x1p-20 * scale ? want_gx : scale);
+    worst_loss = std::max(worst_loss, el);
+    worst_gx = std::max(worst_gx, eg);
+    ASSERT_LE(el, 1.0) << "x=" << x << " y=" << y << " w=" << w << " gamma=" << gamma
+                       << " loss " << lf << " want " << static_cast<double>(want.loss);
+    ASSERT_LE(eg, 1.0) << "x=" << x << " y=" << y << " w=" << w << " gamma=" << gamma
+                       << " dl/dx " << gf << " want " << want_gx << " larger term " << scale;
+  }
+  RecordProperty("worst_loss_ulp_f32", std::to_string(worst_loss));
+  RecordProperty("worst_grad_logits_ulp_f32", std::to_string(worst_gx));
+}
+
+// Special values with soft labels: bitwise what the log-space form gives (the sign of zero
+// included) where the result does not depend on rounding: NaN inputs, infinite logits (the
+// limits), w = 0 (+0), alpha_t = 0 (alpha 1.5 at y = 0.25, which requests cannot ask for: a
+// loss of 0 and a signed 0 gradient), and targets below 4 times the smallest normal double
+// (they take the log-space form). Elsewhere (|x| up to 1e30, gamma up to 1e4) no NaN, a
+// finite gradient, and the log-space values within 1e-11 of the loss and of the gradient's
+// larger term. Where q = 1 - p_t is about y or 1-y (y or 1-y tiny, x on the right side),
+// gamma < 1 gives finite values, within the float64 bounds where they and y are normal: no
+// q^(gamma-1) is formed.
+TEST(FocalTest, SoftLabelSpecialValuesMatchLogSpace) {
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::nan("");
+  const double gammas[] = {0.0, 0.25, 0.5, 0.99, 1.0, 2.0, 3.7, 1e4};
+  const double alphas[] = {0.25, -1.0, 0.0, 1.0, 1.5};
+  auto same_bits = [](double a, double b) {
+    return (std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, sizeof(double)) == 0;
+  };
+  int bitwise = 0, close = 0;
+  for (double x : {inf, -inf, nan, 1e30, -1e30, 1e3, -1e3, 800.0, -800.0, 30.0, -3.0, 0.0,
+                   -0.0, 1e-30}) {
+    for (double y : {0.25, 0.5, 0.75, 1e-6, 1 - 1e-6, 1e-12, 1e-300, 1e-310, 5e-324, nan}) {
+      for (double w : {0.0, 1.0, 2.5, nan}) {
+        for (double alpha : alphas) {
+          for (double gamma : gammas) {
+            const double at = alpha < 0 ? 1 : alpha * y + (1 - alpha) * (1 - y);
+            const std::string where = "x=" + ::testing::PrintToString(x) + " y=" +
+                                      ::testing::PrintToString(y) + " w=" + std::to_string(w) +
+                                      " alpha=" + std::to_string(alpha) +
+                                      " gamma=" + std::to_string(gamma);
+            double l0, g0, l1, g1;
+            FocalElementLogSpace<double>(x, y, w, alpha, gamma, &l0, &g0);
+            FocalElement<double>(x, y, w, alpha, gamma, &l1, &g1);
+            const bool exact = !(std::fabs(x) < inf) || std::isnan(y) || y < 1e-307 ||
+                               std::isnan(w) || w == 0 || at == 0;
+            if (exact) {
+              EXPECT_TRUE(same_bits(l1, l0)) << where << " loss " << l1 << " log space " << l0;
+              EXPECT_TRUE(same_bits(g1, g0)) << where << " dl/dx " << g1 << " log space " << g0;
+              ++bitwise;
+            } else {
+              ASSERT_FALSE(std::isnan(l1) || std::isnan(g1)) << where;
+              EXPECT_TRUE(std::isfinite(g1)) << where;  // |dl/dx| <= w alpha_t (1 + gamma)
+              EXPECT_EQ(std::isinf(l1), std::isinf(l0)) << where;
+              EXPECT_LE(std::fabs(l1 - l0), 1e-11 * std::fabs(l0)) << where;
+              EXPECT_LE(std::fabs(g1 - g0), 1e-11 * FocalGradTermScale(x, y, w, alpha, gamma))
+                  << where << " dl/dx " << g1 << " log space " << g0;
+              ++close;
+            }
+            if (std::isnan(x) || std::isnan(y) || std::isnan(w)) {
+              EXPECT_TRUE(std::isnan(l1) && std::isnan(g1)) << where;
+            } else if (w == 0) {
+              EXPECT_FALSE(std::signbit(l1) || std::signbit(g1)) << where;  // +0
+              EXPECT_EQ(l1, 0.0) << where;
+              EXPECT_EQ(g1, 0.0) << where;
+            } else if (at == 0) {
+              EXPECT_EQ(l1, 0.0) << where;
+              EXPECT_EQ(g1, 0.0) << where;
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(bitwise, 10000);
+  EXPECT_GT(close, 5000);
+  // Soft labels at infinite logits: the limits, loss +inf (ce grows like |x|), and dl/dx ->
+  // w alpha_t (1-y)^(1+gamma) for x -> +inf (q -> 1-y), -w alpha_t y^(1+gamma) for x -> -inf.
+  double l, gx;
+  FocalElement<double>(inf, 0.25, 2.0, -1.0, 2.0, &l, &gx);
+  EXPECT_EQ(l, inf);
+  EXPECT_DOUBLE_EQ(gx, 2.0 * 0.75 * 0.75 * 0.75);
+  FocalElement<double>(-inf, 0.25, 2.0, -1.0, 2.0, &l, &gx);
+  EXPECT_EQ(l, inf);
+  EXPECT_DOUBLE_EQ(gx, -2.0 * 0.25 * 0.25 * 0.25);
+  // gamma < 1 where q = 1 - p_t is about min(y, 1-y), tiny: finite, and within the float64
+  // bounds of SoftLabelsMatchLongDouble where the values are normal.
+  for (double gamma : {0.25, 0.5, 0.99}) {
+    for (double ax : {30.0, 100.0, 300.0, 700.0, 1e30}) {
+      for (double y : {1e-12, 1 - 1e-12, 1e-30, 1e-300, 1e-310}) {
+        const double x = y > 0.5 ? ax : -ax;  // the right side: q = y s(x) + (1-y) s(-x)
+        FocalElement<double>(x, y, 3.0, 0.25, gamma, &l, &gx);
+        const std::string where = "x=" + ::testing::PrintToString(x) + " y=" +
+                                  ::testing::PrintToString(y) + " gamma=" +
+                                  std::to_string(gamma);
+        ASSERT_TRUE(std::isfinite(l) && std::isfinite(gx)) << where;
+        const FocalLD want = SoftLabelFocal(x, y, 3.0, 0.25, gamma);
+        const double scale = FocalGradTermScale(x, y, 3.0, 0.25, gamma);
+        if (y < 1e-307) continue;  // the log-space form, finite
+        if (std::fabs(static_cast<double>(want.loss)) >= 0x1p-1000) {
+          EXPECT_LE(static_cast<double>(std::fabs(l - want.loss)),
+                    12 * UlpF64(static_cast<double>(want.loss)))
+              << where;
+        }
+        if (scale >= 0x1p-1000) {
+          EXPECT_LE(static_cast<double>(std::fabs(gx - want.gx)), 18 * UlpF64(scale))
+              << where;
+        }
+      }
+    }
+  }
+}
+
+// The direct form (FocalElementDirect, what the CUDA kernels run for every target) gives, for
+// hard labels, the bits of FocalElementHard (what the host runs for them, and what
+// HardLabels* measure): 2^20 draws of x over every scale (subnormal to 1e3, and beyond the
+// range of exp(-|x|)), w 0, 1 or in [0, 1e3], alpha 0.25, off, 0, 1 and 0.75, gamma 0, 0.25,
+// 0.5, 0.99, 1, 2, 3.7 and 1e4; the sign of zero included.
+TEST(FocalTest, DirectFormGivesHardLabelFormBits) {
+  std::mt19937_64 rng(43);
+  std::uniform_real_distribution<double> u(-1, 1), uw(0, 1e3);
+  const double gammas[] = {0.0, 0.25, 0.5, 0.99, 1.0, 2.0, 3.7, 1e4};
+  const double alphas[] = {0.25, -1.0, 0.0, 1.0, 0.75};
+  int differ = 0;
+  for (int i = 0; i < (1 << 20); ++i) {
+    const int k = i % 5;
+    const double x = k == 0   ? 8 * u(rng)
+                     : k == 1 ? 40 * u(rng)
+                     : k == 2 ? 760 * u(rng)
+                     : k == 3 ? std::ldexp(u(rng), static_cast<int>(rng() % 1100) - 1074)
+                              : 1e3 * u(rng);
+    const double y = (rng() & 1) ? 1.0 : 0.0;
+    const double w = i % 7 == 0 ? 0.0 : i % 3 == 0 ? 1.0 : uw(rng);
+    const double alpha = alphas[rng() % 5], gamma = gammas[rng() % 8];
+    double l0, g0, l1, g1;
+    FocalElementHard<double>(x, y, w, alpha, gamma, &l0, &g0);
+    FocalElementDirect<double>(x, y, w, alpha, gamma, &l1, &g1);
+    if (std::memcmp(&l0, &l1, sizeof(double)) != 0 || std::memcmp(&g0, &g1, sizeof(double)) != 0) {
+      ADD_FAILURE() << "x=" << ::testing::PrintToString(x) << " y=" << y << " w=" << w
+                    << " alpha=" << alpha << " gamma=" << gamma << ": loss " << l1 << " vs "
+                    << l0 << ", dl/dx " << g1 << " vs " << g0;
+      if (++differ == 10) return;
     }
   }
 }
