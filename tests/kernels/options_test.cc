@@ -189,6 +189,61 @@ TEST(FocalTest, FiniteGradientsForSmallGammaAndLimitsAtInfinity) {
   EXPECT_DOUBLE_EQ(gx[1], -0.25);
 }
 
+// The draws and checks of the float64 focal accuracy tests: `n` draws of x uniform in
+// [-40, 40] (a quarter in [-8, 8]) and now and then +-700, +-1e3, +-1e30 or +-1e-30, the target
+// from draw_y(i, rng), w in [0, 1e3] with 0 and 1 among them, alpha 0.25, off (-1), 0 and 1,
+// gamma 0, 0.5, 1, 2 and 3.7. FocalElement<double> against want_of(x, y, w, alpha, gamma) (long
+// double): the loss within loss_bound ulps of its value, dl/dx within grad_bound ulps of its
+// larger term (FocalGradTermScale). Records per gamma the worst errors of FocalElement and of
+// FocalElementLogSpace on the same draws (the latter not checked).
+template <typename DrawY, typename WantOf>
+void CheckFocalAgainstLongDouble(int n, uint64_t seed, double loss_bound, double grad_bound,
+                                 DrawY draw_y, WantOf want_of) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> ux(-40, 40), ux8(-8, 8), uw(0, 1e3);
+  const double alphas[] = {0.25, -1.0, 0.0, 1.0};
+  const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
+  const double far[] = {700, 1e3, 1e30, 1e-30};
+  // Per gamma: the worst loss and dl/dx errors of FocalElement, then of FocalElementLogSpace.
+  double worst[5][4] = {};
+  for (int i = 0; i < n; ++i) {
+    double x = i % 4 == 0 ? ux8(rng) : ux(rng);
+    if (i % 512 == 7) x = far[(i / 512) % 4] * ((i / 2048) % 2 ? -1 : 1);
+    const double y = draw_y(i, rng);
+    const double w = i % 64 == 0 ? 0.0 : i % 8 == 1 ? 1.0 : uw(rng);
+    const int k = static_cast<int>(rng() % 5);
+    const double alpha = alphas[rng() % 4], gamma = gammas[k];
+    const FocalLD want = want_of(x, y, w, alpha, gamma);
+    const double scale = FocalGradTermScale(x, y, w, alpha, gamma);
+    const double ulp_l = UlpF64(static_cast<double>(want.loss)), ulp_g = UlpF64(scale);
+    double l, gx;
+    FocalElement<double>(x, y, w, alpha, gamma, &l, &gx);
+    const double el = static_cast<double>(std::fabs(l - want.loss)) / ulp_l;
+    const double eg = static_cast<double>(std::fabs(gx - want.gx)) / ulp_g;
+    worst[k][0] = std::max(worst[k][0], el);
+    worst[k][1] = std::max(worst[k][1], eg);
+    const std::string at = "x=" + ::testing::PrintToString(x) + " y=" +
+                           ::testing::PrintToString(y) + " w=" + ::testing::PrintToString(w) +
+                           " alpha=" + std::to_string(alpha) + " gamma=" + std::to_string(gamma);
+    ASSERT_LE(el, loss_bound) << at << " loss " << l << " want "
+                              << static_cast<double>(want.loss);
+    ASSERT_LE(eg, grad_bound) << at << " dl/dx " << gx << " want "
+                              << static_cast<double>(want.gx) << " larger term " << scale;
+    FocalElementLogSpace<double>(x, y, w, alpha, gamma, &l, &gx);
+    worst[k][2] = std::max(worst[k][2], static_cast<double>(std::fabs(l - want.loss)) / ulp_l);
+    worst[k][3] = std::max(worst[k][3], static_cast<double>(std::fabs(gx - want.gx)) / ulp_g);
+  }
+  for (int k = 0; k < 5; ++k) {
+    const std::string g = "_gamma" + ::testing::PrintToString(gammas[k]);
+    ::testing::Test::RecordProperty("worst_loss_ulp" + g, std::to_string(worst[k][0]));
+    ::testing::Test::RecordProperty("worst_grad_logits_ulp_of_term" + g,
+                                    std::to_string(worst[k][1]));
+    ::testing::Test::RecordProperty("log_space_worst_loss_ulp" + g, std::to_string(worst[k][2]));
+    ::testing::Test::RecordProperty("log_space_worst_grad_logits_ulp_of_term" + g,
+                                    std::to_string(worst[k][3]));
+  }
+}
+
 // The hard-label form of FocalElement (y = 0 or 1) against the independent long double closed
 // form, in float64 ulps: the loss in ulps of its value, dl/dx in ulps of the larger of its two
 // terms (FocalGradTermScale; for a hard label the terms have one sign). 2^18 draws: x uniform
@@ -200,46 +255,9 @@ TEST(FocalTest, FiniteGradientsForSmallGammaAndLimitsAtInfinity) {
 // gamma 0. The log-space form (FocalElementLogSpace) on the same draws:
 // up to 172 ulp and 374 ulp at gamma 3.7, growing with gamma |log q|; recorded, not checked.
 TEST(FocalTest, HardLabelsMatchLongDouble) {
-  std::mt19937_64 rng(23);
-  std::uniform_real_distribution<double> ux(-40, 40), ux8(-8, 8), uw(0, 1e3);
-  const double alphas[] = {0.25, -1.0, 0.0, 1.0};
-  const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
-  const double far[] = {700, 1e3, 1e30, 1e-30};
-  // Per gamma: the worst loss and dl/dx errors of FocalElement, then of FocalElementLogSpace.
-  double worst[5][4] = {};
-  for (int i = 0; i < (1 << 18); ++i) {
-    double x = i % 4 == 0 ? ux8(rng) : ux(rng);
-    if (i % 512 == 7) x = far[(i / 512) % 4] * ((i / 2048) % 2 ? -1 : 1);
-    const double y = (rng() & 1) ? 1.0 : 0.0;
-    const double w = i % 64 == 0 ? 0.0 : i % 8 == 1 ? 1.0 : uw(rng);
-    const int k = static_cast<int>(rng() % 5);
-    const double alpha = alphas[rng() % 4], gamma = gammas[k];
-    const FocalLD want = HardLabelFocal(x, y, w, alpha, gamma);
-    const double scale = FocalGradTermScale(x, y, w, alpha, gamma);
-    const double ulp_l = UlpF64(static_cast<double>(want.loss)), ulp_g = UlpF64(scale);
-    double l, gx;
-    FocalElement<double>(x, y, w, alpha, gamma, &l, &gx);
-    const double el = static_cast<double>(std::fabs(l - want.loss)) / ulp_l;
-    const double eg = static_cast<double>(std::fabs(gx - want.gx)) / ulp_g;
-    worst[k][0] = std::max(worst[k][0], el);
-    worst[k][1] = std::max(worst[k][1], eg);
-    const std::string at = "x=" + ::testing::PrintToString(x) + " y=" + std::to_string(y) +
-                           " w=" + ::testing::PrintToString(w) + " alpha=" +
-                           std::to_string(alpha) + " gamma=" + std::to_string(gamma);
-    ASSERT_LE(el, 9.0) << at << " loss " << l << " want " << static_cast<double>(want.loss);
-    ASSERT_LE(eg, 15.0) << at << " dl/dx " << gx << " want " << static_cast<double>(want.gx)
-                        << " larger term " << scale;
-    FocalElementLogSpace<double>(x, y, w, alpha, gamma, &l, &gx);
-    worst[k][2] = std::max(worst[k][2], static_cast<double>(std::fabs(l - want.loss)) / ulp_l);
-    worst[k][3] = std::max(worst[k][3], static_cast<double>(std::fabs(gx - want.gx)) / ulp_g);
-  }
-  for (int k = 0; k < 5; ++k) {
-    const std::string g = "_gamma" + ::testing::PrintToString(gammas[k]);
-    RecordProperty("worst_loss_ulp" + g, std::to_string(worst[k][0]));
-    RecordProperty("worst_grad_logits_ulp_of_term" + g, std::to_string(worst[k][1]));
-    RecordProperty("log_space_worst_loss_ulp" + g, std::to_string(worst[k][2]));
-    RecordProperty("log_space_worst_grad_logits_ulp_of_term" + g, std::to_string(worst[k][3]));
-  }
+  CheckFocalAgainstLongDouble(
+      1 << 18, 23, 9.0, 15.0, [](int, std::mt19937_64& rng) { return (rng() & 1) ? 1.0 : 0.0; },
+      HardLabelFocal);
 }
 
 // The backends evaluate the focal loss in double for every dtype and round once: for float
@@ -402,49 +420,15 @@ TEST(FocalTest, SoftLabelReferenceMatchesNaiveFormula) {
 // 15.4). The log-space form (FocalElementLogSpace) on the same draws: 84 and 172 ulp at gamma
 // 2, 223 and 309 at gamma 3.7, growing with gamma |log q|; recorded, not checked.
 TEST(FocalTest, SoftLabelsMatchLongDouble) {
-  std::mt19937_64 rng(37);
-  std::uniform_real_distribution<double> ux(-40, 40), ux8(-8, 8), uy(0, 1), uw(0, 1e3);
-  const double alphas[] = {0.25, -1.0, 0.0, 1.0};
-  const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
-  const double far[] = {700, 1e3, 1e30, 1e-30};
   const double edge_y[] = {1e-6, 1 - 1e-6, 1e-12, 1 - 1e-12, 1e-30, 0.5};
-  // Per gamma: the worst loss and dl/dx errors of FocalElement, then of FocalElementLogSpace.
-  double worst[5][4] = {};
-  for (int i = 0; i < (1 << 19); ++i) {
-    double x = i % 4 == 0 ? ux8(rng) : ux(rng);
-    if (i % 512 == 7) x = far[(i / 512) % 4] * ((i / 2048) % 2 ? -1 : 1);
-    double y = uy(rng);
-    if (i % 4 == 1) y = edge_y[rng() % 6];
-    if (y == 0) y = 0.25;
-    const double w = i % 64 == 0 ? 0.0 : i % 8 == 1 ? 1.0 : uw(rng);
-    const int k = static_cast<int>(rng() % 5);
-    const double alpha = alphas[rng() % 4], gamma = gammas[k];
-    const FocalLD want = SoftLabelFocal(x, y, w, alpha, gamma);
-    const double scale = FocalGradTermScale(x, y, w, alpha, gamma);
-    const double ulp_l = UlpF64(static_cast<double>(want.loss)), ulp_g = UlpF64(scale);
-    double l, gx;
-    FocalElement<double>(x, y, w, alpha, gamma, &l, &gx);
-    const double el = static_cast<double>(std::fabs(l - want.loss)) / ulp_l;
-    const double eg = static_cast<double>(std::fabs(gx - want.gx)) / ulp_g;
-    worst[k][0] = std::max(worst[k][0], el);
-    worst[k][1] = std::max(worst[k][1], eg);
-    const std::string at = "x=" + ::testing::PrintToString(x) + " y=" +
-                           ::testing::PrintToString(y) + " w=" + ::testing::PrintToString(w) +
-                           " alpha=" + std::to_string(alpha) + " gamma=" + std::to_string(gamma);
-    ASSERT_LE(el, 12.0) << at << " loss " << l << " want " << static_cast<double>(want.loss);
-    ASSERT_LE(eg, 18.0) << at << " dl/dx " << gx << " want " << static_cast<double>(want.gx)
-                        << " larger term " << scale;
-    FocalElementLogSpace<double>(x, y, w, alpha, gamma, &l, &gx);
-    worst[k][2] = std::max(worst[k][2], static_cast<double>(std::fabs(l - want.loss)) / ulp_l);
-    worst[k][3] = std::max(worst[k][3], static_cast<double>(std::fabs(gx - want.gx)) / ulp_g);
-  }
-  for (int k = 0; k < 5; ++k) {
-    const std::string g = "_gamma" + ::testing::PrintToString(gammas[k]);
-    RecordProperty("worst_loss_ulp" + g, std::to_string(worst[k][0]));
-    RecordProperty("worst_grad_logits_ulp_of_term" + g, std::to_string(worst[k][1]));
-    RecordProperty("log_space_worst_loss_ulp" + g, std::to_string(worst[k][2]));
-    RecordProperty("log_space_worst_grad_logits_ulp_of_term" + g, std::to_string(worst[k][3]));
-  }
+  CheckFocalAgainstLongDouble(
+      1 << 19, 37, 12.0, 18.0,
+      [&edge_y](int i, std::mt19937_64& rng) {
+        double y = std::uniform_real_distribution<double>(0, 1)(rng);
+        if (i % 4 == 1) y = edge_y[rng() % 6];
+        return y == 0 ? 0.25 : y;
+      },
+      SoftLabelFocal);
 }
 
 // The backends evaluate the focal loss in double for every dtype and round once: for float
