@@ -89,6 +89,35 @@ LOSSD_HD void BceElement(T x, T y, T w, T p, T* loss, T* gx, T* gy) {
 }
 
 
+// The focal element's outputs times the weight: +0 (not -0 or NaN) for w = 0.
+template <typename T>
+LOSSD_HD void StoreWeightedFocal(T w, T lv, T g, T* loss, T* gx) {
+  if (w == T(0)) {
+    lv = T(0);
+    g = T(0);
+  } else if (w != T(1)) {
+    lv *= w;
+    g *= w;
+  }
+  *loss = lv;
+  *gx = g;
+}
+
+// q^gamma = exp(-gamma nlq) for nlq = -log q, given nlq's rounding error nlq_err: the rounding
+// errors of nlq and of gamma * nlq corrected to first order, exp(-t - t_err) = e^-t (1 - t_err)
+// (otherwise a relative error of about gamma nlq ulp). 0 where t is infinite (t_err is then
+// NaN).
+template <typename T>
+LOSSD_HD T FocalPowFromNegLog(T gamma, T nlq, T nlq_err) {
+  using std::exp;
+  using std::fma;
+  const T t = gamma * nlq;
+  const T t_err = fma(gamma, nlq, -t) + gamma * nlq_err;
+  T mod = exp(-t);
+  if (mod != T(0)) mod -= mod * t_err;
+  return mod;
+}
+
 // torchvision's sigmoid focal loss for one element, in log space, for any target y in [0, 1]
 // (FocalElement uses it for NaN inputs, infinite logits and targets outside [0, 1] or tiny):
 //   q = 1 - p_t = (1-y) s(x) + y s(-x),  log q = logaddexp(log(1-y) - sp(-x), log(y) - sp(x))
@@ -151,15 +180,7 @@ LOSSD_HD void FocalElementLogSpace(T x, T y, T w, T alpha, T gamma, T* loss, T* 
     g += gamma * (a - b) * mag;
   }
   g *= at;
-  if (w == T(0)) {
-    lv = T(0);
-    g = T(0);
-  } else if (w != T(1)) {
-    lv *= w;
-    g *= w;
-  }
-  *loss = lv;
-  *gx = g;
+  StoreWeightedFocal(w, lv, g, loss, gx);
 }
 
 // c ? a : b for finite a and b. On the host as a * c + b * (1 - c), which is exact for c in
@@ -240,7 +261,6 @@ template <typename T>
 LOSSD_HD void FocalElementDirect(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
   using std::exp;
   using std::fabs;
-  using std::fma;
   using std::log;
   using std::log1p;
   const T omy = T(1) - y;
@@ -298,24 +318,13 @@ LOSSD_HD void FocalElementDirect(T x, T y, T w, T alpha, T gamma, T* loss, T* gx
     const T nlq = M + l;  // -log q
     const T bb = nlq - M;
     const T s_err = (M - (nlq - bb)) + (l - bb);  // 2Sum: the rounding error of M + l
-    const T t = gamma * nlq;
-    const T t_err = fma(gamma, nlq, -t) + gamma * (s_err + M_err);
-    mod = exp(-t);
-    if (mod != T(0)) mod -= mod * t_err;
+    mod = FocalPowFromNegLog(gamma, nlq, s_err + M_err);
   }
   T lv = ce == T(0) || at == T(0) ? T(0) : at * ce * mod;
   const T tq = gamma * ce * vd;
   T g = (sdce + sgn * tq) * mod;
   g *= at;
-  if (w == T(0)) {
-    lv = T(0);
-    g = T(0);
-  } else if (w != T(1)) {
-    lv *= w;
-    g *= w;
-  }
-  *loss = lv;
-  *gx = g;
+  StoreWeightedFocal(w, lv, g, loss, gx);
 }
 
 // FocalElementDirect for a hard label (y = 0 or 1; x finite, w not NaN) in fewer operations and
@@ -325,7 +334,6 @@ template <typename T>
 LOSSD_HD void FocalElementHard(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
   using std::exp;
   using std::fabs;
-  using std::fma;
   using std::log1p;
   const T sgn = T(1) - T(2) * y;  // 1 - 2y: +1 for y = 0, -1 for y = 1
   const T z = sgn * x;
@@ -344,14 +352,10 @@ LOSSD_HD void FocalElementHard(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) 
     mod = q * q;
   } else if (gamma != T(0)) {
     const T nlq = m_neg + l;  // -log q
-    // The rounding error of m_neg + l (Fast2Sum: the larger operand first) and of gamma * nlq.
+    // The rounding error of m_neg + l (Fast2Sum: the larger operand first).
     const T big = m_neg > l ? m_neg : l;
     const T small = m_neg > l ? l : m_neg;
-    const T t = gamma * nlq;
-    const T t_err = fma(gamma, nlq, -t) + gamma * ((big - nlq) + small);
-    mod = exp(-t);
-    // exp(-t - t_err) = mod (1 - t_err); mod = 0 where t is infinite (t_err is then NaN).
-    if (mod != T(0)) mod -= mod * t_err;
+    mod = FocalPowFromNegLog(gamma, nlq, (big - nlq) + small);
   }
   const T at = alpha >= T(0) ? alpha * y + (T(1) - alpha) * (T(1) - y) : T(1);
   T lv = ce == T(0) || at == T(0) ? T(0) : at * ce * mod;
@@ -360,15 +364,7 @@ LOSSD_HD void FocalElementHard(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) 
   const T dce = sgn * q + T(0);
   T g = (dce + sgn * tq) * mod;
   g *= at;
-  if (w == T(0)) {
-    lv = T(0);
-    g = T(0);
-  } else if (w != T(1)) {
-    lv *= w;
-    g *= w;
-  }
-  *loss = lv;
-  *gx = g;
+  StoreWeightedFocal(w, lv, g, loss, gx);
 }
 
 // torchvision's sigmoid focal loss for one element: FocalElementDirect, or FocalElementLogSpace
