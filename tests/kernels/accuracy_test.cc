@@ -150,6 +150,27 @@ struct Tally {
            " larger term " + Str(sy));
     }
   }
+  // One float64 element against BceElement in long double: the loss within 4 ulp, both
+  // gradients within 4 ulp of their larger term (GradOk); failures name the inputs.
+  void ElementF64(double x, double y, double w, double p, double l, double gx, double gy) {
+    using LD = long double;
+    LD wl, wgx, wgy;
+    internal::BceElement<LD>(x, y, w, p, &wl, &wgx, &wgy);
+    const auto [sx, sy] = GradTermScalesIn<LD>(x, y, w, p);
+    const int64_t d = UlpDistanceF64(l, static_cast<double>(wl));
+    if (d <= 4) {
+      worst_loss = std::max(worst_loss, d);
+    } else {
+      Fail("loss " + Inputs(x, y, w, p) + ": got " + Str(l) + " want " + Str(wl) + ", " +
+           std::to_string(d) + " ulp");
+    }
+    if (!GradOk(gx, wgx, UlpF64(static_cast<double>(sx)), &worst_gx)) {
+      Fail("dl/dx " + Inputs(x, y, w, p) + ": got " + Str(gx) + " want " + Str(wgx));
+    }
+    if (!GradOk(gy, wgy, UlpF64(static_cast<double>(sy)), &worst_gy)) {
+      Fail("dl/dy " + Inputs(x, y, w, p) + ": got " + Str(gy) + " want " + Str(wgy));
+    }
+  }
 };
 
 class AccuracyTest : public ::testing::TestWithParam<int64_t> {
@@ -543,26 +564,7 @@ TEST_P(AccuracyTest, Float64WithFactorsAndGradientsAgainstLongDouble) {
       FlatArgs(DType::kFloat64, kN, x.data(), y.data(), w.data(), p.data(), Reduction::kNone);
   ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
   Tally t;
-  for (int64_t i = 0; i < kN; ++i) {
-    using LD = long double;
-    LD wl, wgx, wgy;
-    internal::BceElement<LD>(x[i], y[i], w[i], p[i], &wl, &wgx, &wgy);
-    const auto [sx, sy] = GradTermScalesIn<LD>(x[i], y[i], w[i], p[i]);
-    const auto in = [&] { return Inputs(x[i], y[i], w[i], p[i]); };  // on failure only
-    const int64_t d = UlpDistanceF64(l[i], static_cast<double>(wl));
-    if (d <= 4) {
-      t.worst_loss = std::max(t.worst_loss, d);
-    } else {
-      t.Fail("loss " + in() + ": got " + Str(l[i]) + " want " + Str(wl) + ", " + std::to_string(d) +
-             " ulp");
-    }
-    if (!t.GradOk(gx[i], wgx, UlpF64(static_cast<double>(sx)), &t.worst_gx)) {
-      t.Fail("dl/dx " + in() + ": got " + Str(gx[i]) + " want " + Str(wgx));
-    }
-    if (!t.GradOk(gy[i], wgy, UlpF64(static_cast<double>(sy)), &t.worst_gy)) {
-      t.Fail("dl/dy " + in() + ": got " + Str(gy[i]) + " want " + Str(wgy));
-    }
-  }
+  for (int64_t i = 0; i < kN; ++i) t.ElementF64(x[i], y[i], w[i], p[i], l[i], gx[i], gy[i]);
   EXPECT_EQ(t.failures, 0) << "elements out of bounds, of " << kN;
   std::cout << "target " << hwy::TargetName(GetParam()) << ": float64 against long double, worst "
             << "loss " << t.worst_loss << " ulp, dl/dx " << t.worst_gx << " ulp, dl/dy "
@@ -583,15 +585,8 @@ TEST_P(AccuracyTest, Float64RecordedHardCases) {
       FlatArgs(DType::kFloat64, n, x.data(), y.data(), w.data(), p.data(), Reduction::kNone);
   ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {l.data(), gx.data(), gy.data()}).ok());
   Tally t;
-  for (int64_t i = 0; i < n; ++i) {
-    using LD = long double;
-    LD wl, wgx, wgy;
-    internal::BceElement<LD>(x[i], y[i], w[i], p[i], &wl, &wgx, &wgy);
-    const auto [sx, sy] = GradTermScalesIn<LD>(x[i], y[i], w[i], p[i]);
-    EXPECT_LE(UlpDistanceF64(l[i], static_cast<double>(wl)), 4) << Inputs(x[i], y[i], w[i], p[i]);
-    EXPECT_TRUE(t.GradOk(gx[i], wgx, UlpF64(static_cast<double>(sx)), &t.worst_gx)) << i;
-    EXPECT_TRUE(t.GradOk(gy[i], wgy, UlpF64(static_cast<double>(sy)), &t.worst_gy)) << i;
-  }
+  for (int64_t i = 0; i < n; ++i) t.ElementF64(x[i], y[i], w[i], p[i], l[i], gx[i], gy[i]);
+  EXPECT_EQ(t.failures, 0);
 }
 
 std::vector<int64_t> Targets() { return hwy::SupportedAndGeneratedTargets(); }
