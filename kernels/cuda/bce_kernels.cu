@@ -191,6 +191,16 @@ __device__ __forceinline__ void LoadVecDyn(int dtype, const void* p, int64_t i0,
   }
 }
 
+// The value index of element i in operand o: (i / inner) % period, by the multiply-shift
+// divisions when `small`.
+__device__ __forceinline__ int64_t OperandIndex(const OperandParams& o, int64_t i, bool small) {
+  if (small) {
+    const uint32_t q = o.inner_div.Div(static_cast<uint32_t>(i));
+    return q - o.period_div.Div(q) * static_cast<uint32_t>(o.period);
+  }
+  return (i / o.inner) % o.period;
+}
+
 // Operand values of elements i0..i0+3 (i0 a multiple of 4; indices past numel stay in range).
 // j_period: i0 % period, from the thread's PeriodCursor (used for vec_period when small).
 template <typename TC>
@@ -207,14 +217,7 @@ __device__ __forceinline__ void LoadOperand4(const OperandParams& o, int64_t i0,
     return LoadVecDyn(o.dtype, o.data, j, out);
   }
   if (o.same4) {
-    int64_t j;
-    if (small) {
-      const uint32_t q = o.inner_div.Div(static_cast<uint32_t>(i0));
-      j = q - o.period_div.Div(q) * static_cast<uint32_t>(o.period);
-    } else {
-      j = (i0 / o.inner) % o.period;
-    }
-    const TC v = LoadDyn<TC>(o.dtype, o.data, j);
+    const TC v = LoadDyn<TC>(o.dtype, o.data, OperandIndex(o, i0, small));
 #pragma unroll
     for (int k = 0; k < 4; ++k) out[k] = v;
     return;
@@ -726,14 +729,7 @@ struct GenericParams {
 
 __device__ __forceinline__ double LoadOperand(const OperandParams& o, int64_t i, bool small) {
   if (o.data == nullptr) return 1.0;
-  int64_t j;
-  if (small) {
-    const uint32_t q = o.inner_div.Div(static_cast<uint32_t>(i));
-    j = q - o.period_div.Div(q) * static_cast<uint32_t>(o.period);
-  } else {
-    j = (i / o.inner) % o.period;
-  }
-  return LoadDyn<double>(o.dtype, o.data, j);
+  return LoadDyn<double>(o.dtype, o.data, OperandIndex(o, i, small));
 }
 
 template <typename TX, bool kReduce>
