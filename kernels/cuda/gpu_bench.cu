@@ -290,14 +290,20 @@ bool ValidateOptions(const ValidationData& v) {
   return all;
 }
 
+// 64 pseudo-random bits for element i.
+__device__ uint64_t MixIndex(int64_t i, uint64_t seed) {
+  uint64_t h = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
+  h ^= h >> 31;
+  h *= 0xBF58476D1CE4E5B9ull;
+  h ^= h >> 29;
+  return h;
+}
+
 // Fills x with logits in [-20, 20] and y with 40% zeros, 40% ones, 20% uniform soft labels.
 __global__ void FillInputs(float* x, float* y, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    uint64_t h = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
-    h ^= h >> 31;
-    h *= 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 29;
+    const uint64_t h = MixIndex(i, seed);
     const float u1 = static_cast<float>(h & 0xffffff) * 0x1p-24f;
     const float u2 = static_cast<float>((h >> 24) & 0xffffff) * 0x1p-24f;
     x[i] = 40.0f * u1 - 20.0f;
@@ -309,11 +315,7 @@ __global__ void FillInputs(float* x, float* y, int64_t n, uint64_t seed) {
 __global__ void FillHardLabels(float* y, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    uint64_t h = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
-    h ^= h >> 29;
-    h *= 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 32;
-    y[i] = static_cast<float>(h & 1);
+    y[i] = static_cast<float>(MixIndex(i, seed) >> 63);
   }
 }
 
