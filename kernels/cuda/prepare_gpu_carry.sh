@@ -31,6 +31,7 @@ fi
 if [[ -n "${LOSSD_BASE_COMMIT:-}" ]]; then
   base_src="$(mktemp -d)/src"
   git worktree add --detach "$base_src" "$LOSSD_BASE_COMMIT" >/dev/null
+  rm -rf build/base-bench  # its cache names the previous (removed) worktree
   cmake -S "$base_src" -B build/base-bench -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
   cmake --build build/base-bench -j2 --target gpu_bench >/dev/null
   git worktree remove --force "$base_src"
