@@ -320,35 +320,6 @@ LOSSD_HD float BceGradTargetsF32Smoothed(float x, float w, float p, float log1p_
                                         static_cast<double>(fmaf(p, sp_neg, -sp_pos)));
 }
 
-// A thread's index into an operand read by period (element i reads data[i % period]) across
-// the fused kernels' grid-stride loop: j = i0 % period for the thread's first group of 4 in
-// the current reduction block (i0 = b * block + 4 t), its second group (i0 + block / 2) one
-// add and one conditional subtract away, and the next block the grid's stride away. All
-// indices below 2^31 (the kernels' `small` case); step = (grid * block) % period and
-// half = (block / 2) % period, so every sum stays below 2 period.
-struct PeriodCursor {
-  uint32_t j = 0;
-
-  // The cursor of element i0 (>= 0), and the uniform steps for a block of `block` elements
-  // and a grid of `grid` CUDA blocks.
-  LOSSD_HD static PeriodCursor At(int64_t i0, int64_t period) {
-    return {static_cast<uint32_t>(i0 % period)};
-  }
-  LOSSD_HD static uint32_t HalfStep(int64_t block, int64_t period) {
-    return static_cast<uint32_t>((block / 2) % period);
-  }
-  LOSSD_HD static uint32_t GridStep(int64_t grid, int64_t block, int64_t period) {
-    return static_cast<uint32_t>((grid * block) % period);
-  }
-  LOSSD_HD static uint32_t Wrap(uint32_t v, uint32_t period) {
-    return v >= period ? v - period : v;
-  }
-  // The second group's index.
-  LOSSD_HD uint32_t Second(uint32_t half, uint32_t period) const { return Wrap(j + half, period); }
-  // To the same thread's first group in the next block of the loop.
-  LOSSD_HD void Advance(uint32_t step, uint32_t period) { j = Wrap(j + step, period); }
-};
-
 }  // namespace lossd::kernels::internal
 
 #endif  // LOSSD_KERNELS_CUDA_BCE_DEVICE_MATH_H_

@@ -202,10 +202,9 @@ __device__ __forceinline__ int64_t OperandIndex(const OperandParams& o, int64_t 
 }
 
 // Operand values of elements i0..i0+3 (i0 a multiple of 4; indices past numel stay in range).
-// j_period: i0 % period, from the thread's PeriodCursor (used for vec_period when small).
 template <typename TC>
 __device__ __forceinline__ void LoadOperand4(const OperandParams& o, int64_t i0, bool whole,
-                                             bool small, uint32_t j_period, TC* out) {
+                                             bool small, TC* out) {
   if (o.data == nullptr) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) out[k] = TC(1);
@@ -213,7 +212,10 @@ __device__ __forceinline__ void LoadOperand4(const OperandParams& o, int64_t i0,
   }
   if (o.full && whole) return LoadVecDyn(o.dtype, o.data, i0, out);
   if (o.vec_period) {
-    const int64_t j = small ? static_cast<int64_t>(j_period) : i0 % o.period;
+    const int64_t j = small ? static_cast<int64_t>(static_cast<uint32_t>(i0) -
+                                                   o.period_div.Div(static_cast<uint32_t>(i0)) *
+                                                       static_cast<uint32_t>(o.period))
+                            : i0 % o.period;
     return LoadVecDyn(o.dtype, o.data, j, out);
   }
   if (o.same4) {
@@ -241,44 +243,6 @@ __device__ __forceinline__ void LoadOperand4(const OperandParams& o, int64_t i0,
       if (++j == o.period) j = 0;
     }
   }
-}
-
-// The PeriodCursors of a thread's two operands (used by vec_period operands when P.small):
-// their index for the thread's first group in block b, and the uniform half-block and grid
-// steps.
-struct OperandCursors {
-  internal::PeriodCursor w, p;
-  uint32_t w_half = 0, w_step = 0, p_half = 0, p_step = 0;
-};
-
-__device__ __forceinline__ void InitCursor(const OperandParams& o, bool small, int64_t i0,
-                                           internal::PeriodCursor* c, uint32_t* half,
-                                           uint32_t* step) {
-  if (!(o.vec_period && small)) return;
-  *c = internal::PeriodCursor::At(i0, o.period);
-  *half = internal::PeriodCursor::HalfStep(kReduceBlock, o.period);
-  *step = internal::PeriodCursor::GridStep(gridDim.x, kReduceBlock, o.period);
-}
-
-template <typename TParams>
-__device__ __forceinline__ OperandCursors MakeCursors(const TParams& P, int64_t i0) {
-  OperandCursors c;
-  InitCursor(P.w, P.small, i0, &c.w, &c.w_half, &c.w_step);
-  InitCursor(P.p, P.small, i0, &c.p, &c.p_half, &c.p_step);
-  return c;
-}
-
-// Index of the thread's group h (0, 1) in the current block, for operand o with cursor c.
-__device__ __forceinline__ uint32_t CursorIndex(const OperandParams& o,
-                                                const internal::PeriodCursor& c, uint32_t half,
-                                                int h) {
-  return h == 0 ? c.j : c.Second(half, static_cast<uint32_t>(o.period));
-}
-
-__device__ __forceinline__ void AdvanceCursors(const OperandParams& w, const OperandParams& p,
-                                               OperandCursors* c) {
-  c->w.Advance(c->w_step, static_cast<uint32_t>(w.period));
-  c->p.Advance(c->p_step, static_cast<uint32_t>(p.period));
 }
 
 // One element; results in double, rounded once when stored.
@@ -415,9 +379,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
   const TY* __restrict__ yp = static_cast<const TY*>(P.y);
   int parity = 0;  // BlockTreeSum's buffer
-  OperandCursors cur = MakeCursors(P, blockIdx.x * kReduceBlock + 4 * threadIdx.x);
-  for (int64_t b = blockIdx.x; b < P.nblocks;
-       b += gridDim.x, parity ^= 1, AdvanceCursors(P.w, P.p, &cur)) {
+  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
     const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
     TC x[8];
     TYC y[8];
@@ -428,8 +390,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
     for (int h = 0; h < 2; ++h) {
       const int64_t i0 = base + h * kHalfBlock;
       double w[4], p[4];  // operands load as double (small ones are uploaded as double)
-      LoadOperand4(P.w, i0, whole[h], P.small, CursorIndex(P.w, cur.w, cur.w_half, h), w);
-      LoadOperand4(P.p, i0, whole[h], P.small, CursorIndex(P.p, cur.p, cur.p_half, h), p);
+      LoadOperand4(P.w, i0, whole[h], P.small, w);
+      LoadOperand4(P.p, i0, whole[h], P.small, p);
       double gx[4], gy[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -513,9 +475,7 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
   const TY* __restrict__ yp = static_cast<const TY*>(P.y);
   int parity = 0;  // BlockTreeSum's buffer
-  OperandCursors cur = MakeCursors(P, blockIdx.x * kReduceBlock + 4 * threadIdx.x);
-  for (int64_t b = blockIdx.x; b < P.nblocks;
-       b += gridDim.x, parity ^= 1, AdvanceCursors(P.w, P.p, &cur)) {
+  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
     const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
     float x[8], y[8];
     bool whole[2];
@@ -525,8 +485,8 @@ __global__ void __launch_bounds__(kThreads, 4) BceKernelF32(const Params P) {
     for (int h = 0; h < 2; ++h) {
       const int64_t i0 = base + h * kHalfBlock;
       float w[4], p[4];
-      LoadOperand4(P.w, i0, whole[h], P.small, CursorIndex(P.w, cur.w, cur.w_half, h), w);
-      LoadOperand4(P.p, i0, whole[h], P.small, CursorIndex(P.p, cur.p, cur.p_half, h), p);
+      LoadOperand4(P.w, i0, whole[h], P.small, w);
+      LoadOperand4(P.p, i0, whole[h], P.small, p);
       float gx[4], gy[4], l1p[4];
       bool ok[4];
 #pragma unroll

@@ -296,37 +296,6 @@ TEST(CudaMathTest, HostBceElementF32DeclinesRareElements) {
   EXPECT_EQ(internal::BceGradTargetsF32(0.0f, 2.0f, 3.0f, l1p), 4.0f * l1p);
 }
 
-// The fused kernels' per-thread index into [C] operands (PeriodCursor), walked as a CUDA block
-// of 256 threads walks the grid-stride loop: for every thread, block and half, the cursor equals
-// i0 % period, for periods below, at and above the block size and grids of 1 to 528 blocks.
-TEST(CudaMathTest, PeriodCursorFollowsTheGridStrideLoop) {
-  constexpr int64_t kBlock = kReduceBlock;
-  int64_t checked = 0;
-  for (int64_t period : {4, 8, 12, 64, 400, 1020, 1024, 2048, 2052, 4096, 6000, 1 << 20}) {
-    for (int64_t grid : {1, 3, 132, 528}) {
-      const int64_t nblocks = grid * 5 + 2;
-      const uint32_t half = internal::PeriodCursor::HalfStep(kBlock, period);
-      const uint32_t step = internal::PeriodCursor::GridStep(grid, kBlock, period);
-      for (int64_t first : {int64_t{0}, grid / 2, grid - 1}) {  // blockIdx.x
-        for (int64_t t : {0, 1, 37, 128, 255}) {
-          internal::PeriodCursor c = internal::PeriodCursor::At(first * kBlock + 4 * t, period);
-          for (int64_t b = first; b < nblocks; b += grid) {
-            const int64_t i0 = b * kBlock + 4 * t;
-            ASSERT_EQ(c.j, static_cast<uint32_t>(i0 % period))
-                << "period " << period << " grid " << grid << " block " << b << " thread " << t;
-            ASSERT_EQ(c.Second(half, static_cast<uint32_t>(period)),
-                      static_cast<uint32_t>((i0 + kBlock / 2) % period))
-                << "period " << period << " grid " << grid << " block " << b << " thread " << t;
-            c.Advance(step, static_cast<uint32_t>(period));
-            ++checked;
-          }
-        }
-      }
-    }
-  }
-  EXPECT_GT(checked, 4000);
-}
-
 TEST(CudaMathTest, HostBceElementMixedSpecialValues) {
   SpecialGrid g;
   const int64_t n = static_cast<int64_t>(g.x.size());
