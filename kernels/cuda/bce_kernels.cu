@@ -369,8 +369,9 @@ __device__ __forceinline__ void BlockTreeSum(double* tree_pair, int parity, cons
 }
 
 // Kernel with the element math in double (BceElementMixed for float and half logits,
-// BceElement<double> for float64), results rounded once when stored.
-template <typename TX, typename TY, bool kReduce>
+// BceElement<double> for float64), results rounded once when stored. kSmooth: label smoothing
+// (a separate instantiation, as in BceKernelF32).
+template <typename TX, typename TY, bool kReduce, bool kSmooth>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Params P) {
   using TC = typename ComputeType<TX>::type;
   // Targets stay float for float compute unless they are float64 (then exact in double).
@@ -396,10 +397,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int e = 4 * h + k;
-        const double ys = P.smooth ? internal::SmoothedTarget(y[e], P.smooth_keep, P.smooth_half)
-                                   : static_cast<double>(y[e]);
+        const double ys = kSmooth ? internal::SmoothedTarget(y[e], P.smooth_keep, P.smooth_half)
+                                  : static_cast<double>(y[e]);
         Element(x[e], ys, w[k], p[k], &l[e], &gx[k], &gy[k]);
-        if (P.smooth) gy[k] *= P.smooth_keep;  // dl/dy of the raw target
+        if (kSmooth) gy[k] *= P.smooth_keep;  // dl/dy of the raw target
         if (P.scale) {
           gx[k] = GradScale<TC>(gx[k], P);
           gy[k] = GradScale<TC>(gy[k], P);
@@ -564,7 +565,7 @@ constexpr auto KernelOf() {
   if constexpr (kF32) {
     return BceKernelF32<TX, TY, kReduce, kSmooth>;
   } else {
-    return BceKernel<TX, TY, kReduce>;
+    return BceKernel<TX, TY, kReduce, kSmooth>;
   }
 }
 
@@ -603,20 +604,23 @@ cudaError_t LaunchTyped(const Params& P, cudaStream_t stream) {
   return LaunchResident<KernelOf<TX, TY, kReduce, kF32, kSmooth>()>(P, stream);
 }
 
+// The kernel of one element math (kF32) with or without reduction and label smoothing.
+template <typename TX, typename TY, bool kF32>
+cudaError_t LaunchMath(const Params& P, bool reduce, cudaStream_t stream) {
+  if (P.smooth) {
+    return reduce ? LaunchTyped<TX, TY, true, kF32, true>(P, stream)
+                  : LaunchTyped<TX, TY, false, kF32, true>(P, stream);
+  }
+  return reduce ? LaunchTyped<TX, TY, true, kF32>(P, stream)
+                : LaunchTyped<TX, TY, false, kF32>(P, stream);
+}
+
 template <typename TX, typename TY>
 cudaError_t LaunchReduce(const Params& P, bool reduce, cudaStream_t stream) {
   // The all-float kernel exists for float and half logits with float or half targets.
   constexpr bool kHasF32 = !std::is_same_v<TX, double> && !std::is_same_v<TY, double>;
-  if (kHasF32 && P.all_float) {
-    if (P.smooth) {
-      return reduce ? LaunchTyped<TX, TY, true, kHasF32, true>(P, stream)
-                    : LaunchTyped<TX, TY, false, kHasF32, true>(P, stream);
-    }
-    return reduce ? LaunchTyped<TX, TY, true, kHasF32>(P, stream)
-                  : LaunchTyped<TX, TY, false, kHasF32>(P, stream);
-  }
-  return reduce ? LaunchTyped<TX, TY, true, false>(P, stream)
-                : LaunchTyped<TX, TY, false, false>(P, stream);
+  if (kHasF32 && P.all_float) return LaunchMath<TX, TY, kHasF32>(P, reduce, stream);
+  return LaunchMath<TX, TY, false>(P, reduce, stream);
 }
 
 template <typename TX>
