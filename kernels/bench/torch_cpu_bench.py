@@ -7,6 +7,9 @@ float32 elements with weight [C] and pos_weight [C]. This script times torch's
 
 * "none": the per-element loss, then ``loss.backward(ones)`` (lossd: "loss+grad" row)
 * "mean": the mean, then ``loss.backward()`` (lossd: "mean+grad" row)
+* "focal": torchvision's sigmoid focal loss formula (alpha 0.25, gamma 2) in torch ops times
+  weight [C], then ``loss.backward(ones)`` (lossd: "focal loss+grad, weight[C], gamma 2" row;
+  torch has no fused focal loss, and DESIGN.md sets no target for it)
 
 with ``torch.set_num_threads(t)`` for each thread count, the median of --repeats runs after one
 warm-up, then runs lossd's ``cpu_bench --n=N`` (which measures the same work with its own
@@ -41,6 +44,9 @@ import torch.nn.functional as F
 LOSSD_ROWS = {
     "none": "loss+grad, weight[C] pos_weight[C] (main)",
     "mean": "mean+grad, weight[C] pos_weight[C]",
+    # torchvision's sigmoid_focal_loss formula (alpha 0.25, gamma 2) times weight [C], no
+    # reduction, on the same data; torch has no fused focal loss.
+    "focal": "focal loss+grad, weight[C], gamma 2",
 }
 
 
@@ -71,8 +77,14 @@ def time_torch(n: int, c: int, mode: str, threads: int, repeats: int) -> float:
     for i in range(repeats + 1):  # the first run is a warm-up
         x.grad = None
         t0 = time.perf_counter()
-        loss = F.binary_cross_entropy_with_logits(x, y, weight=w, pos_weight=p, reduction=mode)
-        if mode == "none":
+        if mode == "focal":
+            prob = torch.sigmoid(x)
+            ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+            p_t = prob * y + (1 - prob) * (1 - y)
+            loss = (0.25 * y + 0.75 * (1 - y)) * (ce * (1 - p_t) ** 2) * w
+        else:
+            loss = F.binary_cross_entropy_with_logits(x, y, weight=w, pos_weight=p, reduction=mode)
+        if mode in ("none", "focal"):
             loss.backward(ones)
         else:
             loss.backward()
@@ -145,8 +157,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{mode:<10}{t:>8}{tr:15.1f}{lr:15.1f}{statistics.median(ratios):15.1f}x  {per}")
             else:
                 print(f"{mode:<10}{t:>8}{tr:15.1f}")
-    print("(lossd rows: 'none' = cpu_bench \"%s\", 'mean' = \"%s\"; target >= 15x)"
-          % (LOSSD_ROWS["none"], LOSSD_ROWS["mean"]))
+    print("(lossd rows: 'none' = cpu_bench \"%s\", 'mean' = \"%s\"; target >= 15x; "
+          "'focal' = \"%s\", torch's focal formula in torch ops)"
+          % (LOSSD_ROWS["none"], LOSSD_ROWS["mean"], LOSSD_ROWS["focal"]))
     return 0
 
 

@@ -9,7 +9,9 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
@@ -187,6 +189,12 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
   eo.alpha = static_cast<T>(args.focal_alpha);
   eo.gamma = static_cast<T>(args.focal_gamma);
 
+  // Focal loss with gamma 0, 1 or 2 and non-float64 logits: the SIMD block (double lanes with
+  // Highway's exp and log1p; float results within one ulp of FocalElement's rounding). Float64
+  // logits and other gammas: the scalar FocalElement, the reference's own math.
+  const bool focal_simd =
+      focal && args.dtype != DType::kFloat64 &&
+      (args.focal_gamma == 0.0 || args.focal_gamma == 1.0 || args.focal_gamma == 2.0);
   const int64_t span = focal ? B : kTilePiece;  // the focal loop reads whole blocks
   const auto w_tile = MakeTile<T>(args.weight, args.numel, span);
   const auto p_tile = MakeTile<T>(args.pos_weight, args.numel, span);
@@ -204,7 +212,31 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
     k.loss = direct_loss ? static_cast<T*>(out.loss) + i0 : ls;
     k.gx = out.grad_logits ? (direct ? static_cast<T*>(out.grad_logits) + i0 : gxs) : nullptr;
     k.gy = out.grad_targets ? (direct ? static_cast<T*>(out.grad_targets) + i0 : gys) : nullptr;
-    if (focal) {
+    bool focal_done = false;
+    if constexpr (std::is_same_v<T, double>) {
+      if (focal_simd) {
+        const T* y = y_raw;
+        if (smooth) {
+          for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
+          y = ysm;
+        }
+        internal::FocalBlockArgs fa;
+        fa.x = k.x;
+        fa.y = y;
+        fa.w = k.w;
+        fa.n = n;
+        fa.alpha = eo.alpha;
+        fa.gamma = eo.gamma;
+        fa.loss = k.loss;
+        fa.gx = k.gx;
+        fa.grad_divisor = div_hi + div_lo;  // T is double here: div_lo is 0
+        internal::FocalBlock(fa);
+        // dl/dy is not offered for the focal loss (NaN, as the reference).
+        if (k.gy) std::fill(k.gy, k.gy + n, std::numeric_limits<T>::quiet_NaN());
+        focal_done = true;
+      }
+    }
+    if (focal && !focal_done) {
       // Focal loss: the shared scalar math per element (internal::FocalElement).
       for (int64_t j = 0; j < n; ++j) {
         T l, gx, gy;
@@ -213,7 +245,7 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
         if (k.gx) k.gx[j] = gx / (div_hi + div_lo);  // T is double here: div_lo is 0
         if (k.gy) k.gy[j] = gy;  // NaN: the focal loss offers no dl/dy (as the reference)
       }
-    } else {
+    } else if (!focal) {
       if (smooth) {
         for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
         k.y = ysm;

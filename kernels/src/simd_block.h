@@ -40,6 +40,27 @@ double BlockTreeSum(const double* values, int64_t n, double* scratch);
 // them (SSE4, SSSE3, EMU128, ...) callers compute float inputs with the double kernel instead.
 bool FloatBlockIsExact();
 
+// One run of n elements of torchvision's sigmoid focal loss in double lanes (simd_focal.cc) for
+// gamma 0, 1 or 2: the semantics of FocalElement (bce_math.h), the double results within a few
+// double ulps of it (Highway's exp and log1p), so float results within one float ulp of its
+// rounding. x, y: n values (y already label-smoothed). w: n values, or null for 1. loss: n
+// outputs (the weighted element losses). gx: n outputs, dl/dx divided by grad_divisor, or null
+// when not wanted. Per element the result depends only on that element's inputs.
+struct FocalBlockArgs {
+  const double* x = nullptr;
+  const double* y = nullptr;
+  const double* w = nullptr;
+  int64_t n = 0;
+  double alpha = 0.25;
+  double gamma = 2.0;
+  double* loss = nullptr;
+  double* gx = nullptr;
+  double grad_divisor = 1.0;
+};
+
+// Dispatches to the best SIMD target of this CPU.
+void FocalBlock(const FocalBlockArgs& a);
+
 // Name of the target BceBlock currently dispatches to (e.g. "AVX3", "AVX2").
 const char* BceBlockTargetName();
 
