@@ -440,9 +440,8 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
     const int64_t len = args.last_dim;
     const int64_t rows = n / len;
     for (int64_t r = 0; r < rows; ++r) {
-      ExactSum s;
-      for (int64_t j = 0; j < len; ++j) s.Add(values[r * len + j]);
-      StoreFromDouble(args.dtype, out.loss, r, s.Value() / static_cast<double>(len) / count);
+      StoreFromDouble(args.dtype, out.loss, r,
+                      ExactSumOf(values + r * len, len) / static_cast<double>(len) / count);
     }
   }
   return absl::OkStatus();

@@ -251,22 +251,28 @@ ExactSum::ExactSum() : pending_(0), special_(0.0) {
 }
 
 void ExactSum::Add(double v) {
-  if (!std::isfinite(v)) {
+  // v = mant * 2^(pos - kBase) from its bits: mant has 53 bits for a normal v (the hidden bit
+  // set), fewer for a subnormal one, whose exponent is that of the smallest normals.
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(v));
+  const int biased = static_cast<int>((bits >> 52) & 0x7ff);
+  if (biased == 0x7ff) {  // infinite or NaN
     special_ += v;
     return;
   }
-  if (v == 0.0) return;
-  int e;
-  const double m = std::frexp(v, &e);                           // v = m * 2^e, 0.5 <= |m| < 1
-  const int64_t mant = static_cast<int64_t>(std::ldexp(m, 53));  // exact
-  const int pos = e - 53 + kBase;                               // >= 0 for every finite double
-  const bool neg = mant < 0;
-  const unsigned __int128 t = static_cast<unsigned __int128>(neg ? -mant : mant) << (pos % 32);
+  uint64_t mant = bits & ((uint64_t{1} << 52) - 1);
+  if (biased != 0) {
+    mant |= uint64_t{1} << 52;
+  } else if (mant == 0) {
+    return;  // +0 or -0
+  }
+  const int pos = (biased != 0 ? biased : 1) - 1075 + kBase;  // >= 52 for every finite double
+  const unsigned __int128 t = static_cast<unsigned __int128>(mant) << (pos % 32);
   const int w = pos / 32 + kOffset;
   const int64_t d0 = static_cast<int64_t>(t & 0xffffffffu);
   const int64_t d1 = static_cast<int64_t>((t >> 32) & 0xffffffffu);
   const int64_t d2 = static_cast<int64_t>(t >> 64);
-  if (neg) {
+  if (bits >> 63) {
     words_[w] -= d0;
     words_[w + 1] -= d1;
     words_[w + 2] -= d2;
@@ -317,6 +323,53 @@ double ExactSum::Value() const {
   const double d = static_cast<double>(t);
   const double r = std::ldexp(d, 32 * (top - 2 - kOffset) - kBase - 1);
   return neg ? -r : r;
+}
+
+double ExactSumOf(const double* v, int64_t n) {
+  // Fast path: with every biased exponent (1 for subnormals) in [lo, hi], hi - lo <= 60 and
+  // n <= 8192, each value is an integer of at most 113 bits in units of 2^(lo - 1075), and the
+  // sum of them fits 126 bits. Converting that integer to double rounds once (to nearest even),
+  // and scaling by a power of two is exact: lo >= 53 keeps every nonzero result at or above
+  // 2^-1022 (no subnormal rounding), hi <= 2000 keeps it far from overflow.
+  constexpr int64_t kMaxTerms = 8192;
+  constexpr int kMaxSpread = 60;
+  if (n > 0 && n <= kMaxTerms) {
+    int lo = 0x7ff, hi = 0;
+    bool plain = true;
+    for (int64_t i = 0; i < n; ++i) {
+      uint64_t bits;
+      std::memcpy(&bits, &v[i], sizeof(double));
+      const int biased = static_cast<int>((bits >> 52) & 0x7ff);
+      if (biased == 0x7ff) {
+        plain = false;  // infinite or NaN
+        break;
+      }
+      if ((bits << 1) == 0) continue;  // +0 or -0
+      const int e = biased != 0 ? biased : 1;
+      lo = std::min(lo, e);
+      hi = std::max(hi, e);
+    }
+    if (plain && hi == 0) return 0.0;  // only zeros
+    if (plain && lo >= 53 && hi <= 2000 && hi - lo <= kMaxSpread) {
+      __int128 sum = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        uint64_t bits;
+        std::memcpy(&bits, &v[i], sizeof(double));
+        const int biased = static_cast<int>((bits >> 52) & 0x7ff);
+        if ((bits << 1) == 0) continue;
+        uint64_t mant = bits & ((uint64_t{1} << 52) - 1);
+        if (biased != 0) mant |= uint64_t{1} << 52;
+        const int e = biased != 0 ? biased : 1;
+        const __int128 t = static_cast<__int128>(mant) << (e - lo);
+        sum += (bits >> 63) ? -t : t;
+      }
+      if (sum == 0) return 0.0;
+      return std::ldexp(static_cast<double>(sum), lo - 1075);
+    }
+  }
+  ExactSum s;
+  for (int64_t i = 0; i < n; ++i) s.Add(v[i]);
+  return s.Value();
 }
 
 double TreeSumBlock(double* values, int64_t n) {

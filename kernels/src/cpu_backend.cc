@@ -393,10 +393,9 @@ class CpuBackend final : public Backend {
       constexpr int64_t kRowsPerTask = 4096;
       pool_.ParallelFor((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t t) {
         for (int64_t r = t * kRowsPerTask; r < std::min(rows, (t + 1) * kRowsPerTask); ++r) {
-          ExactSum s;
-          for (int64_t j = 0; j < len; ++j) s.Add(per_element[r * len + j]);
           StoreFromDouble(args.dtype, out.loss, r,
-                          s.Value() / static_cast<double>(len) / plan.count);
+                          ExactSumOf(per_element.data() + r * len, len) /
+                              static_cast<double>(len) / plan.count);
         }
       });
     }

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -294,6 +295,96 @@ TEST(MakeOperandTest, PatternsAndErrors) {
   EXPECT_EQ(bad.status().message(), "weight shape [3] is not broadcastable to logits shape [4,7]");
   auto too_long = MakeOperand("pos_weight", DType::kFloat32, v, {1, 4, 7}, {4, 7});
   EXPECT_FALSE(too_long.ok());
+}
+
+// ExactSum against an independent exact sum: values m * 2^e with 53-bit integers m and e in
+// [-30, 30] (so sums of 1000 of them fit a signed 128-bit integer in units of 2^-30, and the
+// conversion of that integer to double rounds once, to nearest even), with heavy cancellation
+// (each value also added negated with a small change) and ties; and subnormal values (small
+// multiples of 2^-1074, whose sums are exact doubles).
+TEST(ExactSumTest, MatchesAnExactIntegerSum) {
+  std::mt19937_64 rng(11);
+  for (int trial = 0; trial < 2000; ++trial) {
+    ExactSum s;
+    __int128 exact = 0;  // in units of 2^-30
+    const int terms = 1 + static_cast<int>(rng() % 1000);
+    for (int i = 0; i < terms; ++i) {
+      int64_t m = static_cast<int64_t>(rng() >> (11 + rng() % 53));  // 0 to 53 bits
+      if (rng() & 1) m = -m;
+      const int e = static_cast<int>(rng() % 61) - 30;
+      const double v = std::ldexp(static_cast<double>(m), e);  // exact: |m| < 2^53
+      s.Add(v);
+      exact += static_cast<__int128>(m) << (e + 30);
+      if (trial % 2 == 0 && i % 3 == 0) {  // cancel it, up to a small change
+        const int64_t m2 = -m + static_cast<int64_t>(rng() % 7) - 3;
+        s.Add(std::ldexp(static_cast<double>(m2), e));
+        exact += static_cast<__int128>(m2) << (e + 30);
+      }
+    }
+    const double want = std::ldexp(static_cast<double>(exact), -30);
+    ASSERT_EQ(s.Value(), want) << "trial " << trial;
+  }
+  for (int trial = 0; trial < 200; ++trial) {
+    ExactSum s;
+    int64_t units = 0;  // of 2^-1074
+    for (int i = 0; i < 100; ++i) {
+      const int64_t k = static_cast<int64_t>(rng() % (int64_t{1} << 40)) - (int64_t{1} << 39);
+      s.Add(std::ldexp(static_cast<double>(k), -1074));
+      units += k;
+    }
+    ASSERT_EQ(s.Value(), std::ldexp(static_cast<double>(units), -1074)) << "trial " << trial;
+  }
+}
+
+// ExactSumOf gives ExactSum's bits, on its fast path (finite values within 2^60 of each other,
+// at most 8192) and off it (wider spreads, subnormals, zeros only, infinities and NaN, values
+// near overflow, longer runs); and on narrow runs of integers times powers of two it equals an
+// independent 128-bit integer sum rounded once.
+TEST(ExactSumTest, ExactSumOfMatchesExactSum) {
+  std::mt19937_64 rng(23);
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int trial = 0; trial < 3000; ++trial) {
+    const int kind = trial % 6;
+    const int64_t n = kind == 5 ? 8190 + static_cast<int64_t>(rng() % 5)
+                                : static_cast<int64_t>(rng() % 300);
+    const int spread = kind == 0 ? 10 : kind == 1 || kind == 5 ? 60 : kind == 2 ? 61 : 200;
+    const int base = kind == 3 ? static_cast<int>(rng() % 2000) - 1070
+                               : static_cast<int>(rng() % 200) - 100;
+    std::vector<double> v(n);
+    for (double& d : v) {
+      // 53-bit significands, so the exponents spread over exactly [base, base + spread].
+      const double mag = static_cast<double>((uint64_t{1} << 52) | (rng() >> 12));
+      d = std::ldexp((rng() & 1) ? mag : -mag, base - 52 + static_cast<int>(rng() % (spread + 1)));
+      if (rng() % 40 == 0) d = 0.0;
+      if (rng() % 50 == 0 && n > 2) d = -v[rng() % n];  // cancellation
+    }
+    if (kind == 4 && n > 0) {
+      const double specials[] = {inf, -inf, std::numeric_limits<double>::quiet_NaN(), 1e308,
+                                 -1e308, 0x1p-1074, -0.0};
+      v[rng() % n] = specials[rng() % 7];
+    }
+    ExactSum s;
+    for (double d : v) s.Add(d);
+    const double want = s.Value(), got = ExactSumOf(v.data(), n);
+    ASSERT_TRUE(std::memcmp(&want, &got, sizeof(double)) == 0 ||
+                (std::isnan(want) && std::isnan(got)))
+        << "trial " << trial << " kind " << kind << " n " << n << ": " << got << " vs " << want;
+  }
+  EXPECT_EQ(ExactSumOf(nullptr, 0), 0.0);
+  for (int trial = 0; trial < 1000; ++trial) {
+    std::vector<double> v;
+    __int128 exact = 0;  // in units of 2^-30
+    for (int i = 0; i < 1 + static_cast<int>(rng() % 1000); ++i) {
+      int64_t m = static_cast<int64_t>(rng() >> 11);
+      if (rng() & 1) m = -m;
+      const int e = static_cast<int>(rng() % 5) - 30;  // a spread of 4 + 53 bits
+      v.push_back(std::ldexp(static_cast<double>(m), e));
+      exact += static_cast<__int128>(m) << (e + 30);
+    }
+    ASSERT_EQ(ExactSumOf(v.data(), static_cast<int64_t>(v.size())),
+              std::ldexp(static_cast<double>(exact), -30))
+        << "trial " << trial;
+  }
 }
 
 TEST(ExactSumTest, OrderIndependentAndExact) {

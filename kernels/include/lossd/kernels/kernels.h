@@ -141,6 +141,11 @@ class ExactSum {
   void Normalize();
 };
 
+// The exact sum of n doubles rounded once: the bits ExactSum gives for them, faster where the
+// values are finite, at most 8192, and within 2^60 of each other in magnitude (one 128-bit
+// integer holds their sum exactly); else through ExactSum.
+double ExactSumOf(const double* v, int64_t n);
+
 // Sums one block of up to kReduceBlock values with the fixed pairwise tree. `values` is
 // scratch of kReduceBlock doubles; entries [n, kReduceBlock) are treated as 0 and overwritten.
 double TreeSumBlock(double* values, int64_t n);
