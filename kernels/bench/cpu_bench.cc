@@ -118,6 +118,7 @@ int main(int argc, char** argv) {
       int reads, writes;  // float32 streams
       bool focal = false;  // sigmoid focal loss, alpha 0.25, gamma 2, targets 0 or 1; no pos_weight
       bool mixed = false;  // targets ym instead: hard and soft labels
+      bool per_sample = false;  // Keras's per-sample mean over the last axis (C) instead of MEAN
     };
     const Variant variants[] = {
         {"loss+grad, weight[C] pos_weight[C] (main)", true, false, true, false, false, 2, 2},
@@ -129,6 +130,8 @@ int main(int argc, char** argv) {
         {"focal loss+grad, weight[C], gamma 2", true, false, true, false, false, 2, 2, true},
         {"focal loss+grad, weight[C], gamma 2, mixed y", true, false, true, false, false, 2, 2,
          true, true},
+        {"per-sample mean+grad, weight/pos_weight[C]", true, false, true, true, false, 2, 1,
+         false, false, true},
     };
     for (const Variant& v : variants) {
       if (std::strstr(v.name, only) == nullptr) continue;
@@ -151,10 +154,14 @@ int main(int argc, char** argv) {
         }
       }
       if (v.focal) a.loss = lossd::kernels::Loss::kFocal;
-      a.reduction = v.reduce ? Reduction::kMean : Reduction::kNone;
+      a.reduction = v.per_sample ? Reduction::kPerSampleMean
+                    : v.reduce     ? Reduction::kMean
+                                   : Reduction::kNone;
+      a.last_dim = C;
       float scalar;
-      BceOutputs out{v.reduce ? &scalar : o1.data(), v.grad ? o2.data() : nullptr,
-                     v.grad_y ? o3.data() : nullptr};
+      // Per-sample mean writes n / C row means into o1 (not counted in the bytes).
+      BceOutputs out{v.reduce && !v.per_sample ? &scalar : o1.data(),
+                     v.grad ? o2.data() : nullptr, v.grad_y ? o3.data() : nullptr};
       const Paired r = TimePaired(
           reps, stream, [&] { (void)cpu->Bce(a, out); }, &stream_times);
       const double t = r.kernel_s;
