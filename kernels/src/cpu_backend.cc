@@ -10,6 +10,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -146,7 +147,12 @@ struct Plan {
   bool reduce = false;       // kSum / kMean: block sums go to an ExactSum
   double count = 1.0;        // normalize: non-ignored elements (else 1)
   double grad_div = 1.0;     // divisor of the gradients (mean, per-sample, normalize)
-  double* loss_f64 = nullptr;  // kPerSampleMean: per-element losses as double
+  // kPerSampleMean: the exact sum of each row that lies within one reduction block, and the
+  // losses (as double) of the elements of the rows that cross a block's edge, summed after all
+  // blocks. Rows are row_len consecutive elements.
+  double* row_sums = nullptr;
+  double* loss_f64 = nullptr;
+  int64_t row_len = 0;
 };
 
 // Evaluates blocks [b0, b1) in compute type T and adds their block sums to `sum`.
@@ -294,7 +300,23 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
     if (plan.reduce) {
       sum->Add(internal::BlockTreeSum(k.loss, n, tree.data()));
     } else if (plan.loss_f64 != nullptr) {
-      for (int64_t j = 0; j < n; ++j) plan.loss_f64[i0 + j] = static_cast<double>(k.loss[j]);
+      // Per-sample mean: rows within this block summed here; the elements of a row begun before
+      // it (head) or running past it (tail) kept for the pass after all blocks.
+      const int64_t len = plan.row_len;
+      const int64_t head = std::min(n, (len - i0 % len) % len);
+      int64_t j = 0;
+      for (; j < head; ++j) plan.loss_f64[i0 + j] = static_cast<double>(k.loss[j]);
+      for (; j + len <= n; j += len) {
+        const double* row;
+        if constexpr (std::is_same_v<T, double>) {
+          row = k.loss + j;
+        } else {
+          for (int64_t m = 0; m < len; ++m) tree[m] = static_cast<double>(k.loss[j + m]);
+          row = tree.data();
+        }
+        plan.row_sums[(i0 + j) / len] = ExactSumOf(row, len);
+      }
+      for (; j < n; ++j) plan.loss_f64[i0 + j] = static_cast<double>(k.loss[j]);
     } else if (out.loss != nullptr && !direct_loss) {
       if (plan.count != 1.0) {
         for (int64_t j = 0; j < n; ++j) tree[j] = static_cast<double>(k.loss[j]) / plan.count;
@@ -356,11 +378,17 @@ class CpuBackend final : public Backend {
     }
     plan.grad_div = plan.count;
     if (args.reduction == Reduction::kMean) plan.grad_div *= static_cast<double>(args.numel);
-    std::vector<double> per_element;
+    // Per-sample mean: per_element is written only where rows cross block edges (none when
+    // last_dim divides kReduceBlock), so it is left uninitialized and mostly never touched.
+    std::unique_ptr<double[]> per_element;
+    std::vector<double> row_sums;
     if (args.reduction == Reduction::kPerSampleMean) {
       plan.grad_div *= static_cast<double>(args.last_dim);
-      per_element.resize(args.numel);
-      plan.loss_f64 = per_element.data();
+      per_element.reset(new double[args.numel]);
+      row_sums.resize(LossCount(args));
+      plan.loss_f64 = per_element.get();
+      plan.row_sums = row_sums.data();
+      plan.row_len = args.last_dim;
     }
     std::atomic<bool> stopped{false};
     pool_.ParallelFor(tasks, [&](int64_t t) {
@@ -393,9 +421,12 @@ class CpuBackend final : public Backend {
       constexpr int64_t kRowsPerTask = 4096;
       pool_.ParallelFor((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t t) {
         for (int64_t r = t * kRowsPerTask; r < std::min(rows, (t + 1) * kRowsPerTask); ++r) {
+          const int64_t start = r * len;
+          const double sum = start / kReduceBlock == (start + len - 1) / kReduceBlock
+                                 ? row_sums[r]
+                                 : ExactSumOf(per_element.get() + start, len);
           StoreFromDouble(args.dtype, out.loss, r,
-                          ExactSumOf(per_element.data() + r * len, len) /
-                              static_cast<double>(len) / plan.count);
+                          sum / static_cast<double>(len) / plan.count);
         }
       });
     }

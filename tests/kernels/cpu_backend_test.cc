@@ -245,6 +245,55 @@ TEST(CpuBackendTest, ReductionsMatchReferenceAndGradsAreScaled) {
   }
 }
 
+// Per-sample mean: each row's result is the exact sum of that row's per-element values
+// (loss_values, the numbers the reductions add) divided by the row length and rounded once,
+// bit for bit, whether the row lies within one reduction block (summed there) or crosses a
+// block edge (summed after all blocks): row lengths that divide the block, that do not, of one
+// element, of a whole block and longer than a block; float32 and float64; 1 and 3 threads.
+TEST(CpuBackendTest, PerSampleMeanIsTheExactRowSumOfTheValues) {
+  std::mt19937_64 rng(29);
+  std::uniform_real_distribution<double> u(-8, 8), u01(0, 1);
+  for (int64_t len : {64, 37, 1, 2048, 3000, 5000}) {
+    const int64_t rows = 30000 / len + 3, n = rows * len;
+    std::vector<double> x(n), y(n);
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = u(rng);
+      y[i] = u01(rng) < 0.5 ? static_cast<double>(rng() & 1) : u01(rng);
+    }
+    const std::vector<float> xf(x.begin(), x.end()), yf(y.begin(), y.end());
+    for (DType dtype : {DType::kFloat32, DType::kFloat64}) {
+      for (int threads : {1, 3}) {
+        SCOPED_TRACE(::testing::Message() << "last_dim " << len << ", dtype "
+                                          << static_cast<int>(dtype) << ", threads " << threads);
+        auto cpu = MakeCpuBackend({threads});
+        BceArgs a;
+        a.numel = n;
+        a.dtype = a.targets_dtype = dtype;
+        a.logits = dtype == DType::kFloat32 ? static_cast<const void*>(xf.data()) : x.data();
+        a.targets = dtype == DType::kFloat32 ? static_cast<const void*>(yf.data()) : y.data();
+        a.reduction = Reduction::kPerSampleMean;
+        a.last_dim = len;
+        std::vector<double> loss64(rows), values(n);
+        std::vector<float> loss32(rows);
+        BceOutputs out;
+        out.loss = dtype == DType::kFloat32 ? static_cast<void*>(loss32.data()) : loss64.data();
+        out.loss_values = values.data();
+        ASSERT_TRUE(cpu->Bce(a, out).ok());
+        for (int64_t r = 0; r < rows; ++r) {
+          ExactSum s;
+          for (int64_t j = 0; j < len; ++j) s.Add(values[r * len + j]);
+          const double want = s.Value() / static_cast<double>(len);
+          if (dtype == DType::kFloat32) {
+            ASSERT_EQ(loss32[r], static_cast<float>(want)) << "row " << r;
+          } else {
+            ASSERT_EQ(loss64[r], want) << "row " << r;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(CpuBackendTest, ReductionBitwiseIdenticalForAnyThreadCount) {
   // Finite data so the sum is an ordinary number sensitive to summation order.
   const int64_t n = 3'000'001;
