@@ -103,6 +103,20 @@ LOSSD_HD void StoreWeightedFocal(T w, T lv, T g, T* loss, T* gx) {
   *gx = g;
 }
 
+// The last steps of the direct focal forms (FocalElementDirect, FocalElementHard), from the
+// element's parts: alpha_t `at`, ce, q^gamma `mod`, the gradient's gamma-term factor v and
+// (1-2y) ce' `dce`, sgn = 1-2y folded sign:
+//   loss = at ce mod (0 where ce or at is 0),  dl/dx = (dce + sgn gamma ce v) mod at,
+// both times the weight (StoreWeightedFocal).
+template <typename T>
+LOSSD_HD void FinishFocal(T w, T at, T ce, T mod, T gamma, T v, T dce, T sgn, T* loss, T* gx) {
+  const T lv = ce == T(0) || at == T(0) ? T(0) : at * ce * mod;
+  const T tq = gamma * ce * v;
+  T g = (dce + sgn * tq) * mod;
+  g *= at;
+  StoreWeightedFocal(w, lv, g, loss, gx);
+}
+
 // q^gamma = exp(-gamma nlq) for nlq = -log q, given nlq's rounding error nlq_err: the rounding
 // errors of nlq and of gamma * nlq corrected to first order, exp(-t - t_err) = e^-t (1 - t_err)
 // (otherwise a relative error of about gamma nlq ulp). 0 where t is infinite (t_err is then
@@ -320,11 +334,7 @@ LOSSD_HD void FocalElementDirect(T x, T y, T w, T alpha, T gamma, T* loss, T* gx
     const T s_err = (M - (nlq - bb)) + (l - bb);  // 2Sum: the rounding error of M + l
     mod = FocalPowFromNegLog(gamma, nlq, s_err + M_err);
   }
-  T lv = ce == T(0) || at == T(0) ? T(0) : at * ce * mod;
-  const T tq = gamma * ce * vd;
-  T g = (sdce + sgn * tq) * mod;
-  g *= at;
-  StoreWeightedFocal(w, lv, g, loss, gx);
+  FinishFocal(w, at, ce, mod, gamma, vd, sdce, sgn, loss, gx);
 }
 
 // FocalElementDirect for a hard label (y = 0 or 1; x finite, w not NaN) in fewer operations and
@@ -358,13 +368,21 @@ LOSSD_HD void FocalElementHard(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) 
     mod = FocalPowFromNegLog(gamma, nlq, (big - nlq) + small);
   }
   const T at = alpha >= T(0) ? alpha * y + (T(1) - alpha) * (T(1) - y) : T(1);
-  T lv = ce == T(0) || at == T(0) ? T(0) : at * ce * mod;
-  const T tq = gamma * ce * r;
   // ce' = (1-y) s(x) - y s(-x) = (1-2y) q, with the general form's zero: +0 for y = 1, q = 0.
   const T dce = sgn * q + T(0);
-  T g = (dce + sgn * tq) * mod;
-  g *= at;
-  StoreWeightedFocal(w, lv, g, loss, gx);
+  FinishFocal(w, at, ce, mod, gamma, r, dce, sgn, loss, gx);
+}
+
+// Whether FocalElement leaves the element to FocalElementLogSpace: NaN inputs, infinite
+// logits, targets outside [0, 1] or in (0, 4 times the smallest normal T). One comparison per
+// condition (y > 0 would be a branch as random as hard labels are).
+template <typename T>
+LOSSD_HD bool FocalNeedsLogSpace(T x, T y, T w) {
+  using std::fabs;
+  const T inf = T(INFINITY);
+  // Twice the smallest normal T (float or double); a literal, for device code.
+  const T tiny = sizeof(T) == sizeof(float) ? T(0x1p-125) : T(0x1p-1021);
+  return !(y >= T(0) && y <= T(1)) || !(fabs(x) < inf) || w != w || fabs(y - tiny) < tiny;
 }
 
 // torchvision's sigmoid focal loss for one element: FocalElementDirect, or FocalElementLogSpace
@@ -374,12 +392,7 @@ LOSSD_HD void FocalElementHard(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) 
 // and soft labels runs one path.
 template <typename T>
 LOSSD_HD void FocalElement(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
-  using std::fabs;
-  const T inf = T(INFINITY);
-  // Twice the smallest normal T (float or double); a literal, for device code.
-  const T tiny = sizeof(T) == sizeof(float) ? T(0x1p-125) : T(0x1p-1021);
-  // One comparison per condition (y > 0 would be a branch as random as hard labels are).
-  if (!(y >= T(0) && y <= T(1)) || !(fabs(x) < inf) || w != w || fabs(y - tiny) < tiny) {
+  if (FocalNeedsLogSpace(x, y, w)) {
     FocalElementFallback<T>(x, y, w, alpha, gamma, loss, gx);
     return;
   }

@@ -244,6 +244,24 @@ namespace {
 constexpr int kOffset = 2;        // two zero digits below the lowest used one
 constexpr int kBase = 1126;       // bit 0 of digit kOffset has weight 2^-kBase
 constexpr int64_t kDigit = int64_t{1} << 32;
+
+// A finite double as sign * mant * 2^(exp - 1075): mant the significand as an integer (the
+// hidden bit set for a normal value, 0 for a zero), exp the biased exponent (1 for subnormals,
+// which share the smallest normals' scale). `finite` is false for infinities and NaN.
+struct DoubleParts {
+  uint64_t mant;
+  int exp;
+  bool neg;
+  bool finite;
+};
+DoubleParts PartsOf(double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(v));
+  const int biased = static_cast<int>((bits >> 52) & 0x7ff);
+  uint64_t mant = bits & ((uint64_t{1} << 52) - 1);
+  if (biased != 0) mant |= uint64_t{1} << 52;
+  return {mant, biased != 0 ? biased : 1, (bits >> 63) != 0, biased != 0x7ff};
+}
 }  // namespace
 
 ExactSum::ExactSum() : pending_(0), special_(0.0) {
@@ -251,28 +269,19 @@ ExactSum::ExactSum() : pending_(0), special_(0.0) {
 }
 
 void ExactSum::Add(double v) {
-  // v = mant * 2^(pos - kBase) from its bits: mant has 53 bits for a normal v (the hidden bit
-  // set), fewer for a subnormal one, whose exponent is that of the smallest normals.
-  uint64_t bits;
-  std::memcpy(&bits, &v, sizeof(v));
-  const int biased = static_cast<int>((bits >> 52) & 0x7ff);
-  if (biased == 0x7ff) {  // infinite or NaN
+  const DoubleParts p = PartsOf(v);
+  if (!p.finite) {
     special_ += v;
     return;
   }
-  uint64_t mant = bits & ((uint64_t{1} << 52) - 1);
-  if (biased != 0) {
-    mant |= uint64_t{1} << 52;
-  } else if (mant == 0) {
-    return;  // +0 or -0
-  }
-  const int pos = (biased != 0 ? biased : 1) - 1075 + kBase;  // >= 52 for every finite double
-  const unsigned __int128 t = static_cast<unsigned __int128>(mant) << (pos % 32);
+  if (p.mant == 0) return;  // +0 or -0
+  const int pos = p.exp - 1075 + kBase;  // >= 52 for every finite double
+  const unsigned __int128 t = static_cast<unsigned __int128>(p.mant) << (pos % 32);
   const int w = pos / 32 + kOffset;
   const int64_t d0 = static_cast<int64_t>(t & 0xffffffffu);
   const int64_t d1 = static_cast<int64_t>((t >> 32) & 0xffffffffu);
   const int64_t d2 = static_cast<int64_t>(t >> 64);
-  if (bits >> 63) {
+  if (p.neg) {
     words_[w] -= d0;
     words_[w + 1] -= d1;
     words_[w + 2] -= d2;
@@ -337,31 +346,23 @@ double ExactSumOf(const double* v, int64_t n) {
     int lo = 0x7ff, hi = 0;
     bool plain = true;
     for (int64_t i = 0; i < n; ++i) {
-      uint64_t bits;
-      std::memcpy(&bits, &v[i], sizeof(double));
-      const int biased = static_cast<int>((bits >> 52) & 0x7ff);
-      if (biased == 0x7ff) {
-        plain = false;  // infinite or NaN
+      const DoubleParts p = PartsOf(v[i]);
+      if (!p.finite) {
+        plain = false;
         break;
       }
-      if ((bits << 1) == 0) continue;  // +0 or -0
-      const int e = biased != 0 ? biased : 1;
-      lo = std::min(lo, e);
-      hi = std::max(hi, e);
+      if (p.mant == 0) continue;  // +0 or -0
+      lo = std::min(lo, p.exp);
+      hi = std::max(hi, p.exp);
     }
     if (plain && hi == 0) return 0.0;  // only zeros
     if (plain && lo >= 53 && hi <= 2000 && hi - lo <= kMaxSpread) {
       __int128 sum = 0;
       for (int64_t i = 0; i < n; ++i) {
-        uint64_t bits;
-        std::memcpy(&bits, &v[i], sizeof(double));
-        const int biased = static_cast<int>((bits >> 52) & 0x7ff);
-        if ((bits << 1) == 0) continue;
-        uint64_t mant = bits & ((uint64_t{1} << 52) - 1);
-        if (biased != 0) mant |= uint64_t{1} << 52;
-        const int e = biased != 0 ? biased : 1;
-        const __int128 t = static_cast<__int128>(mant) << (e - lo);
-        sum += (bits >> 63) ? -t : t;
+        const DoubleParts p = PartsOf(v[i]);
+        if (p.mant == 0) continue;  // a zero's exp (1) is below lo
+        const __int128 t = static_cast<__int128>(p.mant) << (p.exp - lo);
+        sum += p.neg ? -t : t;
       }
       if (sum == 0) return 0.0;
       return std::ldexp(static_cast<double>(sum), lo - 1075);

@@ -218,17 +218,17 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
     k.loss = direct_loss ? static_cast<T*>(out.loss) + i0 : ls;
     k.gx = out.grad_logits ? (direct ? static_cast<T*>(out.grad_logits) + i0 : gxs) : nullptr;
     k.gy = out.grad_targets ? (direct ? static_cast<T*>(out.grad_targets) + i0 : gys) : nullptr;
-    bool focal_done = false;
-    if constexpr (std::is_same_v<T, double>) {
-      if (focal_simd) {
-        const T* y = y_raw;
-        if (smooth) {
-          for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
-          y = ysm;
-        }
+    // Smoothed targets for the block kernels (the scalar focal loop smooths in LossElement).
+    k.y = y_raw;
+    if (smooth && (!focal || focal_simd)) {
+      for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
+      k.y = ysm;
+    }
+    if (focal_simd) {
+      if constexpr (std::is_same_v<T, double>) {  // focal loss always computes in double
         internal::FocalBlockArgs fa;
         fa.x = k.x;
-        fa.y = y;
+        fa.y = k.y;
         fa.w = k.w;
         fa.n = n;
         fa.alpha = eo.alpha;
@@ -239,10 +239,8 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
         internal::FocalBlock(fa);
         // dl/dy is not offered for the focal loss (NaN, as the reference).
         if (k.gy) std::fill(k.gy, k.gy + n, std::numeric_limits<T>::quiet_NaN());
-        focal_done = true;
       }
-    }
-    if (focal && !focal_done) {
+    } else if (focal) {
       // Focal loss: the shared scalar math per element (internal::FocalElement).
       for (int64_t j = 0; j < n; ++j) {
         T l, gx, gy;
@@ -251,13 +249,7 @@ void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
         if (k.gx) k.gx[j] = gx / (div_hi + div_lo);  // T is double here: div_lo is 0
         if (k.gy) k.gy[j] = gy;  // NaN: the focal loss offers no dl/dy (as the reference)
       }
-    } else if (!focal) {
-      if (smooth) {
-        for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
-        k.y = ysm;
-      } else {
-        k.y = y_raw;
-      }
+    } else {
       if (w_tile == nullptr && p_tile == nullptr) {
         internal::BceBlock(k);
       } else {

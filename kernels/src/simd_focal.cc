@@ -32,13 +32,6 @@ namespace HWY_NAMESPACE {
 
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Whether FocalElement leaves the element to its log-space form (its first test, verbatim).
-inline bool FocalLaneIsRare(double x, double y, double w) {
-  const double tiny = 0x1p-1021;
-  return !(y >= 0.0 && y <= 1.0) || !(std::fabs(x) < INFINITY) || w != w ||
-         std::fabs(y - tiny) < tiny;
-}
-
 // One vector of elements: loss and dl/dx (weighted, dl/dx not yet divided).
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE void FocalLanes(D d, V x, V y, V w, double alpha, double gamma, V* loss, V* gx) {
@@ -109,7 +102,7 @@ HWY_INLINE void FocalVector(D d, const FocalBlockArgs& a, const double* x, const
   if (a.grad_divisor != 1.0) gv = hn::Div(gv, hn::Set(d, a.grad_divisor));
   hn::StoreU(lv, d, loss);
   hn::StoreU(gv, d, gx);
-  // Rare lanes: the scalar element (its log-space form).
+  // Rare lanes (FocalNeedsLogSpace, vector form): the scalar element, its log-space form.
   const double tiny = 0x1p-1021;
   const V inf = hn::Set(d, INFINITY);
   const auto rare = hn::Or(
@@ -119,7 +112,7 @@ HWY_INLINE void FocalVector(D d, const FocalBlockArgs& a, const double* x, const
   if (hn::AllFalse(d, rare)) return;
   for (size_t j = 0; j < count; ++j) {
     const double wj = w != nullptr ? w[j] : 1.0;
-    if (!FocalLaneIsRare(x[j], y[j], wj)) continue;
+    if (!FocalNeedsLogSpace(x[j], y[j], wj)) continue;
     double l, g;
     FocalElement<double>(x[j], y[j], wj, a.alpha, a.gamma, &l, &g);
     loss[j] = l;
