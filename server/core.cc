@@ -1,5 +1,6 @@
 #include "core.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <utility>
@@ -61,6 +62,7 @@ Core::Core(const CoreConfig& config, std::unique_ptr<kernels::Backend> cpu,
       cuda_(std::move(cuda)),
       cuda_name_(std::move(cuda_name)),
       metrics_(metrics),
+      memory_(config.max_inflight_bytes),
       queue_(config.workers, config.queue_capacity) {}
 
 Core::~Core() = default;
@@ -121,15 +123,32 @@ void Core::set_draining(bool draining) {
   metrics_->SetDraining(draining);
 }
 
-absl::Status Core::Compute(grpc::CallbackServerContext* context, const EvaluatePlan& plan,
-                           int64_t start_ns, v1::EvaluateResponse* response,
-                           double* loss_values) {
+void CallControl::Cancel() {
+  if (cancelled_.exchange(true)) return;
+  chunks_at_cancel_.store(chunks_.load());
+  cancel_ns_.store(absl::GetCurrentTimeNanos());
+}
+
+bool CallControl::cancelled() const {
+  return cancelled_.load(std::memory_order_relaxed) ||
+         (context_ != nullptr && context_->IsCancelled());
+}
+
+int64_t CallControl::chunks_after_cancel() const {
+  return cancel_seen() ? chunks_.load() - chunks_at_cancel_.load() : 0;
+}
+
+int64_t CallControl::cancel_to_stop_ns(int64_t stopped_ns) const {
+  const int64_t at = cancel_ns_.load();
+  return at == 0 ? -1 : stopped_ns - at;
+}
+
+absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
+                           v1::EvaluateResponse* response, double* loss_values) {
   metrics_->SetQueued(queue_.queued());
   const int64_t begin_ns = absl::GetCurrentTimeNanos();
-  const auto deadline = context->deadline();
-  auto past_deadline = [deadline] { return std::chrono::system_clock::now() > deadline; };
-  if (context->IsCancelled()) return absl::CancelledError("the call was cancelled");
-  if (past_deadline()) {
+  if (call.cancelled()) return absl::CancelledError("the call was cancelled");
+  if (call.past_deadline()) {
     return absl::DeadlineExceededError("the deadline passed before compute started");
   }
   if (plan.reject_nan) {
@@ -144,11 +163,9 @@ absl::Status Core::Compute(grpc::CallbackServerContext* context, const EvaluateP
     backend = cuda_.get();
     device = v1::DEVICE_CUDA;
   }
+  // Every size below was overflow-checked and limited by PlanEvaluate.
   kernels::BceOutputs out;
-  const std::vector<int64_t> loss_shape = plan.LossShape();
-  int64_t loss_count = 1;
-  for (int64_t d : loss_shape) loss_count *= d;
-  FillTensor(plan.args.dtype, loss_shape, loss_count, response->mutable_loss());
+  FillTensor(plan.args.dtype, plan.LossShape(), plan.loss_count, response->mutable_loss());
   out.loss = response->mutable_loss()->mutable_data()->data();
   if (plan.grad_logits) {
     FillTensor(plan.args.dtype, plan.shape, plan.args.numel, response->mutable_grad_logits());
@@ -160,28 +177,43 @@ absl::Status Core::Compute(grpc::CallbackServerContext* context, const EvaluateP
   }
   out.loss_values = loss_values;
   kernels::BceArgs args = plan.args;
-  args.should_stop = [context, past_deadline] {
-    return context->IsCancelled() || past_deadline();
-  };
-  std::atomic<int64_t> chunks{0};
-  args.chunks_done = &chunks;
+  args.should_stop = [&call] { return call.ShouldStop(); };
+  const int64_t chunks_before = call.chunks()->load();
+  args.chunks_done = call.chunks();
   const int64_t compute_start = absl::GetCurrentTimeNanos();
   absl::Status s;
   if (args.reduction == kernels::Reduction::kPerSampleMean && args.last_dim == 0) {
-    // Means over empty rows are NaN; there is nothing to compute.
-    for (int64_t r = 0; r < loss_count; ++r) {
-      kernels::StoreFromDouble(args.dtype, out.loss, r, std::nan(""));
+    // Means over empty rows are NaN; nothing to compute, but as many values as a request may
+    // have elements, so the fill stops with the call like the kernels do.
+    for (int64_t r0 = 0; r0 < plan.loss_count && s.ok(); r0 += kernels::kChunkElements) {
+      if (call.ShouldStop()) {
+        s = absl::CancelledError("stopped before completion");
+        break;
+      }
+      const int64_t r1 = std::min(plan.loss_count, r0 + kernels::kChunkElements);
+      for (int64_t r = r0; r < r1; ++r) {
+        kernels::StoreFromDouble(args.dtype, out.loss, r, std::nan(""));
+      }
+      call.chunks()->fetch_add(1);
     }
   } else {
     s = backend->Bce(args, out);
   }
   const int64_t compute_end = absl::GetCurrentTimeNanos();
-  chunks_done_.fetch_add(chunks.load());
-  metrics_->AddChunks(chunks.load());
+  const int64_t chunks = call.chunks()->load() - chunks_before;
+  chunks_done_.fetch_add(chunks);
+  metrics_->AddChunks(chunks);
+  if (call.cancel_seen()) {
+    chunks_after_cancel_.fetch_add(call.chunks_after_cancel());
+    const int64_t stop_ns = call.cancel_to_stop_ns(compute_end);
+    int64_t prev = max_cancel_stop_ns_.load();
+    while (stop_ns > prev && !max_cancel_stop_ns_.compare_exchange_weak(prev, stop_ns)) {
+    }
+  }
   if (!s.ok()) {
     response->Clear();
     if (s.code() == absl::StatusCode::kCancelled) {
-      return past_deadline()
+      return call.past_deadline()
                  ? absl::DeadlineExceededError("the deadline passed during compute; work stopped")
                  : absl::CancelledError("the call was cancelled; work stopped");
     }

@@ -6,6 +6,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -15,11 +16,47 @@
 #include "absl/status/statusor.h"
 #include "lossd/kernels/kernels.h"
 #include "lossd/v1/lossd.pb.h"
+#include "memory.h"
 #include "metrics.h"
 #include "request.h"
 #include "work_queue.h"
 
 namespace lossd::server {
+
+// One call's link to the computations it starts: its deadline, its cancellation and its
+// progress. The call's reactor owns it and keeps it alive until no computation of the call is
+// running; workers poll it between chunks. Thread-safe.
+class CallControl {
+ public:
+  using Clock = std::chrono::system_clock;
+  // `context` may be null (no gRPC call: tests, the fuzzer); its IsCancelled() is polled too.
+  explicit CallControl(const grpc::CallbackServerContext* context = nullptr,
+                       Clock::time_point deadline = Clock::time_point::max())
+      : context_(context), deadline_(deadline) {}
+
+  // The client cancelled (the reactor's OnCancel) or the server gave up on the call: running
+  // computations stop at their next chunk (at most one chunk per kernel thread).
+  void Cancel();
+  bool cancelled() const;
+  bool past_deadline() const { return Clock::now() > deadline_; }
+  bool ShouldStop() const { return cancelled() || past_deadline(); }
+
+  // Chunks of kernel work finished for this call (all its computations together).
+  std::atomic<int64_t>* chunks() { return &chunks_; }
+  // Chunks finished after Cancel() was first called (0 if it never was), and the nanoseconds
+  // from that Cancel() to the end of the computation that was running (-1 if none was).
+  int64_t chunks_after_cancel() const;
+  int64_t cancel_to_stop_ns(int64_t stopped_ns) const;
+  bool cancel_seen() const { return cancel_ns_.load() != 0; }
+
+ private:
+  const grpc::CallbackServerContext* const context_;
+  const Clock::time_point deadline_;
+  std::atomic<bool> cancelled_{false};
+  std::atomic<int64_t> chunks_{0};
+  std::atomic<int64_t> chunks_at_cancel_{0};
+  std::atomic<int64_t> cancel_ns_{0};
+};
 
 struct CoreConfig {
   Limits limits;
@@ -31,6 +68,8 @@ struct CoreConfig {
   // work, cheaper than a thread hop); larger ones go to the worker queue.
   int64_t inline_elements = 16384;
   std::string auth_token;  // empty: no authentication
+  // Bytes of requests and replies that calls in progress may hold (memory.h); 0: unlimited.
+  int64_t max_inflight_bytes = 0;
 };
 
 class Core {
@@ -60,10 +99,11 @@ class Core {
   // Runs a prepared plan (on a worker thread) and fills `response`. `loss_values`, when given,
   // receives numel per-element loss values (for Accumulate). Stops between chunks when the call
   // is cancelled or past its deadline (CANCELLED / DEADLINE_EXCEEDED). `start_ns` is when the
-  // handler started; timings are filled from it.
-  absl::Status Compute(grpc::CallbackServerContext* context, const EvaluatePlan& plan,
-                       int64_t start_ns, v1::EvaluateResponse* response,
-                       double* loss_values = nullptr);
+  // handler started; timings are filled from it. Allocates only the sizes the plan checked.
+  absl::Status Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
+                       v1::EvaluateResponse* response, double* loss_values = nullptr);
+
+  MemoryBudget& memory() { return memory_; }
 
   // Calls being handled (also exported as a gauge).
   void CallStarted();
@@ -73,6 +113,10 @@ class Core {
   void set_draining(bool draining);
   bool draining() const { return draining_.load(); }
   int64_t chunks_done() const { return chunks_done_.load(); }
+  // Over all cancelled calls: chunks computed after the cancel was seen, and the longest time
+  // from seeing a cancel to the end of the computation it stopped (observability, tests).
+  int64_t chunks_after_cancel() const { return chunks_after_cancel_.load(); }
+  int64_t max_cancel_stop_ns() const { return max_cancel_stop_ns_.load(); }
 
  private:
   const CoreConfig config_;
@@ -83,6 +127,9 @@ class Core {
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> chunks_done_{0};
   std::atomic<int64_t> in_flight_{0};
+  std::atomic<int64_t> chunks_after_cancel_{0};
+  std::atomic<int64_t> max_cancel_stop_ns_{0};
+  MemoryBudget memory_;
   WorkQueue queue_;  // last member: drained and joined first
 };
 

@@ -12,6 +12,12 @@ enum class LogLevel { kInfo, kWarning, kError };
 // Writes "<UTC time> <LEVEL> <message>\n" to stderr.
 void Log(LogLevel level, std::string_view message);
 
+// Log() for lines a client can cause (failed calls, malformed messages): at most kLogBurst
+// lines per second for the whole process; the rest are counted and the count is appended to
+// the next line written, so no client can flood the log.
+inline constexpr int kLogBurst = 50;
+void LogRateLimited(LogLevel level, std::string_view message);
+
 }  // namespace lossd::server
 
 #endif  // LOSSD_SERVER_LOG_H_

@@ -2,6 +2,9 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
+
+#include "lossd/kernels/checked_math.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -33,25 +36,24 @@ absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tens
                                                    " exceeds the maximum ", limits.max_rank));
   }
   v.shape.assign(t.shape().begin(), t.shape().end());
-  int64_t numel = 1;
-  bool overflow = false;
   for (int64_t d : v.shape) {
     if (d < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat(field, ": shape ", ShapeString(v.shape), " has a negative dimension"));
     }
-    if (d != 0 && numel > std::numeric_limits<int64_t>::max() / d) overflow = true;
-    if (!overflow) numel *= d;
   }
-  if (overflow) {
+  const std::optional<int64_t> count = kernels::CheckedProduct(v.shape);
+  if (!count) {
     return absl::InvalidArgumentError(
         absl::StrCat(field, ": shape ", ShapeString(v.shape), " has too many elements (overflow)"));
   }
+  const int64_t numel = *count;
   if (numel > limits.max_elements) {
     return absl::ResourceExhaustedError(absl::StrCat(field, " has ", numel,
                                                      " elements, more than the limit ",
                                                      limits.max_elements, " per request"));
   }
+  // numel <= max_elements, which the server caps far below 2^61: no overflow.
   const uint64_t expected = static_cast<uint64_t>(numel) * kernels::ItemSize(v.dtype);
   if (t.data().size() != expected) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -61,6 +63,45 @@ absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tens
   v.numel = numel;
   v.data = t.data().data();
   return v;
+}
+
+// Sizes every output before anything is allocated. The loss output can hold more values than
+// the inputs: a PER_SAMPLE_MEAN over a zero-size last axis has 0 elements and prod(leading
+// dims) NaN means, so it is counted against the same limits as an input tensor.
+absl::Status SizeOutputs(const Limits& limits, EvaluatePlan* plan) {
+  const std::vector<int64_t> loss_shape = plan->LossShape();
+  const std::optional<int64_t> loss_count = kernels::CheckedProduct(loss_shape);
+  if (!loss_count) {
+    return absl::InvalidArgumentError(absl::StrCat("the loss output shape ",
+                                                   ShapeString(loss_shape),
+                                                   " has too many elements (overflow)"));
+  }
+  if (*loss_count > limits.max_elements) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the loss output (shape ", ShapeString(loss_shape), ") has ", *loss_count,
+        " values, more than the limit ", limits.max_elements, " per request"));
+  }
+  const int64_t item = static_cast<int64_t>(kernels::ItemSize(plan->args.dtype));
+  const int64_t grads = int64_t{plan->grad_logits} + int64_t{plan->grad_targets};
+  // Each count is <= max_elements, so with a sane limit these cannot overflow; check anyway.
+  std::optional<int64_t> values = kernels::CheckedMul(grads, plan->args.numel);
+  if (values) values = kernels::CheckedAdd(*values, *loss_count);
+  const std::optional<int64_t> bytes = values ? kernels::CheckedMul(*values, item) : values;
+  if (!bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the reply's size overflows (loss shape ", ShapeString(loss_shape), ", ",
+                     grads, " gradients of ", plan->args.numel, " elements)"));
+  }
+  if (limits.max_reply_bytes > 0 && *bytes > limits.max_reply_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the reply would carry ", *bytes, " tensor bytes (loss shape ", ShapeString(loss_shape),
+        ", ", grads, " gradients of shape ", ShapeString(plan->shape),
+        "), more than the message limit ", limits.max_reply_bytes,
+        "; split the request or ask for fewer gradients"));
+  }
+  plan->loss_count = *loss_count;
+  plan->reply_bytes = *bytes;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
@@ -180,6 +221,7 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
     plan.args.last_dim = plan.shape.empty() ? 1 : plan.shape.back();
   }
   plan.reject_nan = request.reject_nan();
+  if (absl::Status s = SizeOutputs(limits, &plan); !s.ok()) return s;
   return plan;
 }
 

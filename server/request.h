@@ -17,8 +17,13 @@
 namespace lossd::server {
 
 struct Limits {
-  int64_t max_elements = int64_t{1} << 28;  // per tensor; larger gives RESOURCE_EXHAUSTED
-  int max_rank = 8;                         // larger gives INVALID_ARGUMENT
+  // Per tensor, inputs and outputs alike (the per-sample loss of a [N, 0] request has N values
+  // from 0 inputs); larger gives RESOURCE_EXHAUSTED.
+  int64_t max_elements = int64_t{1} << 28;
+  int max_rank = 8;  // larger gives INVALID_ARGUMENT
+  // Largest reply payload (loss + gradient tensor bytes); larger gives RESOURCE_EXHAUSTED
+  // before anything is allocated. 0: unchecked.
+  int64_t max_reply_bytes = 0;
 };
 
 // A validated tensor: dtype known, dims >= 0, numel within limits, data length exact.
@@ -42,6 +47,10 @@ absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tens
 struct EvaluatePlan {
   kernels::BceArgs args;          // pointers into the request (or into operand storage)
   std::vector<int64_t> shape;     // logits' shape
+  // Values in the loss output (product of LossShape()) and the reply's tensor bytes (loss and
+  // requested gradients), both checked against Limits before the plan is returned.
+  int64_t loss_count = 0;
+  int64_t reply_bytes = 0;
   // Shape of the loss output: the logits' shape (NONE), [] (SUM/MEAN) or the logits' shape
   // without its last dimension (PER_SAMPLE_MEAN).
   std::vector<int64_t> LossShape() const;
@@ -53,10 +62,17 @@ struct EvaluatePlan {
   std::vector<std::string> nan_names;
 };
 
-// Validates a request: tensors, shapes, broadcasting, loss, reduction, device.
-// Errors are INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a message naming the field and values.
+// Validates a request: tensors, shapes, broadcasting, loss, reduction, device, and the sizes of
+// every output (overflow-checked, counted against `limits`). Errors are INVALID_ARGUMENT or
+// RESOURCE_EXHAUSTED with a message naming the field and values.
 absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
                                           const Limits& limits);
+
+// Sets plan->loss_count and plan->reply_bytes from the plan's shape, reduction and requested
+// gradients, overflow-checked and against `limits` (INVALID_ARGUMENT on overflow,
+// RESOURCE_EXHAUSTED past a limit). PlanEvaluate calls it; call it again after changing any of
+// those in a plan.
+absl::Status SizeOutputs(const Limits& limits, EvaluatePlan* plan);
 
 // INVALID_ARGUMENT "targets contains NaN at flat index 5" for the first NaN found in the plan's
 // nan_checked tensors; OK otherwise. O(total elements).

@@ -1,22 +1,33 @@
 #include "server.h"
 
+#include <grpc/grpc.h>
+#include <grpc/support/alloc.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 
 #include <fstream>
+#include <optional>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "core.h"
+#include "google/protobuf/struct.pb.h"
+#include "google/protobuf/util/json_util.h"
+#include "host_limits.h"
 #include "log.h"
 #include "lossd/kernels/kernels.h"
-#include "metrics.h"
 #include "lossd/v1/lossd.grpc.pb.h"
+#include "metrics.h"
 #include "service.h"
+#include "wire.h"
 
 namespace lossd::server {
 
@@ -56,6 +67,77 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
   return grpc::SslServerCredentials(ssl);
 }
 
+// ---- channelz: the calls gRPC holds, including those not yet handed to a handler ----------
+//
+// gRPC gives a unary or client-streaming handler its call only once the first message has
+// fully arrived, and grpc::Server::Shutdown kills the calls still receiving theirs (the client
+// sees CANCELLED). The drain therefore waits for gRPC's own count of open calls, which channelz
+// keeps per server: calls started minus calls succeeded and failed.
+
+// A channelz JSON document as a protobuf Struct; nullopt when it does not parse.
+std::optional<google::protobuf::Struct> ChannelzJson(char* json) {
+  if (json == nullptr) return std::nullopt;
+  google::protobuf::Struct doc;
+  const bool ok = google::protobuf::util::JsonStringToMessage(json, &doc).ok();
+  gpr_free(json);
+  if (!ok) return std::nullopt;
+  return doc;
+}
+
+// An int64 field of a channelz object (rendered as a JSON string; absent means 0).
+int64_t ChannelzCount(const google::protobuf::Struct& object, const char* name) {
+  auto it = object.fields().find(name);
+  if (it == object.fields().end()) return 0;
+  int64_t v = 0;
+  if (it->second.has_string_value() && absl::SimpleAtoi(it->second.string_value(), &v)) return v;
+  if (it->second.has_number_value()) return static_cast<int64_t>(it->second.number_value());
+  return 0;
+}
+
+// The ids of every gRPC server of this process.
+std::set<int64_t> ChannelzServerIds() {
+  std::set<int64_t> ids;
+  int64_t start = 0;
+  for (int page = 0; page < 100; ++page) {
+    std::optional<google::protobuf::Struct> doc = ChannelzJson(grpc_channelz_get_servers(start));
+    if (!doc) break;
+    auto servers = doc->fields().find("server");
+    if (servers == doc->fields().end()) break;
+    for (const auto& v : servers->second.list_value().values()) {
+      const auto& ref = v.struct_value().fields().find("ref");
+      if (ref == v.struct_value().fields().end()) continue;
+      const int64_t id = ChannelzCount(ref->second.struct_value(), "serverId");
+      ids.insert(id);
+      start = std::max(start, id + 1);
+    }
+    auto end = doc->fields().find("end");
+    if (end == doc->fields().end() || end->second.bool_value()) break;
+  }
+  return ids;
+}
+
+// Open calls of channelz server `id`, or -1 when channelz cannot say.
+int64_t ChannelzOpenCalls(int64_t id) {
+  if (id <= 0) return -1;
+  std::optional<google::protobuf::Struct> doc = ChannelzJson(grpc_channelz_get_server(id));
+  if (!doc) return -1;
+  auto server = doc->fields().find("server");
+  if (server == doc->fields().end()) return -1;
+  auto data = server->second.struct_value().fields().find("data");
+  if (data == server->second.struct_value().fields().end()) return 0;
+  const auto& d = data->second.struct_value();
+  return ChannelzCount(d, "callsStarted") - ChannelzCount(d, "callsSucceeded") -
+         ChannelzCount(d, "callsFailed");
+}
+
+// Servers are told apart by the channelz id that appears when one starts; starts are
+// serialized so that two servers starting at once in one process cannot swap ids.
+absl::Mutex start_mu;
+
+int64_t MillisArg(absl::Duration d) {
+  return d <= absl::ZeroDuration() ? 0 : absl::ToInt64Milliseconds(d);
+}
+
 }  // namespace
 
 struct LossdServer::Impl {
@@ -64,6 +146,7 @@ struct LossdServer::Impl {
   std::unique_ptr<LossServiceImpl> service;
   std::unique_ptr<grpc::Server> server;
   int port = 0;
+  int64_t channelz_id = 0;  // 0: unknown
   std::string devices;
   bool shut_down = false;
 };
@@ -79,6 +162,12 @@ int LossdServer::metrics_port() const { return impl_->metrics->port(); }
 std::string LossdServer::device_summary() const { return impl_->devices; }
 int64_t LossdServer::chunks_done() const { return impl_->core->chunks_done(); }
 int64_t LossdServer::in_flight_calls() const { return impl_->core->in_flight(); }
+int64_t LossdServer::open_calls() const { return ChannelzOpenCalls(impl_->channelz_id); }
+int64_t LossdServer::max_inflight_bytes() const { return impl_->core->memory().limit(); }
+int64_t LossdServer::held_bytes() const { return impl_->core->memory().held(); }
+int64_t LossdServer::memory_trims() const { return impl_->core->memory().trims(); }
+int64_t LossdServer::chunks_after_cancel() const { return impl_->core->chunks_after_cancel(); }
+int64_t LossdServer::max_cancel_stop_ns() const { return impl_->core->max_cancel_stop_ns(); }
 
 absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOptions& options) {
   if (options.max_message_bytes <= 0 || options.max_message_bytes > (int64_t{1} << 31) - 1) {
@@ -115,8 +204,18 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
       return s;
     }
   }
+  int64_t inflight_bytes = options.max_inflight_bytes;
+  if (inflight_bytes == 0) {
+    const HostLimits host = ReadHostLimits();
+    inflight_bytes = static_cast<int64_t>(0.6 * static_cast<double>(host.memory_bytes));
+    Log(LogLevel::kInfo, absl::StrCat("max_inflight_bytes=", inflight_bytes, " (0.6 x ",
+                                      DescribeHostLimits(host), ")"));
+  }
+  if (inflight_bytes < 0) inflight_bytes = 0;  // unlimited
   CoreConfig config;
+  config.max_inflight_bytes = inflight_bytes;
   config.limits.max_elements = options.max_elements;
+  config.limits.max_reply_bytes = options.max_message_bytes;
   config.max_message_bytes = options.max_message_bytes;
   config.workers = options.workers > 0 ? options.workers : hw;
   config.queue_capacity = options.queue_capacity;
@@ -127,21 +226,57 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
                                       std::move(cuda), cuda_name, impl->metrics.get());
   impl->service = std::make_unique<LossServiceImpl>(impl->core.get());
 
+  InstallProtobufLogHandler();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   const int max_bytes = static_cast<int>(options.max_message_bytes);
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);
+  // A second server on a port in use must fail, not share it (gRPC enables SO_REUSEPORT).
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.AddChannelArgument(GRPC_ARG_ENABLE_CHANNELZ, 1);  // the drain counts open calls
+  auto add_ms = [&builder](const char* arg, absl::Duration d) {
+    if (const int64_t ms = MillisArg(d); ms > 0) {
+      builder.AddChannelArgument(arg, static_cast<int>(std::min<int64_t>(ms, INT32_MAX)));
+    }
+  };
+  add_ms(GRPC_ARG_MAX_CONNECTION_IDLE_MS, options.max_connection_idle);
+  add_ms(GRPC_ARG_MAX_CONNECTION_AGE_MS, options.max_connection_age);
+  add_ms(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, options.max_connection_age_grace);
+  add_ms(GRPC_ARG_KEEPALIVE_TIME_MS, options.keepalive_time);
+  add_ms(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, options.keepalive_timeout);
+  if (options.max_concurrent_streams > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);
+  }
+  if (inflight_bytes > 0) {
+    // Transport buffers (messages being received or sent) count against a quota of the same
+    // size; under pressure gRPC shrinks flow-control windows and refuses new streams.
+    grpc::ResourceQuota quota("lossd");
+    quota.Resize(static_cast<size_t>(inflight_bytes));
+    builder.SetResourceQuota(quota);
+  }
   const std::string address = absl::StrCat(
       options.host.find(':') != std::string::npos ? absl::StrCat("[", options.host, "]")
                                                   : options.host,
       ":", options.port);
   builder.AddListeningPort(address, *creds, &impl->port);
   builder.RegisterService(impl->service.get());
-  impl->server = builder.BuildAndStart();
+  {
+    absl::MutexLock lock(&start_mu);
+    const std::set<int64_t> before = ChannelzServerIds();
+    impl->server = builder.BuildAndStart();
+    for (int64_t id : ChannelzServerIds()) {
+      if (!before.count(id)) impl->channelz_id = std::max(impl->channelz_id, id);
+    }
+  }
   if (impl->server == nullptr || impl->port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen on ", address, " (in use by another process, or not an address here)"));
+  }
+  if (impl->channelz_id == 0) {
+    Log(LogLevel::kWarning,
+        "channelz shows no id for this server: the drain waits only for calls being handled");
   }
   impl->server->GetHealthCheckService()->SetServingStatus(true);
   impl->server->GetHealthCheckService()->SetServingStatus(
@@ -161,8 +296,19 @@ void LossdServer::Shutdown(absl::Duration deadline) {
     health->SetServingStatus(std::string(v1::LossService::service_full_name()), false);
   }
   Log(LogLevel::kInfo, absl::StrCat("draining: ", impl_->core->in_flight(),
-                                    " calls in flight, deadline ", absl::FormatDuration(deadline)));
-  while (impl_->core->in_flight() > 0 && absl::Now() < end) absl::SleepFor(absl::Milliseconds(5));
+                                    " calls being handled, ", open_calls(),
+                                    " open in gRPC, deadline ", absl::FormatDuration(deadline)));
+  // Calls whose request is still arriving are open in gRPC but not yet handled: wait for them
+  // too (they get UNAVAILABLE from Admit once their request is in). Health Watch streams keep
+  // this count up until the deadline.
+  auto busy = [this] {
+    const int64_t open = open_calls();
+    return impl_->core->in_flight() > 0 || open > 0;
+  };
+  while (busy() && absl::Now() < end) absl::SleepFor(absl::Milliseconds(5));
+  Log(LogLevel::kInfo, absl::StrCat("drained: ", impl_->core->in_flight(),
+                                    " calls being handled, ", open_calls(),
+                                    " open in gRPC; stopping"));
   impl_->server->Shutdown(absl::ToChronoTime(end));
   impl_->server->Wait();
 }

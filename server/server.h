@@ -45,6 +45,23 @@ struct ServerOptions {
   // When non-empty, LossService calls need "authorization: Bearer <auth_token>" (health and
   // reflection stay open for probes).
   std::string auth_token;
+
+  // Memory admission (memory.h): bytes of requests and replies that calls in progress may hold;
+  // calls past it get RESOURCE_EXHAUSTED at once. 0: 0.6 x the memory limit of the process's
+  // cgroup, else of the host (host_limits.h); < 0: unlimited. gRPC's transport buffers are
+  // bounded by a resource quota of the same size.
+  int64_t max_inflight_bytes = 0;
+
+  // Connections (0 disables each). Idle connections are closed after max_connection_idle;
+  // every connection is closed gracefully after max_connection_age (plus the grace period for
+  // calls in flight), so clients that balance round robin reconnect and spread again;
+  // keepalive pings find dead peers; at most max_concurrent_streams calls per connection.
+  absl::Duration max_connection_idle = absl::Minutes(5);
+  absl::Duration max_connection_age = absl::Minutes(30);
+  absl::Duration max_connection_age_grace = absl::Minutes(1);
+  absl::Duration keepalive_time = absl::Minutes(2);
+  absl::Duration keepalive_timeout = absl::Seconds(20);
+  int max_concurrent_streams = 256;
 };
 
 class LossdServer {
@@ -59,9 +76,21 @@ class LossdServer {
   std::string device_summary() const;  // "cpu" or "cpu,cuda (NVIDIA H100 ...)"
   int64_t chunks_done() const;      // units of kernel work finished so far
   int64_t in_flight_calls() const;  // LossService calls being handled now
+  // Calls gRPC has accepted and not finished, for every service on this server, including
+  // those whose request is still arriving (channelz); -1 when channelz cannot say.
+  int64_t open_calls() const;
+  int64_t max_inflight_bytes() const;  // the memory admission limit in force (0: unlimited)
+  int64_t held_bytes() const;          // bytes calls in progress hold in that budget
+  int64_t memory_trims() const;        // times freed memory was returned to the OS
+  // Over all cancelled calls: chunks computed after the cancel was seen, and the longest time
+  // from seeing a cancel to the end of the computation it stopped.
+  int64_t chunks_after_cancel() const;
+  int64_t max_cancel_stop_ns() const;
 
   // Graceful drain: health turns NOT_SERVING and new LossService calls get UNAVAILABLE, while
-  // calls in flight go on. Then waits up to `deadline` for them, cancels the rest and stops.
+  // calls in flight go on, including those whose request is still arriving (they get
+  // UNAVAILABLE once it has). Waits up to `deadline` until gRPC has no open call, then stops;
+  // calls still open at the deadline are cancelled.
   void Shutdown(absl::Duration deadline);
   // Blocks until the server has shut down.
   void Wait();

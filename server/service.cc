@@ -7,104 +7,129 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/time/clock.h"
+#include "absl/strings/escaping.h"
 #include "grpc_status.h"
 #include "log.h"
+#include "wire.h"
 
 namespace lossd::server {
 
+void LogFailure(const char* method, const grpc::CallbackServerContext& context,
+                const std::string& request_id, const absl::Status& status) {
+  LogRateLimited(LogLevel::kWarning,
+                 absl::StrCat(method, " failed: status=", absl::StatusCodeToString(status.code()),
+                              " message=\"", status.message(), "\" peer=", context.peer(),
+                              " request_id=\"", absl::CHexEscape(request_id), "\""));
+}
+
 namespace {
 
-// At most kLogBurst failure lines per second; the rest are counted and reported in the next
-// line, so a misbehaving client cannot flood the log.
-constexpr int kLogBurst = 50;
-absl::Mutex log_mu;
-int64_t log_second ABSL_GUARDED_BY(log_mu) = 0;
-int log_count ABSL_GUARDED_BY(log_mu) = 0;
-int64_t log_suppressed ABSL_GUARDED_BY(log_mu) = 0;
+// One unary Evaluate call. Owns the parsed request, the reply and the call's memory
+// reservation; OnCancel stops its computation at the next chunk; OnDone deletes it.
+class EvaluateCall final : public grpc::ServerUnaryReactor {
+ public:
+  EvaluateCall(Core* core, grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+               grpc::ByteBuffer* reply)
+      : core_(core),
+        context_(context),
+        request_bytes_(request),
+        reply_(reply),
+        start_ns_(absl::GetCurrentTimeNanos()),
+        control_(context, context->deadline()),
+        reservation_(&core->memory()) {
+    core_->CallStarted();
+  }
+
+  void Start() {
+    if (absl::Status s = core_->Admit(*context_); !s.ok()) return Done(s);
+    // The received bytes and their parsed copy; the reply and its serialized form come later.
+    const int64_t received = MessageBytes(*request_bytes_);
+    if (absl::Status s = reservation_.Add(2 * received, "the request"); !s.ok()) return Done(s);
+    if (absl::Status s = ParseMessage(*request_bytes_, &request_); !s.ok()) return Done(s);
+    auto plan = core_->Prepare(request_);
+    if (!plan.ok()) return Done(plan.status());
+    if (absl::Status s = reservation_.Add(2 * plan->reply_bytes, "the reply"); !s.ok()) {
+      return Done(s);
+    }
+    if (plan->args.numel <= core_->config().inline_elements) {
+      // Small: a few microseconds of compute, cheaper than a hop to a worker thread.
+      return Done(core_->Compute(control_, *plan, start_ns_, &response_));
+    }
+    auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
+    const absl::Status queued = core_->Submit([this, shared_plan] {
+      Done(core_->Compute(control_, *shared_plan, start_ns_, &response_));
+    });
+    if (!queued.ok()) Done(queued);
+  }
+
+  void OnCancel() override { control_.Cancel(); }
+
+  void OnDone() override {
+    core_->CallEnded();
+    delete this;
+  }
+
+ private:
+  // Log, metrics, reply: exactly once per call, after which `this` may be gone.
+  void Done(absl::Status s) {
+    const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
+    if (s.ok()) {
+      response_.set_request_id(request_.request_id());
+      s = SerializeMessage(response_, reply_);
+    }
+    if (s.ok()) {
+      core_->metrics().RecordCall("Evaluate", "OK", DeviceLabel(response_.device()),
+                                  response_.timing().queue_ns() * 1e-9,
+                                  response_.timing().compute_ns() * 1e-9, total);
+      core_->metrics().AddBytes(PayloadBytes(request_), PayloadBytes(response_));
+    } else {
+      LogFailure("Evaluate", *context_, request_.request_id(), s);
+      core_->metrics().RecordCall("Evaluate", absl::StatusCodeToString(s.code()), "none", -1, -1,
+                                  total);
+    }
+    // The serialized reply is all that is still needed.
+    request_.Clear();
+    response_.Clear();
+    Finish(ToGrpcStatus(s));
+  }
+
+  Core* const core_;
+  grpc::CallbackServerContext* const context_;
+  const grpc::ByteBuffer* const request_bytes_;
+  grpc::ByteBuffer* const reply_;
+  const int64_t start_ns_;
+  CallControl control_;
+  Reservation reservation_;  // released in the destructor, after the reply was sent
+  v1::EvaluateRequest request_;
+  v1::EvaluateResponse response_;
+};
 
 }  // namespace
 
-void LogFailure(const char* method, const grpc::CallbackServerContext& context,
-                const std::string& request_id, const absl::Status& status) {
-  int64_t suppressed = 0;
-  {
-    absl::MutexLock lock(&log_mu);
-    const int64_t now = absl::ToUnixSeconds(absl::Now());
-    if (now != log_second) {
-      log_second = now;
-      log_count = 0;
-    }
-    if (++log_count > kLogBurst) {
-      ++log_suppressed;
-      return;
-    }
-    suppressed = log_suppressed;
-    log_suppressed = 0;
-  }
-  Log(LogLevel::kWarning,
-      absl::StrCat(method, " failed: status=", absl::StatusCodeToString(status.code()),
-                   " message=\"", status.message(), "\" peer=", context.peer(),
-                   " request_id=\"", request_id, "\"",
-                   suppressed > 0 ? absl::StrCat(" (", suppressed, " earlier failure lines "
-                                                 "suppressed)")
-                                  : ""));
-}
-
 grpc::ServerUnaryReactor* LossServiceImpl::Evaluate(grpc::CallbackServerContext* context,
-                                                    const v1::EvaluateRequest* request,
-                                                    v1::EvaluateResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const int64_t start_ns = absl::GetCurrentTimeNanos();
-  Core* core = core_;
-  core->CallStarted();
-  // Finishes the call: log, metrics, reply. Runs exactly once per call.
-  auto finish = [core, context, request, response, reactor, start_ns](const absl::Status& s) {
-    const double total = (absl::GetCurrentTimeNanos() - start_ns) * 1e-9;
-    if (s.ok()) {
-      response->set_request_id(request->request_id());
-      core->metrics().RecordCall("Evaluate", "OK", DeviceLabel(response->device()),
-                                 response->timing().queue_ns() * 1e-9,
-                                 response->timing().compute_ns() * 1e-9, total);
-      core->metrics().AddBytes(PayloadBytes(*request), PayloadBytes(*response));
-    } else {
-      LogFailure("Evaluate", *context, request->request_id(), s);
-      core->metrics().RecordCall("Evaluate", absl::StatusCodeToString(s.code()), "none", -1, -1,
-                                 total);
-    }
-    core->CallEnded();
-    reactor->Finish(ToGrpcStatus(s));
-  };
-  if (absl::Status s = core->Admit(*context); !s.ok()) {
-    finish(s);
-    return reactor;
-  }
-  auto plan = core->Prepare(*request);
-  if (!plan.ok()) {
-    finish(plan.status());
-    return reactor;
-  }
-  if (plan->args.numel <= core->config().inline_elements) {
-    // Small: a few microseconds of compute, cheaper than a hop to a worker thread.
-    finish(core->Compute(context, *plan, start_ns, response));
-    return reactor;
-  }
-  auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
-  const absl::Status queued =
-      core->Submit([core, context, response, shared_plan, start_ns, finish] {
-        finish(core->Compute(context, *shared_plan, start_ns, response));
-      });
-  if (!queued.ok()) finish(queued);
-  return reactor;
+                                                    const grpc::ByteBuffer* request,
+                                                    grpc::ByteBuffer* reply) {
+  auto* call = new EvaluateCall(core_, context, request, reply);
+  call->Start();
+  return call;
 }
 
-grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(
-    grpc::CallbackServerContext* context, const v1::GetCapabilitiesRequest* /*request*/,
-    v1::Capabilities* response) {
+grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(grpc::CallbackServerContext* context,
+                                                           const grpc::ByteBuffer* request,
+                                                           grpc::ByteBuffer* reply) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (absl::Status s = core_->Admit(*context); !s.ok()) {
-    reactor->Finish(ToGrpcStatus(s));
+  v1::GetCapabilitiesRequest parsed;
+  absl::Status admitted = core_->Admit(*context);
+  if (admitted.ok()) admitted = ParseMessage(*request, &parsed);
+  if (!admitted.ok()) {
+    LogFailure("GetCapabilities", *context, "", admitted);
+    core_->metrics().RecordCall("GetCapabilities", absl::StatusCodeToString(admitted.code()),
+                                "none", -1, -1, -1);
+    reactor->Finish(ToGrpcStatus(admitted));
     return reactor;
   }
+  v1::Capabilities capabilities;
+  v1::Capabilities* response = &capabilities;
   response->set_server_version(LOSSD_VERSION);
   response->add_losses("bce_with_logits");
   response->add_losses("sigmoid_focal_loss");
@@ -121,19 +146,21 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(
   response->set_max_message_bytes(core_->config().max_message_bytes);
   response->set_max_elements(core_->config().limits.max_elements);
   response->set_cuda_device_name(core_->has_cuda() ? core_->cuda_name() : "");
-  core_->metrics().RecordCall("GetCapabilities", "OK", "none", -1, -1, -1);
-  reactor->Finish(grpc::Status::OK);
+  const absl::Status s = SerializeMessage(capabilities, reply);
+  core_->metrics().RecordCall("GetCapabilities", absl::StatusCodeToString(s.code()), "none", -1,
+                              -1, -1);
+  reactor->Finish(ToGrpcStatus(s));
   return reactor;
 }
 
-grpc::ServerBidiReactor<v1::EvaluateRequest, v1::EvaluateStreamResponse>*
-LossServiceImpl::EvaluateStream(grpc::CallbackServerContext* context) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* LossServiceImpl::EvaluateStream(
+    grpc::CallbackServerContext* context) {
   return NewEvaluateStream(core_, context);
 }
 
-grpc::ServerReadReactor<v1::EvaluateRequest>* LossServiceImpl::Accumulate(
-    grpc::CallbackServerContext* context, v1::AccumulateResponse* response) {
-  return NewAccumulate(core_, context, response);
+grpc::ServerReadReactor<grpc::ByteBuffer>* LossServiceImpl::Accumulate(
+    grpc::CallbackServerContext* context, grpc::ByteBuffer* reply) {
+  return NewAccumulate(core_, context, reply);
 }
 
 }  // namespace lossd::server

@@ -14,16 +14,18 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "grpc_status.h"
+#include "memory.h"
 #include "service.h"
+#include "wire.h"
 
 namespace lossd::server {
 
 namespace {
 
-template <typename Req, typename Resp>
+// What a reactor does once its mutex is released.
 struct Actions {
-  Req* read = nullptr;
-  const Resp* write = nullptr;
+  grpc::ByteBuffer* read = nullptr;
+  const grpc::ByteBuffer* write = nullptr;
   bool finish = false;
   grpc::Status status;
 };
@@ -31,10 +33,13 @@ struct Actions {
 // ---- EvaluateStream ---------------------------------------------------------------------
 
 class EvaluateStreamReactor final
-    : public grpc::ServerBidiReactor<v1::EvaluateRequest, v1::EvaluateStreamResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   EvaluateStreamReactor(Core* core, grpc::CallbackServerContext* context)
-      : core_(core), context_(context), start_ns_(absl::GetCurrentTimeNanos()) {
+      : core_(core),
+        context_(context),
+        start_ns_(absl::GetCurrentTimeNanos()),
+        control_(context, context->deadline()) {
     core_->CallStarted();
     Act actions;
     {
@@ -84,6 +89,7 @@ class EvaluateStreamReactor final
   }
 
   void OnCancel() override {
+    control_.Cancel();
     Act actions;
     {
       absl::MutexLock lock(&mu_);
@@ -98,12 +104,15 @@ class EvaluateStreamReactor final
   }
 
  private:
-  using Act = Actions<v1::EvaluateRequest, v1::EvaluateStreamResponse>;
+  using Act = Actions;
   struct Slot {
-    std::unique_ptr<v1::EvaluateRequest> request;
+    explicit Slot(MemoryBudget* budget) : reservation(budget) {}
+    v1::EvaluateRequest request;
     v1::EvaluateStreamResponse reply;
+    grpc::ByteBuffer out;  // the serialized reply, once ready
     bool ready = false;
     int64_t start_ns = 0;
+    Reservation reservation;  // this batch's bytes, until its reply is written
   };
 
   void Run(const Act& a) {
@@ -117,36 +126,55 @@ class EvaluateStreamReactor final
     if (reading_ || reads_done_ || finishing_) return;
     if (static_cast<int>(slots_.size()) >= core_->config().stream_window) return;
     reading_ = true;
-    pending_ = std::make_unique<v1::EvaluateRequest>();
-    a->read = pending_.get();
+    pending_ = grpc::ByteBuffer();
+    a->read = &pending_;
   }
 
   // Writes the oldest reply once it is ready (replies leave in request order).
   void NextWrite(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (writing_ || finishing_ || slots_.empty() || !slots_.front()->ready) return;
     writing_ = true;
-    a->write = &slots_.front()->reply;
+    a->write = &slots_.front()->out;
   }
 
   void SetError(Slot* slot, const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    LogFailure("EvaluateStream", *context_, slot->request->request_id(), s);
+    LogFailure("EvaluateStream", *context_, slot->request.request_id(), s);
     core_->metrics().RecordCall("EvaluateStream", absl::StatusCodeToString(s.code()), "none", -1,
                                 -1, (absl::GetCurrentTimeNanos() - slot->start_ns) * 1e-9);
+    slot->reply.clear_response();
+    slot->reply.set_request_id(slot->request.request_id());
     v1::BatchError* error = slot->reply.mutable_error();
     error->set_code(static_cast<int>(s.code()));
     error->set_message(std::string(s.message()));
+    // A short message: serializing it cannot fail.
+    (void)SerializeMessage(slot->reply, &slot->out);
     slot->ready = true;
   }
 
-  // Validates the batch just read and queues its compute.
+  // Parses and validates the batch just read and queues its compute.
   void Accept(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    auto slot = std::make_unique<Slot>();
-    slot->request = std::move(pending_);
+    auto slot = std::make_unique<Slot>(&core_->memory());
     slot->start_ns = absl::GetCurrentTimeNanos();
-    slot->reply.set_request_id(slot->request->request_id());
     Slot* raw = slot.get();
     slots_.push_back(std::move(slot));
-    auto plan = core_->Prepare(*raw->request);
+    grpc::ByteBuffer received;
+    received.Swap(&pending_);
+    absl::Status admitted =
+        raw->reservation.Add(2 * MessageBytes(received), "the stream's batch");
+    if (admitted.ok()) admitted = ParseMessage(received, &raw->request);
+    received.Clear();
+    if (!admitted.ok()) {
+      SetError(raw, admitted);
+      return;
+    }
+    raw->reply.set_request_id(raw->request.request_id());
+    auto plan = core_->Prepare(raw->request);
+    if (plan.ok()) {
+      if (absl::Status s = raw->reservation.Add(2 * plan->reply_bytes, "the batch's reply");
+          !s.ok()) {
+        plan = s;
+      }
+    }
     if (!plan.ok()) {
       SetError(raw, plan.status());
       return;
@@ -165,21 +193,27 @@ class EvaluateStreamReactor final
   // On a worker thread.
   void Computed(Slot* slot, const EvaluatePlan& plan) {
     v1::EvaluateResponse* response = slot->reply.mutable_response();
-    const absl::Status s = core_->Compute(context_, plan, slot->start_ns, response);
+    absl::Status s = core_->Compute(control_, plan, slot->start_ns, response);
+    const int64_t sent = PayloadBytes(*response);
+    const v1::Device device = response->device();
+    const v1::Timing timing = response->timing();
+    if (s.ok()) {
+      response->set_request_id(slot->request.request_id());
+      s = SerializeMessage(slot->reply, &slot->out);
+      slot->reply.Clear();  // the serialized form is what gets written
+    }
     Act actions;
     {
       absl::MutexLock lock(&mu_);
       --inflight_;
       if (s.ok()) {
-        response->set_request_id(slot->request->request_id());
-        core_->metrics().RecordCall("EvaluateStream", "OK", DeviceLabel(response->device()),
-                                    response->timing().queue_ns() * 1e-9,
-                                    response->timing().compute_ns() * 1e-9,
+        core_->metrics().RecordCall("EvaluateStream", "OK", DeviceLabel(device),
+                                    timing.queue_ns() * 1e-9, timing.compute_ns() * 1e-9,
                                     (absl::GetCurrentTimeNanos() - slot->start_ns) * 1e-9);
-        core_->metrics().AddBytes(PayloadBytes(*slot->request), PayloadBytes(*response));
+        core_->metrics().AddBytes(PayloadBytes(slot->request), sent);
+        slot->request.Clear();
         slot->ready = true;
       } else {
-        slot->reply.clear_response();
         SetError(slot, s);
       }
       NextWrite(&actions);
@@ -212,9 +246,10 @@ class EvaluateStreamReactor final
   Core* const core_;
   grpc::CallbackServerContext* const context_;
   const int64_t start_ns_;
+  CallControl control_;  // shared by the stream's batches
   absl::Mutex mu_;
   std::deque<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);  // request order
-  std::unique_ptr<v1::EvaluateRequest> pending_ ABSL_GUARDED_BY(mu_);
+  grpc::ByteBuffer pending_ ABSL_GUARDED_BY(mu_);
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
@@ -241,14 +276,14 @@ std::string OptionsKey(const v1::EvaluateRequest& r) {
   return out;
 }
 
-class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateRequest> {
+class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  AccumulateReactor(Core* core, grpc::CallbackServerContext* context,
-                    v1::AccumulateResponse* response)
+  AccumulateReactor(Core* core, grpc::CallbackServerContext* context, grpc::ByteBuffer* reply)
       : core_(core),
         context_(context),
-        response_(response),
-        start_ns_(absl::GetCurrentTimeNanos()) {
+        reply_(reply),
+        start_ns_(absl::GetCurrentTimeNanos()),
+        control_(context, context->deadline()) {
     core_->CallStarted();
     Act actions;
     {
@@ -278,6 +313,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
   }
 
   void OnCancel() override {
+    control_.Cancel();
     Act actions;
     {
       absl::MutexLock lock(&mu_);
@@ -292,10 +328,12 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
   }
 
  private:
-  using Act = Actions<v1::EvaluateRequest, v1::AccumulateResponse>;
+  using Act = Actions;
+  // A parsed, validated batch and the memory it holds until its values are added.
   struct Batch {
     std::unique_ptr<v1::EvaluateRequest> request;
     std::shared_ptr<EvaluatePlan> plan;
+    std::unique_ptr<Reservation> reservation;
   };
 
   void Run(const Act& a) {
@@ -306,8 +344,8 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
   void NextRead(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (reading_ || reads_done_ || finishing_ || stash_.request) return;
     reading_ = true;
-    pending_ = std::make_unique<v1::EvaluateRequest>();
-    a->read = pending_.get();
+    pending_ = grpc::ByteBuffer();
+    a->read = &pending_;
   }
 
   void Fail(const absl::Status& s, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -319,7 +357,16 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
   void Accept(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     ++batches_seen_;
     Batch batch;
-    batch.request = std::move(pending_);
+    batch.reservation = std::make_unique<Reservation>(&core_->memory());
+    batch.request = std::make_unique<v1::EvaluateRequest>();
+    {
+      grpc::ByteBuffer received;
+      received.Swap(&pending_);
+      absl::Status admitted =
+          batch.reservation->Add(2 * MessageBytes(received), "the Accumulate batch");
+      if (admitted.ok()) admitted = ParseMessage(received, batch.request.get());
+      if (!admitted.ok()) return Fail(admitted, a);
+    }
     const v1::EvaluateRequest& r = *batch.request;
     const v1::Reduction red = r.reduction() == v1::REDUCTION_UNSPECIFIED ? v1::REDUCTION_MEAN
                                                                          : r.reduction();
@@ -350,6 +397,15 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
     batch.plan->args.reduction = kernels::Reduction::kNone;  // values are reduced here
     batch.plan->args.normalize = false;
     batch.plan->grad_logits = batch.plan->grad_targets = false;
+    if (absl::Status s = SizeOutputs(core_->config().limits, batch.plan.get()); !s.ok()) {
+      return Fail(s, a);
+    }
+    // The per-element losses, and their values as doubles for the exact block reduction.
+    if (absl::Status s = batch.reservation->Add(
+            batch.plan->reply_bytes + 8 * batch.plan->args.numel, "the batch's loss values");
+        !s.ok()) {
+      return Fail(s, a);
+    }
     if (computing_) {
       stash_ = std::move(batch);  // reading resumes when it starts computing
       return;
@@ -374,7 +430,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
     std::vector<double> values(static_cast<size_t>(args.numel));
     v1::EvaluateResponse scratch;
     const absl::Status s =
-        core_->Compute(context_, *batch.plan, start_ns_, &scratch, values.data());
+        core_->Compute(control_, *batch.plan, start_ns_, &scratch, values.data());
     int64_t kept = args.numel;
     if (s.ok() && normalize_ && args.has_ignore_index) {
       for (int64_t i = 0; i < args.numel; ++i) {
@@ -414,14 +470,15 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
       double loss = sum_.Value();
       if (normalize_) loss /= kept_ > 0 ? static_cast<double>(kept_) : 1.0;
       if (reduction_ == v1::REDUCTION_MEAN) loss /= static_cast<double>(n);
-      response_->set_loss(loss);
-      response_->set_num_elements(n);
-      response_->set_num_batches(batches_done_);
-      response_->set_reduction(reduction_);
-      response_->set_device(device_);
-      response_->mutable_timing()->set_compute_ns(compute_ns_);
-      response_->mutable_timing()->set_total_ns(absl::GetCurrentTimeNanos() - start_ns_);
-      RequestFinish(absl::OkStatus(), a);
+      v1::AccumulateResponse response;
+      response.set_loss(loss);
+      response.set_num_elements(n);
+      response.set_num_batches(batches_done_);
+      response.set_reduction(reduction_);
+      response.set_device(device_);
+      response.mutable_timing()->set_compute_ns(compute_ns_);
+      response.mutable_timing()->set_total_ns(absl::GetCurrentTimeNanos() - start_ns_);
+      RequestFinish(SerializeMessage(response, reply_), a);
     }
   }
 
@@ -448,10 +505,11 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
 
   Core* const core_;
   grpc::CallbackServerContext* const context_;
-  v1::AccumulateResponse* const response_;
+  grpc::ByteBuffer* const reply_;
   const int64_t start_ns_;
+  CallControl control_;
   absl::Mutex mu_;
-  std::unique_ptr<v1::EvaluateRequest> pending_ ABSL_GUARDED_BY(mu_);
+  grpc::ByteBuffer pending_ ABSL_GUARDED_BY(mu_);
   Batch stash_ ABSL_GUARDED_BY(mu_);  // validated, waiting for the previous batch
   kernels::BlockSum sum_ ABSL_GUARDED_BY(mu_);
   std::string key_ ABSL_GUARDED_BY(mu_);
@@ -472,15 +530,15 @@ class AccumulateReactor final : public grpc::ServerReadReactor<v1::EvaluateReque
 
 }  // namespace
 
-grpc::ServerBidiReactor<v1::EvaluateRequest, v1::EvaluateStreamResponse>* NewEvaluateStream(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* NewEvaluateStream(
     Core* core, grpc::CallbackServerContext* context) {
   return new EvaluateStreamReactor(core, context);
 }
 
-grpc::ServerReadReactor<v1::EvaluateRequest>* NewAccumulate(Core* core,
-                                                            grpc::CallbackServerContext* context,
-                                                            v1::AccumulateResponse* response) {
-  return new AccumulateReactor(core, context, response);
+grpc::ServerReadReactor<grpc::ByteBuffer>* NewAccumulate(Core* core,
+                                                         grpc::CallbackServerContext* context,
+                                                         grpc::ByteBuffer* reply) {
+  return new AccumulateReactor(core, context, reply);
 }
 
 }  // namespace lossd::server

@@ -3,9 +3,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "lossd/kernels/checked_math.h"
 #include "lossd/kernels/kernels.h"
 
 namespace lossd::kernels {
@@ -163,10 +165,14 @@ absl::StatusOr<Operand> MakeOperand(const std::string& field, DType dtype, const
                                                    ShapeString(out_shape)));
   };
   if (shape.size() > rank) return not_broadcastable();
+  const std::optional<int64_t> out_numel = CheckedProduct(out_shape);
+  if (!out_numel) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "logits shape ", ShapeString(out_shape), " has too many elements (overflow)"));
+  }
+  const int64_t numel = *out_numel;
   // Align trailing dimensions; per output dim, is the operand's extent 1 (broadcast) or full?
   std::vector<bool> bcast(rank, true);
-  int64_t numel = 1;
-  for (size_t k = 0; k < rank; ++k) numel *= out_shape[k];
   for (size_t k = 0; k < shape.size(); ++k) {
     const size_t od = rank - shape.size() + k;
     if (shape[k] == out_shape[od]) {
@@ -193,17 +199,17 @@ absl::StatusOr<Operand> MakeOperand(const std::string& field, DType dtype, const
   Operand op;
   op.dtype = dtype;
   op.data = data;
-  if (lo < 0) {  // scalar-like
+  // With no output element nothing reads the operand; its view stays trivial (the extents of
+  // an empty shape, such as [0, 2^40, 2^40], may not even have a representable product).
+  if (lo < 0 || numel == 0) {  // scalar-like or empty
     op.inner = 1;
     op.period = 1;
     return op;
   }
   if (one_group) {
-    int64_t inner = 1, period = 1;
-    for (size_t k = hi; k < rank; ++k) inner *= out_shape[k];
-    for (int k = lo; k < hi; ++k) period *= out_shape[k];
-    op.inner = inner;
-    op.period = period;
+    // Both are factors of numel > 0, so neither product can overflow.
+    op.inner = *CheckedProduct(out_shape, hi, rank);
+    op.period = *CheckedProduct(out_shape, lo, hi);
     return op;
   }
   // General pattern: expand into a full tensor of the output shape.
@@ -217,7 +223,12 @@ absl::StatusOr<Operand> MakeOperand(const std::string& field, DType dtype, const
       s *= shape[k];
     }
   }
-  std::shared_ptr<char[]> buf(new char[static_cast<size_t>(numel) * item]);
+  const std::optional<int64_t> bytes = CheckedMul(numel, static_cast<int64_t>(item));
+  if (!bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " expanded to logits shape ",
+                                                   ShapeString(out_shape), " overflows"));
+  }
+  std::shared_ptr<char[]> buf(new char[static_cast<size_t>(*bytes)]);
   std::vector<int64_t> idx(rank, 0);
   int64_t src = 0;
   for (int64_t i = 0; i < numel; ++i) {
