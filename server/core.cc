@@ -177,7 +177,12 @@ absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t 
   }
   out.loss_values = loss_values;
   kernels::BceArgs args = plan.args;
-  args.should_stop = [&call] { return call.ShouldStop(); };
+  // Polled before each chunk: also counts chunks started, live (chunks_done() moves only when
+  // a computation ends).
+  args.should_stop = [this, &call] {
+    chunks_started_.fetch_add(1, std::memory_order_relaxed);
+    return call.ShouldStop();
+  };
   const int64_t chunks_before = call.chunks()->load();
   args.chunks_done = call.chunks();
   const int64_t compute_start = absl::GetCurrentTimeNanos();

@@ -113,6 +113,7 @@ class Core {
   void set_draining(bool draining);
   bool draining() const { return draining_.load(); }
   int64_t chunks_done() const { return chunks_done_.load(); }
+  int64_t chunks_started() const { return chunks_started_.load(); }  // live, unlike chunks_done
   // Over all cancelled calls: chunks computed after the cancel was seen, and the longest time
   // from seeing a cancel to the end of the computation it stopped (observability, tests).
   int64_t chunks_after_cancel() const { return chunks_after_cancel_.load(); }
@@ -127,6 +128,7 @@ class Core {
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> chunks_done_{0};
   std::atomic<int64_t> in_flight_{0};
+  std::atomic<int64_t> chunks_started_{0};
   std::atomic<int64_t> chunks_after_cancel_{0};
   std::atomic<int64_t> max_cancel_stop_ns_{0};
   MemoryBudget memory_;

@@ -41,7 +41,25 @@ ABSL_FLAG(std::string, auth_token_file, "",
           "File holding a bearer token that LossService calls must present "
           "(\"authorization: Bearer <token>\"); health and reflection stay open.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
-          "On SIGTERM/SIGINT, how long in-flight calls may take before they are cancelled.");
+          "On SIGTERM/SIGINT, how long in-flight calls (including those whose request is still "
+          "arriving) may take before they are cancelled.");
+ABSL_FLAG(int64_t, max_inflight_bytes, 0,
+          "Bytes of requests and replies that calls in progress may hold; calls past it get "
+          "RESOURCE_EXHAUSTED at once. 0: 0.6 x the memory limit of the cgroup, else of the "
+          "host (logged at startup); negative: unlimited.");
+ABSL_FLAG(absl::Duration, max_connection_idle, absl::Minutes(5),
+          "Close connections without calls for this long; 0 never.");
+ABSL_FLAG(absl::Duration, max_connection_age, absl::Minutes(30),
+          "Close every connection gracefully after this long, so round-robin clients rebalance; "
+          "0 never.");
+ABSL_FLAG(absl::Duration, max_connection_age_grace, absl::Minutes(1),
+          "How long calls may go on once max_connection_age closes their connection.");
+ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(2),
+          "Ping idle connections this often to find dead peers; 0 never.");
+ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
+          "Close a connection whose keepalive ping is not answered within this time.");
+ABSL_FLAG(int, max_concurrent_streams, 256,
+          "Most concurrent calls on one connection; 0: gRPC's default.");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("lossd: gRPC loss-evaluation service. Usage: lossd [--flags]");
@@ -78,6 +96,13 @@ int main(int argc, char** argv) {
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.max_inflight_bytes = absl::GetFlag(FLAGS_max_inflight_bytes);
+  options.max_connection_idle = absl::GetFlag(FLAGS_max_connection_idle);
+  options.max_connection_age = absl::GetFlag(FLAGS_max_connection_age);
+  options.max_connection_age_grace = absl::GetFlag(FLAGS_max_connection_age_grace);
+  options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
+  options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
+  options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   if (const std::string path = absl::GetFlag(FLAGS_auth_token_file); !path.empty()) {
     std::ifstream in(path);
     std::string token;
@@ -116,7 +141,12 @@ int main(int argc, char** argv) {
                    " tls=", options.tls_cert_file.empty() ? "off"
                             : options.tls_client_ca_file.empty() ? "on" : "mutual",
                    " auth=", options.auth_token.empty() ? "off" : "bearer-token",
-                   " drain_timeout=", absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout))));
+                   " drain_timeout=", absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)),
+                   " max_inflight_bytes=", (*server)->max_inflight_bytes(),
+                   " max_connection_idle=", absl::FormatDuration(options.max_connection_idle),
+                   " max_connection_age=", absl::FormatDuration(options.max_connection_age),
+                   " keepalive_time=", absl::FormatDuration(options.keepalive_time),
+                   " max_concurrent_streams=", options.max_concurrent_streams));
   if ((*server)->metrics_port() > 0) {
     std::fprintf(stderr, "lossd metrics on %s:%d\n", options.metrics_host.c_str(),
                  (*server)->metrics_port());

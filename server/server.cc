@@ -161,6 +161,7 @@ int LossdServer::port() const { return impl_->port; }
 int LossdServer::metrics_port() const { return impl_->metrics->port(); }
 std::string LossdServer::device_summary() const { return impl_->devices; }
 int64_t LossdServer::chunks_done() const { return impl_->core->chunks_done(); }
+int64_t LossdServer::chunks_started() const { return impl_->core->chunks_started(); }
 int64_t LossdServer::in_flight_calls() const { return impl_->core->in_flight(); }
 int64_t LossdServer::open_calls() const { return ChannelzOpenCalls(impl_->channelz_id); }
 int64_t LossdServer::max_inflight_bytes() const { return impl_->core->memory().limit(); }

@@ -74,7 +74,8 @@ class LossdServer {
   int port() const;                 // the bound port
   int metrics_port() const;         // the bound metrics port, 0 when disabled
   std::string device_summary() const;  // "cpu" or "cpu,cuda (NVIDIA H100 ...)"
-  int64_t chunks_done() const;      // units of kernel work finished so far
+  int64_t chunks_done() const;      // units of kernel work finished so far (by ended calls)
+  int64_t chunks_started() const;   // units of kernel work started so far (live)
   int64_t in_flight_calls() const;  // LossService calls being handled now
   // Calls gRPC has accepted and not finished, for every service on this server, including
   // those whose request is still arriving (channelz); -1 when channelz cannot say.
