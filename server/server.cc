@@ -301,12 +301,21 @@ void LossdServer::Shutdown(absl::Duration deadline) {
                                     " open in gRPC, deadline ", absl::FormatDuration(deadline)));
   // Calls whose request is still arriving are open in gRPC but not yet handled: wait for them
   // too (they get UNAVAILABLE from Admit once their request is in). Health Watch streams keep
-  // this count up until the deadline.
-  auto busy = [this] {
-    const int64_t open = open_calls();
-    return impl_->core->in_flight() > 0 || open > 0;
-  };
-  while (busy() && absl::Now() < end) absl::SleepFor(absl::Milliseconds(5));
+  // this count up until the deadline. The count must stay at 0 for a quiet period, so that
+  // streams that clients opened just as the drain began are seen before gRPC stops (it would
+  // cancel those whose request is still arriving).
+  constexpr absl::Duration kQuiet = absl::Milliseconds(200);
+  absl::Time idle_since = absl::InfiniteFuture();
+  for (absl::Time now = absl::Now(); now < end; now = absl::Now()) {
+    if (impl_->core->in_flight() > 0 || open_calls() > 0) {
+      idle_since = absl::InfiniteFuture();
+    } else if (idle_since == absl::InfiniteFuture()) {
+      idle_since = now;
+    } else if (now - idle_since >= kQuiet) {
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(5));
+  }
   Log(LogLevel::kInfo, absl::StrCat("drained: ", impl_->core->in_flight(),
                                     " calls being handled, ", open_calls(),
                                     " open in gRPC; stopping"));

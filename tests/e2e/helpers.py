@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from typing import Optional
 
 import numpy as np
+import pytest
 
 from bce_reference import loss_reference, violations
 
@@ -82,3 +85,35 @@ def check_result(r, x, y, w=None, p=None, reduction="none", *, grad=True, grad_t
         msg = violations(r.grad_targets, ref.grad_targets, ref.grad_targets_scale, kind)
         assert msg is None, f"dl/dy ({reduction}, {options}): {msg}"
     return ref
+
+
+# ---- Prometheus metrics of a running server ----
+
+prometheus_parser = pytest.importorskip(
+    "prometheus_client.parser", reason="prometheus_client is pinned in tests/requirements.txt")
+
+_METRICS = re.compile(r"lossd metrics on (\S+):(\d+)\s*$")
+
+
+def metrics_address(server) -> str:
+    for line in server.lines:
+        m = _METRICS.search(line)
+        if m:
+            return f"{m.group(1)}:{m.group(2)}"
+    raise AssertionError(f"no 'lossd metrics on' line in:\n{server.stderr_text()}")
+
+
+def scrape(address: str) -> dict:
+    """{(sample name, frozenset(labels)): value} of every sample."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        text = reply.read().decode("utf-8")
+    samples = {}
+    for family in prometheus_parser.text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)

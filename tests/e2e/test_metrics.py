@@ -5,9 +5,7 @@ through their metrics."""
 from __future__ import annotations
 
 import math
-import re
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -17,34 +15,7 @@ import lossd
 from lossd._proto.lossd.v1 import lossd_pb2 as pb
 from lossd._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-prometheus_parser = pytest.importorskip(
-    "prometheus_client.parser", reason="prometheus_client is pinned in tests/requirements.txt")
-
-_METRICS = re.compile(r"lossd metrics on (\S+):(\d+)\s*$")
-
-
-def metrics_address(server) -> str:
-    for line in server.lines:
-        m = _METRICS.search(line)
-        if m:
-            return f"{m.group(1)}:{m.group(2)}"
-    raise AssertionError(f"no 'lossd metrics on' line in:\n{server.stderr_text()}")
-
-
-def scrape(address: str) -> dict:
-    """{(sample name, frozenset(labels)): value} of every sample."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        assert reply.status == 200
-        text = reply.read().decode("utf-8")
-    samples = {}
-    for family in prometheus_parser.text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+from helpers import metrics_address, scrape, value
 
 
 def tensor(a: np.ndarray) -> pb.Tensor:
