@@ -16,7 +16,7 @@ APT_PACKAGES := build-essential cmake pkg-config git \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps venv build test test-cpp test-py demo clean stubs asan bench-kernels bench-torch golden-venv
+.PHONY: deps venv build test test-cpp test-py demo clean stubs asan bench-kernels bench-torch golden-venv fuzz fuzz-ci
 
 # Installs the Debian packages that are missing (no-op when all are present).
 deps:
@@ -75,12 +75,55 @@ bench-torch: build golden-venv
 clean:
 	rm -rf $(BUILD)
 
-# The server tests under AddressSanitizer + LeakSanitizer (CPU build; a few minutes).
+# The server and kernel tests under AddressSanitizer + LeakSanitizer + UndefinedBehaviorSanitizer
+# (CPU build; any UB report fails the run). CI runs it (.ci/run).
+ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 asan: deps
 	cmake -S . -B build-asan -DLOSSD_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-	  -DCMAKE_CXX_FLAGS="-fsanitize=address -fno-omit-frame-pointer" \
-	  -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address"
+	  -DCMAKE_CXX_FLAGS="$(ASAN_FLAGS)" \
+	  -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined"
 	cmake --build build-asan -j $(JOBS) --target server_test kernels_test
 	ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp \
-	  build-asan/tests/server_test
-	ASAN_OPTIONS=detect_leaks=1 build-asan/tests/kernels_test
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 build-asan/tests/server_test
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  build-asan/tests/kernels_test
+
+# The structure-aware libFuzzer target (request validation + CPU compute) under ASan + UBSan,
+# tests/fuzz/README.md. Builds with clang in $(FUZZ_BUILD) (CPU only, only the fuzzer), fuzzes
+# a copy of tests/fuzz/corpus for FUZZ_SECONDS, prints the number of executions and fails on a
+# crash, leak, timeout or out-of-memory (the input is left in $(FUZZ_BUILD)/, the log in
+# $(FUZZ_BUILD)/fuzz.log).
+FUZZ_SECONDS ?= 600
+FUZZ_BUILD ?= build-fuzz
+FUZZ_APT_PACKAGES := clang libclang-rt-14-dev
+FUZZ_CXX_FLAGS := -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined \
+  -fno-omit-frame-pointer -g
+
+fuzz: deps
+	@missing=$$(for p in $(FUZZ_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) -DLOSSD_FUZZ=ON -DLOSSD_CUDA=OFF \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS="$(FUZZ_CXX_FLAGS)" \
+	  -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined"
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target evaluate_fuzzer
+	rm -rf $(FUZZ_BUILD)/corpus && mkdir -p $(FUZZ_BUILD)/corpus
+	cp tests/fuzz/corpus/*.pb $(FUZZ_BUILD)/corpus/
+	@log=$(FUZZ_BUILD)/fuzz.log; echo "fuzzing for $(FUZZ_SECONDS) s (log: $$log)"; \
+	$(FUZZ_BUILD)/tests/fuzz/evaluate_fuzzer $(FUZZ_BUILD)/corpus \
+	  -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -malloc_limit_mb=2048 -timeout=20 \
+	  -max_len=300000 -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/ >$$log 2>&1; \
+	rc=$$?; grep -E '^#[0-9]+' $$log | tail -n 1; \
+	grep -E '^stat::number_of_executed_units' $$log || true; \
+	if [ $$rc -ne 0 ]; then \
+	  tail -n 80 $$log; \
+	  echo "fuzz: FAILED (exit $$rc); the input is $(FUZZ_BUILD)/crash-*, leak-*, timeout-* or oom-*"; \
+	  exit 1; \
+	fi; \
+	echo "fuzz: no crash in $(FUZZ_SECONDS) s"
+
+# What CI runs: one minute of `make fuzz`.
+fuzz-ci:
+	$(MAKE) fuzz FUZZ_SECONDS=60

@@ -2,6 +2,8 @@
 
 #include <malloc.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 
@@ -30,6 +32,7 @@ absl::Status MemoryBudget::Reserve(int64_t bytes, const char* what) {
   }
   held_ += bytes;
   last_change_ = absl::Now();
+  if (trim_after_ > 0 && held_ >= trim_after_) trim_due_ = true;
   return absl::OkStatus();
 }
 
@@ -37,7 +40,6 @@ void MemoryBudget::Release(int64_t bytes) {
   absl::MutexLock lock(&mu_);
   held_ -= bytes;
   last_change_ = absl::Now();
-  if (bytes >= trim_after_) trim_due_ = true;
 }
 
 int64_t MemoryBudget::held() const {
@@ -51,8 +53,8 @@ int64_t MemoryBudget::trims() const {
 }
 
 void MemoryBudget::TrimLoop() {
-  // Trims once per quiet period after a large call: the allocator keeps freed large blocks of
-  // glibc's arenas mapped (hundreds of MB after one large call) until told otherwise.
+  // Trims once per quiet period after calls held trim_after_ bytes together: glibc keeps freed
+  // blocks of its heaps mapped (hundreds of MB after one large call) until told otherwise.
   absl::MutexLock lock(&mu_);
   while (!stop_) {
     const bool quiet = trim_due_ && held_ < trim_after_ && absl::Now() - last_change_ >= trim_idle_;
@@ -76,6 +78,13 @@ absl::Status Reservation::Add(int64_t bytes, const char* what) {
   if (absl::Status s = budget_->Reserve(bytes, what); !s.ok()) return s;
   bytes_ += bytes;
   return absl::OkStatus();
+}
+
+void Reservation::Release(int64_t bytes) {
+  bytes = std::min(bytes, bytes_);
+  if (bytes <= 0) return;
+  budget_->Release(bytes);
+  bytes_ -= bytes;
 }
 
 void Reservation::Reset() {

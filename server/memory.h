@@ -22,9 +22,9 @@ namespace lossd::server {
 
 class MemoryBudget {
  public:
-  // `limit` bytes may be held at once (0: unlimited). After a call that held at least
-  // `trim_after_bytes` ends and no call holds more than that for `trim_idle`, the allocator's
-  // free memory goes back to the OS (malloc_trim); trim_after_bytes <= 0 disables that.
+  // `limit` bytes may be held at once (0: unlimited). Once calls have held `trim_after_bytes`
+  // together and then hold less for `trim_idle`, the allocator's free memory goes back to the
+  // OS (malloc_trim), once per such episode; trim_after_bytes <= 0 disables that.
   MemoryBudget(int64_t limit, int64_t trim_after_bytes = int64_t{64} << 20,
                absl::Duration trim_idle = absl::Seconds(1));
   ~MemoryBudget();
@@ -48,7 +48,7 @@ class MemoryBudget {
   const absl::Duration trim_idle_;
   mutable absl::Mutex mu_;
   int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
-  bool trim_due_ ABSL_GUARDED_BY(mu_) = false;  // a large call ended since the last trim
+  bool trim_due_ ABSL_GUARDED_BY(mu_) = false;  // held_ reached trim_after_ since the last trim
   absl::Time last_change_ ABSL_GUARDED_BY(mu_);
   int64_t trims_ ABSL_GUARDED_BY(mu_) = 0;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -66,6 +66,8 @@ class Reservation {
 
   // Adds `bytes` to what this call holds, or fails (RESOURCE_EXHAUSTED) and adds nothing.
   absl::Status Add(int64_t bytes, const char* what);
+  // Gives back `bytes` (at most what this call holds) once the call no longer holds them.
+  void Release(int64_t bytes);
   // Gives back everything this call holds.
   void Reset();
   int64_t bytes() const { return bytes_; }

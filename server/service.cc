@@ -45,7 +45,12 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
     // The received bytes and their parsed copy; the reply and its serialized form come later.
     const int64_t received = MessageBytes(*request_bytes_);
     if (absl::Status s = reservation_.Add(2 * received, "the request"); !s.ok()) return Done(s);
-    if (absl::Status s = ParseMessage(*request_bytes_, &request_); !s.ok()) return Done(s);
+    const absl::Status parsed = ParseMessage(*request_bytes_, &request_);
+    // The handler is the request buffer's only reader (gRPC only destroys it when the call
+    // ends): free the received bytes now instead of holding them beside their parsed copy.
+    const_cast<grpc::ByteBuffer*>(request_bytes_)->Clear();
+    reservation_.Release(received);
+    if (!parsed.ok()) return Done(parsed);
     auto plan = core_->Prepare(request_);
     if (!plan.ok()) return Done(plan.status());
     if (absl::Status s = reservation_.Add(2 * plan->reply_bytes, "the reply"); !s.ok()) {
@@ -73,23 +78,24 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
   // Log, metrics, reply: exactly once per call, after which `this` may be gone.
   void Done(absl::Status s) {
     const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
+    const int64_t received = PayloadBytes(request_);
+    std::string request_id = std::move(*request_.mutable_request_id());
+    request_.Clear();  // not needed for the reply: free it before serializing
     if (s.ok()) {
-      response_.set_request_id(request_.request_id());
+      response_.set_request_id(request_id);
       s = SerializeMessage(response_, reply_);
     }
     if (s.ok()) {
       core_->metrics().RecordCall("Evaluate", "OK", DeviceLabel(response_.device()),
                                   response_.timing().queue_ns() * 1e-9,
                                   response_.timing().compute_ns() * 1e-9, total);
-      core_->metrics().AddBytes(PayloadBytes(request_), PayloadBytes(response_));
+      core_->metrics().AddBytes(received, PayloadBytes(response_));
     } else {
-      LogFailure("Evaluate", *context_, request_.request_id(), s);
+      LogFailure("Evaluate", *context_, request_id, s);
       core_->metrics().RecordCall("Evaluate", absl::StatusCodeToString(s.code()), "none", -1, -1,
                                   total);
     }
-    // The serialized reply is all that is still needed.
-    request_.Clear();
-    response_.Clear();
+    response_.Clear();  // the serialized reply is all that is still needed
     Finish(ToGrpcStatus(s));
   }
 

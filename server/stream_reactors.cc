@@ -1,8 +1,10 @@
 // Reactors of the streaming calls. Both follow one pattern: decisions are made under the
 // reactor's mutex and collected as Actions, which are carried out after the mutex is released
 // (Finish last: the reactor may be deleted right after it). Compute runs on the Core's workers;
-// Finish is only called once no computation of the call is running, so the call's context
-// outlives every use of it, and OnDone can delete the reactor.
+// Finish is only called once no computation of the call is running and no StartRead decided
+// under the mutex is still to be called (`starting_reads_`: a concurrent OnCancel must not
+// finish, and so delete, the reactor between that decision and the call), so the call's
+// context outlives every use of it, and OnDone can delete the reactor.
 #include <cmath>
 #include <deque>
 #include <memory>
@@ -116,8 +118,17 @@ class EvaluateStreamReactor final
   };
 
   void Run(const Act& a) {
-    if (a.read) StartRead(a.read);
     if (a.write) StartWrite(a.write);
+    if (a.read) {
+      StartRead(a.read);
+      Act after;
+      {
+        absl::MutexLock lock(&mu_);
+        --starting_reads_;
+        if (finishing_) RequestFinish(final_status_, &after);
+      }
+      if (after.finish) Finish(after.status);
+    }
     if (a.finish) Finish(a.status);  // last: `this` may be gone afterwards
   }
 
@@ -126,6 +137,7 @@ class EvaluateStreamReactor final
     if (reading_ || reads_done_ || finishing_) return;
     if (static_cast<int>(slots_.size()) >= core_->config().stream_window) return;
     reading_ = true;
+    ++starting_reads_;
     pending_ = grpc::ByteBuffer();
     a->read = &pending_;
   }
@@ -197,8 +209,10 @@ class EvaluateStreamReactor final
     const int64_t sent = PayloadBytes(*response);
     const v1::Device device = response->device();
     const v1::Timing timing = response->timing();
+    const int64_t received = PayloadBytes(slot->request);
     if (s.ok()) {
       response->set_request_id(slot->request.request_id());
+      slot->request.Clear();  // not needed for the reply: free it before serializing
       s = SerializeMessage(slot->reply, &slot->out);
       slot->reply.Clear();  // the serialized form is what gets written
     }
@@ -210,8 +224,7 @@ class EvaluateStreamReactor final
         core_->metrics().RecordCall("EvaluateStream", "OK", DeviceLabel(device),
                                     timing.queue_ns() * 1e-9, timing.compute_ns() * 1e-9,
                                     (absl::GetCurrentTimeNanos() - slot->start_ns) * 1e-9);
-        core_->metrics().AddBytes(PayloadBytes(slot->request), sent);
-        slot->request.Clear();
+        core_->metrics().AddBytes(received, sent);
         slot->ready = true;
       } else {
         SetError(slot, s);
@@ -237,7 +250,7 @@ class EvaluateStreamReactor final
       finishing_ = true;
       final_status_ = s;
     }
-    if (finished_ || inflight_ > 0 || writing_) return;
+    if (finished_ || inflight_ > 0 || writing_ || starting_reads_ > 0) return;
     finished_ = true;
     a->finish = true;
     a->status = ToGrpcStatus(final_status_);
@@ -251,6 +264,7 @@ class EvaluateStreamReactor final
   std::deque<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);  // request order
   grpc::ByteBuffer pending_ ABSL_GUARDED_BY(mu_);
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
+  int starting_reads_ ABSL_GUARDED_BY(mu_) = 0;  // StartRead decided, not yet called
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finishing_ ABSL_GUARDED_BY(mu_) = false;
@@ -337,13 +351,23 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   };
 
   void Run(const Act& a) {
-    if (a.read) StartRead(a.read);
-    if (a.finish) Finish(a.status);
+    if (a.read) {
+      StartRead(a.read);
+      Act after;
+      {
+        absl::MutexLock lock(&mu_);
+        --starting_reads_;
+        if (finishing_) RequestFinish(final_status_, &after);
+      }
+      if (after.finish) Finish(after.status);
+    }
+    if (a.finish) Finish(a.status);  // last: `this` may be gone afterwards
   }
 
   void NextRead(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (reading_ || reads_done_ || finishing_ || stash_.request) return;
     reading_ = true;
+    ++starting_reads_;
     pending_ = grpc::ByteBuffer();
     a->read = &pending_;
   }
@@ -487,7 +511,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
       finishing_ = true;
       final_status_ = s;
     }
-    if (finished_ || computing_) return;
+    if (finished_ || computing_ || starting_reads_ > 0) return;
     finished_ = true;
     const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
     if (final_status_.ok()) {
@@ -521,6 +545,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   int64_t compute_ns_ ABSL_GUARDED_BY(mu_) = 0;
   v1::Device device_ ABSL_GUARDED_BY(mu_) = v1::DEVICE_CPU;
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
+  int starting_reads_ ABSL_GUARDED_BY(mu_) = 0;  // StartRead decided, not yet called
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool computing_ ABSL_GUARDED_BY(mu_) = false;
   bool finishing_ ABSL_GUARDED_BY(mu_) = false;
