@@ -251,10 +251,13 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
     builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);
   }
   if (inflight_bytes > 0) {
-    // Transport buffers (messages being received or sent) count against a quota of the same
-    // size; under pressure gRPC shrinks flow-control windows and refuses new streams.
+    // Transport buffers (messages still arriving, replies being sent) count against gRPC's
+    // resource quota: half the budget, but at least one largest message. Under pressure gRPC
+    // shrinks flow-control windows and resets the largest streams (RESOURCE_EXHAUSTED) rather
+    // than buffer them, so the process holds at most about 1.5x the budget.
     grpc::ResourceQuota quota("lossd");
-    quota.Resize(static_cast<size_t>(inflight_bytes));
+    quota.Resize(static_cast<size_t>(
+        std::max(inflight_bytes / 2, options.max_message_bytes + (int64_t{1} << 20))));
     builder.SetResourceQuota(quota);
   }
   const std::string address = absl::StrCat(

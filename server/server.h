@@ -49,7 +49,7 @@ struct ServerOptions {
   // Memory admission (memory.h): bytes of requests and replies that calls in progress may hold;
   // calls past it get RESOURCE_EXHAUSTED at once. 0: 0.6 x the memory limit of the process's
   // cgroup, else of the host (host_limits.h); < 0: unlimited. gRPC's transport buffers are
-  // bounded by a resource quota of the same size.
+  // bounded by a resource quota of half that (at least one largest message).
   int64_t max_inflight_bytes = 0;
 
   // Connections (0 disables each). Idle connections are closed after max_connection_idle;
