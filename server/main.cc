@@ -1,4 +1,7 @@
 // lossd: the loss-evaluation server. Flags are parsed here and nowhere else.
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -7,9 +10,15 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "log.h"
+#include "lossd/kernels/kernels.h"
+#include "lossd/v1/lossd.grpc.pb.h"
 #include "server.h"
 
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on (127.0.0.1 for loopback only).");
@@ -58,12 +67,66 @@ ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(2),
           "Ping idle connections this often to find dead peers; 0 never.");
 ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
           "Close a connection whose keepalive ping is not answered within this time.");
+ABSL_FLAG(std::string, health_check, "",
+          "Probe mode for container health checks: ask the gRPC health service at HOST:PORT "
+          "(plaintext) whether lossd is SERVING; exit 0 if it answers so within 2 s, else 1. "
+          "Starts no server.");
 ABSL_FLAG(int, max_concurrent_streams, 256,
           "Most concurrent calls on one connection; 0: gRPC's default.");
 
+namespace {
+
+// --health_check: one grpc.health.v1 Check of the LossService; 0 when SERVING.
+int HealthCheck(const std::string& target) {
+  auto channel = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(std::string(lossd::v1::LossService::service_full_name()));
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status status = stub->Check(&context, request, &response);
+  if (!status.ok()) {
+    std::fprintf(stderr, "lossd health check of %s: %s %s\n", target.c_str(),
+                 absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()))
+                     .c_str(),
+                 status.error_message().c_str());
+    return 1;
+  }
+  const bool serving = response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+  std::fprintf(stderr, "lossd health check of %s: %s\n", target.c_str(),
+               grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status())
+                   .c_str());
+  return serving ? 0 : 1;
+}
+
+// "lossd 0.1.0 (Release build, CUDA compiled in)" for --version.
+std::string VersionString() {
+  return absl::StrCat("lossd ", LOSSD_VERSION, " (", LOSSD_BUILD_TYPE, " build, CUDA ",
+                      lossd::kernels::CudaCompiled() ? "compiled in" : "not compiled in",
+                      ")\n");
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("lossd: gRPC loss-evaluation service. Usage: lossd [--flags]");
+  absl::SetProgramUsageMessage("gRPC loss-evaluation service. Usage: lossd [--flags]");
+  absl::FlagsUsageConfig usage;
+  // --help lists this program's flags (by default only those of a file named like the binary).
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "server/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  usage.version_string = VersionString;
+  usage.normalize_filename = [](absl::string_view file) {
+    const size_t at = file.rfind("server/main.cc");
+    return std::string(at == absl::string_view::npos ? file : file.substr(at));
+  };
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
+  if (const std::string target = absl::GetFlag(FLAGS_health_check); !target.empty()) {
+    return HealthCheck(target);
+  }
   using lossd::server::DevicePolicy;
   using lossd::server::Log;
   using lossd::server::LogLevel;

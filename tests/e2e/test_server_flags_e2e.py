@@ -1,0 +1,42 @@
+"""End-to-end: the server binary explains itself (--help, --version) and probes a running
+server's health for container HEALTHCHECKs (--health_check)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from conftest import lossd_binary
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(lossd_binary()), *args], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_help_lists_every_flag() -> None:
+    out = run("--help")
+    text = out.stdout + out.stderr
+    source = (lossd_binary().parents[2] / "server" / "main.cc").read_text()
+    flags = re.findall(r"ABSL_FLAG\([^,]+,\s*(\w+),", source)
+    assert len(flags) > 20
+    missing = [f for f in flags if f"--{f} " not in text]
+    assert not missing, f"--help does not list {missing}:\n{text}"
+
+
+def test_version_names_the_build() -> None:
+    out = run("--version")
+    assert out.returncode == 0
+    assert re.match(r"lossd \d+\.\d+\.\d+ \((Release|Debug|RelWithDebInfo|MinSizeRel)? ?build, "
+                    r"CUDA (compiled in|not compiled in)\)", out.stdout), out.stdout
+
+
+def test_health_check_probe(server_factory) -> None:
+    server = server_factory()
+    ok = run(f"--health_check={server.target}")
+    assert ok.returncode == 0, ok.stderr
+    assert "SERVING" in ok.stderr
+    host, port = server.target.rsplit(":", 1)
+    server.stop()
+    down = run(f"--health_check={host}:{port}")
+    assert down.returncode == 1, down.stderr
