@@ -1,4 +1,4 @@
-// The one place where absl::Status becomes grpc::Status (house rule 3).
+// The one place where absl::Status becomes grpc::Status (docs/design.md section 8, rule 3).
 #ifndef LOSSD_SERVER_GRPC_STATUS_H_
 #define LOSSD_SERVER_GRPC_STATUS_H_
 

@@ -221,6 +221,27 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
     plan.args.last_dim = plan.shape.empty() ? 1 : plan.shape.back();
   }
   plan.reject_nan = request.reject_nan();
+  if (request.has_whole()) {
+    const v1::WholeRequest& whole = request.whole();
+    if (whole.num_elements() < plan.args.numel) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "whole.num_elements ", whole.num_elements(), " is less than this part's ",
+          plan.args.numel, " elements (logits shape ", ShapeString(plan.shape), ")"));
+    }
+    plan.args.whole_numel = whole.num_elements();
+    if (whole.has_num_kept()) {
+      if (whole.num_kept() < 0 || whole.num_kept() > whole.num_elements()) {
+        return absl::InvalidArgumentError(absl::StrCat("whole.num_kept ", whole.num_kept(),
+                                                       " is outside [0, whole.num_elements ",
+                                                       whole.num_elements(), "]"));
+      }
+      plan.args.whole_kept = whole.num_kept();
+    } else if (plan.args.normalize && plan.args.has_ignore_index) {
+      return absl::InvalidArgumentError(
+          "whole.num_kept is required with normalize and ignore_index (the whole request's "
+          "elements whose target is not ignore_index)");
+    }
+  }
   if (absl::Status s = SizeOutputs(limits, &plan); !s.ok()) return s;
   return plan;
 }

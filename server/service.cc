@@ -152,6 +152,7 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(grpc::CallbackServerC
   response->set_max_message_bytes(core_->config().max_message_bytes);
   response->set_max_elements(core_->config().limits.max_elements);
   response->set_cuda_device_name(core_->has_cuda() ? core_->cuda_name() : "");
+  response->set_whole_requests(true);
   const absl::Status s = SerializeMessage(capabilities, reply);
   core_->metrics().RecordCall("GetCapabilities", absl::StatusCodeToString(s.code()), "none", -1,
                               -1, -1);

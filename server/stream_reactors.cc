@@ -405,11 +405,17 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
       return Fail(absl::InvalidArgumentError("Accumulate returns no gradients; unset gradients"),
                   a);
     }
+    if (r.has_whole()) {
+      return Fail(absl::InvalidArgumentError(
+                      "whole is not allowed in Accumulate (its batches are parts of one whole)"),
+                  a);
+    }
     const std::string key = OptionsKey(r);
     if (batches_seen_ == 1) {
       key_ = key;
       reduction_ = red;
       normalize_ = r.has_bce_with_logits() && r.bce_with_logits().normalize();
+      has_ignore_index_ = r.has_bce_with_logits() && r.bce_with_logits().has_ignore_index();
     } else if (key != key_) {
       return Fail(absl::InvalidArgumentError(
                       "loss options and reduction must be the same in every batch of a call"),
@@ -497,6 +503,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
       v1::AccumulateResponse response;
       response.set_loss(loss);
       response.set_num_elements(n);
+      response.set_num_kept(normalize_ && has_ignore_index_ ? kept_ : n);
       response.set_num_batches(batches_done_);
       response.set_reduction(reduction_);
       response.set_device(device_);
@@ -539,6 +546,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   std::string key_ ABSL_GUARDED_BY(mu_);
   v1::Reduction reduction_ ABSL_GUARDED_BY(mu_) = v1::REDUCTION_MEAN;
   bool normalize_ ABSL_GUARDED_BY(mu_) = false;
+  bool has_ignore_index_ ABSL_GUARDED_BY(mu_) = false;
   int64_t kept_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t batches_seen_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t batches_done_ ABSL_GUARDED_BY(mu_) = 0;

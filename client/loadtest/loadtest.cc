@@ -2,8 +2,8 @@
 //
 // Without --target it starts, in this process, a lossd server (CPU) and an echo server on
 // loopback, then measures both with the same requests, concurrency and duration, and prints
-// QPS, latency percentiles, MB/s and the ratios lossd/echo (DESIGN.md section 7). With --target
-// it only loads that server.
+// QPS, latency percentiles, MB/s and the ratios lossd/echo (docs/design.md section 6). With
+// --target it only loads that server.
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """torch CPU vs lossd CPU: fused BCE-with-logits forward + backward, as a ratio.
 
-DESIGN.md section 7 asks for >= 15x torch CPU (forward + backward, same thread count) on 10M
+docs/design.md section 6 asks for >= 15x torch CPU (forward + backward, same thread count) on 10M
 float32 elements with weight [C] and pos_weight [C]. This script times torch's
 ``binary_cross_entropy_with_logits`` on logits [N, C=64] with weight [C] and pos_weight [C]:
 
@@ -9,7 +9,7 @@ float32 elements with weight [C] and pos_weight [C]. This script times torch's
 * "mean": the mean, then ``loss.backward()`` (lossd: "mean+grad" row)
 * "focal": torchvision's sigmoid focal loss formula (alpha 0.25, gamma 2) in torch ops times
   weight [C], then ``loss.backward(ones)`` (lossd: "focal loss+grad, weight[C], gamma 2" row;
-  torch has no fused focal loss, and DESIGN.md sets no target for it)
+  torch has no fused focal loss, and docs/design.md sets no target for it)
 
 with ``torch.set_num_threads(t)`` for each thread count, the median of --repeats runs after one
 warm-up, then runs lossd's ``cpu_bench --n=N`` (which measures the same work with its own

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""torch CUDA baseline for kernels/cuda/gpu_bench (DESIGN.md sections 7 and 10).
+"""torch CUDA baseline for kernels/cuda/gpu_bench (docs/design.md sections 6 and 9).
 
 Times ``torch.nn.functional.binary_cross_entropy_with_logits`` forward + backward (gradient
 wrt the logits) on CUDA for the problems gpu_bench times: float32 logits [N/64, 64], targets

@@ -3,12 +3,11 @@
 // Internal header: not part of the public kernels API; compiled by nvcc for the device and by
 // the host compiler for tests (tests/kernels/cuda_backend_test.cc measures its error here).
 //
-// BceElementMixed evaluates the transcendental parts in float and combines them in double.
-// exp(-|x|) comes from ExpNonPosParts instead of CUDA's expf, which is documented at 2 ulp
-// (built on the ex2.approx instruction) and would take most of the 4-ulp budget of DESIGN.md
-// section 5 with log1pf's 1 ulp. ExpNonPosParts uses only IEEE operations (fmaf, rintf, exact
-// scaling), so host and device compute its bits identically; log1pf and the reciprocal's
-// seed differ between host and device within their stated bounds.
+// Two element maths: BceElementF32 (all float, the default) and BceElementMixed (the
+// transcendental parts in float, the combination in double). Both take exp(-|x|) from
+// ExpNonPosParts rather than CUDA's expf (2 ulp); it uses only IEEE operations, so host and
+// device compute its bits identically. How each stays within the 4-ulp bound of
+// docs/design.md section 4: docs/kernels.md section 5.
 #ifndef LOSSD_KERNELS_CUDA_BCE_DEVICE_MATH_H_
 #define LOSSD_KERNELS_CUDA_BCE_DEVICE_MATH_H_
 
@@ -146,17 +145,13 @@ LOSSD_HD void BceElementSaturated(float xf, double y, double w, double p, double
 
 // The element for float32, float16 and bfloat16 inputs: the transcendental parts in float
 // (e = exp(-|x|) as m * 2^k from ExpNonPosParts, log1pf, a reciprocal), everything else in
-// double, rounded once by the caller. Same contract as internal::BceElement (DESIGN.md
-// section 4): NaN in any input gives NaN outputs, infinite logits give the limits (those and
+// double, rounded once by the caller. Same contract as internal::BceElement (docs/design.md
+// section 3): NaN in any input gives NaN outputs, infinite logits give the limits (those and
 // |x| > 125 go to BceElementSaturated). For other x every term is finite, so a term with an
 // exact-zero coefficient is an exact zero and needs no test.
-// Why not all in float: the products with soft labels, w and p add a rounding each, which
-// leaves no margin under the 4-ulp promise; and exp(-|x|) underflows to subnormals for
-// |x| > 87 while w * p * exp(-|x|) need not (x = -93, w = 65: 30 ulp off in float). Here e is
-// exact in double down to 2^-181, log1p(e) = e - e^2/2 for |x| > 17, 1/(1+e) gets a Newton
-// step in double. Error: e 0.76 ulp and log1p(e) about 2 ulp (in float), then one rounding
-// to the output (measured over 2e7 random inputs with an emulation of CUDA's log1pf: loss
-// within 2 ulp, gradients within 2.3 ulp of the larger term).
+// e is exact in double down to 2^-181, log1p(e) = e - e^2/2 for |x| > 17, and 1/(1+e) gets a
+// Newton step in double (why this split: docs/kernels.md section 5). Error (2e7 random inputs,
+// CUDA's log1pf emulated): loss within 2 ulp, gradients within 2.3 ulp of the larger term.
 // y, w and p come in double: float64 targets stay exact, and the backend uploads small
 // operands converted to double, which saves two conversions per element.
 LOSSD_HD void BceElementMixed(float xf, double y, double w, double p, double* loss, double* gx,
@@ -236,14 +231,12 @@ LOSSD_HD void CoefF32Smoothed(double ys, float w, float p, float* a, float* b) {
 // |x| > 80 or NaN x (exp(-|x|) would be subnormal in float), and any non-finite loss or dl/dx
 // (NaN in y, w or p, or overflow); the caller then uses BceElementMixed. Otherwise every term is finite, so a zero
 // coefficient gives an exact zero without tests, and a zero weight gives +0.
-//   e = exp(-|x|) (ExpNonPosParts, exact scaling), u = 1+e rounded and c = e-(u-1) its exact
-//   error, inv = 1/(u+c) for the sigmoids (reciprocal seed and one Newton step on u + c: 1/u
-//   alone would carry u's rounding, up to half an ulp), log1p(e) = log(u) + c/u = hi + lo
-//   unrounded (k = [u > sqrt 2], f = u/2^k - 1, f - f^2/2 + f^3 Q(f), Q a degree-7 minimax
-//   fit, 2^-27.2; c/u from the Newton step on u alone, exact where u = 1),
-//   loss = (a+b) (hi+lo) + x P, dl/dx = inv (P - Q e) with (P, Q) = (a, b) for x >= 0,
-//   (-b, -a) else; *log1p_e = hi + lo rounded, for dl/dy = w (p sp(-x) - sp(x))
-//   (BceGradTargetsF32, apart so that a kernel without dl/dy skips it).
+//   e = exp(-|x|), u = 1+e rounded with its exact error c, inv = 1/(u+c) (reciprocal seed and
+//   a Newton step), log1p(e) = log(u) + c/u = hi + lo unrounded (k = [u > sqrt 2],
+//   f = u/2^k - 1, f - f^2/2 + f^3 Q(f)), loss = (a+b) (hi+lo) + x P, dl/dx = inv (P - Q e)
+//   with (P, Q) = (a, b) for x >= 0, (-b, -a) else; *log1p_e = hi + lo rounded, for
+//   BceGradTargetsF32 (apart so that a kernel without dl/dy skips it). Why each step keeps the
+//   4-ulp bound: docs/kernels.md section 5.
 // Branch-free for the elements it handles (no divergence between hard and soft labels). Every
 // multiply-add is an explicit fmaf and no product feeds a plain addition, so the host and the
 // device compute the same bits, except the reciprocal's seed (refined by the Newton step).

@@ -1,5 +1,5 @@
 // CUDA kernels of the backend: the fused BCE-with-logits kernel (LaunchBce) and the generic
-// kernel for every other option (LaunchGeneric). Design notes: see cuda_backend.cu.
+// kernel for every other option (LaunchGeneric). Design: docs/kernels.md sections 2 to 4.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -472,8 +472,8 @@ __device__ __forceinline__ void GradScale4(float* g, const Params& P) {
 // their code).
 // Label smoothing with a reduction loads the next block's logits and targets before this
 // block's tree, so that their latency overlaps the tree's barriers, with 3 resident blocks per
-// SM (80 registers, no spills): 1.05x on an H100 (smooth/mean/wC/f32 at 64M, 172 -> 181
-// Gelem/s). The same made plain MEAN 0.98x and, with 4 blocks (spills), 0.89x; not used there.
+// SM (80 registers, no spills). It pays off only there (docs/kernels.md section 2; the
+// measurements, plain MEAN included, are in docs/perf.md).
 template <bool kReduce, bool kSmooth>
 constexpr bool kPrefetchF32 = kReduce && kSmooth;
 
@@ -697,6 +697,7 @@ struct GenericParams {
   OperandParams w, p;  // data, dtype, inner, period, and the FastDivs when `small`
   internal::ElementOptions<double> opts;
   const unsigned long long* ignored = nullptr;  // normalize: targets equal to ignore_index
+  double count = 0.0;  // > 0: the normalize count, given (a part's whole count)
   double grad_extra = 1.0;
   void* loss = nullptr;
   double* values = nullptr;
@@ -719,7 +720,9 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const GenericParams P)
   // The CPU backend's divisors: count = numel - ignored (at least 1) under normalize, else 1;
   // gradients divide by count * grad_extra (numel for MEAN, last_dim for per-sample mean).
   const double count =
-      P.ignored != nullptr ? internal::KeptCount(P.numel, static_cast<int64_t>(*P.ignored)) : 1.0;
+      P.count > 0.0 ? P.count
+      : P.ignored != nullptr ? internal::KeptCount(P.numel, static_cast<int64_t>(*P.ignored))
+                             : 1.0;
   const double grad_div = count * P.grad_extra;
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
   int parity = 0;  // BlockTreeSum's buffer
@@ -834,8 +837,10 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
   P.sums = reduce ? a.block_sums : nullptr;
   P.numel = a.numel;
   P.nblocks = NumReduceBlocks(a.numel);
-  // Gradient divisor as the CPU backend's Plan: the normalize count, times numel for MEAN.
-  P.div_d = a.reduction == Reduction::kMean ? a.count * static_cast<double>(a.numel) : a.count;
+  // Gradient divisor as the CPU backend's Plan: the normalize count, times numel (or a part's
+  // whole count) for MEAN.
+  const double mean_n = a.mean_n > 0 ? a.mean_n : static_cast<double>(a.numel);
+  P.div_d = a.reduction == Reduction::kMean ? a.count * mean_n : a.count;
   P.inv_div = 1.0 / P.div_d;
   P.scale = P.div_d != 1.0;
   // The all-float kernel divides as the CPU kernel does: in float when the divisor is exact in
@@ -910,7 +915,7 @@ cudaError_t LaunchCountIgnored(DType targets_dtype, const void* targets, double 
 
 cudaError_t LaunchGeneric(const DeviceGeneric& a, cudaStream_t stream) {
   if (a.numel <= 0) return cudaSuccess;
-  if (a.normalize && a.ignored == nullptr) return cudaErrorInvalidValue;
+  if (a.normalize && a.count <= 0.0 && a.ignored == nullptr) return cudaErrorInvalidValue;
   GenericParams P;
   P.x = a.logits;
   P.y = a.targets;
@@ -920,6 +925,7 @@ cudaError_t LaunchGeneric(const DeviceGeneric& a, cudaStream_t stream) {
   P.p = MakeOperandParams(a.pos_weight, a.numel, P.small);
   P.opts = a.opts;
   P.grad_extra = a.grad_extra;
+  P.count = a.normalize ? a.count : 0.0;
   P.loss = a.reduction == Reduction::kNone ? a.loss : nullptr;
   P.values = a.values;
   P.sums = a.reduction == Reduction::kSum || a.reduction == Reduction::kMean ? a.block_sums
@@ -928,7 +934,7 @@ cudaError_t LaunchGeneric(const DeviceGeneric& a, cudaStream_t stream) {
   P.gy = a.grad_targets;
   P.numel = a.numel;
   P.nblocks = NumReduceBlocks(a.numel);
-  if (a.normalize) {
+  if (a.normalize && a.count <= 0.0) {
     const cudaError_t err =
         a.opts.has_ignore_index
             ? LaunchCountIgnored(a.targets_dtype, a.targets, a.opts.ignore_index, a.numel,

@@ -1,47 +1,13 @@
-// CUDA backend: the fused BCE-with-logits kernel and the Backend that drives it.
-//
-// Kernel (LaunchBce): one CUDA block of 256 threads handles one reduction block of
-// kReduceBlock = 2048 consecutive elements per iteration of a grid-stride loop over blocks
-// (grid = min(blocks, resident blocks per SM x SMs)). Thread t owns elements 4t..4t+3 and
-// 1024+4t..1024+4t+3 of the block: 16-byte (float) vector loads and stores, coalesced across
-// the warp, and exactly the pair that the first level (h = 1024) of the fixed reduction tree
-// adds, so that level happens in registers. The remaining levels (h = 512..32) run in shared
-// memory, two levels per barrier, h = 16..1 with warp shuffles; the block's sum (a double)
-// goes to block_sums[b]. The host adds the block sums with ExactSum, so the result is bitwise
-// reproducible.
-// Per element: float32, float16 and bfloat16 logits use BceElementF32 by default
-// (CudaOptions::float_math; bce_device_math.h: the CPU kernel's float formulas, rare elements
-// in double) where targets and operands are exact in float, else BceElementMixed (exp, log1p
-// and the reciprocal in float, the rest in double); float64 uses internal::BceElement<double>.
-// Results are rounded once to the output dtype, and the tree sums the element losses as
-// stored, in double (as the CPU backend does). The targets' dtype is a template parameter;
-// weight and pos_weight load through a dtype switch (a uniform branch; uploaded as float or
-// double when small, [C] operands with C % 4 == 0 as one vector load per 4 elements), with
-// 32-bit multiply-shift division for (i / inner) % period when numel < 2^31. Float kernels
-// are capped at 64 registers (4 blocks of 256 threads per SM).
-//
-// ignore_index and normalize (paddle) run in the fused kernel: ignored elements give 0, and
-// with normalize the kept count (counted on the device, read back before the launch) divides
-// the NONE losses and the gradients (times numel for MEAN) as on the CPU. So does label
-// smoothing (Keras): the smoothed target is formed in double per element; the all-float math
-// rounds its coefficients w (1 - y') and w p y' once from double (CoefF32Smoothed).
-//
-// Generic kernel (GenericKernel): every other option (focal, kPerSampleMean,
-// per-element loss_values, with or without ignore_index and normalize), in the same block
-// layout, all math in double through internal::LossElement<double>. normalize counts the
-// ignored targets on the device first (CountIgnoredKernel); losses (NONE, divided by the
-// count) and gradients (divided by the CPU backend's divisor) are rounded once to the output
-// dtype on the device;
-// SUM and MEAN produce block tree sums that the host adds with ExactSum; per-sample mean and
-// loss_values copy the element losses back as double (per-sample mean is reduced per row on
-// the host with ExactSum, as the CPU backend does).
-//
-// Backend (CudaBackend): inputs and outputs are host pointers. Each call takes a Slot from a
-// pool (a non-blocking stream plus a grow-only device buffer; at most kMaxSlots exist, further
-// callers wait), copies inputs in (operands of <= 64K elements converted to double on the
-// host first), launches, copies outputs back, synchronizes its stream and returns the slot.
-// Copies from and to the caller's pageable memory go through the driver's staging buffers.
-// Every CUDA call is checked; failures return INTERNAL with CUDA's message; nothing exits.
+// CUDA backend: the Backend that evaluates BceArgs on device 0 with the kernels of
+// bce_kernels.cu. Plain BCE (NONE/SUM/MEAN, with weight, pos_weight, ignore_index, normalize and
+// label smoothing) runs in the fused kernel (LaunchBce); the focal loss, per-sample mean and
+// per-element loss_values run in the option kernel (LaunchGeneric, double math). Each call
+// takes a Slot from a pool (a non-blocking stream and a grow-only device buffer; at most
+// kMaxSlots, further callers wait), copies its inputs in, launches, copies the outputs back and
+// synchronizes its stream. Reductions add the kernels' block tree sums on the host with
+// ExactSum, as the CPU backend does, so results are bitwise reproducible. Every CUDA call is
+// checked; failures return INTERNAL with CUDA's message; nothing exits.
+// Design (layout, element math, reductions): docs/kernels.md sections 2 to 5.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -63,6 +29,7 @@
 #include "bce_device_math.h"
 #include "bce_math.h"
 #include "cuda_kernels.h"
+#include "divisors.h"
 #include "lossd/kernels/kernels.h"
 
 namespace lossd::kernels {
@@ -157,13 +124,14 @@ absl::Status UploadOperand(const Operand& host, const Upload& up, char* base, si
 }
 
 // The SUM or MEAN loss from the device's block tree sums, as the CPU backend forms it: their
-// exact sum, divided by the normalize count, and by numel for MEAN; rounded once to the dtype.
-void StoreSumLoss(const BceArgs& args, const std::vector<double>& sums, double count,
-                  void* loss) {
+// exact sum, divided by the normalize count, and by the (whole's) element count for MEAN;
+// rounded once to the dtype.
+void StoreSumLoss(const BceArgs& args, const std::vector<double>& sums,
+                  const internal::Divisors& div, void* loss) {
   ExactSum total;
   for (double s : sums) total.Add(s);
-  double v = total.Value() / count;
-  if (args.reduction == Reduction::kMean) v /= static_cast<double>(args.numel);
+  double v = total.Value() / div.count;
+  if (args.reduction == Reduction::kMean) v /= div.mean_n;
   StoreFromDouble(args.dtype, loss, 0, v);
 }
 
@@ -343,7 +311,10 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   const size_t at_y = place(n * iy);
   const size_t at_w = place(uploads[0].bytes);
   const size_t at_p = place(uploads[1].bytes);
-  const size_t at_ign = place(args.normalize ? sizeof(unsigned long long) : 0);
+  // normalize with ignore_index counts the kept elements on the device, unless a part's whole
+  // count is given; otherwise the count is known here (divisors.h).
+  const bool count_on_device = internal::CountsIgnored(args);
+  const size_t at_ign = place(count_on_device ? sizeof(unsigned long long) : 0);
   const size_t at_l = place(want_loss ? n * ix : 0);
   const size_t at_s = place(want_sum ? nblocks * sizeof(double) : 0);
   const size_t at_v = place(want_values ? n * sizeof(double) : 0);
@@ -382,9 +353,12 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   P.opts.gamma = args.focal_gamma;
   P.reduction = args.reduction;
   P.normalize = args.normalize;
-  P.ignored = args.normalize ? reinterpret_cast<unsigned long long*>(base + at_ign) : nullptr;
-  // The CPU backend's gradient divisor: count, times numel (MEAN) or last_dim (per-sample).
-  if (args.reduction == Reduction::kMean) P.grad_extra = static_cast<double>(n);
+  P.ignored = count_on_device ? reinterpret_cast<unsigned long long*>(base + at_ign) : nullptr;
+  // The CPU backend's divisors (divisors.h): the gradients divide by count times the whole's
+  // numel (MEAN) or last_dim (per-sample); a given whole count replaces the device's count.
+  const internal::Divisors given = internal::ResolveDivisors(args, 0);
+  if (args.normalize && !count_on_device) P.count = given.count;
+  if (args.reduction == Reduction::kMean) P.grad_extra = given.mean_n;
   if (args.reduction == Reduction::kPerSampleMean) {
     P.grad_extra = static_cast<double>(args.last_dim);
   }
@@ -396,7 +370,7 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchGeneric(P, stream));
 
   unsigned long long ignored = 0;
-  if (args.normalize) {
+  if (count_on_device) {
     LOSSD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&ignored, P.ignored, sizeof(ignored),
                                                cudaMemcpyDeviceToHost, stream));
   }
@@ -432,16 +406,18 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   if (out.loss == nullptr || want_loss) return absl::OkStatus();
 
   // The reduced loss, as the CPU backend forms it: exact sum of the block sums, or of each
-  // row's values, divided by the normalize count (and numel or last_dim).
-  const double count = args.normalize ? internal::KeptCount(n, static_cast<int64_t>(ignored)) : 1.0;
+  // row's values, divided by the normalize count (and the whole's numel or last_dim).
+  // (Without ignore_index the device counts 0 ignored targets.)
+  const internal::Divisors div =
+      internal::ResolveDivisors(args, static_cast<int64_t>(ignored));
   if (want_sum) {
-    StoreSumLoss(args, sums, count, out.loss);
+    StoreSumLoss(args, sums, div, out.loss);
   } else if (args.reduction == Reduction::kPerSampleMean) {
     const int64_t len = args.last_dim;
     const int64_t rows = n / len;
     for (int64_t r = 0; r < rows; ++r) {
       StoreFromDouble(args.dtype, out.loss, r,
-                      ExactSumOf(values + r * len, len) / static_cast<double>(len) / count);
+                      ExactSumOf(values + r * len, len) / static_cast<double>(len) / div.count);
     }
   }
   return absl::OkStatus();
@@ -476,7 +452,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   L.gx = place(out.grad_logits != nullptr ? n * ix : 0);
   L.gy = place(out.grad_targets != nullptr ? n * ix : 0);
   L.sums = place(want_sum ? nblocks * sizeof(double) : 0);
-  L.ignored = place(args.normalize && args.has_ignore_index ? sizeof(unsigned long long) : 0);
+  L.ignored = place(internal::CountsIgnored(args) ? sizeof(unsigned long long) : 0);
   L.total = off;
 
   LOSSD_CUDA_RETURN_IF_ERROR(cudaSetDevice(0));
@@ -489,22 +465,20 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   LOSSD_CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(base + L.y, args.targets, n * iy, cudaMemcpyHostToDevice, stream));
   // normalize: the kept count first (counted on the device, read back before the launch, as
-  // the divisors depend on it), as the CPU backend's Plan: numel minus the ignored targets.
-  double count = 1.0;
-  if (args.normalize) {
-    int64_t ignored = 0;
-    if (args.has_ignore_index) {
-      auto* dev = reinterpret_cast<unsigned long long*>(base + L.ignored);
-      LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchCountIgnored(args.targets_dtype, base + L.y,
-                                                          args.ignore_index, n, dev, stream));
-      unsigned long long host = 0;
-      LOSSD_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(&host, dev, sizeof(host), cudaMemcpyDeviceToHost, stream));
-      LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-      ignored = static_cast<int64_t>(host);
-    }
-    count = internal::KeptCount(n, ignored);
+  // the divisors depend on it), as the CPU backend's Plan (divisors.h): numel minus the
+  // ignored targets, or a part's whole count.
+  int64_t ignored = 0;
+  if (internal::CountsIgnored(args)) {
+    auto* dev = reinterpret_cast<unsigned long long*>(base + L.ignored);
+    LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchCountIgnored(args.targets_dtype, base + L.y,
+                                                        args.ignore_index, n, dev, stream));
+    unsigned long long host = 0;
+    LOSSD_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(&host, dev, sizeof(host), cudaMemcpyDeviceToHost, stream));
+    LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    ignored = static_cast<int64_t>(host);
   }
+  const internal::Divisors div = internal::ResolveDivisors(args, ignored);
   cuda::DeviceBce d;
   d.numel = n;
   d.dtype = args.dtype;
@@ -526,7 +500,8 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   d.grad_targets = out.grad_targets != nullptr ? base + L.gy : nullptr;
   d.block_sums = want_sum ? reinterpret_cast<double*>(base + L.sums) : nullptr;
   d.float_math = float_math;
-  d.count = count;
+  d.count = div.count;
+  d.mean_n = div.mean_n;
   d.has_ignore_index = args.has_ignore_index;
   d.ignore_index = args.ignore_index;
   d.label_smoothing = args.label_smoothing;
@@ -550,7 +525,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
                                                cudaMemcpyDeviceToHost, stream));
   }
   LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-  if (want_sum) StoreSumLoss(args, sums, count, out.loss);
+  if (want_sum) StoreSumLoss(args, sums, div, out.loss);
   return absl::OkStatus();
 }
 

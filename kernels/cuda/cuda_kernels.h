@@ -44,6 +44,9 @@ struct DeviceBce {
   // are divided by it, gradients too (kMean gradients by count * numel), as the CPU backend
   // divides; the caller divides the block sums.
   double count = 1.0;
+  // kMean: the element count the gradients divide by (times count): numel, or a part's whole
+  // count (BceArgs::whole_numel); 0 means numel.
+  double mean_n = 0.0;
   // Elements whose target equals ignore_index get loss and gradients 0 (targets compared in
   // their compute type: an ignore_index that float cannot hold matches no float target).
   bool has_ignore_index = false;
@@ -91,7 +94,8 @@ struct DeviceGeneric {
   internal::ElementOptions<double> opts;
   Reduction reduction = Reduction::kNone;
   bool normalize = false;
-  unsigned long long* ignored = nullptr;
+  unsigned long long* ignored = nullptr;  // normalize without `count`: device scratch
+  double count = 0.0;  // normalize: > 0 gives the count (a part's whole count); none is counted
   double grad_extra = 1.0;
   void* loss = nullptr;
   double* block_sums = nullptr;

@@ -1,4 +1,4 @@
-// GPU validation and bandwidth benchmark for the CUDA backend (DESIGN.md sections 7 and 10).
+// GPU validation and bandwidth benchmark for the CUDA backend (docs/design.md sections 6 and 9).
 //
 // 1. Validates MakeCudaBackend() against ReferenceBce on ~1M random float32 elements with
 //    weight [C] and pos_weight [C]: per-element loss (max ulp), gradients (max error in ulp of
@@ -59,7 +59,7 @@ namespace {
     }                                                                                      \
   } while (0)
 
-// Error of a float gradient in ulps of the larger of its two terms (DESIGN.md section 5).
+// Error of a float gradient in ulps of the larger of its two terms (docs/design.md section 4).
 double GradErrUlps(float got, double ref, double scale) {
   if (std::isnan(ref) || std::isnan(got)) return std::isnan(ref) == std::isnan(got) ? 0 : 1e30;
   if (std::isinf(ref) || std::isinf(got)) return static_cast<float>(ref) == got ? 0 : 1e30;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU validation run of DESIGN.md section 10, for a machine with an NVIDIA H100/H200.
+# The GPU validation run of docs/design.md section 9, for a machine with an NVIDIA H100/H200.
 # Run from the repository root (or anywhere: it cds there) after carrying what
 # kernels/cuda/prepare_gpu_carry.sh prepared here: build/tests/kernels_test,
 # build/kernels/gpu_bench and build/gpulibs/. Steps, each bounded by a timeout:

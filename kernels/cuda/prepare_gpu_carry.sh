@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Prepares the CUDA build for a run of kernels/cuda/gpu_check.sh on another machine (DESIGN.md
-# section 10). Run HERE, from anywhere, after building with CUDA for sm_90:
+# Prepares the CUDA build for a run of kernels/cuda/gpu_check.sh on another machine
+# (docs/design.md section 9). Run HERE, from anywhere, after building with CUDA for sm_90:
 #   cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build -j2 \
 #     --target kernels_test gpu_bench
 #   kernels/cuda/prepare_gpu_carry.sh

@@ -40,7 +40,7 @@ def main() -> int:
                                       device="cpu")
                 if red == "none":
                     # Each device within 4 ulp of a float64 evaluation of the stable formula,
-                    # and of each other (DESIGN.md section 5).
+                    # and of each other (docs/design.md section 4).
                     xd, yd = x.astype(np.float64), y.astype(np.float64)
                     wd, pd = w.astype(np.float64), p.astype(np.float64)
                     lg = np.log1p(np.exp(-np.abs(xd)))

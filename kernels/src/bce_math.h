@@ -38,7 +38,7 @@ LOSSD_HD double KeptCount(int64_t numel, int64_t ignored) {
 }
 
 // Computes, for one element, the loss and its gradients wrt x and y in type T, with the
-// cancellation-free forms of DESIGN.md section 4:
+// cancellation-free forms of docs/design.md section 3:
 //   e = exp(-|x|), l = log1p(e), sp(x) = max(x,0) + l, sp(-x) = max(-x,0) + l,
 //   s(x) = 1/(1+e) for x >= 0 else e/(1+e), s(-x) = 1 - s(x) computed without cancellation.
 // Terms with an exact-zero coefficient are skipped (so x = +-inf yields the limit); any NaN

@@ -17,6 +17,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "bce_math.h"
+#include "divisors.h"
 #include "hwy/aligned_allocator.h"
 #include "simd_block.h"
 #include "lossd/kernels/kernels.h"
@@ -364,18 +365,15 @@ class CpuBackend final : public Backend {
                       !internal::FloatBlockIsExact();
     Plan plan;
     plan.reduce = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
-    if (args.normalize) {
-      plan.count =
-          internal::KeptCount(args.numel, args.has_ignore_index ? CountIgnored(args, pool_) : 0);
-    }
-    plan.grad_div = plan.count;
-    if (args.reduction == Reduction::kMean) plan.grad_div *= static_cast<double>(args.numel);
+    const internal::Divisors div = internal::ResolveDivisors(
+        args, internal::CountsIgnored(args) ? CountIgnored(args, pool_) : 0);
+    plan.count = div.count;
+    plan.grad_div = div.grad_div;
     // Per-sample mean: per_element is written only where rows cross block edges (none when
     // last_dim divides kReduceBlock), so it is left uninitialized and mostly never touched.
     std::unique_ptr<double[]> per_element;
     std::vector<double> row_sums;
     if (args.reduction == Reduction::kPerSampleMean) {
-      plan.grad_div *= static_cast<double>(args.last_dim);
       per_element.reset(new double[args.numel]);
       row_sums.resize(LossCount(args));
       plan.loss_f64 = per_element.get();
@@ -405,7 +403,7 @@ class CpuBackend final : public Backend {
       ExactSum total;
       for (const ExactSum& s : sums) total.Merge(s);
       double v = total.Value() / plan.count;
-      if (args.reduction == Reduction::kMean) v /= static_cast<double>(args.numel);
+      if (args.reduction == Reduction::kMean) v /= div.mean_n;
       StoreFromDouble(args.dtype, out.loss, 0, v);
     } else if (args.reduction == Reduction::kPerSampleMean) {
       const int64_t rows = LossCount(args);

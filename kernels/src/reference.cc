@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "bce_math.h"
+#include "divisors.h"
 #include "lossd/kernels/kernels.h"
 
 namespace lossd::kernels {
@@ -39,20 +40,17 @@ void ReferenceBce(const BceArgs& args, double* loss, double* grad_logits, double
   o.label_smoothing = args.label_smoothing;
   o.alpha = args.focal_alpha;
   o.gamma = args.focal_gamma;
-  // normalize: the count of elements that are not ignored.
-  double count = 1.0;
-  if (args.normalize) {
-    int64_t c = 0;
+  // normalize: the count of elements that are not ignored (of the whole evaluation).
+  int64_t ignored = 0;
+  if (internal::CountsIgnored(args)) {
     for (int64_t i = 0; i < n; ++i) {
-      const double y = LoadAsDouble(args.targets_dtype, args.targets, i);
-      c += !(args.has_ignore_index && y == args.ignore_index);
+      ignored += LoadAsDouble(args.targets_dtype, args.targets, i) == args.ignore_index;
     }
-    count = c > 0 ? static_cast<double>(c) : 1.0;
   }
+  const internal::Divisors div = internal::ResolveDivisors(args, ignored);
+  const double count = div.count;
   // Gradients are those of the reduced loss.
-  double grad_div = count;
-  if (args.reduction == Reduction::kMean) grad_div *= static_cast<double>(n);
-  if (args.reduction == Reduction::kPerSampleMean) grad_div *= static_cast<double>(args.last_dim);
+  const double grad_div = div.grad_div;
 
   std::vector<double> values(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -84,7 +82,7 @@ void ReferenceBce(const BceArgs& args, double* loss, double* grad_logits, double
       ExactSum s;
       for (double v : values) s.Add(v);
       double v = s.Value() / count;
-      if (args.reduction == Reduction::kMean) v /= static_cast<double>(n);
+      if (args.reduction == Reduction::kMean) v /= div.mean_n;
       loss[0] = v;
       break;
     }

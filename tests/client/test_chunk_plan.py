@@ -46,8 +46,15 @@ def test_modes_and_sizes(reduction, grad, mode) -> None:
         assert list(req.bce_with_logits.pos_weight.shape) == [300]  # sent whole
         assert list(req.weight.shape) == [req.logits.shape[0], 1]   # sliced
         rows += req.logits.shape[0]
-        if mode == "both":
-            assert req.reduction == pb.REDUCTION_SUM
+        # Chunks keep the request's reduction; the stream's chunks name the whole request so
+        # that the server divides them as one request (the Accumulate's need not).
+        assert req.reduction == (pb.REDUCTION_SUM if reduction == "sum" else
+                                 pb.REDUCTION_MEAN if reduction == "mean" else
+                                 pb.REDUCTION_NONE if reduction == "none" else
+                                 pb.REDUCTION_PER_SAMPLE_MEAN)
+        assert req.HasField("whole") == (mode != "accumulate")
+        if req.HasField("whole"):
+            assert req.whole.num_elements == x.size
     assert rows == 64
     sizes = [b - a for a, b in job.plan.bounds]
     assert max(sizes) - min(sizes) <= 1  # balanced
@@ -90,9 +97,19 @@ def test_slices_reassemble_the_broadcast_operand(wshape, budget) -> None:
                                   np.broadcast_to(w, shape).reshape(merged))
 
 
-def test_normalize_with_half_logits_sends_compute_type() -> None:
-    job, _, _ = job_for((64, 300), 20_000, "none", dtype=np.float16, normalize=True)
+def test_normalize_chunks_carry_the_servers_kept_count() -> None:
+    """With normalize and ignore_index the Accumulate call's num_kept goes into every chunk;
+    logits keep their dtype (the server divides, the client does no arithmetic)."""
+    job, _, _ = job_for((64, 300), 20_000, "none", dtype=np.float16, normalize=True,
+                        ignore_index=-100)
+    assert job.needs_kept and job.runs_accumulate
+    with pytest.raises(RuntimeError, match="must finish before"):
+        next(iter(job.stream_requests()))
+    acc = pb.EvaluateRequest.FromString(next(iter(job.accumulate_requests())))
+    assert acc.bce_with_logits.normalize and acc.reduction == pb.REDUCTION_SUM
+    assert not acc.HasField("whole")
+    job.accumulate_reply(pb.AccumulateResponse(num_kept=12345, num_elements=64 * 300))
     req = pb.EvaluateRequest.FromString(next(iter(job.stream_requests())))
-    assert req.logits.dtype == pb.DTYPE_FLOAT32      # widened exactly, divided by the client
-    assert req.targets.dtype == pb.DTYPE_FLOAT16
-    assert not req.bce_with_logits.normalize
+    assert req.logits.dtype == pb.DTYPE_FLOAT16
+    assert req.bce_with_logits.normalize
+    assert req.whole.num_elements == 64 * 300 and req.whole.num_kept == 12345

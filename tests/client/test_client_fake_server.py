@@ -36,6 +36,7 @@ class FakeService(pb_grpc.LossServiceServicer):
         self.unavailable = 0
         self.attempts = 0
         self.metadata: dict = {}
+        self.whole_requests = True
 
     def Evaluate(self, request, context):
         self.attempts += 1
@@ -89,7 +90,8 @@ class FakeService(pb_grpc.LossServiceServicer):
             server_version="fake-1", losses=["bce_with_logits"],
             dtypes=[pb.DTYPE_FLOAT32, pb.DTYPE_BFLOAT16], devices=[pb.DEVICE_CPU],
             reductions=[pb.REDUCTION_NONE, pb.REDUCTION_MEAN, pb.REDUCTION_SUM],
-            max_message_bytes=1 << 28, max_elements=1 << 28)
+            max_message_bytes=1 << 28, max_elements=1 << 28,
+            whole_requests=self.whole_requests)
 
 
 def _itemsize(dtype: int) -> int:
@@ -226,6 +228,25 @@ def test_requests_over_the_limit_are_split(fake) -> None:
     np.testing.assert_array_equal(r.loss, x)  # the fake echoes the logits
     np.testing.assert_array_equal(r.grad, x)
     assert r.loss.flags.writeable and progress[-1] == 1000 and len(progress) == len(chunks)
+    # Every chunk tells the server the whole request's size, so it divides as for one request.
+    assert all(c.HasField("whole") and c.whole.num_elements == 1000 for c in chunks)
+    assert not any(c.whole.HasField("num_kept") for c in chunks)
+
+
+def test_split_needs_a_server_that_divides_chunks_as_one(svc) -> None:
+    service, client = svc
+    service.whole_requests = False
+    x = np.zeros((100, 10), np.float32)
+    try:
+        with lossd.Client(client.target, max_message_bytes=1024) as small:
+            with pytest.raises(lossd.LossdError, match="whole_requests") as info:
+                small.bce_with_logits(x, x, reduction="none")
+            assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            # A request that fits is sent whole as before.
+            small.bce_with_logits(x[:2], x[:2], reduction="none")
+    finally:
+        service.whole_requests = True
+    assert len(service.requests) == 1
 
 
 def test_split_batch_error_and_too_large_rows(fake) -> None:

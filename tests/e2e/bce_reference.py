@@ -1,4 +1,4 @@
-"""An independent float64 numpy reference for BCE with logits (DESIGN.md section 4).
+"""An independent float64 numpy reference for BCE with logits (docs/design.md section 3).
 
 Stable forms, no cancellation:
     sp(t)  = max(t, 0) + log1p(exp(-|t|))          (softplus)

@@ -1,7 +1,7 @@
 """End-to-end tests: the lossd Python client against the real lossd binary (CPU).
 
 Every value is checked against an independent float64 numpy implementation
-(bce_reference.py) with the tolerances of DESIGN.md section 5: float32 loss elements within
+(bce_reference.py) with the tolerances of docs/design.md section 4: float32 loss elements within
 4 ulp of the float64 value rounded to float32 (gradients: 4 ulp of their larger term),
 reductions within 1e-6 relative; float64 within 1e-13 relative; float16/bfloat16 within
 1e-2 relative or 1e-3 absolute.

@@ -1,6 +1,6 @@
 """End-to-end: every loss option and reduction, for every dtype, against the float64 reference
 (bce_reference.loss_reference): ignore_index, normalize, label smoothing, per-sample mean and
-the sigmoid focal loss. Tolerances as in test_client_e2e.py (DESIGN.md section 5)."""
+the sigmoid focal loss. Tolerances as in test_client_e2e.py (docs/design.md section 4)."""
 
 from __future__ import annotations
 

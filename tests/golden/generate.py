@@ -32,9 +32,9 @@ reproducibly (fixed seeds, fixed zip timestamps, no pickles). Each file holds
                         2  the library's float64 result is also off, or non-finite where the
                            mathematical value is defined (0 * inf -> NaN at infinite logits)
   <case>/<out>_exact  with _flag: the exact value (mpmath, 60 digits, rounded to float64)
-  <case>/<out>_bound  with _flag: lossd's accuracy bound there (DESIGN.md section 5)
+  <case>/<out>_bound  with _flag: lossd's accuracy bound there (docs/design.md section 4)
 
-The exact values come from mpmath evaluating DESIGN.md section 4's formulas (the focal
+The exact values come from mpmath evaluating docs/design.md section 3's formulas (the focal
 gradient by high-precision numerical differentiation of torchvision's definition), because
 torch float64 itself cancels in the regions where float32 does (for x=30, y=1 torch float64
 gives dl/dx with a relative error of 1e-3; for x=100 it gives 0 instead of -3.7e-44).
@@ -258,7 +258,7 @@ def _sig(t):
     return 1 / (1 + mpmath.exp(-t))
 
 
-def _term(c, v):  # a term whose coefficient is exactly 0 is skipped (DESIGN.md section 4)
+def _term(c, v):  # a term whose coefficient is exactly 0 is skipped (docs/design.md section 3)
     return MP(0) if c == 0 else c * v
 
 
@@ -366,11 +366,12 @@ def ulp(v: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def bound(dtype: str, exact_v: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """lossd's promised accuracy (DESIGN.md section 5). float32: 4 ulp of the scale (the value
-    for losses and reductions, the larger term for gradients), taken as 4*eps*scale. Half
+    """lossd's promised accuracy (docs/design.md section 4). float32: 4 ulp of the scale (the
+    value for losses and reductions, the larger term for gradients), taken as 4*eps*scale. Half
     types are computed in float32 and rounded once: half an ulp of the value in the dtype more.
-    float64 (no promise in DESIGN.md): 1e-13 of the scale, the e2e tests' float64 tolerance
-    (the focal loss is computed in log space, whose float64 error grows with |log(1-p_t)|)."""
+    float64 (no ulp promise in docs/design.md section 4): 1e-13 of the scale, the e2e tests'
+    float64 tolerance (the focal loss is computed in log space, whose float64 error grows with
+    |log(1-p_t)|)."""
     scale = np.where(np.isfinite(scale), scale, 0.0)
     if dtype == "float32":
         b = 4 * EPS["float32"] * scale

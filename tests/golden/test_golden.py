@@ -15,7 +15,7 @@ is checked:
   numbers are used for paddle and torchvision cases.
 * flag 1/2 (elements where lossd deliberately differs: the library cancels in its dtype, or
   gives NaN at infinite logits, see docs/golden.md): lossd within its own accuracy bound
-  (``<out>_bound``, DESIGN.md section 5) of the exact value (``<out>_exact``), and at least as
+  (``<out>_bound``, docs/design.md section 4) of the exact value (``<out>_exact``), and at least as
   close to it as the library's result.
 
 Environment: LOSSD_TARGET (use this server instead of starting one), LOSSD_GOLDEN_DEVICE

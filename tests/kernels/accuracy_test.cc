@@ -1,5 +1,5 @@
 // Accuracy of the SIMD CPU kernels on a dense grid, on every SIMD target compiled in and
-// supported by this CPU (DESIGN.md section 5): float32 loss within 4 ulp of the float64
+// supported by this CPU (docs/design.md section 4): float32 loss within 4 ulp of the float64
 // reference rounded to float32; gradients within 4 ulp of the larger of their two terms.
 #include <gtest/gtest.h>
 
@@ -471,7 +471,7 @@ TEST_P(AccuracyTest, HugeOppositeCoefficientsKeepFiniteGradients) {
   double rl2[4], rg2[4];
   ReferenceBce(b2, rl2, rg2, nullptr);
   // (The loss cancels to 0 in exact arithmetic here; targets outside [0, 1] carry no loss
-  // bound, DESIGN.md section 5.)
+  // bound, docs/design.md section 4.)
   for (int i = 0; i < 4; ++i) {
     ASSERT_TRUE(std::isfinite(g2[i])) << "x=" << x2[i];
     const double sx = GradTermScales(x2[i], y2[i], w2[i], 1.0).first;

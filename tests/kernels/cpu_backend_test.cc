@@ -137,7 +137,7 @@ TEST(CpuBackendTest, OtherDtypesMatchReference) {
       ASSERT_LE(std::fabs(l[i] - rl[i]), 4 * lossd::testing::UlpF64(rl[i]));
     }
   }
-  // Half types compute in float32 and round once (DESIGN.md section 4), with weight and
+  // Half types compute in float32 and round once (docs/design.md section 3), with weight and
   // pos_weight of the full shape in the same type. The reference reads the same half inputs.
   // Loss: within 1 ulp of the half type of the reference. Gradients: 1 ulp of the half type of
   // the reference plus 4 float32 ulps of the larger term (the float32 bound of a gradient that
@@ -448,6 +448,95 @@ TEST(CpuBackendTest, OptionsAndHalfTypesBitwiseIdenticalForAnyThreadCount) {
             const int64_t d = first_difference(first[k], got[k], items[k]);
             EXPECT_EQ(d, -1) << names[k] << " differs at element " << d << " with " << threads
                              << " threads, run " << run;
+          }
+        }
+      }
+    }
+  }
+}
+
+uint32_t Bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+// A part of a larger evaluation (BceArgs::whole_numel / whole_kept), split at row bounds:
+// its per-element losses, per-sample losses and gradients are the bits of the same elements
+// of the whole evaluation, for every reduction, with normalize + ignore_index, label
+// smoothing and the focal loss; the reference divides the same way.
+TEST(CpuBackendTest, PartsWithWholeCountsMatchTheWholeBitwise) {
+  const int64_t rows = 97, c = 64;
+  Problem pr = MakeProblem(rows, c, 31);
+  for (int64_t i = 0; i < pr.n; i += 11) pr.y[i] = -100.0f;  // ignored with ignore_index
+  auto backend = MakeCpuBackend({2});
+  struct Option {
+    const char* name;
+    void (*apply)(BceArgs*);
+  };
+  const Option options[] = {
+      {"plain", [](BceArgs*) {}},
+      {"ignore+normalize",
+       [](BceArgs* a) {
+         a->has_ignore_index = true;
+         a->ignore_index = -100.0;
+         a->normalize = true;
+       }},
+      {"normalize", [](BceArgs* a) { a->normalize = true; }},
+      {"smoothing", [](BceArgs* a) { a->label_smoothing = 0.1; }},
+      {"focal",
+       [](BceArgs* a) {
+         a->loss = Loss::kFocal;
+         a->focal_gamma = 1.5;
+       }},
+  };
+  for (Reduction r : {Reduction::kNone, Reduction::kSum, Reduction::kMean,
+                      Reduction::kPerSampleMean}) {
+    for (const Option& opt : options) {
+      SCOPED_TRACE(std::string(opt.name) + " reduction " + std::to_string(static_cast<int>(r)));
+      BceArgs whole = pr.args(r);
+      whole.last_dim = c;
+      opt.apply(&whole);
+      const int64_t count = LossCount(whole);
+      std::vector<float> loss(count), gx(pr.n), gy(pr.n);
+      const bool gy_ok = whole.loss == Loss::kBce;
+      ASSERT_TRUE(backend->Bce(whole, {loss.data(), gx.data(), gy_ok ? gy.data() : nullptr}).ok());
+      int64_t kept = 0;
+      for (int64_t i = 0; i < pr.n; ++i) {
+        kept += !(whole.has_ignore_index && pr.y[i] == -100.0f);
+      }
+      std::vector<double> ref_gx(pr.n);
+      ReferenceBce(whole, nullptr, ref_gx.data(), nullptr);
+      for (const int64_t cut : {int64_t{1}, int64_t{40}, int64_t{96}}) {
+        for (const bool first : {true, false}) {
+          const int64_t r0 = first ? 0 : cut, r1 = first ? cut : rows;
+          BceArgs part = whole;
+          part.numel = (r1 - r0) * c;
+          part.logits = pr.x.data() + r0 * c;
+          part.targets = pr.y.data() + r0 * c;
+          part.whole_numel = pr.n;
+          if (part.normalize) part.whole_kept = kept;
+          std::vector<float> pl(LossCount(part)), pgx(part.numel), pgy(part.numel);
+          ASSERT_TRUE(
+              backend->Bce(part, {pl.data(), pgx.data(), gy_ok ? pgy.data() : nullptr}).ok());
+          for (int64_t i = 0; i < part.numel; ++i) {
+            ASSERT_EQ(Bits(pgx[i]), Bits(gx[r0 * c + i])) << "dl/dx of element " << r0 * c + i;
+            if (gy_ok) ASSERT_EQ(Bits(pgy[i]), Bits(gy[r0 * c + i])) << "dl/dy " << i;
+          }
+          if (r == Reduction::kNone || r == Reduction::kPerSampleMean) {
+            const int64_t per_row = r == Reduction::kNone ? c : 1;
+            for (size_t k = 0; k < pl.size(); ++k) {
+              ASSERT_EQ(Bits(pl[k]), Bits(loss[r0 * per_row + k])) << "loss value " << k;
+            }
+          }
+          // The reference divides a part as the whole too.
+          std::vector<double> part_ref(part.numel);
+          ReferenceBce(part, nullptr, part_ref.data(), nullptr);
+          for (int64_t i = 0; i < part.numel; ++i) {
+            ASSERT_EQ(std::isnan(part_ref[i]), std::isnan(ref_gx[r0 * c + i])) << i;
+            if (!std::isnan(part_ref[i])) {
+              ASSERT_EQ(part_ref[i], ref_gx[r0 * c + i]) << "reference dl/dx " << i;
+            }
           }
         }
       }

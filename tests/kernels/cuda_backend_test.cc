@@ -1,4 +1,4 @@
-// The CUDA backend against the float64 reference and the CPU backend (DESIGN.md section 5).
+// The CUDA backend against the float64 reference and the CPU backend (docs/design.md section 4).
 // CudaBackendTest.* need a GPU and skip without one; CudaBuildTest.* runs everywhere. The
 // device element math on the host: cuda_math_test.cc.
 #include <gtest/gtest.h>

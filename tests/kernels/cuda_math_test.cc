@@ -72,9 +72,9 @@ TEST(CudaMathTest, HostBceElementMixedWithinFourUlp) {
 }
 
 // Per element the CPU backend and the CUDA element math agree within 4 float32 ulp of the loss
-// (DESIGN.md section 5). Here the CUDA math runs on the host, where log1pf is the host's (CUDA's
-// is within the same 1 ulp): on a GPU machine gpu_check.sh measures the device itself. Data as in
-// kernels/cuda/server_gpu_check.py, plus soft labels; every SIMD target compiled in.
+// (docs/design.md section 4). Here the CUDA math runs on the host, where log1pf is the host's
+// (CUDA's is within the same 1 ulp): on a GPU machine gpu_check.sh measures the device itself.
+// Data as in kernels/cuda/server_gpu_check.py, plus soft labels; every SIMD target compiled in.
 TEST(CudaMathTest, CpuBackendAgreesWithDeviceMathPerElement) {
   const int64_t c = 64, n = 1 << 21;
   std::mt19937_64 rng(7);
@@ -119,7 +119,7 @@ TEST(CudaMathTest, CpuBackendAgreesWithDeviceMathPerElement) {
 }
 
 // BceElementF32 with the fallback the kernel uses, on the random problem with specials and on
-// a dense grid of logits over the whole float range: the 4-ulp bounds of DESIGN.md section 5.
+// a dense grid of logits over the whole float range: the 4-ulp bounds of docs/design.md section 4.
 TEST(CudaMathTest, HostBceElementF32WithinFourUlp) {
   F32Problem pr = MakeF32Problem(2001, 37, 11, true);
   BceArgs a = F32Args(pr, Reduction::kNone, {pr.c}, {pr.c});
@@ -187,7 +187,7 @@ TEST(CudaMathTest, HostBceElementF32ModerateLogitsLargeCoefficients) {
 // declined elements through BceElementMixed on the smoothed target (as RareElementF32Smoothed).
 // Against the float64 reference with the option set (LossElement: smoothed target, BCE, dl/dy
 // times 1 - s): loss within 4 ulp, dl/dx within 4 ulp of the larger term of the smoothed
-// target's gradient, dl/dy within 4 ulp of (1 - s) times its larger term (DESIGN.md section 5,
+// target's gradient, dl/dy within 4 ulp of (1 - s) times its larger term (docs/design.md section 4,
 // as tests/kernels/options_test.cc bounds the CPU backend), and the loss within 4 ulp of the CPU
 // backend's. Draws: a quarter of x in [-8, 8], a quarter in [-90, 90], the rest over 1e-8..1e4
 // and specials; hard and soft labels; w and p per element in [0, 1e3] with zeros; smoothing

@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA tests (cuda_backend_test.cc, cuda_math_test.cc): tolerances of
-// DESIGN.md section 5 per dtype, a checker against the float64 reference, random and special
+// docs/design.md section 4 per dtype, a checker against the float64 reference, random and special
 // float32 problems, and the float32 element as the fused kernel computes it.
 #ifndef LOSSD_TESTS_KERNELS_CUDA_TEST_UTIL_H_
 #define LOSSD_TESTS_KERNELS_CUDA_TEST_UTIL_H_

@@ -436,7 +436,7 @@ TEST(FocalTest, SoftLabelsMatchLongDouble) {
 // inputs and soft labels (the draws of SoftLabelsMatchLongDouble rounded to float), the
 // float32 loss is within 1 float32 ulp of the exact value, and so is dl/dx wherever it is at
 // least 2^-20 of its larger term; below that (the two terms of dl/dx nearly cancel) it is
-// within 1 float32 ulp of that term (DESIGN.md section 5), as the float64 error of up to 15
+// within 1 float32 ulp of that term (docs/design.md section 4), as the float64 error of up to 15
 // ulp of the term is then no longer far below the final rounding.
 TEST(FocalTest, SoftLabelsRoundedToFloatWithinOneUlp) {
   std::mt19937_64 rng(41);
@@ -892,7 +892,7 @@ TEST(OptionsTest, CpuBackendMatchesReferenceForEveryOption) {
         ASSERT_NEAR(l[i], rl[i], 1e-6 * std::fabs(rl[i]) + 1e-30) << label << " i=" << i;
       }
     }
-    // Gradient bound (DESIGN.md section 5): 4 float32 ulps of the larger of the gradient's
+    // Gradient bound (docs/design.md section 4): 4 float32 ulps of the larger of the gradient's
     // terms, over the reduction's divisor. The terms are those of the smoothed target y'
     // (GradTermScales for BCE, FocalGradTermScale for focal); dl/dy, of the raw target, has the
     // BCE dl/dy terms times (1 - s). Ignored elements have gradients of exactly 0.

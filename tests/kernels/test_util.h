@@ -52,8 +52,8 @@ inline double UlpF64(double v) {
   return std::nextafter(a, std::numeric_limits<double>::infinity()) - a;
 }
 
-// The larger of the two terms of each gradient, in T (DESIGN.md section 5: a gradient is within
-// 4 ulp of it): {dl/dx: max(|w (1-y) s(x)|, |w p y s(-x)|), dl/dy: max(|w sp(x)|,
+// The larger of the two terms of each gradient, in T (docs/design.md section 4: a gradient is
+// within 4 ulp of it): {dl/dx: max(|w (1-y) s(x)|, |w p y s(-x)|), dl/dy: max(|w sp(x)|,
 // |w p sp(-x)|)}. A NaN term gives 0. T = long double serves the float64 kernels.
 template <typename T>
 std::pair<T, T> GradTermScalesIn(T x, T y, T w, T p) {

@@ -1,5 +1,5 @@
 // The server in-process over a real TCP socket: success paths and one test per error row of
-// DESIGN.md section 6 that applies to Evaluate.
+// docs/design.md section 5 that applies to Evaluate.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
@@ -183,6 +183,57 @@ TEST_F(ServerTest, MalformedTensorShape) {
   req.mutable_logits()->clear_shape();
   for (int i = 0; i < 4; ++i) req.mutable_logits()->add_shape(int64_t{1} << 20);
   ExpectError(req, grpc::StatusCode::INVALID_ARGUMENT, {"logits", "overflow"});
+}
+
+TEST_F(ServerTest, WholeRequestCountsAreValidated) {
+  v1::EvaluateRequest req = Valid(v1::REDUCTION_MEAN);
+  req.mutable_whole()->set_num_elements(27);
+  ExpectError(req, grpc::StatusCode::INVALID_ARGUMENT,
+              {"whole.num_elements 27 is less than this part's 28 elements"});
+  req.mutable_whole()->set_num_elements(100);
+  req.mutable_whole()->set_num_kept(101);
+  ExpectError(req, grpc::StatusCode::INVALID_ARGUMENT, {"whole.num_kept 101", "[0, "});
+  req.mutable_whole()->clear_num_kept();
+  req.mutable_bce_with_logits()->set_normalize(true);
+  req.mutable_bce_with_logits()->set_ignore_index(-100);
+  ExpectError(req, grpc::StatusCode::INVALID_ARGUMENT, {"whole.num_kept is required"});
+  // A valid part: MEAN gradients divided by the whole's 100 elements, not the part's 28.
+  req = Valid(v1::REDUCTION_MEAN);
+  v1::EvaluateResponse one_shot, part;
+  ASSERT_TRUE(Call(req, &one_shot).ok());
+  req.mutable_whole()->set_num_elements(100);
+  ASSERT_TRUE(Call(req, &part).ok());
+  const std::vector<float> g1 = AsF32(one_shot.grad_logits()), g2 = AsF32(part.grad_logits());
+  ASSERT_EQ(g1.size(), g2.size());
+  for (size_t i = 0; i < g1.size(); ++i) {
+    EXPECT_NEAR(g2[i], g1[i] * 28.0f / 100.0f, 1e-6f * std::fabs(g1[i])) << i;
+  }
+  grpc::ClientContext ctx;
+  v1::Capabilities caps;
+  ASSERT_TRUE(stub_->GetCapabilities(&ctx, v1::GetCapabilitiesRequest(), &caps).ok());
+  EXPECT_TRUE(caps.whole_requests());
+  // Accumulate reports the kept count a split normalize request passes on, and refuses whole.
+  for (const bool with_whole : {false, true}) {
+    grpc::ClientContext actx;
+    v1::AccumulateResponse acc;
+    auto writer = stub_->Accumulate(&actx, &acc);
+    v1::EvaluateRequest batch = Valid(v1::REDUCTION_SUM);
+    batch.clear_gradients();
+    batch.mutable_bce_with_logits()->set_normalize(true);
+    batch.mutable_bce_with_logits()->set_ignore_index(1);  // targets i % 3 == 0 are 1: 10 of 28
+    if (with_whole) batch.mutable_whole()->set_num_elements(28);
+    ASSERT_TRUE(writer->Write(batch));
+    writer->WritesDone();
+    const grpc::Status status = writer->Finish();
+    if (with_whole) {
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+      EXPECT_NE(status.error_message().find("whole is not allowed"), std::string::npos);
+    } else {
+      ASSERT_TRUE(status.ok()) << status.error_message();
+      EXPECT_EQ(acc.num_elements(), 28);
+      EXPECT_EQ(acc.num_kept(), 18);
+    }
+  }
 }
 
 TEST_F(ServerTest, DataLengthMismatch) {

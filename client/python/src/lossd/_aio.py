@@ -197,6 +197,10 @@ class AsyncClient(_ClientBase):
             if progress is not None:
                 progress(job.total, job.total)
             return result
+        if job.uses_whole:
+            if self._server_capabilities is None:
+                self._server_capabilities = await self.capabilities(timeout=timeout)
+            self._require_whole_requests(self._server_capabilities, job)
         if job.mode == "accumulate":
             async def sent() -> Any:
                 for index, message in enumerate(job.accumulate_requests()):
@@ -215,8 +219,11 @@ class AsyncClient(_ClientBase):
             for message in job.accumulate_requests():
                 yield message
 
+        if job.runs_accumulate and job.needs_kept:
+            # The kept count goes into every chunk: the Accumulate call comes first.
+            job.accumulate_reply(await self._run_accumulate(accumulate_requests(), timeout))
         stream = self._run_stream(job.stream_requests(), job.chunks, on_reply, timeout)
-        if job.mode == "both":
+        if job.runs_accumulate and not job.needs_kept:
             acc = asyncio.ensure_future(self._run_accumulate(accumulate_requests(), timeout))
             try:
                 await stream

@@ -13,7 +13,7 @@ from numpy.typing import ArrayLike
 from ._channel import (
     DEFAULT_MAX_MESSAGE_BYTES, PemSource, RetryPolicy, Target, channel_spec,
 )
-from ._errors import InternalError, LossdError, from_rpc_error
+from ._errors import InternalError, LossdError, error_for, from_rpc_error
 from ._job import (
     AccumulateJob, EvalJob, Progress, enum_name, make_options, prepare_inputs,
 )
@@ -71,6 +71,7 @@ class _ClientBase:
         self._metadata = spec.metadata
         self._wait_for_ready = True if wait_for_ready else None
         self._target_description = spec.description
+        self._server_capabilities: Optional[Capabilities] = None  # fetched for the first split
         logger.debug("lossd client for %s, timeout %s, max message %d bytes", spec.description,
                      timeout, max_message_bytes)
         return spec
@@ -148,7 +149,18 @@ class _ClientBase:
             max_message_bytes=c.max_message_bytes,
             max_elements=c.max_elements,
             cuda_device_name=c.cuda_device_name,
+            whole_requests=c.whole_requests,
         )
+
+    def _require_whole_requests(self, capabilities: Capabilities, job: EvalJob) -> None:
+        """Raises when the server cannot divide a split request's chunks as one request."""
+        if not capabilities.whole_requests:
+            raise error_for(grpc.StatusCode.FAILED_PRECONDITION, (
+                f"request {job.request_id} needs splitting into {job.chunks} chunks, but this "
+                f"server (lossd {capabilities.server_version or 'of unknown version'}) does not "
+                "divide chunks as one request (Capabilities.whole_requests); upgrade the "
+                "server, or send the request whole (chunk_bytes=None and a large enough "
+                "max_message_bytes)"))
 
     @staticmethod
     def _health_request(service: str) -> bytes:
@@ -516,6 +528,10 @@ class Client(_ClientBase):
             if progress is not None:
                 progress(job.total, job.total)
             return result
+        if job.uses_whole:
+            if self._server_capabilities is None:
+                self._server_capabilities = self.capabilities(timeout=timeout)
+            self._require_whole_requests(self._server_capabilities, job)
         if job.mode == "accumulate":
             def sent() -> Iterator[bytes]:
                 for index, message in enumerate(job.accumulate_requests()):
@@ -525,7 +541,10 @@ class Client(_ClientBase):
             job.accumulate_reply(self._run_accumulate(sent(), timeout))
             return job.result()
         acc = None
-        if job.mode == "both":
+        if job.runs_accumulate and job.needs_kept:
+            # The kept count goes into every chunk: the Accumulate call comes first.
+            job.accumulate_reply(self._run_accumulate(job.accumulate_requests(), timeout))
+        elif job.runs_accumulate:
             acc = self._start_accumulate(job.accumulate_requests(), timeout)
         try:
             def on_reply(index: int, raw: bytes) -> None:

@@ -13,29 +13,24 @@ Strategies of :class:`EvalJob` (``job.mode``)
 ``"stream"``
     ``reduction`` none or per_sample_mean: the tensors are split along their leading axes
     (whole rows of the last axis for per_sample_mean) into chunks under the limit, sent
-    pipelined on one ``EvaluateStream`` and written into preallocated output arrays. With
-    ``normalize`` the chunks are sent without it and the client divides by the global count
-    of non-ignored elements (see below).
+    pipelined on one ``EvaluateStream`` and written into preallocated output arrays.
 ``"accumulate"``
     mean/sum without gradients: the chunks go to one ``Accumulate`` call, whose exact
     dataset-level reduction is rounded to the logits' dtype as the server rounds a one-shot
     reply: the same bits as one request.
 ``"both"``
-    mean/sum with gradients. The gradient of a SUM is per element, so each chunk is
-    evaluated with reduction SUM on the stream and the client divides the gradients by the
-    global divisor (numel for mean, times the non-ignored count with ``normalize``) exactly
-    as the server does (in its compute type, or via float64 when the divisor is not exact in
-    it). Concurrently, an ``Accumulate`` call over the same chunks gives the loss, the same
-    bits as one request. This sends the inputs twice but keeps the loss exact; summing the
-    rounded per-chunk sums instead would not be.
+    mean/sum with gradients: the gradients come from the chunks on the stream, the loss from
+    an ``Accumulate`` over the same chunks (the same bits as one request). This sends the
+    inputs twice but keeps the loss exact.
 
-Client-side divisions mirror the CPU backend: the chunks whose results the client divides
-are requested in the server's compute type (float32, or float64 with any float64 input, label
-smoothing or the focal loss), divided as the server divides, and rounded once to the logits'
-dtype, which gives the bits of one request. Exceptions, split only above the message limit
-(:func:`split_is_exact`): per_sample_mean with normalize, dl/dy with label smoothing when the
-client divides (the server scales by 1-s after dividing), per_sample_mean of a 1-D tensor.
-On a CUDA server, client-divided gradients can differ from one request by one ulp.
+The client does no arithmetic on results. Every chunk carries ``EvaluateRequest.whole``
+(the whole request's element count, and with normalize and ignore_index its kept count), so
+the server divides each chunk's losses and gradients as it divides one request: the chunks
+are the bits of the one-shot reply. The kept count comes from the server too
+(``AccumulateResponse.num_kept``): with normalize and ignore_index, the ``Accumulate`` call
+runs first and the stream after it. The one split that is not exact is a per_sample_mean of
+a 1-D tensor (a single row, summed by the server in one pass), which is evaluated as the mean
+and split only above the message limit.
 """
 
 from __future__ import annotations
@@ -52,8 +47,7 @@ import numpy as np
 from ._errors import LossdError, error_for
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._tensor import (
-    as_array, bfloat16_bits_to_float32, code_of, itemsize_of, output_dtype, resolve_dtype,
-    round_from_double, wire_array,
+    as_array, code_of, itemsize_of, output_dtype, resolve_dtype, round_from_double, wire_array,
 )
 from ._types import AccumulateResult, LossResult, Timing
 from ._wire import (
@@ -219,38 +213,6 @@ def _prod(shape: Iterable[int]) -> int:
     return n
 
 
-def _compute_type(inputs: Inputs, opts: RequestOptions) -> np.dtype:
-    """The server's compute type: float64 when any input is float64, with label smoothing
-    and for the focal loss; else float32 (also for the half types)."""
-    ops = [o for o in (inputs.x, inputs.y, inputs.w, inputs.p) if o is not None]
-    wide = any(o.code == pb.DTYPE_FLOAT64 for o in ops) or opts.loss == "focal" or \
-        opts.label_smoothing != 0.0
-    return np.dtype(np.float64) if wide else np.dtype(np.float32)
-
-
-def divide_like_server(values: np.ndarray, divisor: float, compute: np.dtype) -> np.ndarray:
-    """``values / divisor`` in the compute type, rounded as the server's gradient division.
-
-    The server divides in its compute type T when the divisor is exact in T, else in
-    float64 and rounds to T. ``values`` must have dtype T; the result is bit-exact.
-    """
-    if divisor == 1.0:
-        return values
-    t_div = compute.type(divisor)
-    if float(t_div) == divisor:
-        return np.divide(values, t_div, out=values) if values.flags.writeable \
-            else values / t_div
-    return (values.astype(np.float64) / divisor).astype(compute)
-
-
-def store_as(values: np.ndarray, out_code: int) -> np.ndarray:
-    """Rounds compute-type values to the output dtype as the server stores them."""
-    out_dt = output_dtype(out_code)
-    if values.dtype == out_dt:
-        return values
-    return round_from_double(values, out_code).astype(out_dt, copy=False)
-
-
 # ---------------------------------------------------------------------------------------
 # Chunk planning
 
@@ -392,14 +354,6 @@ class _Slicer:
         return out[0], out[1], out[2], out[3]  # type: ignore[return-value]
 
 
-def _kept(targets: WireTensor, ignore_index: int) -> int:
-    """Elements of a wire targets tensor that are not ``ignore_index`` (as the server counts)."""
-    data = targets.data
-    if targets.code == pb.DTYPE_BFLOAT16:
-        data = bfloat16_bits_to_float32(data)
-    return int(data.size - np.count_nonzero(data.astype(np.float64) == float(ignore_index)))
-
-
 def _timing_of(parsed: Any) -> Timing:
     return Timing(queue_ns=parsed.queue_ns, compute_ns=parsed.compute_ns,
                   total_ns=parsed.total_ns)
@@ -416,17 +370,11 @@ def batch_error(index: int, bounds: Optional[Tuple[int, int]], code: int,
 # Evaluate
 
 
-def split_is_exact(options: RequestOptions, ndim: int) -> bool:
-    """True when a split request gives the same bits as one request (see the module
-    docstring): not for per_sample_mean with normalize or of a 1-D tensor, nor for dl/dy
-    with label smoothing when the client divides (normalize, or mean with gradients)."""
+def _splits_exactly(options: RequestOptions, ndim: int) -> bool:
+    """False for the one split whose bits differ from one request's (module docstring): a
+    per_sample_mean of a 1-D tensor, evaluated as the mean when split."""
     red = options.reduction or pb.REDUCTION_MEAN
-    if red == pb.REDUCTION_PER_SAMPLE_MEAN and (options.normalize or ndim < 2):
-        return False
-    if options.grad_targets and options.label_smoothing and (
-            options.normalize or red == pb.REDUCTION_MEAN):
-        return False
-    return True
+    return not (red == pb.REDUCTION_PER_SAMPLE_MEAN and ndim < 2)
 
 
 class EvalJob:
@@ -443,7 +391,7 @@ class EvalJob:
     chunk_bytes : int or None
         Requests or replies larger than this are split too, into chunks of about this size
         (pipelined chunks are much faster than one large message with gRPC Python), unless
-        splitting would change the result's bits (see :func:`split_is_exact`). None: split
+        splitting would change the result's bits (the module docstring). None: split
         only above ``limit``.
     """
 
@@ -475,7 +423,7 @@ class EvalJob:
             loss_count = _prod(shape[:-1])
         resp_bytes = (loss_count + n_grads * self.total) * out_item + framing
         split_at = limit
-        if chunk_bytes and split_is_exact(options, len(shape)):
+        if chunk_bytes and _splits_exactly(options, len(shape)):
             split_at = min(limit, chunk_bytes)
         preferred_chunk = min(chunk_bytes or limit, limit)
         if req_bytes <= split_at and resp_bytes <= split_at:
@@ -486,43 +434,33 @@ class EvalJob:
             red = pb.REDUCTION_MEAN
         self.reduction = red
         per_sample = red == pb.REDUCTION_PER_SAMPLE_MEAN
+        # Every chunk is divided by the server as the whole request (EvaluateRequest.whole);
+        # the kept count of normalize with ignore_index comes from the Accumulate call.
+        whole = dataclasses.replace(options, reduction=red, whole_elements=self.total)
+        #: True when the Accumulate call must finish before the stream starts (its num_kept
+        #: goes into every chunk).
+        self.needs_kept = options.normalize and options.ignore_index is not None
         if red in (pb.REDUCTION_NONE, pb.REDUCTION_PER_SAMPLE_MEAN):
             self.mode = "stream"
-            self.stream_options = dataclasses.replace(options, normalize=False)
+            self.stream_options = whole
+            # Only for the kept count (its loss is not used).
+            self.accumulate_options = dataclasses.replace(
+                options, reduction=pb.REDUCTION_SUM, grad_logits=False, grad_targets=False)
         else:
             self.accumulate_options = dataclasses.replace(options, reduction=red,
                                                           grad_logits=False, grad_targets=False)
-            if n_grads:
-                self.mode = "both"
-                self.stream_options = dataclasses.replace(options, reduction=pb.REDUCTION_SUM,
-                                                          normalize=False)
-            else:
-                self.mode = "accumulate"
-        # Chunks whose results the client still divides (normalize, the MEAN of "both") come
-        # back in the server's compute type (the logits are sent in it, exactly), so that
-        # the division and the final rounding to the logits' dtype happen as in one request.
-        self._compute = _compute_type(inputs, options)
-        divides = options.normalize or (self.mode == "both" and red == pb.REDUCTION_MEAN)
-        work_code = pb.DTYPE_FLOAT64 if self._compute == np.float64 else pb.DTYPE_FLOAT32
-        stream_inputs = inputs
-        if divides and self.mode != "accumulate" and inputs.x.code != work_code:
-            stream_inputs = dataclasses.replace(inputs, x=Operand(inputs.x.array, work_code))
-        self._work_code = stream_inputs.x.code
+            self.mode = "both" if n_grads else "accumulate"
+            self.stream_options = whole
         if self.mode == "stream":
-            self.plan = plan_chunks(stream_inputs,
-                                    loss_per_row="samples" if per_sample else "elements",
+            self.plan = plan_chunks(inputs, loss_per_row="samples" if per_sample else "elements",
                                     grads=n_grads, limit=limit, preferred=preferred_chunk,
                                     min_rest=1 if per_sample else 0)
         else:
-            self.plan = plan_chunks(stream_inputs, loss_per_row="scalar", grads=n_grads,
-                                    limit=limit, preferred=preferred_chunk)
-        self._slicer = _Slicer(stream_inputs, self.plan)
-        self._acc_slicer = _Slicer(inputs, self.plan) if stream_inputs is not inputs \
-            else self._slicer
-        self._kept_count = 0
-        self._count_kept = options.normalize and options.ignore_index is not None
+            self.plan = plan_chunks(inputs, loss_per_row="scalar", grads=n_grads, limit=limit,
+                                    preferred=preferred_chunk)
+        self._slicer = _Slicer(inputs, self.plan)
         self._outputs: Dict[str, np.ndarray] = {}
-        out_dt = output_dtype(self._work_code)
+        out_dt = output_dtype(self.out_code)
         if self.mode == "stream":
             loss_shape = shape if red == pb.REDUCTION_NONE else shape[:-1]
             self._outputs["loss"] = np.empty(loss_shape, out_dt)
@@ -534,6 +472,18 @@ class EvalJob:
         self._timing = [0, 0, 0]
         self._acc: Optional[pb.AccumulateResponse] = None
         self._done = 0
+
+    @property
+    def uses_whole(self) -> bool:
+        """True when the chunks carry ``EvaluateRequest.whole`` (the server must honour it:
+        ``Capabilities.whole_requests``)."""
+        return self.mode in ("stream", "both")
+
+    @property
+    def runs_accumulate(self) -> bool:
+        """True when an ``Accumulate`` call is part of the job (before the stream when
+        :attr:`needs_kept`, else beside it)."""
+        return self.mode in ("accumulate", "both") or (self.mode == "stream" and self.needs_kept)
 
     # -- unary ----------------------------------------------------------------------------
 
@@ -568,22 +518,25 @@ class EvalJob:
         r0, r1 = self.plan.bounds[index]
         return (r1 - r0) * _prod(self.plan.rest)
 
-    def _chunk_requests(self, options: RequestOptions, count_kept: bool,
-                        slicer: "_Slicer") -> Iterator[bytes]:
+    def _chunk_requests(self, options: RequestOptions) -> Iterator[bytes]:
         assert self.plan is not None
         for index, (r0, r1) in enumerate(self.plan.bounds):
-            x, y, w, p = slicer.chunk(r0, r1)
-            if count_kept and self.options.ignore_index is not None:
-                self._kept_count += _kept(y, self.options.ignore_index)
+            x, y, w, p = self._slicer.chunk(r0, r1)
             yield encode_request(f"{self.request_id}/{index}", x, y, w, p, options)
 
     def stream_requests(self) -> Iterator[bytes]:
-        """The chunk requests of the EvaluateStream call, generated lazily."""
-        return self._chunk_requests(self.stream_options, self._count_kept, self._slicer)
+        """The chunk requests of the EvaluateStream call, generated lazily. With
+        :attr:`needs_kept`, only after :meth:`accumulate_reply` has stored the kept count."""
+        options = self.stream_options
+        if self.needs_kept:
+            if self._acc is None:
+                raise RuntimeError("the Accumulate call must finish before the stream starts")
+            options = dataclasses.replace(options, whole_kept=self._acc.num_kept)
+        return self._chunk_requests(options)
 
     def accumulate_requests(self) -> Iterator[bytes]:
         """The chunk requests of the Accumulate call, generated lazily."""
-        return self._chunk_requests(self.accumulate_options, False, self._acc_slicer)
+        return self._chunk_requests(self.accumulate_options)
 
     def stream_reply(self, index: int, raw: bytes) -> int:
         """Stores chunk ``index``'s reply; returns the elements done so far.
@@ -634,28 +587,7 @@ class EvalJob:
 
     def result(self) -> LossResult:
         """The assembled result once every reply has been stored."""
-        opts = self.options
-        count = 1.0
-        if opts.normalize:
-            kept = self._kept_count if opts.ignore_index is not None else self.total
-            count = float(kept) if kept > 0 else 1.0
         out = self._outputs
-        grad_div = count
-        if self.mode == "both" and self.reduction == pb.REDUCTION_MEAN:
-            grad_div = count * float(self.total)
-        if "loss" in out:
-            loss = out["loss"]
-            if count != 1.0:
-                loss = round_from_double(loss.astype(np.float64) / count, self.out_code)
-            out["loss"] = store_as(loss, self.out_code)
-        for key in ("grad", "grad_targets"):
-            if key in out:
-                g = out[key]
-                if g.dtype == self._compute:
-                    g = divide_like_server(g, grad_div, self._compute)
-                elif grad_div != 1.0:  # unreachable: divided results come in compute type
-                    g = round_from_double(g.astype(np.float64) / grad_div, self.out_code)
-                out[key] = store_as(g, self.out_code)
         device, timing = self._device, Timing(*self._timing)
         if self.mode in ("accumulate", "both"):
             acc = self._acc

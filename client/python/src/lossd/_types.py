@@ -124,6 +124,9 @@ class Capabilities:
         The largest number of elements per request.
     cuda_device_name : str
         Empty without a GPU.
+    whole_requests : bool
+        The server divides the chunks of a split request as the whole request
+        (``EvaluateRequest.whole``); the client splits large requests only on such servers.
     """
 
     server_version: str
@@ -134,6 +137,7 @@ class Capabilities:
     max_message_bytes: int
     max_elements: int
     cuda_device_name: str
+    whole_requests: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         """The fields as a plain dict (tuples become lists)."""

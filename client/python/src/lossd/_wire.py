@@ -85,6 +85,20 @@ class RequestOptions:
     label_smoothing: float = 0.0
     alpha: Optional[float] = None
     gamma: Optional[float] = None
+    #: ``EvaluateRequest.whole`` of a part of a split request: the whole request's element
+    #: count (0: the request is whole) and, with normalize and ignore_index, its kept count.
+    whole_elements: int = 0
+    whole_kept: Optional[int] = None
+
+
+def _whole_body(o: RequestOptions) -> bytes:
+    """The ``WholeRequest`` message of ``o`` (empty when the request is whole)."""
+    if not o.whole_elements:
+        return b""
+    body = b"\x08" + _varint(int(o.whole_elements))
+    if o.whole_kept is not None:
+        body += b"\x10" + _varint(int(o.whole_kept))
+    return body
 
 
 def _tensor_parts(field: int, t: WireTensor, parts: List[Buffer]) -> int:
@@ -152,6 +166,10 @@ def _encode_small(request_id: str, logits: WireTensor, targets: WireTensor,
     if o.grad_logits or o.grad_targets:
         req.gradients.logits = o.grad_logits
         req.gradients.targets = o.grad_targets
+    if o.whole_elements:
+        req.whole.num_elements = o.whole_elements
+        if o.whole_kept is not None:
+            req.whole.num_kept = o.whole_kept
     if o.loss == "focal":
         focal = req.sigmoid_focal_loss
         focal.SetInParent()
@@ -218,6 +236,9 @@ def encode_request(request_id: str, logits: WireTensor, targets: WireTensor,
         tail += b"\x90\x01" + _varint(options.device)
     if options.reject_nan:
         tail += b"\x98\x01\x01"
+    whole = _whole_body(options)
+    if whole:
+        tail += b"\xa2\x01" + _varint(len(whole)) + whole
     if tail:
         parts.append(bytes(tail))
     return b"".join(parts)

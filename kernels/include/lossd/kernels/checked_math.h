@@ -1,7 +1,7 @@
 // Overflow-checked integer arithmetic for sizes that come from clients: shapes, element counts,
 // byte counts and broadcast index ranges. Every product of client-declared dimensions goes
-// through these functions (docs/design.md, "Errors and limits"), so an extreme shape gives an
-// error instead of a wrapped size. Header-only, no state; thread-safe.
+// through these functions (docs/design.md section 5, "Errors and limits"), so an extreme shape
+// gives an error instead of a wrapped size. Header-only, no state; thread-safe.
 #ifndef LOSSD_KERNELS_CHECKED_MATH_H_
 #define LOSSD_KERNELS_CHECKED_MATH_H_
 

@@ -1,7 +1,7 @@
 // lossd kernels: binary cross-entropy with logits on plain types.
 //
 // This header is the whole public surface of kernels/: plain structs, no gRPC, Highway or CUDA
-// types. Semantics (DESIGN.md section 4), with x logit, y target, w weight, p pos_weight,
+// types. Semantics (docs/design.md section 3), with x logit, y target, w weight, p pos_weight,
 // sp(t) = max(t,0) + log1p(exp(-|t|)), s(t) = sigmoid(t):
 //   loss  = w * [ (1-y) * sp(x) + p*y * sp(-x) ]
 //   dl/dx = w * [ (1-y) * s(x)  - p*y * s(-x) ]
@@ -91,6 +91,15 @@ struct BceArgs {
   // kFocal: alpha_t = alpha*y + (1-alpha)*(1-y) (alpha < 0: 1), modulating (1 - p_t)^gamma.
   double focal_alpha = 0.25;
   double focal_gamma = 2.0;
+
+  // When this call is one part of a larger evaluation split along its leading axes (its
+  // elements a contiguous range of the whole's), the whole's counts, so that every loss value
+  // and gradient is divided as in the whole evaluation: MEAN divides by whole_numel, normalize
+  // by whole_kept (the whole's elements whose target is not ignore_index; required when
+  // whole_numel is set with normalize and ignore_index). 0 / -1: this call is the whole. A
+  // reduced loss of a part is its share, divided as the whole's.
+  int64_t whole_numel = 0;
+  int64_t whole_kept = -1;
 
   // Optional: polled between chunks of work (kChunkElements elements); once it returns true the
   // call stops early and returns CANCELLED (outputs are then unspecified). Thread-safe.
@@ -192,9 +201,9 @@ struct CudaOptions {
   // (the CPU SIMD kernel's formulas), rare elements (|x| > 80, NaN, infinities, overflow) in
   // double; used only where the targets, weight and pos_weight are exact in float (not float64
   // targets; float64 operands only when every value converts exactly). Both keep every element
-  // within the 4-ulp bound of DESIGN.md section 5; docs/perf.md has the speed of each (the
-  // all-float math is the default: on an H100 it is as fast or faster in every timed variant,
-  // 1.2x with a MEAN reduction).
+  // within the 4-ulp bound of docs/design.md section 4. The all-float math is the default
+  // because it is the faster one (docs/perf.md); why it is exact enough: docs/kernels.md
+  // section 5.
   bool float_math = true;
 };
 // The CUDA backend on device 0. FAILED_PRECONDITION when no GPU is usable.

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lossd/v1/lossd.proto\x12\x08lossd.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.lossd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8d\x01\n\rBceWithLogits\x12$\n\npos_weight\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x19\n\x0cignore_index\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x17\n\x0flabel_smoothing\x18\x04 \x01(\x01\x42\x0f\n\r_ignore_index\"N\n\x10SigmoidFocalLoss\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05gamma\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_alphaB\x08\n\x06_gamma\"2\n\x0fGradientRequest\x12\x0e\n\x06logits\x18\x01 \x01(\x08\x12\x0f\n\x07targets\x18\x02 \x01(\x08\"\x8e\x03\n\x0f\x45valuateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x06logits\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12!\n\x07targets\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06weight\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x32\n\x0f\x62\x63\x65_with_logits\x18\x05 \x01(\x0b\x32\x17.lossd.v1.BceWithLogitsH\x00\x12\x38\n\x12sigmoid_focal_loss\x18\x06 \x01(\x0b\x32\x1a.lossd.v1.SigmoidFocalLossH\x00\x12&\n\treduction\x18\x10 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12,\n\tgradients\x18\x11 \x01(\x0b\x32\x19.lossd.v1.GradientRequest\x12 \n\x06\x64\x65vice\x18\x12 \x01(\x0e\x32\x10.lossd.v1.Device\x12\x12\n\nreject_nan\x18\x13 \x01(\x08\x42\x06\n\x04loss\"@\n\x06Timing\x12\x10\n\x08queue_ns\x18\x01 \x01(\x03\x12\x12\n\ncompute_ns\x18\x02 \x01(\x03\x12\x10\n\x08total_ns\x18\x03 \x01(\x03\"\xef\x01\n\x10\x45valuateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12%\n\x0bgrad_logits\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12&\n\x0cgrad_targets\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06\x64\x65vice\x18\x05 \x01(\x0e\x32\x10.lossd.v1.Device\x12 \n\x06timing\x18\x06 \x01(\x0b\x32\x10.lossd.v1.Timing\x12\x14\n\x0cnum_elements\x18\x07 \x01(\x03\"+\n\nBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8d\x01\n\x16\x45valuateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.lossd.v1.EvaluateResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.lossd.v1.BatchErrorH\x00\x42\x08\n\x06result\"\xb9\x01\n\x12\x41\x63\x63umulateResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x14\n\x0cnum_elements\x18\x02 \x01(\x03\x12\x13\n\x0bnum_batches\x18\x03 \x01(\x03\x12&\n\treduction\x18\x04 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12 \n\x06\x64\x65vice\x18\x05 \x01(\x0e\x32\x10.lossd.v1.Device\x12 \n\x06timing\x18\x06 \x01(\x0b\x32\x10.lossd.v1.Timing\"\x18\n\x16GetCapabilitiesRequest\"\xee\x01\n\x0c\x43\x61pabilities\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x0e\n\x06losses\x18\x02 \x03(\t\x12\x1f\n\x06\x64types\x18\x03 \x03(\x0e\x32\x0f.lossd.v1.DType\x12!\n\x07\x64\x65vices\x18\x04 \x03(\x0e\x32\x10.lossd.v1.Device\x12\'\n\nreductions\x18\x05 \x03(\x0e\x32\x13.lossd.v1.Reduction\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cmax_elements\x18\x07 \x01(\x03\x12\x18\n\x10\x63uda_device_name\x18\x08 \x01(\t*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04*\x80\x01\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_NONE\x10\x01\x12\x12\n\x0eREDUCTION_MEAN\x10\x02\x12\x11\n\rREDUCTION_SUM\x10\x03\x12\x1d\n\x19REDUCTION_PER_SAMPLE_MEAN\x10\x04*:\n\x06\x44\x65vice\x12\x0f\n\x0b\x44\x45VICE_AUTO\x10\x00\x12\x0e\n\nDEVICE_CPU\x10\x01\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x02\x32\xb9\x02\n\x0bLossService\x12\x41\n\x08\x45valuate\x12\x19.lossd.v1.EvaluateRequest\x1a\x1a.lossd.v1.EvaluateResponse\x12K\n\x0fGetCapabilities\x12 .lossd.v1.GetCapabilitiesRequest\x1a\x16.lossd.v1.Capabilities\x12Q\n\x0e\x45valuateStream\x12\x19.lossd.v1.EvaluateRequest\x1a .lossd.v1.EvaluateStreamResponse(\x01\x30\x01\x12G\n\nAccumulate\x12\x19.lossd.v1.EvaluateRequest\x1a\x1c.lossd.v1.AccumulateResponse(\x01\x42\x03\xf8\x01\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lossd/v1/lossd.proto\x12\x08lossd.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.lossd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8d\x01\n\rBceWithLogits\x12$\n\npos_weight\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x19\n\x0cignore_index\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x17\n\x0flabel_smoothing\x18\x04 \x01(\x01\x42\x0f\n\r_ignore_index\"N\n\x10SigmoidFocalLoss\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05gamma\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_alphaB\x08\n\x06_gamma\"2\n\x0fGradientRequest\x12\x0e\n\x06logits\x18\x01 \x01(\x08\x12\x0f\n\x07targets\x18\x02 \x01(\x08\"H\n\x0cWholeRequest\x12\x14\n\x0cnum_elements\x18\x01 \x01(\x03\x12\x15\n\x08num_kept\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0b\n\t_num_kept\"\xb5\x03\n\x0f\x45valuateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x06logits\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12!\n\x07targets\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06weight\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x32\n\x0f\x62\x63\x65_with_logits\x18\x05 \x01(\x0b\x32\x17.lossd.v1.BceWithLogitsH\x00\x12\x38\n\x12sigmoid_focal_loss\x18\x06 \x01(\x0b\x32\x1a.lossd.v1.SigmoidFocalLossH\x00\x12&\n\treduction\x18\x10 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12,\n\tgradients\x18\x11 \x01(\x0b\x32\x19.lossd.v1.GradientRequest\x12 \n\x06\x64\x65vice\x18\x12 \x01(\x0e\x32\x10.lossd.v1.Device\x12\x12\n\nreject_nan\x18\x13 \x01(\x08\x12%\n\x05whole\x18\x14 \x01(\x0b\x32\x16.lossd.v1.WholeRequestB\x06\n\x04loss\"@\n\x06Timing\x12\x10\n\x08queue_ns\x18\x01 \x01(\x03\x12\x12\n\ncompute_ns\x18\x02 \x01(\x03\x12\x10\n\x08total_ns\x18\x03 \x01(\x03\"\xef\x01\n\x10\x45valuateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12%\n\x0bgrad_logits\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12&\n\x0cgrad_targets\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06\x64\x65vice\x18\x05 \x01(\x0e\x32\x10.lossd.v1.Device\x12 \n\x06timing\x18\x06 \x01(\x0b\x32\x10.lossd.v1.Timing\x12\x14\n\x0cnum_elements\x18\x07 \x01(\x03\"+\n\nBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8d\x01\n\x16\x45valuateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.lossd.v1.EvaluateResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.lossd.v1.BatchErrorH\x00\x42\x08\n\x06result\"\xcb\x01\n\x12\x41\x63\x63umulateResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x14\n\x0cnum_elements\x18\x02 \x01(\x03\x12\x13\n\x0bnum_batches\x18\x03 \x01(\x03\x12&\n\treduction\x18\x04 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12 \n\x06\x64\x65vice\x18\x05 \x01(\x0e\x32\x10.lossd.v1.Device\x12 \n\x06timing\x18\x06 \x01(\x0b\x32\x10.lossd.v1.Timing\x12\x10\n\x08num_kept\x18\x07 \x01(\x03\"\x18\n\x16GetCapabilitiesRequest\"\x86\x02\n\x0c\x43\x61pabilities\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x0e\n\x06losses\x18\x02 \x03(\t\x12\x1f\n\x06\x64types\x18\x03 \x03(\x0e\x32\x0f.lossd.v1.DType\x12!\n\x07\x64\x65vices\x18\x04 \x03(\x0e\x32\x10.lossd.v1.Device\x12\'\n\nreductions\x18\x05 \x03(\x0e\x32\x13.lossd.v1.Reduction\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cmax_elements\x18\x07 \x01(\x03\x12\x18\n\x10\x63uda_device_name\x18\x08 \x01(\t\x12\x16\n\x0ewhole_requests\x18\t \x01(\x08*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04*\x80\x01\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_NONE\x10\x01\x12\x12\n\x0eREDUCTION_MEAN\x10\x02\x12\x11\n\rREDUCTION_SUM\x10\x03\x12\x1d\n\x19REDUCTION_PER_SAMPLE_MEAN\x10\x04*:\n\x06\x44\x65vice\x12\x0f\n\x0b\x44\x45VICE_AUTO\x10\x00\x12\x0e\n\nDEVICE_CPU\x10\x01\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x02\x32\xb9\x02\n\x0bLossService\x12\x41\n\x08\x45valuate\x12\x19.lossd.v1.EvaluateRequest\x1a\x1a.lossd.v1.EvaluateResponse\x12K\n\x0fGetCapabilities\x12 .lossd.v1.GetCapabilitiesRequest\x1a\x16.lossd.v1.Capabilities\x12Q\n\x0e\x45valuateStream\x12\x19.lossd.v1.EvaluateRequest\x1a .lossd.v1.EvaluateStreamResponse(\x01\x30\x01\x12G\n\nAccumulate\x12\x19.lossd.v1.EvaluateRequest\x1a\x1c.lossd.v1.AccumulateResponse(\x01\x42\x03\xf8\x01\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -22,12 +22,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lossd._proto.lossd.v1.lossd
 if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['DESCRIPTOR']._options = None
   _globals['DESCRIPTOR']._serialized_options = b'\370\001\001'
-  _globals['_DTYPE']._serialized_start=1734
-  _globals['_DTYPE']._serialized_end=1841
-  _globals['_REDUCTION']._serialized_start=1844
-  _globals['_REDUCTION']._serialized_end=1972
-  _globals['_DEVICE']._serialized_start=1974
-  _globals['_DEVICE']._serialized_end=2032
+  _globals['_DTYPE']._serialized_start=1889
+  _globals['_DTYPE']._serialized_end=1996
+  _globals['_REDUCTION']._serialized_start=1999
+  _globals['_REDUCTION']._serialized_end=2127
+  _globals['_DEVICE']._serialized_start=2129
+  _globals['_DEVICE']._serialized_end=2187
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=103
   _globals['_BCEWITHLOGITS']._serialized_start=106
@@ -36,22 +36,24 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_SIGMOIDFOCALLOSS']._serialized_end=327
   _globals['_GRADIENTREQUEST']._serialized_start=329
   _globals['_GRADIENTREQUEST']._serialized_end=379
-  _globals['_EVALUATEREQUEST']._serialized_start=382
-  _globals['_EVALUATEREQUEST']._serialized_end=780
-  _globals['_TIMING']._serialized_start=782
-  _globals['_TIMING']._serialized_end=846
-  _globals['_EVALUATERESPONSE']._serialized_start=849
-  _globals['_EVALUATERESPONSE']._serialized_end=1088
-  _globals['_BATCHERROR']._serialized_start=1090
-  _globals['_BATCHERROR']._serialized_end=1133
-  _globals['_EVALUATESTREAMRESPONSE']._serialized_start=1136
-  _globals['_EVALUATESTREAMRESPONSE']._serialized_end=1277
-  _globals['_ACCUMULATERESPONSE']._serialized_start=1280
-  _globals['_ACCUMULATERESPONSE']._serialized_end=1465
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1467
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1491
-  _globals['_CAPABILITIES']._serialized_start=1494
-  _globals['_CAPABILITIES']._serialized_end=1732
-  _globals['_LOSSSERVICE']._serialized_start=2035
-  _globals['_LOSSSERVICE']._serialized_end=2348
+  _globals['_WHOLEREQUEST']._serialized_start=381
+  _globals['_WHOLEREQUEST']._serialized_end=453
+  _globals['_EVALUATEREQUEST']._serialized_start=456
+  _globals['_EVALUATEREQUEST']._serialized_end=893
+  _globals['_TIMING']._serialized_start=895
+  _globals['_TIMING']._serialized_end=959
+  _globals['_EVALUATERESPONSE']._serialized_start=962
+  _globals['_EVALUATERESPONSE']._serialized_end=1201
+  _globals['_BATCHERROR']._serialized_start=1203
+  _globals['_BATCHERROR']._serialized_end=1246
+  _globals['_EVALUATESTREAMRESPONSE']._serialized_start=1249
+  _globals['_EVALUATESTREAMRESPONSE']._serialized_end=1390
+  _globals['_ACCUMULATERESPONSE']._serialized_start=1393
+  _globals['_ACCUMULATERESPONSE']._serialized_end=1596
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1598
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1622
+  _globals['_CAPABILITIES']._serialized_start=1625
+  _globals['_CAPABILITIES']._serialized_end=1887
+  _globals['_LOSSSERVICE']._serialized_start=2190
+  _globals['_LOSSSERVICE']._serialized_end=2503
 # @@protoc_insertion_point(module_scope)

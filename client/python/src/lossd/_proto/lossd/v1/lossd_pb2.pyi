@@ -79,8 +79,16 @@ class GradientRequest(_message.Message):
     targets: bool
     def __init__(self, logits: bool = ..., targets: bool = ...) -> None: ...
 
+class WholeRequest(_message.Message):
+    __slots__ = ("num_elements", "num_kept")
+    NUM_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEPT_FIELD_NUMBER: _ClassVar[int]
+    num_elements: int
+    num_kept: int
+    def __init__(self, num_elements: _Optional[int] = ..., num_kept: _Optional[int] = ...) -> None: ...
+
 class EvaluateRequest(_message.Message):
-    __slots__ = ("request_id", "logits", "targets", "weight", "bce_with_logits", "sigmoid_focal_loss", "reduction", "gradients", "device", "reject_nan")
+    __slots__ = ("request_id", "logits", "targets", "weight", "bce_with_logits", "sigmoid_focal_loss", "reduction", "gradients", "device", "reject_nan", "whole")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +99,7 @@ class EvaluateRequest(_message.Message):
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     REJECT_NAN_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     logits: Tensor
     targets: Tensor
@@ -101,7 +110,8 @@ class EvaluateRequest(_message.Message):
     gradients: GradientRequest
     device: Device
     reject_nan: bool
-    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bce_with_logits: _Optional[_Union[BceWithLogits, _Mapping]] = ..., sigmoid_focal_loss: _Optional[_Union[SigmoidFocalLoss, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradients: _Optional[_Union[GradientRequest, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., reject_nan: bool = ...) -> None: ...
+    whole: WholeRequest
+    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bce_with_logits: _Optional[_Union[BceWithLogits, _Mapping]] = ..., sigmoid_focal_loss: _Optional[_Union[SigmoidFocalLoss, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradients: _Optional[_Union[GradientRequest, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., reject_nan: bool = ..., whole: _Optional[_Union[WholeRequest, _Mapping]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ns", "compute_ns", "total_ns")
@@ -150,27 +160,29 @@ class EvaluateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., error: _Optional[_Union[BatchError, _Mapping]] = ...) -> None: ...
 
 class AccumulateResponse(_message.Message):
-    __slots__ = ("loss", "num_elements", "num_batches", "reduction", "device", "timing")
+    __slots__ = ("loss", "num_elements", "num_batches", "reduction", "device", "timing", "num_kept")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     NUM_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEPT_FIELD_NUMBER: _ClassVar[int]
     loss: float
     num_elements: int
     num_batches: int
     reduction: Reduction
     device: Device
     timing: Timing
-    def __init__(self, loss: _Optional[float] = ..., num_elements: _Optional[int] = ..., num_batches: _Optional[int] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., device: _Optional[_Union[Device, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    num_kept: int
+    def __init__(self, loss: _Optional[float] = ..., num_elements: _Optional[int] = ..., num_batches: _Optional[int] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., device: _Optional[_Union[Device, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_kept: _Optional[int] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("server_version", "losses", "dtypes", "devices", "reductions", "max_message_bytes", "max_elements", "cuda_device_name")
+    __slots__ = ("server_version", "losses", "dtypes", "devices", "reductions", "max_message_bytes", "max_elements", "cuda_device_name", "whole_requests")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +191,7 @@ class Capabilities(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     CUDA_DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     losses: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[DType]
@@ -187,4 +200,5 @@ class Capabilities(_message.Message):
     max_message_bytes: int
     max_elements: int
     cuda_device_name: str
-    def __init__(self, server_version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[_Union[Device, str]]] = ..., reductions: _Optional[_Iterable[_Union[Reduction, str]]] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., cuda_device_name: _Optional[str] = ...) -> None: ...
+    whole_requests: bool
+    def __init__(self, server_version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[_Union[Device, str]]] = ..., reductions: _Optional[_Iterable[_Union[Reduction, str]]] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., cuda_device_name: _Optional[str] = ..., whole_requests: bool = ...) -> None: ...
