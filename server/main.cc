@@ -29,10 +29,14 @@ ABSL_FLAG(std::string, device, "auto",
 ABSL_FLAG(int64_t, max_message_bytes, int64_t{256} << 20,
           "Largest request or response message in bytes.");
 ABSL_FLAG(int64_t, max_elements, int64_t{1} << 28, "Most elements per tensor in one request.");
-ABSL_FLAG(int, workers, 0, "Compute worker threads; 0 = number of cores.");
+ABSL_FLAG(int, workers, 0,
+          "Compute worker threads; 0 = the CPU limit of the container (cgroup quota), else "
+          "the number of cores.");
 ABSL_FLAG(int, queue_capacity, 256,
           "Requests that may wait for a worker; more get RESOURCE_EXHAUSTED.");
-ABSL_FLAG(int, cpu_threads, 0, "Threads used by the CPU kernels; 0 = number of cores.");
+ABSL_FLAG(int, cpu_threads, 0,
+          "Threads used by the CPU kernels; 0 = the CPU limit of the container (cgroup quota), "
+          "else the number of cores.");
 ABSL_FLAG(bool, cuda_float_math, true,
           "CUDA: all-float element math for float32/half inputs; false combines in double "
           "(same 4-ulp bound; see docs/perf.md for the speed of each).");
@@ -194,9 +198,9 @@ int main(int argc, char** argv) {
                    " port=", (*server)->port(), " device=", device,
                    " devices=", (*server)->device_summary(),
                    " max_message_bytes=", options.max_message_bytes,
-                   " max_elements=", options.max_elements, " workers=", options.workers,
+                   " max_elements=", options.max_elements, " workers=", (*server)->workers(),
                    " queue_capacity=", options.queue_capacity,
-                   " cpu_threads=", options.cpu_threads,
+                   " cpu_threads=", (*server)->cpu_threads(),
                    " cuda_float_math=", options.cuda_float_math ? "on" : "off",
                    " stream_window=", options.stream_window,
                    " inline_elements=", options.inline_elements,

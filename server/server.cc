@@ -7,6 +7,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/resource_quota.h>
 
+#include <cmath>
 #include <fstream>
 #include <optional>
 #include <set>
@@ -147,6 +148,7 @@ struct LossdServer::Impl {
   std::unique_ptr<grpc::Server> server;
   int port = 0;
   int64_t channelz_id = 0;  // 0: unknown
+  int cpu_threads = 1;      // in force (the option, else the CPU limit)
   std::string devices;
   bool shut_down = false;
 };
@@ -164,6 +166,8 @@ int64_t LossdServer::chunks_done() const { return impl_->core->chunks_done(); }
 int64_t LossdServer::chunks_started() const { return impl_->core->chunks_started(); }
 int64_t LossdServer::in_flight_calls() const { return impl_->core->in_flight(); }
 int64_t LossdServer::open_calls() const { return ChannelzOpenCalls(impl_->channelz_id); }
+int LossdServer::workers() const { return impl_->core->config().workers; }
+int LossdServer::cpu_threads() const { return impl_->cpu_threads; }
 int64_t LossdServer::max_inflight_bytes() const { return impl_->core->memory().limit(); }
 int64_t LossdServer::held_bytes() const { return impl_->core->memory().held(); }
 int64_t LossdServer::memory_trims() const { return impl_->core->memory().trims(); }
@@ -182,7 +186,9 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   }
   auto creds = MakeCredentials(options);
   if (!creds.ok()) return creds.status();
-  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // CPU and memory defaults follow the cgroup's limits (a container's quota), else the host's.
+  const HostLimits host = ReadHostLimits(options.host_root);
+  const int cpus = std::max(1, static_cast<int>(std::ceil(host.cpus - 1e-9)));
   std::unique_ptr<kernels::Backend> cuda;
   std::string cuda_name;
   if (options.device != DevicePolicy::kCpu) {
@@ -207,7 +213,6 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   }
   int64_t inflight_bytes = options.max_inflight_bytes;
   if (inflight_bytes == 0) {
-    const HostLimits host = ReadHostLimits();
     inflight_bytes = static_cast<int64_t>(0.6 * static_cast<double>(host.memory_bytes));
     Log(LogLevel::kInfo, absl::StrCat("max_inflight_bytes=", inflight_bytes, " (0.6 x ",
                                       DescribeHostLimits(host), ")"));
@@ -218,12 +223,13 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   config.limits.max_elements = options.max_elements;
   config.limits.max_reply_bytes = options.max_message_bytes;
   config.max_message_bytes = options.max_message_bytes;
-  config.workers = options.workers > 0 ? options.workers : hw;
+  config.workers = options.workers > 0 ? options.workers : cpus;
+  impl->cpu_threads = options.cpu_threads > 0 ? options.cpu_threads : cpus;
   config.queue_capacity = options.queue_capacity;
   config.stream_window = std::max(1, options.stream_window);
   config.inline_elements = options.inline_elements;
   config.auth_token = options.auth_token;
-  impl->core = std::make_unique<Core>(config, kernels::MakeCpuBackend({options.cpu_threads}),
+  impl->core = std::make_unique<Core>(config, kernels::MakeCpuBackend({impl->cpu_threads}),
                                       std::move(cuda), cuda_name, impl->metrics.get());
   impl->service = std::make_unique<LossServiceImpl>(impl->core.get());
 

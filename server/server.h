@@ -25,9 +25,11 @@ struct ServerOptions {
   // Largest message accepted or sent, in bytes (gRPC's default is 4 MiB).
   int64_t max_message_bytes = int64_t{256} << 20;
   int64_t max_elements = int64_t{1} << 28;  // per tensor
-  int workers = 0;           // compute workers; 0 = hardware concurrency
+  // Compute workers and CPU kernel threads; 0 = the CPU limit of the process's cgroup
+  // (quota / period, rounded up), else the host's cores (host_limits.h).
+  int workers = 0;
   int queue_capacity = 256;  // waiting requests beyond which calls get RESOURCE_EXHAUSTED
-  int cpu_threads = 0;       // threads of the CPU kernels; 0 = hardware concurrency
+  int cpu_threads = 0;
   bool cuda_float_math = true;  // kernels::CudaOptions::float_math of the CUDA backend
   int stream_window = 4;     // batches of one EvaluateStream computed or waiting at once
   int64_t inline_elements = 16384;  // unary requests this small skip the worker queue
@@ -51,6 +53,8 @@ struct ServerOptions {
   // cgroup, else of the host (host_limits.h); < 0: unlimited. gRPC's transport buffers are
   // bounded by a resource quota of half that (at least one largest message).
   int64_t max_inflight_bytes = 0;
+  // Where the cgroup and /proc files of those defaults are read (tests point it at a fake tree).
+  std::string host_root = "/";
 
   // Connections (0 disables each). Idle connections are closed after max_connection_idle;
   // every connection is closed gracefully after max_connection_age (plus the grace period for
@@ -80,6 +84,8 @@ class LossdServer {
   // Calls gRPC has accepted and not finished, for every service on this server, including
   // those whose request is still arriving (channelz); -1 when channelz cannot say.
   int64_t open_calls() const;
+  int workers() const;                 // compute workers in force
+  int cpu_threads() const;             // CPU kernel threads in force
   int64_t max_inflight_bytes() const;  // the memory admission limit in force (0: unlimited)
   int64_t held_bytes() const;          // bytes calls in progress hold in that budget
   int64_t memory_trims() const;        // times freed memory was returned to the OS

@@ -8,8 +8,12 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "lossd/kernels/kernels.h"
 #include "test_server_util.h"
@@ -345,6 +349,32 @@ TEST(HardeningMemoryTest, InflightBytesAreBounded) {
   EXPECT_EQ((*server)->held_bytes(), 0) << "bytes still held after every call ended";
   // A small call still works.
   EXPECT_TRUE(Call(stub.get(), RandomRequest<float>(4, 7, 1, v1::REDUCTION_SUM), &resp).ok());
+}
+
+// The defaults of workers, kernel threads and the memory budget follow the cgroup's limits
+// (a container's CPU quota and memory limit), not the host's cores and memory.
+TEST(HardeningMemoryTest, DefaultsFollowTheCgroupLimits) {
+  const std::filesystem::path root =
+      std::filesystem::path(::testing::TempDir()) / absl::StrCat("lossd_cgroup_", getpid());
+  std::filesystem::create_directories(root / "proc/self");
+  std::filesystem::create_directories(root / "sys/fs/cgroup/pod");
+  auto write = [&](const std::filesystem::path& p, const std::string& text) {
+    std::ofstream(root / p) << text;
+  };
+  write("proc/self/cgroup", "0::/pod\n");
+  write("sys/fs/cgroup/pod/cpu.max", "150000 100000\n");   // 1.5 CPUs
+  write("sys/fs/cgroup/pod/memory.max", "1073741824\n");   // 1 GiB
+  write("proc/meminfo", "MemTotal:       16384000 kB\n");
+  ServerOptions o = LoopbackOptions();
+  o.workers = 0;
+  o.cpu_threads = 0;
+  o.host_root = root.string();
+  auto server = LossdServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_EQ((*server)->workers(), 2);
+  EXPECT_EQ((*server)->cpu_threads(), 2);
+  EXPECT_EQ((*server)->max_inflight_bytes(), static_cast<int64_t>(0.6 * 1073741824.0));
+  std::filesystem::remove_all(root);
 }
 
 // After a large call the allocator's free memory goes back to the OS once the server is idle.
