@@ -1,5 +1,6 @@
 #include "log.h"
 
+#include <atomic>
 #include <cstdio>
 #include <string>
 
@@ -11,11 +12,59 @@
 
 namespace lossd::server {
 
+namespace {
+
+std::atomic<LogFormat> log_format{LogFormat::kText};
+
+// `text` as a JSON string literal (RFC 8259 escapes; every byte outside printable ASCII is
+// written as \u00XX, so a line stays valid JSON whatever bytes a client put in a message).
+std::string JsonString(std::string_view text) {
+  std::string out = "\"";
+  for (const char ch : text) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (c < 0x20 || c >= 0x7f) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          out += buf;
+        } else {
+          out += ch;
+        }
+    }
+  }
+  out += '"';
+  return out;
+}
+
+}  // namespace
+
+void SetLogFormat(LogFormat format) { log_format.store(format); }
+
 void Log(LogLevel level, std::string_view message) {
   const char* name = level == LogLevel::kInfo ? "INFO" : level == LogLevel::kWarning ? "WARN" : "ERROR";
-  std::string line = absl::StrCat(
-      absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", absl::Now(), absl::UTCTimeZone()), " ", name, " ",
-      std::string(message), "\n");
+  const std::string time =
+      absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", absl::Now(), absl::UTCTimeZone());
+  std::string line =
+      log_format.load() == LogFormat::kJson
+          ? absl::StrCat("{\"time\":\"", time, "\",\"level\":\"", name,
+                         "\",\"message\":", JsonString(message), "}\n")
+          : absl::StrCat(time, " ", name, " ", std::string(message), "\n");
   std::fwrite(line.data(), 1, line.size(), stderr);
   std::fflush(stderr);
 }

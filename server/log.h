@@ -9,7 +9,13 @@ namespace lossd::server {
 
 enum class LogLevel { kInfo, kWarning, kError };
 
-// Writes "<UTC time> <LEVEL> <message>\n" to stderr.
+// kText: "<UTC time> <LEVEL> <message>"; kJson: one JSON object per line,
+// {"time":"...","level":"INFO","message":"..."}, for log collectors.
+enum class LogFormat { kText, kJson };
+// Chooses the format of every line written afterwards (main sets it once, before serving).
+void SetLogFormat(LogFormat format);
+
+// Writes one line to stderr in the chosen format.
 void Log(LogLevel level, std::string_view message);
 
 // Log() for lines a client can cause (failed calls, malformed messages): at most kLogBurst

@@ -71,6 +71,9 @@ ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(2),
           "Ping idle connections this often to find dead peers; 0 never.");
 ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
           "Close a connection whose keepalive ping is not answered within this time.");
+ABSL_FLAG(std::string, log_format, "text",
+          "text: \"<UTC time> <LEVEL> <message>\" lines; json: one JSON object per line "
+          "({\"time\", \"level\", \"message\"}) for log collectors.");
 ABSL_FLAG(std::string, health_check, "",
           "Probe mode for container health checks: ask the gRPC health service at HOST:PORT "
           "(plaintext) whether lossd is SERVING; exit 0 if it answers so within 2 s, else 1. "
@@ -130,6 +133,13 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   if (const std::string target = absl::GetFlag(FLAGS_health_check); !target.empty()) {
     return HealthCheck(target);
+  }
+  if (const std::string format = absl::GetFlag(FLAGS_log_format); format == "json") {
+    lossd::server::SetLogFormat(lossd::server::LogFormat::kJson);
+  } else if (format != "text") {
+    std::fprintf(stderr, "lossd: --log_format must be text or json, not \"%s\"\n",
+                 format.c_str());
+    return 2;
   }
   using lossd::server::DevicePolicy;
   using lossd::server::Log;

@@ -1,24 +1,116 @@
 #include "metrics.h"
 
+#include <prometheus/collectable.h>
 #include <prometheus/counter.h>
 #include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <exception>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "lossd/kernels/kernels.h"
 
 namespace lossd::server {
 
 namespace {
 
-// Latency buckets from 10 us to 30 s.
+// Latency buckets from 1 us to 30 s (small requests take microseconds).
 prometheus::Histogram::BucketBoundaries LatencyBuckets() {
-  return {1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2,
-          2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0};
+  return {1e-6,   2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+          1e-2, 2.5e-2, 5e-2, 0.1,  0.25,   0.5,  1.0,  2.5,    5.0,  10.0, 30.0};
 }
+
+// Tensor payload sizes from 64 B to 1 GiB, in powers of 4.
+prometheus::Histogram::BucketBoundaries SizeBuckets() {
+  prometheus::Histogram::BucketBoundaries b;
+  for (double v = 64; v <= double(1 << 30); v *= 4) b.push_back(v);
+  return b;
+}
+
+// The standard process_* metrics of Prometheus clients (prometheus-cpp has none), read from
+// /proc/self at each scrape.
+class ProcessCollector final : public prometheus::Collectable {
+ public:
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::vector<prometheus::MetricFamily> out;
+    auto gauge = [&out](const char* name, const char* help, prometheus::MetricType type,
+                        double value) {
+      prometheus::MetricFamily f;
+      f.name = name;
+      f.help = help;
+      f.type = type;
+      prometheus::ClientMetric m;
+      if (type == prometheus::MetricType::Counter) {
+        m.counter.value = value;
+      } else {
+        m.gauge.value = value;
+      }
+      f.metric.push_back(std::move(m));
+      out.push_back(std::move(f));
+    };
+    const double page = static_cast<double>(sysconf(_SC_PAGESIZE));
+    const double ticks = static_cast<double>(sysconf(_SC_CLK_TCK));
+    std::ifstream stat("/proc/self/stat");
+    std::string line;
+    if (std::getline(stat, line)) {
+      // Fields after the command name (which may hold spaces) in parentheses.
+      const size_t close = line.rfind(')');
+      std::istringstream rest(close == std::string::npos ? "" : line.substr(close + 2));
+      std::vector<std::string> f{std::istream_iterator<std::string>(rest),
+                                 std::istream_iterator<std::string>()};
+      // f[0] is field 3 (state): utime 14, stime 15, starttime 22, vsize 23, rss 24.
+      if (f.size() > 21) {
+        const double cpu = (std::stod(f[11]) + std::stod(f[12])) / ticks;
+        gauge("process_cpu_seconds_total", "User and system CPU time spent in seconds",
+              prometheus::MetricType::Counter, cpu);
+        gauge("process_virtual_memory_bytes", "Virtual memory size in bytes",
+              prometheus::MetricType::Gauge, std::stod(f[20]));
+        gauge("process_resident_memory_bytes", "Resident memory size in bytes",
+              prometheus::MetricType::Gauge, std::stod(f[21]) * page);
+        gauge("process_start_time_seconds", "Start time of the process since the epoch",
+              prometheus::MetricType::Gauge, BootTime() + std::stod(f[19]) / ticks);
+      }
+    }
+    int fds = 0;
+    std::error_code ec;
+    for (auto it = std::filesystem::directory_iterator("/proc/self/fd", ec);
+         !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+      ++fds;
+    }
+    gauge("process_open_fds", "Number of open file descriptors", prometheus::MetricType::Gauge,
+          fds);
+    rlimit limit{};
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0) {
+      gauge("process_max_fds", "Maximum number of open file descriptors",
+            prometheus::MetricType::Gauge, static_cast<double>(limit.rlim_cur));
+    }
+    return out;
+  }
+
+ private:
+  static double BootTime() {
+    std::ifstream in("/proc/stat");
+    std::string key;
+    double value = 0;
+    while (in >> key) {
+      if (key == "btime" && in >> value) return value;
+      in.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+    }
+    return 0;
+  }
+};
 
 }  // namespace
 
@@ -76,15 +168,33 @@ struct Metrics::Impl {
                                     .Help("1 while the server drains for shutdown")
                                     .Register(*registry)
                                     .Add({});
+  prometheus::Family<prometheus::Histogram>& request_bytes =
+      prometheus::BuildHistogram()
+          .Name("lossd_request_bytes")
+          .Help("Tensor payload bytes of each answered request (batch of a stream)")
+          .Register(*registry);
+  prometheus::Family<prometheus::Gauge>& build_info =
+      prometheus::BuildGauge()
+          .Name("lossd_build_info")
+          .Help("1, labelled with the version, whether CUDA is compiled in and the SIMD target")
+          .Register(*registry);
+  std::shared_ptr<ProcessCollector> process = std::make_shared<ProcessCollector>();
 };
 
-Metrics::Metrics() : impl_(std::make_unique<Impl>()) {}
+Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
+  impl_->build_info
+      .Add({{"version", LOSSD_VERSION},
+            {"cuda", kernels::CudaCompiled() ? "compiled" : "none"},
+            {"simd_target", kernels::CpuSimdTarget()}})
+      .Set(1);
+}
 Metrics::~Metrics() = default;
 
 absl::Status Metrics::Serve(const std::string& host, int port) {
   try {
     impl_->exposer = std::make_unique<prometheus::Exposer>(absl::StrCat(host, ":", port));
     impl_->exposer->RegisterCollectable(impl_->registry);
+    impl_->exposer->RegisterCollectable(impl_->process);
     const auto ports = impl_->exposer->GetListeningPorts();
     impl_->port = ports.empty() ? 0 : ports.front();
   } catch (const std::exception& e) {
@@ -116,7 +226,9 @@ void Metrics::AddElements(const std::string& device, int64_t elements) {
   impl_->elements.Add({{"device", device}}).Increment(static_cast<double>(elements));
 }
 
-void Metrics::AddBytes(int64_t received, int64_t sent) {
+void Metrics::AddBytes(const std::string& method, int64_t received, int64_t sent) {
+  impl_->request_bytes.Add({{"method", method}}, SizeBuckets())
+      .Observe(static_cast<double>(received));
   impl_->bytes.Add({{"direction", "received"}}).Increment(static_cast<double>(received));
   impl_->bytes.Add({{"direction", "sent"}}).Increment(static_cast<double>(sent));
 }

@@ -32,7 +32,9 @@ class Metrics {
   void RecordCall(const std::string& method, const std::string& code, const std::string& device,
                   double queue_s, double compute_s, double total_s);
   void AddElements(const std::string& device, int64_t elements);
-  void AddBytes(int64_t received, int64_t sent);
+  // Tensor payload bytes of one answered request (or batch of a stream): counted in
+  // lossd_tensor_bytes_total and observed in the lossd_request_bytes histogram.
+  void AddBytes(const std::string& method, int64_t received, int64_t sent);
   void AddChunks(int64_t chunks);
   void InFlight(int delta);  // calls being handled
   void SetQueued(int64_t queued);

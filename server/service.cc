@@ -89,7 +89,7 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
       core_->metrics().RecordCall("Evaluate", "OK", DeviceLabel(response_.device()),
                                   response_.timing().queue_ns() * 1e-9,
                                   response_.timing().compute_ns() * 1e-9, total);
-      core_->metrics().AddBytes(received, PayloadBytes(response_));
+      core_->metrics().AddBytes("Evaluate", received, PayloadBytes(response_));
     } else {
       LogFailure("Evaluate", *context_, request_id, s);
       core_->metrics().RecordCall("Evaluate", absl::StatusCodeToString(s.code()), "none", -1, -1,

@@ -224,7 +224,7 @@ class EvaluateStreamReactor final
         core_->metrics().RecordCall("EvaluateStream", "OK", DeviceLabel(device),
                                     timing.queue_ns() * 1e-9, timing.compute_ns() * 1e-9,
                                     (absl::GetCurrentTimeNanos() - slot->start_ns) * 1e-9);
-        core_->metrics().AddBytes(received, sent);
+        core_->metrics().AddBytes("EvaluateStream", received, sent);
         slot->ready = true;
       } else {
         SetError(slot, s);
@@ -479,7 +479,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
         ++batches_done_;
         device_ = scratch.device();
         compute_ns_ += scratch.timing().compute_ns();
-        core_->metrics().AddBytes(PayloadBytes(*batch.request), 0);
+        core_->metrics().AddBytes("Accumulate", PayloadBytes(*batch.request), 0);
         if (stash_.request) {
           Batch next = std::move(stash_);
           stash_ = Batch();

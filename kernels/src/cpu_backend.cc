@@ -429,6 +429,8 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
+std::string CpuSimdTarget() { return internal::BceBlockTargetName(); }
+
 std::unique_ptr<Backend> MakeCpuBackend(const CpuOptions& options) {
   int threads = options.threads;
   if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());

@@ -91,3 +91,33 @@ def test_round_robin_over_two_servers(server_factory) -> None:
                     code="OK", device="cpu") for s in servers]
     assert sum(counts) == 20
     assert min(counts) >= 5, counts  # round_robin alternates between ready servers
+
+
+def test_build_process_and_size_metrics(server_factory) -> None:
+    """lossd_build_info, the standard process_* metrics and the request-size histogram."""
+    server = server_factory("--metrics_port", "0", "--metrics_host", "127.0.0.1")
+    x = np.zeros(1000, np.float32)
+    with lossd.Client(server.target) as c:
+        for _ in range(3):
+            c.bce_with_logits(x, x, reduction="sum")
+    s = scrape(metrics_address(server))
+    info = [(labels, v) for (name, labels), v in s.items() if name == "lossd_build_info"]
+    assert len(info) == 1 and info[0][1] == 1
+    labels = dict(info[0][0])
+    assert labels["version"] == "0.1.0" and labels["cuda"] in ("compiled", "none")
+    assert labels["simd_target"]  # e.g. AVX2, AVX3, NEON
+    rss = value(s, "process_resident_memory_bytes")
+    assert 1 << 20 < rss < 1 << 36
+    assert value(s, "process_cpu_seconds_total") > 0
+    assert value(s, "process_open_fds") > 3
+    assert value(s, "process_max_fds") >= value(s, "process_open_fds")
+    assert abs(value(s, "process_start_time_seconds") - time.time()) < 3600
+    assert value(s, "lossd_request_bytes_count", method="Evaluate") == 3
+    assert value(s, "lossd_request_bytes_sum", method="Evaluate") == 3 * 8000
+    assert value(s, "lossd_request_bytes_bucket", method="Evaluate", le="16384") == 3
+    assert value(s, "lossd_request_bytes_bucket", method="Evaluate", le="4096") == 0
+    # Latency buckets start at 1 us.
+    les = sorted(float(dict(labels)["le"]) for (name, labels), _ in s.items()
+                 if name == "lossd_request_seconds_bucket")
+    assert les[0] == 1e-6
+

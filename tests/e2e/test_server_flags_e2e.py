@@ -40,3 +40,27 @@ def test_health_check_probe(server_factory) -> None:
     server.stop()
     down = run(f"--health_check={host}:{port}")
     assert down.returncode == 1, down.stderr
+
+
+def test_json_log_lines(server_factory) -> None:
+    import json
+
+    import numpy as np
+
+    import lossd
+
+    server = server_factory("--log_format", "json")
+    with lossd.Client(server.target) as c:
+        try:
+            c.bce_with_logits(np.zeros(4), np.zeros(3), request_id="id-\u00e9\"x")
+        except lossd.InvalidArgumentError:
+            pass
+    server.stop()
+    lines = [line for line in server.lines if line.startswith("{")]
+    assert len(lines) >= 3, server.stderr_text()
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all(set(e) == {"time", "level", "message"} for e in events)
+    failure = [e for e in events if "Evaluate failed" in e["message"]]
+    assert failure and failure[0]["level"] == "WARN"
+    assert "INVALID_ARGUMENT" in failure[0]["message"]
+    assert any("lossd 0.1.0 config" in e["message"] for e in events)

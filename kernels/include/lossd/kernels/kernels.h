@@ -188,6 +188,8 @@ struct CpuOptions {
   int threads = 0;  // worker threads; 0 = hardware concurrency
 };
 std::unique_ptr<Backend> MakeCpuBackend(const CpuOptions& options = {});
+// The SIMD target the CPU kernels dispatch to on this machine ("AVX2", "AVX3", "NEON", ...).
+std::string CpuSimdTarget();
 
 // True when this build contains the CUDA backend.
 bool CudaCompiled();
