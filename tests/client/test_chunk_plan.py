@@ -1,12 +1,16 @@
-"""Unit tests of the request splitting (lossd._job), without a server: every chunk fits the
-limit, the chunks cover the tensor exactly, and broadcast operands are cut correctly."""
+"""Unit tests of the request splitting (lossd._chunks, lossd._job), without a server: every
+chunk fits the limit, the chunks cover the tensor exactly, and broadcast operands are cut
+correctly."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lossd._job import EvalJob, make_options, plan_chunks, prepare_inputs, _Slicer
+from lossd._chunks import _Slicer, plan_chunks
+from lossd._inputs import prepare_inputs
+from lossd._job import EvalJob
+from lossd._options import make_options
 from lossd._proto.lossd.v1 import lossd_pb2 as pb
 
 

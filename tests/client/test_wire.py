@@ -180,3 +180,26 @@ def test_bfloat16_response() -> None:
     arr = _wire.to_array(raw, _wire.parse_response(raw).loss, "loss")
     assert arr.dtype == np.dtype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(arr.astype(np.float32), [1.0, -2.0])
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 2**31 - 1, 2**63 - 1, -1, -300, -2**63])
+def test_varint_matches_generated_code_and_round_trips(n) -> None:
+    v = _wire.encode_varint(n)
+    # Tensor.shape is a packed repeated int64: tag, length, then the varint of n.
+    assert pb.Tensor(shape=[n]).SerializeToString() == b"\x12" + bytes([len(v)]) + v
+    value, end = _wire.read_varint(v + b"\xff", 0, len(v))
+    assert end == len(v) and value == n & ((1 << 64) - 1)
+    with pytest.raises(lossd.InternalError, match="truncated varint"):
+        _wire.read_varint(v, 0, len(v) - 1)
+
+
+def test_health_status_parsing() -> None:
+    from lossd._client import _parse_health_status
+
+    assert _parse_health_status(b"") == 0
+    assert _parse_health_status(b"\x08\x01") == 1
+    assert _parse_health_status(b"\x12\x02ab\x08\x02\x19" + bytes(8)) == 2  # unknown fields
+    for raw in (b"\x08", b"\x08\x80", b"\x0f"):
+        with pytest.raises(lossd.LossdError, match="malformed health response") as info:
+            _parse_health_status(raw)
+        assert info.value.code == grpc.StatusCode.INTERNAL

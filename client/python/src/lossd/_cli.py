@@ -21,7 +21,7 @@ import numpy as np
 from ._channel import RetryPolicy
 from ._client import Client
 from ._errors import LossdError
-from ._job import DEVICES, REDUCTIONS
+from ._options import DEVICES, REDUCTIONS
 from ._types import LossResult
 
 __all__ = ["main"]

@@ -14,13 +14,14 @@ from ._channel import (
     DEFAULT_MAX_MESSAGE_BYTES, PemSource, RetryPolicy, Target, channel_spec,
 )
 from ._errors import InternalError, LossdError, error_for, from_rpc_error
-from ._job import (
-    AccumulateJob, EvalJob, Progress, enum_name, make_options, prepare_inputs,
-)
+from ._inputs import prepare_inputs
+from ._job import AccumulateJob, EvalJob, Progress
+from ._options import enum_name, make_options
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._tensor import DTypeLike, dtype_name
 from ._torch_interop import TorchSpec, convert_inputs, to_torch
 from ._types import AccumulateResult, Capabilities, LossResult
+from ._wire import encode_varint, read_varint
 
 __all__ = ["Client", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_CHUNK_BYTES"]
 
@@ -166,7 +167,7 @@ class _ClientBase:
     def _health_request(service: str) -> bytes:
         # HealthCheckRequest { string service = 1; } encoded by hand: no extra dependency.
         name = service.encode("utf-8")
-        return (b"\x0a" + _varint(len(name)) + name) if name else b""
+        return (b"\x0a" + encode_varint(len(name)) + name) if name else b""
 
     @staticmethod
     def _health_status(reply: bytes) -> str:
@@ -702,48 +703,26 @@ class _Capture:
             raise self.failure
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _parse_health_status(data: bytes) -> int:
     """Field 1 (enum ServingStatus) of a HealthCheckResponse; 0 when absent."""
-    status, i = 0, 0
-    while i < len(data):
-        key, i = _read_varint(data, i)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, i = _read_varint(data, i)
-            if field == 1:
-                status = value
-        elif wire_type == 2:
-            length, i = _read_varint(data, i)
-            i += length
-        elif wire_type == 1:
-            i += 8
-        elif wire_type == 5:
-            i += 4
-        else:
-            raise LossdError(grpc.StatusCode.INTERNAL, "client: malformed health response")
+    status, i, end = 0, 0, len(data)
+    try:
+        while i < end:
+            key, i = read_varint(data, i, end)
+            field, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                value, i = read_varint(data, i, end)
+                if field == 1:
+                    status = value
+            elif wire_type == 2:
+                length, i = read_varint(data, i, end)
+                i += length
+            elif wire_type == 1:
+                i += 8
+            elif wire_type == 5:
+                i += 4
+            else:
+                raise ValueError(f"wire type {wire_type}")
+    except (InternalError, ValueError):  # InternalError: a truncated varint
+        raise LossdError(grpc.StatusCode.INTERNAL, "client: malformed health response") from None
     return status
-
-
-def _read_varint(data: bytes, i: int) -> Tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if i >= len(data) or shift > 63:
-            raise LossdError(grpc.StatusCode.INTERNAL, "client: malformed health response")
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, i

@@ -1,6 +1,9 @@
-"""One loss evaluation, independent of the transport: validation, wire encoding, and the
-splitting of large requests into chunks (and their reassembly). Requests or replies above the
-message limit are always split; those above ``chunk_bytes`` too when that keeps the bits.
+"""The strategies of one loss evaluation, independent of the transport: whether a request
+is sent whole or split into chunks, the messages of each call, and the reassembly of the
+replies. Requests or replies above the message limit are always split; those above
+``chunk_bytes`` too when that keeps the bits. The options are validated in
+:mod:`lossd._options`, the inputs prepared in :mod:`lossd._inputs`, the chunks planned and
+cut in :mod:`lossd._chunks`, and the messages encoded in :mod:`lossd._wire`.
 
 The synchronous and the asyncio clients drive the same :class:`EvalJob` and
 :class:`AccumulateJob`; only the RPC calls differ.
@@ -36,24 +39,22 @@ and split only above the message limit.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import grpc
 import numpy as np
 
+from ._chunks import ChunkPlan, _Slicer, message_sizes, plan_chunks, prod
 from ._errors import LossdError, error_for
+from ._inputs import Inputs, Operand, prepare_inputs, unpack_batch
+# make_options, REDUCTIONS and DEVICES are re-exported: `from lossd._job import ...` (as in
+# bench/overhead.py) keeps working.
+from ._options import DEVICES, REDUCTIONS, enum_name, make_options
 from ._proto.lossd.v1 import lossd_pb2 as pb
-from ._tensor import (
-    as_array, code_of, itemsize_of, output_dtype, resolve_dtype, round_from_double, wire_array,
-)
+from ._tensor import output_dtype, round_from_double
 from ._types import AccumulateResult, LossResult, Timing
-from ._wire import (
-    RequestOptions, WireTensor, encode_request, parse_response, parse_stream_response,
-    shape_list, to_array,
-)
+from ._wire import RequestOptions, encode_request, parse_response, parse_stream_response, to_array
 
 __all__ = ["REDUCTIONS", "DEVICES", "Progress", "Inputs", "EvalJob", "AccumulateJob",
            "make_options", "prepare_inputs", "enum_name"]
@@ -61,297 +62,13 @@ __all__ = ["REDUCTIONS", "DEVICES", "Progress", "Inputs", "EvalJob", "Accumulate
 #: ``progress(done_elements, total_elements)``; total is None when unknown (iterables).
 Progress = Callable[[int, Optional[int]], None]
 
-REDUCTIONS: Dict[str, int] = {"none": pb.REDUCTION_NONE, "mean": pb.REDUCTION_MEAN,
-                              "sum": pb.REDUCTION_SUM,
-                              "per_sample_mean": pb.REDUCTION_PER_SAMPLE_MEAN}
-DEVICES: Dict[str, int] = {"auto": pb.DEVICE_AUTO, "cpu": pb.DEVICE_CPU, "cuda": pb.DEVICE_CUDA}
 _STATUS_BY_VALUE: Dict[int, grpc.StatusCode] = {
     c.value[0]: c for c in grpc.StatusCode}  # type: ignore[index]
-
-# Bytes of protobuf framing allowed for besides the tensor data: tags, lengths and options
-# (about 100 bytes), a request id (up to 64 more), and per dimension of each tensor's shape.
-_OVERHEAD = 256
-_PER_DIM = 48
 
 
 def _new_id() -> str:
     """A random request id: 32 hex digits (as uuid4().hex, at a fraction of its cost)."""
     return os.urandom(16).hex()
-
-
-def enum_name(enum: Any, prefix: str, value: int) -> str:
-    """Maps e.g. REDUCTION_SUM to "sum"; a value this client does not know to its number."""
-    try:
-        return enum.Name(value)[len(prefix):].lower()
-    except ValueError:
-        return str(value)
-
-
-def _choice(table: Dict[str, int], value: Any, argument: str) -> int:
-    key = value.lower() if isinstance(value, str) else value
-    if key not in table:
-        raise ValueError(f"{argument}: expected one of {sorted(table)}, got {value!r}")
-    return table[key]
-
-
-def make_options(*, loss: str, reduction: Any, grad: bool, grad_targets: bool, device: Any,
-                 reject_nan: bool, ignore_index: Optional[int] = None, normalize: bool = False,
-                 label_smoothing: float = 0.0, alpha: Optional[float] = None,
-                 gamma: Optional[float] = None) -> RequestOptions:
-    """Validates the loss options on the client and returns the request's option fields.
-
-    Raises
-    ------
-    ValueError
-        Unknown ``reduction``/``device``, ``label_smoothing`` outside [0, 1], ``gamma`` < 0,
-        ``alpha`` > 1, ``grad_targets`` with the focal loss, non-integer ``ignore_index``.
-    """
-    red = _choice(REDUCTIONS, reduction, "reduction")
-    dev = _choice(DEVICES, device, "device")
-    if loss == "bce":
-        s = float(label_smoothing)
-        if not 0.0 <= s <= 1.0:
-            raise ValueError(f"label_smoothing: {label_smoothing!r} is outside [0, 1]")
-        if ignore_index is not None:
-            if isinstance(ignore_index, bool) or int(ignore_index) != ignore_index:
-                raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
-            ignore_index = int(ignore_index)
-        return RequestOptions(loss="bce", reduction=red, grad_logits=bool(grad),
-                              grad_targets=bool(grad_targets), device=dev,
-                              reject_nan=bool(reject_nan), ignore_index=ignore_index,
-                              normalize=bool(normalize), label_smoothing=s)
-    if grad_targets:
-        raise ValueError("grad_targets: sigmoid_focal_loss offers only the gradient wrt the "
-                         "logits")
-    a = -1.0 if alpha is None else float(alpha)
-    g = float(gamma) if gamma is not None else 2.0
-    if not (math.isfinite(a) and a <= 1.0):
-        raise ValueError(f"alpha: {alpha!r} must be in [0, 1], or negative (or None) to "
-                         "disable the alpha weighting")
-    if not 0.0 <= g <= 1e4:
-        raise ValueError(f"gamma: {gamma!r} is outside [0, 10000]")
-    return RequestOptions(loss="focal", reduction=red, grad_logits=bool(grad), device=dev,
-                          reject_nan=bool(reject_nan), alpha=a, gamma=g)
-
-
-@dataclass(frozen=True)
-class Operand:
-    """An input array (any layout) and the dtype it is sent as."""
-
-    array: np.ndarray
-    code: int
-
-    def wire(self, values: Optional[np.ndarray] = None) -> WireTensor:
-        arr = self.array if values is None else values
-        code, data = wire_array(arr, self.code)
-        return WireTensor(code, tuple(int(d) for d in arr.shape), data)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.array.size) * itemsize_of(self.code)
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """Validated inputs of one evaluation."""
-
-    x: Operand
-    y: Operand
-    w: Optional[Operand]
-    p: Optional[Operand]
-
-    @property
-    def shape(self) -> Tuple[int, ...]:
-        return tuple(int(d) for d in self.x.array.shape)
-
-    @property
-    def numel(self) -> int:
-        return int(self.x.array.size)
-
-
-def prepare_inputs(logits: Any, targets: Any, weight: Any, pos_weight: Any,
-                   dtype: Any = None, wire_codes: Optional[Mapping[str, int]] = None) -> Inputs:
-    """Converts the arguments to arrays and picks the wire dtype of each.
-
-    Parameters
-    ----------
-    logits, targets, weight, pos_weight : array_like (weight/pos_weight may be None)
-    dtype : dtype-like, optional
-        Send every tensor in this dtype (the ``dtype=`` argument of the calls).
-    wire_codes : mapping, optional
-        Per-argument wire dtype overrides (used for torch bfloat16 tensors).
-
-    Raises
-    ------
-    ValueError
-        An unsupported dtype (named with its argument) or an unknown ``dtype``.
-    """
-    forced = None if dtype is None else resolve_dtype(dtype, "dtype")
-    codes = dict(wire_codes or {})
-    x = as_array("logits", logits, None)
-
-    def operand(name: str, value: Any) -> Optional[Operand]:
-        if value is None:
-            return None
-        arr = x if name == "logits" else as_array(name, value, x.dtype)
-        code = forced if forced is not None else codes.get(name)
-        if code is None:
-            code = code_of(arr.dtype)
-        assert code is not None
-        return Operand(arr, code)
-
-    xo = operand("logits", logits)
-    yo = operand("targets", targets)
-    assert xo is not None and yo is not None
-    return Inputs(xo, yo, operand("weight", weight), operand("pos_weight", pos_weight))
-
-
-def _prod(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-# ---------------------------------------------------------------------------------------
-# Chunk planning
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """Split of a tensor of ``shape`` into row ranges of its leading axes ``0..k`` merged.
-
-    The tensor is viewed as ``(rows, *shape[k+1:])`` with ``rows = prod(shape[:k+1])``;
-    chunk ``i`` holds rows ``bounds[i]``.
-    """
-
-    shape: Tuple[int, ...]
-    k: int
-    bounds: Tuple[Tuple[int, int], ...]
-
-    @property
-    def rows(self) -> int:
-        return _prod(self.shape[:self.k + 1])
-
-    @property
-    def rest(self) -> Tuple[int, ...]:
-        return self.shape[self.k + 1:]
-
-
-def _padded(arr: np.ndarray, ndim: int) -> np.ndarray:
-    return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
-
-
-def _is_whole(op: Operand, ndim: int, k: int) -> bool:
-    """True when a broadcast operand is the same for every row (leading dims all 1)."""
-    return all(d == 1 for d in _padded(op.array, ndim).shape[:k + 1])
-
-
-def plan_chunks(inputs: Inputs, *, loss_per_row: str, grads: int, limit: int,
-                preferred: int, min_rest: int = 0) -> ChunkPlan:
-    """Chooses the split axis and the rows per chunk so that requests and replies fit.
-
-    Parameters
-    ----------
-    loss_per_row : {"elements", "samples", "scalar"}
-        What the reply carries per element: the loss of each element, of each last-axis
-        row, or one scalar for the chunk.
-    grads : int
-        Number of gradient tensors in each reply.
-    limit : int
-        The message size limit (bytes).
-    preferred : int
-        Preferred chunk size (bytes); smaller chunks pipeline better.
-    min_rest : int
-        Number of trailing axes that must stay whole (1 for per_sample_mean).
-
-    Raises
-    ------
-    ValueError
-        When even one row of the innermost splittable axis does not fit.
-    """
-    shape = inputs.shape
-    nd = len(shape)
-    x_item = itemsize_of(inputs.x.code)
-    out_item = itemsize_of(inputs.x.code)
-    for k in range(0, max(nd - min_rest, 1)):
-        if nd == 0:
-            break
-        rest = shape[k + 1:]
-        rest_n = _prod(rest)
-        per_row_req = rest_n * (x_item + itemsize_of(inputs.y.code))
-        fixed_req = _OVERHEAD + _PER_DIM * nd
-        for op in (inputs.w, inputs.p):
-            if op is None:
-                continue
-            if _is_whole(op, nd, k):
-                fixed_req += op.nbytes
-            else:
-                per_row_req += _prod(_padded(op.array, nd).shape[k + 1:]) * itemsize_of(op.code)
-        per_row_resp = rest_n * out_item * grads
-        if loss_per_row == "elements":
-            per_row_resp += rest_n * out_item
-        elif loss_per_row == "samples":
-            per_row_resp += max(rest_n // max(shape[-1], 1), 1) * out_item
-        fixed_resp = _OVERHEAD + _PER_DIM * nd
-        rows_total = _prod(shape[:k + 1])
-        for budget in (min(preferred, limit), limit):
-            fit = (budget - fixed_req) // max(per_row_req, 1)
-            if per_row_resp:
-                fit = min(fit, (budget - fixed_resp) // per_row_resp)
-            if fit >= 1:
-                n = max(-(-rows_total // fit), 1)  # chunks of balanced sizes <= fit
-                bounds = tuple((i * rows_total // n, (i + 1) * rows_total // n)
-                               for i in range(n))
-                return ChunkPlan(shape, k, bounds)
-    raise ValueError(
-        f"cannot split logits of shape {shape_list(shape)} into requests of at most {limit} "
-        "bytes (max_message_bytes): one row of the innermost splittable axis is larger"
-        + (" (per_sample_mean keeps last-axis rows whole)" if min_rest else ""))
-
-
-class _Slicer:
-    """Cuts the inputs into the chunks of a plan (copies only what a chunk needs)."""
-
-    def __init__(self, inputs: Inputs, plan: ChunkPlan) -> None:
-        self.plan = plan
-        self.inputs = inputs
-        nd = len(plan.shape)
-        merged = (plan.rows,) + plan.rest
-        x, y = inputs.x.array, inputs.y.array
-        if plan.k > 0:
-            # Merging leading axes needs C order (a no-op for the usual contiguous inputs).
-            x = np.ascontiguousarray(x).reshape(merged)
-            y = np.ascontiguousarray(y).reshape(merged)
-        self._x, self._y = x, y
-        self._ops: List[Tuple[Optional[Operand], Optional[np.ndarray], bool]] = []
-        for op in (inputs.w, inputs.p):
-            if op is None:
-                self._ops.append((None, None, True))
-                continue
-            padded = _padded(op.array, nd)
-            whole = _is_whole(op, nd, plan.k)
-            self._ops.append((op, padded.reshape(padded.shape[plan.k + 1:]) if whole else padded,
-                              whole))
-
-    def chunk(self, r0: int, r1: int) -> Tuple[WireTensor, WireTensor, Optional[WireTensor],
-                                               Optional[WireTensor]]:
-        plan = self.plan
-        out: List[Optional[WireTensor]] = [self.inputs.x.wire(self._x[r0:r1]),
-                                           self.inputs.y.wire(self._y[r0:r1])]
-        for op, arr, whole in self._ops:
-            if op is None or arr is None:
-                out.append(None)
-            elif whole:
-                out.append(op.wire(arr))
-            elif plan.k == 0:
-                out.append(op.wire(arr[r0:r1]))
-            else:
-                lead = arr.shape[:plan.k + 1]
-                idx = np.unravel_index(np.arange(r0, r1), plan.shape[:plan.k + 1])
-                index = tuple(idx[j] if lead[j] != 1 else 0 for j in range(plan.k + 1))
-                out.append(op.wire(arr[index]))
-        return out[0], out[1], out[2], out[3]  # type: ignore[return-value]
 
 
 def _timing_of(parsed: Any) -> Timing:
@@ -412,16 +129,12 @@ class EvalJob:
         self.reduction = red
         # Room for the request id (chunks append "/<index>").
         limit -= len(self.request_id.encode("utf-8")) + 16
-        framing = _OVERHEAD + _PER_DIM * len(shape)
-        req_bytes = inputs.x.nbytes + inputs.y.nbytes + sum(
-            o.nbytes for o in (inputs.w, inputs.p) if o is not None) + framing
-        out_item = itemsize_of(self.out_code)
         loss_count = 1
         if red == pb.REDUCTION_NONE:
             loss_count = self.total
         elif red == pb.REDUCTION_PER_SAMPLE_MEAN:
-            loss_count = _prod(shape[:-1])
-        resp_bytes = (loss_count + n_grads * self.total) * out_item + framing
+            loss_count = prod(shape[:-1])
+        req_bytes, resp_bytes = message_sizes(inputs, loss_count, n_grads)
         split_at = limit
         if chunk_bytes and _splits_exactly(options, len(shape)):
             split_at = min(limit, chunk_bytes)
@@ -516,7 +229,7 @@ class EvalJob:
     def chunk_elements(self, index: int) -> int:
         assert self.plan is not None
         r0, r1 = self.plan.bounds[index]
-        return (r1 - r0) * _prod(self.plan.rest)
+        return (r1 - r0) * prod(self.plan.rest)
 
     def _chunk_requests(self, options: RequestOptions) -> Iterator[bytes]:
         assert self.plan is not None
@@ -573,7 +286,7 @@ class EvalJob:
         self._timing[0] += parsed.queue_ns
         self._timing[1] += parsed.compute_ns
         self._timing[2] += parsed.total_ns
-        self._done += rows * _prod(self.plan.rest)
+        self._done += rows * prod(self.plan.rest)
         return self._done
 
     def accumulate_reply(self, response: "pb.AccumulateResponse") -> None:
@@ -583,7 +296,7 @@ class EvalJob:
         """Elements sent to Accumulate after chunk ``index`` (progress without a stream)."""
         assert self.plan is not None
         r1 = self.plan.bounds[index][1]
-        return r1 * _prod(self.plan.rest)
+        return r1 * prod(self.plan.rest)
 
     def result(self) -> LossResult:
         """The assembled result once every reply has been stored."""
@@ -606,20 +319,6 @@ class EvalJob:
 
 # ---------------------------------------------------------------------------------------
 # Accumulate over an iterable of batches
-
-
-def _unpack_batch(batch: Any, index: int) -> Tuple[Any, Any, Any, Any]:
-    if isinstance(batch, Mapping):
-        unknown = set(batch) - {"logits", "targets", "weight", "pos_weight"}
-        if unknown or "logits" not in batch or "targets" not in batch:
-            raise ValueError(f"batch {index}: a mapping needs keys 'logits' and 'targets' "
-                             f"(optional 'weight', 'pos_weight'), got {sorted(batch)}")
-        return batch["logits"], batch["targets"], batch.get("weight"), batch.get("pos_weight")
-    if isinstance(batch, (tuple, list)) and 2 <= len(batch) <= 4:
-        items = list(batch) + [None] * (4 - len(batch))
-        return items[0], items[1], items[2], items[3]
-    raise ValueError(f"batch {index}: expected (logits, targets[, weight[, pos_weight]]) or a "
-                     f"mapping, got {type(batch).__name__}")
 
 
 #: Converts a batch's (logits, targets, weight, pos_weight), e.g. from torch tensors, and
@@ -653,7 +352,7 @@ class AccumulateJob:
 
     def messages_for(self, index: int, batch: Any) -> Iterator[bytes]:
         """The encoded request(s) of batch ``index`` (several when it must be split)."""
-        x, y, w, p = _unpack_batch(batch, index)
+        x, y, w, p = unpack_batch(batch, index)
         if p is None:
             p = self.pos_weight
         codes: Dict[str, int] = {}

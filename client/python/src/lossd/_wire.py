@@ -30,7 +30,8 @@ from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._tensor import BFLOAT16, bfloat16_bits_to_float32, dtype_name, output_dtype
 
 __all__ = ["WireTensor", "RequestOptions", "encode_request", "ParsedTensor", "ParsedResponse",
-           "parse_response", "parse_stream_response", "to_array"]
+           "parse_response", "parse_stream_response", "to_array", "encode_varint",
+           "read_varint"]
 
 Buffer = Union[bytes, memoryview]
 
@@ -40,7 +41,7 @@ _VARINT1 = [bytes([i]) for i in range(128)]
 _DOUBLE = struct.Struct("<d")
 
 
-def _varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
     """Base-128 varint of ``n``; negative values as 64-bit two's complement (10 bytes)."""
     if 0 <= n < 128:
         return _VARINT1[n]
@@ -54,7 +55,7 @@ def _varint(n: int) -> bytes:
 
 
 def _key(field: int, wire_type: int) -> bytes:
-    return _varint((field << 3) | wire_type)
+    return encode_varint((field << 3) | wire_type)
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,9 @@ def _whole_body(o: RequestOptions) -> bytes:
     """The ``WholeRequest`` message of ``o`` (empty when the request is whole)."""
     if not o.whole_elements:
         return b""
-    body = b"\x08" + _varint(int(o.whole_elements))
+    body = b"\x08" + encode_varint(int(o.whole_elements))
     if o.whole_kept is not None:
-        body += b"\x10" + _varint(int(o.whole_kept))
+        body += b"\x10" + encode_varint(int(o.whole_kept))
     return body
 
 
@@ -105,15 +106,15 @@ def _tensor_parts(field: int, t: WireTensor, parts: List[Buffer]) -> int:
     """Appends tensor field ``field`` to ``parts``; returns the bytes appended."""
     head = bytearray()
     if t.code:
-        head += b"\x08" + _varint(t.code)
+        head += b"\x08" + encode_varint(t.code)
     if t.shape:
-        dims = b"".join(_varint(int(d)) for d in t.shape)
-        head += b"\x12" + _varint(len(dims)) + dims
+        dims = b"".join(encode_varint(int(d)) for d in t.shape)
+        head += b"\x12" + encode_varint(len(dims)) + dims
     nbytes = t.data.nbytes
     if nbytes:
-        head += b"\x1a" + _varint(nbytes)
+        head += b"\x1a" + encode_varint(nbytes)
     body_len = len(head) + nbytes
-    prefix = _key(field, _WT_LEN) + _varint(body_len)
+    prefix = _key(field, _WT_LEN) + encode_varint(body_len)
     parts.append(prefix + bytes(head))
     if nbytes:
         # A flat byte view: works for every dtype (ml_dtypes' included) and for 0-d arrays.
@@ -135,7 +136,7 @@ def _loss_body(o: RequestOptions, pos_weight: Optional[WireTensor]) -> Tuple[int
         size += _tensor_parts(1, pos_weight, parts)
     tail = b""
     if o.ignore_index is not None:
-        tail += b"\x10" + _varint(int(o.ignore_index))
+        tail += b"\x10" + encode_varint(int(o.ignore_index))
     if o.normalize:
         tail += b"\x18\x01"
     if o.label_smoothing:
@@ -217,28 +218,28 @@ def encode_request(request_id: str, logits: WireTensor, targets: WireTensor,
     parts: List[Buffer] = []
     if request_id:
         rid = request_id.encode("utf-8")
-        parts.append(b"\x0a" + _varint(len(rid)) + rid)
+        parts.append(b"\x0a" + encode_varint(len(rid)) + rid)
     _tensor_parts(2, logits, parts)
     _tensor_parts(3, targets, parts)
     if weight is not None:
         _tensor_parts(4, weight, parts)
     size, loss_parts = _loss_body(options, pos_weight if options.loss == "bce" else None)
-    parts.append((b"\x32" if options.loss == "focal" else b"\x2a") + _varint(size))
+    parts.append((b"\x32" if options.loss == "focal" else b"\x2a") + encode_varint(size))
     parts.extend(loss_parts)
     tail = bytearray()
     if options.reduction:
-        tail += b"\x80\x01" + _varint(options.reduction)
+        tail += b"\x80\x01" + encode_varint(options.reduction)
     if options.grad_logits or options.grad_targets:
         g = (b"\x08\x01" if options.grad_logits else b"") + \
             (b"\x10\x01" if options.grad_targets else b"")
-        tail += b"\x8a\x01" + _varint(len(g)) + g
+        tail += b"\x8a\x01" + encode_varint(len(g)) + g
     if options.device:
-        tail += b"\x90\x01" + _varint(options.device)
+        tail += b"\x90\x01" + encode_varint(options.device)
     if options.reject_nan:
         tail += b"\x98\x01\x01"
     whole = _whole_body(options)
     if whole:
-        tail += b"\xa2\x01" + _varint(len(whole)) + whole
+        tail += b"\xa2\x01" + encode_varint(len(whole)) + whole
     if tail:
         parts.append(bytes(tail))
     return b"".join(parts)
@@ -279,7 +280,20 @@ def _malformed(what: str) -> InternalError:
     return InternalError(grpc.StatusCode.INTERNAL, f"client: malformed response ({what})")
 
 
-def _read_varint(buf: Buffer, i: int, end: int) -> Tuple[int, int]:
+def read_varint(buf: Buffer, i: int, end: int) -> Tuple[int, int]:
+    """Reads the base-128 varint at ``buf[i:end]``.
+
+    Returns
+    -------
+    (value, next_index)
+        The value as an unsigned 64-bit integer (see :func:`_signed64`) and the index of
+        the byte after it.
+
+    Raises
+    ------
+    InternalError
+        The varint runs past ``end`` or over 10 bytes.
+    """
     result = 0
     shift = 0
     while True:
@@ -305,13 +319,13 @@ def _fields(buf: Buffer, i: int, end: int):
     ``start``), and ``start`` is also where fixed-size values begin.
     """
     while i < end:
-        key, i = _read_varint(buf, i, end)
+        key, i = read_varint(buf, i, end)
         field, wt = key >> 3, key & 7
         if wt == _WT_VARINT:
-            value, i = _read_varint(buf, i, end)
+            value, i = read_varint(buf, i, end)
             yield field, wt, value, i
         elif wt == _WT_LEN:
-            length, i = _read_varint(buf, i, end)
+            length, i = read_varint(buf, i, end)
             if i + length > end:
                 raise _malformed("truncated field")
             yield field, wt, length, i
@@ -340,7 +354,7 @@ def _parse_tensor(buf: Buffer, i: int, end: int) -> ParsedTensor:
         elif field == 2 and wt == _WT_LEN:  # packed
             j = start
             while j < start + value:
-                d, j = _read_varint(buf, j, start + value)
+                d, j = read_varint(buf, j, start + value)
                 shape.append(_signed64(d))
         elif field == 2 and wt == _WT_VARINT:  # unpacked
             shape.append(_signed64(value))
