@@ -118,7 +118,7 @@ fuzz: deps
 	rc=$$?; grep -E '^#[0-9]+' $$log | tail -n 1; \
 	grep -E '^stat::number_of_executed_units' $$log || true; \
 	if [ $$rc -ne 0 ]; then \
-	  tail -n 80 $$log; \
+	  grep -vE '^#[0-9]+' $$log | tail -n 60; \
 	  echo "fuzz: FAILED (exit $$rc); the input is $(FUZZ_BUILD)/crash-*, leak-*, timeout-* or oom-*"; \
 	  exit 1; \
 	fi; \
@@ -127,3 +127,24 @@ fuzz: deps
 # What CI runs: one minute of `make fuzz`.
 fuzz-ci:
 	$(MAKE) fuzz FUZZ_SECONDS=60
+
+# Container images and deployment manifests (docs/deployment.md). Not part of `make test`.
+.PHONY: image image-check lint-deploy
+IMAGE ?= localhost/lossd:0.1.0
+LINT_VENV ?= .venv-lint
+
+# Builds the CPU image (Dockerfile) with podman as $(IMAGE): installs podman, mmdebstrap and runc
+# when missing and creates the base image localhost/debian:12-slim once.
+image:
+	deploy/docker/podman_build.sh $(IMAGE) Dockerfile
+
+# Builds the CPU image, runs it on 127.0.0.1 with free ports, smoke-tests it with the Python
+# client (tests/deploy/image_check.sh), then removes the container and the image. Minutes.
+image-check: venv
+	PYTHON=$(VENV)/bin/python tests/deploy/image_check.sh
+
+# hadolint, checkov, kubernetes-validate (minimum and current Kubernetes), check-jsonschema
+# (compose) and a CMake configure of exactly the Docker build context. Installs its pinned tools
+# into $(LINT_VENV) (tests/deploy/requirements-lint.txt). CI runs it.
+lint-deploy: deps
+	LINT_VENV=$(LINT_VENV) PYTHON=$(PYTHON) tests/deploy/lint_deploy.sh

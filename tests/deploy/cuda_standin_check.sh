@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Exercises Dockerfile.cuda where NVIDIA's base images cannot be pulled (docs/deployment.md):
+# builds it with podman on stand-in bases, runs the result without a GPU and checks it.
+#   devel stand-in:   localhost/debian:12-slim + this machine's CUDA toolkit (/usr/local/cuda,
+#                     nvcc 13.0 on the project's machines), copied in as /usr/local/cuda;
+#   runtime stand-in: localhost/debian:12-slim.
+# Checks: the build (apt steps, CMake with CUDA ON and the image's architectures, nvcc, the
+# library bundle), that every shared library of lossd resolves in the runtime image, the
+# embedded device code (cuobjdump: sm_80/86/89/90 SASS + compute_90 PTX), and then, on the CPU
+# (--device=auto without a GPU): the smoke test, the HEALTHCHECK, non-root, drain.
+# Not exercised: NVIDIA's Ubuntu 24.04 bases, the GPU itself (see kernels/cuda/gpu_check.sh).
+# Manual (not CI, not a make target): minutes, most of it nvcc. CUDA_ARCHITECTURES=90 in the
+# environment builds one architecture only (faster).
+#   bash tests/deploy/cuda_standin_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-.venv/bin/python}
+cuda=$(readlink -f /usr/local/cuda)
+[ -x "$cuda/bin/nvcc" ] || { echo "no CUDA toolkit at /usr/local/cuda"; exit 1; }
+P=(podman --runtime runc --cgroup-manager=cgroupfs)
+U=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+devel=localhost/lossd-cuda-standin:devel-$$
+tag=localhost/lossd-cuda:standin-$$
+name=lossd-cuda-standin-$$
+stage=$(mktemp -d)
+fail=0
+cleanup() {
+  "${P[@]}" rm -f -t 0 "$name" >/dev/null 2>&1 || true
+  "${P[@]}" rmi -f "$tag" "$devel" >/dev/null 2>&1 || true
+  rm -rf "$stage"
+}
+trap cleanup EXIT
+
+echo "== devel stand-in from $cuda"
+mkdir -p "$stage/cuda/lib"
+cp -a "$cuda/bin" "$cuda/include" "$cuda/nvvm" "$cuda/targets" "$stage/cuda/"
+# lib/ without the large math libraries, which lossd does not use.
+find "$cuda/lib/" -mindepth 1 -maxdepth 1 | grep -vE 'cublas|cudnn|cufft|cusolver|cusparse|curand|nccl' |
+  xargs cp -a -t "$stage/cuda/lib/"
+ln -s lib "$stage/cuda/lib64"
+# Debian 12's CMake 3.25.1 FindCUDAToolkit fails ("set_property could not find TARGET
+# CUDA::nvToolsExt") with CUDA >= 12, which ships no libnvToolsExt (later CMake releases guard
+# it). An empty placeholder file satisfies it; nothing links it.
+[ -e "$stage/cuda/lib/libnvToolsExt.so" ] || : > "$stage/cuda/lib/libnvToolsExt.so"
+printf 'FROM localhost/debian:12-slim\nCOPY cuda /usr/local/cuda\n' > "$stage/Dockerfile"
+deploy/docker/podman_build.sh --base-only
+"${P[@]}" build --format docker --pull=never --layers=false "${U[@]}" -t "$devel" "$stage" >/dev/null
+
+echo "== build Dockerfile.cuda on the stand-ins"
+start=$(date +%s)
+archs=()
+[ -n "${CUDA_ARCHITECTURES:-}" ] && archs=(--build-arg "CUDA_ARCHITECTURES=$CUDA_ARCHITECTURES")
+"${P[@]}" build --format docker --network=host --pull=never --layers=false "${U[@]}" \
+  --build-arg CUDA_DEVEL_IMAGE="$devel" --build-arg CUDA_RUNTIME_IMAGE=localhost/debian:12-slim \
+  "${archs[@]}" -t "$tag" -f Dockerfile.cuda . > /tmp/lossd-cuda-standin-build.log 2>&1 ||
+  { tail -40 /tmp/lossd-cuda-standin-build.log; echo "FAIL: build (log /tmp/lossd-cuda-standin-build.log)"; exit 1; }
+echo "build seconds: $(( $(date +%s) - start ))"
+echo "image size: $("${P[@]}" image inspect --format '{{.Size}}' "$tag") bytes"
+grep -E "CUDA backend ON|^lib.*\.so" /tmp/lossd-cuda-standin-build.log | head -3 || true
+echo "bundled libraries: $(grep -cE '^lib.*\.so' /tmp/lossd-cuda-standin-build.log || true)"
+
+echo "== shared libraries and device code"
+"${P[@]}" run --rm "${U[@]}" --entrypoint /bin/sh "$tag" -c \
+  'ldd /usr/local/bin/lossd | grep -E "not found|libgrpc\+\+|libcuda" || true' 2>&1 | grep -v "systemd connection"
+if [[ "$("${P[@]}" run --rm "${U[@]}" --entrypoint /bin/sh "$tag" -c 'ldd /usr/local/bin/lossd' 2>/dev/null)" == *"not found"* ]]; then
+  echo "FAIL: unresolved shared libraries"; fail=1; fi
+cid=$("${P[@]}" create "$tag" 2>/dev/null)
+"${P[@]}" cp "$cid:/usr/local/bin/lossd" "$stage/lossd" >/dev/null
+"${P[@]}" rm "$cid" >/dev/null
+# cuobjdump: the toolkit's, else NVIDIA's PyPI wheel (13.2 is the oldest there; it reads the
+# fat binaries of older nvcc releases).
+objdump="$cuda/bin/cuobjdump"
+if [ ! -x "$objdump" ]; then
+  python3 -m venv "$stage/venv" && "$stage/venv/bin/pip" install -q nvidia-cuda-cuobjdump==13.2.86
+  objdump=$(find "$stage/venv" -name cuobjdump -type f | head -n 1)
+fi
+elf=$("$objdump" --list-elf "$stage/lossd" | grep -o 'sm_[0-9]*' | sort -u | tr '\n' ' ')
+ptx=$("$objdump" --list-ptx "$stage/lossd" | grep -o 'sm_[0-9]*' | sort -u | tr '\n' ' ')
+echo "SASS: $elf; PTX: $ptx"
+if [ -z "${CUDA_ARCHITECTURES:-}" ]; then
+  [ "$elf" = "sm_80 sm_86 sm_89 sm_90 " ] && [ "$ptx" = "sm_90 " ] ||
+    { echo "FAIL: device code is not sm_80/86/89/90 + compute_90 PTX"; fail=1; }
+fi
+
+echo "== run without a GPU (--device=auto falls back to the CPU)"
+read -r port mport < <(python3 -c 'import socket
+s=[socket.socket() for _ in range(2)]
+[x.bind(("127.0.0.1",0)) for x in s]
+print(*(x.getsockname()[1] for x in s))')
+"${P[@]}" run -d --name "$name" --network=host "${U[@]}" --read-only --cap-drop=ALL \
+  --security-opt=no-new-privileges -e LOSSD_HEALTH_ADDR="127.0.0.1:$port" "$tag" \
+  --host=127.0.0.1 --port="$port" --device=auto --metrics_host=127.0.0.1 \
+  --metrics_port="$mport" --drain_timeout=10s 2>&1 | grep -v "systemd connection" >/dev/null || true
+for _ in $(seq 120); do
+  [[ "$("${P[@]}" logs "$name" 2>&1)" == *"lossd listening"* ]] && break
+  sleep 0.5
+done
+"${P[@]}" logs "$name" 2>&1 | grep -E "devices=|listening" | cut -c1-160
+"$PYTHON" tests/deploy/smoke_image.py --addr "127.0.0.1:$port" --metrics-port "$mport" || fail=1
+"${P[@]}" healthcheck run "$name" && echo "healthcheck: healthy" || { echo "FAIL: HEALTHCHECK"; fail=1; }
+puid=$("${P[@]}" exec "$name" sh -c 'awk "/^Uid:/ {print \$2}" /proc/1/status')
+echo "lossd uid=$puid"
+[ "$puid" = 10001 ] || { echo "FAIL: not UID 10001"; fail=1; }
+"${P[@]}" stop -t 30 "$name" 2>&1 | grep -v "systemd connection" >/dev/null || true
+code=$("${P[@]}" inspect --format '{{.State.ExitCode}}' "$name")
+echo "exit code after SIGTERM: $code"
+[ "$code" = 0 ] || fail=1
+
+if [ "$fail" = 0 ]; then echo "cuda stand-in check: OK"; else echo "cuda stand-in check: FAILED"; fi
+exit "$fail"
