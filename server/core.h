@@ -14,7 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.pb.h"
 #include "memory.h"
 #include "metrics.h"

@@ -17,7 +17,7 @@
 #include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "log.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "server.h"
 

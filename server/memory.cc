@@ -9,10 +9,10 @@
 
 namespace lossd::server {
 
-MemoryBudget::MemoryBudget(int64_t limit, int64_t trim_after_bytes, absl::Duration trim_idle)
-    : limit_(limit), trim_after_(trim_after_bytes), trim_idle_(trim_idle) {
+MemoryBudget::MemoryBudget(int64_t limit, bool trim_when_idle, absl::Duration trim_idle)
+    : limit_(limit), trim_idle_(trim_idle) {
   last_change_ = absl::Now();
-  if (trim_after_ > 0) trimmer_ = std::thread([this] { TrimLoop(); });
+  if (trim_when_idle) trimmer_ = std::thread([this] { TrimLoop(); });
 }
 
 MemoryBudget::~MemoryBudget() {
@@ -32,7 +32,7 @@ absl::Status MemoryBudget::Reserve(int64_t bytes, const char* what) {
   }
   held_ += bytes;
   last_change_ = absl::Now();
-  if (trim_after_ > 0 && held_ >= trim_after_) trim_due_ = true;
+  if (bytes > 0) trim_due_ = true;
   return absl::OkStatus();
 }
 
@@ -53,11 +53,12 @@ int64_t MemoryBudget::trims() const {
 }
 
 void MemoryBudget::TrimLoop() {
-  // Trims once per quiet period after calls held trim_after_ bytes together: glibc keeps freed
-  // blocks of its heaps mapped (hundreds of MB after one large call) until told otherwise.
+  // Trims once per quiet period after calls held memory: glibc keeps freed blocks of its
+  // heaps mapped (hundreds of MB after one large call) until told otherwise. Under steady load
+  // the server never idles and memory follows the load's peak instead.
   absl::MutexLock lock(&mu_);
   while (!stop_) {
-    const bool quiet = trim_due_ && held_ < trim_after_ && absl::Now() - last_change_ >= trim_idle_;
+    const bool quiet = trim_due_ && held_ == 0 && absl::Now() - last_change_ >= trim_idle_;
     if (quiet) {
       trim_due_ = false;
       ++trims_;

@@ -22,11 +22,11 @@ namespace lossd::server {
 
 class MemoryBudget {
  public:
-  // `limit` bytes may be held at once (0: unlimited). Once calls have held `trim_after_bytes`
-  // together and then hold less for `trim_idle`, the allocator's free memory goes back to the
-  // OS (malloc_trim), once per such episode; trim_after_bytes <= 0 disables that.
-  MemoryBudget(int64_t limit, int64_t trim_after_bytes = int64_t{64} << 20,
-               absl::Duration trim_idle = absl::Seconds(1));
+  // `limit` bytes may be held at once (0: unlimited). With `trim_when_idle`, once calls have
+  // held memory and then none is held for `trim_idle`, the allocator's free memory goes back
+  // to the OS (malloc_trim), once per such quiet period.
+  explicit MemoryBudget(int64_t limit, bool trim_when_idle = true,
+                        absl::Duration trim_idle = absl::Seconds(1));
   ~MemoryBudget();
   MemoryBudget(const MemoryBudget&) = delete;
   MemoryBudget& operator=(const MemoryBudget&) = delete;
@@ -44,11 +44,10 @@ class MemoryBudget {
   void TrimLoop();
 
   const int64_t limit_;
-  const int64_t trim_after_;
   const absl::Duration trim_idle_;
   mutable absl::Mutex mu_;
   int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
-  bool trim_due_ ABSL_GUARDED_BY(mu_) = false;  // held_ reached trim_after_ since the last trim
+  bool trim_due_ ABSL_GUARDED_BY(mu_) = false;  // memory was held since the last trim
   absl::Time last_change_ ABSL_GUARDED_BY(mu_);
   int64_t trims_ ABSL_GUARDED_BY(mu_) = 0;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
 
 namespace lossd::server {
 

@@ -24,7 +24,7 @@
 #include "google/protobuf/util/json_util.h"
 #include "host_limits.h"
 #include "log.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "metrics.h"
 #include "service.h"

@@ -16,6 +16,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "grpc_status.h"
+#include "lossd/kernels/exact_sum.h"
 #include "memory.h"
 #include "service.h"
 #include "wire.h"
@@ -24,12 +25,17 @@ namespace lossd::server {
 
 namespace {
 
-// What a reactor does once its mutex is released.
+// What a reactor does once its mutex is released. With nothing to do, the caller must not
+// touch the reactor at all once the mutex is released: another thread may finish and delete it
+// at any moment (even a call of a member function that does nothing is then undefined; UBSan's
+// vptr check reports it). An action that is pending keeps the reactor alive until it is taken
+// (writing_ and starting_reads_ hold off Finish).
 struct Actions {
   grpc::ByteBuffer* read = nullptr;
   const grpc::ByteBuffer* write = nullptr;
   bool finish = false;
   grpc::Status status;
+  bool any() const { return read != nullptr || write != nullptr || finish; }
 };
 
 // ---- EvaluateStream ---------------------------------------------------------------------
@@ -53,7 +59,7 @@ class EvaluateStreamReactor final
         NextRead(&actions);
       }
     }
-    Run(actions);
+    if (actions.any()) Run(actions);
   }
 
   void OnReadDone(bool ok) override {
@@ -70,7 +76,7 @@ class EvaluateStreamReactor final
         NextWrite(&actions);
       }
     }
-    Run(actions);
+    if (actions.any()) Run(actions);
   }
 
   void OnWriteDone(bool ok) override {
@@ -87,7 +93,7 @@ class EvaluateStreamReactor final
         MaybeFinish(&actions);
       }
     }
-    Run(actions);
+    if (actions.any()) Run(actions);
   }
 
   void OnCancel() override {
@@ -97,7 +103,7 @@ class EvaluateStreamReactor final
       absl::MutexLock lock(&mu_);
       RequestFinish(absl::CancelledError("the call was cancelled"), &actions);
     }
-    Run(actions);
+    if (actions.any()) Run(actions);
   }
 
   void OnDone() override {
@@ -232,7 +238,7 @@ class EvaluateStreamReactor final
       NextWrite(&actions);
       MaybeFinish(&actions);
     }
-    Run(actions);
+    if (actions.any()) Run(actions);
   }
 
   // Finishes OK when every read batch has been answered.
@@ -308,7 +314,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
         NextRead(&actions);
       }
     }
-    Run(actions);
+    if (actions.any()) Run(actions);
   }
 
   void OnReadDone(bool ok) override {
@@ -323,7 +329,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
         Accept(&actions);
       }
     }
-    Run(actions);
+    if (actions.any()) Run(actions);
   }
 
   void OnCancel() override {
@@ -333,7 +339,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
       absl::MutexLock lock(&mu_);
       RequestFinish(absl::CancelledError("the call was cancelled"), &actions);
     }
-    Run(actions);
+    if (actions.any()) Run(actions);
   }
 
   void OnDone() override {
@@ -489,7 +495,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
         MaybeFinish(&actions);
       }
     }
-    Run(actions);
+    if (actions.any()) Run(actions);
   }
 
   void MaybeFinish(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

@@ -14,7 +14,10 @@
 #include <thread>
 #include <vector>
 
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/operand.h"
 #include "simd_block.h"
 
 namespace {

@@ -21,7 +21,9 @@
 #include "bce_device_math.h"
 #include "bce_math.h"
 #include "cuda_kernels.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/exact_sum.h"
 
 namespace lossd::kernels {
 namespace cuda {

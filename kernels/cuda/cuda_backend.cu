@@ -30,7 +30,11 @@
 #include "bce_math.h"
 #include "cuda_kernels.h"
 #include "divisors.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/exact_sum.h"
+#include "lossd/kernels/operand.h"
 
 namespace lossd::kernels {
 

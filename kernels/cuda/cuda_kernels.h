@@ -9,7 +9,9 @@
 #include <cstdint>
 
 #include "bce_math.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/exact_sum.h"
 
 namespace lossd::kernels::cuda {
 

@@ -39,8 +39,12 @@
 #include <vector>
 
 #include "cuda_kernels.h"
-#include "lossd/kernels/kernels.h"
-#include "test_util.h"  // tests/kernels: the ulp helpers of the kernel tests
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/operand.h"
+#include "lossd/kernels/reference.h"
+#include "test_util.h"  // lossd_kernels_test_util: the ulp helpers of the kernel tests
 
 namespace lk = lossd::kernels;
 using lossd::testing::GradTermScales;

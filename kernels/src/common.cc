@@ -1,4 +1,5 @@
-// Shared pieces of the kernels library: dtypes, conversions, broadcasting, exact summation.
+// Shared pieces of the kernels library: dtypes, conversions, broadcasting, the loss count of a
+// reduction, exact summation.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -7,8 +8,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "lossd/kernels/bce.h"
 #include "lossd/kernels/checked_math.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/exact_sum.h"
+#include "lossd/kernels/operand.h"
 
 namespace lossd::kernels {
 
@@ -247,6 +251,21 @@ absl::StatusOr<Operand> MakeOperand(const std::string& field, DType dtype, const
   op.inner = 1;
   op.period = numel;
   return op;
+}
+
+// ---- Loss count ---------------------------------------------------------------------------
+
+int64_t LossCount(const BceArgs& args) {
+  switch (args.reduction) {
+    case Reduction::kNone:
+      return args.numel;
+    case Reduction::kPerSampleMean:
+      return args.last_dim > 0 ? args.numel / args.last_dim : 0;
+    case Reduction::kSum:
+    case Reduction::kMean:
+      return 1;
+  }
+  return 1;
 }
 
 // ---- Exact summation ----------------------------------------------------------------------

@@ -20,7 +20,11 @@
 #include "divisors.h"
 #include "hwy/aligned_allocator.h"
 #include "simd_block.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/exact_sum.h"
+#include "lossd/kernels/operand.h"
 #include "thread_pool.h"
 
 namespace lossd::kernels {

@@ -1,5 +1,5 @@
 // The CUDA entry points of a build without CUDA (-DLOSSD_CUDA=OFF or no nvcc).
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
 
 namespace lossd::kernels {
 

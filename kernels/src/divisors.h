@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "bce_math.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/bce.h"
 
 namespace lossd::kernels::internal {
 

@@ -5,7 +5,11 @@
 
 #include "bce_math.h"
 #include "divisors.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/exact_sum.h"
+#include "lossd/kernels/operand.h"
+#include "lossd/kernels/reference.h"
 
 namespace lossd::kernels {
 
@@ -17,19 +21,6 @@ double OperandAt(const Operand& op, int64_t i) {
 }
 
 }  // namespace
-
-int64_t LossCount(const BceArgs& args) {
-  switch (args.reduction) {
-    case Reduction::kNone:
-      return args.numel;
-    case Reduction::kPerSampleMean:
-      return args.last_dim > 0 ? args.numel / args.last_dim : 0;
-    case Reduction::kSum:
-    case Reduction::kMean:
-      return 1;
-  }
-  return 1;
-}
 
 void ReferenceBce(const BceArgs& args, double* loss, double* grad_logits, double* grad_targets) {
   const int64_t n = args.numel;

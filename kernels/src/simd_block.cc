@@ -23,7 +23,7 @@
 #include "hwy/contrib/math/math-inl.h"
 #include "bce_math.h"
 #include "simd_block.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/exact_sum.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lossd::kernels::internal {

@@ -18,7 +18,11 @@
 
 #include "bce_math.h"
 #include "hwy/targets.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/exact_sum.h"
+#include "lossd/kernels/reference.h"
 #include "simd_block.h"
 #include "test_util.h"
 

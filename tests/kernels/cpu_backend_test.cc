@@ -10,7 +10,12 @@
 #include <thread>
 #include <vector>
 
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/exact_sum.h"
+#include "lossd/kernels/operand.h"
+#include "lossd/kernels/reference.h"
 #include "test_util.h"
 
 namespace lossd::kernels {

@@ -17,7 +17,11 @@
 #include <vector>
 
 #include "cuda_test_util.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/operand.h"
+#include "lossd/kernels/reference.h"
 
 #ifdef LOSSD_HAVE_CUDA
 #include <cuda_runtime.h>

@@ -14,7 +14,11 @@
 
 #include "cuda_test_util.h"
 #include "hwy/targets.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/operand.h"
+#include "lossd/kernels/reference.h"
 
 namespace lossd::kernels {
 namespace {

@@ -16,7 +16,11 @@
 #include <vector>
 
 #include "../cuda/bce_device_math.h"  // kernels/cuda, reached through the kernels/src include dir
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/operand.h"
+#include "lossd/kernels/reference.h"
 #include "test_util.h"
 
 namespace lossd::kernels::cuda_test {

@@ -12,7 +12,11 @@
 #include <vector>
 
 #include "bce_math.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/backend.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/operand.h"
+#include "lossd/kernels/reference.h"
 #include "simd_block.h"
 #include "test_util.h"
 

@@ -11,7 +11,9 @@
 #include <utility>
 #include <vector>
 
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/operand.h"
 
 namespace lossd::testing {
 

@@ -15,7 +15,9 @@
 
 #include <unistd.h>
 
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/operand.h"
 #include "test_server_util.h"
 
 namespace lossd::server {
@@ -384,7 +386,7 @@ TEST(HardeningMemoryTest, IdleServerTrimsAfterLargeCall) {
   auto stub = Connect((*server)->port());
   const int64_t trims = (*server)->memory_trims();
   v1::EvaluateResponse resp;
-  // 4M float32 elements: 32 MiB of request, held twice: past the 64 MiB trim threshold.
+  // 4M float32 elements: 32 MiB of request (a call that leaves megabytes in the allocator).
   ASSERT_TRUE(
       Call(stub.get(), RandomRequest<float>(1 << 16, 64, 6, v1::REDUCTION_SUM), &resp).ok());
   for (int i = 0; i < 400 && (*server)->memory_trims() == trims; ++i) {

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "grpc/health/v1/health.grpc.pb.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/bce.h"
 #include "test_server_util.h"
 
 namespace lossd::server {

@@ -10,7 +10,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "lossd/kernels/kernels.h"
+#include "lossd/kernels/bce.h"
+#include "lossd/kernels/dtype.h"
+#include "lossd/kernels/operand.h"
+#include "lossd/kernels/reference.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "server.h"
 #include "grpc/health/v1/health.grpc.pb.h"

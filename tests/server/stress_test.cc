@@ -60,7 +60,7 @@ TEST(StressTest, WorkQueueRunsEveryAcceptedTaskOnce) {
 // Concurrent reservations never pass the limit together, and everything comes back.
 TEST(StressTest, MemoryBudgetHoldsUnderContention) {
   constexpr int64_t kLimit = 1000;
-  MemoryBudget budget(kLimit, /*trim_after_bytes=*/0);
+  MemoryBudget budget(kLimit, /*trim_when_idle=*/false);
   std::atomic<int64_t> held{0}, most{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t) {
