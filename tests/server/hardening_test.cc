@@ -261,10 +261,7 @@ TEST(HardeningCancelTest, CancelStopsWithinOneChunkPerThread) {
   auto server = LossdServer::Start(o);
   ASSERT_TRUE(server.ok());
   auto stub = Connect((*server)->port());
-  // The focal loss with gamma 1.5 runs the scalar double path: ~1e7 elements/s per thread.
-  v1::EvaluateRequest req = RandomRequest<float>(1 << 17, 64, 3, v1::REDUCTION_MEAN);
-  req.clear_bce_with_logits();
-  req.mutable_sigmoid_focal_loss()->set_gamma(1.5);
+  const v1::EvaluateRequest req = testing::SlowRequest(1 << 17);  // 8M elements
   const int64_t total_chunks = (int64_t{1} << 23) / kernels::kChunkElements;
   double most_client_to_idle_ms = 0;
   for (int round = 0; round < 3; ++round) {
@@ -322,29 +319,17 @@ TEST(HardeningMemoryTest, InflightBytesAreBounded) {
   EXPECT_NE(s.error_message().find("--max_inflight_bytes"), std::string::npos)
       << s.error_message();
   // 256k elements (2 MiB, with gradient ~8 MiB held): two fit at once, not eight.
-  v1::EvaluateRequest mid = RandomRequest<float>(1 << 12, 64, 5, v1::REDUCTION_NONE);
-  mid.clear_bce_with_logits();
-  mid.mutable_sigmoid_focal_loss()->set_gamma(1.5);  // slow enough to overlap
+  // Slow enough to overlap.
+  v1::EvaluateRequest mid = testing::SlowRequest(1 << 12, v1::REDUCTION_NONE, 5);
   mid.mutable_gradients()->set_logits(true);
-  constexpr int kCalls = 8;
-  std::vector<grpc::StatusCode> codes(kCalls);
-  std::vector<std::thread> threads;
-  for (int i = 0; i < kCalls; ++i) {
-    threads.emplace_back([&, i] {
-      auto own = Connect((*server)->port());
-      v1::EvaluateResponse r;
-      codes[i] = Call(own.get(), mid, &r).error_code();
-    });
-  }
-  for (auto& t : threads) t.join();
-  int ok = 0, exhausted = 0;
-  for (auto c : codes) {
-    ok += c == grpc::StatusCode::OK;
-    exhausted += c == grpc::StatusCode::RESOURCE_EXHAUSTED;
-  }
-  EXPECT_EQ(ok + exhausted, kCalls);
-  EXPECT_GE(ok, 1);
-  EXPECT_GE(exhausted, 1) << "8 concurrent calls of ~8 MiB each under a 24 MiB budget";
+  const testing::CodeCounts n = testing::ConcurrentCalls(8, [&] {
+    auto own = Connect((*server)->port());
+    v1::EvaluateResponse r;
+    return Call(own.get(), mid, &r).error_code();
+  });
+  EXPECT_EQ(n.other, 0);
+  EXPECT_GE(n.ok, 1);
+  EXPECT_GE(n.exhausted, 1) << "8 concurrent calls of ~8 MiB each under a 24 MiB budget";
   for (int i = 0; i < 500 && (*server)->held_bytes() != 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }

@@ -18,16 +18,8 @@ namespace {
 using testing::Connect;
 using testing::LoopbackOptions;
 using testing::RandomRequest;
+using testing::SlowRequest;
 using testing::Values;
-
-// A slow request: the focal loss with a gamma other than 0, 1 and 2 runs the scalar double
-// path (gamma 2 takes the SIMD block, several times faster), about 10^7 elements/s per thread.
-v1::EvaluateRequest SlowRequest(int64_t rows) {
-  v1::EvaluateRequest req = RandomRequest<float>(rows, 64, 3, v1::REDUCTION_MEAN);
-  req.clear_bce_with_logits();
-  req.mutable_sigmoid_focal_loss()->set_gamma(1.5);
-  return req;
-}
 
 constexpr int64_t kSlowRows = 1 << 16;  // 4M elements, 64 chunks
 constexpr int64_t kSlowChunks = (kSlowRows * 64) / kernels::kChunkElements;
@@ -94,25 +86,14 @@ TEST(LifecycleTest, FullQueueFailsFastWithResourceExhausted) {
   ASSERT_TRUE(server.ok());
   auto stub = Connect((*server)->port());
   const v1::EvaluateRequest req = SlowRequest(kSlowRows / 8);
-  constexpr int kCalls = 8;
-  std::vector<grpc::StatusCode> codes(kCalls);
-  std::vector<std::thread> threads;
-  for (int i = 0; i < kCalls; ++i) {
-    threads.emplace_back([&, i] {
-      grpc::ClientContext ctx;
-      v1::EvaluateResponse resp;
-      codes[i] = stub->Evaluate(&ctx, req, &resp).error_code();
-    });
-  }
-  for (auto& t : threads) t.join();
-  int ok = 0, exhausted = 0;
-  for (auto c : codes) {
-    ok += c == grpc::StatusCode::OK;
-    exhausted += c == grpc::StatusCode::RESOURCE_EXHAUSTED;
-  }
-  EXPECT_EQ(ok + exhausted, kCalls);
-  EXPECT_GE(ok, 1);
-  EXPECT_GE(exhausted, 1) << "1 worker, 1 queue slot and 8 concurrent slow calls";
+  const testing::CodeCounts n = testing::ConcurrentCalls(8, [&] {
+    grpc::ClientContext ctx;
+    v1::EvaluateResponse resp;
+    return stub->Evaluate(&ctx, req, &resp).error_code();
+  });
+  EXPECT_EQ(n.other, 0);
+  EXPECT_GE(n.ok, 1);
+  EXPECT_GE(n.exhausted, 1) << "1 worker, 1 queue slot and 8 concurrent slow calls";
 }
 
 TEST(LifecycleTest, MessageSizeLimit) {
