@@ -12,7 +12,7 @@ CMAKE_FLAGS ?=
 APT_PACKAGES := build-essential cmake pkg-config git \
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev \
   libgtest-dev libgmock-dev libbenchmark-dev libhwy-dev prometheus-cpp-dev \
-  python3 python3-venv python3-dev openssl
+  python3 python3-venv python3-dev openssl prometheus
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
