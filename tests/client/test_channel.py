@@ -33,7 +33,7 @@ def test_service_config() -> None:
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
     assert {"service": "lossd.v1.LossService"} in method["name"]
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert method["retryPolicy"]["maxAttempts"] == 5
     assert options["grpc.enable_retries"] == 1
     assert options["grpc.max_receive_message_length"] == 1 << 20

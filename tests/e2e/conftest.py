@@ -154,5 +154,34 @@ def server_factory() -> Iterator:
         assert rc == 0, f"lossd exited with status {rc}; stderr:\n{s.stderr_text()}"
 
 
+@pytest.fixture()
+def replicas() -> Iterator:
+    """``replicas(n, *flags, device="cpu")`` starts n lossd processes on their own loopback
+    ports and returns a ``replicas.ReplicaSet``: ``.targets`` ("127.0.0.1:PORT" each),
+    ``.kill(i)`` (SIGKILL), ``.terminate(i)`` (SIGTERM, exit status 0 required),
+    ``.restart(i)`` (same port, returns once listening), ``[i]`` (the ServerProcess). Every
+    process is stopped after the test; a replica that died unasked fails the test."""
+    from replicas import ReplicaSet
+
+    sets: List[ReplicaSet] = []
+
+    def factory(n: int, *flags: str, device: str = "cpu") -> ReplicaSet:
+        rs = ReplicaSet(n, flags, binary=lossd_binary(), process=ServerProcess, device=device)
+        sets.append(rs)
+        return rs
+
+    try:
+        yield factory
+    finally:
+        errors: List[BaseException] = []
+        for rs in sets:
+            try:
+                rs.close()
+            except BaseException as exc:  # pytest.fail raises an OutcomeException
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
 def pytest_report_header(config) -> str:
     return f"lossd binary: {os.environ.get('LOSSD_BINARY', str(DEFAULT_BINARY))}"

@@ -47,15 +47,17 @@ class RetryPolicy:
     backoff_multiplier : float
         Default 2.
     status_codes : sequence of str
-        Codes that are retried. Default ``("UNAVAILABLE",)``: an unreachable or draining
-        server.
+        Codes that are retried. Default ``("UNAVAILABLE", "CANCELLED")``: an unreachable or
+        draining server answers UNAVAILABLE; a call that reaches a server in the instant it
+        stops is dropped by gRPC's server, which the client sees as CANCELLED. (A call the
+        client cancels itself is never retried.)
     """
 
     max_attempts: int = 5
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
     backoff_multiplier: float = 2.0
-    status_codes: Tuple[str, ...] = ("UNAVAILABLE",)
+    status_codes: Tuple[str, ...] = ("UNAVAILABLE", "CANCELLED")
 
     def to_json(self) -> Dict[str, Any]:
         if not 2 <= self.max_attempts:
