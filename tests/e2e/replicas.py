@@ -118,15 +118,7 @@ class ReplicaSet:
         must be with status 0. Returns the status."""
         s = self.servers[i]
         self._expected_dead.add(i)
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = s.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            s.kill()
-            pytest.fail(f"replica {i} ({self.target(i)}) did not exit within {timeout} s of "
-                        f"SIGTERM; stderr:\n{s.stderr_text()}", pytrace=False)
-        s.kill()  # already exited: only closes the pipe
+        rc = s.stop(timeout)  # SIGTERM; fails the test if it does not exit within timeout
         if rc != 0:
             pytest.fail(f"replica {i} ({self.target(i)}) exited with status {rc} on SIGTERM; "
                         f"stderr:\n{s.stderr_text()}", pytrace=False)
