@@ -27,6 +27,11 @@ class Device(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEVICE_AUTO: _ClassVar[Device]
     DEVICE_CPU: _ClassVar[Device]
     DEVICE_CUDA: _ClassVar[Device]
+
+class RegionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REGION_KIND_UNSPECIFIED: _ClassVar[RegionKind]
+    REGION_KIND_SYSTEM: _ClassVar[RegionKind]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT64: DType
@@ -40,16 +45,40 @@ REDUCTION_PER_SAMPLE_MEAN: Reduction
 DEVICE_AUTO: Device
 DEVICE_CPU: Device
 DEVICE_CUDA: Device
+REGION_KIND_UNSPECIFIED: RegionKind
+REGION_KIND_SYSTEM: RegionKind
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "ref")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    ref: TensorReference
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., ref: _Optional[_Union[TensorReference, _Mapping]] = ...) -> None: ...
+
+class TensorReference(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class OutputPlacement(_message.Message):
+    __slots__ = ("loss", "grad_logits", "grad_targets")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    loss: TensorReference
+    grad_logits: TensorReference
+    grad_targets: TensorReference
+    def __init__(self, loss: _Optional[_Union[TensorReference, _Mapping]] = ..., grad_logits: _Optional[_Union[TensorReference, _Mapping]] = ..., grad_targets: _Optional[_Union[TensorReference, _Mapping]] = ...) -> None: ...
 
 class BceWithLogits(_message.Message):
     __slots__ = ("pos_weight", "ignore_index", "normalize", "label_smoothing")
@@ -88,7 +117,7 @@ class WholeRequest(_message.Message):
     def __init__(self, num_elements: _Optional[int] = ..., num_kept: _Optional[int] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("request_id", "logits", "targets", "weight", "bce_with_logits", "sigmoid_focal_loss", "reduction", "gradients", "device", "reject_nan", "whole")
+    __slots__ = ("request_id", "logits", "targets", "weight", "bce_with_logits", "sigmoid_focal_loss", "reduction", "gradients", "device", "reject_nan", "whole", "outputs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +129,7 @@ class EvaluateRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     REJECT_NAN_FIELD_NUMBER: _ClassVar[int]
     WHOLE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     logits: Tensor
     targets: Tensor
@@ -111,17 +141,26 @@ class EvaluateRequest(_message.Message):
     device: Device
     reject_nan: bool
     whole: WholeRequest
-    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bce_with_logits: _Optional[_Union[BceWithLogits, _Mapping]] = ..., sigmoid_focal_loss: _Optional[_Union[SigmoidFocalLoss, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradients: _Optional[_Union[GradientRequest, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., reject_nan: bool = ..., whole: _Optional[_Union[WholeRequest, _Mapping]] = ...) -> None: ...
+    outputs: OutputPlacement
+    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bce_with_logits: _Optional[_Union[BceWithLogits, _Mapping]] = ..., sigmoid_focal_loss: _Optional[_Union[SigmoidFocalLoss, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradients: _Optional[_Union[GradientRequest, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., reject_nan: bool = ..., whole: _Optional[_Union[WholeRequest, _Mapping]] = ..., outputs: _Optional[_Union[OutputPlacement, _Mapping]] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("queue_ns", "compute_ns", "total_ns")
+    __slots__ = ("queue_ns", "compute_ns", "total_ns", "received_unix_ns", "compute_start_unix_ns", "compute_end_unix_ns", "reply_unix_ns")
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     queue_ns: int
     compute_ns: int
     total_ns: int
-    def __init__(self, queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
+    received_unix_ns: int
+    compute_start_unix_ns: int
+    compute_end_unix_ns: int
+    reply_unix_ns: int
+    def __init__(self, queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., received_unix_ns: _Optional[int] = ..., compute_start_unix_ns: _Optional[int] = ..., compute_end_unix_ns: _Optional[int] = ..., reply_unix_ns: _Optional[int] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("request_id", "loss", "grad_logits", "grad_targets", "device", "timing", "num_elements")
@@ -182,7 +221,7 @@ class GetCapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("server_version", "losses", "dtypes", "devices", "reductions", "max_message_bytes", "max_elements", "cuda_device_name", "whole_requests")
+    __slots__ = ("server_version", "losses", "dtypes", "devices", "reductions", "max_message_bytes", "max_elements", "cuda_device_name", "whole_requests", "shared_memory", "shared_memory_prefix")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +231,8 @@ class Capabilities(_message.Message):
     MAX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     CUDA_DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     WHOLE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_PREFIX_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     losses: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[DType]
@@ -201,4 +242,82 @@ class Capabilities(_message.Message):
     max_elements: int
     cuda_device_name: str
     whole_requests: bool
-    def __init__(self, server_version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[_Union[Device, str]]] = ..., reductions: _Optional[_Iterable[_Union[Reduction, str]]] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., cuda_device_name: _Optional[str] = ..., whole_requests: bool = ...) -> None: ...
+    shared_memory: bool
+    shared_memory_prefix: str
+    def __init__(self, server_version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[_Union[Device, str]]] = ..., reductions: _Optional[_Iterable[_Union[Reduction, str]]] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., cuda_device_name: _Optional[str] = ..., whole_requests: bool = ..., shared_memory: bool = ..., shared_memory_prefix: _Optional[str] = ...) -> None: ...
+
+class RegisterRegionRequest(_message.Message):
+    __slots__ = ("name", "kind", "key", "offset", "byte_size", "lease_ms", "cuda_ipc_handle")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: RegionKind
+    key: str
+    offset: int
+    byte_size: int
+    lease_ms: int
+    cuda_ipc_handle: bytes
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[RegionKind, str]] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., lease_ms: _Optional[int] = ..., cuda_ipc_handle: _Optional[bytes] = ...) -> None: ...
+
+class RegisterRegionResponse(_message.Message):
+    __slots__ = ("region", "lease_ms")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    lease_ms: int
+    def __init__(self, region: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, regions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RenewLeaseResponse(_message.Message):
+    __slots__ = ("unknown", "lease_ms")
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    unknown: _containers.RepeatedScalarFieldContainer[str]
+    lease_ms: int
+    def __init__(self, unknown: _Optional[_Iterable[str]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class UnregisterRegionRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class UnregisterRegionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRegionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RegionInfo(_message.Message):
+    __slots__ = ("name", "kind", "key", "offset", "byte_size", "expires_unix_ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: RegionKind
+    key: str
+    offset: int
+    byte_size: int
+    expires_unix_ms: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[RegionKind, str]] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ListRegionsResponse(_message.Message):
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[RegionInfo]
+    def __init__(self, regions: _Optional[_Iterable[_Union[RegionInfo, _Mapping]]] = ...) -> None: ...

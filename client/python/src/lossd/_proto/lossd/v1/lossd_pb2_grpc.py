@@ -170,3 +170,175 @@ class LossService(object):
             lossd_dot_v1_dot_lossd__pb2.AccumulateResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+
+class SharedMemoryStub(object):
+    """Shared-memory regions for co-located clients: the client creates a POSIX shared-memory object
+    under the server's prefix, registers it, then sends TensorReference instead of bytes. Over a
+    Unix socket the object must belong to the caller's uid (SO_PEERCRED); over TCP only loopback
+    peers may register, with the owner checked the same way. Leases end abandoned registrations.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RegisterRegion = channel.unary_unary(
+                '/lossd.v1.SharedMemory/RegisterRegion',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.RegisterRegionRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.RegisterRegionResponse.FromString,
+                )
+        self.RenewLease = channel.unary_unary(
+                '/lossd.v1.SharedMemory/RenewLease',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.RenewLeaseResponse.FromString,
+                )
+        self.UnregisterRegion = channel.unary_unary(
+                '/lossd.v1.SharedMemory/UnregisterRegion',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.UnregisterRegionRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.UnregisterRegionResponse.FromString,
+                )
+        self.ListRegions = channel.unary_unary(
+                '/lossd.v1.SharedMemory/ListRegions',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.ListRegionsRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.ListRegionsResponse.FromString,
+                )
+
+
+class SharedMemoryServicer(object):
+    """Shared-memory regions for co-located clients: the client creates a POSIX shared-memory object
+    under the server's prefix, registers it, then sends TensorReference instead of bytes. Over a
+    Unix socket the object must belong to the caller's uid (SO_PEERCRED); over TCP only loopback
+    peers may register, with the owner checked the same way. Leases end abandoned registrations.
+    """
+
+    def RegisterRegion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterRegion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRegions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SharedMemoryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RegisterRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterRegion,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.RegisterRegionRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.RegisterRegionResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.RenewLeaseResponse.SerializeToString,
+            ),
+            'UnregisterRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterRegion,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.UnregisterRegionRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.UnregisterRegionResponse.SerializeToString,
+            ),
+            'ListRegions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRegions,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.ListRegionsRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.ListRegionsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lossd.v1.SharedMemory', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SharedMemory(object):
+    """Shared-memory regions for co-located clients: the client creates a POSIX shared-memory object
+    under the server's prefix, registers it, then sends TensorReference instead of bytes. Over a
+    Unix socket the object must belong to the caller's uid (SO_PEERCRED); over TCP only loopback
+    peers may register, with the owner checked the same way. Leases end abandoned registrations.
+    """
+
+    @staticmethod
+    def RegisterRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/lossd.v1.SharedMemory/RegisterRegion',
+            lossd_dot_v1_dot_lossd__pb2.RegisterRegionRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.RegisterRegionResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/lossd.v1.SharedMemory/RenewLease',
+            lossd_dot_v1_dot_lossd__pb2.RenewLeaseRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.RenewLeaseResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def UnregisterRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/lossd.v1.SharedMemory/UnregisterRegion',
+            lossd_dot_v1_dot_lossd__pb2.UnregisterRegionRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.UnregisterRegionResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListRegions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/lossd.v1.SharedMemory/ListRegions',
+            lossd_dot_v1_dot_lossd__pb2.ListRegionsRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.ListRegionsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
