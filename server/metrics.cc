@@ -10,6 +10,8 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <array>
+#include <atomic>
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "lossd/kernels/backend.h"
 
@@ -112,9 +115,61 @@ class ProcessCollector final : public prometheus::Collectable {
   }
 };
 
+// Index of a label value in a fixed list, or -1. The lists are short; a few string compares cost
+// less than a label-map lookup in the registry.
+template <size_t N>
+int IndexOf(const std::array<std::string_view, N>& names, std::string_view value) {
+  for (size_t i = 0; i < N; ++i) {
+    if (names[i] == value) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+constexpr std::array<std::string_view, 8> kMethods = {
+    "Evaluate",       "EvaluateStream", "Accumulate",       "GetCapabilities",
+    "RegisterRegion", "RenewLease",     "UnregisterRegion", "ListRegions"};
+constexpr std::array<std::string_view, 3> kDevices = {"cpu", "cuda", "none"};
+constexpr int kCodes = 17;  // gRPC status codes 0..16
+
+int CodeIndex(std::string_view code) {
+  for (int c = 0; c < kCodes; ++c) {
+    if (absl::StatusCodeToString(static_cast<absl::StatusCode>(c)) == code) return c;
+  }
+  return -1;
+}
+
+// Metric handles looked up once per label combination and then reused: prometheus-cpp's
+// Family::Add takes a mutex, hashes a label map and (for histograms) copies the bucket list on
+// every call, which showed in profiles of small requests. Handles live as long as the registry.
+template <typename T, size_t N>
+class HandleCache {
+ public:
+  template <typename MakeFn>
+  T& Get(size_t index, MakeFn make) {
+    T* h = slots_[index].load(std::memory_order_acquire);
+    if (h == nullptr) {
+      h = &make();  // Family::Add returns the existing metric for the same labels
+      slots_[index].store(h, std::memory_order_release);
+    }
+    return *h;
+  }
+
+ private:
+  std::array<std::atomic<T*>, N> slots_{};
+};
+
 }  // namespace
 
 struct Metrics::Impl {
+  static constexpr size_t kM = kMethods.size();
+  static constexpr size_t kD = kDevices.size();
+  HandleCache<prometheus::Counter, kM * kCodes * kD> requests_cache;
+  HandleCache<prometheus::Histogram, kM> queue_cache;
+  HandleCache<prometheus::Histogram, kM * kD> compute_cache;
+  HandleCache<prometheus::Histogram, kM> total_cache;
+  HandleCache<prometheus::Histogram, kM> request_bytes_cache;
+  HandleCache<prometheus::Counter, kD> elements_cache;
+
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
   std::unique_ptr<prometheus::Exposer> exposer;
   int port = 0;
@@ -179,6 +234,8 @@ struct Metrics::Impl {
           .Help("1, labelled with the version, whether CUDA is compiled in and the SIMD target")
           .Register(*registry);
   std::shared_ptr<ProcessCollector> process = std::make_shared<ProcessCollector>();
+  prometheus::Counter& bytes_received = bytes.Add({{"direction", "received"}});
+  prometheus::Counter& bytes_sent = bytes.Add({{"direction", "sent"}});
 };
 
 Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
@@ -209,28 +266,75 @@ int Metrics::port() const { return impl_->port; }
 void Metrics::RecordCall(const std::string& method, const std::string& code,
                          const std::string& device, double queue_s, double compute_s,
                          double total_s) {
-  impl_->requests.Add({{"method", method}, {"code", code}, {"device", device}}).Increment();
+  Impl& m = *impl_;
+  const int mi = IndexOf(kMethods, method);
+  const int ci = CodeIndex(code);
+  const int di = IndexOf(kDevices, device);
+  if (mi < 0 || ci < 0 || di < 0) {  // a label outside the known sets: the uncached path
+    m.requests.Add({{"method", method}, {"code", code}, {"device", device}}).Increment();
+    if (queue_s >= 0) m.queue_seconds.Add({{"method", method}}, LatencyBuckets()).Observe(queue_s);
+    if (compute_s >= 0) {
+      m.compute_seconds.Add({{"method", method}, {"device", device}}, LatencyBuckets())
+          .Observe(compute_s);
+    }
+    if (total_s >= 0) m.total_seconds.Add({{"method", method}}, LatencyBuckets()).Observe(total_s);
+    return;
+  }
+  m.requests_cache
+      .Get((mi * kCodes + ci) * Impl::kD + di,
+           [&]() -> prometheus::Counter& {
+             return m.requests.Add({{"method", method}, {"code", code}, {"device", device}});
+           })
+      .Increment();
   if (queue_s >= 0) {
-    impl_->queue_seconds.Add({{"method", method}}, LatencyBuckets()).Observe(queue_s);
+    m.queue_cache
+        .Get(mi,
+             [&]() -> prometheus::Histogram& {
+               return m.queue_seconds.Add({{"method", method}}, LatencyBuckets());
+             })
+        .Observe(queue_s);
   }
   if (compute_s >= 0) {
-    impl_->compute_seconds.Add({{"method", method}, {"device", device}}, LatencyBuckets())
+    m.compute_cache
+        .Get(mi * Impl::kD + di,
+             [&]() -> prometheus::Histogram& {
+               return m.compute_seconds.Add({{"method", method}, {"device", device}},
+                                            LatencyBuckets());
+             })
         .Observe(compute_s);
   }
   if (total_s >= 0) {
-    impl_->total_seconds.Add({{"method", method}}, LatencyBuckets()).Observe(total_s);
+    m.total_cache
+        .Get(mi,
+             [&]() -> prometheus::Histogram& {
+               return m.total_seconds.Add({{"method", method}}, LatencyBuckets());
+             })
+        .Observe(total_s);
   }
 }
 
 void Metrics::AddElements(const std::string& device, int64_t elements) {
-  impl_->elements.Add({{"device", device}}).Increment(static_cast<double>(elements));
+  Impl& m = *impl_;
+  const int di = IndexOf(kDevices, device);
+  prometheus::Counter& c =
+      di < 0 ? m.elements.Add({{"device", device}})
+             : m.elements_cache.Get(di, [&]() -> prometheus::Counter& {
+                 return m.elements.Add({{"device", device}});
+               });
+  c.Increment(static_cast<double>(elements));
 }
 
 void Metrics::AddBytes(const std::string& method, int64_t received, int64_t sent) {
-  impl_->request_bytes.Add({{"method", method}}, SizeBuckets())
-      .Observe(static_cast<double>(received));
-  impl_->bytes.Add({{"direction", "received"}}).Increment(static_cast<double>(received));
-  impl_->bytes.Add({{"direction", "sent"}}).Increment(static_cast<double>(sent));
+  Impl& m = *impl_;
+  const int mi = IndexOf(kMethods, method);
+  prometheus::Histogram& h =
+      mi < 0 ? m.request_bytes.Add({{"method", method}}, SizeBuckets())
+             : m.request_bytes_cache.Get(mi, [&]() -> prometheus::Histogram& {
+                 return m.request_bytes.Add({{"method", method}}, SizeBuckets());
+               });
+  h.Observe(static_cast<double>(received));
+  m.bytes_received.Increment(static_cast<double>(received));
+  m.bytes_sent.Increment(static_cast<double>(sent));
 }
 
 void Metrics::AddChunks(int64_t chunks) { impl_->chunks.Increment(static_cast<double>(chunks)); }
