@@ -72,6 +72,17 @@ golden-venv: deps
 bench-torch: build golden-venv
 	$(GOLDEN_VENV)/bin/python kernels/bench/torch_cpu_bench.py --cpu-bench $(BUILD)/kernels/cpu_bench
 
+# Service path (docs/perf.md): lossd through its Python client over TCP (and over a Unix socket
+# and through shared memory where this lossd and client support them) against a raw gRPC method,
+# a protobuf echo, the CPU kernel alone and torch CPU (when importable), interleaved, at 1k, 1M
+# and 16M elements; prints rates and ratios. About 10 minutes on 2 cores. More options in
+# BENCH_ARGS, e.g. BENCH_ARGS="--reps 5 --lossd-binary /tmp/old/lossd" (list: BENCH_ARGS=--help).
+BENCH_ARGS ?=
+.PHONY: bench-service
+bench-service: build venv
+	PYTHONPATH=$(CURDIR)/tools/bench $(VENV)/bin/python -m lossd_bench --build-dir $(BUILD) \
+	  $(BENCH_ARGS)
+
 clean:
 	rm -rf $(BUILD)
 

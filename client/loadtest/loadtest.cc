@@ -19,9 +19,9 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
-#include "client/loadtest/echo.grpc.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "server.h"
+#include "tools/bench/echo.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "", "host:port of a running lossd; empty starts one in-process");
 ABSL_FLAG(int64_t, elements, 1000, "Elements per request (float32, shape [elements/64, 64])");
