@@ -12,11 +12,41 @@ namespace lossd::server {
 
 namespace {
 
-void FillTensor(kernels::DType dtype, const std::vector<int64_t>& shape, int64_t numel,
-                v1::Tensor* t) {
-  t->set_dtype(static_cast<v1::DType>(dtype));
-  for (int64_t d : shape) t->add_shape(d);
-  t->mutable_data()->resize(static_cast<size_t>(numel) * kernels::ItemSize(dtype));
+BufferPoolOptions PoolOptions(const CoreConfig& config) {
+  BufferPoolOptions o;
+  int64_t cap = config.pool_cached_bytes;
+  if (cap < 0) {
+    cap = int64_t{1} << 30;
+    if (config.max_inflight_bytes > 0) cap = std::min(cap, config.max_inflight_bytes / 4);
+  }
+  o.max_cached_bytes = cap;
+  return o;
+}
+
+// Sizes an output and returns where the kernel writes it: the placed span, or a pool block
+// (contents unspecified: the kernel writes every byte). Null when no block can be mapped.
+void* MakeOutput(BufferPool& pool, kernels::DType dtype, std::vector<int64_t> shape,
+                 int64_t count, void* placed, const v1::TensorReference& ref, OutputTensor* t) {
+  t->present = true;
+  t->dtype = static_cast<v1::DType>(dtype);
+  t->shape = std::move(shape);
+  if (placed != nullptr) {
+    t->placed = true;
+    t->ref = ref;
+    return placed;
+  }
+  t->block = pool.Get(static_cast<size_t>(count) * kernels::ItemSize(dtype));
+  return t->block.empty() ? nullptr : t->block.data();
+}
+
+void CopyOut(OutputTensor* t, v1::Tensor* out) {
+  out->set_dtype(t->dtype);
+  for (int64_t d : t->shape) out->add_shape(d);
+  if (t->placed) {
+    *out->mutable_ref() = t->ref;
+  } else {
+    out->set_data(t->block.data(), t->block.size());
+  }
 }
 
 // Compares in time that depends only on the lengths, not on where the strings differ.
@@ -62,7 +92,8 @@ Core::Core(const CoreConfig& config, std::unique_ptr<kernels::Backend> cpu,
       cuda_(std::move(cuda)),
       cuda_name_(std::move(cuda_name)),
       metrics_(metrics),
-      memory_(config.max_inflight_bytes),
+      pool_(PoolOptions(config)),
+      memory_(config.max_inflight_bytes, /*trim_when_idle=*/true, absl::Seconds(1), &pool_),
       queue_(config.workers, config.queue_capacity) {}
 
 Core::~Core() = default;
@@ -86,8 +117,9 @@ absl::Status Core::Admit(const grpc::CallbackServerContext& context) const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<EvaluatePlan> Core::Prepare(const v1::EvaluateRequest& request) const {
-  auto plan = PlanEvaluate(request, config_.limits);
+absl::StatusOr<EvaluatePlan> Core::Prepare(const v1::EvaluateRequest& request,
+                                           const TensorDataViews& views) const {
+  auto plan = PlanEvaluate(request, config_.limits, views, regions_);
   if (!plan.ok()) return plan.status();
   if (plan->device == v1::DEVICE_CUDA && cuda_ == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -144,7 +176,7 @@ int64_t CallControl::cancel_to_stop_ns(int64_t stopped_ns) const {
 }
 
 absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
-                           v1::EvaluateResponse* response, double* loss_values) {
+                           ComputeResult* result, double* loss_values) {
   metrics_->SetQueued(queue_.queued());
   const int64_t begin_ns = absl::GetCurrentTimeNanos();
   if (call.cancelled()) return absl::CancelledError("the call was cancelled");
@@ -163,17 +195,28 @@ absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t 
     backend = cuda_.get();
     device = v1::DEVICE_CUDA;
   }
-  // Every size below was overflow-checked and limited by PlanEvaluate.
+  // Every size below was overflow-checked and limited by PlanEvaluate. Outputs go straight
+  // into pool blocks or placed spans (docs/data-path.md section 3).
   kernels::BceOutputs out;
-  FillTensor(plan.args.dtype, plan.LossShape(), plan.loss_count, response->mutable_loss());
-  out.loss = response->mutable_loss()->mutable_data()->data();
+  out.loss = MakeOutput(pool_, plan.args.dtype, plan.LossShape(), plan.loss_count, plan.loss_out,
+                        plan.placed.loss(), &result->loss);
+  bool mapped = out.loss != nullptr;
   if (plan.grad_logits) {
-    FillTensor(plan.args.dtype, plan.shape, plan.args.numel, response->mutable_grad_logits());
-    out.grad_logits = response->mutable_grad_logits()->mutable_data()->data();
+    out.grad_logits = MakeOutput(pool_, plan.args.dtype, plan.shape, plan.args.numel,
+                                 plan.grad_logits_out, plan.placed.grad_logits(),
+                                 &result->grad_logits);
+    mapped = mapped && out.grad_logits != nullptr;
   }
   if (plan.grad_targets) {
-    FillTensor(plan.args.dtype, plan.shape, plan.args.numel, response->mutable_grad_targets());
-    out.grad_targets = response->mutable_grad_targets()->mutable_data()->data();
+    out.grad_targets = MakeOutput(pool_, plan.args.dtype, plan.shape, plan.args.numel,
+                                  plan.grad_targets_out, plan.placed.grad_targets(),
+                                  &result->grad_targets);
+    mapped = mapped && out.grad_targets != nullptr;
+  }
+  if (!mapped) {
+    *result = ComputeResult();
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "cannot map memory for the outputs (", plan.reply_bytes, " bytes); retry later"));
   }
   out.loss_values = loss_values;
   kernels::BceArgs args = plan.args;
@@ -215,8 +258,9 @@ absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t 
     while (stop_ns > prev && !max_cancel_stop_ns_.compare_exchange_weak(prev, stop_ns)) {
     }
   }
+  if (s.ok()) s = CheckSpans(plan);
   if (!s.ok()) {
-    response->Clear();
+    *result = ComputeResult();
     if (s.code() == absl::StatusCode::kCancelled) {
       return call.past_deadline()
                  ? absl::DeadlineExceededError("the deadline passed during compute; work stopped")
@@ -225,12 +269,32 @@ absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t 
     return s;
   }
   metrics_->AddElements(DeviceLabel(device), plan.args.numel);
-  response->set_device(device);
-  response->set_num_elements(plan.args.numel);
-  v1::Timing* timing = response->mutable_timing();
-  timing->set_queue_ns(begin_ns - start_ns);
-  timing->set_compute_ns(compute_end - compute_start);
-  timing->set_total_ns(absl::GetCurrentTimeNanos() - start_ns);
+  result->device = device;
+  result->num_elements = plan.args.numel;
+  v1::Timing& timing = result->timing;
+  timing.set_queue_ns(begin_ns - start_ns);
+  timing.set_compute_ns(compute_end - compute_start);
+  timing.set_total_ns(absl::GetCurrentTimeNanos() - start_ns);
+  timing.set_received_unix_ns(start_ns);
+  timing.set_compute_start_unix_ns(compute_start);
+  timing.set_compute_end_unix_ns(compute_end);
+  return absl::OkStatus();
+}
+
+absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
+                           v1::EvaluateResponse* response, double* loss_values) {
+  ComputeResult result;
+  absl::Status s = Compute(call, plan, start_ns, &result, loss_values);
+  response->Clear();
+  if (!s.ok()) return s;
+  CopyOut(&result.loss, response->mutable_loss());
+  if (result.grad_logits.present) CopyOut(&result.grad_logits, response->mutable_grad_logits());
+  if (result.grad_targets.present) {
+    CopyOut(&result.grad_targets, response->mutable_grad_targets());
+  }
+  response->set_device(result.device);
+  response->set_num_elements(result.num_elements);
+  *response->mutable_timing() = result.timing;
   return absl::OkStatus();
 }
 

@@ -15,9 +15,11 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "lossd/kernels/backend.h"
+#include "buffer_pool.h"
 #include "lossd/v1/lossd.pb.h"
 #include "memory.h"
 #include "metrics.h"
+#include "regions.h"
 #include "request.h"
 #include "work_queue.h"
 
@@ -58,6 +60,27 @@ class CallControl {
   std::atomic<int64_t> cancel_ns_{0};
 };
 
+// One output of a computation: its bytes in a pool block, or written into shared memory
+// (`placed`: the reply carries `ref` instead of data).
+struct OutputTensor {
+  bool present = false;
+  v1::DType dtype = v1::DTYPE_UNSPECIFIED;
+  std::vector<int64_t> shape;
+  PoolBlock block;
+  bool placed = false;
+  v1::TensorReference ref;
+};
+
+// What Core::Compute produces; message_io.h encodes it as the reply.
+struct ComputeResult {
+  OutputTensor loss;
+  OutputTensor grad_logits;   // present when requested
+  OutputTensor grad_targets;  // present when requested
+  v1::Device device = v1::DEVICE_AUTO;
+  int64_t num_elements = 0;
+  v1::Timing timing;  // reply_unix_ns is set by whoever encodes the reply
+};
+
 struct CoreConfig {
   Limits limits;
   int64_t max_message_bytes = 0;  // reported by GetCapabilities
@@ -70,6 +93,12 @@ struct CoreConfig {
   std::string auth_token;  // empty: no authentication
   // Bytes of requests and replies that calls in progress may hold (memory.h); 0: unlimited.
   int64_t max_inflight_bytes = 0;
+  // Bytes of returned tensor blocks the buffer pool keeps mapped for later calls
+  // (buffer_pool.h); -1: 1 GiB, or a quarter of max_inflight_bytes when that is smaller.
+  int64_t pool_cached_bytes = -1;
+  // Reported by GetCapabilities while a region resolver is set (set_region_resolver): the
+  // prefix of the shared-memory objects clients may register.
+  std::string shared_memory_prefix;
 };
 
 class Core {
@@ -89,21 +118,35 @@ class Core {
   absl::Status Admit(const grpc::CallbackServerContext& context) const;
 
   // Validates a request (no allocation sized by the client) and checks that its device is
-  // available: FAILED_PRECONDITION for CUDA on a server without one.
-  absl::StatusOr<EvaluatePlan> Prepare(const v1::EvaluateRequest& request) const;
+  // available: FAILED_PRECONDITION for CUDA on a server without one. `views` holds the
+  // tensors' data when the message does not (message_io.h); tensor references and output
+  // placements resolve through the region resolver.
+  absl::StatusOr<EvaluatePlan> Prepare(const v1::EvaluateRequest& request,
+                                       const TensorDataViews& views = {}) const;
+
+  // The registry of shared-memory regions that tensor references name (regions.h). Set once,
+  // before serving; null (the default): requests with references get FAILED_PRECONDITION.
+  void set_region_resolver(const RegionResolver* resolver) { regions_ = resolver; }
+  const RegionResolver* region_resolver() const { return regions_; }
 
   // Queues `task` for a compute worker. RESOURCE_EXHAUSTED ("work queue is full ...") when
   // the queue is full; the task is then dropped.
   absl::Status Submit(std::function<void()> task);
 
-  // Runs a prepared plan (on a worker thread) and fills `response`. `loss_values`, when given,
-  // receives numel per-element loss values (for Accumulate). Stops between chunks when the call
-  // is cancelled or past its deadline (CANCELLED / DEADLINE_EXCEEDED). `start_ns` is when the
-  // handler started; timings are filled from it. Allocates only the sizes the plan checked.
+  // Runs a prepared plan and fills `result`: outputs are written into pool blocks (never
+  // zero-filled) or into the plan's placed spans. `loss_values`, when given, receives numel
+  // per-element loss values (for Accumulate). Stops between chunks when the call is cancelled
+  // or past its deadline (CANCELLED / DEADLINE_EXCEEDED); FAILED_PRECONDITION when a region
+  // the plan used shrank meanwhile. `start_ns` is when the handler got the request (wall
+  // clock); timings are filled from it. Allocates only the sizes the plan checked.
+  absl::Status Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
+                       ComputeResult* result, double* loss_values = nullptr);
+  // The same, into a message (tests and the fuzzer; the server encodes ComputeResult itself).
   absl::Status Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
                        v1::EvaluateResponse* response, double* loss_values = nullptr);
 
   MemoryBudget& memory() { return memory_; }
+  BufferPool& pool() { return pool_; }
 
   // Calls being handled (also exported as a gauge).
   void CallStarted();
@@ -131,6 +174,8 @@ class Core {
   std::atomic<int64_t> chunks_started_{0};
   std::atomic<int64_t> chunks_after_cancel_{0};
   std::atomic<int64_t> max_cancel_stop_ns_{0};
+  const RegionResolver* regions_ = nullptr;
+  BufferPool pool_;      // before memory_, whose trimmer trims it
   MemoryBudget memory_;
   WorkQueue queue_;  // last member: drained and joined first
 };

@@ -6,12 +6,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "buffer_pool.h"
 
 namespace lossd::server {
 
-MemoryBudget::MemoryBudget(int64_t limit, bool trim_when_idle, absl::Duration trim_idle)
-    : limit_(limit), trim_idle_(trim_idle) {
-  last_change_ = absl::Now();
+MemoryBudget::MemoryBudget(int64_t limit, bool trim_when_idle, absl::Duration trim_idle,
+                           BufferPool* pool)
+    : limit_(limit), trim_idle_(trim_idle), pool_(pool) {
+  last_change_ns_.store(absl::GetCurrentTimeNanos());
   if (trim_when_idle) trimmer_ = std::thread([this] { TrimLoop(); });
 }
 
@@ -24,52 +26,52 @@ MemoryBudget::~MemoryBudget() {
 }
 
 absl::Status MemoryBudget::Reserve(int64_t bytes, const char* what) {
-  absl::MutexLock lock(&mu_);
-  if (limit_ > 0 && (bytes > limit_ || held_ > limit_ - bytes)) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        what, " needs ", bytes, " bytes of memory; calls in progress hold ", held_, " of the ",
-        limit_, " bytes this server admits (--max_inflight_bytes); retry later"));
+  int64_t held = held_.load(std::memory_order_relaxed);
+  do {
+    if (limit_ > 0 && (bytes > limit_ || held > limit_ - bytes)) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          what, " needs ", bytes, " bytes of memory; calls in progress hold ", held, " of the ",
+          limit_, " bytes this server admits (--max_inflight_bytes); retry later"));
+    }
+  } while (!held_.compare_exchange_weak(held, held + bytes, std::memory_order_relaxed));
+  if (bytes > 0) {
+    last_change_ns_.store(absl::GetCurrentTimeNanos(), std::memory_order_relaxed);
+    if (!trim_due_.load(std::memory_order_relaxed)) trim_due_.store(true);
   }
-  held_ += bytes;
-  last_change_ = absl::Now();
-  if (bytes > 0) trim_due_ = true;
   return absl::OkStatus();
 }
 
 void MemoryBudget::Release(int64_t bytes) {
-  absl::MutexLock lock(&mu_);
-  held_ -= bytes;
-  last_change_ = absl::Now();
+  held_.fetch_sub(bytes, std::memory_order_relaxed);
+  last_change_ns_.store(absl::GetCurrentTimeNanos(), std::memory_order_relaxed);
 }
 
-int64_t MemoryBudget::held() const {
-  absl::MutexLock lock(&mu_);
-  return held_;
-}
+int64_t MemoryBudget::held() const { return held_.load(); }
 
-int64_t MemoryBudget::trims() const {
-  absl::MutexLock lock(&mu_);
-  return trims_;
-}
+int64_t MemoryBudget::trims() const { return trims_.load(); }
 
 void MemoryBudget::TrimLoop() {
   // Trims once per quiet period after calls held memory: glibc keeps freed blocks of its
-  // heaps mapped (hundreds of MB after one large call) until told otherwise. Under steady load
-  // the server never idles and memory follows the load's peak instead.
+  // heaps mapped (hundreds of MB after one large call) until told otherwise, and the buffer
+  // pool keeps its blocks for the next call. Under steady load the server never idles and
+  // memory follows the load's peak instead (bounded by the pool's cap).
+  const int64_t idle_ns = absl::ToInt64Nanoseconds(trim_idle_);
   absl::MutexLock lock(&mu_);
   while (!stop_) {
-    const bool quiet = trim_due_ && held_ == 0 && absl::Now() - last_change_ >= trim_idle_;
-    if (quiet) {
-      trim_due_ = false;
-      ++trims_;
+    const int64_t since = absl::GetCurrentTimeNanos() - last_change_ns_.load();
+    const bool due = trim_due_.load();
+    if (due && held_.load() == 0 && since >= idle_ns) {
+      trim_due_.store(false);
       mu_.Unlock();
+      if (pool_ != nullptr) pool_->Trim();
       malloc_trim(0);
+      trims_.fetch_add(1);
       mu_.Lock();
       continue;
     }
     const absl::Duration wait =
-        trim_due_ ? std::max(absl::Milliseconds(10), last_change_ + trim_idle_ - absl::Now())
-                  : absl::Milliseconds(200);
+        due ? std::max(absl::Milliseconds(10), absl::Nanoseconds(idle_ns - since))
+            : absl::Milliseconds(200);
     mu_.AwaitWithTimeout(absl::Condition(&stop_), wait);
   }
 }

@@ -10,6 +10,7 @@
 #ifndef LOSSD_SERVER_MEMORY_H_
 #define LOSSD_SERVER_MEMORY_H_
 
+#include <atomic>
 #include <cstdint>
 #include <thread>
 
@@ -20,13 +21,17 @@
 
 namespace lossd::server {
 
+class BufferPool;
+
+// Reserve and Release take no lock (an atomic counter): they run on every call's path.
 class MemoryBudget {
  public:
   // `limit` bytes may be held at once (0: unlimited). With `trim_when_idle`, once calls have
   // held memory and then none is held for `trim_idle`, the allocator's free memory goes back
-  // to the OS (malloc_trim), once per such quiet period.
+  // to the OS (malloc_trim), once per such quiet period, and so do the cached blocks of `pool`
+  // (when given; it must outlive the budget).
   explicit MemoryBudget(int64_t limit, bool trim_when_idle = true,
-                        absl::Duration trim_idle = absl::Seconds(1));
+                        absl::Duration trim_idle = absl::Seconds(1), BufferPool* pool = nullptr);
   ~MemoryBudget();
   MemoryBudget(const MemoryBudget&) = delete;
   MemoryBudget& operator=(const MemoryBudget&) = delete;
@@ -45,11 +50,12 @@ class MemoryBudget {
 
   const int64_t limit_;
   const absl::Duration trim_idle_;
-  mutable absl::Mutex mu_;
-  int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
-  bool trim_due_ ABSL_GUARDED_BY(mu_) = false;  // memory was held since the last trim
-  absl::Time last_change_ ABSL_GUARDED_BY(mu_);
-  int64_t trims_ ABSL_GUARDED_BY(mu_) = 0;
+  BufferPool* const pool_;
+  std::atomic<int64_t> held_{0};
+  std::atomic<bool> trim_due_{false};  // memory was held since the last trim
+  std::atomic<int64_t> last_change_ns_{0};
+  std::atomic<int64_t> trims_{0};
+  absl::Mutex mu_;  // the trimmer's sleep only
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread trimmer_;
 };

@@ -15,8 +15,79 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
 }
 
+namespace {
+
+// The data pointer of an empty tensor (never read; kernels and operands want a valid pointer).
+const char kNoBytes[1] = {0};
+
+absl::Status SharedMemoryOff(const std::string& field) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      field, ": shared memory is not enabled on this server (start lossd with "
+      "--shared_memory_prefix)"));
+}
+
+bool Overlaps(const RegionSpan& a, const RegionSpan& b) {
+  if (a.bytes <= 0 || b.bytes <= 0) return false;
+  const auto a0 = reinterpret_cast<uintptr_t>(a.data);
+  const auto b0 = reinterpret_cast<uintptr_t>(b.data);
+  return a0 < b0 + static_cast<uintptr_t>(b.bytes) && b0 < a0 + static_cast<uintptr_t>(a.bytes);
+}
+
+// EvaluateRequest.outputs (docs/data-path.md section 5): resolves each placed output, after
+// SizeOutputs sized them, and rejects placements of outputs that are not produced and spans
+// that overlap another output or an input.
+absl::Status PlaceOutputs(const v1::EvaluateRequest& request, const RegionResolver* regions,
+                          EvaluatePlan* plan) {
+  const v1::OutputPlacement& o = request.outputs();
+  const int64_t item = static_cast<int64_t>(kernels::ItemSize(plan->args.dtype));
+  struct Output {
+    const char* field;
+    bool placed;
+    const v1::TensorReference& ref;
+    bool produced;
+    const char* why_not;
+    int64_t values;
+    void** out;
+  };
+  const Output outputs[] = {
+      {"outputs.loss", o.has_loss(), o.loss(), true, "", plan->loss_count, &plan->loss_out},
+      {"outputs.grad_logits", o.has_grad_logits(), o.grad_logits(), plan->grad_logits,
+       "gradients.logits is not requested", plan->args.numel, &plan->grad_logits_out},
+      {"outputs.grad_targets", o.has_grad_targets(), o.grad_targets(), plan->grad_targets,
+       "gradients.targets is not requested", plan->args.numel, &plan->grad_targets_out},
+  };
+  const size_t inputs = plan->spans.size();
+  for (const Output& out : outputs) {
+    if (!out.placed) continue;
+    if (!out.produced) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(out.field, " is set but the request produces no such output (",
+                       out.why_not, ")"));
+    }
+    if (regions == nullptr) return SharedMemoryOff(out.field);
+    // values <= max_elements (SizeOutputs): no overflow.
+    auto span = regions->Resolve(out.field, out.ref, out.values * item, true);
+    if (!span.ok()) return span.status();
+    for (size_t k = 0; k < plan->spans.size(); ++k) {
+      if (Overlaps(*span, plan->spans[k].span)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            out.field, " overlaps ", plan->spans[k].field, " in shared memory (",
+            k < inputs ? "an output may not overwrite an input" : "outputs must be disjoint",
+            ")"));
+      }
+    }
+    *out.out = span->data != nullptr ? span->data : const_cast<char*>(kNoBytes);
+    plan->spans.push_back(HeldSpan{out.field, *std::move(span)});
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tensor& t,
-                                        const Limits& limits) {
+                                        const Limits& limits, const std::string_view* data,
+                                        const RegionResolver* regions,
+                                        std::vector<HeldSpan>* spans) {
   TensorView v;
   switch (t.dtype()) {
     case v1::DTYPE_FLOAT32:
@@ -55,13 +126,28 @@ absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tens
   }
   // numel <= max_elements, which the server caps far below 2^61: no overflow.
   const uint64_t expected = static_cast<uint64_t>(numel) * kernels::ItemSize(v.dtype);
-  if (t.data().size() != expected) {
+  const std::string_view bytes = data != nullptr ? *data : std::string_view(t.data());
+  v.numel = numel;
+  if (t.has_ref()) {
+    // docs/data-path.md section 5: the bytes lie in a registered region.
+    if (!bytes.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ": both data (", bytes.size(), " bytes) and ref are set; a tensor in shared "
+          "memory must have empty data"));
+    }
+    if (regions == nullptr) return SharedMemoryOff(field + ".ref");
+    auto span = regions->Resolve(field + ".ref", t.ref(), static_cast<int64_t>(expected), false);
+    if (!span.ok()) return span.status();
+    v.data = span->data != nullptr ? span->data : kNoBytes;
+    if (spans != nullptr) spans->push_back(HeldSpan{field + ".ref", *std::move(span)});
+    return v;
+  }
+  if (bytes.size() != expected) {
     return absl::InvalidArgumentError(absl::StrCat(
-        field, ": data has ", t.data().size(), " bytes, expected ", expected, " (",
+        field, ": data has ", bytes.size(), " bytes, expected ", expected, " (",
         kernels::DTypeName(v.dtype), " ", ShapeString(v.shape), ")"));
   }
-  v.numel = numel;
-  v.data = t.data().data();
+  v.data = bytes.data() != nullptr ? bytes.data() : kNoBytes;
   return v;
 }
 
@@ -82,10 +168,12 @@ absl::Status SizeOutputs(const Limits& limits, EvaluatePlan* plan) {
         " values, more than the limit ", limits.max_elements, " per request"));
   }
   const int64_t item = static_cast<int64_t>(kernels::ItemSize(plan->args.dtype));
-  const int64_t grads = int64_t{plan->grad_logits} + int64_t{plan->grad_targets};
+  // Outputs placed in shared memory (plan->placed) do not travel in the reply.
+  const int64_t grads = int64_t{plan->grad_logits && !plan->placed.has_grad_logits()} +
+                        int64_t{plan->grad_targets && !plan->placed.has_grad_targets()};
   // Each count is <= max_elements, so with a sane limit these cannot overflow; check anyway.
   std::optional<int64_t> values = kernels::CheckedMul(grads, plan->args.numel);
-  if (values) values = kernels::CheckedAdd(*values, *loss_count);
+  if (values && !plan->placed.has_loss()) values = kernels::CheckedAdd(*values, *loss_count);
   const std::optional<int64_t> bytes = values ? kernels::CheckedMul(*values, item) : values;
   if (!bytes) {
     return absl::InvalidArgumentError(
@@ -105,13 +193,16 @@ absl::Status SizeOutputs(const Limits& limits, EvaluatePlan* plan) {
 }
 
 absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
-                                          const Limits& limits) {
+                                          const Limits& limits, const TensorDataViews& views,
+                                          const RegionResolver* regions) {
   EvaluatePlan plan;
   if (!request.has_logits()) return absl::InvalidArgumentError("logits: missing");
   if (!request.has_targets()) return absl::InvalidArgumentError("targets: missing");
-  auto logits = DecodeTensor("logits", request.logits(), limits);
+  auto logits =
+      DecodeTensor("logits", request.logits(), limits, views.logits, regions, &plan.spans);
   if (!logits.ok()) return logits.status();
-  auto targets = DecodeTensor("targets", request.targets(), limits);
+  auto targets =
+      DecodeTensor("targets", request.targets(), limits, views.targets, regions, &plan.spans);
   if (!targets.ok()) return targets.status();
   if (targets->shape != logits->shape) {
     return absl::InvalidArgumentError(absl::StrCat("targets shape ", ShapeString(targets->shape),
@@ -161,9 +252,9 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
   plan.nan_checked = {*logits, *targets};
   plan.nan_names = {"logits", "targets"};
 
-  auto operand = [&](const char* name, const v1::Tensor& t,
+  auto operand = [&](const char* name, const v1::Tensor& t, const std::string_view* data,
                      kernels::Operand* out) -> absl::Status {
-    auto view = DecodeTensor(name, t, limits);
+    auto view = DecodeTensor(name, t, limits, data, regions, &plan.spans);
     if (!view.ok()) return view.status();
     auto op = kernels::MakeOperand(name, view->dtype, view->data, view->shape, plan.shape);
     if (!op.ok()) return op.status();
@@ -173,7 +264,7 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
     return absl::OkStatus();
   };
   if (request.has_weight()) {
-    if (absl::Status s = operand("weight", request.weight(), &plan.args.weight); !s.ok()) return s;
+    if (absl::Status s = operand("weight", request.weight(), views.weight, &plan.args.weight); !s.ok()) return s;
   }
   plan.grad_logits = request.gradients().logits();
   plan.grad_targets = request.gradients().targets();
@@ -181,7 +272,8 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
     const v1::BceWithLogits& bce = request.bce_with_logits();
     plan.args.loss = kernels::Loss::kBce;
     if (bce.has_pos_weight()) {
-      if (absl::Status s = operand("pos_weight", bce.pos_weight(), &plan.args.pos_weight);
+      if (absl::Status s =
+              operand("pos_weight", bce.pos_weight(), views.pos_weight, &plan.args.pos_weight);
           !s.ok()) {
         return s;
       }
@@ -242,8 +334,23 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
           "elements whose target is not ignore_index)");
     }
   }
+  if (request.has_outputs()) plan.placed = request.outputs();
   if (absl::Status s = SizeOutputs(limits, &plan); !s.ok()) return s;
+  if (request.has_outputs()) {
+    if (absl::Status s = PlaceOutputs(request, regions, &plan); !s.ok()) return s;
+  }
   return plan;
+}
+
+absl::Status CheckSpans(const EvaluatePlan& plan) {
+  for (const HeldSpan& held : plan.spans) {
+    if (held.span.damaged != nullptr && held.span.damaged->load()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "region of ", held.field, " shrank during the request (its shared-memory object was "
+          "truncated); the results are not valid"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 std::vector<int64_t> EvaluatePlan::LossShape() const {

@@ -1,6 +1,7 @@
 // Decoding and validation of lossd.v1 requests into kernel arguments. Pure functions: no gRPC
-// server state. Views point into the request's own buffers (no copy); the request must outlive
-// the returned plan.
+// server state. Views point into the request's own buffers, into the received bytes the data
+// views name (docs/data-path.md) or into shared-memory regions (no copy); the request and the
+// buffers behind its views must outlive the returned plan.
 #ifndef LOSSD_SERVER_REQUEST_H_
 #define LOSSD_SERVER_REQUEST_H_
 
@@ -14,6 +15,7 @@
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/v1/lossd.pb.h"
+#include "regions.h"
 
 namespace lossd::server {
 
@@ -38,11 +40,34 @@ struct TensorView {
 // "[4,7]"; "[]" for a scalar.
 std::string ShapeString(const std::vector<int64_t>& shape);
 
+// Where the data bytes of a request's tensors are when the parsed message does not hold them
+// (message_io.h leaves them in the received slices): each view overrides that tensor's
+// Tensor.data. Null pointers: Tensor.data holds them.
+struct TensorDataViews {
+  const std::string_view* logits = nullptr;
+  const std::string_view* targets = nullptr;
+  const std::string_view* weight = nullptr;
+  const std::string_view* pos_weight = nullptr;
+};
+
+// A shared-memory span a plan reads or writes, kept alive (RegionSpan::keepalive) as long as
+// the plan, and checked after the computation (RegionSpan::damaged).
+struct HeldSpan {
+  std::string field;  // "logits.ref", "outputs.loss"
+  RegionSpan span;
+};
+
 // Validates `t` (named `field` in messages). INVALID_ARGUMENT for an unset or unknown dtype,
 // rank above the limit, a negative dimension, numel overflow or a data length that is not
-// numel * itemsize; RESOURCE_EXHAUSTED when numel exceeds limits.max_elements.
+// numel * itemsize; RESOURCE_EXHAUSTED when numel exceeds limits.max_elements. `data`, when
+// given, replaces t.data(). A tensor with `ref` set is resolved through `regions` (its data
+// must then be empty) and its span appended to `spans`: FAILED_PRECONDITION without a
+// resolver, the resolver's error otherwise.
 absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tensor& t,
-                                        const Limits& limits);
+                                        const Limits& limits,
+                                        const std::string_view* data = nullptr,
+                                        const RegionResolver* regions = nullptr,
+                                        std::vector<HeldSpan>* spans = nullptr);
 
 // Everything needed to run one Evaluate, validated.
 struct EvaluatePlan {
@@ -61,13 +86,31 @@ struct EvaluatePlan {
   bool reject_nan = false;
   std::vector<TensorView> nan_checked;  // tensors scanned when reject_nan
   std::vector<std::string> nan_names;
+  // Shared memory: the input spans read and the output spans written (EvaluateRequest.outputs;
+  // an output with a span is written there and its reply tensor carries `*_ref` instead of
+  // data). Held until the plan is destroyed.
+  std::vector<HeldSpan> spans;
+  void* loss_out = nullptr;
+  void* grad_logits_out = nullptr;
+  void* grad_targets_out = nullptr;
+  v1::OutputPlacement placed;  // the references of the placed outputs
 };
 
 // Validates a request: tensors, shapes, broadcasting, loss, reduction, device, and the sizes of
 // every output (overflow-checked, counted against `limits`). Errors are INVALID_ARGUMENT or
-// RESOURCE_EXHAUSTED with a message naming the field and values.
+// RESOURCE_EXHAUSTED with a message naming the field and values. `views` (optional) holds the
+// tensors' data when the message does not. Tensor references and output placements resolve
+// through `regions` (null: shared memory is off, FAILED_PRECONDITION); placed outputs must be
+// outputs the request produces and may not overlap each other or an input span
+// (INVALID_ARGUMENT naming both fields).
 absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
-                                          const Limits& limits);
+                                          const Limits& limits,
+                                          const TensorDataViews& views = {},
+                                          const RegionResolver* regions = nullptr);
+
+// FAILED_PRECONDITION when a span of the plan was damaged (its region's object shrank) during
+// the computation; OK otherwise. Called after the computation.
+absl::Status CheckSpans(const EvaluatePlan& plan);
 
 // Sets plan->loss_count and plan->reply_bytes from the plan's shape, reduction and requested
 // gradients, overflow-checked and against `limits` (INVALID_ARGUMENT on overflow,

@@ -27,7 +27,10 @@
 #include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "metrics.h"
+#include "peer_identity.h"
+#include "regions.h"
 #include "service.h"
+#include "shm_registry.h"
 #include "wire.h"
 
 namespace lossd::server {
@@ -142,10 +145,17 @@ int64_t MillisArg(absl::Duration d) {
 }  // namespace
 
 struct LossdServer::Impl {
+  // Declared before the core: spans of regions may be held by computations until they end.
+  PeerTable peers;
+  std::unique_ptr<ShmRegistry> shm;  // null when shared memory is disabled
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<Core> core;
   std::unique_ptr<LossServiceImpl> service;
+  std::unique_ptr<SharedMemoryService> shm_service;
   std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<UnixListener> unix_listener;  // stopped before the server shuts down
+  std::string unix_socket;
+  std::string shm_prefix;  // empty when disabled
   int port = 0;
   int64_t channelz_id = 0;  // 0: unknown
   int cpu_threads = 1;      // in force (the option, else the CPU limit)
@@ -173,6 +183,16 @@ int64_t LossdServer::held_bytes() const { return impl_->core->memory().held(); }
 int64_t LossdServer::memory_trims() const { return impl_->core->memory().trims(); }
 int64_t LossdServer::chunks_after_cancel() const { return impl_->core->chunks_after_cancel(); }
 int64_t LossdServer::max_cancel_stop_ns() const { return impl_->core->max_cancel_stop_ns(); }
+const std::string& LossdServer::unix_socket() const { return impl_->unix_socket; }
+int64_t LossdServer::unix_connections() const {
+  return impl_->unix_listener ? impl_->unix_listener->accepted() : 0;
+}
+bool LossdServer::shared_memory_enabled() const { return impl_->shm != nullptr; }
+const std::string& LossdServer::shared_memory_prefix() const { return impl_->shm_prefix; }
+const RegionResolver* LossdServer::region_resolver() const { return impl_->shm.get(); }
+int64_t LossdServer::shared_memory_regions() const {
+  return impl_->shm ? impl_->shm->regions() : 0;
+}
 
 absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOptions& options) {
   if (options.max_message_bytes <= 0 || options.max_message_bytes > (int64_t{1} << 31) - 1) {
@@ -203,6 +223,25 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
     }
   }
   auto impl = std::make_unique<Impl>();
+  if (!options.shared_memory_prefix.empty()) {
+    ShmRegistryOptions shm;
+    shm.prefix = options.shared_memory_prefix;
+    shm.max_lease = options.shared_memory_max_lease;
+    shm.default_lease =
+        std::min(options.shared_memory_default_lease, options.shared_memory_max_lease);
+    shm.max_bytes_per_uid = options.shared_memory_max_bytes;
+    shm.max_regions_per_uid = options.shared_memory_max_regions;
+    auto registry = ShmRegistry::Create(std::move(shm));
+    if (!registry.ok()) return registry.status();
+    impl->shm = *std::move(registry);
+    impl->shm_prefix = options.shared_memory_prefix;
+  }
+  if (!options.unix_socket.empty()) {
+    auto listener = UnixListener::Bind(options.unix_socket, options.unix_socket_mode);
+    if (!listener.ok()) return listener.status();
+    impl->unix_listener = *std::move(listener);
+    impl->unix_socket = options.unix_socket;
+  }
   impl->devices = cuda ? absl::StrCat("cpu,cuda (", cuda_name, ")") : "cpu";
   impl->metrics = std::make_unique<Metrics>();
   if (options.metrics_port >= 0) {
@@ -229,9 +268,13 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   config.stream_window = std::max(1, options.stream_window);
   config.inline_elements = options.inline_elements;
   config.auth_token = options.auth_token;
+  if (impl->shm != nullptr) config.shared_memory_prefix = options.shared_memory_prefix;
   impl->core = std::make_unique<Core>(config, kernels::MakeCpuBackend({impl->cpu_threads}),
                                       std::move(cuda), cuda_name, impl->metrics.get());
   impl->service = std::make_unique<LossServiceImpl>(impl->core.get());
+  impl->core->set_region_resolver(impl->shm.get());  // null: references are refused
+  impl->shm_service = std::make_unique<SharedMemoryService>(
+      impl->shm.get(), &impl->peers, options.auth_token, options.host_root);
 
   InstallProtobufLogHandler();
   grpc::EnableDefaultHealthCheckService(true);
@@ -272,6 +315,7 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
       ":", options.port);
   builder.AddListeningPort(address, *creds, &impl->port);
   builder.RegisterService(impl->service.get());
+  builder.RegisterService(impl->shm_service.get());
   {
     absl::MutexLock lock(&start_mu);
     const std::set<int64_t> before = ChannelzServerIds();
@@ -288,6 +332,8 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
     Log(LogLevel::kWarning,
         "channelz shows no id for this server: the drain waits only for calls being handled");
   }
+  impl->shm_service->set_server_port(impl->port);
+  if (impl->unix_listener) impl->unix_listener->Start(impl->server.get(), &impl->peers);
   impl->server->GetHealthCheckService()->SetServingStatus(true);
   impl->server->GetHealthCheckService()->SetServingStatus(
       std::string(v1::LossService::service_full_name()), true);
@@ -301,6 +347,7 @@ void LossdServer::Shutdown(absl::Duration deadline) {
   // Drain while still listening: probes see NOT_SERVING, new calls get UNAVAILABLE, and calls
   // in flight finish. Then stop, cancelling whatever is left at the deadline.
   impl_->core->set_draining(true);
+  impl_->shm_service->set_draining(true);
   if (auto* health = impl_->server->GetHealthCheckService()) {
     health->SetServingStatus(false);
     health->SetServingStatus(std::string(v1::LossService::service_full_name()), false);
@@ -328,6 +375,8 @@ void LossdServer::Shutdown(absl::Duration deadline) {
   Log(LogLevel::kInfo, absl::StrCat("drained: ", impl_->core->in_flight(),
                                     " calls being handled, ", open_calls(),
                                     " open in gRPC; stopping"));
+  // No new connections on the Unix socket once gRPC stops; its file goes with it.
+  if (impl_->unix_listener) impl_->unix_listener->Stop();
   impl_->server->Shutdown(absl::ToChronoTime(end));
   impl_->server->Wait();
 }

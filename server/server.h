@@ -2,6 +2,8 @@
 #ifndef LOSSD_SERVER_SERVER_H_
 #define LOSSD_SERVER_SERVER_H_
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -66,7 +68,25 @@ struct ServerOptions {
   absl::Duration keepalive_time = absl::Minutes(2);
   absl::Duration keepalive_timeout = absl::Seconds(20);
   int max_concurrent_streams = 256;
+
+  // A Unix-domain socket to listen on besides TCP (empty: none). Plaintext (TLS applies to TCP
+  // only; the bearer token applies to both). The file gets `unix_socket_mode`; a stale socket
+  // file at the path is replaced, any other file is an error; it is removed at shutdown.
+  // Connections are accepted by the server itself, which records each peer's uid and pid
+  // (SO_PEERCRED) for the SharedMemory service.
+  std::string unix_socket;
+  mode_t unix_socket_mode = 0660;
+
+  // Shared-memory regions (docs/shared-memory.md): keys must start with this prefix; empty
+  // disables the SharedMemory service (its calls get FAILED_PRECONDITION).
+  std::string shared_memory_prefix = "/lossd-";
+  absl::Duration shared_memory_default_lease = absl::Seconds(30);  // capped by the max
+  absl::Duration shared_memory_max_lease = absl::Minutes(5);
+  int64_t shared_memory_max_bytes = int64_t{64} << 30;  // registered by one uid at once
+  int shared_memory_max_regions = 1024;                 // registered by one uid at once
 };
+
+class RegionResolver;
 
 class LossdServer {
  public:
@@ -93,6 +113,18 @@ class LossdServer {
   // from seeing a cancel to the end of the computation it stopped.
   int64_t chunks_after_cancel() const;
   int64_t max_cancel_stop_ns() const;
+
+  // The Unix socket's path (empty without one) and the connections accepted on it so far.
+  const std::string& unix_socket() const;
+  int64_t unix_connections() const;
+  // Shared memory: whether the SharedMemory service accepts regions, the key prefix (empty when
+  // disabled: Capabilities.shared_memory and .shared_memory_prefix), the resolver of tensor
+  // references (null when disabled; it lives as long as this server) and the regions
+  // registered now.
+  bool shared_memory_enabled() const;
+  const std::string& shared_memory_prefix() const;
+  const RegionResolver* region_resolver() const;
+  int64_t shared_memory_regions() const;
 
   // Graceful drain: health turns NOT_SERVING and new LossService calls get UNAVAILABLE, while
   // calls in flight go on, including those whose request is still arriving (they get

@@ -10,6 +10,7 @@
 #include "absl/strings/escaping.h"
 #include "grpc_status.h"
 #include "log.h"
+#include "message_io.h"
 #include "wire.h"
 
 namespace lossd::server {
@@ -24,8 +25,9 @@ void LogFailure(const char* method, const grpc::CallbackServerContext& context,
 
 namespace {
 
-// One unary Evaluate call. Owns the parsed request, the reply and the call's memory
+// One unary Evaluate call. Owns the received request, the result and the call's memory
 // reservation; OnCancel stops its computation at the next chunk; OnDone deletes it.
+// docs/data-path.md section 2 follows a tensor byte through it.
 class EvaluateCall final : public grpc::ServerUnaryReactor {
  public:
   EvaluateCall(Core* core, grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
@@ -42,27 +44,32 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
 
   void Start() {
     if (absl::Status s = core_->Admit(*context_); !s.ok()) return Done(s);
-    // The received bytes and their parsed copy; the reply and its serialized form come later.
-    const int64_t received = MessageBytes(*request_bytes_);
-    if (absl::Status s = reservation_.Add(2 * received, "the request"); !s.ok()) return Done(s);
-    const absl::Status parsed = ParseMessage(*request_bytes_, &request_);
+    // The received slices, then what the parse keeps of them and the copies of tensors that
+    // span slices (message_io.h); the reply's blocks come later.
+    if (absl::Status s = reservation_.Add(MessageBytes(*request_bytes_), "the request");
+        !s.ok()) {
+      return Done(s);
+    }
     // The handler is the request buffer's only reader (gRPC only destroys it when the call
-    // ends): free the received bytes now instead of holding them beside their parsed copy.
-    const_cast<grpc::ByteBuffer*>(request_bytes_)->Clear();
-    reservation_.Release(received);
-    if (!parsed.ok()) return Done(parsed);
-    auto plan = core_->Prepare(request_);
+    // ends): the parse empties it, releasing each slice as soon as it has been read.
+    if (absl::Status s =
+            ParseEvaluateRequest(const_cast<grpc::ByteBuffer*>(request_bytes_), &core_->pool(),
+                                 &reservation_, &request_);
+        !s.ok()) {
+      return Done(s);
+    }
+    auto plan = core_->Prepare(request_.message(), request_.views());
     if (!plan.ok()) return Done(plan.status());
-    if (absl::Status s = reservation_.Add(2 * plan->reply_bytes, "the reply"); !s.ok()) {
+    if (absl::Status s = reservation_.Add(plan->reply_bytes, "the reply"); !s.ok()) {
       return Done(s);
     }
     if (plan->args.numel <= core_->config().inline_elements) {
       // Small: a few microseconds of compute, cheaper than a hop to a worker thread.
-      return Done(core_->Compute(control_, *plan, start_ns_, &response_));
+      return Done(core_->Compute(control_, *plan, start_ns_, &result_));
     }
     auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
     const absl::Status queued = core_->Submit([this, shared_plan] {
-      Done(core_->Compute(control_, *shared_plan, start_ns_, &response_));
+      Done(core_->Compute(control_, *shared_plan, start_ns_, &result_));
     });
     if (!queued.ok()) Done(queued);
   }
@@ -78,24 +85,29 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
   // Log, metrics, reply: exactly once per call, after which `this` may be gone.
   void Done(absl::Status s) {
     const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
-    const int64_t received = PayloadBytes(request_);
-    std::string request_id = std::move(*request_.mutable_request_id());
-    request_.Clear();  // not needed for the reply: free it before serializing
+    const int64_t received = request_.payload_bytes();
+    const std::string request_id = request_.message().request_id();
+    // Not needed for the reply: free the inputs (and their share of the reservation) before
+    // the reply is encoded.
+    reservation_.Release(request_.held_bytes());
+    request_.Clear();
+    const int64_t sent = ReplyPayloadBytes(result_);
+    const v1::Timing timing = result_.timing;
+    const v1::Device device = result_.device;
     if (s.ok()) {
-      response_.set_request_id(request_id);
-      s = SerializeMessage(response_, reply_);
+      result_.timing.set_reply_unix_ns(absl::GetCurrentTimeNanos());
+      s = EncodeEvaluateReply(request_id, /*stream=*/false, &result_, reply_);
     }
     if (s.ok()) {
-      core_->metrics().RecordCall("Evaluate", "OK", DeviceLabel(response_.device()),
-                                  response_.timing().queue_ns() * 1e-9,
-                                  response_.timing().compute_ns() * 1e-9, total);
-      core_->metrics().AddBytes("Evaluate", received, PayloadBytes(response_));
+      core_->metrics().RecordCall("Evaluate", "OK", DeviceLabel(device), timing.queue_ns() * 1e-9,
+                                  timing.compute_ns() * 1e-9, total);
+      core_->metrics().AddBytes("Evaluate", received, sent);
     } else {
       LogFailure("Evaluate", *context_, request_id, s);
       core_->metrics().RecordCall("Evaluate", absl::StatusCodeToString(s.code()), "none", -1, -1,
                                   total);
     }
-    response_.Clear();  // the serialized reply is all that is still needed
+    result_ = ComputeResult();  // the blocks now belong to the reply's slices
     Finish(ToGrpcStatus(s));
   }
 
@@ -106,8 +118,8 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
   const int64_t start_ns_;
   CallControl control_;
   Reservation reservation_;  // released in the destructor, after the reply was sent
-  v1::EvaluateRequest request_;
-  v1::EvaluateResponse response_;
+  ReceivedRequest request_;
+  ComputeResult result_;
 };
 
 }  // namespace
@@ -153,6 +165,11 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(grpc::CallbackServerC
   response->set_max_elements(core_->config().limits.max_elements);
   response->set_cuda_device_name(core_->has_cuda() ? core_->cuda_name() : "");
   response->set_whole_requests(true);
+  // Tensor references are served once a region resolver is set (docs/data-path.md section 5).
+  if (core_->region_resolver() != nullptr) {
+    response->set_shared_memory(true);
+    response->set_shared_memory_prefix(core_->config().shared_memory_prefix);
+  }
   const absl::Status s = SerializeMessage(capabilities, reply);
   core_->metrics().RecordCall("GetCapabilities", absl::StatusCodeToString(s.code()), "none", -1,
                               -1, -1);

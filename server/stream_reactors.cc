@@ -18,6 +18,7 @@
 #include "grpc_status.h"
 #include "lossd/kernels/exact_sum.h"
 #include "memory.h"
+#include "message_io.h"
 #include "service.h"
 #include "wire.h"
 
@@ -35,7 +36,13 @@ struct Actions {
   const grpc::ByteBuffer* write = nullptr;
   bool finish = false;
   grpc::Status status;
-  bool any() const { return read != nullptr || write != nullptr || finish; }
+  // EvaluateStream: a small batch computed on this thread once the other actions are taken
+  // (its computation holds off Finish, like a queued one).
+  void* compute_slot = nullptr;
+  std::shared_ptr<EvaluatePlan> compute_plan;
+  bool any() const {
+    return read != nullptr || write != nullptr || finish || compute_slot != nullptr;
+  }
 };
 
 // ---- EvaluateStream ---------------------------------------------------------------------
@@ -115,8 +122,9 @@ class EvaluateStreamReactor final
   using Act = Actions;
   struct Slot {
     explicit Slot(MemoryBudget* budget) : reservation(budget) {}
-    v1::EvaluateRequest request;
-    v1::EvaluateStreamResponse reply;
+    ReceivedRequest request;
+    std::string request_id;
+    ComputeResult result;
     grpc::ByteBuffer out;  // the serialized reply, once ready
     bool ready = false;
     int64_t start_ns = 0;
@@ -134,6 +142,12 @@ class EvaluateStreamReactor final
         if (finishing_) RequestFinish(final_status_, &after);
       }
       if (after.finish) Finish(after.status);
+    }
+    // Last: the computation may finish the call, after which `this` may be gone. (It holds off
+    // Finish until then, so a.finish is never set with it.)
+    if (a.compute_slot != nullptr) {
+      Computed(static_cast<Slot*>(a.compute_slot), *a.compute_plan);
+      return;
     }
     if (a.finish) Finish(a.status);  // last: `this` may be gone afterwards
   }
@@ -156,16 +170,19 @@ class EvaluateStreamReactor final
   }
 
   void SetError(Slot* slot, const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    LogFailure("EvaluateStream", *context_, slot->request.request_id(), s);
+    LogFailure("EvaluateStream", *context_, slot->request_id, s);
     core_->metrics().RecordCall("EvaluateStream", absl::StatusCodeToString(s.code()), "none", -1,
                                 -1, (absl::GetCurrentTimeNanos() - slot->start_ns) * 1e-9);
-    slot->reply.clear_response();
-    slot->reply.set_request_id(slot->request.request_id());
-    v1::BatchError* error = slot->reply.mutable_error();
+    slot->reservation.Reset();
+    slot->request.Clear();
+    slot->result = ComputeResult();
+    v1::EvaluateStreamResponse reply;
+    reply.set_request_id(slot->request_id);
+    v1::BatchError* error = reply.mutable_error();
     error->set_code(static_cast<int>(s.code()));
     error->set_message(std::string(s.message()));
     // A short message: serializing it cannot fail.
-    (void)SerializeMessage(slot->reply, &slot->out);
+    (void)SerializeMessage(reply, &slot->out);
     slot->ready = true;
   }
 
@@ -177,19 +194,19 @@ class EvaluateStreamReactor final
     slots_.push_back(std::move(slot));
     grpc::ByteBuffer received;
     received.Swap(&pending_);
-    absl::Status admitted =
-        raw->reservation.Add(2 * MessageBytes(received), "the stream's batch");
-    if (admitted.ok()) admitted = ParseMessage(received, &raw->request);
+    absl::Status admitted = raw->reservation.Add(MessageBytes(received), "the stream's batch");
+    if (admitted.ok()) {
+      admitted = ParseEvaluateRequest(&received, &core_->pool(), &raw->reservation, &raw->request);
+    }
     received.Clear();
     if (!admitted.ok()) {
       SetError(raw, admitted);
       return;
     }
-    raw->reply.set_request_id(raw->request.request_id());
-    auto plan = core_->Prepare(raw->request);
+    raw->request_id = raw->request.message().request_id();
+    auto plan = core_->Prepare(raw->request.message(), raw->request.views());
     if (plan.ok()) {
-      if (absl::Status s = raw->reservation.Add(2 * plan->reply_bytes, "the batch's reply");
-          !s.ok()) {
+      if (absl::Status s = raw->reservation.Add(plan->reply_bytes, "the batch's reply"); !s.ok()) {
         plan = s;
       }
     }
@@ -199,28 +216,35 @@ class EvaluateStreamReactor final
     }
     ++inflight_;
     auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
+    if (shared_plan->args.numel <= core_->config().inline_elements) {
+      // Small, like a small unary call: computed on this thread once the mutex is released
+      // (Run), cheaper than a hop to a worker.
+      a->compute_slot = raw;
+      a->compute_plan = std::move(shared_plan);
+      return;
+    }
     const absl::Status queued =
         core_->Submit([this, raw, shared_plan] { Computed(raw, *shared_plan); });
     if (!queued.ok()) {
       --inflight_;
       SetError(raw, queued);
     }
-    (void)a;
   }
 
-  // On a worker thread.
+  // On a worker thread, or on the gRPC thread for a small batch (Run).
   void Computed(Slot* slot, const EvaluatePlan& plan) {
-    v1::EvaluateResponse* response = slot->reply.mutable_response();
-    absl::Status s = core_->Compute(control_, plan, slot->start_ns, response);
-    const int64_t sent = PayloadBytes(*response);
-    const v1::Device device = response->device();
-    const v1::Timing timing = response->timing();
-    const int64_t received = PayloadBytes(slot->request);
+    absl::Status s = core_->Compute(control_, plan, slot->start_ns, &slot->result);
+    const int64_t sent = ReplyPayloadBytes(slot->result);
+    const v1::Device device = slot->result.device;
+    const v1::Timing timing = slot->result.timing;
+    const int64_t received = slot->request.payload_bytes();
     if (s.ok()) {
-      response->set_request_id(slot->request.request_id());
-      slot->request.Clear();  // not needed for the reply: free it before serializing
-      s = SerializeMessage(slot->reply, &slot->out);
-      slot->reply.Clear();  // the serialized form is what gets written
+      // Not needed for the reply: free the inputs before encoding it.
+      slot->reservation.Release(slot->request.held_bytes());
+      slot->request.Clear();
+      slot->result.timing.set_reply_unix_ns(absl::GetCurrentTimeNanos());
+      s = EncodeEvaluateReply(slot->request_id, /*stream=*/true, &slot->result, &slot->out);
+      slot->result = ComputeResult();  // the blocks now belong to the reply's slices
     }
     Act actions;
     {
@@ -351,7 +375,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   using Act = Actions;
   // A parsed, validated batch and the memory it holds until its values are added.
   struct Batch {
-    std::unique_ptr<v1::EvaluateRequest> request;
+    std::unique_ptr<ReceivedRequest> request;
     std::shared_ptr<EvaluatePlan> plan;
     std::unique_ptr<Reservation> reservation;
   };
@@ -388,16 +412,19 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     ++batches_seen_;
     Batch batch;
     batch.reservation = std::make_unique<Reservation>(&core_->memory());
-    batch.request = std::make_unique<v1::EvaluateRequest>();
+    batch.request = std::make_unique<ReceivedRequest>();
     {
       grpc::ByteBuffer received;
       received.Swap(&pending_);
       absl::Status admitted =
-          batch.reservation->Add(2 * MessageBytes(received), "the Accumulate batch");
-      if (admitted.ok()) admitted = ParseMessage(received, batch.request.get());
+          batch.reservation->Add(MessageBytes(received), "the Accumulate batch");
+      if (admitted.ok()) {
+        admitted = ParseEvaluateRequest(&received, &core_->pool(), batch.reservation.get(),
+                                        batch.request.get());
+      }
       if (!admitted.ok()) return Fail(admitted, a);
     }
-    const v1::EvaluateRequest& r = *batch.request;
+    const v1::EvaluateRequest& r = batch.request->message();
     const v1::Reduction red = r.reduction() == v1::REDUCTION_UNSPECIFIED ? v1::REDUCTION_MEAN
                                                                          : r.reduction();
     if (red != v1::REDUCTION_SUM && red != v1::REDUCTION_MEAN) {
@@ -416,6 +443,11 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
                       "whole is not allowed in Accumulate (its batches are parts of one whole)"),
                   a);
     }
+    if (r.has_outputs()) {
+      return Fail(absl::InvalidArgumentError(
+                      "outputs is not allowed in Accumulate (it returns no per-element outputs)"),
+                  a);
+    }
     const std::string key = OptionsKey(r);
     if (batches_seen_ == 1) {
       key_ = key;
@@ -427,7 +459,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
                       "loss options and reduction must be the same in every batch of a call"),
                   a);
     }
-    auto plan = core_->Prepare(r);
+    auto plan = core_->Prepare(r, batch.request->views());
     if (!plan.ok()) return Fail(plan.status(), a);
     batch.plan = std::make_shared<EvaluatePlan>(*std::move(plan));
     batch.plan->args.reduction = kernels::Reduction::kNone;  // values are reduced here
@@ -464,9 +496,10 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   void Computed(const Batch& batch) {
     const kernels::BceArgs& args = batch.plan->args;
     std::vector<double> values(static_cast<size_t>(args.numel));
-    v1::EvaluateResponse scratch;
+    ComputeResult scratch;
     const absl::Status s =
         core_->Compute(control_, *batch.plan, start_ns_, &scratch, values.data());
+    scratch.loss.block.Reset();  // only the values are needed
     int64_t kept = args.numel;
     if (s.ok() && normalize_ && args.has_ignore_index) {
       for (int64_t i = 0; i < args.numel; ++i) {
@@ -483,9 +516,9 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
         sum_.Add(values.data(), args.numel);
         kept_ += kept;
         ++batches_done_;
-        device_ = scratch.device();
-        compute_ns_ += scratch.timing().compute_ns();
-        core_->metrics().AddBytes("Accumulate", PayloadBytes(*batch.request), 0);
+        device_ = scratch.device;
+        compute_ns_ += scratch.timing.compute_ns();
+        core_->metrics().AddBytes("Accumulate", batch.request->payload_bytes(), 0);
         if (stash_.request) {
           Batch next = std::move(stash_);
           stash_ = Batch();

@@ -4,7 +4,9 @@
 #include <grpcpp/impl/codegen/proto_utils.h>
 #include <grpcpp/support/proto_buffer_writer.h>
 
+#include <limits>
 #include <string>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/stubs/logging.h"
@@ -47,6 +49,27 @@ absl::Status ParseMessage(const grpc::ByteBuffer& buffer, google::protobuf::Mess
       "request bytes (", MessageBytes(buffer), ") do not parse as ",
       message->GetDescriptor()->full_name(), ": ",
       errors.empty() ? "malformed protobuf wire format" : errors));
+}
+
+absl::Status ParseMessageBytes(std::string_view bytes, int64_t message_bytes,
+                               google::protobuf::Message* message) {
+  std::string errors;
+  parse_errors = &errors;
+  const bool ok = bytes.size() <= static_cast<size_t>(std::numeric_limits<int>::max()) &&
+                  message->ParseFromArray(bytes.data(), static_cast<int>(bytes.size()));
+  parse_errors = nullptr;
+  if (ok) return absl::OkStatus();
+  message->Clear();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "request bytes (", message_bytes, ") do not parse as ",
+      message->GetDescriptor()->full_name(), ": ",
+      errors.empty() ? "malformed protobuf wire format" : errors));
+}
+
+absl::Status MalformedMessage(int64_t message_bytes, const google::protobuf::Message& message) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("request bytes (", message_bytes, ") do not parse as ",
+                   message.GetDescriptor()->full_name(), ": malformed protobuf wire format"));
 }
 
 absl::Status SerializeMessage(const google::protobuf::Message& message, grpc::ByteBuffer* buffer) {

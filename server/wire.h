@@ -23,6 +23,15 @@ namespace lossd::server {
 // string field that is not UTF-8, ...).
 absl::Status ParseMessage(const grpc::ByteBuffer& buffer, google::protobuf::Message* message);
 
+// Parses the contiguous `bytes` into `message` with ParseMessage's error: `message_bytes` is
+// the size of the received message they were taken from (named in the error).
+absl::Status ParseMessageBytes(std::string_view bytes, int64_t message_bytes,
+                               google::protobuf::Message* message);
+
+// INVALID_ARGUMENT for a received message of `message_bytes` bytes that is not valid protobuf
+// wire format, with ParseMessage's wording.
+absl::Status MalformedMessage(int64_t message_bytes, const google::protobuf::Message& message);
+
 // Serializes `message` into `buffer`. INTERNAL when protobuf cannot (a message over 2 GiB).
 absl::Status SerializeMessage(const google::protobuf::Message& message, grpc::ByteBuffer* buffer);
 

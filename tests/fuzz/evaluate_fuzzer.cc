@@ -2,8 +2,9 @@
 // call takes from a parsed lossd.v1.EvaluateRequest to its reply (server/service.cc,
 // server/stream_reactors.cc), built with ASan and UBSan (tests/fuzz/README.md).
 //
-// LLVMFuzzerTestOneInput parses the input as an EvaluateRequest (inputs that do not parse are
-// rejected and never enter the corpus), prepares it with a Core configured like a small CPU
+// LLVMFuzzerTestOneInput parses the input as an EvaluateRequest both with protobuf and with the
+// server's own parse of received slices (server/message_io.h), which must agree (inputs that do
+// not parse are rejected and never enter the corpus), prepares it with a Core configured like a small CPU
 // server, computes it, and traps when a result breaks the contract of request.h and core.h:
 // an error code Prepare/Compute may not return, a plan whose sizes disagree with its shapes or
 // exceed the limits, or a reply whose tensors do not have the planned sizes. Requests that
@@ -15,6 +16,11 @@
 // bytes, dtypes, reductions and loss options. A request has to get all of these right at once
 // to reach the output sizing and the kernels, which byte-level mutation almost never does.
 
+#include <grpc/grpc.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/slice.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -35,6 +41,7 @@
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/v1/lossd.pb.h"
+#include "message_io.h"
 #include "metrics.h"
 #include "request.h"
 
@@ -189,33 +196,80 @@ void AccumulateBatch(lossd::server::Core& core, const EvaluateRequest& request,
 extern "C" int LLVMFuzzerInitialize(int* /*argc*/, char*** /*argv*/) {
   // A request_id that is not UTF-8 makes protobuf log one line per parse; drop them.
   google::protobuf::SetLogHandler(nullptr);
+  grpc_init();  // slices
   TheCore();
   return 0;
 }
 
+// The input as gRPC hands it to the server: slices of a length derived from the input (one
+// slice for a third of the inputs), so that tensor data lies in one slice or spans several.
+grpc::ByteBuffer AsReceived(const uint8_t* data, size_t size) {
+  std::vector<grpc::Slice> slices;
+  const size_t piece = size % 3 == 0 ? size + 1 : 1 + size % 4093;
+  for (size_t at = 0; at < size; at += piece) {
+    slices.emplace_back(data + at, std::min(piece, size - at));
+  }
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+bool IsSharedMemoryRequest(const EvaluateRequest& r) {
+  return r.has_outputs() || r.logits().has_ref() || r.targets().has_ref() ||
+         r.weight().has_ref() || r.bce_with_logits().pos_weight().has_ref();
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  // The server's parse (server/message_io.h) must agree with protobuf's on every input.
   EvaluateRequest request;
-  if (!request.ParseFromArray(data, static_cast<int>(size))) return -1;
+  const bool parses = request.ParseFromArray(data, static_cast<int>(size));
+  grpc::ByteBuffer received = AsReceived(data, size);
+  lossd::server::ReceivedRequest parsed;
   lossd::server::Core& core = TheCore();
-  auto plan = core.Prepare(request);
+  const absl::Status read =
+      lossd::server::ParseEvaluateRequest(&received, &core.pool(), nullptr, &parsed);
+  FUZZ_REQUIRE(read.ok() == parses, std::string(read.ToString()));
+  if (!parses) {
+    FUZZ_REQUIRE(read.code() == absl::StatusCode::kInvalidArgument, std::string(read.ToString()));
+    return -1;
+  }
+  FUZZ_REQUIRE(parsed.data(lossd::server::kLogitsData) == request.logits().data(), "logits");
+  FUZZ_REQUIRE(parsed.data(lossd::server::kTargetsData) == request.targets().data(), "targets");
+  FUZZ_REQUIRE(parsed.data(lossd::server::kWeightData) == request.weight().data(), "weight");
+  FUZZ_REQUIRE(parsed.data(lossd::server::kPosWeightData) ==
+                   request.bce_with_logits().pos_weight().data(),
+               "pos_weight");
+  auto plan = core.Prepare(parsed.message(), parsed.views());
   if (!plan.ok()) {
     // Prepare's contract: INVALID_ARGUMENT, RESOURCE_EXHAUSTED, or FAILED_PRECONDITION for
-    // CUDA on a server without it.
+    // CUDA or shared memory on a server without them.
     const absl::StatusCode code = plan.status().code();
     FUZZ_REQUIRE(code == absl::StatusCode::kInvalidArgument ||
                      code == absl::StatusCode::kResourceExhausted ||
                      (code == absl::StatusCode::kFailedPrecondition &&
-                      request.device() == lossd::v1::DEVICE_CUDA),
+                      (request.device() == lossd::v1::DEVICE_CUDA ||
+                       IsSharedMemoryRequest(request))),
                  std::string(plan.status().ToString()));
     FUZZ_REQUIRE(!plan.status().message().empty(), std::string(plan.status().ToString()));
     return 0;
   }
   CheckPlan(*plan, core.config().limits);
   lossd::server::CallControl control;
-  EvaluateResponse response;
-  const absl::Status s = core.Compute(control, *plan, 0, &response);
+  lossd::server::ComputeResult result;
+  const absl::Status s = core.Compute(control, *plan, 0, &result);
   CheckComputeStatus(*plan, s);
-  if (s.ok()) CheckResponse(*plan, response);
+  if (s.ok()) {
+    // The reply as the server sends it, read back by protobuf.
+    grpc::ByteBuffer reply;
+    const absl::Status encoded =
+        lossd::server::EncodeEvaluateReply(request.request_id(), false, &result, &reply);
+    FUZZ_REQUIRE(encoded.ok(), std::string(encoded.ToString()));
+    grpc::Slice flat;
+    FUZZ_REQUIRE(reply.DumpToSingleSlice(&flat).ok(), "reply");
+    EvaluateResponse response;
+    FUZZ_REQUIRE(response.ParseFromArray(flat.begin(), static_cast<int>(flat.size())),
+                 "the encoded reply does not parse");
+    FUZZ_REQUIRE(response.request_id() == request.request_id(), "request_id");
+    CheckResponse(*plan, response);
+  }
   AccumulateBatch(core, request, *plan);
   return 0;
 }

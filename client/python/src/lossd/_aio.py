@@ -9,6 +9,7 @@ from typing import Any, AsyncIterable, Callable, Iterable, Iterator, Optional, S
     Union
 
 import grpc
+import numpy as np
 from numpy.typing import ArrayLike
 
 from ._channel import DEFAULT_MAX_MESSAGE_BYTES, PemSource, RetryPolicy, Target
@@ -18,6 +19,7 @@ from ._client import (
 from ._errors import DeadlineExceededError, InternalError, LossdError, from_rpc_error
 from ._job import EvalJob, Progress
 from ._proto.lossd.v1 import lossd_pb2 as pb
+from ._shm import ShmTransport
 from ._tensor import DTypeLike
 from ._types import AccumulateResult, Capabilities, LossResult
 
@@ -49,10 +51,12 @@ class AsyncClient(_ClientBase):
                  load_balancing: str = "round_robin", wait_for_ready: bool = False,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
-                 channel_args: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
+                 channel_args: Optional[Sequence[Tuple[str, Any]]] = None,
+                 shared_memory: str = "off") -> None:
         spec = self._configure(
             target, timeout=timeout, max_message_bytes=max_message_bytes,
             chunk_bytes=chunk_bytes, stream_window=stream_window, wait_for_ready=wait_for_ready,
+            shared_memory=shared_memory,
             root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
             retry=retry, load_balancing=load_balancing, channel_args=channel_args)
@@ -61,6 +65,7 @@ class AsyncClient(_ClientBase):
         else:
             self._channel = grpc.aio.secure_channel(spec.target, spec.credentials,
                                                     options=spec.options)
+        self._sync_channel: Optional[grpc.Channel] = None
         ch = self._channel
         self._evaluate = ch.unary_unary(_SERVICE + "Evaluate", request_serializer=_identity,
                                         response_deserializer=_identity)
@@ -77,8 +82,48 @@ class AsyncClient(_ClientBase):
                                       response_deserializer=None)
 
     async def close(self) -> None:
-        """Close the channel (cancelling calls in progress)."""
+        """Close the channel (cancelling calls in progress), after unregistering and
+        unlinking the shared memory, if any."""
+        with self._shm_lock:
+            self._shm_decided = True
+            shm = self._shm
+        if shm is not None:
+            await asyncio.get_running_loop().run_in_executor(None, shm.close)
+        if self._sync_channel is not None:
+            self._sync_channel.close()
+            self._sync_channel = None
         await self._channel.close(None)
+
+    def _control(self) -> Any:
+        """A synchronous channel for the SharedMemory calls (registration and the lease
+        renewals of a daemon thread, which cannot use the event loop's channel)."""
+        if self._sync_channel is None:
+            spec = self._spec
+            if spec.credentials is None:
+                self._sync_channel = grpc.insecure_channel(spec.target, options=spec.options)
+            else:
+                self._sync_channel = grpc.secure_channel(spec.target, spec.credentials,
+                                                         options=spec.options)
+        return self._sync_channel
+
+    async def _ashm_probe(self) -> None:
+        if not self._shm_decided:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self._shm_probe(self._control()))
+
+    @property
+    def shared_memory(self) -> Optional[bool]:
+        """True when evaluations pass tensors through shared memory; None until the first
+        evaluation (or :meth:`empty`) decided it."""
+        return (self._shm is not None) if self._shm_decided else None
+
+    async def empty(self, shape: Any, dtype: Any = np.float32) -> np.ndarray:
+        """A new array, in shared memory when the client uses it; see
+        :meth:`lossd.Client.empty`."""
+        await self._ashm_probe()
+        if self._shm is None:
+            return np.empty(shape, dtype)
+        return self._shm.empty(shape, dtype)
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -114,7 +159,9 @@ class AsyncClient(_ClientBase):
                               reduction=reduction, grad=grad, grad_targets=grad_targets,
                               device=device, reject_nan=reject_nan, ignore_index=ignore_index,
                               normalize=normalize, label_smoothing=label_smoothing)
-        return self._finish(job, await self._run(job, timeout, progress), spec)
+        await self._ashm_probe()  # after the arguments are validated
+        return self._finish(job, await self._run(self._shm_job(job), timeout, progress),
+                            spec)
 
     async def sigmoid_focal_loss(
         self,
@@ -137,7 +184,9 @@ class AsyncClient(_ClientBase):
         job, spec = self._job("focal", logits, targets, weight, None, dtype, request_id,
                               reduction=reduction, grad=grad, grad_targets=False,
                               device=device, reject_nan=reject_nan, alpha=alpha, gamma=gamma)
-        return self._finish(job, await self._run(job, timeout, progress), spec)
+        await self._ashm_probe()  # after the arguments are validated
+        return self._finish(job, await self._run(self._shm_job(job), timeout, progress),
+                            spec)
 
     async def accumulate(
         self,
@@ -184,8 +233,34 @@ class AsyncClient(_ClientBase):
 
     # -- transport ------------------------------------------------------------------------
 
+    async def _run_shm(self, shm: ShmTransport, job: EvalJob, timeout: Optional[float],
+                       progress: Optional[Progress]) -> LossResult:
+        for attempt in (0, 1):
+            call = shm.call(job)
+            try:
+                raw = await self._evaluate(call.request, **self._call_kwargs(timeout))
+            except grpc.RpcError as exc:
+                call.release()
+                err = from_rpc_error(exc)
+                if err.code == grpc.StatusCode.NOT_FOUND and attempt == 0:
+                    await asyncio.get_running_loop().run_in_executor(None, shm.arena.renew)
+                    continue
+                logger.debug("Evaluate %s failed: %s", job.request_id, err)
+                raise err from None
+            except BaseException:
+                call.release()
+                raise
+            result = call.result(raw)
+            if progress is not None:
+                progress(job.total, job.total)
+            return result
+        raise AssertionError("unreachable")
+
     async def _run(self, job: EvalJob, timeout: Optional[float],
                    progress: Optional[Progress]) -> LossResult:
+        shm = self._shm
+        if shm is not None and job.mode == "unary":
+            return await self._run_shm(shm, job, timeout, progress)
         if job.mode == "unary":
             try:
                 raw = await self._evaluate(job.unary_request(), **self._call_kwargs(timeout))

@@ -8,6 +8,7 @@ import threading
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import grpc
+import numpy as np
 from numpy.typing import ArrayLike
 
 from ._channel import (
@@ -18,6 +19,7 @@ from ._inputs import prepare_inputs
 from ._job import AccumulateJob, EvalJob, Progress
 from ._options import enum_name, make_options
 from ._proto.lossd.v1 import lossd_pb2 as pb
+from ._shm import MODES as SHM_MODES, Control, ShmTransport
 from ._tensor import DTypeLike, dtype_name
 from ._torch_interop import TorchSpec, convert_inputs, to_torch
 from ._types import AccumulateResult, Capabilities, LossResult
@@ -56,8 +58,17 @@ class _ClientBase:
 
     def _configure(self, target: Target, *, timeout: Optional[float],
                    max_message_bytes: int, chunk_bytes: Optional[int], stream_window: int,
-                   wait_for_ready: bool, **channel_kwargs: Any) -> Any:
+                   wait_for_ready: bool, shared_memory: str = "off",
+                   **channel_kwargs: Any) -> Any:
+        if shared_memory not in SHM_MODES:
+            raise ValueError(f"shared_memory: expected 'auto', 'on' or 'off', got "
+                             f"{shared_memory!r}")
         spec = channel_spec(target, max_message_bytes=max_message_bytes, **channel_kwargs)
+        self._spec = spec
+        self._shm_mode = shared_memory
+        self._shm: Optional[ShmTransport] = None
+        self._shm_decided = shared_memory == "off"
+        self._shm_lock = threading.Lock()
         if stream_window < 1:
             raise ValueError(f"stream_window must be >= 1, got {stream_window}")
         if timeout is not None and not timeout > 0:
@@ -101,6 +112,10 @@ class _ClientBase:
             logits, targets, weight, pos_weight)
         opts = make_options(loss=loss, **options)
         inputs = prepare_inputs(logits, targets, weight, pos_weight, dtype, codes)
+        if self._shm is not None:
+            # Tensors travel by reference: one Evaluate whatever their size.
+            job = EvalJob(inputs, opts, request_id, 1 << 62, None)
+            return job, spec
         job = EvalJob(inputs, opts, request_id, self._limit, self._chunk_bytes)
         if job.mode != "unary":
             logger.debug("request %s: %d elements in %d chunks (%s, limit %d bytes)",
@@ -138,6 +153,24 @@ class _ClientBase:
 
         return AccumulateJob(opts, request_id, self._limit, self._chunk_bytes, dtype,
                              pos_weight, convert)
+
+    def _shm_job(self, job: EvalJob) -> EvalJob:
+        """The job as one unary Evaluate when tensors travel by reference (a job planned
+        before shared memory was decided may have been split for the message limit)."""
+        if self._shm is None or job.mode == "unary":
+            return job
+        return EvalJob(job.inputs, job.options, job.request_id, 1 << 62, None)
+
+    def _shm_probe(self, channel: Any) -> None:
+        """Decides once whether this client uses shared memory (see ShmTransport.probe)."""
+        if self._shm_decided:
+            return
+        with self._shm_lock:
+            if self._shm_decided:
+                return
+            self._shm = ShmTransport.probe(self._shm_mode, self._spec.target,
+                                           Control(channel, self._metadata))
+            self._shm_decided = True
 
     @staticmethod
     def _capabilities(c: "pb.Capabilities") -> Capabilities:
@@ -214,6 +247,13 @@ _DOC_CLIENT_PARAMS = """
         Chunks in flight at once on a stream (bounds the client's memory). Default 4.
     channel_args : sequence of (str, value), optional
         Extra gRPC channel arguments; they override the ones set from the parameters.
+    shared_memory : {"auto", "on", "off"}, optional
+        Pass tensors through POSIX shared memory instead of the socket (see
+        docs/shared-memory.md). "off" (default): never; "auto": for ``unix:`` and loopback
+        targets whose server offers it (``Capabilities.shared_memory``), decided at the first
+        evaluation by registering a region, and logged (one INFO line on the "lossd" logger);
+        "on": always, raising when the registration fails. With shared memory, an evaluation
+        is one ``Evaluate`` of any size; ``accumulate`` still sends bytes.
 """
 
 
@@ -243,10 +283,12 @@ class Client(_ClientBase):
                  load_balancing: str = "round_robin", wait_for_ready: bool = False,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
-                 channel_args: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
+                 channel_args: Optional[Sequence[Tuple[str, Any]]] = None,
+                 shared_memory: str = "off") -> None:
         spec = self._configure(
             target, timeout=timeout, max_message_bytes=max_message_bytes,
             chunk_bytes=chunk_bytes, stream_window=stream_window, wait_for_ready=wait_for_ready,
+            shared_memory=shared_memory,
             root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
             retry=retry, load_balancing=load_balancing, channel_args=channel_args)
@@ -271,8 +313,40 @@ class Client(_ClientBase):
                                       response_deserializer=None)
 
     def close(self) -> None:
-        """Close the channel. Calls after this fail; closing twice is harmless."""
+        """Close the channel (first unregistering and unlinking the shared memory, if any:
+        arrays backed by it stay readable). Calls after this fail; closing twice is
+        harmless."""
+        with self._shm_lock:
+            self._shm_decided = True
+            if self._shm is not None:
+                self._shm.close()
         self._channel.close()
+
+    @property
+    def shared_memory(self) -> bool:
+        """True when evaluations pass tensors through shared memory (decides it now if no
+        evaluation has yet)."""
+        self._shm_probe(self._channel)
+        return self._shm is not None
+
+    def empty(self, shape: Any, dtype: Any = np.float32) -> np.ndarray:
+        """A new uninitialized array, in shared memory when the client uses it.
+
+        Inputs that lie in such an array (or a C-contiguous view of one) are passed to the
+        server by reference, without any copy; ``torch.from_numpy(client.empty(...))`` gives a
+        tensor over the same memory. Its memory returns to the client when the array and
+        every view of it are garbage-collected. Without shared memory, ``numpy.empty``.
+
+        Parameters
+        ----------
+        shape : int or tuple of int
+        dtype : dtype-like, optional
+            Default float32.
+        """
+        self._shm_probe(self._channel)
+        if self._shm is None:
+            return np.empty(shape, dtype)
+        return self._shm.empty(shape, dtype)
 
     def __enter__(self) -> "Client":
         return self
@@ -387,7 +461,8 @@ class Client(_ClientBase):
                               reduction=reduction, grad=grad, grad_targets=grad_targets,
                               device=device, reject_nan=reject_nan, ignore_index=ignore_index,
                               normalize=normalize, label_smoothing=label_smoothing)
-        return self._finish(job, self._run(job, timeout, progress), spec)
+        self._shm_probe(self._channel)  # after the arguments are validated
+        return self._finish(job, self._run(self._shm_job(job), timeout, progress), spec)
 
     def sigmoid_focal_loss(
         self,
@@ -442,7 +517,8 @@ class Client(_ClientBase):
         job, spec = self._job("focal", logits, targets, weight, None, dtype, request_id,
                               reduction=reduction, grad=grad, grad_targets=False,
                               device=device, reject_nan=reject_nan, alpha=alpha, gamma=gamma)
-        return self._finish(job, self._run(job, timeout, progress), spec)
+        self._shm_probe(self._channel)  # after the arguments are validated
+        return self._finish(job, self._run(self._shm_job(job), timeout, progress), spec)
 
     def accumulate(
         self,
@@ -515,8 +591,37 @@ class Client(_ClientBase):
 
     # -- transport ------------------------------------------------------------------------
 
+    def _run_shm(self, shm: ShmTransport, job: EvalJob, timeout: Optional[float],
+                 progress: Optional[Progress]) -> LossResult:
+        for attempt in (0, 1):
+            call = shm.call(job)
+            try:
+                raw = self._evaluate(call.request, **self._call_kwargs(timeout))
+            except grpc.RpcError as exc:
+                call.release()
+                err = from_rpc_error(exc)
+                if err.code == grpc.StatusCode.NOT_FOUND and attempt == 0:
+                    # A region the server dropped (a lease that ended while this process
+                    # was stopped): register it again and retry once.
+                    logger.debug("Evaluate %s: %s; renewing the regions", job.request_id, err)
+                    shm.arena.renew()
+                    continue
+                logger.debug("Evaluate %s failed: %s", job.request_id, err)
+                raise err from None
+            except BaseException:
+                call.release()
+                raise
+            result = call.result(raw)
+            if progress is not None:
+                progress(job.total, job.total)
+            return result
+        raise AssertionError("unreachable")
+
     def _run(self, job: EvalJob, timeout: Optional[float],
              progress: Optional[Progress]) -> LossResult:
+        shm = self._shm
+        if shm is not None and job.mode == "unary":
+            return self._run_shm(shm, job, timeout, progress)
         if job.mode == "unary":
             request = job.unary_request()
             try:

@@ -1,0 +1,142 @@
+// The registry of shared-memory regions (RegionResolver) and the lossd.v1.SharedMemory service.
+//
+// A client creates a POSIX shared-memory object whose name starts with the server's prefix,
+// then registers a byte range of it. The server opens the object, checks that it is a regular
+// file owned by the caller's uid, maps the range read-write and returns an unguessable handle
+// (128 random bits) with a lease. Tensor references name the handle; Resolve() turns them into
+// spans of the mapping. A region ends when its owner unregisters it or stops renewing its
+// lease; its memory is unmapped once no computation holds a span of it. docs/shared-memory.md
+// describes the protocol and the security model.
+#ifndef LOSSD_SERVER_SHM_REGISTRY_H_
+#define LOSSD_SERVER_SHM_REGISTRY_H_
+
+#include <grpcpp/grpcpp.h>
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "lossd/v1/lossd.grpc.pb.h"
+#include "peer_identity.h"
+#include "regions.h"
+
+namespace lossd::server {
+
+struct ShmRegistryOptions {
+  // Keys must start with it; empty disables shared memory (every call FAILED_PRECONDITION).
+  // Otherwise it must be a POSIX shared-memory name prefix: a leading '/', no other '/'.
+  std::string prefix = "/lossd-";
+  absl::Duration default_lease = absl::Seconds(30);  // for lease_ms 0 (capped by max_lease)
+  absl::Duration max_lease = absl::Minutes(5);
+  int64_t max_bytes_per_uid = int64_t{64} << 30;  // registered bytes of one uid at once
+  int max_regions_per_uid = 1024;
+  // How often expired regions are swept (they are refused by Resolve as soon as they expire).
+  absl::Duration sweep_interval = absl::Seconds(1);
+  // The clock (tests move time forward by hand); default absl::Now.
+  std::function<absl::Time()> now;
+};
+
+// Validates a key for `prefix`: INVALID_ARGUMENT naming the key and the rule it breaks.
+absl::Status ValidateShmKey(std::string_view key, std::string_view prefix);
+
+class ShmRegistry : public RegionResolver {
+ public:
+  // INVALID_ARGUMENT for a malformed prefix or non-positive limits; INTERNAL when the SIGBUS
+  // guard cannot be installed.
+  static absl::StatusOr<std::unique_ptr<ShmRegistry>> Create(ShmRegistryOptions options);
+  ~ShmRegistry() override;  // stops the sweeper; mappings held by spans outlive it
+
+  // For Capabilities.shared_memory and Capabilities.shared_memory_prefix.
+  bool enabled() const { return !options_.prefix.empty(); }
+  const std::string& prefix() const { return options_.prefix; }
+
+  // The SharedMemory calls of a caller with uid `uid`.
+  absl::StatusOr<v1::RegisterRegionResponse> Register(uid_t uid,
+                                                      const v1::RegisterRegionRequest& request);
+  absl::StatusOr<v1::RenewLeaseResponse> Renew(uid_t uid, const v1::RenewLeaseRequest& request);
+  absl::Status Unregister(uid_t uid, const v1::UnregisterRegionRequest& request);
+  absl::StatusOr<v1::ListRegionsResponse> List(uid_t uid) const;
+
+  // RegionResolver. Besides the documented errors: FAILED_PRECONDITION once the region's
+  // object shrank under the mapping (its owner must register it again).
+  absl::StatusOr<RegionSpan> Resolve(std::string_view field, const v1::TensorReference& ref,
+                                     int64_t bytes, bool writable) const override;
+
+  // Drops the regions whose lease ended; returns how many. The sweeper thread calls it.
+  int Sweep();
+
+  int64_t regions() const;            // registered now
+  int64_t registered_bytes(uid_t uid) const;
+
+ private:
+  struct Mapping;
+  struct Region;
+  explicit ShmRegistry(ShmRegistryOptions options);
+  absl::Time Now() const { return options_.now ? options_.now() : absl::Now(); }
+  absl::Duration Lease(uint32_t requested_ms) const;
+  void SweepLoop();
+
+  const ShmRegistryOptions options_;
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<Region>> regions_ ABSL_GUARDED_BY(mu_);
+  struct Usage {
+    int64_t bytes = 0;
+    int regions = 0;
+  };
+  absl::flat_hash_map<uid_t, Usage> usage_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread sweeper_;
+};
+
+// lossd.v1.SharedMemory on the callback API. Every call is identified by its peer (see
+// CallerUid); with an auth token set, calls need it as LossService calls do.
+class SharedMemoryService final : public v1::SharedMemory::CallbackService {
+ public:
+  // `registry` null: shared memory is disabled (every call FAILED_PRECONDITION).
+  SharedMemoryService(ShmRegistry* registry, const PeerTable* peers, std::string auth_token,
+                      std::string proc_root);
+  // The TCP port of the server (to find loopback peers' sockets); set once it is bound.
+  void set_server_port(int port) { server_port_.store(port); }
+  void set_draining(bool draining) { draining_.store(draining); }
+
+  grpc::ServerUnaryReactor* RegisterRegion(grpc::CallbackServerContext* context,
+                                           const v1::RegisterRegionRequest* request,
+                                           v1::RegisterRegionResponse* response) override;
+  grpc::ServerUnaryReactor* RenewLease(grpc::CallbackServerContext* context,
+                                       const v1::RenewLeaseRequest* request,
+                                       v1::RenewLeaseResponse* response) override;
+  grpc::ServerUnaryReactor* UnregisterRegion(grpc::CallbackServerContext* context,
+                                             const v1::UnregisterRegionRequest* request,
+                                             v1::UnregisterRegionResponse* response) override;
+  grpc::ServerUnaryReactor* ListRegions(grpc::CallbackServerContext* context,
+                                        const v1::ListRegionsRequest* request,
+                                        v1::ListRegionsResponse* response) override;
+
+ private:
+  // The caller's uid once the call is admitted (not draining, token, shared memory enabled).
+  absl::StatusOr<uid_t> Caller(grpc::CallbackServerContext* context, bool during_drain) const;
+  grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const char* method,
+                                   const absl::Status& status) const;
+
+  ShmRegistry* registry_;
+  const PeerTable* peers_;
+  const std::string auth_token_;
+  const std::string proc_root_;
+  std::atomic<int> server_port_{0};
+  std::atomic<bool> draining_{false};
+};
+
+}  // namespace lossd::server
+
+#endif  // LOSSD_SERVER_SHM_REGISTRY_H_
