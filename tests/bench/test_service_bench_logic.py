@@ -86,6 +86,7 @@ def test_tables_show_missing_values_as_dashes():
     results = {
         (1024, 1, "echo"): _series([1e6, 1e6], [1000, 1000], [200.0, 210.0]),
         (1024, 1, "lossd-tcp"): _series([9e5, 9.5e5], [900, 950], [230.0, 250.0]),
+        (1024, 1, "lossd-wire"): _series([8e5, 1e6], [800, 1000], [220.0, 200.0]),
     }
     r = stats.ratios_table(results, [1024], [1])
     header, row = r.splitlines()
@@ -93,8 +94,11 @@ def test_tables_show_missing_values_as_dashes():
     cells = row.split()
     assert cells[:3] == ["1k", "c1", "-"]  # no raw measured
     assert cells[3] == "0.925"  # tcp/echo: median of 0.9 and 0.95
-    assert cells[-2:] == ["+35.0", "0.925"]  # p50 difference, calls/s ratio
+    assert cells[4] == "0.900"  # wire/echo: median of 0.8 and 1.0
+    assert cells[-2:] == ["+5.0", "0.900"]  # wire p50 difference (+20, -10), calls/s ratio
     sweep = stats.sweep_table(results, [1024], [1, 4]).splitlines()
-    assert len(sweep) == 2 and sweep[1].split()[:4] == ["1k", "c1", "1000", "925"]
+    assert len(sweep) == 2
+    assert sweep[1].split() == ["1k", "c1", "1000", "205.0", "900", "0.900", "+5.0", "925",
+                                "0.925"]
     rates = stats.rates_table(results, [1024], [1], ["raw", "echo", "lossd-tcp"]).splitlines()
     assert [line.split()[2] for line in rates[1:]] == ["echo", "lossd-tcp"]

@@ -24,6 +24,7 @@ from .stats import percentile
 CALL_TIMEOUT_S = 600.0
 RAW_METHOD = "/lossd.bench.v1.Raw/Call"  # a raw (ByteBuffer) unary callback method
 ECHO_METHOD = "/lossd.bench.v1.Echo/Echo"
+LOSSD_METHOD = "/lossd.v1.LossService/Evaluate"
 REPLY_BYTES_KEY = "x-reply-bytes"
 
 
@@ -31,8 +32,9 @@ REPLY_BYTES_KEY = "x-reply-bytes"
 class CallSpec:
     """What one caller calls.
 
-    kind: "lossd" (lossd.Client.bce_with_logits, reduction none, grad), "echo" or "raw"
-    (grpcio, the payload's request bytes). client_kwargs: extra lossd.Client keyword arguments
+    kind: "lossd" (lossd.Client.bce_with_logits, reduction none, grad), "echo", "raw" or
+    "lossd-wire" (grpcio, the payload's request bytes; lossd-wire calls lossd's Evaluate with
+    the very bytes echo gets, so lossd-wire against echo compares the servers alone). client_kwargs: extra lossd.Client keyword arguments
     as (name, value) pairs. reply_bytes: the raw reply's size.
     """
 
@@ -94,6 +96,13 @@ def _make_client(spec: CallSpec) -> Tuple[Callable[[Payload, CallSpec], Any], Ca
             return echo(p.request, timeout=CALL_TIMEOUT_S)
 
         return call_echo, channel.close
+    if spec.kind == "lossd-wire":
+        evaluate = channel.unary_unary(LOSSD_METHOD)
+
+        def call_wire(p: Payload, s: CallSpec) -> Any:
+            return evaluate(p.request, timeout=CALL_TIMEOUT_S)
+
+        return call_wire, channel.close
     if spec.kind == "raw":
         raw = channel.unary_unary(RAW_METHOD)
 
@@ -109,6 +118,8 @@ def _check_warmup(spec: CallSpec, reply: Any) -> None:
     if spec.kind == "lossd":
         if getattr(reply, "grad", None) is None or reply.loss.size != spec.elements:
             raise RuntimeError("lossd reply without the loss and dl/dx asked for")
+    elif spec.kind == "lossd-wire" and len(reply) != spec.reply_bytes:
+        raise RuntimeError(f"lossd reply has {len(reply)} bytes, expected {spec.reply_bytes}")
     elif spec.kind == "raw" and len(reply) != spec.reply_bytes:
         raise RuntimeError(f"raw reply has {len(reply)} bytes, asked for {spec.reply_bytes}")
 

@@ -8,6 +8,8 @@ rotates, it measures:
              lossd's reply size from a reused buffer (the transport's limit)
   echo       lossd_bench_server --service=echo: protobuf parse + a reply of lossd's size, no
              compute
+  lossd-wire lossd's Evaluate over TCP from grpcio with the very request bytes echo gets: the
+             server against echo with identical client work
   lossd-tcp  lossd.Client(127.0.0.1:PORT) (shared_memory="off" where the client has it)
   raw-uds    the raw server on a Unix socket (baseline of lossd-uds)
   lossd-uds  lossd.Client(unix:PATH), lossd --unix_socket PATH
@@ -17,11 +19,12 @@ rotates, it measures:
   torch      torch CPU forward + backward, same threads (one caller), when torch is importable
 
 Modes that the lossd binary or the installed client do not support are skipped with the
-reason. Then a small-request sweep: echo against lossd-tcp at several concurrencies.
+reason. Then a small-request sweep: echo against lossd-wire (and lossd-tcp, the Python
+client's whole path) at several concurrencies.
 
 Prints elements/s, calls/s and median latency per mode, then ratios (per repetition, median):
-lossd-tcp/raw, lossd-tcp/echo, lossd-uds/raw(-uds), lossd-shm/kernel, lossd-shm/torch, and for
-small requests lossd p50 minus echo p50 and the calls/s ratio. A benchmark, not a test.
+lossd-tcp/raw, lossd-tcp/echo, lossd-wire/echo, lossd-uds/raw(-uds), lossd-shm/kernel,
+lossd-shm/torch, and for small requests lossd-wire p50 minus echo p50 and their calls/s ratio. A benchmark, not a test.
 
     PYTHONPATH=tools/bench .venv/bin/python -m lossd_bench [--build-dir build-c] [options]
 """
@@ -45,7 +48,7 @@ from .payload import Payload, shape_of
 from .stats import (Key, Series, format_count, parse_count, rates_table, ratios_table,
                     sweep_table)
 
-SERVICE_MODES = ["raw", "echo", "lossd-tcp", "raw-uds", "lossd-uds", "lossd-shm"]
+SERVICE_MODES = ["raw", "echo", "lossd-wire", "lossd-tcp", "raw-uds", "lossd-uds", "lossd-shm"]
 LOCAL_MODES = ["kernel", "torch"]
 ALL_MODES = SERVICE_MODES + LOCAL_MODES
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
@@ -260,6 +263,8 @@ class Run:
             if self.args.shm_transport == "unix" and self.lossd.unix_target:
                 target = self.lossd.unix_target
             return CallSpec("lossd", target, n, client_kwargs=kw + (("shared_memory", "on"),))
+        if mode == "lossd-wire":
+            return CallSpec("lossd-wire", self.lossd.target, n, reply_bytes=self.reply_bytes[n])
         if mode == "echo":
             return CallSpec("echo", self.baselines["echo"].address or "", n,
                             reply_bytes=self.reply_bytes[n])
@@ -316,12 +321,13 @@ class Run:
                     self.measure(self.results, m, n, 1, self.args.seconds, rep)
 
     def sweep_run(self) -> None:
-        modes = [m for m in ("echo", "lossd-tcp") if m in self.modes]
-        if len(modes) < 2:
+        modes = [m for m in ("echo", "lossd-wire", "lossd-tcp") if m in self.modes]
+        if "echo" not in modes or len(modes) < 2:
             return
         for n in self.sweep_sizes:
             for rep in range(self.args.sweep_reps):
-                order = modes if rep % 2 == 0 else modes[::-1]
+                k = rep % len(modes)
+                order = modes[k:] + modes[:k]
                 for c in self.sweep_concs:
                     for m in order:
                         self.measure(self.sweep, m, n, c, self.args.sweep_seconds, rep)
@@ -376,7 +382,8 @@ class Run:
         if self.sweep:
             out.append("")
             r = self.args.sweep_reps
-            out.append(f"small requests, lossd-tcp against echo ({r} repetition"
+            out.append(f"small requests, lossd-wire (same bytes, same client) and lossd-tcp "
+                       f"(the Python client) against echo ({r} repetition"
                        f"{'s' if r != 1 else ''} of {self.args.sweep_seconds:g} s):")
             out.append(sweep_table(self.sweep, self.sweep_sizes, self.sweep_concs))
         if any(m in self.wanted for m in self.skips):

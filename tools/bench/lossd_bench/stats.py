@@ -132,6 +132,7 @@ def rates_table(results: Dict[Key, Series], sizes: Sequence[int], concs: Sequenc
 RATIOS = [
     ("tcp/raw", "lossd-tcp", ("raw",), "elements_per_s"),
     ("tcp/echo", "lossd-tcp", ("echo",), "elements_per_s"),
+    ("wire/echo", "lossd-wire", ("echo",), "elements_per_s"),
     ("uds/raw", "lossd-uds", ("raw-uds", "raw"), "elements_per_s"),
     ("shm/kernel", "lossd-shm", ("kernel",), "elements_per_s"),
     ("shm/torch", "lossd-shm", ("torch",), "elements_per_s"),
@@ -165,7 +166,7 @@ def ratios_table(results: Dict[Key, Series], sizes: Sequence[int], concs: Sequen
                 value, _ = ratio(results, n, c, num, dens, metric)
                 row.append(fmt(value, ".3f"))
             if n <= SMALL_ELEMENTS:
-                lt, le = results.get((n, c, "lossd-tcp")), results.get((n, c, "echo"))
+                lt, le = results.get((n, c, "lossd-wire")), results.get((n, c, "echo"))
                 d = paired_differences(_series_metric(lt, "p50_us"), _series_metric(le, "p50_us"))
                 row.append(fmt(median(d), "+.1f"))
                 q = paired_ratios(_series_metric(lt, "calls_per_s"),
@@ -174,25 +175,35 @@ def ratios_table(results: Dict[Key, Series], sizes: Sequence[int], concs: Sequen
             else:
                 row += ["-", "-"]
             rows.append(row)
-    headers = ["elements conc"] + [h for h, *_ in RATIOS] + ["p50 tcp-echo us", "QPS tcp/echo"]
+    headers = ["elements conc"] + [h for h, *_ in RATIOS] + ["p50 wire-echo us",
+                                                            "QPS wire/echo"]
     return table(headers, rows)
 
 
 def sweep_table(results: Dict[Key, Series], sizes: Sequence[int], concs: Sequence[int]) -> str:
+    """Per size and concurrency: echo's calls/s and p50, lossd-wire's (the same request bytes
+    from the same client: the servers compared) with its ratio and p50 difference to echo, and
+    lossd-tcp's calls/s (the Python client's whole path) with its ratio to echo."""
     rows = []
     for n in sizes:
         for c in concs:
-            le, lt = results.get((n, c, "echo")), results.get((n, c, "lossd-tcp"))
-            if le is None and lt is None:
+            le = results.get((n, c, "echo"))
+            lw = results.get((n, c, "lossd-wire"))
+            lt = results.get((n, c, "lossd-tcp"))
+            if le is None:
                 continue
-            q = paired_ratios(_series_metric(lt, "calls_per_s"), _series_metric(le, "calls_per_s"))
-            d = paired_differences(_series_metric(lt, "p50_us"), _series_metric(le, "p50_us"))
+            echo_q = _series_metric(le, "calls_per_s")
+            echo_p = _series_metric(le, "p50_us")
+            qw = paired_ratios(_series_metric(lw, "calls_per_s"), echo_q)
+            dw = paired_differences(_series_metric(lw, "p50_us"), echo_p)
+            qt = paired_ratios(_series_metric(lt, "calls_per_s"), echo_q)
             rows.append([f"{format_count(n)} c{c}",
-                         fmt(median(_series_metric(le, "calls_per_s")), ".0f"),
+                         fmt(median(echo_q), ".0f"),
+                         fmt(median(echo_p), ".1f"),
+                         fmt(median(_series_metric(lw, "calls_per_s")), ".0f"),
+                         fmt(median(qw), ".3f"),
+                         fmt(median(dw), "+.1f"),
                          fmt(median(_series_metric(lt, "calls_per_s")), ".0f"),
-                         fmt(median(q), ".3f"),
-                         fmt(median(_series_metric(le, "p50_us")), ".1f"),
-                         fmt(median(_series_metric(lt, "p50_us")), ".1f"),
-                         fmt(median(d), "+.1f")])
-    return table(["elements conc", "echo calls/s", "lossd calls/s", "lossd/echo",
-                  "echo p50 us", "lossd p50 us", "p50 diff us"], rows)
+                         fmt(median(qt), ".3f")])
+    return table(["elements conc", "echo calls/s", "echo p50 us", "wire calls/s", "wire/echo",
+                  "wire-echo p50 us", "client calls/s", "client/echo"], rows)
