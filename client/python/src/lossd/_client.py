@@ -133,7 +133,8 @@ class _ClientBase:
         return LossResult(loss=to_torch(result.loss, spec), grad=to_torch(result.grad, spec),
                           grad_targets=to_torch(result.grad_targets, spec),
                           device=result.device, timing=result.timing,
-                          request_id=result.request_id, num_elements=result.num_elements)
+                          request_id=result.request_id, num_elements=result.num_elements,
+                          parts=result.parts)
 
     def _accumulate_job(self, loss: str, reduction: Any, device: Any, reject_nan: bool,
                         ignore_index: Optional[int], normalize: bool, label_smoothing: float,

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -72,8 +72,10 @@ def _new_id() -> str:
 
 
 def _timing_of(parsed: Any) -> Timing:
+    received, start, end, reply = parsed.instants
     return Timing(queue_ns=parsed.queue_ns, compute_ns=parsed.compute_ns,
-                  total_ns=parsed.total_ns)
+                  total_ns=parsed.total_ns, received_unix_ns=received,
+                  compute_start_unix_ns=start, compute_end_unix_ns=end, reply_unix_ns=reply)
 
 
 def batch_error(index: int, bounds: Optional[Tuple[int, int]], code: int,
@@ -182,7 +184,7 @@ class EvalJob:
         if options.grad_targets:
             self._outputs["grad_targets"] = np.empty(shape, out_dt)
         self._device: int = pb.DEVICE_CPU
-        self._timing = [0, 0, 0]
+        self._parts: List[Timing] = []
         self._acc: Optional[pb.AccumulateResponse] = None
         self._done = 0
 
@@ -208,6 +210,7 @@ class EvalJob:
 
     def unary_result(self, raw: bytes) -> LossResult:
         parsed = parse_response(raw)
+        timing = _timing_of(parsed)
         return LossResult(
             loss=to_array(raw, parsed.loss, "loss"),
             grad=to_array(raw, parsed.grad_logits, "grad_logits")
@@ -215,9 +218,10 @@ class EvalJob:
             grad_targets=to_array(raw, parsed.grad_targets, "grad_targets")
             if self.options.grad_targets else None,
             device=enum_name(pb.Device, "DEVICE_", parsed.device),
-            timing=_timing_of(parsed),
+            timing=timing,
             request_id=parsed.request_id,
             num_elements=parsed.num_elements,
+            parts=(timing,),
         )
 
     # -- chunked --------------------------------------------------------------------------
@@ -283,9 +287,7 @@ class EvalJob:
                 g = to_array(raw, tensor, field)
                 self._outputs[key].reshape(merged)[r0:r1] = g.reshape((rows,) + self.plan.rest)
         self._device = parsed.device
-        self._timing[0] += parsed.queue_ns
-        self._timing[1] += parsed.compute_ns
-        self._timing[2] += parsed.total_ns
+        self._parts.append(_timing_of(parsed))
         self._done += rows * prod(self.plan.rest)
         return self._done
 
@@ -301,7 +303,7 @@ class EvalJob:
     def result(self) -> LossResult:
         """The assembled result once every reply has been stored."""
         out = self._outputs
-        device, timing = self._device, Timing(*self._timing)
+        device, timing, parts = self._device, Timing.span(self._parts), tuple(self._parts)
         if self.mode in ("accumulate", "both"):
             acc = self._acc
             assert acc is not None
@@ -310,11 +312,12 @@ class EvalJob:
             if self.mode == "accumulate":
                 timing = Timing(queue_ns=0, compute_ns=acc.timing.compute_ns,
                                 total_ns=acc.timing.total_ns)
+                parts = ()
         else:
             loss_value = out["loss"]
         return LossResult(loss=loss_value, grad=out.get("grad"), grad_targets=out.get(
             "grad_targets"), device=enum_name(pb.Device, "DEVICE_", device), timing=timing,
-            request_id=self.request_id, num_elements=self.total)
+            request_id=self.request_id, num_elements=self.total, parts=parts)
 
 
 # ---------------------------------------------------------------------------------------

@@ -602,11 +602,14 @@ class ShmCall:
         self._outputs.clear()  # owned by the arrays now
         self.release(failed=False)
         t = reply.timing
+        timing = Timing(queue_ns=t.queue_ns, compute_ns=t.compute_ns, total_ns=t.total_ns,
+                        received_unix_ns=t.received_unix_ns,
+                        compute_start_unix_ns=t.compute_start_unix_ns,
+                        compute_end_unix_ns=t.compute_end_unix_ns, reply_unix_ns=t.reply_unix_ns)
         return LossResult(
             loss=loss, grad=grad, grad_targets=grad_targets,
-            device=enum_name(pb.Device, "DEVICE_", reply.device),
-            timing=Timing(queue_ns=t.queue_ns, compute_ns=t.compute_ns, total_ns=t.total_ns),
-            request_id=reply.request_id, num_elements=reply.num_elements)
+            device=enum_name(pb.Device, "DEVICE_", reply.device), timing=timing,
+            request_id=reply.request_id, num_elements=reply.num_elements, parts=(timing,))
 
     def release(self, failed: bool = True) -> None:
         for block in self._temporary:

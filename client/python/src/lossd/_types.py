@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 __all__ = ["Timing", "LossResult", "BceResult", "AccumulateResult", "Capabilities"]
 
@@ -21,11 +21,34 @@ class Timing:
         Kernel time.
     total_ns : int
         From the start of the handler to the reply.
+    received_unix_ns, compute_start_unix_ns, compute_end_unix_ns, reply_unix_ns : int
+        Wall-clock instants (ns since the epoch, the server's clock): the request's last
+        byte received, compute start and end, the reply handed to the transport. 0 from a
+        server that does not report them. For a split request, the durations above are
+        summed over the parts and the instants span them (the last part received, the first
+        compute start, the last compute end and reply); ``LossResult.parts`` has each part's.
     """
 
     queue_ns: int = 0
     compute_ns: int = 0
     total_ns: int = 0
+    received_unix_ns: int = 0
+    compute_start_unix_ns: int = 0
+    compute_end_unix_ns: int = 0
+    reply_unix_ns: int = 0
+
+    @staticmethod
+    def span(parts: "Sequence[Timing]") -> "Timing":
+        """The timing of a request split into ``parts`` (see above)."""
+        starts = [p.compute_start_unix_ns for p in parts if p.compute_start_unix_ns]
+        return Timing(queue_ns=sum(p.queue_ns for p in parts),
+                      compute_ns=sum(p.compute_ns for p in parts),
+                      total_ns=sum(p.total_ns for p in parts),
+                      received_unix_ns=max((p.received_unix_ns for p in parts), default=0),
+                      compute_start_unix_ns=min(starts, default=0),
+                      compute_end_unix_ns=max((p.compute_end_unix_ns for p in parts),
+                                              default=0),
+                      reply_unix_ns=max((p.reply_unix_ns for p in parts), default=0))
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,10 @@ class LossResult:
         Where the server ran it: "cpu" or "cuda".
     timing : Timing
         Server-side timings (summed over the chunks of a split request).
+    parts : tuple of Timing
+        The server's timings of each request the evaluation was sent as, in order: one for
+        a single request, one per chunk of a split one (they show receiving, computing and
+        replying overlap); empty for results reduced by ``Accumulate``.
     request_id : str
         The request id (echoed by the server).
     num_elements : int
@@ -68,6 +95,7 @@ class LossResult:
     timing: Timing
     request_id: str
     num_elements: int
+    parts: Tuple[Timing, ...] = ()
 
 
 #: The former name of :class:`LossResult`.

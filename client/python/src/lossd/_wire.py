@@ -274,6 +274,8 @@ class ParsedResponse:
     compute_ns: int = 0
     total_ns: int = 0
     num_elements: int = 0
+    # Timing's received, compute start, compute end and reply instants (fields 4 to 7).
+    instants: Tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 def _malformed(what: str) -> InternalError:
@@ -373,9 +375,13 @@ def _parse_response(buf: Buffer, i: int, end: int) -> ParsedResponse:
                 kw[("loss", "grad_logits", "grad_targets")[field - 2]] = \
                     _parse_tensor(buf, start, start + value)
             elif field == 6:
+                instants = [0, 0, 0, 0]
                 for f2, wt2, v2, _ in _fields(buf, start, start + value):
                     if wt2 == _WT_VARINT and f2 in (1, 2, 3):
                         kw[("queue_ns", "compute_ns", "total_ns")[f2 - 1]] = _signed64(v2)
+                    elif wt2 == _WT_VARINT and 4 <= f2 <= 7:
+                        instants[f2 - 4] = _signed64(v2)
+                kw["instants"] = tuple(instants)
         elif wt == _WT_VARINT:
             if field == 5:
                 kw["device"] = value
@@ -401,7 +407,9 @@ def _parse_small(buf: Buffer) -> ParsedResponse:
         grad_logits=_from_pb_tensor(r.grad_logits) if r.HasField("grad_logits") else None,
         grad_targets=_from_pb_tensor(r.grad_targets) if r.HasField("grad_targets") else None,
         device=r.device, queue_ns=t.queue_ns, compute_ns=t.compute_ns, total_ns=t.total_ns,
-        num_elements=r.num_elements)
+        num_elements=r.num_elements,
+        instants=(t.received_unix_ns, t.compute_start_unix_ns, t.compute_end_unix_ns,
+                  t.reply_unix_ns))
 
 
 def parse_response(buf: Buffer) -> ParsedResponse:
