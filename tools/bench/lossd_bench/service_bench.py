@@ -13,7 +13,9 @@ rotates, it measures:
   lossd-tcp  lossd.Client(127.0.0.1:PORT) (shared_memory="off" where the client has it)
   raw-uds    the raw server on a Unix socket (baseline of lossd-uds)
   lossd-uds  lossd.Client(unix:PATH), lossd --unix_socket PATH
-  lossd-shm  lossd.Client(127.0.0.1:PORT, shared_memory="on")
+  lossd-shm  lossd.Client(127.0.0.1:PORT, shared_memory="on"), the inputs placed in the
+             client's region (client.empty, filled once before timing): no tensor byte is
+             copied by the client or crosses the socket
   kernel     lossd_bench_kernel: lossd's CPU backend alone, same shape and threads, calls back
              to back (one caller)
   torch      torch CPU forward + backward, same threads (one caller), when torch is importable
