@@ -1,0 +1,656 @@
+// lossd-bench: load tester for lossd with baselines measured in the same run (README.md,
+// "Load testing with lossd-bench"; docs/design.md section 6).
+//
+// Without --target it starts lossd (--lossd_binary) and the echo and raw baseline servers
+// (tools/bench, lossd_bench_server) as separate processes on loopback and measures them in
+// turn at every load point, round after round (the order reversed every other round), so slow
+// drifts of a shared machine hit them alike; it prints each server's figures and lossd's ratios
+// to the baselines. With --target it loads that server and names it by its GetCapabilities
+// reply ("unknown server" when it has none).
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "driver.h"
+#include "lossd/v1/lossd.grpc.pb.h"
+#include "report.h"
+#include "requests.h"
+#include "spec.h"
+
+// Servers.
+ABSL_FLAG(std::string, target, "",
+          "Load this running server instead of starting one: host:port, unix:PATH, or several "
+          "host:port separated by commas (balanced round robin). Named by what GetCapabilities "
+          "says, else \"unknown server\".");
+ABSL_FLAG(std::string, lossd_binary, "",
+          "lossd to start when there is no --target (default: server/lossd of this build).");
+ABSL_FLAG(std::string, lossd_args, "",
+          "Extra flags for the lossd that lossd-bench starts, separated by spaces "
+          "(e.g. \"--workers=2 --inline_elements=0\").");
+ABSL_FLAG(std::string, baseline_server, "",
+          "lossd_bench_server for the echo and raw baselines (default: tools/bench/ of this "
+          "build).");
+ABSL_FLAG(std::string, baselines, "auto",
+          "echo,raw / echo / raw / none: baseline servers measured alternately with lossd at "
+          "every point; auto: echo,raw without --target (Evaluate only), none with it.");
+ABSL_FLAG(int, rounds, 2, "Rounds per load point: each server is measured once per round.");
+// Load.
+ABSL_FLAG(std::string, concurrency, "1",
+          "Closed loop: concurrent callers, one value or a sweep (\"1:64:x2\", \"1,4,16\", "
+          "\"2:10:+2\").");
+ABSL_FLAG(std::string, rps, "",
+          "Open loop: calls per second, one value or a sweep (\"500:4000:x2\"); overrides "
+          "--concurrency. Latency counts from each call's scheduled time.");
+ABSL_FLAG(std::string, arrivals, "poisson", "Open loop arrivals: poisson or fixed (evenly spaced).");
+ABSL_FLAG(bool, shared_channel, false,
+          "Closed loop: all callers share one channel (one connection) instead of one each.");
+ABSL_FLAG(int, channels, 4, "Open loop: channels (connections) the calls are spread over.");
+ABSL_FLAG(absl::Duration, warmup, absl::Seconds(1),
+          "Warm-up before each measurement; its calls are excluded from every figure.");
+ABSL_FLAG(absl::Duration, duration, absl::Seconds(5), "Measured time per server and round.");
+ABSL_FLAG(std::string, requests, "0",
+          "Measured calls per server and round instead of a duration (0: use --duration).");
+ABSL_FLAG(int64_t, max_outstanding, 10000,
+          "Open loop: calls in flight at most; the sender waits beyond (their latency still "
+          "counts from the schedule).");
+// Requests.
+ABSL_FLAG(std::string, rpc, "evaluate",
+          "evaluate (unary), stream (EvaluateStream, --stream_window batches in flight per "
+          "caller) or accumulate (--batches batches per call; reduction sum or mean).");
+ABSL_FLAG(int, stream_window, 4, "EvaluateStream: batches in flight per stream.");
+ABSL_FLAG(int, batches, 4, "Accumulate: batches per call.");
+ABSL_FLAG(std::string, elements, "1k",
+          "Elements per request (exactly this many: shape [n/cols, cols] when cols divides n, "
+          "else [n]). Suffixes k, M, Ki, Mi.");
+ABSL_FLAG(std::string, mix, "",
+          "Weighted request kinds instead of --elements: WEIGHT:ELEMENTS[:VARIANT],... e.g. "
+          "\"0.9:1k,0.1:1M\"; variant badshape sends targets of the wrong shape (the server "
+          "must refuse them: counted as errors).");
+ABSL_FLAG(int64_t, cols, 64, "Last dimension of the tensors (when it divides the count).");
+ABSL_FLAG(std::string, dtype, "float32", "float32, float64, float16 or bfloat16.");
+ABSL_FLAG(std::string, reduction, "none", "none, mean, sum or per_sample_mean.");
+ABSL_FLAG(std::string, loss, "bce", "bce (bce_with_logits) or focal (sigmoid_focal_loss).");
+ABSL_FLAG(std::string, grad, "logits", "Gradients to ask for: none, logits, targets or both.");
+ABSL_FLAG(bool, weight, false, "Send a full-shape weight tensor.");
+ABSL_FLAG(bool, pos_weight, true, "bce: send a pos_weight of shape [cols].");
+ABSL_FLAG(std::string, ignore_index, "", "bce: ignore_index (empty: unset).");
+ABSL_FLAG(bool, normalize, false, "bce: normalize by the kept elements.");
+ABSL_FLAG(double, label_smoothing, 0, "bce: label smoothing in [0, 1].");
+ABSL_FLAG(std::string, alpha, "", "focal: alpha (empty: the server's default).");
+ABSL_FLAG(std::string, gamma, "", "focal: gamma (empty: the server's default).");
+ABSL_FLAG(std::string, device, "auto", "Device to ask for: auto, cpu or cuda.");
+ABSL_FLAG(bool, reject_nan, false, "Set reject_nan on every request.");
+ABSL_FLAG(uint64_t, seed, 1, "Seed of the tensors, the mix and the Poisson arrivals.");
+ABSL_FLAG(bool, verify, false,
+          "Check every lossd reply against the float64 reference within lossd's accuracy "
+          "bounds (docs/design.md section 4); a wrong reply counts as an error (MISMATCH).");
+// Connection.
+ABSL_FLAG(bool, tls, false, "Use TLS (with --tls_ca, else the system roots).");
+ABSL_FLAG(std::string, tls_ca, "", "PEM file of the CA that signed the server (implies --tls).");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate for mutual TLS (with --tls_key).");
+ABSL_FLAG(std::string, tls_key, "", "PEM client private key for mutual TLS.");
+ABSL_FLAG(std::string, tls_server_name, "", "Server name to check in its certificate.");
+ABSL_FLAG(std::string, token_file, "", "File with a bearer token (authorization: Bearer ...).");
+ABSL_FLAG(absl::Duration, deadline, absl::ZeroDuration(), "Deadline of each call (0: none).");
+ABSL_FLAG(std::string, metadata, "", "Extra call metadata: key=value,key2=value2.");
+ABSL_FLAG(std::string, lb_policy, "",
+          "gRPC load balancing policy (round_robin is used for several --target addresses).");
+// Sweep end and output.
+ABSL_FLAG(absl::Duration, stop_p99, absl::ZeroDuration(),
+          "Stop the sweep after a point where the first server's p99 exceeds this (0: never).");
+ABSL_FLAG(double, stop_errors, 0,
+          "Stop the sweep after a point where more than this fraction of the first server's "
+          "calls failed (0: any failure).");
+ABSL_FLAG(std::string, json, "", "Write the report as JSON to this file.");
+ABSL_FLAG(std::string, csv, "", "Write one CSV line per server and point to this file.");
+ABSL_FLAG(bool, progress, true, "Progress lines on stderr while measuring.");
+
+namespace {
+
+using lossd::bench::RowLabel;
+using lossd::bench::RowSummary;
+using lossd::bench::RunStats;
+using lossd::loadtest::Endpoint;
+using lossd::loadtest::RequestKind;
+using lossd::loadtest::Service;
+
+std::atomic<bool> g_interrupted{false};
+
+void OnSigint(int) {
+  if (g_interrupted.exchange(true)) _exit(130);  // a second Ctrl-C: leave at once
+}
+
+[[noreturn]] void Usage(const std::string& message) {
+  std::fprintf(stderr, "lossd-bench: %s (lossd-bench --help lists the flags)\n", message.c_str());
+  std::exit(2);
+}
+
+std::string ReadFile(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Usage(absl::StrCat("cannot read ", what, " \"", path, "\""));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string SelfDir() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return ".";
+  std::string p(buf, n);
+  return p.substr(0, p.rfind('/'));
+}
+
+// A server process started by lossd-bench: its own process group (Ctrl-C reaches only
+// lossd-bench), ended by SIGTERM, killed with lossd-bench (PR_SET_PDEATHSIG).
+class Child {
+ public:
+  static std::unique_ptr<Child> Start(const std::vector<std::string>& argv, const std::string& name) {
+    int fds[2];
+    if (pipe(fds) != 0) return nullptr;
+    const pid_t pid = fork();
+    if (pid < 0) return nullptr;
+    if (pid == 0) {
+      setpgid(0, 0);
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      dup2(fds[1], 2);
+      const int devnull = open("/dev/null", O_RDWR);
+      dup2(devnull, 0);
+      dup2(devnull, 1);
+      close(fds[0]);
+      std::vector<char*> args;
+      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      execv(args[0], args.data());
+      std::fprintf(stderr, "cannot run %s\n", args[0]);
+      _exit(127);
+    }
+    close(fds[1]);
+    auto c = std::unique_ptr<Child>(new Child());
+    c->pid_ = pid;
+    c->name_ = name;
+    c->reader_ = std::thread([c = c.get(), fd = fds[0]] { c->Drain(fd); });
+    return c;
+  }
+
+  // The address from its "... listening on HOST:PORT" line; empty after `timeout` or an exit.
+  std::string WaitListening(std::chrono::seconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, timeout, [&] { return !address_.empty() || eof_; });
+    return address_;
+  }
+
+  std::string Tail() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return absl::StrJoin(lines_, "\n");
+  }
+
+  ~Child() {
+    kill(pid_, SIGTERM);
+    int status = 0;
+    for (int i = 0; i < 100 && waitpid(pid_, &status, WNOHANG) == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (waitpid(pid_, &status, WNOHANG) == 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, &status, 0);
+    }
+    if (reader_.joinable()) reader_.join();
+  }
+
+ private:
+  Child() = default;
+  void Drain(int fd) {
+    static const std::regex kListening(R"(listening on ([^\s:]+:\d+)\s*$)");
+    FILE* f = fdopen(fd, "r");
+    char line[4096];
+    while (f != nullptr && std::fgets(line, sizeof(line), f) != nullptr) {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::string s(line);
+      std::smatch m;
+      if (address_.empty() && std::regex_search(s, m, kListening)) {
+        address_ = m[1];
+        cv_.notify_all();
+      }
+      lines_.push_back(std::string(absl::StripTrailingAsciiWhitespace(s)));
+      if (lines_.size() > 20) lines_.erase(lines_.begin());
+    }
+    if (f != nullptr) fclose(f);
+    std::lock_guard<std::mutex> lock(mu_);
+    eof_ = true;
+    cv_.notify_all();
+  }
+
+  pid_t pid_ = 0;
+  std::string name_;
+  std::thread reader_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::string address_;
+  std::vector<std::string> lines_;
+  bool eof_ = false;
+};
+
+struct Server {
+  std::string name;
+  Service service = Service::kLossd;
+  Endpoint endpoint;
+  std::unique_ptr<Child> process;
+};
+
+// What the server says it is: "lossd <version>", or "unknown server".
+std::string NameByCapabilities(const Endpoint& e, const std::vector<std::pair<std::string,
+                                                                           std::string>>& md) {
+  auto stub = lossd::v1::LossService::NewStub(lossd::loadtest::MakeChannel(e, -1));
+  grpc::ClientContext ctx;
+  for (const auto& [k, v] : md) ctx.AddMetadata(k, v);
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  lossd::v1::Capabilities caps;
+  const grpc::Status s = stub->GetCapabilities(&ctx, lossd::v1::GetCapabilitiesRequest(), &caps);
+  if (!s.ok() || caps.server_version().empty()) return "unknown server";
+  return absl::StrCat("lossd ", caps.server_version());
+}
+
+template <typename T>
+T Choose(const std::string& flag, const std::string& value,
+         const std::vector<std::pair<std::string, T>>& choices) {
+  std::vector<std::string> names;
+  for (const auto& [name, v] : choices) {
+    if (name == value) return v;
+    names.push_back(name);
+  }
+  Usage(absl::StrCat("--", flag, "=", value, ": expected one of ", absl::StrJoin(names, ", ")));
+}
+
+std::optional<double> OptionalDouble(const std::string& flag, const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  double v = 0;
+  if (!absl::SimpleAtod(text, &v)) Usage(absl::StrCat("--", flag, "=", text, ": not a number"));
+  return v;
+}
+
+std::string PointName(const lossd::loadtest::LoadPoint& p) {
+  return p.open ? absl::StrCat(p.rate, "/s") : absl::StrCat("c", p.concurrency);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Load tester for lossd with same-run baselines. Usage: lossd-bench [--flags]\n"
+      "Example: lossd-bench --concurrency=1:16:x2 --elements=1k --duration=3s --json=r.json");
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "client/loadtest/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  usage.normalize_filename = [](absl::string_view file) {
+    const size_t at = file.rfind("client/loadtest/main.cc");
+    return std::string(at == absl::string_view::npos ? file : file.substr(at));
+  };
+  absl::SetFlagsUsageConfig(usage);
+  const std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
+  if (rest.size() > 1) Usage(absl::StrCat("unexpected argument \"", rest[1], "\""));
+
+  // ---- Flags, checked before anything starts.
+  namespace v1 = lossd::v1;
+  using lossd::loadtest::Rpc;
+  const Rpc rpc = Choose<Rpc>("rpc", absl::GetFlag(FLAGS_rpc),
+                              {{"evaluate", Rpc::kEvaluate}, {"stream", Rpc::kStream},
+                               {"accumulate", Rpc::kAccumulate}});
+  lossd::loadtest::RequestOptions ro;
+  ro.dtype = Choose<v1::DType>("dtype", absl::GetFlag(FLAGS_dtype),
+                               {{"float32", v1::DTYPE_FLOAT32}, {"float64", v1::DTYPE_FLOAT64},
+                                {"float16", v1::DTYPE_FLOAT16}, {"bfloat16", v1::DTYPE_BFLOAT16}});
+  ro.reduction = Choose<v1::Reduction>(
+      "reduction", absl::GetFlag(FLAGS_reduction),
+      {{"none", v1::REDUCTION_NONE}, {"mean", v1::REDUCTION_MEAN}, {"sum", v1::REDUCTION_SUM},
+       {"per_sample_mean", v1::REDUCTION_PER_SAMPLE_MEAN}});
+  ro.focal = Choose<bool>("loss", absl::GetFlag(FLAGS_loss), {{"bce", false}, {"focal", true}});
+  const int grad = Choose<int>("grad", absl::GetFlag(FLAGS_grad),
+                               {{"none", 0}, {"logits", 1}, {"targets", 2}, {"both", 3}});
+  ro.grad_logits = grad & 1;
+  ro.grad_targets = grad & 2;
+  ro.weight = absl::GetFlag(FLAGS_weight);
+  ro.pos_weight = absl::GetFlag(FLAGS_pos_weight) && !ro.focal;
+  if (const std::string ii = absl::GetFlag(FLAGS_ignore_index); !ii.empty()) {
+    int64_t v = 0;
+    if (!absl::SimpleAtoi(ii, &v)) Usage(absl::StrCat("--ignore_index=", ii, ": not an integer"));
+    ro.ignore_index = v;
+  }
+  ro.normalize = absl::GetFlag(FLAGS_normalize);
+  ro.label_smoothing = absl::GetFlag(FLAGS_label_smoothing);
+  if (!(ro.label_smoothing >= 0 && ro.label_smoothing <= 1)) {
+    Usage("--label_smoothing must be in [0, 1]");
+  }
+  ro.alpha = OptionalDouble("alpha", absl::GetFlag(FLAGS_alpha));
+  ro.gamma = OptionalDouble("gamma", absl::GetFlag(FLAGS_gamma));
+  ro.device = Choose<v1::Device>("device", absl::GetFlag(FLAGS_device),
+                                 {{"auto", v1::DEVICE_AUTO}, {"cpu", v1::DEVICE_CPU},
+                                  {"cuda", v1::DEVICE_CUDA}});
+  ro.reject_nan = absl::GetFlag(FLAGS_reject_nan);
+  ro.cols = absl::GetFlag(FLAGS_cols);
+  if (ro.cols < 1) Usage("--cols must be >= 1");
+  if (rpc == Rpc::kAccumulate && ro.reduction != v1::REDUCTION_SUM &&
+      ro.reduction != v1::REDUCTION_MEAN) {
+    Usage("--rpc=accumulate needs --reduction=sum or mean");
+  }
+  if (rpc == Rpc::kAccumulate && (ro.grad_logits || ro.grad_targets)) {
+    ro.grad_logits = ro.grad_targets = false;  // Accumulate returns no gradients
+  }
+
+  std::string mix_text = absl::GetFlag(FLAGS_mix);
+  if (mix_text.empty()) mix_text = absl::GetFlag(FLAGS_elements);
+  auto mix = lossd::bench::ParseMix(mix_text);
+  if (!mix.ok()) Usage(absl::StrCat("--mix/--elements: ", mix.status().message()));
+  auto requests = lossd::bench::ParseCount(absl::GetFlag(FLAGS_requests));
+  if (!requests.ok()) Usage(absl::StrCat("--requests: ", requests.status().message()));
+
+  const std::string rps_text = absl::GetFlag(FLAGS_rps);
+  const bool open = !rps_text.empty();
+  const bool poisson = Choose<bool>("arrivals", absl::GetFlag(FLAGS_arrivals),
+                                    {{"poisson", true}, {"fixed", false}});
+  auto points_raw = lossd::bench::ParseRange(open ? rps_text : absl::GetFlag(FLAGS_concurrency));
+  if (!points_raw.ok()) {
+    Usage(absl::StrCat(open ? "--rps: " : "--concurrency: ", points_raw.status().message()));
+  }
+  if (open && rpc != Rpc::kEvaluate) Usage("--rps (open loop) works with --rpc=evaluate only");
+  std::vector<lossd::loadtest::LoadPoint> points;
+  for (double v : *points_raw) {
+    lossd::loadtest::LoadPoint p;
+    p.open = open;
+    p.poisson = poisson;
+    if (open) {
+      p.rate = v;
+    } else {
+      if (v != static_cast<double>(static_cast<int>(v)) || v > 100000) {
+        Usage(absl::StrCat("--concurrency: ", v, " is not a whole number of callers"));
+      }
+      p.concurrency = static_cast<int>(v);
+    }
+    points.push_back(p);
+  }
+
+  lossd::loadtest::DriverOptions o;
+  o.rpc = rpc;
+  o.stream_window = absl::GetFlag(FLAGS_stream_window);
+  o.accumulate_batches = absl::GetFlag(FLAGS_batches);
+  o.warmup = absl::GetFlag(FLAGS_warmup);
+  o.duration = absl::GetFlag(FLAGS_duration);
+  o.requests = *requests;
+  o.shared_channel = absl::GetFlag(FLAGS_shared_channel);
+  o.channels = absl::GetFlag(FLAGS_channels);
+  o.verify = absl::GetFlag(FLAGS_verify);
+  o.deadline = absl::GetFlag(FLAGS_deadline);
+  o.max_outstanding = absl::GetFlag(FLAGS_max_outstanding);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  if (o.stream_window < 1) Usage("--stream_window must be >= 1");
+  if (o.accumulate_batches < 1) Usage("--batches must be >= 1");
+  if (o.warmup < absl::ZeroDuration()) Usage("--warmup must be >= 0");
+  if (o.requests == 0 && o.duration <= absl::ZeroDuration()) {
+    Usage("--duration must be > 0 (or give --requests)");
+  }
+  if (o.channels < 1) Usage("--channels must be >= 1");
+  if (o.max_outstanding < 1) Usage("--max_outstanding must be >= 1");
+  if (o.deadline < absl::ZeroDuration()) Usage("--deadline must be >= 0");
+  const int rounds = absl::GetFlag(FLAGS_rounds);
+  if (rounds < 1) Usage("--rounds must be >= 1");
+  if (const std::string md = absl::GetFlag(FLAGS_metadata); !md.empty()) {
+    for (absl::string_view kv : absl::StrSplit(md, ',')) {
+      std::pair<std::string, std::string> p = absl::StrSplit(kv, absl::MaxSplits('=', 1));
+      if (p.first.empty() || kv.find('=') == absl::string_view::npos) {
+        Usage(absl::StrCat("--metadata: \"", kv, "\" is not key=value"));
+      }
+      o.metadata.push_back(p);
+    }
+  }
+  if (const std::string tf = absl::GetFlag(FLAGS_token_file); !tf.empty()) {
+    const std::string token(absl::StripAsciiWhitespace(ReadFile(tf, "--token_file")));
+    o.metadata.emplace_back("authorization", absl::StrCat("Bearer ", token));
+  }
+  lossd::bench::StopRule stop;
+  stop.max_p99_ns = absl::ToInt64Nanoseconds(absl::GetFlag(FLAGS_stop_p99));
+  stop.max_error_fraction = absl::GetFlag(FLAGS_stop_errors);
+  if (stop.max_error_fraction < 0 || stop.max_error_fraction > 1) {
+    Usage("--stop_errors must be in [0, 1]");
+  }
+
+  // Connection settings shared by every server.
+  Endpoint base;
+  const bool tls = absl::GetFlag(FLAGS_tls) || !absl::GetFlag(FLAGS_tls_ca).empty() ||
+                   !absl::GetFlag(FLAGS_tls_cert).empty();
+  if (tls) {
+    grpc::SslCredentialsOptions ssl;
+    if (const std::string ca = absl::GetFlag(FLAGS_tls_ca); !ca.empty()) {
+      ssl.pem_root_certs = ReadFile(ca, "--tls_ca");
+    }
+    const std::string cert = absl::GetFlag(FLAGS_tls_cert), key = absl::GetFlag(FLAGS_tls_key);
+    if (cert.empty() != key.empty()) Usage("--tls_cert and --tls_key go together");
+    if (!cert.empty()) {
+      ssl.pem_cert_chain = ReadFile(cert, "--tls_cert");
+      ssl.pem_private_key = ReadFile(key, "--tls_key");
+    }
+    base.credentials = grpc::SslCredentials(ssl);
+    base.authority_override = absl::GetFlag(FLAGS_tls_server_name);
+  }
+  base.lb_policy = absl::GetFlag(FLAGS_lb_policy);
+
+  const std::string target = absl::GetFlag(FLAGS_target);
+  std::string baselines = absl::GetFlag(FLAGS_baselines);
+  if (baselines == "auto") baselines = target.empty() && rpc == Rpc::kEvaluate ? "echo,raw" : "none";
+  const std::vector<std::string> baseline_names =
+      Choose<std::vector<std::string>>("baselines", baselines,
+                                       {{"echo,raw", {"echo", "raw"}}, {"raw,echo", {"echo", "raw"}},
+                                        {"echo", {"echo"}}, {"raw", {"raw"}}, {"none", {}}});
+  if (!baseline_names.empty() && rpc != Rpc::kEvaluate) {
+    Usage("the echo and raw baselines serve unary calls only: --baselines=none with --rpc");
+  }
+
+  // ---- Requests.
+  std::vector<RequestKind> kinds;
+  for (size_t i = 0; i < mix->size(); ++i) {
+    auto k = lossd::loadtest::BuildKind((*mix)[i], ro, o.seed + i, o.verify);
+    if (!k.ok()) Usage(std::string(k.status().message()));
+    kinds.push_back(*std::move(k));
+  }
+  const lossd::bench::MixPicker picker(*mix);
+
+  // ---- Servers.
+  signal(SIGPIPE, SIG_IGN);
+  std::vector<Server> servers;
+  auto start_process = [&](const std::string& name, std::vector<std::string> args) -> bool {
+    auto child = Child::Start(args, name);
+    if (!child) {
+      std::fprintf(stderr, "lossd-bench: cannot start %s\n", args[0].c_str());
+      return false;
+    }
+    const std::string address = child->WaitListening(std::chrono::seconds(30));
+    if (address.empty()) {
+      std::fprintf(stderr, "lossd-bench: %s did not start (%s); its output:\n%s\n", name.c_str(),
+                   args[0].c_str(), child->Tail().c_str());
+      return false;
+    }
+    Server s;
+    s.name = name;
+    s.service = name == "echo" ? Service::kEcho : name == "raw" ? Service::kRaw : Service::kLossd;
+    s.endpoint = base;
+    s.endpoint.target = address;
+    s.endpoint.credentials = nullptr;  // processes started here serve plaintext on loopback
+    s.endpoint.authority_override.clear();
+    s.process = std::move(child);
+    servers.push_back(std::move(s));
+    return true;
+  };
+  const std::string build_dir = SelfDir() + "/../..";
+  if (target.empty()) {
+    std::string bin = absl::GetFlag(FLAGS_lossd_binary);
+    if (bin.empty()) bin = build_dir + "/server/lossd";
+    std::vector<std::string> args = {bin, "--host=127.0.0.1", "--port=0", "--device=cpu",
+                                     "--drain_timeout=2s"};
+    for (absl::string_view a : absl::StrSplit(absl::GetFlag(FLAGS_lossd_args), ' ',
+                                             absl::SkipEmpty())) {
+      args.emplace_back(a);
+    }
+    if (!start_process("lossd", args)) return 1;
+  } else {
+    Server s;
+    s.endpoint = base;
+    std::vector<std::string> addrs = absl::StrSplit(target, ',', absl::SkipEmpty());
+    if (addrs.size() > 1) {
+      s.endpoint.target = absl::StrCat("ipv4:", absl::StrJoin(addrs, ","));
+      if (s.endpoint.lb_policy.empty()) s.endpoint.lb_policy = "round_robin";
+    } else {
+      s.endpoint.target = target;
+    }
+    s.service = Service::kLossd;
+    s.name = NameByCapabilities(s.endpoint, o.metadata);
+    servers.push_back(std::move(s));
+  }
+  for (const std::string& b : baseline_names) {
+    std::string bin = absl::GetFlag(FLAGS_baseline_server);
+    if (bin.empty()) bin = build_dir + "/tools/bench/lossd_bench_server";
+    if (!start_process(b, {bin, absl::StrCat("--service=", b), "--port=0"})) return 1;
+  }
+
+  // ---- Header.
+  std::vector<std::string> kind_text;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    kind_text.push_back(absl::StrCat(kinds.size() > 1 ? absl::StrCat((*mix)[i].weight, " x ") : "",
+                                     kinds[i].label));
+  }
+  const char* rpc_name = rpc == Rpc::kEvaluate ? "Evaluate"
+                         : rpc == Rpc::kStream ? "EvaluateStream"
+                                               : "Accumulate";
+  const std::string config = absl::StrCat(
+      rpc_name, rpc == Rpc::kStream ? absl::StrCat(" (window ", o.stream_window, ")") : "",
+      rpc == Rpc::kAccumulate ? absl::StrCat(" (", o.accumulate_batches, " batches)") : "", ", ",
+      absl::GetFlag(FLAGS_dtype), " ", absl::StrJoin(kind_text, " + "), ", ", absl::GetFlag(FLAGS_loss),
+      " reduction ", absl::GetFlag(FLAGS_reduction), ", grad ", absl::GetFlag(FLAGS_grad),
+      open ? absl::StrCat(", open loop (", poisson ? "poisson" : "fixed", ")")
+           : absl::StrCat(", closed loop (", o.shared_channel ? "one shared channel" : "a channel per caller", ")"),
+      ", warm-up ", absl::FormatDuration(o.warmup), ", ",
+      o.requests > 0 ? absl::StrCat(o.requests, " calls") : absl::FormatDuration(o.duration),
+      " per run, ", rounds, " round(s)", o.verify ? ", verified" : "");
+  std::printf("lossd-bench: %s\n", config.c_str());
+  for (const Server& s : servers) {
+    std::printf("  %-6s %s%s\n", s.name.c_str(), s.endpoint.target.c_str(),
+                s.process ? " (started here)" : "");
+  }
+  std::printf("%s\n", lossd::bench::TableHeader().c_str());
+  std::fflush(stdout);
+
+  // ---- Sweep.
+  struct sigaction sa {};
+  sa.sa_handler = OnSigint;
+  sigaction(SIGINT, &sa, nullptr);
+  std::vector<RowSummary> rows;
+  std::vector<std::string> ratio_json;
+  std::string stopped;
+  const char* load_name = open ? (poisson ? "open-poisson" : "open-fixed") : "closed";
+  for (const auto& point : points) {
+    std::vector<RunStats> totals(servers.size());
+    for (int r = 0; r < rounds && !g_interrupted; ++r) {
+      for (size_t j = 0; j < servers.size() && !g_interrupted; ++j) {
+        const size_t i = r % 2 == 0 ? j : servers.size() - 1 - j;  // A B B A ...
+        lossd::loadtest::DriverOptions oi = o;
+        oi.seed = o.seed + r;
+        if (absl::GetFlag(FLAGS_progress)) {
+          oi.progress_label = absl::StrCat(servers[i].name, " ", PointName(point), " round ",
+                                           r + 1, "/", rounds);
+          std::fprintf(stderr, "%s: measuring\n", oi.progress_label.c_str());
+        }
+        totals[i].Merge(lossd::loadtest::RunLoad(servers[i].endpoint, servers[i].service, kinds,
+                                                 picker, point, oi, &g_interrupted));
+      }
+    }
+    std::vector<RowSummary> here;
+    for (size_t i = 0; i < servers.size(); ++i) {
+      RowLabel label{servers[i].name, load_name, open ? 0.0 : static_cast<double>(point.concurrency),
+                     open ? point.rate : 0.0, rounds};
+      here.push_back(lossd::bench::Summarize(label, totals[i]));
+      std::printf("%s\n", lossd::bench::TableRow(here.back()).c_str());
+      for (const auto& [code, n] : here.back().codes) {
+        std::printf("    %s: %lld\n", code.c_str(), static_cast<long long>(n));
+      }
+    }
+    for (size_t i = 1; i < here.size(); ++i) {
+      const auto ratio = lossd::bench::Compare(here[0], here[i]);
+      std::printf("  %s/%s at %s: calls/s %.3f, p50 %.2fx (%+.1f us), p99 %.2fx\n",
+                  here[0].label.server.c_str(), here[i].label.server.c_str(),
+                  PointName(point).c_str(), ratio.qps_ratio, ratio.p50_ratio, ratio.p50_diff_us,
+                  ratio.p99_ratio);
+      ratio_json.push_back(absl::StrCat(
+          "{\"load\": \"", load_name, "\", \"concurrency\": ", open ? 0 : point.concurrency,
+          ", \"rate\": ", open ? point.rate : 0.0, ", \"ratio\": ", lossd::bench::RatioJson(ratio), "}"));
+    }
+    std::fflush(stdout);
+    rows.insert(rows.end(), here.begin(), here.end());
+    if (g_interrupted) {
+      stopped = "interrupted (SIGINT): the figures above cover what was measured";
+      break;
+    }
+    stopped = lossd::bench::StopReason(stop, static_cast<int64_t>(here[0].p99_us * 1000),
+                                       here[0].sent, here[0].errors);
+    if (!stopped.empty()) {
+      stopped = absl::StrCat("sweep stopped after ", PointName(point), ": ", stopped);
+      break;
+    }
+  }
+  if (!stopped.empty()) std::printf("%s\n", stopped.c_str());
+
+  // ---- Files.
+  if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
+    std::ofstream out(path);
+    std::vector<std::string> row_json, server_json;
+    for (const auto& r : rows) row_json.push_back(lossd::bench::RowJson(r));
+    for (const auto& s : servers) {
+      server_json.push_back(absl::StrCat("{\"name\": \"", s.name, "\", \"target\": \"",
+                                         s.endpoint.target, "\", \"started\": ",
+                                         s.process ? "true" : "false", "}"));
+    }
+    std::string stopped_json = stopped;
+    for (char& c : stopped_json) {
+      if (c == '"' || c == '\\') c = '\'';
+    }
+    out << "{\"tool\": \"lossd-bench\", \"config\": \"" << config << "\", \"servers\": ["
+        << absl::StrJoin(server_json, ", ") << "],\n \"rows\": [\n  "
+        << absl::StrJoin(row_json, ",\n  ") << "],\n \"ratios\": [\n  "
+        << absl::StrJoin(ratio_json, ",\n  ") << "],\n \"stopped\": \"" << stopped_json
+        << "\", \"interrupted\": " << (g_interrupted ? "true" : "false") << "}\n";
+    if (!out) std::fprintf(stderr, "lossd-bench: cannot write %s\n", path.c_str());
+  }
+  if (const std::string path = absl::GetFlag(FLAGS_csv); !path.empty()) {
+    std::ofstream out(path);
+    out << lossd::bench::CsvHeader() << "\n";
+    for (const auto& r : rows) out << lossd::bench::CsvRow(r) << "\n";
+    if (!out) std::fprintf(stderr, "lossd-bench: cannot write %s\n", path.c_str());
+  }
+  servers.clear();  // stops the processes started here
+  return g_interrupted ? 130 : 0;
+}

@@ -1,0 +1,65 @@
+// lossd-bench's requests: each kind of the mix (client/bench/spec.h) becomes one
+// EvaluateRequest built once from a seed (logits uniform in [-8, 8], targets in {0, 1/3, 2/3, 1},
+// weight and pos_weight in [0.5, 2]), serialized once and sent as is by every call. With
+// --verify the kind also holds the float64 reference of its outputs
+// (lossd_kernels_reference), and every reply is checked against it within the bounds of
+// client/bench/verify.h.
+#ifndef LOSSD_CLIENT_LOADTEST_REQUESTS_H_
+#define LOSSD_CLIENT_LOADTEST_REQUESTS_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "lossd/v1/lossd.pb.h"
+#include "spec.h"
+
+namespace lossd::loadtest {
+
+struct RequestOptions {
+  lossd::v1::DType dtype = lossd::v1::DTYPE_FLOAT32;
+  lossd::v1::Reduction reduction = lossd::v1::REDUCTION_NONE;
+  bool focal = false;            // sigmoid_focal_loss instead of bce_with_logits
+  bool grad_logits = true;
+  bool grad_targets = false;
+  bool weight = false;           // a full-shape weight tensor
+  bool pos_weight = true;        // a [C] pos_weight (bce only)
+  std::optional<int64_t> ignore_index;
+  bool normalize = false;
+  double label_smoothing = 0;
+  std::optional<double> alpha, gamma;
+  lossd::v1::Device device = lossd::v1::DEVICE_AUTO;
+  bool reject_nan = false;
+  int64_t cols = 64;  // last dimension when it divides the element count; else shape [n]
+};
+
+struct RequestKind {
+  bench::MixEntry entry;
+  std::string label;               // "1000 [15,64]" or "64 badshape"
+  lossd::v1::EvaluateRequest request;
+  std::string serialized;          // request.SerializeAsString()
+  std::vector<int64_t> shape;
+  int64_t elements = 0;
+  int64_t echo_reply_bytes = 0;    // size of an echo-style reply (the raw baseline's reply)
+  bool expect_failure = false;     // "badshape": the server must refuse it
+  // With --verify: the float64 reference of every output, and each gradient element's scale.
+  bool has_reference = false;
+  std::vector<double> loss, grad_logits, grad_targets, scale_logits, scale_targets;
+};
+
+// The shape lossd-bench sends for n elements: [n / cols, cols] when cols divides n, else [n].
+std::vector<int64_t> ShapeFor(int64_t n, int64_t cols);
+
+absl::StatusOr<RequestKind> BuildKind(const bench::MixEntry& entry, const RequestOptions& o,
+                                      uint64_t seed, bool with_reference);
+
+// "" when the reply matches the kind's reference, else what differs (first element).
+std::string VerifyReply(const RequestKind& kind, const lossd::v1::EvaluateResponse& reply);
+// Accumulate of `batches` copies of the kind: "" when the loss matches.
+std::string VerifyAccumulate(const RequestKind& kind, int batches, double loss);
+
+}  // namespace lossd::loadtest
+
+#endif  // LOSSD_CLIENT_LOADTEST_REQUESTS_H_
