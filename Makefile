@@ -139,6 +139,15 @@ fuzz: deps
 fuzz-ci:
 	$(MAKE) fuzz FUZZ_SECONDS=60
 
+# The kernels and kernel tests cross-compiled for aarch64 (build-arm) and run under qemu-aarch64,
+# once per Highway target (NEON, SVE, SVE_256, SVE2, SVE2_128) at 128 to 512-bit vectors; fails
+# when a run fails or did not run on the target it asked for. Installs the cross compiler, qemu
+# and the arm64 libraries when missing. Not in CI (about 25 CPU minutes on 2 cores; docs/kernels.md
+# section "ARM"). ARM_RUNS="neon sve2-512" picks runs; LOSSD_TEST_SCALE (default 0.25) the draws.
+.PHONY: test-arm
+test-arm:
+	JOBS=$(JOBS) tools/arm/test_arm.sh
+
 # Container images and deployment manifests (docs/deployment.md). Not part of `make test`.
 .PHONY: image image-check lint-deploy
 IMAGE ?= localhost/lossd:0.1.0

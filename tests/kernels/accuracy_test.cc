@@ -32,6 +32,7 @@ namespace {
 using lossd::testing::FlatArgs;
 using lossd::testing::GradTermScales;
 using lossd::testing::GradTermScalesIn;
+using lossd::testing::ScaledCount;
 using lossd::testing::UlpDistance;
 using lossd::testing::UlpDistanceF64;
 using lossd::testing::UlpF32;
@@ -368,7 +369,8 @@ TEST_P(AccuracyTest, Float32RandomFullRange) {
   // The dense grid varies x alone; here every element draws its own x, y, w and p (full-shape
   // weight and pos_weight) over the whole promised domain: finite x, y in [0, 1], w and p in
   // [0, 1e3]. 2^21 elements, in chunks to keep the buffers small.
-  constexpr int64_t kChunk = 1 << 16, kChunks = 32;
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t kChunks = ScaledCount(32);
   auto cpu = MakeCpuBackend({1});
   Draws r(20240611);
   Tally t;
@@ -550,7 +552,7 @@ TEST_P(AccuracyTest, Float64WithFactorsAndGradientsAgainstLongDouble) {
   // The log1p(exp(-|x|)) of the double lanes is an unrounded pair (Log1pUnitF64); with
   // Highway's Log1p this draw's worst loss was 4 ulp, and further draws found 5
   // (Float64RecordedHardCases).
-  constexpr int64_t kN = 1 << 19;
+  const int64_t kN = ScaledCount(1 << 19);
   Draws r(20240613);
   std::vector<double> x(kN), y(kN), w(kN), p(kN), l(kN), gx(kN), gy(kN);
   for (int64_t i = 0; i < kN; ++i) {

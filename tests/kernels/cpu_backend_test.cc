@@ -21,6 +21,7 @@
 namespace lossd::kernels {
 namespace {
 
+using lossd::testing::ScaledCount;
 using lossd::testing::UlpDistance;
 using lossd::testing::UlpF32;
 
@@ -301,7 +302,8 @@ TEST(CpuBackendTest, PerSampleMeanIsTheExactRowSumOfTheValues) {
 
 TEST(CpuBackendTest, ReductionBitwiseIdenticalForAnyThreadCount) {
   // Finite data so the sum is an ordinary number sensitive to summation order.
-  const int64_t n = 3'000'001;
+  // 46 tasks; at least 16 (one per thread of the largest pool) under LOSSD_TEST_SCALE.
+  const int64_t n = ScaledCount(3'000'000, 16 << 16) + 1;
   std::mt19937_64 rng(1);
   std::uniform_real_distribution<float> u(-8, 8), t(0, 1);
   std::vector<float> x(n), y(n);
@@ -351,9 +353,10 @@ TEST(CpuBackendTest, ReductionBitwiseIdenticalForAnyThreadCount) {
 // compared: loss, dl/dx, dl/dy (not offered for focal) and the per-element values. Before each
 // call the outputs are filled with a byte of that call's own, so an element that some split of
 // the work leaves unwritten differs too. 13001 x 37 elements: 235 blocks in 8 chunks, 4 tasks
-// of per-sample rows, the [C] weight and pos_weight read from a tile at varying offsets.
+// of per-sample rows, the [C] weight and pos_weight read from a tile at varying offsets
+// (LOSSD_TEST_SCALE below 1: at least 3601 rows, 66 blocks in 3 chunks).
 TEST(CpuBackendTest, OptionsAndHalfTypesBitwiseIdenticalForAnyThreadCount) {
-  const int64_t rows = 13001, cols = 37, n = rows * cols;
+  const int64_t rows = ScaledCount(13000, 3600) + 1, cols = 37, n = rows * cols;
   std::mt19937_64 rng(3);
   std::uniform_real_distribution<double> u(0, 1);
   // y_ign has -100 markers (ignored where ignore_index is on); y has 0 there.

@@ -166,7 +166,7 @@ TEST(CudaMathTest, HostBceElementF32WithinFourUlp) {
 // rounding of b = w p y and of 1/(1+e) here (before b was rounded once and 1/(1+e) took in the
 // rounding of 1+e, dl/dx reached 4.4 ulp on these draws).
 TEST(CudaMathTest, HostBceElementF32ModerateLogitsLargeCoefficients) {
-  constexpr int64_t kN = 1 << 21;
+  const int64_t kN = lossd::testing::ScaledCount(1 << 21);
   std::mt19937_64 rng(5);
   std::uniform_real_distribution<float> ux(-8.0f, 8.0f), u01(0.0f, 1.0f), uf(0.0f, 1e3f);
   std::vector<float> x(kN), y(kN), w(kN), p(kN), l(kN), gx(kN), gy(kN);
@@ -197,7 +197,7 @@ TEST(CudaMathTest, HostBceElementF32ModerateLogitsLargeCoefficients) {
 // and specials; hard and soft labels; w and p per element in [0, 1e3] with zeros; smoothing
 // 0.1, 0.05, 0.3 and 1.
 TEST(CudaMathTest, HostBceElementF32SmoothedWithinFourUlp) {
-  constexpr int64_t kN = 1 << 19;
+  const int64_t kN = lossd::testing::ScaledCount(1 << 19);
   const float specials[] = {0.0f, -0.0f, 17.0f, -17.0f, 30.0f, -30.0f, 80.0f, -80.5f,
                             88.0f, -103.0f, 1e30f, -1e30f, 1e-30f, -1e-30f, kInf, -kInf};
   double worst_l = 0, worst_gx = 0, worst_gy = 0;

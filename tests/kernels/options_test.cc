@@ -27,6 +27,7 @@ using internal::FocalElement;
 using internal::FocalElementDirect;
 using internal::FocalElementHard;
 using internal::FocalElementLogSpace;
+using lossd::testing::ScaledCount;
 using lossd::testing::UlpDistance;
 using lossd::testing::UlpF32;
 using lossd::testing::UlpF64;
@@ -261,7 +262,8 @@ void CheckFocalAgainstLongDouble(int n, uint64_t seed, double loss_bound, double
 // up to 172 ulp and 374 ulp at gamma 3.7, growing with gamma |log q|; recorded, not checked.
 TEST(FocalTest, HardLabelsMatchLongDouble) {
   CheckFocalAgainstLongDouble(
-      1 << 18, 23, 9.0, 15.0, [](int, std::mt19937_64& rng) { return (rng() & 1) ? 1.0 : 0.0; },
+      static_cast<int>(ScaledCount(1 << 18)), 23, 9.0, 15.0,
+      [](int, std::mt19937_64& rng) { return (rng() & 1) ? 1.0 : 0.0; },
       HardLabelFocal);
 }
 
@@ -275,7 +277,8 @@ TEST(FocalTest, HardLabelsRoundedToFloatWithinOneUlp) {
   const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
   const double far[] = {1e3, 1e30, 1e-30};
   double worst_loss = 0, worst_gx = 0;
-  for (int i = 0; i < (1 << 18); ++i) {
+  const int draws = static_cast<int>(ScaledCount(1 << 18));
+  for (int i = 0; i < draws; ++i) {
     double xd = i % 4 == 0 ? ux8(rng) : ux(rng);
     if (i % 512 == 7) xd = far[(i / 512) % 3] * ((i / 1536) % 2 ? -1 : 1);
     const double x = static_cast<float>(xd);
@@ -427,7 +430,7 @@ TEST(FocalTest, SoftLabelReferenceMatchesNaiveFormula) {
 TEST(FocalTest, SoftLabelsMatchLongDouble) {
   const double edge_y[] = {1e-6, 1 - 1e-6, 1e-12, 1 - 1e-12, 1e-30, 0.5};
   CheckFocalAgainstLongDouble(
-      1 << 19, 37, 12.0, 18.0,
+      static_cast<int>(ScaledCount(1 << 19)), 37, 12.0, 18.0,
       [&edge_y](int i, std::mt19937_64& rng) {
         double y = std::uniform_real_distribution<double>(0, 1)(rng);
         if (i % 4 == 1) y = edge_y[rng() % 6];
@@ -450,7 +453,8 @@ TEST(FocalTest, SoftLabelsRoundedToFloatWithinOneUlp) {
   const double far[] = {1e3, 1e30, 1e-30};
   const double edge_y[] = {1e-6, 1 - 1e-6, 1e-12, 1e-30, 0.5};
   double worst_loss = 0, worst_gx = 0;
-  for (int i = 0; i < (1 << 18); ++i) {
+  const int draws = static_cast<int>(ScaledCount(1 << 18));
+  for (int i = 0; i < draws; ++i) {
     double xd = i % 4 == 0 ? ux8(rng) : ux(rng);
     if (i % 512 == 7) xd = far[(i / 512) % 3] * ((i / 1536) % 2 ? -1 : 1);
     const double x = static_cast<float>(xd);
@@ -670,7 +674,7 @@ bool SameBits(double a, double b) {
 // Measured worst (AVX3 here, 2^17 + 3 draws per case): loss 5.5 and dl/dx 9.5 double ulps, no
 // float loss off the reference's rounding.
 TEST(FocalBlockTest, MatchesFocalElement) {
-  const int64_t n = (1 << 17) + 3;
+  const int64_t n = ScaledCount(1 << 17) + 3;
   const FocalDraws d = DrawFocalInputs(n, 71);
   const double eps = std::numeric_limits<double>::epsilon();
   double worst_l = 0, worst_g = 0;
@@ -819,7 +823,8 @@ TEST(OptionsTest, PerSampleMeanInReference) {
 // The CPU backend equals the reference (float32 within 4 ulp, or the gradient bound) for every
 // option combination.
 TEST(OptionsTest, CpuBackendMatchesReferenceForEveryOption) {
-  const int64_t rows = 1500, cols = 9, n = rows * cols;
+  // At least 3 blocks under LOSSD_TEST_SCALE.
+  const int64_t rows = ScaledCount(1500, 700), cols = 9, n = rows * cols;
   std::mt19937_64 rng(17);
   std::uniform_real_distribution<double> ux(-15, 15), u(0, 1);
   // y holds -100 markers (ignored when ignore_index is on); y_clean has 0 there, since the ulp

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -16,6 +17,29 @@
 #include "lossd/kernels/operand.h"
 
 namespace lossd::testing {
+
+// LOSSD_TEST_SCALE (environment variable, default 1): the fraction of their random draws that
+// the longest tests make, in (0, 1]. Only for slow machines and emulators: `make test-arm` runs
+// the suite under qemu with 0.25 (docs/kernels.md section "ARM"). Unset, empty or out of range:
+// 1, every draw.
+inline double TestScale() {
+  static const double scale = [] {
+    const char* env = std::getenv("LOSSD_TEST_SCALE");
+    if (env == nullptr || *env == '\0') return 1.0;
+    char* end = nullptr;
+    const double v = std::strtod(env, &end);
+    return *end == '\0' && v > 0 && v <= 1 ? v : 1.0;
+  }();
+  return scale;
+}
+
+// n draws scaled by TestScale(), and never fewer than `at_least` (what the test's structure
+// needs, such as enough elements for several tasks); n itself when TestScale() is 1.
+inline int64_t ScaledCount(int64_t n, int64_t at_least = 1) {
+  if (TestScale() >= 1) return n;
+  const auto scaled = static_cast<int64_t>(static_cast<double>(n) * TestScale());
+  return std::min(n, std::max(at_least, scaled));
+}
 
 // Distance in units in the last place between two floats or two doubles (0 when both NaN;
 // the largest int64_t when one is, or when the distance does not fit).
