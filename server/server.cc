@@ -27,6 +27,7 @@
 #include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "metrics.h"
+#include "oip_service.h"
 #include "peer_identity.h"
 #include "regions.h"
 #include "service.h"
@@ -151,6 +152,7 @@ struct LossdServer::Impl {
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<Core> core;
   std::unique_ptr<LossServiceImpl> service;
+  std::unique_ptr<OipServiceImpl> oip_service;  // inference.GRPCInferenceService (KServe v2)
   std::unique_ptr<SharedMemoryService> shm_service;
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<UnixListener> unix_listener;  // stopped before the server shuts down
@@ -272,6 +274,7 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   impl->core = std::make_unique<Core>(config, kernels::MakeCpuBackend({impl->cpu_threads}),
                                       std::move(cuda), cuda_name, impl->metrics.get());
   impl->service = std::make_unique<LossServiceImpl>(impl->core.get());
+  impl->oip_service = std::make_unique<OipServiceImpl>(impl->core.get());
   impl->core->set_region_resolver(impl->shm.get());  // null: references are refused
   impl->shm_service = std::make_unique<SharedMemoryService>(
       impl->shm.get(), &impl->peers, options.auth_token, options.host_root);
@@ -315,6 +318,7 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
       ":", options.port);
   builder.AddListeningPort(address, *creds, &impl->port);
   builder.RegisterService(impl->service.get());
+  builder.RegisterService(impl->oip_service.get());
   builder.RegisterService(impl->shm_service.get());
   {
     absl::MutexLock lock(&start_mu);
@@ -337,6 +341,8 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   impl->server->GetHealthCheckService()->SetServingStatus(true);
   impl->server->GetHealthCheckService()->SetServingStatus(
       std::string(v1::LossService::service_full_name()), true);
+  impl->server->GetHealthCheckService()->SetServingStatus(
+      std::string(inference::GRPCInferenceService::service_full_name()), true);
   return std::unique_ptr<LossdServer>(new LossdServer(std::move(impl)));
 }
 
@@ -351,6 +357,8 @@ void LossdServer::Shutdown(absl::Duration deadline) {
   if (auto* health = impl_->server->GetHealthCheckService()) {
     health->SetServingStatus(false);
     health->SetServingStatus(std::string(v1::LossService::service_full_name()), false);
+    health->SetServingStatus(std::string(inference::GRPCInferenceService::service_full_name()),
+                             false);
   }
   Log(LogLevel::kInfo, absl::StrCat("draining: ", impl_->core->in_flight(),
                                     " calls being handled, ", open_calls(),

@@ -1,4 +1,5 @@
-// The lossd gRPC server: LossService, health and reflection on one port.
+// The lossd gRPC server: LossService, inference.GRPCInferenceService (KServe v2, docs/interop.md),
+// health and reflection on one port.
 #ifndef LOSSD_SERVER_SERVER_H_
 #define LOSSD_SERVER_SERVER_H_
 

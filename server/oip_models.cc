@@ -1,0 +1,569 @@
+#include "oip_models.h"
+
+#include <grpcpp/support/slice.h>
+
+#include <climits>
+#include <cstring>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "lossd/kernels/checked_math.h"
+#include "lossd/kernels/dtype.h"
+#include "message_io.h"
+
+namespace lossd::server {
+
+namespace {
+
+using inference::InferParameter;
+using inference::ModelInferRequest;
+
+constexpr absl::string_view kLogits = "LOGITS";
+constexpr absl::string_view kTargets = "TARGETS";
+constexpr absl::string_view kWeight = "WEIGHT";
+constexpr absl::string_view kPosWeight = "POS_WEIGHT";
+
+std::vector<absl::string_view> InputNames(const OipModel& m) {
+  if (m.focal) return {kLogits, kTargets, kWeight};
+  return {kLogits, kTargets, kWeight, kPosWeight};
+}
+
+std::vector<OipOutput> OutputsOf(const OipModel& m) {
+  if (m.focal) return {OipOutput::kLoss, OipOutput::kGradLogits};
+  return {OipOutput::kLoss, OipOutput::kGradLogits, OipOutput::kGradTargets};
+}
+
+std::vector<absl::string_view> ParameterNames(const OipModel& m) {
+  if (m.focal) return {"reduction", "alpha", "gamma", "reject_nan", "device"};
+  return {"reduction", "ignore_index", "normalize", "label_smoothing", "reject_nan", "device"};
+}
+
+// Accepted for compatibility with Triton clients and ignored (docs/interop.md).
+bool IgnoredParameter(absl::string_view key) { return key == "priority" || key == "timeout"; }
+
+std::string OutputList(const OipModel& m) {
+  std::vector<absl::string_view> names;
+  for (OipOutput o : OutputsOf(m)) names.push_back(OipOutputName(o));
+  return absl::StrJoin(names, ", ");
+}
+
+std::optional<v1::DType> ParseDatatype(absl::string_view s) {
+  if (s == "FP32") return v1::DTYPE_FLOAT32;
+  if (s == "FP64") return v1::DTYPE_FLOAT64;
+  if (s == "FP16") return v1::DTYPE_FLOAT16;
+  if (s == "BF16") return v1::DTYPE_BFLOAT16;
+  return std::nullopt;
+}
+
+absl::string_view KindName(const InferParameter& p) {
+  switch (p.parameter_choice_case()) {
+    case InferParameter::kBoolParam:
+      return "bool";
+    case InferParameter::kInt64Param:
+      return "int64";
+    case InferParameter::kStringParam:
+      return "string";
+    case InferParameter::kDoubleParam:
+      return "double";
+    case InferParameter::kUint64Param:
+      return "uint64";
+    default:
+      return "unset";
+  }
+}
+
+std::string ParamValue(const InferParameter& p) {
+  switch (p.parameter_choice_case()) {
+    case InferParameter::kBoolParam:
+      return p.bool_param() ? "true" : "false";
+    case InferParameter::kInt64Param:
+      return absl::StrCat(p.int64_param());
+    case InferParameter::kStringParam:
+      return absl::StrCat("'", p.string_param(), "'");
+    case InferParameter::kDoubleParam:
+      return absl::StrCat(p.double_param());
+    case InferParameter::kUint64Param:
+      return absl::StrCat(p.uint64_param());
+    default:
+      return "unset";
+  }
+}
+
+absl::Status WrongType(absl::string_view key, const InferParameter& p, absl::string_view want) {
+  return absl::InvalidArgumentError(absl::StrCat("parameter '", key, "' must be ", want,
+                                                 "; got ", KindName(p), " ", ParamValue(p)));
+}
+
+absl::StatusOr<bool> BoolParam(absl::string_view key, const InferParameter& p) {
+  if (p.parameter_choice_case() != InferParameter::kBoolParam) return WrongType(key, p, "a bool");
+  return p.bool_param();
+}
+
+absl::StatusOr<double> DoubleParam(absl::string_view key, const InferParameter& p) {
+  switch (p.parameter_choice_case()) {
+    case InferParameter::kDoubleParam:
+      return p.double_param();
+    case InferParameter::kInt64Param:
+      return static_cast<double>(p.int64_param());
+    case InferParameter::kUint64Param:
+      return static_cast<double>(p.uint64_param());
+    default:
+      return WrongType(key, p, "a number (double or int64)");
+  }
+}
+
+absl::StatusOr<int64_t> IntParam(absl::string_view key, const InferParameter& p) {
+  switch (p.parameter_choice_case()) {
+    case InferParameter::kInt64Param:
+      return p.int64_param();
+    case InferParameter::kUint64Param:
+      if (p.uint64_param() > static_cast<uint64_t>(INT64_MAX)) {
+        return absl::InvalidArgumentError(absl::StrCat("parameter '", key, "' ",
+                                                       p.uint64_param(), " is above ", INT64_MAX));
+      }
+      return static_cast<int64_t>(p.uint64_param());
+    default:
+      return WrongType(key, p, "an integer (int64)");
+  }
+}
+
+absl::StatusOr<std::string> StringParam(absl::string_view key, const InferParameter& p) {
+  if (p.parameter_choice_case() != InferParameter::kStringParam) {
+    return WrongType(key, p, "a string");
+  }
+  return p.string_param();
+}
+
+absl::Status ApplyParameter(const OipModel& model, const std::string& key,
+                            const InferParameter& p, v1::EvaluateRequest* out) {
+  if (key == "reduction") {
+    auto v = StringParam(key, p);
+    if (!v.ok()) return v.status();
+    if (*v == "none") {
+      out->set_reduction(v1::REDUCTION_NONE);
+    } else if (*v == "mean") {
+      out->set_reduction(v1::REDUCTION_MEAN);
+    } else if (*v == "sum") {
+      out->set_reduction(v1::REDUCTION_SUM);
+    } else if (*v == "per_sample_mean") {
+      out->set_reduction(v1::REDUCTION_PER_SAMPLE_MEAN);
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter 'reduction' '", *v, "' is not one of none, mean, sum, per_sample_mean"));
+    }
+    return absl::OkStatus();
+  }
+  if (key == "device") {
+    auto v = StringParam(key, p);
+    if (!v.ok()) return v.status();
+    if (*v == "auto") {
+      out->set_device(v1::DEVICE_AUTO);
+    } else if (*v == "cpu") {
+      out->set_device(v1::DEVICE_CPU);
+    } else if (*v == "cuda") {
+      out->set_device(v1::DEVICE_CUDA);
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter 'device' '", *v, "' is not one of auto, cpu, cuda"));
+    }
+    return absl::OkStatus();
+  }
+  if (key == "reject_nan") {
+    auto v = BoolParam(key, p);
+    if (!v.ok()) return v.status();
+    out->set_reject_nan(*v);
+    return absl::OkStatus();
+  }
+  if (!model.focal) {
+    v1::BceWithLogits* bce = out->mutable_bce_with_logits();
+    if (key == "ignore_index") {
+      auto v = IntParam(key, p);
+      if (!v.ok()) return v.status();
+      bce->set_ignore_index(*v);
+      return absl::OkStatus();
+    }
+    if (key == "normalize") {
+      auto v = BoolParam(key, p);
+      if (!v.ok()) return v.status();
+      bce->set_normalize(*v);
+      return absl::OkStatus();
+    }
+    if (key == "label_smoothing") {
+      auto v = DoubleParam(key, p);
+      if (!v.ok()) return v.status();
+      bce->set_label_smoothing(*v);
+      return absl::OkStatus();
+    }
+  } else {
+    v1::SigmoidFocalLoss* focal = out->mutable_sigmoid_focal_loss();
+    if (key == "alpha" || key == "gamma") {
+      auto v = DoubleParam(key, p);
+      if (!v.ok()) return v.status();
+      key == "alpha" ? focal->set_alpha(*v) : focal->set_gamma(*v);
+      return absl::OkStatus();
+    }
+  }
+  if (IgnoredParameter(key)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown parameter '", key, "' for model '", model.name,
+                   "'; its parameters are ", absl::StrJoin(ParameterNames(model), ", ")));
+}
+
+// Elements of the typed contents other than `expected` (which the datatype selects).
+int64_t OtherContents(const inference::InferTensorContents& c, v1::DType dtype) {
+  int64_t n = c.bool_contents_size() + c.int_contents_size() + c.int64_contents_size() +
+              c.uint_contents_size() + c.uint64_contents_size() + c.bytes_contents_size();
+  if (dtype != v1::DTYPE_FLOAT32) n += c.fp32_contents_size();
+  if (dtype != v1::DTYPE_FLOAT64) n += c.fp64_contents_size();
+  return n;
+}
+
+int64_t AllContents(const inference::InferTensorContents& c) {
+  return OtherContents(c, v1::DTYPE_UNSPECIFIED);
+}
+
+// One input into `t`: datatype, shape and bytes (moved from raw, or copied from contents).
+absl::Status TranslateInput(const OipModel& model, ModelInferRequest::InferInputTensor* in,
+                            std::string* raw, int raw_index, Reservation* reservation,
+                            v1::Tensor* t) {
+  const std::string& name = in->name();
+  auto dtype = ParseDatatype(in->datatype());
+  if (!dtype) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("input '", name, "': datatype '", in->datatype(), "' of model '",
+                     model.name, "' is not supported; expected one of FP32, FP64, FP16, BF16"));
+  }
+  if (!in->parameters().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input '", name, "': parameter '", in->parameters().begin()->first,
+        "' is not supported (inputs take no parameters; Triton's shared-memory extension is not "
+        "served, use raw_input_contents)"));
+  }
+  std::vector<int64_t> shape(in->shape().begin(), in->shape().end());
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("input '", name, "': shape ",
+                                                     ShapeString(shape), " has negative dimension ",
+                                                     i, " (", shape[i], ")"));
+    }
+  }
+  const std::optional<int64_t> numel = kernels::CheckedProduct(shape);
+  const size_t item = kernels::ItemSize(static_cast<kernels::DType>(*dtype));
+  const std::optional<int64_t> bytes =
+      numel ? kernels::CheckedMul(*numel, static_cast<int64_t>(item)) : std::nullopt;
+  if (!bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("input '", name, "': shape ",
+                                                   ShapeString(shape),
+                                                   " has more elements than int64 can count"));
+  }
+  t->set_dtype(*dtype);
+  for (int64_t d : shape) t->add_shape(d);
+  if (raw != nullptr) {
+    if (in->has_contents() && AllContents(in->contents()) > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "input '", name, "' has both contents and raw_input_contents[", raw_index,
+          "]; send its elements in one of them"));
+    }
+    if (static_cast<int64_t>(raw->size()) != *bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "input '", name, "': raw_input_contents[", raw_index, "] has ", raw->size(),
+          " bytes, expected ", *bytes, " for shape ", ShapeString(shape), " of ",
+          in->datatype()));
+    }
+    t->mutable_data()->swap(*raw);  // no copy
+    return absl::OkStatus();
+  }
+  const inference::InferTensorContents& c = in->contents();
+  if (*dtype == v1::DTYPE_FLOAT16 || *dtype == v1::DTYPE_BFLOAT16) {
+    if (*numel == 0 && AllContents(c) == 0) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input '", name, "': datatype ", in->datatype(),
+        " has no typed contents in the protocol; send its bytes in raw_input_contents"));
+  }
+  const bool fp32 = *dtype == v1::DTYPE_FLOAT32;
+  const int64_t given = fp32 ? c.fp32_contents_size() : c.fp64_contents_size();
+  const char* field = fp32 ? "fp32_contents" : "fp64_contents";
+  if (const int64_t other = OtherContents(c, *dtype); other > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input '", name, "': datatype ", in->datatype(), " takes its elements in ", field,
+        "; ", other, " elements are in other contents fields"));
+  }
+  if (given != *numel) {
+    return absl::InvalidArgumentError(absl::StrCat("input '", name, "': ", field, " has ", given,
+                                                   " elements, expected ", *numel, " for shape ",
+                                                   ShapeString(shape)));
+  }
+  if (reservation != nullptr && *bytes > 0) {
+    if (absl::Status s = reservation->Add(*bytes, "a copy of typed contents"); !s.ok()) return s;
+  }
+  // Little-endian hosts only (as all of lossd): the elements' bytes are the tensor's bytes.
+  const void* src = fp32 ? static_cast<const void*>(c.fp32_contents().data())
+                         : static_cast<const void*>(c.fp64_contents().data());
+  t->set_data(src, static_cast<size_t>(*bytes));
+  in->clear_contents();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const std::vector<OipModel>& OipModels() {
+  static const std::vector<OipModel> models = {{"bce_with_logits", false},
+                                               {"sigmoid_focal_loss", true}};
+  return models;
+}
+
+absl::StatusOr<const OipModel*> FindOipModel(absl::string_view name, absl::string_view version) {
+  for (const OipModel& m : OipModels()) {
+    if (m.name != name) continue;
+    if (!version.empty() && version != kOipModelVersion) {
+      return absl::NotFoundError(absl::StrCat("model '", name, "' has no version '", version,
+                                              "'; its only version is '", kOipModelVersion,
+                                              "'"));
+    }
+    return &m;
+  }
+  std::vector<absl::string_view> names;
+  for (const OipModel& m : OipModels()) names.push_back(m.name);
+  return absl::NotFoundError(absl::StrCat("unknown model '", name, "'; this server has models ",
+                                          absl::StrJoin(names, ", ")));
+}
+
+absl::string_view OipOutputName(OipOutput output) {
+  switch (output) {
+    case OipOutput::kLoss:
+      return "LOSS";
+    case OipOutput::kGradLogits:
+      return "GRAD_LOGITS";
+    case OipOutput::kGradTargets:
+      return "GRAD_TARGETS";
+  }
+  return "";
+}
+
+absl::string_view OipDatatype(v1::DType dtype) {
+  switch (dtype) {
+    case v1::DTYPE_FLOAT32:
+      return "FP32";
+    case v1::DTYPE_FLOAT64:
+      return "FP64";
+    case v1::DTYPE_FLOAT16:
+      return "FP16";
+    case v1::DTYPE_BFLOAT16:
+      return "BF16";
+    default:
+      return "";
+  }
+}
+
+void FillModelMetadata(const OipModel& model, inference::ModelMetadataResponse* response) {
+  response->Clear();
+  response->set_name(std::string(model.name));
+  response->add_versions(std::string(kOipModelVersion));
+  response->set_platform(std::string(kOipPlatform));
+  // Any shape (up to the server's rank limit) and any of FP32, FP64, FP16, BF16; the metadata
+  // lists FP32 and one dimension of any size (docs/interop.md).
+  for (absl::string_view name : InputNames(model)) {
+    auto* t = response->add_inputs();
+    t->set_name(std::string(name));
+    t->set_datatype("FP32");
+    t->add_shape(-1);
+  }
+  for (OipOutput o : OutputsOf(model)) {
+    auto* t = response->add_outputs();
+    t->set_name(std::string(OipOutputName(o)));
+    t->set_datatype("FP32");
+    t->add_shape(-1);
+  }
+}
+
+absl::Status TranslateInferRequest(ModelInferRequest* request, Reservation* reservation,
+                                   v1::EvaluateRequest* out, OipTranslation* translation) {
+  out->Clear();
+  *translation = OipTranslation();
+  auto model = FindOipModel(request->model_name(), request->model_version());
+  if (!model.ok()) return model.status();
+  const OipModel& m = **model;
+  translation->model = &m;
+  out->set_request_id(request->id());
+  if (m.focal) {
+    out->mutable_sigmoid_focal_loss();
+  } else {
+    out->mutable_bce_with_logits();
+  }
+  const int num_raw = request->raw_input_contents_size();
+  if (num_raw > 0 && num_raw != request->inputs_size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "raw_input_contents has ", num_raw, " entries for ", request->inputs_size(),
+        " inputs; send one entry per input (in the order of inputs), or none and put each "
+        "input's elements in its contents"));
+  }
+  const std::vector<absl::string_view> names = InputNames(m);
+  for (int i = 0; i < request->inputs_size(); ++i) {
+    ModelInferRequest::InferInputTensor* in = request->mutable_inputs(i);
+    v1::Tensor* t = nullptr;
+    if (in->name() == kLogits) {
+      t = out->mutable_logits();
+    } else if (in->name() == kTargets) {
+      t = out->mutable_targets();
+    } else if (in->name() == kWeight) {
+      t = out->mutable_weight();
+    } else if (in->name() == kPosWeight && !m.focal) {
+      t = out->mutable_bce_with_logits()->mutable_pos_weight();
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown input '", in->name(), "' for model '", m.name,
+                       "'; its inputs are ", absl::StrJoin(names, ", ")));
+    }
+    if (t->dtype() != v1::DTYPE_UNSPECIFIED) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("input '", in->name(), "' is given more than once"));
+    }
+    std::string* raw = num_raw > 0 ? request->mutable_raw_input_contents(i) : nullptr;
+    if (absl::Status s = TranslateInput(m, in, raw, i, reservation, t); !s.ok()) return s;
+  }
+  for (absl::string_view required : {kLogits, kTargets}) {
+    const bool present = required == kLogits ? out->has_logits() : out->has_targets();
+    if (!present) {
+      return absl::InvalidArgumentError(absl::StrCat("missing input '", required,
+                                                     "'; model '", m.name,
+                                                     "' needs LOGITS and TARGETS"));
+    }
+  }
+  for (const auto& [key, value] : request->parameters()) {
+    if (absl::Status s = ApplyParameter(m, key, value, out); !s.ok()) return s;
+  }
+  if (request->outputs_size() == 0) {
+    translation->outputs = {OipOutput::kLoss};
+  }
+  for (const auto& requested : request->outputs()) {
+    std::optional<OipOutput> found;
+    for (OipOutput o : OutputsOf(m)) {
+      if (requested.name() == OipOutputName(o)) found = o;
+    }
+    if (!found) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown output '", requested.name(), "' for model '", m.name,
+                       "'; its outputs are ", OutputList(m)));
+    }
+    for (const OipOutput o : translation->outputs) {
+      if (o == *found) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("output '", requested.name(), "' is requested more than once"));
+      }
+    }
+    for (const auto& [key, value] : requested.parameters()) {
+      if (key == "binary_data") continue;  // a REST notion; gRPC replies are always raw
+      return absl::InvalidArgumentError(
+          absl::StrCat("output '", requested.name(), "': parameter '", key,
+                       "' is not supported (outputs take no parameters; classification and "
+                       "shared memory are not served)"));
+    }
+    translation->outputs.push_back(*found);
+    if (*found == OipOutput::kGradLogits) out->mutable_gradients()->set_logits(true);
+    if (*found == OipOutput::kGradTargets) out->mutable_gradients()->set_targets(true);
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+constexpr uint8_t kLen = 2;  // wire type of length-delimited fields
+
+void AppendVarint(uint64_t v, std::string* out) {
+  while (v >= 0x80) {
+    out->push_back(static_cast<char>((v & 0x7f) | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<char>(v));
+}
+
+const OutputTensor& TensorOf(const ComputeResult& r, OipOutput o) {
+  switch (o) {
+    case OipOutput::kGradLogits:
+      return r.grad_logits;
+    case OipOutput::kGradTargets:
+      return r.grad_targets;
+    default:
+      return r.loss;
+  }
+}
+
+// The reply without raw_output_contents (field 6, the last field: its bytes follow).
+absl::Status ReplyHeader(const OipModel& model, const std::string& id,
+                         const std::vector<OipOutput>& outputs, const ComputeResult& result,
+                         inference::ModelInferResponse* response) {
+  response->Clear();
+  response->set_model_name(std::string(model.name));
+  response->set_model_version(std::string(kOipModelVersion));
+  response->set_id(id);
+  (*response->mutable_parameters())["device"].set_string_param(DeviceLabel(result.device));
+  for (OipOutput o : outputs) {
+    const OutputTensor& t = TensorOf(result, o);
+    if (!t.present || t.placed) {
+      return absl::InternalError(absl::StrCat("output ", OipOutputName(o), " was not computed"));
+    }
+    auto* out = response->add_outputs();
+    out->set_name(std::string(OipOutputName(o)));
+    out->set_datatype(std::string(OipDatatype(t.dtype)));
+    for (int64_t d : t.shape) out->add_shape(d);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int64_t InferReplyPayloadBytes(const std::vector<OipOutput>& outputs,
+                               const ComputeResult& result) {
+  int64_t n = 0;
+  for (OipOutput o : outputs) n += static_cast<int64_t>(TensorOf(result, o).block.size());
+  return n;
+}
+
+absl::Status BuildInferResponse(const OipModel& model, const std::string& id,
+                                const std::vector<OipOutput>& outputs,
+                                const ComputeResult& result,
+                                inference::ModelInferResponse* response) {
+  if (absl::Status s = ReplyHeader(model, id, outputs, result, response); !s.ok()) return s;
+  for (OipOutput o : outputs) {
+    const OutputTensor& t = TensorOf(result, o);
+    response->add_raw_output_contents(t.block.empty() ? "" : t.block.data(), t.block.size());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EncodeInferReply(const OipModel& model, const std::string& id,
+                              const std::vector<OipOutput>& outputs, ComputeResult* result,
+                              grpc::ByteBuffer* out) {
+  inference::ModelInferResponse header;
+  if (absl::Status s = ReplyHeader(model, id, outputs, *result, &header); !s.ok()) return s;
+  std::string text;
+  header.SerializeToString(&text);
+  size_t total = text.size();
+  for (OipOutput o : outputs) total += TensorOf(*result, o).block.size() + 11;
+  if (total > static_cast<size_t>(INT_MAX)) {
+    return absl::InternalError(
+        absl::StrCat("cannot serialize the reply: ", total, " bytes is over 2 GiB"));
+  }
+  std::vector<grpc::Slice> slices;
+  for (OipOutput o : outputs) {
+    OutputTensor& t = const_cast<OutputTensor&>(TensorOf(*result, o));
+    text.push_back(static_cast<char>((6 << 3) | kLen));
+    AppendVarint(t.block.size(), &text);
+    if (t.block.size() >= kZeroCopyBytes) {
+      slices.emplace_back(text);
+      text.clear();
+      slices.push_back(std::move(t.block).ToSlice());
+    } else {
+      if (t.block.size() > 0) text.append(t.block.data(), t.block.size());
+      t.block.Reset();
+    }
+  }
+  if (!text.empty()) slices.emplace_back(text);
+  grpc::ByteBuffer buffer(slices.data(), slices.size());
+  out->Swap(&buffer);
+  return absl::OkStatus();
+}
+
+}  // namespace lossd::server

@@ -1,0 +1,94 @@
+// The KServe v2 / Open Inference Protocol view of lossd (docs/interop.md): each loss is a model
+// (`bce_with_logits`, `sigmoid_focal_loss`, version "1"), its tensors are named inputs and
+// outputs and its options are request parameters. A ModelInferRequest is translated into the
+// lossd.v1 EvaluateRequest that asks for the same computation, which then runs through the
+// same validation and compute as lossd.v1 (Core::Prepare, Core::Compute); the ComputeResult is
+// encoded as the ModelInferResponse. Pure functions: no gRPC server state.
+#ifndef LOSSD_SERVER_OIP_MODELS_H_
+#define LOSSD_SERVER_OIP_MODELS_H_
+
+#include <grpcpp/support/byte_buffer.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "core.h"
+#include "inference/grpc_predict_v2.pb.h"
+#include "lossd/v1/lossd.pb.h"
+#include "memory.h"
+
+namespace lossd::server {
+
+// The one version of every model.
+inline constexpr absl::string_view kOipModelVersion = "1";
+// ModelMetadataResponse.platform of every model.
+inline constexpr absl::string_view kOipPlatform = "lossd";
+
+struct OipModel {
+  absl::string_view name;
+  bool focal;  // sigmoid_focal_loss (else bce_with_logits)
+};
+
+// The models, in the order ModelMetadata and errors list them.
+const std::vector<OipModel>& OipModels();
+
+// The model `name` at `version` ("" or "1"). NOT_FOUND "unknown model 'x'; this server has
+// models bce_with_logits, sigmoid_focal_loss" or "model 'bce_with_logits' has no version '2';
+// its only version is '1'".
+absl::StatusOr<const OipModel*> FindOipModel(absl::string_view name, absl::string_view version);
+
+// Fills `response` with the model's name, version, platform, inputs and outputs.
+void FillModelMetadata(const OipModel& model, inference::ModelMetadataResponse* response);
+
+// The outputs of a model, in the order a reply lists them when the request names none.
+enum class OipOutput { kLoss, kGradLogits, kGradTargets };
+absl::string_view OipOutputName(OipOutput output);
+
+// "FP32", "FP64", "FP16", "BF16" for a lossd dtype; "" for DTYPE_UNSPECIFIED.
+absl::string_view OipDatatype(v1::DType dtype);
+
+// What TranslateInferRequest produces besides the EvaluateRequest.
+struct OipTranslation {
+  const OipModel* model = nullptr;
+  std::vector<OipOutput> outputs;  // in the order of the reply
+};
+
+// Translates `request` into `out` (cleared first). The inputs' raw bytes are moved (swapped)
+// into the EvaluateRequest's tensors, not copied: `request` loses them. Typed contents
+// (fp32_contents, fp64_contents) are copied once into the tensors' bytes; `reservation` (may be
+// null) is charged for that copy before it is made. Errors: NOT_FOUND for an unknown model or
+// version; INVALID_ARGUMENT naming the input, output or parameter and the values for an
+// unknown, repeated or missing input, an unsupported datatype, a negative dimension, data whose
+// length does not match the shape, an unknown output or parameter, or a parameter of the wrong
+// type or value; RESOURCE_EXHAUSTED when the reservation refuses the copy. Everything else
+// (ranks, element limits, broadcasting, option ranges, devices) is checked by Core::Prepare,
+// whose messages use lossd.v1's field names (logits: LOGITS, targets: TARGETS, weight: WEIGHT,
+// pos_weight: POS_WEIGHT, bce_with_logits.X / sigmoid_focal_loss.X: parameter X).
+absl::Status TranslateInferRequest(inference::ModelInferRequest* request,
+                                   Reservation* reservation, v1::EvaluateRequest* out,
+                                   OipTranslation* translation);
+
+// Encodes `result` as a serialized ModelInferResponse into `out`, byte for byte what protobuf
+// would serialize: `outputs` in that order with their datatype and shape, each one's bytes an
+// entry of raw_output_contents, and the parameter "device" ("cpu" or "cuda"). Output blocks of
+// at least kZeroCopyBytes become slices of the reply without a copy; smaller ones are copied
+// into the reply's first slice. Takes the blocks out of `result`.
+absl::Status EncodeInferReply(const OipModel& model, const std::string& id,
+                              const std::vector<OipOutput>& outputs, ComputeResult* result,
+                              grpc::ByteBuffer* out);
+
+// Tensor data bytes of the reply: the outputs listed (metrics).
+int64_t InferReplyPayloadBytes(const std::vector<OipOutput>& outputs, const ComputeResult& result);
+
+// The same reply as a message (tests).
+absl::Status BuildInferResponse(const OipModel& model, const std::string& id,
+                                const std::vector<OipOutput>& outputs,
+                                const ComputeResult& result,
+                                inference::ModelInferResponse* response);
+
+}  // namespace lossd::server
+
+#endif  // LOSSD_SERVER_OIP_MODELS_H_
