@@ -10,6 +10,7 @@
 #include "absl/strings/escaping.h"
 #include "grpc_status.h"
 #include "log.h"
+#include "memory.h"
 #include "message_io.h"
 #include "wire.h"
 
@@ -165,6 +166,7 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(grpc::CallbackServerC
   response->set_max_elements(core_->config().limits.max_elements);
   response->set_cuda_device_name(core_->has_cuda() ? core_->cuda_name() : "");
   response->set_whole_requests(true);
+  response->add_partial_state_versions(kPartialStateVersion);
   // Tensor references are served once a region resolver is set (docs/data-path.md section 5).
   if (core_->region_resolver() != nullptr) {
     response->set_shared_memory(true);
@@ -185,6 +187,62 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* LossServiceImpl::Ev
 grpc::ServerReadReactor<grpc::ByteBuffer>* LossServiceImpl::Accumulate(
     grpc::CallbackServerContext* context, grpc::ByteBuffer* reply) {
   return NewAccumulate(core_, context, reply);
+}
+
+grpc::ServerUnaryReactor* LossServiceImpl::MergePartials(grpc::CallbackServerContext* context,
+                                                         const grpc::ByteBuffer* request,
+                                                         grpc::ByteBuffer* reply) {
+  const int64_t start_ns = absl::GetCurrentTimeNanos();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // The parsed message and the decoded states each hold about the request's bytes.
+  Reservation reservation(&core_->memory());
+  v1::MergePartialsRequest parsed;
+  v1::AccumulateResponse response;
+  absl::Status s = core_->Admit(*context);
+  if (s.ok()) s = reservation.Add(2 * MessageBytes(*request), "the MergePartials request");
+  if (s.ok()) s = ParseMessage(*request, &parsed);
+  int64_t compute_ns = -1;
+  if (s.ok()) {
+    const int64_t compute_start = absl::GetCurrentTimeNanos();
+    std::vector<PartialState> states;
+    states.reserve(static_cast<size_t>(parsed.partial_states_size()));
+    for (int i = 0; i < parsed.partial_states_size() && s.ok(); ++i) {
+      absl::StatusOr<PartialState> state = DecodePartialState(parsed.partial_states(i));
+      if (!state.ok()) {
+        s = absl::InvalidArgumentError(
+            absl::StrCat("partial_states[", i, "] ", state.status().message()));
+      } else {
+        states.push_back(*std::move(state));
+      }
+    }
+    if (s.ok()) {
+      parsed.clear_partial_states();
+      absl::StatusOr<PartialState> merged = MergePartialStates(std::move(states));
+      if (!merged.ok()) {
+        s = merged.status();
+      } else {
+        SetReducedLoss(*merged, &response);
+        response.set_partial_state(EncodePartialState(*merged));
+        response.set_device(v1::DEVICE_CPU);
+      }
+    }
+    compute_ns = absl::GetCurrentTimeNanos() - compute_start;
+  }
+  if (s.ok()) {
+    response.mutable_timing()->set_compute_ns(compute_ns);
+    response.mutable_timing()->set_total_ns(absl::GetCurrentTimeNanos() - start_ns);
+    s = SerializeMessage(response, reply);
+  }
+  const double total = (absl::GetCurrentTimeNanos() - start_ns) * 1e-9;
+  if (s.ok()) {
+    core_->metrics().RecordCall("MergePartials", "OK", "cpu", -1, compute_ns * 1e-9, total);
+  } else {
+    LogFailure("MergePartials", *context, parsed.request_id(), s);
+    core_->metrics().RecordCall("MergePartials", absl::StatusCodeToString(s.code()), "none", -1,
+                                -1, total);
+  }
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
 }
 
 }  // namespace lossd::server

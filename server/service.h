@@ -8,10 +8,15 @@
 
 #include <grpcpp/support/byte_buffer.h>
 
+#include <cstdint>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "core.h"
+#include "lossd/kernels/exact_sum.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 
 namespace lossd::server {
@@ -19,7 +24,9 @@ namespace lossd::server {
 using RawLossService = v1::LossService::WithRawCallbackMethod_Evaluate<
     v1::LossService::WithRawCallbackMethod_GetCapabilities<
         v1::LossService::WithRawCallbackMethod_EvaluateStream<
-            v1::LossService::WithRawCallbackMethod_Accumulate<v1::LossService::Service>>>>;
+            v1::LossService::WithRawCallbackMethod_Accumulate<
+                v1::LossService::WithRawCallbackMethod_MergePartials<
+                    v1::LossService::Service>>>>>;
 
 class LossServiceImpl final : public RawLossService {
  public:
@@ -35,6 +42,10 @@ class LossServiceImpl final : public RawLossService {
       grpc::CallbackServerContext* context) override;
   grpc::ServerReadReactor<grpc::ByteBuffer>* Accumulate(grpc::CallbackServerContext* context,
                                                         grpc::ByteBuffer* reply) override;
+  // Computed on the gRPC thread: linear in the request's bytes, like its parse.
+  grpc::ServerUnaryReactor* MergePartials(grpc::CallbackServerContext* context,
+                                          const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* reply) override;
 
  private:
   Core* core_;
@@ -44,6 +55,34 @@ class LossServiceImpl final : public RawLossService {
 // Rate-limited (log.h).
 void LogFailure(const char* method, const grpc::CallbackServerContext& context,
                 const std::string& request_id, const absl::Status& status);
+
+// The exact partial state of an Accumulate call over one slice of a dataset, or of a merge
+// of such states (lossd.proto, AccumulateResponse.partial_state, which documents the
+// encoding). Implemented in stream_reactors.cc.
+inline constexpr uint32_t kPartialStateVersion = 1;
+inline constexpr size_t kPartialStateHeaderBytes = 40;  // before the BlockSum's own state
+struct PartialState {
+  v1::Reduction reduction = v1::REDUCTION_MEAN;  // SUM or MEAN
+  bool normalize = false;
+  bool has_ignore_index = false;
+  uint64_t fingerprint = 0;  // OptionsFingerprint of the batches
+  int64_t kept = 0;          // elements not ignored (all of them without ignore_index)
+  int64_t batches = 0;
+  kernels::BlockSum sum;     // its offset and count are the slice's
+};
+// FNV-1a 64 of the loss options and reduction that every batch of an Accumulate call shares.
+uint64_t OptionsFingerprint(const v1::EvaluateRequest& request);
+std::string EncodePartialState(const PartialState& state);
+// InvalidArgument (the message names the inconsistency, not the field) for anything that
+// Encode could not have produced.
+absl::StatusOr<PartialState> DecodePartialState(std::string_view bytes);
+// Joins states given in any order that tile one range of elements; errors name the field
+// (partial_states[i]) of the state at fault.
+absl::StatusOr<PartialState> MergePartialStates(std::vector<PartialState> states);
+// The reply of an Accumulate or a merge for `state`: loss (the exact sum rounded once, then
+// divided by the kept count with normalize and by the element count for MEAN: the only place
+// where lossd divides a dataset-level loss), num_elements, num_kept, num_batches, reduction.
+void SetReducedLoss(const PartialState& state, v1::AccumulateResponse* response);
 
 // Creates the reactors of the streaming calls (stream_reactors.cc).
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* NewEvaluateStream(

@@ -5,9 +5,14 @@
 // under the mutex is still to be called (`starting_reads_`: a concurrent OnCancel must not
 // finish, and so delete, the reactor between that decision and the call), so the call's
 // context outlives every use of it, and OnDone can delete the reactor.
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <deque>
+#include <limits>
 #include <memory>
+#include <numeric>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -320,6 +325,9 @@ std::string OptionsKey(const v1::EvaluateRequest& r) {
   return out;
 }
 
+// The one offset allowed for a slice: far below overflow of offset + elements.
+constexpr int64_t kMaxSliceOffset = int64_t{1} << 62;
+
 class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
   AccumulateReactor(Core* core, grpc::CallbackServerContext* context, grpc::ByteBuffer* reply)
@@ -454,9 +462,30 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
       reduction_ = red;
       normalize_ = r.has_bce_with_logits() && r.bce_with_logits().normalize();
       has_ignore_index_ = r.has_bce_with_logits() && r.bce_with_logits().has_ignore_index();
+      if (r.has_accumulate_slice()) {
+        const int64_t offset = r.accumulate_slice().element_offset();
+        if (offset < 0 || offset >= kMaxSliceOffset) {
+          return Fail(absl::InvalidArgumentError(absl::StrCat(
+                          "accumulate_slice.element_offset must be in [0, 2^62), got ",
+                          offset)),
+                      a);
+        }
+        slice_ = true;
+        slice_offset_ = offset;
+        fingerprint_ = OptionsFingerprint(r);
+        sum_ = kernels::BlockSum(offset);
+      }
     } else if (key != key_) {
       return Fail(absl::InvalidArgumentError(
                       "loss options and reduction must be the same in every batch of a call"),
+                  a);
+    } else if (r.has_accumulate_slice() &&
+               (!slice_ || r.accumulate_slice().element_offset() != slice_offset_)) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+                      "accumulate_slice.element_offset ", r.accumulate_slice().element_offset(),
+                      " differs from the first batch's (",
+                      slice_ ? absl::StrCat(slice_offset_) : std::string("unset"),
+                      "); set it in the first batch only, or the same in every batch")),
                   a);
     }
     auto plan = core_->Prepare(r, batch.request->views());
@@ -535,16 +564,17 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     if (finishing_) {
       RequestFinish(final_status_, a);
     } else if (reads_done_ && !computing_ && !stash_.request) {
-      const int64_t n = sum_.count();
-      double loss = sum_.Value();
-      if (normalize_) loss /= kept_ > 0 ? static_cast<double>(kept_) : 1.0;
-      if (reduction_ == v1::REDUCTION_MEAN) loss /= static_cast<double>(n);
+      PartialState state;
+      state.reduction = reduction_;
+      state.normalize = normalize_;
+      state.has_ignore_index = has_ignore_index_;
+      state.fingerprint = fingerprint_;
+      state.kept = kept_;
+      state.batches = batches_done_;
+      state.sum = sum_;
       v1::AccumulateResponse response;
-      response.set_loss(loss);
-      response.set_num_elements(n);
-      response.set_num_kept(normalize_ && has_ignore_index_ ? kept_ : n);
-      response.set_num_batches(batches_done_);
-      response.set_reduction(reduction_);
+      SetReducedLoss(state, &response);
+      if (slice_) response.set_partial_state(EncodePartialState(state));
       response.set_device(device_);
       response.mutable_timing()->set_compute_ns(compute_ns_);
       response.mutable_timing()->set_total_ns(absl::GetCurrentTimeNanos() - start_ns_);
@@ -587,6 +617,9 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   bool normalize_ ABSL_GUARDED_BY(mu_) = false;
   bool has_ignore_index_ ABSL_GUARDED_BY(mu_) = false;
   int64_t kept_ ABSL_GUARDED_BY(mu_) = 0;
+  bool slice_ ABSL_GUARDED_BY(mu_) = false;  // accumulate_slice: reply the partial state
+  int64_t slice_offset_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t fingerprint_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t batches_seen_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t batches_done_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t compute_ns_ ABSL_GUARDED_BY(mu_) = 0;
@@ -600,7 +633,160 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   absl::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
+// Little-endian fields of the partial state's header.
+void PutU32(uint32_t v, std::string* out) {
+  for (int i = 0; i < 4; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void PutU64(uint64_t v, std::string* out) {
+  for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+uint32_t GetU32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) {
+    v |= static_cast<uint32_t>(static_cast<unsigned char>(p[i])) << (8 * i);
+  }
+  return v;
+}
+uint64_t GetU64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) {
+    v |= static_cast<uint64_t>(static_cast<unsigned char>(p[i])) << (8 * i);
+  }
+  return v;
+}
+
+constexpr char kStateMagic[4] = {'L', 'D', 'P', 'S'};
+constexpr uint32_t kFlagNormalize = 1;
+constexpr uint32_t kFlagIgnoreIndex = 2;
+
+std::string ReductionText(v1::Reduction r) {
+  const std::string& name = v1::Reduction_Name(r);
+  return name.empty() ? std::to_string(static_cast<int>(r)) : name;
+}
+
 }  // namespace
+
+uint64_t OptionsFingerprint(const v1::EvaluateRequest& request) {
+  uint64_t h = 14695981039346656037ull;  // FNV-1a 64
+  for (unsigned char c : OptionsKey(request)) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+std::string EncodePartialState(const PartialState& state) {
+  std::string out;
+  out.append(kStateMagic, sizeof(kStateMagic));
+  PutU32(kPartialStateVersion, &out);
+  PutU32(static_cast<uint32_t>(state.reduction), &out);
+  PutU32((state.normalize ? kFlagNormalize : 0) | (state.has_ignore_index ? kFlagIgnoreIndex : 0),
+         &out);
+  PutU64(state.fingerprint, &out);
+  PutU64(static_cast<uint64_t>(state.kept), &out);
+  PutU64(static_cast<uint64_t>(state.batches), &out);
+  state.sum.Serialize(&out);
+  return out;
+}
+
+absl::StatusOr<PartialState> DecodePartialState(std::string_view bytes) {
+  if (bytes.size() < kPartialStateHeaderBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("has ", bytes.size(),
+                                                   " bytes, too short for a partial state"));
+  }
+  const char* p = bytes.data();
+  if (std::memcmp(p, kStateMagic, sizeof(kStateMagic)) != 0) {
+    return absl::InvalidArgumentError("is not a partial state (no \"LDPS\" magic)");
+  }
+  const uint32_t version = GetU32(p + 4);
+  if (version != kPartialStateVersion) {
+    return absl::InvalidArgumentError(absl::StrCat("has format version ", version,
+                                                   "; this server reads version ",
+                                                   kPartialStateVersion));
+  }
+  PartialState s;
+  const uint32_t reduction = GetU32(p + 8);
+  if (reduction != v1::REDUCTION_MEAN && reduction != v1::REDUCTION_SUM) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("has reduction ", reduction, "; expected MEAN (2) or SUM (3)"));
+  }
+  s.reduction = static_cast<v1::Reduction>(reduction);
+  const uint32_t flags = GetU32(p + 12);
+  if ((flags & ~(kFlagNormalize | kFlagIgnoreIndex)) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("has unknown flags ", flags));
+  }
+  s.normalize = (flags & kFlagNormalize) != 0;
+  s.has_ignore_index = (flags & kFlagIgnoreIndex) != 0;
+  s.fingerprint = GetU64(p + 16);
+  s.kept = static_cast<int64_t>(GetU64(p + 24));
+  s.batches = static_cast<int64_t>(GetU64(p + 32));
+  absl::StatusOr<kernels::BlockSum> sum =
+      kernels::BlockSum::Deserialize(bytes.substr(kPartialStateHeaderBytes));
+  if (!sum.ok()) return absl::InvalidArgumentError(sum.status().message());
+  s.sum = *std::move(sum);
+  if (s.kept < 0 || s.kept > s.sum.count() || s.batches < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("has ", s.kept, " kept elements and ",
+                                                   s.batches, " batches for ", s.sum.count(),
+                                                   " elements"));
+  }
+  return s;
+}
+
+absl::StatusOr<PartialState> MergePartialStates(std::vector<PartialState> states) {
+  if (states.empty()) return absl::InvalidArgumentError("partial_states is empty");
+  const PartialState& first = states[0];
+  for (size_t i = 1; i < states.size(); ++i) {
+    const PartialState& s = states[i];
+    if (s.reduction != first.reduction) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "partial_states[", i, "] has reduction ", ReductionText(s.reduction),
+          ", partial_states[0] ", ReductionText(first.reduction)));
+    }
+    if (s.normalize != first.normalize || s.has_ignore_index != first.has_ignore_index ||
+        s.fingerprint != first.fingerprint) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "partial_states[", i, "] has loss options (fingerprint ", absl::Hex(s.fingerprint),
+          ") that differ from partial_states[0]'s (", absl::Hex(first.fingerprint), ")"));
+    }
+  }
+  std::vector<size_t> order(states.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    const kernels::BlockSum& x = states[a].sum;
+    const kernels::BlockSum& y = states[b].sum;
+    return x.offset() != y.offset() ? x.offset() < y.offset() : x.count() < y.count();
+  });
+  PartialState out = std::move(states[order[0]]);
+  for (size_t k = 1; k < order.size(); ++k) {
+    const size_t i = order[k];
+    const PartialState& s = states[i];
+    const int64_t end = out.sum.offset() + out.sum.count();
+    if (s.sum.offset() != end) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "partial_states[", i, "] covers elements [", s.sum.offset(), ", ",
+          s.sum.offset() + s.sum.count(), "), but the states before it end at ", end,
+          s.sum.offset() > end ? " (a gap)" : " (an overlap)"));
+    }
+    if (absl::Status st = out.sum.Append(s.sum); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("partial_states[", i, "]: ", st.message()));
+    }
+    out.kept += s.kept;
+    out.batches += s.batches;
+  }
+  return out;
+}
+
+void SetReducedLoss(const PartialState& state, v1::AccumulateResponse* response) {
+  const int64_t n = state.sum.count();
+  double loss = state.sum.Value();
+  if (state.normalize) loss /= state.kept > 0 ? static_cast<double>(state.kept) : 1.0;
+  if (state.reduction == v1::REDUCTION_MEAN) loss /= static_cast<double>(n);
+  response->set_loss(loss);
+  response->set_num_elements(n);
+  response->set_num_kept(state.normalize && state.has_ignore_index ? state.kept : n);
+  response->set_num_batches(state.batches);
+  response->set_reduction(state.reduction);
+}
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* NewEvaluateStream(
     Core* core, grpc::CallbackServerContext* context) {

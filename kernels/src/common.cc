@@ -340,7 +340,8 @@ void ExactSum::Merge(const ExactSum& other) {
 }
 
 double ExactSum::Value() const {
-  if (special_ != 0.0 || std::isnan(special_)) return special_;
+  if (std::isnan(special_)) return std::numeric_limits<double>::quiet_NaN();
+  if (special_ != 0.0) return special_;
   ExactSum c = *this;
   c.Normalize();
   bool neg = c.words_[kWords - 1] < 0;
@@ -362,6 +363,36 @@ double ExactSum::Value() const {
   const double d = static_cast<double>(t);
   const double r = std::ldexp(d, 32 * (top - 2 - kOffset) - kBase - 1);
   return neg ? -r : r;
+}
+
+void ExactSum::ExportState(int64_t words[kWords], double* special) const {
+  ExactSum c = *this;
+  c.Normalize();
+  std::memcpy(words, c.words_, sizeof(c.words_));
+  *special = std::isnan(special_) ? std::numeric_limits<double>::quiet_NaN() : special_;
+}
+
+absl::Status ExactSum::ImportState(const int64_t words[kWords], double special) {
+  for (int k = 0; k < kWords; ++k) {
+    const int64_t w = words[k];
+    const bool ok = k < kOffset          ? w == 0
+                    : k + 1 < kWords ? (w >= 0 && w < kDigit)
+                                     : (w > -(int64_t{1} << 31) && w < (int64_t{1} << 31));
+    if (!ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("exact sum word ", k, " is ", w, ", outside its range"));
+    }
+  }
+  uint64_t bits;
+  std::memcpy(&bits, &special, sizeof(bits));
+  if (std::isfinite(special) && bits != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "non-finite sum is ", special, ": expected 0, an infinity or NaN"));
+  }
+  std::memcpy(words_, words, sizeof(words_));
+  pending_ = 0;
+  special_ = special;
+  return absl::OkStatus();
 }
 
 double ExactSumOf(const double* v, int64_t n) {
@@ -415,10 +446,20 @@ double TreeSumBlock(double* values, int64_t n) {
   return n > 0 ? values[0] : 0.0;
 }
 
-BlockSum::BlockSum() { partial_.reserve(kReduceBlock); }
+BlockSum::BlockSum(int64_t offset)
+    : offset_(offset), head_need_((kReduceBlock - offset % kReduceBlock) % kReduceBlock) {
+  partial_.reserve(kReduceBlock);
+}
 
 void BlockSum::Add(const double* values, int64_t n) {
   count_ += n;
+  if (static_cast<int64_t>(head_.size()) < head_need_ && n > 0) {
+    // The head belongs to a block that began before this slice: kept as it is.
+    const int64_t take = std::min<int64_t>(n, head_need_ - static_cast<int64_t>(head_.size()));
+    head_.insert(head_.end(), values, values + take);
+    values += take;
+    n -= take;
+  }
   while (n > 0) {
     const int64_t take = std::min<int64_t>(n, kReduceBlock - static_cast<int64_t>(partial_.size()));
     partial_.insert(partial_.end(), values, values + take);
@@ -434,12 +475,135 @@ void BlockSum::Add(const double* values, int64_t n) {
 
 double BlockSum::Value() const {
   ExactSum t = total_;
-  if (!partial_.empty()) {
-    std::vector<double> scratch(kReduceBlock);
-    std::copy(partial_.begin(), partial_.end(), scratch.begin());
-    t.Add(TreeSumBlock(scratch.data(), static_cast<int64_t>(partial_.size())));
+  std::vector<double> scratch(kReduceBlock);
+  for (const std::vector<double>* part : {&head_, &partial_}) {
+    if (part->empty()) continue;
+    std::copy(part->begin(), part->end(), scratch.begin());
+    t.Add(TreeSumBlock(scratch.data(), static_cast<int64_t>(part->size())));
   }
   return t.Value();
+}
+
+absl::Status BlockSum::Append(const BlockSum& next) {
+  if (offset_ > std::numeric_limits<int64_t>::max() - count_ ||
+      next.offset_ != offset_ + count_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "slice at element ", next.offset_, " does not follow the slice [", offset_, ", ",
+        offset_ + count_, ")"));
+  }
+  if (next.count_ > std::numeric_limits<int64_t>::max() - count_ - offset_) {
+    return absl::InvalidArgumentError("element count overflows int64");
+  }
+  // The next slice's head completes the block in progress here (its missing part is ours).
+  Add(next.head_.data(), static_cast<int64_t>(next.head_.size()));
+  if (static_cast<int64_t>(next.head_.size()) < next.head_need_) return absl::OkStatus();
+  // Both now end on a block boundary: nothing of ours is in progress.
+  total_.Merge(next.total_);
+  partial_ = next.partial_;
+  count_ += next.count_ - static_cast<int64_t>(next.head_.size());
+  return absl::OkStatus();
+}
+
+namespace {
+void PutU32(uint32_t v, std::string* out) {
+  for (int i = 0; i < 4; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void PutU64(uint64_t v, std::string* out) {
+  for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void PutF64(double v, std::string* out) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  PutU64(bits, out);
+}
+uint32_t GetU32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(static_cast<unsigned char>(p[i])) << (8 * i);
+  return v;
+}
+uint64_t GetU64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(static_cast<unsigned char>(p[i])) << (8 * i);
+  return v;
+}
+double GetF64(const char* p) {
+  const uint64_t bits = GetU64(p);
+  double v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+}  // namespace
+
+void BlockSum::Serialize(std::string* out) const {
+  int64_t words[ExactSum::kWords];
+  double special;
+  total_.ExportState(words, &special);
+  out->reserve(out->size() + kStateFixedBytes + 8 * (head_.size() + partial_.size()));
+  PutU32(static_cast<uint32_t>(kReduceBlock), out);
+  PutU32(static_cast<uint32_t>(ExactSum::kWords), out);
+  PutU32(static_cast<uint32_t>(head_.size()), out);
+  PutU32(static_cast<uint32_t>(partial_.size()), out);
+  PutU64(static_cast<uint64_t>(offset_), out);
+  PutU64(static_cast<uint64_t>(count_), out);
+  PutF64(special, out);
+  for (int64_t w : words) PutU64(static_cast<uint64_t>(w), out);
+  for (double v : head_) PutF64(v, out);
+  for (double v : partial_) PutF64(v, out);
+}
+
+absl::StatusOr<BlockSum> BlockSum::Deserialize(std::string_view bytes) {
+  if (bytes.size() < kStateFixedBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("exact sum state has ", bytes.size(),
+                                                   " bytes, fewer than ", kStateFixedBytes));
+  }
+  const char* p = bytes.data();
+  const uint32_t block = GetU32(p), nwords = GetU32(p + 4);
+  const uint64_t h = GetU32(p + 8), t = GetU32(p + 12);
+  if (block != kReduceBlock) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("reduction block is ", block, ", this server uses ", kReduceBlock));
+  }
+  if (nwords != ExactSum::kWords) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("exact sum has ", nwords, " words, expected ", ExactSum::kWords));
+  }
+  if (h >= static_cast<uint64_t>(kReduceBlock) || t >= static_cast<uint64_t>(kReduceBlock)) {
+    return absl::InvalidArgumentError(absl::StrCat("head of ", h, " and tail of ", t,
+                                                   " values: each must be below ", kReduceBlock));
+  }
+  const uint64_t expected = kStateFixedBytes + 8 * (h + t);
+  if (bytes.size() != expected) {
+    return absl::InvalidArgumentError(absl::StrCat("exact sum state has ", bytes.size(),
+                                                   " bytes, expected ", expected, " (head ", h,
+                                                   ", tail ", t, " values)"));
+  }
+  const int64_t offset = static_cast<int64_t>(GetU64(p + 16));
+  const int64_t count = static_cast<int64_t>(GetU64(p + 24));
+  if (offset < 0 || count < 0 || offset > std::numeric_limits<int64_t>::max() - count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("element offset ", offset, " and count ", count, " are out of range"));
+  }
+  BlockSum s(offset);
+  // The head and tail sizes follow from offset and count.
+  const int64_t want_h = std::min(count, s.head_need_);
+  const int64_t want_t = count > s.head_need_ ? (offset + count) % kReduceBlock : 0;
+  if (static_cast<int64_t>(h) != want_h || static_cast<int64_t>(t) != want_t) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "head of ", h, " and tail of ", t, " values do not match elements [", offset, ", ",
+        offset + count, "): expected ", want_h, " and ", want_t));
+  }
+  int64_t words[ExactSum::kWords];
+  for (int k = 0; k < ExactSum::kWords; ++k) {
+    words[k] = static_cast<int64_t>(GetU64(p + 40 + 8 * k));
+  }
+  if (absl::Status st = s.total_.ImportState(words, GetF64(p + 32)); !st.ok()) return st;
+  const char* v = p + kStateFixedBytes;
+  s.head_.resize(h);
+  for (uint64_t i = 0; i < h; ++i, v += 8) s.head_[i] = GetF64(v);
+  s.partial_.resize(t);
+  for (uint64_t i = 0; i < t; ++i, v += 8) s.partial_[i] = GetF64(v);
+  s.count_ = count;
+  return s;
 }
 
 }  // namespace lossd::kernels

@@ -20,9 +20,8 @@ logger (debug level per request).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._aio import AsyncClient
 from ._channel import RetryPolicy
 from ._client import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Client
 from ._errors import (
@@ -35,7 +34,12 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from ._types import AccumulateResult, BceResult, Capabilities, LossResult, Timing
+from ._types import (
+    AccumulateResult, BceResult, Capabilities, DatasetResult, LossResult, Timing,
+)
+
+if TYPE_CHECKING:  # imported on first use (__getattr__ below)
+    from ._aio import AsyncClient
 
 __version__ = "0.2.0"
 
@@ -48,6 +52,7 @@ __all__ = [
     "LossResult",
     "BceResult",
     "AccumulateResult",
+    "DatasetResult",
     "Capabilities",
     "Timing",
     "LossdError",
@@ -62,7 +67,17 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # `lossd.torch` is imported lazily: torch is an optional dependency.
+    # `lossd.torch` is imported lazily: torch is an optional dependency. AsyncClient too:
+    # asyncio and grpc.aio cost more to import than the rest of the package.
     if name == "torch":
         return importlib.import_module(".torch", __name__)
+    if name == "AsyncClient":
+        from ._aio import AsyncClient
+
+        globals()["AsyncClient"] = AsyncClient
+        return AsyncClient
     raise AttributeError(f"module 'lossd' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | {"AsyncClient", "torch"})

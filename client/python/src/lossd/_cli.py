@@ -61,8 +61,16 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lossd-cli", description="Command-line client of a lossd server.")
+    parser.add_argument("--version", action="version", version=f"lossd-cli {_version()}",
+                        help="print the client's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ev = sub.add_parser("eval", help="evaluate a loss on arrays from .npy/.npz files",
@@ -76,20 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"{name} as a .npy file (or FILE.npz:KEY)")
     opt = ev.add_argument_group("loss")
     opt.add_argument("--loss", default="bce_with_logits",
-                     choices=["bce_with_logits", "bce", "sigmoid_focal_loss", "focal"])
-    opt.add_argument("--reduction", default="mean", choices=sorted(REDUCTIONS))
+                     choices=["bce_with_logits", "bce", "sigmoid_focal_loss", "focal"],
+                     help="the loss (default bce_with_logits; bce and focal are short names)")
+    opt.add_argument("--reduction", default="mean", choices=sorted(REDUCTIONS),
+                     help="how the per-element losses are reduced (default mean)")
     opt.add_argument("--grad", action="store_true", help="also compute dl/dlogits")
     opt.add_argument("--grad-targets", action="store_true", help="also compute dl/dtargets")
-    opt.add_argument("--ignore-index", type=int)
-    opt.add_argument("--normalize", action="store_true")
-    opt.add_argument("--label-smoothing", type=float, default=0.0)
+    opt.add_argument("--ignore-index", type=int, metavar="INT",
+                     help="elements whose target equals this give loss 0 and gradient 0 "
+                          "(paddle's ignore_index; default: none ignored)")
+    opt.add_argument("--normalize", action="store_true",
+                     help="divide every loss and gradient by the count of elements not "
+                          "ignored (paddle's normalize)")
+    opt.add_argument("--label-smoothing", type=float, default=0.0, metavar="S",
+                     help="targets become y*(1-S)+S/2, S in [0, 1] (Keras; default 0)")
     opt.add_argument("--alpha", type=float, default=0.25, help="focal loss alpha (<0: off)")
     opt.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma")
-    opt.add_argument("--device", default="auto", choices=sorted(DEVICES))
+    opt.add_argument("--device", default="auto", choices=sorted(DEVICES),
+                     help="where the server computes (default auto: CUDA when it has a GPU)")
     opt.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"],
                      help="send every tensor in this dtype")
-    opt.add_argument("--reject-nan", action="store_true")
-    opt.add_argument("--request-id")
+    opt.add_argument("--reject-nan", action="store_true",
+                     help="fail (INVALID_ARGUMENT) on a NaN in any input instead of giving "
+                          "NaN for the elements it touches")
+    opt.add_argument("--request-id",
+                     help="id echoed in the reply and the server's logs (default: random)")
     out = ev.add_argument_group("output")
     out.add_argument("--out", help="write loss[, grad, grad_targets] to this .npz")
     out.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -284,19 +303,33 @@ def _print_summary(s: Dict[str, Any]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the command line; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            sys.stdout.flush()  # --help and --version printed, then exit
+            raise
+    except BrokenPipeError:
+        return _stdout_closed()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(name)s: %(levelname)s: %(message)s")
     try:
         if args.command == "eval":
-            return _eval(args)
+            code = _eval(args)
+            sys.stdout.flush()
+            return code
         with _client(args) as client:
             if args.command == "health":
                 status = client.health(args.service)
                 print(status)
-                return EXIT_OK if status == "SERVING" else EXIT_SERVER
-            print(json.dumps(client.capabilities().to_dict(), indent=2, sort_keys=True))
-            return EXIT_OK
+                code = EXIT_OK if status == "SERVING" else EXIT_SERVER
+            else:
+                print(json.dumps(client.capabilities().to_dict(), indent=2, sort_keys=True))
+                code = EXIT_OK
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except _UsageError as exc:
         print(f"lossd-cli: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -305,6 +338,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_SERVER
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``lossd-cli capabilities | head -2``): end quietly,
+    as Unix tools killed by SIGPIPE do, with status 128 + SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush goes nowhere
+        os.close(devnull)
+    except (OSError, ValueError):  # pragma: no cover - stdout without a descriptor
+        pass
+    return 128 + 13
 
 
 def entry_point() -> None:

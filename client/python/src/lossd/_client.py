@@ -22,7 +22,7 @@ from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._shm import MODES as SHM_MODES, Control, ShmTransport
 from ._tensor import DTypeLike, dtype_name
 from ._torch_interop import TorchSpec, convert_inputs, to_torch
-from ._types import AccumulateResult, Capabilities, LossResult
+from ._types import AccumulateResult, Capabilities, DatasetResult, LossResult
 from ._wire import encode_varint, read_varint
 
 __all__ = ["Client", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_CHUNK_BYTES"]
@@ -185,6 +185,7 @@ class _ClientBase:
             max_elements=c.max_elements,
             cuda_device_name=c.cuda_device_name,
             whole_requests=c.whole_requests,
+            partial_state_versions=tuple(int(v) for v in c.partial_state_versions),
         )
 
     def _require_whole_requests(self, capabilities: Capabilities, job: EvalJob) -> None:
@@ -286,6 +287,13 @@ class Client(_ClientBase):
                  chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
                  channel_args: Optional[Sequence[Tuple[str, Any]]] = None,
                  shared_memory: str = "off") -> None:
+        # What a replica's own client needs (evaluate_dataset).
+        self._target_arg = target
+        self._replica_kwargs = dict(
+            timeout=timeout, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
+            wait_for_ready=wait_for_ready, max_message_bytes=max_message_bytes,
+            chunk_bytes=chunk_bytes, stream_window=stream_window, channel_args=channel_args)
         spec = self._configure(
             target, timeout=timeout, max_message_bytes=max_message_bytes,
             chunk_bytes=chunk_bytes, stream_window=stream_window, wait_for_ready=wait_for_ready,
@@ -306,6 +314,9 @@ class Client(_ClientBase):
                                         response_deserializer=_identity)
         self._accumulate = ch.stream_unary(_SERVICE + "Accumulate", request_serializer=_identity,
                                            response_deserializer=pb.AccumulateResponse.FromString)
+        self._merge = ch.unary_unary(_SERVICE + "MergePartials",
+                                     request_serializer=pb.MergePartialsRequest.SerializeToString,
+                                     response_deserializer=pb.AccumulateResponse.FromString)
         self._get_capabilities = ch.unary_unary(
             _SERVICE + "GetCapabilities",
             request_serializer=pb.GetCapabilitiesRequest.SerializeToString,
@@ -589,6 +600,124 @@ class Client(_ClientBase):
                                    label_smoothing, alpha, gamma, pos_weight, dtype, request_id)
         response = self._run_accumulate(job.requests(batches, progress), timeout)
         return job.result(response)
+
+    def evaluate_dataset(
+        self,
+        data: Any,
+        targets: Any = None,
+        weight: Any = None,
+        *,
+        loss: str = "bce_with_logits",
+        reduction: str = "mean",
+        pos_weight: Optional[ArrayLike] = None,
+        ignore_index: Optional[int] = None,
+        normalize: bool = False,
+        label_smoothing: float = 0.0,
+        alpha: Optional[float] = 0.25,
+        gamma: float = 2.0,
+        device: str = "auto",
+        reject_nan: bool = False,
+        request_id: Optional[str] = None,
+        timeout: Optional[float] = None,
+        dtype: Optional[DTypeLike] = None,
+        batch_rows: Optional[int] = None,
+        replicas: Optional[Sequence[str]] = None,
+        checkpoint_batches: int = 8,
+        queue_depth: int = 1,
+        progress: Optional[Progress] = None,
+    ) -> DatasetResult:
+        """The exact SUM or MEAN of a loss over a dataset, spread over every replica.
+
+        The batches are spread over the replicas (one thread and one ``Accumulate`` stream
+        at a time per replica); every ``checkpoint_batches`` batches a replica's call is
+        finished and the exact partial state of its slice of the dataset kept; at the end
+        one ``MergePartials`` call joins the states on a replica. The result has the bits
+        of :meth:`accumulate` over the same batches on one server, whatever the number of
+        replicas, the batch sizes and the order in which the replicas finish. A replica
+        that fails (UNAVAILABLE, a dropped connection, ...) costs only its unacknowledged
+        segments, which are sent again to the others; the server refuses states that
+        overlap, so nothing is counted twice.
+
+        Parameters
+        ----------
+        data : array_like, path or iterable
+            An array of logits (a numpy array, or the path of a ``.npy`` file, which is
+            memory-mapped), cut along its first axis into batches of ``batch_rows`` rows;
+            or an iterable of batches as for :meth:`accumulate` (read lazily, in the
+            caller's thread).
+        targets, weight : array_like or path, optional
+            With an array of logits: targets of the same shape (required), and a weight
+            (a weight with the logits' first dimension is cut with them; any other shape
+            is broadcast to every batch).
+        loss, reduction, pos_weight, ignore_index, normalize, label_smoothing, alpha, gamma,
+        device, reject_nan, request_id, dtype : optional
+            As for :meth:`accumulate`.
+        timeout : float, optional
+            Deadline of each ``Accumulate`` call (one segment) and of the merge; default:
+            the client's.
+        batch_rows : int, optional
+            Rows per batch of an array; default: about 2^20 elements per batch.
+        replicas : sequence of str, optional
+            The replica addresses; default: the client's target (a list of targets as
+            given, a ``dns:`` name's addresses, else the one target).
+        checkpoint_batches : int, optional
+            Batches per ``Accumulate`` call (the most a replica failure costs). Default 8.
+        queue_depth : int, optional
+            Segments waiting per replica; memory holds at most ``replicas x (queue_depth +
+            1) x checkpoint_batches`` encoded batches. Default 1.
+        progress : callable, optional
+            ``progress(elements_done, total_or_None)`` after each segment's state arrives
+            (called from the replica threads).
+
+        Returns
+        -------
+        DatasetResult
+            ``loss``, ``num_elements``, ``num_kept``, ``num_batches``, ``reduction``,
+            ``checkpoints``, ``replicas``, ``failed_replicas``, ``resent_batches``.
+
+        Raises
+        ------
+        ValueError
+            Bad options or a malformed batch (named by its index); an exception raised by
+            the iterable itself propagates unchanged.
+        LossdError
+            A failure that is not the replica's (INVALID_ARGUMENT for a bad batch, ...), or
+            every replica failed.
+        """
+        from ._dataset import ShardedRun, dataset_batches, resolve_replicas
+
+        job = self._accumulate_job(loss, reduction, device, reject_nan, ignore_index, normalize,
+                                   label_smoothing, alpha, gamma, pos_weight, dtype, request_id)
+        batches, total = dataset_batches(data, targets, weight, batch_rows)
+        addresses = list(replicas) if replicas is not None else resolve_replicas(self._target_arg)
+        clients = [self._replica_client(a) for a in addresses]
+        try:
+            run = ShardedRun(clients, addresses, job, checkpoint_batches=checkpoint_batches,
+                             queue_depth=queue_depth, timeout=timeout, progress=progress)
+            return run.run(batches, total)
+        finally:
+            for c in clients:
+                c.close()
+
+    def _replica_client(self, address: str) -> "Client":
+        """A client of one replica, with this client's credentials and limits. Failover is
+        evaluate_dataset's (gRPC's own retries would only try the same replica again)."""
+        kwargs = dict(self._replica_kwargs)
+        if (self._spec.credentials is not None and kwargs.get("server_name") is None
+                and isinstance(self._target_arg, str) and self._target_arg.startswith("dns:")):
+            # Certificates name the service, not the resolved address.
+            from ._dataset import _split_host_port
+            name = self._target_arg[4:].lstrip("/")
+            name = name.split("/", 1)[-1]
+            kwargs["server_name"] = _split_host_port(name)[0]
+        return Client(address, retry=None, **kwargs)
+
+    def _merge_partials(self, request: "pb.MergePartialsRequest",
+                        timeout: Optional[float]) -> "pb.AccumulateResponse":
+        try:
+            return self._merge(request, **self._call_kwargs(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     # -- transport ------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from ._options import enum_name
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._tensor import BFLOAT16, bfloat16_bits_to_float32, decode, itemsize_of, output_dtype
 from ._types import LossResult, Timing
-from ._wire import RequestOptions, WireTensor
+from ._wire import RequestOptions, WireTensor, request_message
 
 try:  # CPython's own binding of shm_open/shm_unlink (what multiprocessing.shared_memory uses)
     import _posixshmem
@@ -464,35 +464,8 @@ def _tensor_message(t: WireTensor) -> "pb.Tensor":
 
 def _build_request(request_id: str, tensors: Dict[str, "pb.Tensor"], o: RequestOptions,
                    outputs: Dict[str, "pb.TensorReference"]) -> bytes:
-    req = pb.EvaluateRequest(request_id=request_id, reduction=o.reduction,  # type: ignore
-                             device=o.device, reject_nan=o.reject_nan)  # type: ignore[arg-type]
-    req.logits.CopyFrom(tensors["logits"])
-    req.targets.CopyFrom(tensors["targets"])
-    if "weight" in tensors:
-        req.weight.CopyFrom(tensors["weight"])
-    if o.grad_logits or o.grad_targets:
-        req.gradients.logits = o.grad_logits
-        req.gradients.targets = o.grad_targets
-    if o.whole_elements:
-        req.whole.num_elements = o.whole_elements
-        if o.whole_kept is not None:
-            req.whole.num_kept = o.whole_kept
-    if o.loss == "focal":
-        focal = req.sigmoid_focal_loss
-        focal.SetInParent()
-        if o.alpha is not None:
-            focal.alpha = o.alpha
-        if o.gamma is not None:
-            focal.gamma = o.gamma
-    else:
-        bce = req.bce_with_logits
-        bce.SetInParent()
-        if "pos_weight" in tensors:
-            bce.pos_weight.CopyFrom(tensors["pos_weight"])
-        if o.ignore_index is not None:
-            bce.ignore_index = o.ignore_index
-        bce.normalize = o.normalize
-        bce.label_smoothing = o.label_smoothing
+    req = request_message(request_id, tensors["logits"], tensors["targets"],
+                          tensors.get("weight"), tensors.get("pos_weight"), o)
     for name, ref in outputs.items():
         getattr(req.outputs, name).CopyFrom(ref)
     return req.SerializeToString()

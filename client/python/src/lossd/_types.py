@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-__all__ = ["Timing", "LossResult", "BceResult", "AccumulateResult", "Capabilities"]
+__all__ = ["Timing", "LossResult", "BceResult", "AccumulateResult", "DatasetResult",
+           "Capabilities"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,39 @@ class AccumulateResult:
 
 
 @dataclass(frozen=True)
+class DatasetResult(AccumulateResult):
+    """The dataset-level reduction of :meth:`lossd.Client.evaluate_dataset`: the fields of
+    :class:`AccumulateResult` (``loss`` has the same bits as one ``accumulate`` over the same
+    batches; ``num_batches`` counts the messages of every segment, ``device`` is "cpu": where
+    the merge ran; ``timing.compute_ns`` sums the segments' and the merge's, ``total_ns`` is
+    the client's wall time), and how the work was spread.
+
+    Attributes
+    ----------
+    num_kept : int
+        Elements not ignored (``ignore_index`` with ``normalize``), else ``num_elements``.
+    replicas : tuple of str
+        The replica addresses the batches were spread over.
+    checkpoints : int
+        Segments (``checkpoint_batches`` batches each, the last one fewer), each one
+        ``Accumulate`` call whose partial state was kept.
+    failed_replicas : tuple of str
+        Replicas that failed during the run (their segments were sent elsewhere).
+    resent_batches : int
+        Batches sent again because the replica they were sent to failed.
+    failures : tuple of str
+        The error of each failed replica, in the order of ``failed_replicas``.
+    """
+
+    num_kept: int = 0
+    replicas: Tuple[str, ...] = ()
+    checkpoints: int = 0
+    failed_replicas: Tuple[str, ...] = ()
+    resent_batches: int = 0
+    failures: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What a server supports and its limits (:meth:`lossd.Client.capabilities`).
 
@@ -166,6 +200,7 @@ class Capabilities:
     max_elements: int
     cuda_device_name: str
     whole_requests: bool = False
+    partial_state_versions: Tuple[int, ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         """The fields as a plain dict (tuples become lists)."""

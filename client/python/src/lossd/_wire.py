@@ -156,14 +156,16 @@ def _pb_tensor(t: WireTensor) -> "pb.Tensor":
     return pb.Tensor(dtype=t.code, shape=t.shape, data=t.data.tobytes())  # type: ignore[arg-type]
 
 
-def _encode_small(request_id: str, logits: WireTensor, targets: WireTensor,
-                  weight: Optional[WireTensor], pos_weight: Optional[WireTensor],
-                  o: RequestOptions) -> bytes:
-    req = pb.EvaluateRequest(request_id=request_id, logits=_pb_tensor(logits),
-                             targets=_pb_tensor(targets), reduction=o.reduction,  # type: ignore
-                             device=o.device, reject_nan=o.reject_nan)  # type: ignore[arg-type]
+def request_message(request_id: str, logits: "pb.Tensor", targets: "pb.Tensor",
+                    weight: Optional["pb.Tensor"], pos_weight: Optional["pb.Tensor"],
+                    o: RequestOptions) -> "pb.EvaluateRequest":
+    """An ``EvaluateRequest`` of the generated classes with these tensors and options (the
+    one place the options are encoded into the message; ``pos_weight`` only with BCE)."""
+    req = pb.EvaluateRequest(request_id=request_id, logits=logits, targets=targets,
+                             reduction=o.reduction, device=o.device,  # type: ignore[arg-type]
+                             reject_nan=o.reject_nan)
     if weight is not None:
-        req.weight.CopyFrom(_pb_tensor(weight))
+        req.weight.CopyFrom(weight)
     if o.grad_logits or o.grad_targets:
         req.gradients.logits = o.grad_logits
         req.gradients.targets = o.grad_targets
@@ -182,12 +184,21 @@ def _encode_small(request_id: str, logits: WireTensor, targets: WireTensor,
         bce = req.bce_with_logits
         bce.SetInParent()
         if pos_weight is not None:
-            bce.pos_weight.CopyFrom(_pb_tensor(pos_weight))
+            bce.pos_weight.CopyFrom(pos_weight)
         if o.ignore_index is not None:
             bce.ignore_index = o.ignore_index
         bce.normalize = o.normalize
         bce.label_smoothing = o.label_smoothing
-    return req.SerializeToString()
+    return req
+
+
+def _encode_small(request_id: str, logits: WireTensor, targets: WireTensor,
+                  weight: Optional[WireTensor], pos_weight: Optional[WireTensor],
+                  o: RequestOptions) -> bytes:
+    return request_message(request_id, _pb_tensor(logits), _pb_tensor(targets),
+                           None if weight is None else _pb_tensor(weight),
+                           None if pos_weight is None else _pb_tensor(pos_weight),
+                           o).SerializeToString()
 
 
 def encode_request(request_id: str, logits: WireTensor, targets: WireTensor,

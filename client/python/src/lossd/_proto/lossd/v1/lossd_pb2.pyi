@@ -117,7 +117,7 @@ class WholeRequest(_message.Message):
     def __init__(self, num_elements: _Optional[int] = ..., num_kept: _Optional[int] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("request_id", "logits", "targets", "weight", "bce_with_logits", "sigmoid_focal_loss", "reduction", "gradients", "device", "reject_nan", "whole", "outputs")
+    __slots__ = ("request_id", "logits", "targets", "weight", "bce_with_logits", "sigmoid_focal_loss", "reduction", "gradients", "device", "reject_nan", "whole", "outputs", "accumulate_slice")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class EvaluateRequest(_message.Message):
     REJECT_NAN_FIELD_NUMBER: _ClassVar[int]
     WHOLE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATE_SLICE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     logits: Tensor
     targets: Tensor
@@ -142,7 +143,14 @@ class EvaluateRequest(_message.Message):
     reject_nan: bool
     whole: WholeRequest
     outputs: OutputPlacement
-    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bce_with_logits: _Optional[_Union[BceWithLogits, _Mapping]] = ..., sigmoid_focal_loss: _Optional[_Union[SigmoidFocalLoss, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradients: _Optional[_Union[GradientRequest, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., reject_nan: bool = ..., whole: _Optional[_Union[WholeRequest, _Mapping]] = ..., outputs: _Optional[_Union[OutputPlacement, _Mapping]] = ...) -> None: ...
+    accumulate_slice: AccumulateSlice
+    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bce_with_logits: _Optional[_Union[BceWithLogits, _Mapping]] = ..., sigmoid_focal_loss: _Optional[_Union[SigmoidFocalLoss, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradients: _Optional[_Union[GradientRequest, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., reject_nan: bool = ..., whole: _Optional[_Union[WholeRequest, _Mapping]] = ..., outputs: _Optional[_Union[OutputPlacement, _Mapping]] = ..., accumulate_slice: _Optional[_Union[AccumulateSlice, _Mapping]] = ...) -> None: ...
+
+class AccumulateSlice(_message.Message):
+    __slots__ = ("element_offset",)
+    ELEMENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    element_offset: int
+    def __init__(self, element_offset: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ns", "compute_ns", "total_ns", "received_unix_ns", "compute_start_unix_ns", "compute_end_unix_ns", "reply_unix_ns")
@@ -199,7 +207,7 @@ class EvaluateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., error: _Optional[_Union[BatchError, _Mapping]] = ...) -> None: ...
 
 class AccumulateResponse(_message.Message):
-    __slots__ = ("loss", "num_elements", "num_batches", "reduction", "device", "timing", "num_kept")
+    __slots__ = ("loss", "num_elements", "num_batches", "reduction", "device", "timing", "num_kept", "partial_state")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     NUM_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +215,7 @@ class AccumulateResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     NUM_KEPT_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     loss: float
     num_elements: int
     num_batches: int
@@ -214,14 +223,23 @@ class AccumulateResponse(_message.Message):
     device: Device
     timing: Timing
     num_kept: int
-    def __init__(self, loss: _Optional[float] = ..., num_elements: _Optional[int] = ..., num_batches: _Optional[int] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., device: _Optional[_Union[Device, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_kept: _Optional[int] = ...) -> None: ...
+    partial_state: bytes
+    def __init__(self, loss: _Optional[float] = ..., num_elements: _Optional[int] = ..., num_batches: _Optional[int] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., device: _Optional[_Union[Device, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_kept: _Optional[int] = ..., partial_state: _Optional[bytes] = ...) -> None: ...
+
+class MergePartialsRequest(_message.Message):
+    __slots__ = ("request_id", "partial_states")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_STATES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    partial_states: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, request_id: _Optional[str] = ..., partial_states: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("server_version", "losses", "dtypes", "devices", "reductions", "max_message_bytes", "max_elements", "cuda_device_name", "whole_requests", "shared_memory", "shared_memory_prefix")
+    __slots__ = ("server_version", "losses", "dtypes", "devices", "reductions", "max_message_bytes", "max_elements", "cuda_device_name", "whole_requests", "shared_memory", "shared_memory_prefix", "partial_state_versions")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +251,7 @@ class Capabilities(_message.Message):
     WHOLE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_STATE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     losses: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[DType]
@@ -244,7 +263,8 @@ class Capabilities(_message.Message):
     whole_requests: bool
     shared_memory: bool
     shared_memory_prefix: str
-    def __init__(self, server_version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[_Union[Device, str]]] = ..., reductions: _Optional[_Iterable[_Union[Reduction, str]]] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., cuda_device_name: _Optional[str] = ..., whole_requests: bool = ..., shared_memory: bool = ..., shared_memory_prefix: _Optional[str] = ...) -> None: ...
+    partial_state_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, server_version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[_Union[Device, str]]] = ..., reductions: _Optional[_Iterable[_Union[Reduction, str]]] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., cuda_device_name: _Optional[str] = ..., whole_requests: bool = ..., shared_memory: bool = ..., shared_memory_prefix: _Optional[str] = ..., partial_state_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterRegionRequest(_message.Message):
     __slots__ = ("name", "kind", "key", "offset", "byte_size", "lease_ms", "cuda_ipc_handle")

@@ -34,6 +34,11 @@ class LossServiceStub(object):
                 request_serializer=lossd_dot_v1_dot_lossd__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_lossd__pb2.AccumulateResponse.FromString,
                 )
+        self.MergePartials = channel.unary_unary(
+                '/lossd.v1.LossService/MergePartials',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.MergePartialsRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.AccumulateResponse.FromString,
+                )
 
 
 class LossServiceServicer(object):
@@ -70,6 +75,17 @@ class LossServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergePartials(self, request, context):
+        """Merges the partial states of Accumulate calls over slices of one dataset (possibly on
+        different replicas) into the dataset's SUM or MEAN: the same bits as one Accumulate over
+        all of it when the slices tile [0, N). num_batches is the slices' total; the reply's
+        partial_state is the merged state (merges can be merged again). A malformed or mismatched
+        state is INVALID_ARGUMENT naming partial_states[i].
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +107,11 @@ def add_LossServiceServicer_to_server(servicer, server):
             'Accumulate': grpc.stream_unary_rpc_method_handler(
                     servicer.Accumulate,
                     request_deserializer=lossd_dot_v1_dot_lossd__pb2.EvaluateRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.AccumulateResponse.SerializeToString,
+            ),
+            'MergePartials': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergePartials,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.MergePartialsRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_lossd__pb2.AccumulateResponse.SerializeToString,
             ),
     }
@@ -167,6 +188,23 @@ class LossService(object):
             metadata=None):
         return grpc.experimental.stream_unary(request_iterator, target, '/lossd.v1.LossService/Accumulate',
             lossd_dot_v1_dot_lossd__pb2.EvaluateRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.AccumulateResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def MergePartials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/lossd.v1.LossService/MergePartials',
+            lossd_dot_v1_dot_lossd__pb2.MergePartialsRequest.SerializeToString,
             lossd_dot_v1_dot_lossd__pb2.AccumulateResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
