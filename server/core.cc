@@ -132,6 +132,20 @@ absl::StatusOr<EvaluatePlan> Core::Prepare(const v1::EvaluateRequest& request,
   return plan;
 }
 
+void Core::ComputeThen(CallControl& call, EvaluatePlan plan, int64_t start_ns,
+                       ComputeResult* result, std::function<void(absl::Status)> done) {
+  if (plan.args.numel <= config_.inline_elements) {
+    done(Compute(call, plan, start_ns, result));
+    return;
+  }
+  auto shared_plan = std::make_shared<EvaluatePlan>(std::move(plan));
+  auto shared_done = std::make_shared<std::function<void(absl::Status)>>(std::move(done));
+  const absl::Status queued = Submit([this, &call, shared_plan, start_ns, result, shared_done] {
+    (*shared_done)(Compute(call, *shared_plan, start_ns, result));
+  });
+  if (!queued.ok()) (*shared_done)(queued);
+}
+
 absl::Status Core::Submit(std::function<void()> task) {
   const bool ok = queue_.TrySubmit(std::move(task));
   metrics_->SetQueued(queue_.queued());

@@ -141,6 +141,13 @@ class Core {
   // clock); timings are filled from it. Allocates only the sizes the plan checked.
   absl::Status Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
                        ComputeResult* result, double* loss_values = nullptr);
+  // Computes `plan` into `result`, then calls `done` with Compute's status, or with Submit's
+  // RESOURCE_EXHAUSTED when the work queue is full: on this thread when the plan has at most
+  // CoreConfig::inline_elements elements (microseconds of work, cheaper than a thread hop),
+  // else on a worker. `call` and `result` must live until `done` runs. How unary handlers
+  // (lossd.v1 Evaluate, the inference protocol's ModelInfer) run a plan.
+  void ComputeThen(CallControl& call, EvaluatePlan plan, int64_t start_ns, ComputeResult* result,
+                   std::function<void(absl::Status)> done);
   // The same, into a message (tests and the fuzzer; the server encodes ComputeResult itself).
   absl::Status Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
                        v1::EvaluateResponse* response, double* loss_values = nullptr);

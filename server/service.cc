@@ -64,15 +64,8 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
     if (absl::Status s = reservation_.Add(plan->reply_bytes, "the reply"); !s.ok()) {
       return Done(s);
     }
-    if (plan->args.numel <= core_->config().inline_elements) {
-      // Small: a few microseconds of compute, cheaper than a hop to a worker thread.
-      return Done(core_->Compute(control_, *plan, start_ns_, &result_));
-    }
-    auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
-    const absl::Status queued = core_->Submit([this, shared_plan] {
-      Done(core_->Compute(control_, *shared_plan, start_ns_, &result_));
-    });
-    if (!queued.ok()) Done(queued);
+    core_->ComputeThen(control_, *std::move(plan), start_ns_, &result_,
+                       [this](absl::Status s) { Done(std::move(s)); });
   }
 
   void OnCancel() override { control_.Cancel(); }
