@@ -147,7 +147,12 @@ void Core::ComputeThen(CallControl& call, EvaluatePlan plan, int64_t start_ns,
 }
 
 absl::Status Core::Submit(std::function<void()> task) {
-  const bool ok = queue_.TrySubmit(std::move(task));
+  // The queue-depth gauge moves when a task is queued and when a worker takes one; calls
+  // computed inline never touch the queue.
+  const bool ok = queue_.TrySubmit([this, task = std::move(task)] {
+    metrics_->SetQueued(queue_.queued());
+    task();
+  });
   metrics_->SetQueued(queue_.queued());
   if (ok) return absl::OkStatus();
   return absl::ResourceExhaustedError(absl::StrCat(
@@ -191,7 +196,6 @@ int64_t CallControl::cancel_to_stop_ns(int64_t stopped_ns) const {
 
 absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
                            ComputeResult* result, double* loss_values) {
-  metrics_->SetQueued(queue_.queued());
   const int64_t begin_ns = absl::GetCurrentTimeNanos();
   if (call.cancelled()) return absl::CancelledError("the call was cancelled");
   if (call.past_deadline()) {

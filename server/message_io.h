@@ -55,6 +55,9 @@ class ReceivedRequest {
   int viewed_tensors() const { return viewed_; }
   int copied_tensors() const { return copied_; }
   int64_t copied_bytes() const { return copied_bytes_; }
+  // True when the message was small enough to be parsed whole by protobuf (kWholeParseBytes):
+  // then every tensor's data was copied once, by protobuf, and is held here.
+  bool parsed_whole() const { return parsed_whole_; }
 
   // Releases everything (the views become invalid).
   void Clear();
@@ -70,10 +73,17 @@ class ReceivedRequest {
   int viewed_ = 0;
   int copied_ = 0;
   int64_t copied_bytes_ = 0;
+  bool parsed_whole_ = false;
+  std::string owned_[4];  // the data of a message parsed whole
 };
 
 // Indices of ReceivedRequest::data.
 enum : int { kLogitsData = 0, kTargetsData = 1, kWeightData = 2, kPosWeightData = 3 };
+
+// Messages of at most this many bytes that arrive in one slice are parsed whole by protobuf
+// (their tensors are copied once); larger ones, or ones in several slices, are scanned and
+// their tensors viewed where they lie.
+inline constexpr size_t kWholeParseBytes = size_t{32} << 10;
 
 // Reads the EvaluateRequest in `buffer` into `out` (cleared first). The buffer is emptied:
 // its slices are released once read, or kept by `out`. `reservation` (may be null) holds the

@@ -431,10 +431,11 @@ TEST_F(DataPathParseTest, DataInOneSliceIsAViewDataAcrossSlicesIsCopiedOnce) {
     }
     EXPECT_TRUE(tested);
   }
-  // Misaligned data inside one slice is copied (the kernels load typed elements).
+  // Misaligned data inside one slice is copied (the kernels load typed elements). The message
+  // is larger than kWholeParseBytes, so it is scanned.
   v1::EvaluateRequest r;
   r.mutable_logits()->set_dtype(v1::DTYPE_FLOAT64);
-  r.mutable_logits()->set_data(std::string(800, 'x'));
+  r.mutable_logits()->set_data(std::string(kWholeParseBytes + 800, 'x'));
   for (int pad = 0; pad < 8; ++pad) {
     r.set_request_id(std::string(1 + pad, 'i'));
     const std::string bytes = r.SerializeAsString();
@@ -446,7 +447,69 @@ TEST_F(DataPathParseTest, DataInOneSliceIsAViewDataAcrossSlicesIsCopiedOnce) {
     EXPECT_EQ(parsed.copied_tensors(), aligned ? 0 : 1);
     EXPECT_EQ(reinterpret_cast<uintptr_t>(parsed.data(kLogitsData).data()) % 8, 0u);
     EXPECT_EQ(parsed.data(kLogitsData), r.logits().data());
+    EXPECT_FALSE(parsed.parsed_whole());
   }
+}
+
+// A small message in one slice is parsed whole by protobuf: every tensor's data is a view of
+// the parsed message (copied once), aligned for its dtype whatever its offset in the slice,
+// and the reservation holds the message's size. One byte more than kWholeParseBytes, or a
+// second slice, and it is scanned instead.
+TEST_F(DataPathParseTest, SmallMessageInOneSliceIsParsedWhole) {
+  for (int pad = 0; pad < 8; ++pad) {
+    SCOPED_TRACE(pad);
+    v1::EvaluateRequest r;
+    r.set_request_id(std::string(1 + pad, 'i'));
+    r.mutable_logits()->set_dtype(v1::DTYPE_FLOAT64);
+    r.mutable_logits()->set_data(std::string(800, 'x'));
+    r.mutable_targets()->set_dtype(v1::DTYPE_FLOAT16);
+    r.mutable_targets()->set_data(std::string(6, 'y'));  // short enough to be stored inline
+    r.mutable_bce_with_logits()->mutable_pos_weight()->set_dtype(v1::DTYPE_FLOAT32);
+    r.mutable_bce_with_logits()->mutable_pos_weight()->set_data(std::string(12, 'p'));
+    const std::string bytes = r.SerializeAsString();
+    ASSERT_LE(bytes.size(), kWholeParseBytes);
+    for (size_t piece : {size_t{1} << 30, bytes.size() / 2}) {
+      std::vector<grpc::Slice> slices = Cut(bytes, piece);
+      grpc::ByteBuffer buffer(slices.data(), slices.size());
+      slices.clear();
+      ReceivedRequest parsed;
+      Reservation reservation(&budget_);
+      ASSERT_TRUE(reservation.Add(static_cast<int64_t>(bytes.size()), "test").ok());
+      ASSERT_TRUE(ParseEvaluateRequest(&buffer, &pool_, &reservation, &parsed).ok());
+      const bool whole = piece > bytes.size();
+      EXPECT_EQ(parsed.parsed_whole(), whole);
+      EXPECT_EQ(parsed.data(kLogitsData), r.logits().data());
+      EXPECT_EQ(parsed.data(kTargetsData), r.targets().data());
+      EXPECT_EQ(parsed.data(kPosWeightData), r.bce_with_logits().pos_weight().data());
+      EXPECT_TRUE(parsed.data(kWeightData).empty());
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(parsed.data(kLogitsData).data()) % 8, 0u);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(parsed.data(kTargetsData).data()) % 2, 0u);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(parsed.data(kPosWeightData).data()) % 4, 0u);
+      EXPECT_EQ(reservation.bytes(), parsed.held_bytes());
+      if (whole) {
+        EXPECT_EQ(parsed.copied_tensors(), 3);
+        EXPECT_EQ(parsed.copied_bytes(), 818);
+        EXPECT_EQ(parsed.viewed_tensors(), 0);
+        EXPECT_EQ(parsed.held_bytes(), static_cast<int64_t>(bytes.size()));
+        // The message itself keeps no tensor data.
+        EXPECT_TRUE(parsed.message().logits().data().empty());
+      }
+      parsed.Clear();
+      EXPECT_FALSE(parsed.parsed_whole());
+    }
+  }
+  // Just over the limit, in one slice: scanned, the logits read in place when aligned.
+  v1::EvaluateRequest big;
+  big.mutable_logits()->set_dtype(v1::DTYPE_FLOAT32);
+  big.mutable_logits()->set_data(std::string(kWholeParseBytes, 'x'));
+  const std::string bytes = big.SerializeAsString();
+  std::vector<grpc::Slice> slices = Cut(bytes, size_t{1} << 30);
+  grpc::ByteBuffer buffer(slices.data(), slices.size());
+  ReceivedRequest parsed;
+  ASSERT_TRUE(ParseEvaluateRequest(&buffer, &pool_, nullptr, &parsed).ok());
+  EXPECT_FALSE(parsed.parsed_whole());
+  EXPECT_EQ(parsed.data(kLogitsData), big.logits().data());
+  EXPECT_EQ(budget_.held(), 0);
 }
 
 }  // namespace
