@@ -8,6 +8,7 @@
 #include "absl/time/time.h"
 #include "absl/time/clock.h"
 #include "absl/strings/escaping.h"
+#include "call_record.h"
 #include "grpc_status.h"
 #include "log.h"
 #include "memory.h"
@@ -15,14 +16,6 @@
 #include "wire.h"
 
 namespace lossd::server {
-
-void LogFailure(const char* method, const grpc::CallbackServerContext& context,
-                const std::string& request_id, const absl::Status& status) {
-  LogRateLimited(LogLevel::kWarning,
-                 absl::StrCat(method, " failed: status=", absl::StatusCodeToString(status.code()),
-                              " message=\"", status.message(), "\" peer=", context.peer(),
-                              " request_id=\"", absl::CHexEscape(request_id), "\""));
-}
 
 namespace {
 
@@ -39,7 +32,8 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
         reply_(reply),
         start_ns_(absl::GetCurrentTimeNanos()),
         control_(context, context->deadline()),
-        reservation_(&core->memory()) {
+        reservation_(&core->memory()),
+        record_(&core->metrics(), "Evaluate", context, start_ns_) {
     core_->CallStarted();
   }
 
@@ -83,7 +77,6 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
  private:
   // Log, metrics, reply: exactly once per call, after which `this` may be gone.
   void Done(absl::Status s) {
-    const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
     const int64_t received = request_.payload_bytes();
     const std::string request_id = request_.message().request_id();
     // Not needed for the reply: free the inputs (and their share of the reservation) before
@@ -98,13 +91,9 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
       s = EncodeEvaluateReply(request_id, /*stream=*/false, &result_, reply_);
     }
     if (s.ok()) {
-      core_->metrics().RecordCall("Evaluate", "OK", DeviceLabel(device), timing.queue_ns() * 1e-9,
-                                  timing.compute_ns() * 1e-9, total);
-      core_->metrics().AddBytes("Evaluate", received, sent);
+      record_.Ok(device, timing, received, sent);
     } else {
-      LogFailure("Evaluate", *context_, request_id, s);
-      core_->metrics().RecordCall("Evaluate", absl::StatusCodeToString(s.code()), "none", -1, -1,
-                                  total);
+      record_.Fail(s, request_id);
     }
     result_ = ComputeResult();  // the blocks now belong to the reply's slices
     Finish(ToGrpcStatus(s));
@@ -119,6 +108,7 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
   Reservation reservation_;  // released in the destructor, after the reply was sent
   ReceivedRequest request_;
   ComputeResult result_;
+  CallRecord record_;
 };
 
 }  // namespace
@@ -135,13 +125,12 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(grpc::CallbackServerC
                                                            const grpc::ByteBuffer* request,
                                                            grpc::ByteBuffer* reply) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  CallRecord record(&core_->metrics(), "GetCapabilities", context, absl::GetCurrentTimeNanos());
   v1::GetCapabilitiesRequest parsed;
   absl::Status admitted = core_->Admit(*context);
   if (admitted.ok()) admitted = ParseMessage(*request, &parsed);
   if (!admitted.ok()) {
-    LogFailure("GetCapabilities", *context, "", admitted);
-    core_->metrics().RecordCall("GetCapabilities", absl::StatusCodeToString(admitted.code()),
-                                "none", -1, -1, -1);
+    record.Fail(admitted);
     reactor->Finish(ToGrpcStatus(admitted));
     return reactor;
   }
@@ -171,8 +160,7 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(grpc::CallbackServerC
     response->set_shared_memory_prefix(core_->config().shared_memory_prefix);
   }
   const absl::Status s = SerializeMessage(capabilities, reply);
-  core_->metrics().RecordCall("GetCapabilities", absl::StatusCodeToString(s.code()), "none", -1,
-                              -1, -1);
+  record.Finish(s);
   reactor->Finish(ToGrpcStatus(s));
   return reactor;
 }
@@ -191,6 +179,7 @@ grpc::ServerUnaryReactor* LossServiceImpl::MergePartials(grpc::CallbackServerCon
                                                          const grpc::ByteBuffer* request,
                                                          grpc::ByteBuffer* reply) {
   const int64_t start_ns = absl::GetCurrentTimeNanos();
+  CallRecord record(&core_->metrics(), "MergePartials", context, start_ns);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // The parsed message and the decoded states each hold about the request's bytes.
   Reservation reservation(&core_->memory());
@@ -231,13 +220,10 @@ grpc::ServerUnaryReactor* LossServiceImpl::MergePartials(grpc::CallbackServerCon
     response.mutable_timing()->set_total_ns(absl::GetCurrentTimeNanos() - start_ns);
     s = SerializeMessage(response, reply);
   }
-  const double total = (absl::GetCurrentTimeNanos() - start_ns) * 1e-9;
   if (s.ok()) {
-    core_->metrics().RecordCall("MergePartials", "OK", "cpu", -1, compute_ns * 1e-9, total);
+    record.Ok(v1::DEVICE_CPU, response.timing());
   } else {
-    LogFailure("MergePartials", *context, parsed.request_id(), s);
-    core_->metrics().RecordCall("MergePartials", absl::StatusCodeToString(s.code()), "none", -1,
-                                -1, total);
+    record.Fail(s, parsed.request_id());
   }
   reactor->Finish(ToGrpcStatus(s));
   return reactor;

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "call_record.h"
 #include "core.h"
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/v1/lossd.grpc.pb.h"
@@ -50,11 +51,6 @@ class LossServiceImpl final : public RawLossService {
  private:
   Core* core_;
 };
-
-// One log line for a failed call or batch: method, status, message, peer, request id (escaped).
-// Rate-limited (log.h).
-void LogFailure(const char* method, const grpc::CallbackServerContext& context,
-                const std::string& request_id, const absl::Status& status);
 
 // The exact partial state of an Accumulate call over one slice of a dataset, or of a merge
 // of such states (lossd.proto, AccumulateResponse.partial_state, which documents the

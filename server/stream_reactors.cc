@@ -65,7 +65,7 @@ class EvaluateStreamReactor final
     {
       absl::MutexLock lock(&mu_);
       if (absl::Status s = core_->Admit(*context_); !s.ok()) {
-        LogFailure("EvaluateStream", *context_, "", s);
+        CallRecord(&core_->metrics(), "EvaluateStream", context_, start_ns_).Fail(s);
         RequestFinish(s, &actions);
       } else {
         NextRead(&actions);
@@ -126,14 +126,18 @@ class EvaluateStreamReactor final
  private:
   using Act = Actions;
   struct Slot {
-    explicit Slot(MemoryBudget* budget) : reservation(budget) {}
+    Slot(Core* core, const grpc::CallbackServerContext* context, int64_t start)
+        : start_ns(start),
+          reservation(&core->memory()),
+          record(&core->metrics(), "EvaluateStream", context, start) {}
     ReceivedRequest request;
     std::string request_id;
     ComputeResult result;
     grpc::ByteBuffer out;  // the serialized reply, once ready
     bool ready = false;
-    int64_t start_ns = 0;
+    const int64_t start_ns;
     Reservation reservation;  // this batch's bytes, until its reply is written
+    CallRecord record;        // each batch is counted as one EvaluateStream call
   };
 
   void Run(const Act& a) {
@@ -175,9 +179,7 @@ class EvaluateStreamReactor final
   }
 
   void SetError(Slot* slot, const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    LogFailure("EvaluateStream", *context_, slot->request_id, s);
-    core_->metrics().RecordCall("EvaluateStream", absl::StatusCodeToString(s.code()), "none", -1,
-                                -1, (absl::GetCurrentTimeNanos() - slot->start_ns) * 1e-9);
+    slot->record.Fail(s, slot->request_id);
     slot->reservation.Reset();
     slot->request.Clear();
     slot->result = ComputeResult();
@@ -193,8 +195,7 @@ class EvaluateStreamReactor final
 
   // Parses and validates the batch just read and queues its compute.
   void Accept(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    auto slot = std::make_unique<Slot>(&core_->memory());
-    slot->start_ns = absl::GetCurrentTimeNanos();
+    auto slot = std::make_unique<Slot>(core_, context_, absl::GetCurrentTimeNanos());
     Slot* raw = slot.get();
     slots_.push_back(std::move(slot));
     grpc::ByteBuffer received;
@@ -256,10 +257,7 @@ class EvaluateStreamReactor final
       absl::MutexLock lock(&mu_);
       --inflight_;
       if (s.ok()) {
-        core_->metrics().RecordCall("EvaluateStream", "OK", DeviceLabel(device),
-                                    timing.queue_ns() * 1e-9, timing.compute_ns() * 1e-9,
-                                    (absl::GetCurrentTimeNanos() - slot->start_ns) * 1e-9);
-        core_->metrics().AddBytes("EvaluateStream", received, sent);
+        slot->record.Ok(device, timing, received, sent);
         slot->ready = true;
       } else {
         SetError(slot, s);
@@ -335,7 +333,8 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
         context_(context),
         reply_(reply),
         start_ns_(absl::GetCurrentTimeNanos()),
-        control_(context, context->deadline()) {
+        control_(context, context->deadline()),
+        record_(&core->metrics(), "Accumulate", context, start_ns_) {
     core_->CallStarted();
     Act actions;
     {
@@ -589,15 +588,12 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     }
     if (finished_ || computing_ || starting_reads_ > 0) return;
     finished_ = true;
-    const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
     if (final_status_.ok()) {
-      core_->metrics().RecordCall("Accumulate", "OK", DeviceLabel(device_), -1,
-                                  compute_ns_ * 1e-9, total);
+      v1::Timing timing;
+      timing.set_compute_ns(compute_ns_);
+      record_.Ok(device_, timing);
     } else {
-      LogFailure("Accumulate", *context_, "", final_status_);
-      core_->metrics().RecordCall("Accumulate",
-                                  absl::StatusCodeToString(final_status_.code()), "none", -1, -1,
-                                  total);
+      record_.Fail(final_status_);
     }
     a->finish = true;
     a->status = ToGrpcStatus(final_status_);
@@ -623,6 +619,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   int64_t batches_seen_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t batches_done_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t compute_ns_ ABSL_GUARDED_BY(mu_) = 0;
+  CallRecord record_ ABSL_GUARDED_BY(mu_);
   v1::Device device_ ABSL_GUARDED_BY(mu_) = v1::DEVICE_CPU;
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
   int starting_reads_ ABSL_GUARDED_BY(mu_) = 0;  // StartRead decided, not yet called

@@ -1,0 +1,57 @@
+#include "call_record.h"
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "core.h"
+#include "log.h"
+
+namespace lossd::server {
+
+void LogFailure(const char* method, std::string_view peer, std::string_view request_id,
+                const absl::Status& status) {
+  LogRateLimited(LogLevel::kWarning,
+                 absl::StrCat(method, " failed: status=", absl::StatusCodeToString(status.code()),
+                              " message=\"", status.message(), "\" peer=",
+                              absl::string_view(peer.data(), peer.size()), " request_id=\"",
+                              absl::CHexEscape(absl::string_view(request_id.data(),
+                                                                 request_id.size())),
+                              "\""));
+}
+
+void LogFailure(const char* method, const grpc::CallbackServerContext& context,
+                std::string_view request_id, const absl::Status& status) {
+  LogFailure(method, context.peer(), request_id, status);
+}
+
+CallRecord::CallRecord(Metrics* metrics, const char* method,
+                       const grpc::CallbackServerContext* context, int64_t start_ns)
+    : metrics_(metrics), method_(method), context_(context), start_ns_(start_ns) {}
+
+CallRecord::~CallRecord() {
+  if (!recorded_) Fail(absl::CancelledError("the call ended before it had an outcome"));
+}
+
+void CallRecord::Ok(v1::Device device, const v1::Timing& timing, int64_t received,
+                    int64_t sent) {
+  if (recorded_) return;
+  recorded_ = true;
+  const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
+  metrics_->RecordCall(method_, "OK", DeviceLabel(device),
+                       timing.queue_ns() > 0 ? timing.queue_ns() * 1e-9 : -1,
+                       timing.compute_ns() > 0 ? timing.compute_ns() * 1e-9 : -1, total);
+  if (received >= 0 || sent >= 0) {
+    metrics_->AddBytes(method_, received < 0 ? 0 : received, sent < 0 ? 0 : sent);
+  }
+}
+
+void CallRecord::Fail(const absl::Status& status, std::string_view request_id) {
+  if (recorded_) return;
+  recorded_ = true;
+  const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
+  LogFailure(method_, context_ != nullptr ? context_->peer() : std::string("-"), request_id,
+             status);
+  metrics_->RecordCall(method_, absl::StatusCodeToString(status.code()), "none", -1, -1, total);
+}
+
+}  // namespace lossd::server

@@ -1,0 +1,70 @@
+#ifndef LOSSD_SERVER_CALL_RECORD_H_
+#define LOSSD_SERVER_CALL_RECORD_H_
+
+// What an operator sees of one call (or of one EvaluateStream batch): a log line when it failed
+// and the lossd_requests_total, latency and byte metrics, recorded exactly once
+// (docs/design.md section 1, "Around the data path").
+//
+// Ok() or Fail() records the outcome; later calls of either are ignored. A record destroyed
+// without an outcome counts as CANCELLED (the call ended before producing one). Not
+// thread-safe: one owner records it.
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "grpcpp/server_context.h"
+#include "lossd/v1/lossd.pb.h"
+#include "metrics.h"
+
+namespace lossd::server {
+
+class CallRecord {
+ public:
+  // `context` (may be null) names the peer in the failure log line; `start_ns` is the wall
+  // clock (absl::GetCurrentTimeNanos) when the call or batch arrived.
+  CallRecord(Metrics* metrics, const char* method, const grpc::CallbackServerContext* context,
+             int64_t start_ns);
+  CallRecord(const CallRecord&) = delete;
+  CallRecord& operator=(const CallRecord&) = delete;
+  ~CallRecord();
+
+  // A successful call on `device`: the queue and compute seconds of `timing` (those it leaves
+  // at 0 are not observed), and the tensor payload bytes received and sent (-1: not counted).
+  void Ok(v1::Device device, const v1::Timing& timing, int64_t received = -1,
+          int64_t sent = -1);
+  // A failed call: logged (rate-limited, log.h) with its request id, counted under its code.
+  void Fail(const absl::Status& status, std::string_view request_id = "");
+  // Ok() without a device or timing (calls that compute nothing on a backend).
+  void Ok() { Ok(v1::DEVICE_AUTO, v1::Timing()); }
+  // Ok() when `status` is OK, else Fail().
+  void Finish(const absl::Status& status, std::string_view request_id = "") {
+    if (status.ok()) {
+      Ok();
+    } else {
+      Fail(status, request_id);
+    }
+  }
+
+  bool recorded() const { return recorded_; }
+  int64_t start_ns() const { return start_ns_; }
+
+ private:
+  Metrics* const metrics_;
+  const char* const method_;
+  const grpc::CallbackServerContext* const context_;
+  const int64_t start_ns_;
+  bool recorded_ = false;
+};
+
+// One log line for a failed call or batch: method, status, message, peer, request id (escaped).
+// Rate-limited (log.h). CallRecord::Fail writes it; `peer` is the caller's address.
+void LogFailure(const char* method, std::string_view peer, std::string_view request_id,
+                const absl::Status& status);
+void LogFailure(const char* method, const grpc::CallbackServerContext& context,
+                std::string_view request_id, const absl::Status& status);
+
+}  // namespace lossd::server
+
+#endif  // LOSSD_SERVER_CALL_RECORD_H_
