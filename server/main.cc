@@ -48,6 +48,10 @@ ABSL_FLAG(int, stream_window, 4, "Batches of one EvaluateStream computed or wait
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address of the Prometheus /metrics endpoint.");
 ABSL_FLAG(int, metrics_port, -1,
           "Port of the Prometheus /metrics endpoint; -1 disables it, 0 picks a free port.");
+ABSL_FLAG(int, http_port, -1,
+          "Port of the KServe v2 / Open Inference Protocol REST API (/v2/..., plaintext HTTP, "
+          "on --host; docs/interop.md); -1 disables it, 0 picks a free port (printed at "
+          "startup). Refused together with --tls_cert.");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain of the server (enables TLS).");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of the server.");
 ABSL_FLAG(std::string, tls_client_ca, "",
@@ -193,6 +197,7 @@ int main(int argc, char** argv) {
   options.inline_elements = absl::GetFlag(FLAGS_inline_elements);
   options.metrics_host = absl::GetFlag(FLAGS_metrics_host);
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  options.http_port = absl::GetFlag(FLAGS_http_port);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
@@ -253,6 +258,7 @@ int main(int argc, char** argv) {
                    " stream_window=", options.stream_window,
                    " inline_elements=", options.inline_elements,
                    " metrics_port=", (*server)->metrics_port(),
+                   " http_port=", (*server)->http_port(),
                    " tls=", options.tls_cert_file.empty() ? "off"
                             : options.tls_client_ca_file.empty() ? "on" : "mutual",
                    " auth=", options.auth_token.empty() ? "off" : "bearer-token",
@@ -271,6 +277,9 @@ int main(int argc, char** argv) {
   if ((*server)->metrics_port() > 0) {
     std::fprintf(stderr, "lossd metrics on %s:%d\n", options.metrics_host.c_str(),
                  (*server)->metrics_port());
+  }
+  if ((*server)->http_port() > 0) {
+    std::fprintf(stderr, "lossd http on %s:%d\n", options.host.c_str(), (*server)->http_port());
   }
   if (!options.unix_socket.empty()) {
     std::fprintf(stderr, "lossd unix socket at %s\n", options.unix_socket.c_str());

@@ -224,10 +224,26 @@ int64_t AllContents(const inference::InferTensorContents& c) {
   return OtherContents(c, v1::DTYPE_UNSPECIFIED);
 }
 
+// The fields messages cite, per front-end (docs/interop.md, "HTTP/REST").
+std::string RawName(OipProtocol protocol, int index) {
+  if (protocol == OipProtocol::kRest) return "binary data";
+  return absl::StrCat("raw_input_contents[", index, "]");
+}
+
+const char* ContentsName(OipProtocol protocol, bool fp32) {
+  if (protocol == OipProtocol::kRest) return "data";
+  return fp32 ? "fp32_contents" : "fp64_contents";
+}
+
+const char* RawAdvice(OipProtocol protocol) {
+  return protocol == OipProtocol::kRest ? "as binary data (parameter binary_data_size)"
+                                        : "in raw_input_contents";
+}
+
 // One input into `t`: datatype, shape and bytes (moved from raw, or copied from contents).
-absl::Status TranslateInput(const OipModel& model, ModelInferRequest::InferInputTensor* in,
-                            std::string* raw, int raw_index, Reservation* reservation,
-                            v1::Tensor* t) {
+absl::Status TranslateInput(OipProtocol protocol, const OipModel& model,
+                            ModelInferRequest::InferInputTensor* in, std::string* raw,
+                            int raw_index, Reservation* reservation, v1::Tensor* t) {
   const std::string& name = in->name();
   auto dtype = ParseDatatype(in->datatype());
   if (!dtype) {
@@ -238,8 +254,10 @@ absl::Status TranslateInput(const OipModel& model, ModelInferRequest::InferInput
   if (!in->parameters().empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "input '", name, "': parameter '", in->parameters().begin()->first,
-        "' is not supported (inputs take no parameters; Triton's shared-memory extension is not "
-        "served, use raw_input_contents)"));
+        "' is not supported (inputs take no parameters",
+        protocol == OipProtocol::kRest ? " but binary_data_size" : "",
+        "; Triton's shared-memory extension is not served, send the bytes ",
+        RawAdvice(protocol), ")"));
   }
   std::vector<int64_t> shape(in->shape().begin(), in->shape().end());
   for (size_t i = 0; i < shape.size(); ++i) {
@@ -263,12 +281,13 @@ absl::Status TranslateInput(const OipModel& model, ModelInferRequest::InferInput
   if (raw != nullptr) {
     if (in->has_contents() && AllContents(in->contents()) > 0) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "input '", name, "' has both contents and raw_input_contents[", raw_index,
-          "]; send its elements in one of them"));
+          "input '", name, "' has both ",
+          protocol == OipProtocol::kRest ? "data" : "contents", " and ",
+          RawName(protocol, raw_index), "; send its elements in one of them"));
     }
     if (static_cast<int64_t>(raw->size()) != *bytes) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "input '", name, "': raw_input_contents[", raw_index, "] has ", raw->size(),
+          "input '", name, "': ", RawName(protocol, raw_index), " has ", raw->size(),
           " bytes, expected ", *bytes, " for shape ", ShapeString(shape), " of ",
           in->datatype()));
     }
@@ -279,12 +298,13 @@ absl::Status TranslateInput(const OipModel& model, ModelInferRequest::InferInput
   if (*dtype == v1::DTYPE_FLOAT16 || *dtype == v1::DTYPE_BFLOAT16) {
     if (*numel == 0 && AllContents(c) == 0) return absl::OkStatus();
     return absl::InvalidArgumentError(absl::StrCat(
-        "input '", name, "': datatype ", in->datatype(),
-        " has no typed contents in the protocol; send its bytes in raw_input_contents"));
+        "input '", name, "': datatype ", in->datatype(), " has no ",
+        protocol == OipProtocol::kRest ? "JSON data" : "typed contents",
+        " in the protocol; send its bytes ", RawAdvice(protocol)));
   }
   const bool fp32 = *dtype == v1::DTYPE_FLOAT32;
   const int64_t given = fp32 ? c.fp32_contents_size() : c.fp64_contents_size();
-  const char* field = fp32 ? "fp32_contents" : "fp64_contents";
+  const char* field = ContentsName(protocol, fp32);
   if (const int64_t other = OtherContents(c, *dtype); other > 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "input '", name, "': datatype ", in->datatype(), " takes its elements in ", field,
@@ -378,8 +398,40 @@ void FillModelMetadata(const OipModel& model, inference::ModelMetadataResponse* 
   }
 }
 
+void FillServerMetadata(inference::ServerMetadataResponse* response) {
+  response->Clear();
+  response->set_name("lossd");
+  response->set_version(LOSSD_VERSION);
+  response->add_extensions("parameters");
+}
+
+bool OipModelReady(bool draining, absl::string_view name, absl::string_view version) {
+  return !draining && FindOipModel(name, version).ok();
+}
+
 absl::Status TranslateInferRequest(ModelInferRequest* request, Reservation* reservation,
                                    v1::EvaluateRequest* out, OipTranslation* translation) {
+  const int num_raw = request->raw_input_contents_size();
+  if (num_raw > 0 && num_raw != request->inputs_size()) {
+    out->Clear();
+    *translation = OipTranslation();
+    // The model is named first when it is unknown (NOT_FOUND before INVALID_ARGUMENT).
+    auto model = FindOipModel(request->model_name(), request->model_version());
+    if (!model.ok()) return model.status();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "raw_input_contents has ", num_raw, " entries for ", request->inputs_size(),
+        " inputs; send one entry per input (in the order of inputs), or none and put each "
+        "input's elements in its contents"));
+  }
+  std::vector<std::string*> raw(static_cast<size_t>(request->inputs_size()), nullptr);
+  for (int i = 0; i < num_raw; ++i) raw[i] = request->mutable_raw_input_contents(i);
+  return TranslateInferInputs(OipProtocol::kGrpc, request, raw, reservation, out, translation);
+}
+
+absl::Status TranslateInferInputs(OipProtocol protocol, ModelInferRequest* request,
+                                  const std::vector<std::string*>& raw,
+                                  Reservation* reservation, v1::EvaluateRequest* out,
+                                  OipTranslation* translation) {
   out->Clear();
   *translation = OipTranslation();
   auto model = FindOipModel(request->model_name(), request->model_version());
@@ -392,12 +444,10 @@ absl::Status TranslateInferRequest(ModelInferRequest* request, Reservation* rese
   } else {
     out->mutable_bce_with_logits();
   }
-  const int num_raw = request->raw_input_contents_size();
-  if (num_raw > 0 && num_raw != request->inputs_size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "raw_input_contents has ", num_raw, " entries for ", request->inputs_size(),
-        " inputs; send one entry per input (in the order of inputs), or none and put each "
-        "input's elements in its contents"));
+  if (raw.size() != static_cast<size_t>(request->inputs_size())) {
+    return absl::InternalError(absl::StrCat("TranslateInferInputs: ", raw.size(),
+                                            " raw entries for ", request->inputs_size(),
+                                            " inputs"));
   }
   const std::vector<absl::string_view> names = InputNames(m);
   for (int i = 0; i < request->inputs_size(); ++i) {
@@ -420,8 +470,9 @@ absl::Status TranslateInferRequest(ModelInferRequest* request, Reservation* rese
       return absl::InvalidArgumentError(
           absl::StrCat("input '", in->name(), "' is given more than once"));
     }
-    std::string* raw = num_raw > 0 ? request->mutable_raw_input_contents(i) : nullptr;
-    if (absl::Status s = TranslateInput(m, in, raw, i, reservation, t); !s.ok()) return s;
+    if (absl::Status s = TranslateInput(protocol, m, in, raw[i], i, reservation, t); !s.ok()) {
+      return s;
+    }
   }
   for (absl::string_view required : {kLogits, kTargets}) {
     const bool present = required == kLogits ? out->has_logits() : out->has_targets();
@@ -479,7 +530,9 @@ void AppendVarint(uint64_t v, std::string* out) {
   out->push_back(static_cast<char>(v));
 }
 
-const OutputTensor& TensorOf(const ComputeResult& r, OipOutput o) {
+}  // namespace
+
+const OutputTensor& OipOutputTensor(const ComputeResult& r, OipOutput o) {
   switch (o) {
     case OipOutput::kGradLogits:
       return r.grad_logits;
@@ -490,17 +543,19 @@ const OutputTensor& TensorOf(const ComputeResult& r, OipOutput o) {
   }
 }
 
-// The reply without raw_output_contents (field 6, the last field: its bytes follow).
-absl::Status ReplyHeader(const OipModel& model, const std::string& id,
-                         const std::vector<OipOutput>& outputs, const ComputeResult& result,
-                         inference::ModelInferResponse* response) {
+// The reply without raw_output_contents (field 6, the last field: EncodeInferReply appends
+// its bytes).
+absl::Status FillInferResponseHeader(const OipModel& model, const std::string& id,
+                                     const std::vector<OipOutput>& outputs,
+                                     const ComputeResult& result,
+                                     inference::ModelInferResponse* response) {
   response->Clear();
   response->set_model_name(std::string(model.name));
   response->set_model_version(std::string(kOipModelVersion));
   response->set_id(id);
   (*response->mutable_parameters())["device"].set_string_param(DeviceLabel(result.device));
   for (OipOutput o : outputs) {
-    const OutputTensor& t = TensorOf(result, o);
+    const OutputTensor& t = OipOutputTensor(result, o);
     if (!t.present || t.placed) {
       return absl::InternalError(absl::StrCat("output ", OipOutputName(o), " was not computed"));
     }
@@ -512,12 +567,10 @@ absl::Status ReplyHeader(const OipModel& model, const std::string& id,
   return absl::OkStatus();
 }
 
-}  // namespace
-
 int64_t InferReplyPayloadBytes(const std::vector<OipOutput>& outputs,
                                const ComputeResult& result) {
   int64_t n = 0;
-  for (OipOutput o : outputs) n += static_cast<int64_t>(TensorOf(result, o).block.size());
+  for (OipOutput o : outputs) n += static_cast<int64_t>(OipOutputTensor(result, o).block.size());
   return n;
 }
 
@@ -525,9 +578,9 @@ absl::Status BuildInferResponse(const OipModel& model, const std::string& id,
                                 const std::vector<OipOutput>& outputs,
                                 const ComputeResult& result,
                                 inference::ModelInferResponse* response) {
-  if (absl::Status s = ReplyHeader(model, id, outputs, result, response); !s.ok()) return s;
+  if (absl::Status s = FillInferResponseHeader(model, id, outputs, result, response); !s.ok()) return s;
   for (OipOutput o : outputs) {
-    const OutputTensor& t = TensorOf(result, o);
+    const OutputTensor& t = OipOutputTensor(result, o);
     response->add_raw_output_contents(t.block.empty() ? "" : t.block.data(), t.block.size());
   }
   return absl::OkStatus();
@@ -537,18 +590,18 @@ absl::Status EncodeInferReply(const OipModel& model, const std::string& id,
                               const std::vector<OipOutput>& outputs, ComputeResult* result,
                               grpc::ByteBuffer* out) {
   inference::ModelInferResponse header;
-  if (absl::Status s = ReplyHeader(model, id, outputs, *result, &header); !s.ok()) return s;
+  if (absl::Status s = FillInferResponseHeader(model, id, outputs, *result, &header); !s.ok()) return s;
   std::string text;
   header.SerializeToString(&text);
   size_t total = text.size();
-  for (OipOutput o : outputs) total += TensorOf(*result, o).block.size() + 11;
+  for (OipOutput o : outputs) total += OipOutputTensor(*result, o).block.size() + 11;
   if (total > static_cast<size_t>(INT_MAX)) {
     return absl::InternalError(
         absl::StrCat("cannot serialize the reply: ", total, " bytes is over 2 GiB"));
   }
   std::vector<grpc::Slice> slices;
   for (OipOutput o : outputs) {
-    OutputTensor& t = const_cast<OutputTensor&>(TensorOf(*result, o));
+    OutputTensor& t = const_cast<OutputTensor&>(OipOutputTensor(*result, o));
     text.push_back(static_cast<char>((6 << 3) | kLen));
     AppendVarint(t.block.size(), &text);
     if (t.block.size() >= kZeroCopyBytes) {

@@ -43,12 +43,25 @@ absl::StatusOr<const OipModel*> FindOipModel(absl::string_view name, absl::strin
 // Fills `response` with the model's name, version, platform, inputs and outputs.
 void FillModelMetadata(const OipModel& model, inference::ModelMetadataResponse* response);
 
+// Fills `response` with the server's name ("lossd"), version and the protocol extensions both
+// front-ends serve ("parameters"; the REST front-end adds "binary_tensor_data").
+void FillServerMetadata(inference::ServerMetadataResponse* response);
+
+// ModelReady / GET /v2/models/{name}/ready: a model of this server at `version` ("" or "1"),
+// and the server not draining. Unknown models and versions are not ready (not an error).
+bool OipModelReady(bool draining, absl::string_view name, absl::string_view version);
+
 // The outputs of a model, in the order a reply lists them when the request names none.
 enum class OipOutput { kLoss, kGradLogits, kGradTargets };
 absl::string_view OipOutputName(OipOutput output);
 
 // "FP32", "FP64", "FP16", "BF16" for a lossd dtype; "" for DTYPE_UNSPECIFIED.
 absl::string_view OipDatatype(v1::DType dtype);
+
+// Which front-end a request came through: only the names of the fields that messages cite
+// differ (gRPC raw_input_contents[i] and fp32_contents / fp64_contents; REST binary data
+// (binary_data_size) and data). The rules are the same.
+enum class OipProtocol { kGrpc, kRest };
 
 // What TranslateInferRequest produces besides the EvaluateRequest.
 struct OipTranslation {
@@ -71,6 +84,16 @@ absl::Status TranslateInferRequest(inference::ModelInferRequest* request,
                                    Reservation* reservation, v1::EvaluateRequest* out,
                                    OipTranslation* translation);
 
+// The same translation with the inputs' raw bytes given per input: `raw[i]` (moved, not
+// copied) holds the bytes of request->inputs(i), or is null when that input's elements are in
+// its typed contents. gRPC: raw_input_contents, all inputs or none (TranslateInferRequest
+// above); REST: the binary tensor data extension, input by input (oip_http.h). `raw` has one
+// entry per input. Messages name the fields of `protocol`.
+absl::Status TranslateInferInputs(OipProtocol protocol, inference::ModelInferRequest* request,
+                                  const std::vector<std::string*>& raw,
+                                  Reservation* reservation, v1::EvaluateRequest* out,
+                                  OipTranslation* translation);
+
 // Encodes `result` as a serialized ModelInferResponse into `out`, byte for byte what protobuf
 // would serialize: `outputs` in that order with their datatype and shape, each one's bytes an
 // entry of raw_output_contents, and the parameter "device" ("cpu" or "cuda"). Output blocks of
@@ -79,6 +102,17 @@ absl::Status TranslateInferRequest(inference::ModelInferRequest* request,
 absl::Status EncodeInferReply(const OipModel& model, const std::string& id,
                               const std::vector<OipOutput>& outputs, ComputeResult* result,
                               grpc::ByteBuffer* out);
+
+// The reply without its tensor bytes: model name and version, id, the parameter "device" and
+// `outputs` in that order with their datatype and shape (raw_output_contents left empty).
+// INTERNAL when an output was not computed.
+absl::Status FillInferResponseHeader(const OipModel& model, const std::string& id,
+                                     const std::vector<OipOutput>& outputs,
+                                     const ComputeResult& result,
+                                     inference::ModelInferResponse* response);
+
+// The computed tensor of `output` in `result`.
+const OutputTensor& OipOutputTensor(const ComputeResult& result, OipOutput output);
 
 // Tensor data bytes of the reply: the outputs listed (metrics).
 int64_t InferReplyPayloadBytes(const std::vector<OipOutput>& outputs, const ComputeResult& result);

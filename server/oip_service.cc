@@ -145,8 +145,7 @@ grpc::ServerUnaryReactor* OipServiceImpl::ModelReady(grpc::CallbackServerContext
                                                      const inference::ModelReadyRequest* request,
                                                      inference::ModelReadyResponse* response) {
   // A model this server does not have is not ready (no error: the answer is a boolean).
-  response->set_ready(!core_->draining() &&
-                      FindOipModel(request->name(), request->version()).ok());
+  response->set_ready(OipModelReady(core_->draining(), request->name(), request->version()));
   return Finish("ModelReady", context, absl::OkStatus());
 }
 
@@ -156,9 +155,7 @@ grpc::ServerUnaryReactor* OipServiceImpl::ServerMetadata(
   if (absl::Status s = core_->Admit(*context); !s.ok()) {
     return Finish("ServerMetadata", context, s);
   }
-  response->set_name("lossd");
-  response->set_version(LOSSD_VERSION);
-  response->add_extensions("parameters");
+  FillServerMetadata(response);
   return Finish("ServerMetadata", context, absl::OkStatus());
 }
 

@@ -27,6 +27,7 @@
 #include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "metrics.h"
+#include "oip_http.h"
 #include "oip_service.h"
 #include "peer_identity.h"
 #include "regions.h"
@@ -155,6 +156,8 @@ struct LossdServer::Impl {
   std::unique_ptr<OipServiceImpl> oip_service;  // inference.GRPCInferenceService (KServe v2)
   std::unique_ptr<SharedMemoryService> shm_service;
   std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<OipHttpServer> http;  // KServe v2 REST (null when disabled); before the core
+                                        // in destruction
   std::unique_ptr<UnixListener> unix_listener;  // stopped before the server shuts down
   std::string unix_socket;
   std::string shm_prefix;  // empty when disabled
@@ -173,6 +176,7 @@ LossdServer::~LossdServer() {
 
 int LossdServer::port() const { return impl_->port; }
 int LossdServer::metrics_port() const { return impl_->metrics->port(); }
+int LossdServer::http_port() const { return impl_->http ? impl_->http->port() : 0; }
 std::string LossdServer::device_summary() const { return impl_->devices; }
 int64_t LossdServer::chunks_done() const { return impl_->core->chunks_done(); }
 int64_t LossdServer::chunks_started() const { return impl_->core->chunks_started(); }
@@ -208,6 +212,11 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   }
   auto creds = MakeCredentials(options);
   if (!creds.ok()) return creds.status();
+  if (options.http_port >= 0 && !options.tls_cert_file.empty()) {
+    return absl::InvalidArgumentError(
+        "the KServe v2 REST port (http_port) serves plaintext HTTP and cannot be combined with "
+        "TLS; terminate TLS in front of it or serve the gRPC API only (docs/interop.md)");
+  }
   // CPU and memory defaults follow the cgroup's limits (a container's quota), else the host's.
   const HostLimits host = ReadHostLimits(options.host_root);
   const int cpus = std::max(1, static_cast<int>(std::ceil(host.cpus - 1e-9)));
@@ -278,6 +287,11 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   impl->core->set_region_resolver(impl->shm.get());  // null: references are refused
   impl->shm_service = std::make_unique<SharedMemoryService>(
       impl->shm.get(), &impl->peers, options.auth_token, options.host_root);
+  if (options.http_port >= 0) {
+    auto http = OipHttpServer::Start(impl->core.get(), options.host, options.http_port);
+    if (!http.ok()) return http.status();
+    impl->http = *std::move(http);
+  }
 
   InstallProtobufLogHandler();
   grpc::EnableDefaultHealthCheckService(true);
@@ -383,6 +397,9 @@ void LossdServer::Shutdown(absl::Duration deadline) {
   Log(LogLevel::kInfo, absl::StrCat("drained: ", impl_->core->in_flight(),
                                     " calls being handled, ", open_calls(),
                                     " open in gRPC; stopping"));
+  // REST calls in flight count in in_flight() (so the wait above covered them): stop it, which
+  // waits for the requests being written.
+  if (impl_->http) impl_->http->Stop();
   // No new connections on the Unix socket once gRPC stops; its file goes with it.
   if (impl_->unix_listener) impl_->unix_listener->Stop();
   impl_->server->Shutdown(absl::ToChronoTime(end));

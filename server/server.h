@@ -1,5 +1,5 @@
 // The lossd gRPC server: LossService, inference.GRPCInferenceService (KServe v2, docs/interop.md),
-// health and reflection on one port.
+// health and reflection on one port; optionally the KServe v2 REST API on another.
 #ifndef LOSSD_SERVER_SERVER_H_
 #define LOSSD_SERVER_SERVER_H_
 
@@ -40,6 +40,10 @@ struct ServerOptions {
   // Prometheus /metrics: -1 disables it, 0 picks a free port (see metrics_port()).
   std::string metrics_host = "0.0.0.0";
   int metrics_port = -1;
+
+  // The KServe v2 REST API (oip_http.h, docs/interop.md) on `host`: -1 disables it, 0 picks a
+  // free port (see http_port()). Plaintext HTTP: refused together with TLS.
+  int http_port = -1;
 
   // TLS: PEM certificate chain and private key of the server (both or neither). With
   // tls_client_ca_file, clients must present a certificate signed by that CA (mutual TLS).
@@ -98,6 +102,7 @@ class LossdServer {
 
   int port() const;                 // the bound port
   int metrics_port() const;         // the bound metrics port, 0 when disabled
+  int http_port() const;            // the bound KServe v2 REST port, 0 when disabled
   std::string device_summary() const;  // "cpu" or "cpu,cuda (NVIDIA H100 ...)"
   int64_t chunks_done() const;      // units of kernel work finished so far (by ended calls)
   int64_t chunks_started() const;   // units of kernel work started so far (live)
