@@ -4,6 +4,11 @@
 # Runs as UID/GID 10001; gRPC on 50051, Prometheus /metrics on 9090; HEALTHCHECK asks the gRPC
 # health service (grpc.health.v1) with the server binary itself: lossd --health_check=HOST:PORT.
 #
+# The load tester is a second target of this file (the default target stays the server):
+#   docker build --target loadtest -t lossd-loadtest:0.1.0 .
+# lossd-bench (client/loadtest) with the baseline server lossd_bench_server (tools/bench) and
+# lossd; deploy/compose.yaml runs it under the profile `loadtest`.
+#
 # Every apt package is pinned to its Debian 12 (bookworm, bookworm-updates, bookworm-security)
 # version. When a point release or a security update supersedes one, apt-get fails with
 # "Version ... was not found": look the new one up (`apt-get update && apt-cache policy NAME`)
@@ -14,8 +19,7 @@
 ARG DEBIAN_IMAGE=debian:12-slim
 
 FROM ${DEBIAN_IMAGE} AS build
-# libgtest-dev/libgmock-dev only because the top-level CMakeLists.txt calls
-# find_package(GTest REQUIRED) even with LOSSD_BUILD_TESTS=OFF; no test is built.
+# No GoogleTest: with LOSSD_BUILD_TESTS=OFF CMake does not look for it.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       build-essential=12.9 \
@@ -26,14 +30,16 @@ RUN apt-get update \
       libprotobuf-dev=3.21.12-3+deb12u1 \
       protobuf-compiler=3.21.12-3+deb12u1 \
       libabsl-dev=20220623.1-1+deb12u2 \
-      libgtest-dev=1.12.1-0.2 \
-      libgmock-dev=1.12.1-0.2 \
       libhwy-dev=1.0.3-3+deb12u1 \
+      libmpfr-dev=4.2.0-1 \
       prometheus-cpp-dev=1.0.1-1 \
+      libcivetweb-dev=1.15+dfsg-4 \
+      nlohmann-json3-dev=3.11.2-2 \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Only what the lossd target needs; tests/ and client/ are not copied (LOSSD_BUILD_TESTS=OFF).
+# Only what the lossd target needs (LOSSD_BUILD_TESTS=OFF): tests/ is never copied, client/ and
+# tools/ only by the load tester's stage below.
 COPY CMakeLists.txt ./
 COPY proto proto
 COPY kernels kernels
@@ -42,21 +48,50 @@ RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DLOSSD_BUILD_TESTS=OFF -DLOS
  && cmake --build build -j"$(nproc)" --target lossd \
  && strip build/server/lossd
 
-FROM ${DEBIAN_IMAGE}
-# The shared libraries of lossd (their own dependencies follow).
+# The load tester, built in the same tree (lossd is not rebuilt): the loadtest target only.
+FROM build AS build-loadtest
+COPY client/bench client/bench
+COPY client/loadtest client/loadtest
+COPY tools/bench tools/bench
+RUN cmake -S . -B build -DLOSSD_BUILD_TOOLS=ON \
+ && cmake --build build -j"$(nproc)" --target lossd_bench lossd_bench_server \
+ && strip build/client/loadtest/lossd-bench build/tools/bench/lossd_bench_server
+
+FROM ${DEBIAN_IMAGE} AS runtime-base
+# The shared libraries of lossd and the load tester (their own dependencies follow).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       libgrpc++1.51=1.51.1-3+b1 \
       libprotobuf32=3.21.12-3+deb12u1 \
       libabsl20220623=20220623.1-1+deb12u2 \
       libhwy1=1.0.3-3+deb12u1 \
+      libmpfr6=4.2.0-1 \
       libprometheus-cpp-core1.0=1.0.1-1 \
       libprometheus-cpp-pull1.0=1.0.1-1 \
+      libcivetweb1=1.15+dfsg-4 \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 lossd \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin lossd
+
+# lossd-bench finds lossd and lossd_bench_server in its build tree's layout (../../server,
+# ../../tools/bench), kept under /opt/lossd: without --target it starts both on loopback and
+# measures lossd against the echo and raw baselines in the same run; with --target=HOST:PORT
+# it loads that server (deploy/compose.yaml: the lossd service).
+FROM runtime-base AS loadtest
+COPY --from=build-loadtest /src/build/client/loadtest/lossd-bench /opt/lossd/client/loadtest/
+COPY --from=build-loadtest /src/build/tools/bench/lossd_bench_server /opt/lossd/tools/bench/
+COPY --from=build-loadtest /src/build/server/lossd /opt/lossd/server/
+RUN ln -s /opt/lossd/client/loadtest/lossd-bench /usr/local/bin/lossd-bench
+USER 10001:10001
+# A client: no port, no health service to ask.
+HEALTHCHECK NONE
+ENTRYPOINT ["/usr/local/bin/lossd-bench"]
+CMD ["--concurrency=1:4:x2", "--duration=3s", "--verify", "--progress=false"]
+
+# The server image: the default target, so it stays the last stage.
+FROM runtime-base
 COPY --from=build /src/build/server/lossd /usr/local/bin/lossd
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 USER 10001:10001

@@ -11,8 +11,13 @@ CMAKE_FLAGS ?=
 
 APT_PACKAGES := build-essential cmake pkg-config git \
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev \
-  libgtest-dev libgmock-dev libbenchmark-dev libhwy-dev prometheus-cpp-dev \
-  python3 python3-venv python3-dev openssl prometheus
+  libgtest-dev libgmock-dev libbenchmark-dev libhwy-dev prometheus-cpp-dev libmpfr-dev \
+  libcivetweb-dev nlohmann-json3-dev \
+  python3 python3-venv python3-dev openssl
+# Packages whose daemon the tests run as a program of their own (tests/e2e/test_dashboard_e2e.py
+# starts /usr/bin/prometheus on a free loopback port): installed without their Recommends and
+# with their services neither started nor enabled (tests/deploy/install_service_packages.sh).
+SERVICE_APT_PACKAGES := prometheus
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -25,6 +30,7 @@ deps:
 	  echo "Installing Debian packages: $$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+	@tests/deploy/install_service_packages.sh $(SERVICE_APT_PACKAGES)
 
 # Python virtual environment with the test requirements and the client package.
 $(VENV)/.stamp: tests/requirements.txt client/python/pyproject.toml $(wildcard client/python/src/lossd/*.py)

@@ -5,12 +5,15 @@
    does not exclude (moby pattern semantics: last matching pattern wins, `!` re-includes, a
    pattern that matches a parent folder excludes what is below it, `**` spans folders), and
    fails when it exceeds --max-context-mb (a tree after `make test` holds ~215 MB).
-2. Copies into a temporary folder the files that the Dockerfile's COPY instructions (not
-   `COPY --from`) take from that context to places under WORKDIR, laid out as in the image,
-   and fails when a COPY source is missing from the context.
+2. Copies into a temporary folder the files that the COPY instructions (not `COPY --from`) of
+   the stages a target builds (--target, default the last stage; the stages it is built FROM
+   or copies --from, recursively) take from that context to places under WORKDIR, laid out as
+   in the image, and fails when a COPY source is missing from the context.
 3. Runs `cmake -S TMP -B TMP/build` with the given -D options (configure only).
 
     python3 tests/deploy/check_docker_context.py Dockerfile -- -DLOSSD_BUILD_TESTS=OFF -DLOSSD_CUDA=OFF
+    python3 tests/deploy/check_docker_context.py Dockerfile --target loadtest -- \
+        -DLOSSD_BUILD_TESTS=OFF -DLOSSD_BUILD_TOOLS=ON -DLOSSD_CUDA=OFF
 """
 import argparse
 import json
@@ -107,40 +110,83 @@ def instructions(dockerfile):
             yield word.upper(), rest.strip()
 
 
-def copies(dockerfile):
-    """(sources, dest) of COPY/ADD from the context whose dest lies under WORKDIR."""
-    workdir = "/"
+def stages(dockerfile):
+    """The stages in order: dicts with name, base, deps (stages it needs) and copies.
+
+    A stage built FROM another stage starts in that stage's WORKDIR (as Docker does).
+    copies: (sources, dest, under) of COPY/ADD from the context (not `--from`), under being
+    dest relative to the WORKDIR at that point, None when that is "/"."""
     out = []
+    by_name = {}
     for word, rest in instructions(dockerfile):
         if word == "FROM":
-            workdir = "/"
+            args = [a for a in rest.split() if not a.startswith("--")]
+            base = args[0]
+            name = args[2] if len(args) >= 3 and args[1].upper() == "AS" else f"stage-{len(out)}"
+            parent = by_name.get(base)
+            stage = {"name": name, "base": base, "deps": {base} & set(by_name),
+                     "workdir": parent["workdir"] if parent else "/", "copies": []}
+            out.append(stage)
+            by_name[name] = stage
+        elif not out:
+            continue  # ARG before the first FROM
         elif word == "WORKDIR":
-            workdir = os.path.join(workdir, rest)
+            out[-1]["workdir"] = os.path.join(out[-1]["workdir"], rest)
         elif word in ("COPY", "ADD"):
             args = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
             flags = [a for a in args if a.startswith("--")]
             args = [a for a in args if not a.startswith("--")]
-            if any(f.startswith("--from") for f in flags):
+            source_stage = [f.split("=", 1)[1] for f in flags if f.startswith("--from=")]
+            if source_stage:
+                if source_stage[0] in by_name:
+                    out[-1]["deps"].add(source_stage[0])
                 continue
             *sources, dest = args
+            workdir = out[-1]["workdir"]
             absdest = os.path.normpath(os.path.join(workdir, dest))
             under = os.path.relpath(absdest, workdir) if workdir != "/" else None
-            out.append((sources, dest, under))
+            out[-1]["copies"].append((sources, dest, under))
     return out
+
+
+def copies(dockerfile, target=None):
+    """(sources, dest, under) of the COPY/ADD from the context in the stages that building
+    `target` (default: the last stage, as `docker build` without --target) runs."""
+    all_stages = stages(dockerfile)
+    by_name = {st["name"]: st for st in all_stages}
+    if target is not None and target not in by_name:
+        raise SystemExit(f"{dockerfile}: no stage named {target!r} "
+                         f"(stages: {', '.join(st['name'] for st in all_stages)})")
+    needed = set()
+    todo = [target or all_stages[-1]["name"]]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(by_name[name]["deps"])
+    names = [st["name"] for st in all_stages if st["name"] in needed]
+    return names, [c for st in all_stages if st["name"] in needed for c in st["copies"]]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dockerfile")
+    ap.add_argument("--target", help="the stage to build (default: the last one)")
     ap.add_argument("--max-context-mb", type=float, default=20.0)
     ap.add_argument("cmake_args", nargs="*", help="after --: -D options for cmake")
-    args = ap.parse_args()
+    argv = sys.argv[1:]
+    cmake_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.cmake_args += cmake_args
     os.chdir(ROOT)
     patterns = ignore_patterns(".dockerignore")
     files = context_files(patterns)
     size = sum(os.path.getsize(f) for f in files)
-    print(f"{args.dockerfile}: build context {len(files)} files, {size / 1e6:.2f} MB "
+    label = args.dockerfile + (f" --target {args.target}" if args.target else "")
+    print(f"{label}: build context {len(files)} files, {size / 1e6:.2f} MB "
           f"(.dockerignore: {len(patterns)} patterns)")
+    stage_names, stage_copies = copies(args.dockerfile, args.target)
+    print(f"  stages built: {', '.join(stage_names)}")
     ok = True
     if size > args.max_context_mb * 1e6:
         print(f"FAIL: context over {args.max_context_mb} MB: check .dockerignore")
@@ -149,7 +195,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="lossd-docker-context-") as tmp:
         src = os.path.join(tmp, "src")
         os.makedirs(src)
-        for sources, dest, under in copies(args.dockerfile):
+        for sources, dest, under in stage_copies:
             for s in sources:
                 s = os.path.normpath(s)
                 hits = [f for f in files if f == s or f.startswith(s + "/")]
@@ -179,11 +225,11 @@ def main():
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if r.returncode != 0:
             print(r.stdout[-6000:])
-            print(f"FAIL: cmake configure of the {args.dockerfile} context exited {r.returncode}")
+            print(f"FAIL: cmake configure of the {label} context exited {r.returncode}")
             return 1
         tail = [ln for ln in r.stdout.splitlines() if "lossd:" in ln or "Generating done" in ln]
         print("  " + "\n  ".join(tail))
-    print(f"{args.dockerfile}: context and CMake configure OK")
+    print(f"{label}: context and CMake configure OK")
     return 0
 
 

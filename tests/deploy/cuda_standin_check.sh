@@ -4,6 +4,9 @@
 #   devel stand-in:   localhost/debian:12-slim + this machine's CUDA toolkit (/usr/local/cuda,
 #                     nvcc 13.0 on the project's machines), copied in as /usr/local/cuda;
 #   runtime stand-in: localhost/debian:12-slim.
+# The apt step pins Ubuntu 24.04 versions, which a Debian stand-in cannot install: the build
+# uses a copy of Dockerfile.cuda whose pins are replaced by those of the same packages in
+# Dockerfile (Debian 12; every package must be there), nothing else changed.
 # Checks: the build (apt steps, CMake with CUDA ON and the image's architectures, nvcc, the
 # library bundle), that every shared library of lossd resolves in the runtime image, the
 # embedded device code (cuobjdump: sm_80/86/89/90 SASS + compute_90 PTX), and then, on the CPU
@@ -38,21 +41,31 @@ cp -a "$cuda/bin" "$cuda/include" "$cuda/nvvm" "$cuda/targets" "$stage/cuda/"
 find "$cuda/lib/" -mindepth 1 -maxdepth 1 | grep -vE 'cublas|cudnn|cufft|cusolver|cusparse|curand|nccl' |
   xargs cp -a -t "$stage/cuda/lib/"
 ln -s lib "$stage/cuda/lib64"
-# Debian 12's CMake 3.25.1 FindCUDAToolkit fails ("set_property could not find TARGET
-# CUDA::nvToolsExt") with CUDA >= 12, which ships no libnvToolsExt (later CMake releases guard
-# it). An empty placeholder file satisfies it; nothing links it.
-[ -e "$stage/cuda/lib/libnvToolsExt.so" ] || : > "$stage/cuda/lib/libnvToolsExt.so"
+# No libnvToolsExt placeholder: the top-level CMakeLists.txt works around the stock
+# FindCUDAToolkit of Debian 12's CMake 3.25.1, which this build uses.
 printf 'FROM localhost/debian:12-slim\nCOPY cuda /usr/local/cuda\n' > "$stage/Dockerfile"
 deploy/docker/podman_build.sh --base-only
 "${P[@]}" build --format docker --pull=never --layers=false "${U[@]}" -t "$devel" "$stage" >/dev/null
 
-echo "== build Dockerfile.cuda on the stand-ins"
+echo "== build Dockerfile.cuda on the stand-ins (apt pins of Dockerfile)"
+python3 - "$stage/Dockerfile.cuda" <<'PY' || exit 1
+import re, sys
+pin = re.compile(r"^(\s+)([a-z0-9][a-z0-9+.-]*)=(\S+)( \\)$", re.M)
+debian = {m.group(2): m.group(3) for m in pin.finditer(open("Dockerfile").read())}
+def swap(m):
+    if m.group(2) not in debian:
+        sys.exit(f"FAIL: {m.group(2)} has no Debian 12 pin in Dockerfile")
+    return f"{m.group(1)}{m.group(2)}={debian[m.group(2)]}{m.group(4)}"
+text, n = pin.subn(swap, open("Dockerfile.cuda").read())
+open(sys.argv[1], "w").write(text)
+print(f"{n} Ubuntu pins replaced by Debian 12's")
+PY
 start=$(date +%s)
 archs=()
 [ -n "${CUDA_ARCHITECTURES:-}" ] && archs=(--build-arg "CUDA_ARCHITECTURES=$CUDA_ARCHITECTURES")
 "${P[@]}" build --format docker --network=host --pull=never --layers=false "${U[@]}" \
   --build-arg CUDA_DEVEL_IMAGE="$devel" --build-arg CUDA_RUNTIME_IMAGE=localhost/debian:12-slim \
-  "${archs[@]}" -t "$tag" -f Dockerfile.cuda . > /tmp/lossd-cuda-standin-build.log 2>&1 ||
+  "${archs[@]}" -t "$tag" -f "$stage/Dockerfile.cuda" . > /tmp/lossd-cuda-standin-build.log 2>&1 ||
   { tail -40 /tmp/lossd-cuda-standin-build.log; echo "FAIL: build (log /tmp/lossd-cuda-standin-build.log)"; exit 1; }
 echo "build seconds: $(( $(date +%s) - start ))"
 echo "image size: $("${P[@]}" image inspect --format '{{.Size}}' "$tag") bytes"

@@ -9,8 +9,9 @@
 #      (ServiceMonitor: the validator has no schema for them);
 #   4. checkov on deploy/k8s and both Dockerfiles: no failed check (each skip gives its reason);
 #   5. check-jsonschema of deploy/compose.yaml against the Compose specification;
-#   6. a CMake configure of exactly the build context each Dockerfile copies
-#      (tests/deploy/check_docker_context.py).
+#   6. a CMake configure of exactly the build context each Dockerfile target copies
+#      (tests/deploy/check_docker_context.py): the server images and Dockerfile's loadtest
+#      target, with find_package(GTest) disabled (the images are built without GoogleTest).
 # Installs its pinned tools (tests/deploy/requirements-lint.txt) into $LINT_VENV (.venv-lint)
 # on the first run or when the pins change.
 set -uo pipefail
@@ -83,18 +84,38 @@ step "check-jsonschema (Compose specification)"
 check "$B/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
 
 step "CMake configure of each Dockerfile's build context"
+# CMAKE_DISABLE_FIND_PACKAGE_GTest: fails the configure if it still asks for GoogleTest.
+nogtest=-DCMAKE_DISABLE_FIND_PACKAGE_GTest=ON
 check "$B/python" tests/deploy/check_docker_context.py Dockerfile -- \
-  -DLOSSD_BUILD_TESTS=OFF -DLOSSD_CUDA=OFF
+  -DLOSSD_BUILD_TESTS=OFF -DLOSSD_CUDA=OFF "$nogtest"
+check "$B/python" tests/deploy/check_docker_context.py Dockerfile --target loadtest -- \
+  -DLOSSD_BUILD_TESTS=OFF -DLOSSD_BUILD_TOOLS=ON -DLOSSD_CUDA=OFF "$nogtest"
 # Dockerfile.cuda: with its CUDA architectures where nvcc is installed (/usr/local/cuda, as on
 # the project's machines), else CPU only (the context is the same).
+# With the CMake modules exactly as Debian ships them: the project's machines may carry a
+# patched FindCUDAToolkit.cmake (CMake 3.25.1's fails with CUDA >= 12 unless the top-level
+# CMakeLists.txt works around it), so a stock copy of cmake-data is fetched and used.
 if [ -x /usr/local/cuda/bin/nvcc ]; then
   archs=$(sed -n 's/^ARG CUDA_ARCHITECTURES="\(.*\)"$/\1/p' Dockerfile.cuda)
+  stock=$(mktemp -d)
+  modules=()
+  cmake_data=$(dpkg-query -W -f='${Version}' cmake-data 2>/dev/null || true)
+  if [ -n "$cmake_data" ] &&
+     (cd "$stock" && apt-get -qq -o APT::Sandbox::User=root download "cmake-data=$cmake_data") &&
+     dpkg-deb -x "$stock"/cmake-data_*.deb "$stock/x"; then
+    dir=$(dirname "$(find "$stock/x" -name FindCUDAToolkit.cmake | head -n 1)")
+    modules=("-DCMAKE_MODULE_PATH=$dir")
+    echo "CMake modules: Debian's cmake-data $cmake_data as packaged"
+  else
+    echo "CMake modules: the installed ones (could not fetch cmake-data $cmake_data)"
+  fi
   check "$B/python" tests/deploy/check_docker_context.py Dockerfile.cuda -- \
     -DLOSSD_BUILD_TESTS=OFF -DLOSSD_CUDA=ON -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc \
-    "-DCMAKE_CUDA_ARCHITECTURES=$archs"
+    "-DCMAKE_CUDA_ARCHITECTURES=$archs" "$nogtest" "${modules[@]}"
+  rm -rf "$stock"
 else
   check "$B/python" tests/deploy/check_docker_context.py Dockerfile.cuda -- \
-    -DLOSSD_BUILD_TESTS=OFF -DLOSSD_CUDA=OFF
+    -DLOSSD_BUILD_TESTS=OFF -DLOSSD_CUDA=OFF "$nogtest"
 fi
 
 echo
