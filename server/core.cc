@@ -209,7 +209,9 @@ absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t 
   // Every option (focal, ignore_index, normalize, smoothing, per-sample mean, Accumulate's
   // per-element values) runs on CUDA when the request asks for it or for AUTO and a GPU is
   // available; the reply's device field says where it ran.
-  if (plan.device != v1::DEVICE_CPU && cuda_ != nullptr) {
+  // Correctly rounded requests always run on the host (docs/kernels.md section 8).
+  if (plan.device != v1::DEVICE_CPU && cuda_ != nullptr &&
+      plan.args.precision == kernels::Precision::kDefault) {
     backend = cuda_.get();
     device = v1::DEVICE_CUDA;
   }

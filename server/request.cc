@@ -309,6 +309,22 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
           "gradients.targets is not available for sigmoid_focal_loss (only gradients.logits)");
     }
   }
+  switch (request.precision()) {
+    case v1::PRECISION_DEFAULT:
+      break;
+    case v1::PRECISION_CORRECTLY_ROUNDED:
+      // Computed on the host whatever the device (docs/kernels.md section 8).
+      if (plan.args.loss != kernels::Loss::kBce) {
+        return absl::InvalidArgumentError(
+            "precision PRECISION_CORRECTLY_ROUNDED is only offered for bce_with_logits, not "
+            "sigmoid_focal_loss");
+      }
+      plan.args.precision = kernels::Precision::kCorrectlyRounded;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "precision ", static_cast<int>(request.precision()), " is not a known Precision"));
+  }
   if (plan.args.reduction == kernels::Reduction::kPerSampleMean) {
     plan.args.last_dim = plan.shape.empty() ? 1 : plan.shape.back();
   }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "lossd/kernels/backend.h"
+#include "lossd/kernels/correctly_rounded.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/operand.h"
@@ -171,6 +172,7 @@ int main(int argc, char** argv) {
       const double gbs = 4.0 * (v.reads + v.writes) * n / t / 1e9;
       std::printf("%-44s %7d %10.1f %9.2f %9.2f\n", v.name, threads, n / t / 1e6, gbs, r.ratio);
     }
+    if (stream_times.empty()) continue;  // --only matched no variant
     const double ts = Median(stream_times);
     std::printf("%-44s %7d %10.1f %9.2f %9s\n", "stream 2-read-2-write (a+b, a*b)", threads,
                 n / ts / 1e6, 16.0 * n / ts / 1e9, "1.00");
@@ -179,5 +181,48 @@ int main(int argc, char** argv) {
       "(vs stream: median over rounds of the streaming loop's time over the kernel's time, the "
       "two\n"
       " run alternately with the same threads; the stream row is the median of all its rounds)\n");
+
+  // The correctly rounded mode (docs/kernels.md section 8) against the default on the main
+  // variant (loss + dl/dx, weight[C], pos_weight[C]; hard labels) and on mixed labels, on the
+  // first n_cr elements, both timed alternately in this run; "x" is the median over rounds of
+  // the correctly rounded time over the default's.
+  if (std::strstr("correctly rounded", only) != nullptr || *only == '\0') {
+    const int64_t n_cr = std::min<int64_t>(n, 1'000'000);
+    for (int threads : {1, 2}) {
+      auto cpu = lossd::kernels::MakeCpuBackend({threads});
+      for (bool soft : {false, true}) {
+        BceArgs a;
+        a.numel = n_cr;
+        a.logits = x.data();
+        a.targets = soft ? ym.data() : y.data();
+        a.weight = *lossd::kernels::MakeOperand("weight", DType::kFloat32, w.data(), {C},
+                                                {n_cr / C, C});
+        a.pos_weight = *lossd::kernels::MakeOperand("pos_weight", DType::kFloat32, p.data(), {C},
+                                                    {n_cr / C, C});
+        a.reduction = Reduction::kNone;
+        BceOutputs out{o1.data(), o2.data(), nullptr};
+        BceArgs cr = a;
+        std::vector<double> default_times;
+        cr.precision = lossd::kernels::Precision::kCorrectlyRounded;
+        const lossd::kernels::CorrectlyRoundedStats before =
+            lossd::kernels::GetCorrectlyRoundedStats();
+        const Paired r = TimePaired(
+            std::max(3, reps / 2), [&] { (void)cpu->Bce(a, out); },
+            [&] { (void)cpu->Bce(cr, out); }, &default_times);
+        const lossd::kernels::CorrectlyRoundedStats after =
+            lossd::kernels::GetCorrectlyRoundedStats();
+        const double outputs = static_cast<double>(after.fast_outputs - before.fast_outputs +
+                                                   after.fallback_outputs -
+                                                   before.fallback_outputs);
+        std::printf(
+            "correctly rounded, main variant%s, n=%lld, %d threads: %.1f Melem/s, %.1fx the "
+            "default's time; MPFR fallback %.2e of outputs\n",
+            soft ? " (mixed y)" : "", static_cast<long long>(n_cr), threads,
+            n_cr / r.kernel_s / 1e6, 1.0 / r.ratio,
+            static_cast<double>(after.fallback_outputs - before.fallback_outputs) /
+                std::max(outputs, 1.0));
+      }
+    }
+  }
   return 0;
 }

@@ -236,6 +236,11 @@ absl::Status CudaBackend::Reserve(Slot* slot, size_t bytes) {
 }
 
 absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
+  if (args.precision != Precision::kDefault) {
+    // The server computes correctly rounded requests on the host (docs/kernels.md section 8).
+    return absl::InvalidArgumentError(
+        "precision PRECISION_CORRECTLY_ROUNDED is computed by the CPU backend only");
+  }
   const size_t ix = ItemSize(args.dtype), iy = ItemSize(args.targets_dtype);
   if (args.numel < 0 || ix == 0 || iy == 0 ||
       (args.weight.data != nullptr && ItemSize(args.weight.dtype) == 0) ||

@@ -17,6 +17,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "bce_math.h"
+#include "correctly_rounded.h"
 #include "divisors.h"
 #include "hwy/aligned_allocator.h"
 #include "simd_block.h"
@@ -353,6 +354,9 @@ class CpuBackend final : public Backend {
   std::string Name() const override { return "cpu"; }
 
   absl::Status Bce(const BceArgs& args, const BceOutputs& out) override {
+    if (args.precision == Precision::kCorrectlyRounded) {
+      return internal::CorrectlyRoundedBce(args, out, pool_);  // docs/kernels.md section 8
+    }
     const int64_t blocks = (args.numel + kReduceBlock - 1) / kReduceBlock;
     // One task per chunk (32 blocks, 64k elements) keeps scheduling cost negligible.
     constexpr int64_t kBlocksPerTask = kChunkElements / kReduceBlock;

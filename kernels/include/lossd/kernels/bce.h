@@ -36,6 +36,12 @@ enum class Loss : int {
   kFocal = 1,  // torchvision's sigmoid focal loss (weight multiplies; pos_weight unused)
 };
 
+// How the outputs are rounded (lossd.v1.Precision; docs/kernels.md section 8).
+enum class Precision : int {
+  kDefault = 0,           // the fast kernels, within the bounds of docs/design.md section 4
+  kCorrectlyRounded = 1,  // every output the exact value rounded once to nearest-even (kBce only)
+};
+
 // One BCE-with-logits evaluation. All pointers are borrowed for the duration of the call.
 struct BceArgs {
   int64_t numel = 0;
@@ -68,6 +74,10 @@ struct BceArgs {
   // reduced loss of a part is its share, divided as the whole's.
   int64_t whole_numel = 0;
   int64_t whole_kept = -1;
+
+  // kCorrectlyRounded: the CPU backend's correctly rounded path (correctly_rounded.h);
+  // other backends return INVALID_ARGUMENT for it.
+  Precision precision = Precision::kDefault;
 
   // Optional: polled between chunks of work (kChunkElements elements); once it returns true the
   // call stops early and returns CANCELLED (outputs are then unspecified). Thread-safe.

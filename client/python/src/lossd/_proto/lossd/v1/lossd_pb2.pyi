@@ -22,6 +22,11 @@ class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REDUCTION_SUM: _ClassVar[Reduction]
     REDUCTION_PER_SAMPLE_MEAN: _ClassVar[Reduction]
 
+class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRECISION_DEFAULT: _ClassVar[Precision]
+    PRECISION_CORRECTLY_ROUNDED: _ClassVar[Precision]
+
 class Device(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DEVICE_AUTO: _ClassVar[Device]
@@ -42,6 +47,8 @@ REDUCTION_NONE: Reduction
 REDUCTION_MEAN: Reduction
 REDUCTION_SUM: Reduction
 REDUCTION_PER_SAMPLE_MEAN: Reduction
+PRECISION_DEFAULT: Precision
+PRECISION_CORRECTLY_ROUNDED: Precision
 DEVICE_AUTO: Device
 DEVICE_CPU: Device
 DEVICE_CUDA: Device
@@ -117,7 +124,7 @@ class WholeRequest(_message.Message):
     def __init__(self, num_elements: _Optional[int] = ..., num_kept: _Optional[int] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("request_id", "logits", "targets", "weight", "bce_with_logits", "sigmoid_focal_loss", "reduction", "gradients", "device", "reject_nan", "whole", "outputs", "accumulate_slice")
+    __slots__ = ("request_id", "logits", "targets", "weight", "bce_with_logits", "sigmoid_focal_loss", "reduction", "gradients", "device", "reject_nan", "whole", "outputs", "accumulate_slice", "precision")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +138,7 @@ class EvaluateRequest(_message.Message):
     WHOLE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ACCUMULATE_SLICE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     logits: Tensor
     targets: Tensor
@@ -144,7 +152,8 @@ class EvaluateRequest(_message.Message):
     whole: WholeRequest
     outputs: OutputPlacement
     accumulate_slice: AccumulateSlice
-    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bce_with_logits: _Optional[_Union[BceWithLogits, _Mapping]] = ..., sigmoid_focal_loss: _Optional[_Union[SigmoidFocalLoss, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradients: _Optional[_Union[GradientRequest, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., reject_nan: bool = ..., whole: _Optional[_Union[WholeRequest, _Mapping]] = ..., outputs: _Optional[_Union[OutputPlacement, _Mapping]] = ..., accumulate_slice: _Optional[_Union[AccumulateSlice, _Mapping]] = ...) -> None: ...
+    precision: Precision
+    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bce_with_logits: _Optional[_Union[BceWithLogits, _Mapping]] = ..., sigmoid_focal_loss: _Optional[_Union[SigmoidFocalLoss, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradients: _Optional[_Union[GradientRequest, _Mapping]] = ..., device: _Optional[_Union[Device, str]] = ..., reject_nan: bool = ..., whole: _Optional[_Union[WholeRequest, _Mapping]] = ..., outputs: _Optional[_Union[OutputPlacement, _Mapping]] = ..., accumulate_slice: _Optional[_Union[AccumulateSlice, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ...) -> None: ...
 
 class AccumulateSlice(_message.Message):
     __slots__ = ("element_offset",)
