@@ -7,11 +7,13 @@
 #include <cstdio>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
+#include "inference/grpc_predict_v2.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "schedule.h"
 #include "tools/bench/baseline_services.h"
@@ -110,7 +112,7 @@ class Engine {
 
   // Checks an OK reply of a lossd kind; returns true when it is wrong.
   bool Mismatch(const RequestKind& kind, const EvaluateResponse& reply) {
-    if (!o_.verify || service_ != Service::kLossd) return false;
+    if (!o_.verify || (service_ != Service::kLossd && service_ != Service::kOip)) return false;
     if (kind.expect_failure) {
       Report(absl::StrCat(kind.label, ": the server accepted a request it must refuse"));
       return true;
@@ -185,6 +187,7 @@ class Engine {
   std::vector<std::unique_ptr<grpc::GenericStub>> generic_;
   std::vector<std::unique_ptr<lossd::v1::LossService::Stub>> typed_;
   std::vector<std::mt19937_64> rngs_;  // one per closed-loop caller
+  std::vector<std::unique_ptr<StreamCaller>> open_streams_;  // open-loop EvaluateStream
 
   Clock::time_point t0_, warm_end_, end_;
   std::atomic<bool> stop_{false};
@@ -215,7 +218,8 @@ bool Engine::StartUnary(int caller, int stub, int shard, Clock::time_point at,
   call->measured = measured;
   call->scheduled = at;
   const RequestKind& kind = kinds_[call->kind];
-  grpc::Slice slice(kind.serialized.data(), kind.serialized.size(), grpc::Slice::STATIC_SLICE);
+  const std::string& bytes = service_ == Service::kOip ? kind.oip_serialized : kind.serialized;
+  grpc::Slice slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
   call->request = grpc::ByteBuffer(&slice, 1);
   Prepare(&call->ctx, &kind);
   outstanding_.fetch_add(1);
@@ -232,9 +236,29 @@ void Engine::UnaryDone(UnaryCall* call, const grpc::Status& status) {
   c.scheduled = call->scheduled;
   c.code = status.error_code();
   const RequestKind& kind = kinds_[call->kind];
-  c.bytes = static_cast<int64_t>(kind.serialized.size() + call->reply.Length());
+  c.bytes = static_cast<int64_t>(
+      (service_ == Service::kOip ? kind.oip_serialized : kind.serialized).size() +
+      call->reply.Length());
   c.elements = kind.elements;
-  if (c.code == 0 && service_ != Service::kRaw && (o_.parse_replies || o_.verify)) {
+  if (c.code == 0 && service_ == Service::kOip && (o_.parse_replies || o_.verify)) {
+    // ModelInfer replies carry no timing; with --verify they are checked as the
+    // EvaluateResponse they stand for.
+    inference::ModelInferResponse reply;
+    if (!grpc::SerializationTraits<inference::ModelInferResponse>::Deserialize(&call->reply,
+                                                                               &reply)
+             .ok()) {
+      c.mismatch = true;
+      Report(absl::StrCat(kind.label, ": the reply does not parse"));
+    } else if (o_.verify) {
+      auto as_lossd = FromOipReply(kind.request, reply);
+      if (!as_lossd.ok()) {
+        c.mismatch = true;
+        Report(absl::StrCat(kind.label, ": ", as_lossd.status().message()));
+      } else {
+        c.mismatch = Mismatch(kind, *as_lossd);
+      }
+    }
+  } else if (c.code == 0 && service_ != Service::kRaw && (o_.parse_replies || o_.verify)) {
     EvaluateResponse reply;
     if (!grpc::SerializationTraits<EvaluateResponse>::Deserialize(&call->reply, &reply).ok()) {
       c.mismatch = true;
@@ -263,20 +287,59 @@ void Engine::UnaryDone(UnaryCall* call, const grpc::Status& status) {
 
 // EvaluateStream: one stream per caller with `stream_window` batches in flight; each reply is
 // one call, timed from when its batch was queued for writing.
+//
+// Open loop (`open`): one stream per channel, kept by the engine; the sender thread queues each
+// batch at its scheduled time (Enqueue) on stream i % streams, and its latency counts from that
+// time, so batches waiting behind a slow stream count their wait. Close() ends the stream once
+// its queued batches are written.
 class Engine::StreamCaller final
     : public grpc::ClientBidiReactor<EvaluateRequest, EvaluateStreamResponse> {
  public:
-  StreamCaller(Engine* e, int caller) : e_(e), caller_(caller) {}
+  StreamCaller(Engine* e, int caller, bool open = false) : e_(e), caller_(caller), open_(open) {}
 
   void Begin() {
     e_->Prepare(&ctx_, nullptr);
-    e_->typed_[e_->o_.shared_channel ? 0 : caller_]->async()->EvaluateStream(&ctx_, this);
-    {
+    const int stub = open_ ? caller_ : e_->o_.shared_channel ? 0 : caller_;
+    e_->typed_[stub]->async()->EvaluateStream(&ctx_, this);
+    if (!open_) {
       std::lock_guard<std::mutex> lock(mu_);
       for (int i = 0; i < e_->o_.stream_window; ++i) AddOneLocked();
     }
     StartRead(&reply_);
     StartCall();
+  }
+
+  // Open loop: queues one batch of `kind` scheduled at `at`. A batch queued on a stream that
+  // has already ended counts at once as failed with the stream's status.
+  void Enqueue(int kind, Clock::time_point at, bool measured) {
+    std::unique_lock<std::mutex> lock(mu_);
+    e_->outstanding_.fetch_add(1);
+    if (done_) {
+      lock.unlock();
+      Outcome c;
+      c.measured = measured;
+      c.code = final_code_;
+      c.scheduled = at;
+      c.done = Clock::now();
+      e_->Count(caller_, c);
+      e_->outstanding_.fetch_sub(1);
+      return;
+    }
+    inflight_.push_back({kind, at, measured});
+    if (closing_) return;  // a write failed: OnDone counts it
+    to_write_.push_back(kind);
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(&e_->kinds_[kind].request);
+    }
+  }
+
+  // Open loop: no more batches.
+  void Close() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (done_) return;
+    closing_ = true;
+    FinishWritesLocked();
   }
 
   void OnWriteDone(bool ok) override {
@@ -320,7 +383,9 @@ class Engine::StreamCaller final
       c.mismatch = e_->Mismatch(kind, reply_.response());
     }
     e_->Count(caller_, c);
-    {
+    if (open_) {
+      e_->outstanding_.fetch_sub(1);
+    } else {
       std::lock_guard<std::mutex> lock(mu_);
       AddOneLocked();
     }
@@ -329,17 +394,25 @@ class Engine::StreamCaller final
 
   void OnDone(const grpc::Status& status) override {
     // Batches without a reply failed with the stream's status.
-    for (const Item& item : inflight_) {
+    std::deque<Item> left;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+      final_code_ = status.ok() ? 2 : status.error_code();
+      left.swap(inflight_);
+    }
+    for (const Item& item : left) {
       Outcome c;
       c.measured = item.measured;
-      c.code = status.ok() ? 2 : status.error_code();
+      c.code = final_code_;
       c.scheduled = item.sent;
       c.done = Clock::now();
       e_->Count(caller_, c);
+      if (open_) e_->outstanding_.fetch_sub(1);
     }
     e_->Forget(&ctx_);
     Engine* e = e_;
-    delete this;
+    if (!open_) delete this;  // open-loop streams belong to the engine (the sender uses them)
     e->Retire();
   }
 
@@ -377,32 +450,40 @@ class Engine::StreamCaller final
 
   Engine* const e_;
   const int caller_;
+  const bool open_;
   grpc::ClientContext ctx_;
   EvaluateStreamResponse reply_;
   std::mutex mu_;
   std::deque<Item> inflight_;
   std::deque<int> to_write_;
   bool writing_ = false, closing_ = false, writes_done_ = false;
+  bool done_ = false;  // OnDone ran
+  int final_code_ = 2;
 };
 
-// Accumulate: `accumulate_batches` batches of one kind per call, then the next call.
+// Accumulate: `accumulate_batches` batches of one kind per call; in closed loop the caller's
+// next call follows, in open loop (`at` set) each scheduled arrival is one call on channel
+// `stub`, timed from its scheduled time.
 class Engine::AccumulateCall final : public grpc::ClientWriteReactor<EvaluateRequest> {
  public:
   AccumulateCall(Engine* e, int caller) : e_(e), caller_(caller) {}
 
-  // False when the window is over (the object is then deleted).
-  static bool Start(Engine* e, int caller) {
+  // False when the window is over (nothing was started).
+  static bool Start(Engine* e, int caller, std::optional<Clock::time_point> at = std::nullopt,
+                    int stub = 0, int shard = 0) {
     bool measured = false;
-    const auto now = Clock::now();
+    const auto now = at.value_or(Clock::now());
     if (!e->Admit(now, &measured)) return false;
-    auto* call = new AccumulateCall(e, caller);
+    auto* call = new AccumulateCall(e, at ? shard : caller);
+    call->open_ = at.has_value();
     call->measured_ = measured;
     call->sent_ = now;
-    call->kind_ = e->PickKind(e->rngs_[caller]);
+    call->kind_ = e->PickKind(e->rngs_[at ? 0 : caller]);
     call->remaining_ = e->o_.accumulate_batches;
     e->Prepare(&call->ctx_, nullptr);
-    e->typed_[e->o_.shared_channel ? 0 : caller]->async()->Accumulate(&call->ctx_,
-                                                                     &call->reply_, call);
+    if (call->open_) e->outstanding_.fetch_add(1);
+    e->typed_[at ? stub : e->o_.shared_channel ? 0 : caller]->async()->Accumulate(
+        &call->ctx_, &call->reply_, call);
     call->StartWrite(&e->kinds_[call->kind_].request);
     call->StartCall();
     return true;
@@ -441,7 +522,13 @@ class Engine::AccumulateCall final : public grpc::ClientWriteReactor<EvaluateReq
     e_->Count(caller_, c);
     Engine* e = e_;
     const int caller = caller_;
+    const bool open = open_;
     delete this;
+    if (open) {
+      e->outstanding_.fetch_sub(1);
+      e->Retire();
+      return;
+    }
     if (!Start(e, caller)) e->Retire();
   }
 
@@ -452,6 +539,7 @@ class Engine::AccumulateCall final : public grpc::ClientWriteReactor<EvaluateReq
   lossd::v1::AccumulateResponse reply_;
   int kind_ = 0;
   int remaining_ = 0;
+  bool open_ = false;
   bool measured_ = false;
   Clock::time_point sent_;
 };
@@ -461,6 +549,7 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
     case Service::kLossd: method_ = "/lossd.v1.LossService/Evaluate"; break;
     case Service::kEcho: method_ = lossd::bench::kEchoMethod; break;
     case Service::kRaw: method_ = lossd::bench::kRawMethod; break;
+    case Service::kOip: method_ = "/inference.GRPCInferenceService/ModelInfer"; break;
   }
   const int callers = point_.open ? 1 : point_.concurrency;
   const int nchannels = point_.open ? std::max(1, o_.channels)
@@ -483,6 +572,15 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
     std::lock_guard<std::mutex> lock(done_mu_);
     active_ = callers;
   }
+  if (point_.open && o_.rpc == Rpc::kStream) {
+    // One stream per channel, owned here: the sender queues batches on them.
+    std::lock_guard<std::mutex> lock(done_mu_);
+    active_ += static_cast<int>(channels_.size());
+  }
+  for (size_t i = 0; point_.open && o_.rpc == Rpc::kStream && i < channels_.size(); ++i) {
+    open_streams_.push_back(std::make_unique<StreamCaller>(this, static_cast<int>(i), true));
+    open_streams_.back()->Begin();
+  }
   if (point_.open) {
     sender = std::thread([this] {
       bench::ArrivalSchedule schedule(
@@ -497,16 +595,27 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
         while (!stop_ && outstanding_.load() >= o_.max_outstanding) {
           std::this_thread::sleep_for(std::chrono::microseconds(100));
         }
+        const int stub = static_cast<int>(i % channels_.size());
+        const int shard = static_cast<int>(i % kShards);
+        if (o_.rpc == Rpc::kStream) {
+          bool measured = false;
+          if (!Admit(at, &measured)) break;
+          open_streams_[stub]->Enqueue(PickKind(rngs_[0]), at, measured);
+          continue;
+        }
         {
           std::lock_guard<std::mutex> lock(done_mu_);
           ++active_;
         }
-        if (!StartUnary(0, static_cast<int>(i % channels_.size()), static_cast<int>(i % kShards),
-                        at, rngs_[0])) {
+        const bool started = o_.rpc == Rpc::kAccumulate
+                                 ? AccumulateCall::Start(this, 0, at, stub, shard)
+                                 : StartUnary(0, stub, shard, at, rngs_[0]);
+        if (!started) {
           Retire();
           break;
         }
       }
+      for (auto& s : open_streams_) s->Close();
       Retire();  // the sender itself
     });
   } else {

@@ -5,7 +5,10 @@
 //                one stream, Accumulate callers send `accumulate_batches` batches per call
 //   open loop    calls sent at a fixed rate or with Poisson arrivals (client/bench/schedule.h);
 //                latency from each call's scheduled time, so a server that falls behind
-//                cannot hide its queueing (no coordinated omission). Unary Evaluate only.
+//                cannot hide its queueing (no coordinated omission). Evaluate: one unary call
+//                per arrival; EvaluateStream: one batch per arrival, queued on one of
+//                `channels` streams (a stream per channel) whatever is still in flight on it;
+//                Accumulate: one call of `accumulate_batches` batches per arrival.
 // Calls started in the warm-up are counted only as warm-up calls. The measured window ends
 // after `duration`, or once `requests` calls have been started; calls in flight then are
 // waited for and counted.
@@ -30,7 +33,9 @@
 namespace lossd::loadtest {
 
 enum class Rpc { kEvaluate, kStream, kAccumulate };
-enum class Service { kLossd, kEcho, kRaw };
+// What a server is loaded through: lossd.v1 Evaluate, the baselines' methods (tools/bench),
+// or the Open Inference Protocol's ModelInfer (--protocol=oip; RequestKind::oip_serialized).
+enum class Service { kLossd, kEcho, kRaw, kOip };
 
 // How to reach a server: its gRPC target, credentials and channel arguments.
 struct Endpoint {

@@ -7,6 +7,7 @@
 // drifts of a shared machine hit them alike; it prints each server's figures and lossd's ratios
 // to the baselines. With --target it loads that server and names it by its GetCapabilities
 // reply ("unknown server" when it has none).
+#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -25,6 +26,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -34,13 +36,17 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "driver.h"
+#include "inference/grpc_predict_v2.grpc.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "report.h"
 #include "requests.h"
+#include "npy.h"
+#include "search.h"
 #include "spec.h"
 
 // Servers.
@@ -48,6 +54,15 @@ ABSL_FLAG(std::string, target, "",
           "Load this running server instead of starting one: host:port, unix:PATH, or several "
           "host:port separated by commas (balanced round robin). Named by what GetCapabilities "
           "says, else \"unknown server\".");
+ABSL_FLAG(std::string, target_service, "lossd",
+          "What --target serves: lossd, or echo / raw (lossd_bench_server of tools/bench, "
+          "loaded with their own methods).");
+ABSL_FLAG(bool, self_check, false,
+          "Check that lossd-bench is not the bottleneck (docs/perf.md, \"Is lossd-bench the "
+          "bottleneck?\"): against the raw baseline (started here, or --target with "
+          "--target_service), measure one lossd-bench process at --concurrency (default 16) "
+          "and two processes at once with half the callers each, --rounds times alternately, "
+          "and print both calls/s and their ratio.");
 ABSL_FLAG(std::string, lossd_binary, "",
           "lossd to start when there is no --target (default: server/lossd of this build).");
 ABSL_FLAG(std::string, lossd_args, "",
@@ -66,11 +81,15 @@ ABSL_FLAG(std::string, concurrency, "1",
           "\"2:10:+2\").");
 ABSL_FLAG(std::string, rps, "",
           "Open loop: calls per second, one value or a sweep (\"500:4000:x2\"); overrides "
-          "--concurrency. Latency counts from each call's scheduled time.");
+          "--concurrency. Latency counts from each call's scheduled time. With --rpc=stream "
+          "each call is one batch queued on one of --channels streams; with --rpc=accumulate "
+          "one Accumulate call of --batches batches.");
 ABSL_FLAG(std::string, arrivals, "poisson", "Open loop arrivals: poisson or fixed (evenly spaced).");
 ABSL_FLAG(bool, shared_channel, false,
           "Closed loop: all callers share one channel (one connection) instead of one each.");
-ABSL_FLAG(int, channels, 4, "Open loop: channels (connections) the calls are spread over.");
+ABSL_FLAG(int, channels, 4,
+          "Open loop: channels (connections) the calls are spread over; --rpc=stream: one "
+          "stream on each.");
 ABSL_FLAG(absl::Duration, warmup, absl::Seconds(1),
           "Warm-up before each measurement; its calls are excluded from every figure.");
 ABSL_FLAG(absl::Duration, duration, absl::Seconds(5), "Measured time per server and round.");
@@ -80,6 +99,11 @@ ABSL_FLAG(int64_t, max_outstanding, 10000,
           "Open loop: calls in flight at most; the sender waits beyond (their latency still "
           "counts from the schedule).");
 // Requests.
+ABSL_FLAG(std::string, protocol, "lossd",
+          "lossd: the lossd.v1 API; oip: the Open Inference Protocol (KServe v2) front end, "
+          "inference.GRPCInferenceService/ModelInfer on model bce_with_logits or "
+          "sigmoid_focal_loss with the same tensors and options (docs/interop.md; unary, no "
+          "baselines; --target servers are named by ServerMetadata).");
 ABSL_FLAG(std::string, rpc, "evaluate",
           "evaluate (unary), stream (EvaluateStream, --stream_window batches in flight per "
           "caller) or accumulate (--batches batches per call; reduction sum or mean).");
@@ -92,6 +116,13 @@ ABSL_FLAG(std::string, mix, "",
           "Weighted request kinds instead of --elements: WEIGHT:ELEMENTS[:VARIANT],... e.g. "
           "\"0.9:1k,0.1:1M\"; variant badshape sends targets of the wrong shape (the server "
           "must refuse them: counted as errors).");
+ABSL_FLAG(std::string, logits_npy, "",
+          "Send these logits instead of generated ones: a .npy file (little-endian float16, "
+          "float32 or float64, C order) whose shape is the request's; needs --targets_npy. "
+          "The wire dtype is the file's unless --dtype is given; --mix/--elements do not apply.");
+ABSL_FLAG(std::string, targets_npy, "", ".npy file of the targets (the logits' shape).");
+ABSL_FLAG(std::string, weight_npy, "",
+          ".npy file of a weight tensor (the logits' shape), sent with the file inputs.");
 ABSL_FLAG(int64_t, cols, 64, "Last dimension of the tensors (when it divides the count).");
 ABSL_FLAG(std::string, dtype, "float32", "float32, float64, float16 or bfloat16.");
 ABSL_FLAG(std::string, reduction, "none", "none, mean, sum or per_sample_mean.");
@@ -121,6 +152,25 @@ ABSL_FLAG(absl::Duration, deadline, absl::ZeroDuration(), "Deadline of each call
 ABSL_FLAG(std::string, metadata, "", "Extra call metadata: key=value,key2=value2.");
 ABSL_FLAG(std::string, lb_policy, "",
           "gRPC load balancing policy (round_robin is used for several --target addresses).");
+// Sustainable-rate search (client/bench/search.h).
+ABSL_FLAG(bool, find_max_rps, false,
+          "Search the highest open-loop rate (--arrivals) that meets the objective: p99 <= "
+          "--slo_p99, errors below --slo_errors and successful calls/s >= --slo_achieved of "
+          "the rate offered. Doubles from --search_start_rps, halves if that fails, then "
+          "bisects to --search_precision; each rate is measured for --warmup + --duration. "
+          "Replaces --rps and --concurrency; baselines only when --baselines names them.");
+ABSL_FLAG(absl::Duration, slo_p99, absl::ZeroDuration(),
+          "--find_max_rps: the p99 latency objective (e.g. 5ms); required with it.");
+ABSL_FLAG(double, slo_errors, 0.001,
+          "--find_max_rps: a rate holds only with fewer than this fraction of failed calls.");
+ABSL_FLAG(double, slo_achieved, 0.95,
+          "--find_max_rps: a rate holds only if successful calls/s reach this fraction of it.");
+ABSL_FLAG(std::string, search_start_rps, "100", "--find_max_rps: first rate tried (calls/s).");
+ABSL_FLAG(std::string, search_max_rps, "1M", "--find_max_rps: highest rate tried (calls/s).");
+ABSL_FLAG(double, search_precision, 0.05,
+          "--find_max_rps: stop when the lowest failing rate is within this fraction above the "
+          "highest rate that held.");
+ABSL_FLAG(int, search_max_points, 20, "--find_max_rps: rates measured at most, per server.");
 // Sweep end and output.
 ABSL_FLAG(absl::Duration, stop_p99, absl::ZeroDuration(),
           "Stop the sweep after a point where the first server's p99 exceeds this (0: never).");
@@ -277,6 +327,19 @@ std::string NameByCapabilities(const Endpoint& e, const std::vector<std::pair<st
   return absl::StrCat("lossd ", caps.server_version());
 }
 
+// What an Open Inference Protocol server says it is: "<name> <version>", or "unknown server".
+std::string NameByServerMetadata(const Endpoint& e,
+                                 const std::vector<std::pair<std::string, std::string>>& md) {
+  auto stub = inference::GRPCInferenceService::NewStub(lossd::loadtest::MakeChannel(e, -1));
+  grpc::ClientContext ctx;
+  for (const auto& [k, v] : md) ctx.AddMetadata(k, v);
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  inference::ServerMetadataResponse meta;
+  const grpc::Status s = stub->ServerMetadata(&ctx, inference::ServerMetadataRequest(), &meta);
+  if (!s.ok() || meta.name().empty()) return "unknown server";
+  return absl::StrCat(meta.name(), " ", meta.version(), " (oip)");
+}
+
 template <typename T>
 T Choose(const std::string& flag, const std::string& value,
          const std::vector<std::pair<std::string, T>>& choices) {
@@ -293,6 +356,90 @@ std::optional<double> OptionalDouble(const std::string& flag, const std::string&
   double v = 0;
   if (!absl::SimpleAtod(text, &v)) Usage(absl::StrCat("--", flag, "=", text, ": not a number"));
   return v;
+}
+
+// Whether --NAME (or --noNAME, -NAME) is among the arguments: flags whose default means
+// something else with file inputs.
+std::vector<std::string> g_args;
+bool OnCommandLine(const std::string& name) {
+  for (const std::string& a : g_args) {
+    absl::string_view v = a;
+    if (!absl::ConsumePrefix(&v, "--")) absl::ConsumePrefix(&v, "-");
+    if (v == name || absl::StartsWith(v, name + "=") || v == "no" + name) return true;
+  }
+  return false;
+}
+
+// A .npy input of --logits_npy/--targets_npy/--weight_npy; exits with a message naming the flag.
+// `dtype` (optional) receives the file's dtype.
+lossd::loadtest::TensorValues ReadInput(const char* flag, const std::string& path,
+                                        lossd::bench::NpyArray::DType* dtype = nullptr) {
+  auto a = lossd::bench::ReadNpy(path);
+  if (!a.ok()) Usage(absl::StrCat("--", flag, "=", path, ": ", a.status().message()));
+  if (dtype != nullptr) *dtype = a->dtype;
+  lossd::loadtest::TensorValues t;
+  t.name = path;
+  t.shape = a->shape;
+  t.values = std::move(a->values);
+  return t;
+}
+
+// --self_check: lossd-bench processes started with `args` at once, each writing its CSV report
+// to its own file; returns the sum of their calls/s and client CPU (cores), or nullopt.
+struct SelfCheckFigures {
+  double qps = 0, cpu_cores = 0;
+  int64_t errors = 0;
+};
+std::optional<SelfCheckFigures> RunTesters(const std::vector<std::vector<std::string>>& args,
+                                           const std::string& csv_prefix) {
+  std::vector<pid_t> pids;
+  std::vector<std::string> files;
+  for (size_t i = 0; i < args.size(); ++i) {
+    files.push_back(absl::StrCat(csv_prefix, "-", i, ".csv"));
+    std::vector<std::string> a = args[i];
+    a.insert(a.begin(), "/proc/self/exe");
+    a.push_back(absl::StrCat("--csv=", files.back()));
+    const pid_t pid = fork();
+    if (pid < 0) return std::nullopt;
+    if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      const int devnull = open("/dev/null", O_RDWR);
+      dup2(devnull, 0);
+      dup2(devnull, 1);
+      std::vector<char*> argv;
+      for (const std::string& x : a) argv.push_back(const_cast<char*>(x.c_str()));
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    pids.push_back(pid);
+  }
+  bool ok = true;
+  for (pid_t pid : pids) {
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    ok = ok && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  }
+  SelfCheckFigures f;
+  for (const std::string& file : files) {
+    std::ifstream in(file);
+    std::string header, line;
+    std::getline(in, header);
+    std::getline(in, line);
+    unlink(file.c_str());
+    const std::vector<std::string> names = absl::StrSplit(header, ',');
+    const std::vector<std::string> values = absl::StrSplit(line, ',');
+    if (!ok || names.size() != values.size()) return std::nullopt;
+    for (size_t i = 0; i < names.size(); ++i) {
+      double v = 0;
+      if (!absl::SimpleAtod(values[i], &v)) continue;
+      if (names[i] == "qps") f.qps += v;
+      if (names[i] == "client_cpu_cores") f.cpu_cores += v;
+      if (names[i] == "errors") f.errors += static_cast<int64_t>(v);
+    }
+  }
+  return f;
 }
 
 std::string PointName(const lossd::loadtest::LoadPoint& p) {
@@ -315,6 +462,7 @@ int main(int argc, char** argv) {
     return std::string(at == absl::string_view::npos ? file : file.substr(at));
   };
   absl::SetFlagsUsageConfig(usage);
+  g_args.assign(argv + 1, argv + argc);
   const std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   if (rest.size() > 1) Usage(absl::StrCat("unexpected argument \"", rest[1], "\""));
 
@@ -324,6 +472,11 @@ int main(int argc, char** argv) {
   const Rpc rpc = Choose<Rpc>("rpc", absl::GetFlag(FLAGS_rpc),
                               {{"evaluate", Rpc::kEvaluate}, {"stream", Rpc::kStream},
                                {"accumulate", Rpc::kAccumulate}});
+  const bool oip = Choose<bool>("protocol", absl::GetFlag(FLAGS_protocol),
+                                {{"lossd", false}, {"oip", true}});
+  if (oip && rpc != Rpc::kEvaluate) {
+    Usage("--protocol=oip sends unary ModelInfer calls: leave --rpc at evaluate");
+  }
   lossd::loadtest::RequestOptions ro;
   ro.dtype = Choose<v1::DType>("dtype", absl::GetFlag(FLAGS_dtype),
                                {{"float32", v1::DTYPE_FLOAT32}, {"float64", v1::DTYPE_FLOAT64},
@@ -339,6 +492,34 @@ int main(int argc, char** argv) {
   ro.grad_targets = grad & 2;
   ro.weight = absl::GetFlag(FLAGS_weight);
   ro.pos_weight = absl::GetFlag(FLAGS_pos_weight) && !ro.focal;
+  // File inputs: the file's dtype unless --dtype is given, and no generated pos_weight unless
+  // --pos_weight is given.
+  const std::string logits_npy = absl::GetFlag(FLAGS_logits_npy);
+  const std::string targets_npy = absl::GetFlag(FLAGS_targets_npy);
+  const std::string weight_npy = absl::GetFlag(FLAGS_weight_npy);
+  std::optional<lossd::loadtest::TensorValues> file_logits, file_targets, file_weight;
+  std::string dtype_name = absl::GetFlag(FLAGS_dtype);
+  if (logits_npy.empty() != targets_npy.empty()) {
+    Usage("--logits_npy and --targets_npy go together");
+  }
+  if (!weight_npy.empty() && logits_npy.empty()) Usage("--weight_npy needs --logits_npy");
+  if (!logits_npy.empty()) {
+    if (!absl::GetFlag(FLAGS_mix).empty() || OnCommandLine("elements")) {
+      Usage("--logits_npy replaces --mix and --elements: give one or the other");
+    }
+    if (ro.weight) Usage("--weight generates a weight: with --logits_npy use --weight_npy");
+    using D = lossd::bench::NpyArray::DType;
+    D d = D::kFloat32;
+    file_logits = ReadInput("logits_npy", logits_npy, &d);
+    file_targets = ReadInput("targets_npy", targets_npy);
+    if (!weight_npy.empty()) file_weight = ReadInput("weight_npy", weight_npy);
+    if (!OnCommandLine("dtype")) {
+      ro.dtype = d == D::kFloat16 ? v1::DTYPE_FLOAT16
+                 : d == D::kFloat64 ? v1::DTYPE_FLOAT64 : v1::DTYPE_FLOAT32;
+      dtype_name = d == D::kFloat16 ? "float16" : d == D::kFloat64 ? "float64" : "float32";
+    }
+    if (!OnCommandLine("pos_weight")) ro.pos_weight = false;
+  }
   if (const std::string ii = absl::GetFlag(FLAGS_ignore_index); !ii.empty()) {
     int64_t v = 0;
     if (!absl::SimpleAtoi(ii, &v)) Usage(absl::StrCat("--ignore_index=", ii, ": not an integer"));
@@ -372,15 +553,56 @@ int main(int argc, char** argv) {
   auto requests = lossd::bench::ParseCount(absl::GetFlag(FLAGS_requests));
   if (!requests.ok()) Usage(absl::StrCat("--requests: ", requests.status().message()));
 
+  const bool find_max = absl::GetFlag(FLAGS_find_max_rps);
   const std::string rps_text = absl::GetFlag(FLAGS_rps);
-  const bool open = !rps_text.empty();
+  if (find_max && !rps_text.empty()) Usage("--find_max_rps chooses the rates: leave out --rps");
+  if (find_max && OnCommandLine("concurrency")) {
+    Usage("--find_max_rps loads in open loop: leave out --concurrency");
+  }
+  const bool open = !rps_text.empty() || find_max;
   const bool poisson = Choose<bool>("arrivals", absl::GetFlag(FLAGS_arrivals),
                                     {{"poisson", true}, {"fixed", false}});
-  auto points_raw = lossd::bench::ParseRange(open ? rps_text : absl::GetFlag(FLAGS_concurrency));
+  auto points_raw = lossd::bench::ParseRange(
+      find_max ? "1" : open ? rps_text : absl::GetFlag(FLAGS_concurrency));
   if (!points_raw.ok()) {
     Usage(absl::StrCat(open ? "--rps: " : "--concurrency: ", points_raw.status().message()));
   }
-  if (open && rpc != Rpc::kEvaluate) Usage("--rps (open loop) works with --rpc=evaluate only");
+  lossd::bench::SearchOptions search;
+  if (find_max) {
+    search.slo_p99_ns = absl::ToInt64Nanoseconds(absl::GetFlag(FLAGS_slo_p99));
+    if (search.slo_p99_ns <= 0) Usage("--find_max_rps needs --slo_p99 > 0 (e.g. --slo_p99=5ms)");
+    search.max_error_fraction = absl::GetFlag(FLAGS_slo_errors);
+    search.min_achieved_fraction = absl::GetFlag(FLAGS_slo_achieved);
+    search.precision = absl::GetFlag(FLAGS_search_precision);
+    search.max_points = absl::GetFlag(FLAGS_search_max_points);
+    for (auto [flag, text, out] :
+         {std::tuple{"search_start_rps", absl::GetFlag(FLAGS_search_start_rps), &search.start_rps},
+          std::tuple{"search_max_rps", absl::GetFlag(FLAGS_search_max_rps), &search.max_rps}}) {
+      auto v = lossd::bench::ParseAmount(text);
+      if (!v.ok()) Usage(absl::StrCat("--", flag, ": ", v.status().message()));
+      *out = *v;
+    }
+    search.min_rps = std::min(1.0, search.start_rps);
+    if (!(search.max_error_fraction > 0 && search.max_error_fraction <= 1)) {
+      Usage(absl::StrCat("--slo_errors=", search.max_error_fraction, ": must be in (0, 1]"));
+    }
+    if (!(search.min_achieved_fraction > 0 && search.min_achieved_fraction <= 1)) {
+      Usage(absl::StrCat("--slo_achieved=", search.min_achieved_fraction, ": must be in (0, 1]"));
+    }
+    if (!(search.precision > 0 && search.precision < 1)) {
+      Usage(absl::StrCat("--search_precision=", search.precision, ": must be in (0, 1)"));
+    }
+    if (search.max_points < 1) {
+      Usage(absl::StrCat("--search_max_points=", search.max_points, ": must be >= 1"));
+    }
+    if (search.max_rps < search.start_rps) {
+      Usage(absl::StrCat("--search_max_rps=", absl::GetFlag(FLAGS_search_max_rps),
+                         " is below --search_start_rps=", absl::GetFlag(FLAGS_search_start_rps)));
+    }
+    if (const absl::Status st = lossd::bench::ValidateSearchOptions(search); !st.ok()) {
+      Usage(absl::StrCat("--find_max_rps: ", st.message()));
+    }
+  }
   std::vector<lossd::loadtest::LoadPoint> points;
   for (double v : *points_raw) {
     lossd::loadtest::LoadPoint p;
@@ -462,19 +684,62 @@ int main(int argc, char** argv) {
   base.lb_policy = absl::GetFlag(FLAGS_lb_policy);
 
   const std::string target = absl::GetFlag(FLAGS_target);
+  const Service target_service = Choose<Service>(
+      "target_service", absl::GetFlag(FLAGS_target_service),
+      {{"lossd", Service::kLossd}, {"echo", Service::kEcho}, {"raw", Service::kRaw}});
+  if (target_service != Service::kLossd && (target.empty() || rpc != Rpc::kEvaluate || oip)) {
+    Usage("--target_service=echo/raw needs --target, --rpc=evaluate and --protocol=lossd");
+  }
+  const bool self_check = absl::GetFlag(FLAGS_self_check);
+  if (self_check) {
+    if (open || rpc != Rpc::kEvaluate || oip || file_logits) {
+      Usage("--self_check sends closed-loop lossd.v1 Evaluate calls of generated tensors: leave "
+            "out --rps, --find_max_rps, --rpc, --protocol and --logits_npy");
+    }
+    if (target.empty() && absl::GetFlag(FLAGS_baselines) != "auto" &&
+        absl::GetFlag(FLAGS_baselines) != "raw" && absl::GetFlag(FLAGS_baselines) != "echo") {
+      Usage(absl::StrCat("--self_check measures one baseline: --baselines=raw or echo, not ",
+                         absl::GetFlag(FLAGS_baselines)));
+    }
+    if (!target.empty() && target_service == Service::kLossd) {
+      Usage("--self_check measures the raw or echo baseline: give --target_service with --target");
+    }
+    if (!OnCommandLine("concurrency")) points[0].concurrency = 16;
+    if (points.size() != 1 || points[0].concurrency < 2) {
+      Usage("--self_check needs one --concurrency of at least 2 (it splits the callers)");
+    }
+  }
   std::string baselines = absl::GetFlag(FLAGS_baselines);
-  if (baselines == "auto") baselines = target.empty() && rpc == Rpc::kEvaluate ? "echo,raw" : "none";
+  if (baselines == "auto") {
+    baselines = self_check && target.empty() ? "raw"
+                : target.empty() && rpc == Rpc::kEvaluate && !find_max && !self_check && !oip
+                    ? "echo,raw"
+                    : "none";
+  }
   const std::vector<std::string> baseline_names =
       Choose<std::vector<std::string>>("baselines", baselines,
                                        {{"echo,raw", {"echo", "raw"}}, {"raw,echo", {"echo", "raw"}},
                                         {"echo", {"echo"}}, {"raw", {"raw"}}, {"none", {}}});
+  if (!baseline_names.empty() && oip) {
+    Usage("the echo and raw baselines serve lossd.v1-shaped calls: --baselines=none with "
+          "--protocol=oip");
+  }
   if (!baseline_names.empty() && rpc != Rpc::kEvaluate) {
     Usage("the echo and raw baselines serve unary calls only: --baselines=none with --rpc");
   }
 
   // ---- Requests.
   std::vector<RequestKind> kinds;
-  for (size_t i = 0; i < mix->size(); ++i) {
+  if (file_logits) {
+    mix->resize(1);
+    (*mix)[0] = lossd::bench::MixEntry{1, static_cast<int64_t>(file_logits->values.size()), "ok"};
+    auto k = lossd::loadtest::BuildKindFromArrays(*file_logits, *file_targets,
+                                                  file_weight ? &*file_weight : nullptr, ro,
+                                                  o.seed, o.verify);
+    if (!k.ok()) Usage(absl::StrCat("--logits_npy: ", k.status().message()));
+    kinds.push_back(*std::move(k));
+  }
+  for (size_t i = 0; i < mix->size() && !file_logits; ++i) {
     auto k = lossd::loadtest::BuildKind((*mix)[i], ro, o.seed + i, o.verify);
     if (!k.ok()) Usage(std::string(k.status().message()));
     kinds.push_back(*std::move(k));
@@ -498,7 +763,10 @@ int main(int argc, char** argv) {
     }
     Server s;
     s.name = name;
-    s.service = name == "echo" ? Service::kEcho : name == "raw" ? Service::kRaw : Service::kLossd;
+    s.service = name == "echo"  ? Service::kEcho
+                : name == "raw" ? Service::kRaw
+                : oip           ? Service::kOip
+                                : Service::kLossd;
     s.endpoint = base;
     s.endpoint.target = address;
     s.endpoint.credentials = nullptr;  // processes started here serve plaintext on loopback
@@ -508,7 +776,9 @@ int main(int argc, char** argv) {
     return true;
   };
   const std::string build_dir = SelfDir() + "/../..";
-  if (target.empty()) {
+  if (target.empty() && self_check) {
+    // The self-check loads the raw baseline only (started below).
+  } else if (target.empty()) {
     std::string bin = absl::GetFlag(FLAGS_lossd_binary);
     if (bin.empty()) bin = build_dir + "/server/lossd";
     std::vector<std::string> args = {bin, "--host=127.0.0.1", "--port=0", "--device=cpu",
@@ -528,8 +798,10 @@ int main(int argc, char** argv) {
     } else {
       s.endpoint.target = target;
     }
-    s.service = Service::kLossd;
-    s.name = NameByCapabilities(s.endpoint, o.metadata);
+    s.service = oip ? Service::kOip : target_service;
+    s.name = oip ? NameByServerMetadata(s.endpoint, o.metadata)
+             : target_service == Service::kLossd ? NameByCapabilities(s.endpoint, o.metadata)
+                                                 : absl::GetFlag(FLAGS_target_service);
     servers.push_back(std::move(s));
   }
   for (const std::string& b : baseline_names) {
@@ -548,11 +820,16 @@ int main(int argc, char** argv) {
                          : rpc == Rpc::kStream ? "EvaluateStream"
                                                : "Accumulate";
   const std::string config = absl::StrCat(
-      rpc_name, rpc == Rpc::kStream ? absl::StrCat(" (window ", o.stream_window, ")") : "",
+      oip ? "ModelInfer (oip)" : rpc_name,
+      rpc == Rpc::kStream ? (open ? absl::StrCat(" (", o.channels, " streams)")
+                                  : absl::StrCat(" (window ", o.stream_window, ")"))
+                          : "",
       rpc == Rpc::kAccumulate ? absl::StrCat(" (", o.accumulate_batches, " batches)") : "", ", ",
-      absl::GetFlag(FLAGS_dtype), " ", absl::StrJoin(kind_text, " + "), ", ", absl::GetFlag(FLAGS_loss),
+      dtype_name, " ", absl::StrJoin(kind_text, " + "), ", ", absl::GetFlag(FLAGS_loss),
       " reduction ", absl::GetFlag(FLAGS_reduction), ", grad ", absl::GetFlag(FLAGS_grad),
-      open ? absl::StrCat(", open loop (", poisson ? "poisson" : "fixed", ")")
+      find_max ? absl::StrCat(", rate search for p99 <= ", absl::FormatDuration(
+                                  absl::GetFlag(FLAGS_slo_p99)), " (", poisson ? "poisson" : "fixed", ")")
+      : open ? absl::StrCat(", open loop (", poisson ? "poisson" : "fixed", ")")
            : absl::StrCat(", closed loop (", o.shared_channel ? "one shared channel" : "a channel per caller", ")"),
       ", warm-up ", absl::FormatDuration(o.warmup), ", ",
       o.requests > 0 ? absl::StrCat(o.requests, " calls") : absl::FormatDuration(o.duration),
@@ -562,17 +839,155 @@ int main(int argc, char** argv) {
     std::printf("  %-6s %s%s\n", s.name.c_str(), s.endpoint.target.c_str(),
                 s.process ? " (started here)" : "");
   }
-  std::printf("%s\n", lossd::bench::TableHeader().c_str());
+  if (!self_check) std::printf("%s\n", lossd::bench::TableHeader().c_str());
   std::fflush(stdout);
 
-  // ---- Sweep.
   struct sigaction sa {};
   sa.sa_handler = OnSigint;
   sigaction(SIGINT, &sa, nullptr);
+
+  // ---- Self-check (docs/perf.md, "Is lossd-bench the bottleneck?").
+  if (self_check) {
+    const Server& srv = servers[0];
+    const int c = points[0].concurrency;
+    auto tester = [&](int callers) {
+      return std::vector<std::string>{
+          absl::StrCat("--target=", srv.endpoint.target),
+          absl::StrCat("--target_service=", srv.service == Service::kEcho ? "echo" : "raw"),
+          absl::StrCat("--concurrency=", callers), absl::StrCat("--mix=", mix_text),
+          absl::StrCat("--dtype=", dtype_name), absl::StrCat("--grad=", absl::GetFlag(FLAGS_grad)),
+          absl::StrCat("--shared_channel=", o.shared_channel ? "true" : "false"),
+          absl::StrCat("--warmup=", absl::FormatDuration(o.warmup)),
+          absl::StrCat("--duration=", absl::FormatDuration(o.duration)), "--rounds=1",
+          "--baselines=none", "--progress=false"};
+    };
+    const std::string prefix = absl::StrCat("/tmp/lossd-bench-self-check-", getpid());
+    SelfCheckFigures one, two;
+    bool failed = false;
+    for (int r = 0; r < rounds && !g_interrupted && !failed; ++r) {
+      for (int k = 0; k < 2 && !failed; ++k) {
+        const bool pair = (r % 2 == 0) == (k == 1);  // one, two, two, one, ...
+        if (absl::GetFlag(FLAGS_progress)) {
+          std::fprintf(stderr, "self-check round %d/%d: %s\n", r + 1, rounds,
+                       pair ? "two processes" : "one process");
+        }
+        const auto f = pair ? RunTesters({tester(c / 2), tester(c - c / 2)}, prefix)
+                            : RunTesters({tester(c)}, prefix);
+        if (!f) {
+          failed = true;
+          break;
+        }
+        SelfCheckFigures& sum = pair ? two : one;
+        sum.qps += f->qps / rounds;
+        sum.cpu_cores += f->cpu_cores / rounds;
+        sum.errors += f->errors;
+      }
+    }
+    if (failed || g_interrupted) {
+      std::fprintf(stderr, "lossd-bench: the self-check %s\n",
+                   g_interrupted ? "was interrupted" : "failed: a tester process did not finish");
+      return g_interrupted ? 130 : 1;
+    }
+    const double ratio = one.qps > 0 ? two.qps / one.qps : 0;
+    std::printf("self-check against %s at c%d: one process %.0f calls/s (client cpu %.0f%%), two "
+                "processes %.0f calls/s (client cpu %.0f%%), errors %lld; two/one %.3f\n",
+                srv.name.c_str(), c, one.qps, 100 * one.cpu_cores, two.qps, 100 * two.cpu_cores,
+                static_cast<long long>(one.errors + two.errors), ratio);
+    // Client CPU per successful call: independent of how much CPU the scheduler gave the
+    // tester, so it tells what one fully used core could drive on a busy machine too.
+    const double cpu_us_one = one.qps > 0 ? 1e6 * one.cpu_cores / one.qps : 0;
+    const double cpu_us_two = two.qps > 0 ? 1e6 * two.cpu_cores / two.qps : 0;
+    std::printf("  client cpu per call: %.1f us (one process), %.1f us (two): one core drives "
+                "about %.0f calls/s\n",
+                cpu_us_one, cpu_us_two, cpu_us_one > 0 ? 1e6 / cpu_us_one : 0.0);
+    std::printf("%s\n", ratio <= 1.1 ? "  one lossd-bench process drives this server as fast as "
+                                       "two (within 10%): it is not the bottleneck at this load"
+                                     : "  two processes drove more than 10% more: at this load one "
+                                       "lossd-bench process limits the figures (where client and "
+                                       "server share few cores, they also compete for them)");
+    if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
+      std::ofstream out(path);
+      out << "{\"tool\": \"lossd-bench\", \"config\": \"" << config
+          << "\", \"self_check\": {\"server\": \"" << srv.name << "\", \"concurrency\": " << c
+          << ", \"rounds\": " << rounds << ", \"one_process_qps\": " << one.qps
+          << ", \"one_process_cpu_cores\": " << one.cpu_cores
+          << ", \"two_processes_qps\": " << two.qps
+          << ", \"two_processes_cpu_cores\": " << two.cpu_cores
+          << ", \"errors\": " << one.errors + two.errors << ", \"two_over_one\": " << ratio
+          << ", \"client_cpu_us_per_call_one\": " << cpu_us_one
+          << ", \"client_cpu_us_per_call_two\": " << cpu_us_two
+          << "}}\n";
+    }
+    return 0;
+  }
+
+  // ---- Sweep.
   std::vector<RowSummary> rows;
   std::vector<std::string> ratio_json;
   std::string stopped;
   const char* load_name = open ? (poisson ? "open-poisson" : "open-fixed") : "closed";
+  std::vector<std::string> search_json;
+  if (find_max) {
+    // The sustainable-rate search (client/bench/search.h), server after server; each rate
+    // tried is a row of the report like a sweep's.
+    points.clear();
+    for (size_t i = 0; i < servers.size() && !g_interrupted; ++i) {
+      auto measure = [&](double rate) {
+        lossd::loadtest::LoadPoint point;
+        point.open = true;
+        point.poisson = poisson;
+        point.rate = rate;
+        RunStats total;
+        for (int r = 0; r < rounds && !g_interrupted; ++r) {
+          lossd::loadtest::DriverOptions oi = o;
+          oi.seed = o.seed + r;
+          if (absl::GetFlag(FLAGS_progress)) {
+            oi.progress_label = absl::StrCat(servers[i].name, " ", PointName(point), " round ",
+                                             r + 1, "/", rounds);
+            std::fprintf(stderr, "%s: measuring\n", oi.progress_label.c_str());
+          }
+          total.Merge(lossd::loadtest::RunLoad(servers[i].endpoint, servers[i].service, kinds,
+                                               picker, point, oi, &g_interrupted));
+        }
+        RowLabel label{servers[i].name, load_name, 0.0, rate, rounds};
+        rows.push_back(lossd::bench::Summarize(label, total));
+        const RowSummary& row = rows.back();
+        lossd::bench::SearchMeasurement m;
+        m.p99_ns = static_cast<int64_t>(row.p99_us * 1000);
+        m.sent = row.sent;
+        m.errors = row.errors;
+        m.achieved_rps = row.qps;
+        m.interrupted = g_interrupted.load();
+        const std::string verdict =
+            m.interrupted ? "interrupted" : lossd::bench::SearchVerdict(search, rate, m);
+        std::printf("%s  %s\n", lossd::bench::TableRow(row).c_str(),
+                    verdict.empty() ? "holds" : absl::StrCat("fails: ", verdict).c_str());
+        for (const auto& [code, n] : row.codes) {
+          std::printf("    %s: %lld\n", code.c_str(), static_cast<long long>(n));
+        }
+        std::fflush(stdout);
+        return m;
+      };
+      const lossd::bench::SearchResult result = lossd::bench::FindMaxRate(search, measure);
+      if (result.best_rps > 0) {
+        std::printf("%s: sustainable rate %.0f calls/s (p99 <= %s, errors < %g%%, achieved >= "
+                    "%g of offered); %s%s\n",
+                    servers[i].name.c_str(), result.best_rps,
+                    absl::FormatDuration(absl::GetFlag(FLAGS_slo_p99)).c_str(),
+                    100 * search.max_error_fraction, search.min_achieved_fraction,
+                    result.failed_rps > 0
+                        ? absl::StrFormat("%.0f/s failed; ", result.failed_rps).c_str()
+                        : "",
+                    result.end.c_str());
+      } else {
+        std::printf("%s: no sustainable rate found (%s)\n", servers[i].name.c_str(),
+                    result.end.c_str());
+      }
+      std::fflush(stdout);
+      search_json.push_back(lossd::bench::SearchJson(search, result, servers[i].name));
+    }
+    if (g_interrupted) stopped = "interrupted (SIGINT): the figures above cover what was measured";
+  }
   for (const auto& point : points) {
     std::vector<RunStats> totals(servers.size());
     for (int r = 0; r < rounds && !g_interrupted; ++r) {
@@ -641,7 +1056,8 @@ int main(int argc, char** argv) {
     out << "{\"tool\": \"lossd-bench\", \"config\": \"" << config << "\", \"servers\": ["
         << absl::StrJoin(server_json, ", ") << "],\n \"rows\": [\n  "
         << absl::StrJoin(row_json, ",\n  ") << "],\n \"ratios\": [\n  "
-        << absl::StrJoin(ratio_json, ",\n  ") << "],\n \"stopped\": \"" << stopped_json
+        << absl::StrJoin(ratio_json, ",\n  ") << "],\n \"search\": ["
+        << absl::StrJoin(search_json, ",\n  ") << "],\n \"stopped\": \"" << stopped_json
         << "\", \"interrupted\": " << (g_interrupted ? "true" : "false") << "}\n";
     if (!out) std::fprintf(stderr, "lossd-bench: cannot write %s\n", path.c_str());
   }

@@ -58,24 +58,21 @@ std::vector<int64_t> ShapeFor(int64_t n, int64_t cols) {
   return {n};
 }
 
-absl::StatusOr<RequestKind> BuildKind(const bench::MixEntry& entry, const RequestOptions& o,
-                                      uint64_t seed, bool with_reference) {
-  RequestKind kind;
-  kind.entry = entry;
-  kind.expect_failure = entry.variant == "badshape";
-  kind.elements = entry.elements;
-  kind.shape = ShapeFor(entry.elements, o.cols);
-  const int64_t n = entry.elements;
+namespace {
+
+// The request of a kind from its logits, targets and (optional, full-shape) weight values:
+// pos_weight drawn from `rng` when asked for, then serialized, with the float64 reference when
+// asked for. kind.shape, kind.elements and kind.entry are set by the caller.
+absl::StatusOr<RequestKind> Assemble(RequestKind kind, const std::vector<double>& x,
+                                     const std::vector<double>& y, const std::vector<double>& w,
+                                     const std::string& id, const RequestOptions& o,
+                                     std::mt19937_64& rng, bool with_reference) {
+  const int64_t n = kind.elements;
   const int64_t c = kind.shape.back();
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> logit(-8, 8), positive(0.5, 2);
-  std::vector<double> x(n), y(n), w, p;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = logit(rng);
-    y[i] = static_cast<double>(rng() % 4) / 3;
-  }
+  std::uniform_real_distribution<double> positive(0.5, 2);
+  std::vector<double> p;
   auto& r = kind.request;
-  r.set_request_id(absl::StrCat("bench-", entry.elements, "-", entry.variant));
+  r.set_request_id(id);
   *r.mutable_logits() = MakeTensor(o.dtype, x, kind.shape);
   if (kind.expect_failure) {
     // Targets one element short: INVALID_ARGUMENT from any correct server.
@@ -83,11 +80,8 @@ absl::StatusOr<RequestKind> BuildKind(const bench::MixEntry& entry, const Reques
   } else {
     *r.mutable_targets() = MakeTensor(o.dtype, y, kind.shape);
   }
-  if (o.weight) {
-    w.resize(n);
-    for (double& v : w) v = positive(rng);
-    *r.mutable_weight() = MakeTensor(o.dtype, w, kind.shape);
-  }
+  const bool has_weight = !w.empty();
+  if (has_weight) *r.mutable_weight() = MakeTensor(o.dtype, w, kind.shape);
   if (o.focal) {
     auto* f = r.mutable_sigmoid_focal_loss();
     if (o.alpha) f->set_alpha(*o.alpha);
@@ -109,6 +103,7 @@ absl::StatusOr<RequestKind> BuildKind(const bench::MixEntry& entry, const Reques
   r.set_device(o.device);
   r.set_reject_nan(o.reject_nan);
   kind.serialized = r.SerializeAsString();
+  kind.oip_serialized = OipRequest(r).SerializeAsString();
   {
     lossd::v1::EvaluateResponse echo;
     *echo.mutable_loss() = r.logits();
@@ -118,7 +113,7 @@ absl::StatusOr<RequestKind> BuildKind(const bench::MixEntry& entry, const Reques
     echo.mutable_timing()->set_total_ns(1);
     kind.echo_reply_bytes = static_cast<int64_t>(echo.ByteSizeLong());
   }
-  kind.label = absl::StrCat(n, " [", absl::StrJoin(kind.shape, ","), "]",
+  kind.label = absl::StrCat(kind.label, n, " [", absl::StrJoin(kind.shape, ","), "]",
                             kind.expect_failure ? " badshape" : "");
   if (!with_reference || kind.expect_failure) return kind;
 
@@ -128,7 +123,7 @@ absl::StatusOr<RequestKind> BuildKind(const bench::MixEntry& entry, const Reques
   a.dtype = a.targets_dtype = KernelDType(o.dtype);
   a.logits = r.logits().data().data();
   a.targets = r.targets().data().data();
-  if (o.weight) {
+  if (has_weight) {
     auto op = k::MakeOperand("weight", a.dtype, r.weight().data().data(), kind.shape, kind.shape);
     if (!op.ok()) return op.status();
     a.weight = *op;
@@ -179,7 +174,7 @@ absl::StatusOr<RequestKind> BuildKind(const bench::MixEntry& entry, const Reques
   for (int64_t i = 0; i < n; ++i) {
     const double xi = At(r.logits(), i);
     const double yi = At(r.targets(), i) * (1 - s) + s / 2;
-    const double wi = o.weight ? At(r.weight(), i) : 1.0;
+    const double wi = has_weight ? At(r.weight(), i) : 1.0;
     const double pi = (!o.focal && o.pos_weight) ? At(r.bce_with_logits().pos_weight(), i % c)
                                                  : 1.0;
     auto [gx, gy] = bench::GradTermScale(xi, yi, wi, pi);
@@ -189,6 +184,160 @@ absl::StatusOr<RequestKind> BuildKind(const bench::MixEntry& entry, const Reques
   }
   kind.has_reference = true;
   return kind;
+}
+
+}  // namespace
+
+absl::StatusOr<RequestKind> BuildKind(const bench::MixEntry& entry, const RequestOptions& o,
+                                      uint64_t seed, bool with_reference) {
+  RequestKind kind;
+  kind.entry = entry;
+  kind.expect_failure = entry.variant == "badshape";
+  kind.elements = entry.elements;
+  kind.shape = ShapeFor(entry.elements, o.cols);
+  const int64_t n = entry.elements;
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> logit(-8, 8), positive(0.5, 2);
+  std::vector<double> x(n), y(n), w;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = logit(rng);
+    y[i] = static_cast<double>(rng() % 4) / 3;
+  }
+  if (o.weight) {
+    w.resize(n);
+    for (double& v : w) v = positive(rng);
+  }
+  return Assemble(std::move(kind), x, y, w,
+                  absl::StrCat("bench-", entry.elements, "-", entry.variant), o, rng,
+                  with_reference);
+}
+
+absl::StatusOr<RequestKind> BuildKindFromArrays(const TensorValues& logits,
+                                                const TensorValues& targets,
+                                                const TensorValues* weight,
+                                                const RequestOptions& o, uint64_t seed,
+                                                bool with_reference) {
+  auto shape_text = [](const std::vector<int64_t>& s) {
+    return absl::StrCat("(", absl::StrJoin(s, ", "), ")");
+  };
+  if (logits.shape.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        logits.name, " holds a 0-d array: the logits need at least one dimension"));
+  }
+  if (logits.values.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(logits.name, " holds no element"));
+  }
+  if (targets.shape != logits.shape) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the targets ", targets.name, " have shape ", shape_text(targets.shape), ", the logits ",
+        logits.name, " ", shape_text(logits.shape), ": they must be equal"));
+  }
+  if (weight != nullptr && weight->shape != logits.shape) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the weight ", weight->name, " has shape ", shape_text(weight->shape), ", the logits ",
+        logits.name, " ", shape_text(logits.shape), ": they must be equal"));
+  }
+  RequestKind kind;
+  kind.entry.elements = static_cast<int64_t>(logits.values.size());
+  kind.elements = kind.entry.elements;
+  kind.shape = logits.shape;
+  kind.label = "file ";
+  std::mt19937_64 rng(seed);
+  return Assemble(std::move(kind), logits.values, targets.values,
+                  weight != nullptr ? weight->values : std::vector<double>(), "bench-file", o,
+                  rng, with_reference);
+}
+
+namespace {
+
+const char* OipDatatype(lossd::v1::DType d) {
+  switch (d) {
+    case lossd::v1::DTYPE_FLOAT64: return "FP64";
+    case lossd::v1::DTYPE_FLOAT16: return "FP16";
+    case lossd::v1::DTYPE_BFLOAT16: return "BF16";
+    default: return "FP32";
+  }
+}
+
+const char* ReductionName(lossd::v1::Reduction r) {
+  switch (r) {
+    case lossd::v1::REDUCTION_NONE: return "none";
+    case lossd::v1::REDUCTION_SUM: return "sum";
+    case lossd::v1::REDUCTION_PER_SAMPLE_MEAN: return "per_sample_mean";
+    default: return "mean";
+  }
+}
+
+}  // namespace
+
+inference::ModelInferRequest OipRequest(const lossd::v1::EvaluateRequest& r) {
+  inference::ModelInferRequest m;
+  const bool focal = r.has_sigmoid_focal_loss();
+  m.set_model_name(focal ? "sigmoid_focal_loss" : "bce_with_logits");
+  m.set_model_version("1");
+  m.set_id(r.request_id());
+  auto add = [&](const char* name, const lossd::v1::Tensor& t) {
+    auto* in = m.add_inputs();
+    in->set_name(name);
+    in->set_datatype(OipDatatype(t.dtype()));
+    for (int64_t d : t.shape()) in->add_shape(d);
+    m.add_raw_input_contents(t.data());
+  };
+  add("LOGITS", r.logits());
+  add("TARGETS", r.targets());
+  if (r.has_weight()) add("WEIGHT", r.weight());
+  auto& params = *m.mutable_parameters();
+  params["reduction"].set_string_param(ReductionName(r.reduction()));
+  params["device"].set_string_param(r.device() == lossd::v1::DEVICE_CPU    ? "cpu"
+                                    : r.device() == lossd::v1::DEVICE_CUDA ? "cuda"
+                                                                           : "auto");
+  if (r.reject_nan()) params["reject_nan"].set_bool_param(true);
+  if (focal) {
+    const auto& f = r.sigmoid_focal_loss();
+    if (f.has_alpha()) params["alpha"].set_double_param(f.alpha());
+    if (f.has_gamma()) params["gamma"].set_double_param(f.gamma());
+  } else {
+    const auto& b = r.bce_with_logits();
+    if (b.has_pos_weight()) add("POS_WEIGHT", b.pos_weight());
+    if (b.has_ignore_index()) params["ignore_index"].set_int64_param(b.ignore_index());
+    if (b.normalize()) params["normalize"].set_bool_param(true);
+    if (b.label_smoothing() != 0) params["label_smoothing"].set_double_param(b.label_smoothing());
+  }
+  m.add_outputs()->set_name("LOSS");
+  if (r.gradients().logits()) m.add_outputs()->set_name("GRAD_LOGITS");
+  if (r.gradients().targets()) m.add_outputs()->set_name("GRAD_TARGETS");
+  return m;
+}
+
+absl::StatusOr<lossd::v1::EvaluateResponse> FromOipReply(
+    const lossd::v1::EvaluateRequest& request, const inference::ModelInferResponse& reply) {
+  lossd::v1::EvaluateResponse out;
+  if (reply.raw_output_contents_size() != reply.outputs_size()) {
+    return absl::InvalidArgumentError(absl::StrCat(reply.outputs_size(), " outputs but ",
+                                                   reply.raw_output_contents_size(),
+                                                   " raw_output_contents"));
+  }
+  const std::string want = OipDatatype(request.logits().dtype());
+  for (int i = 0; i < reply.outputs_size(); ++i) {
+    const auto& o = reply.outputs(i);
+    lossd::v1::Tensor* t = o.name() == "LOSS"           ? out.mutable_loss()
+                           : o.name() == "GRAD_LOGITS"  ? out.mutable_grad_logits()
+                           : o.name() == "GRAD_TARGETS" ? out.mutable_grad_targets()
+                                                        : nullptr;
+    if (t == nullptr) return absl::InvalidArgumentError(absl::StrCat("output '", o.name(), "'"));
+    if (t->dtype() != lossd::v1::DTYPE_UNSPECIFIED) {
+      return absl::InvalidArgumentError(absl::StrCat("output '", o.name(), "' twice"));
+    }
+    if (o.datatype() != want) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("output '", o.name(), "' is ", o.datatype(), ", not ", want));
+    }
+    t->set_dtype(request.logits().dtype());
+    for (int64_t d : o.shape()) t->add_shape(d);
+    t->set_data(reply.raw_output_contents(i));
+  }
+  if (!out.has_loss()) return absl::InvalidArgumentError("no output 'LOSS'");
+  return out;
 }
 
 std::string VerifyReply(const RequestKind& kind, const lossd::v1::EvaluateResponse& reply) {
