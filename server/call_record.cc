@@ -1,5 +1,7 @@
 #include "call_record.h"
 
+#include <utility>
+
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -9,14 +11,15 @@
 namespace lossd::server {
 
 void LogFailure(const char* method, std::string_view peer, std::string_view request_id,
-                const absl::Status& status) {
+                const absl::Status& status, const char* protocol) {
   LogRateLimited(LogLevel::kWarning,
                  absl::StrCat(method, " failed: status=", absl::StatusCodeToString(status.code()),
                               " message=\"", status.message(), "\" peer=",
                               absl::string_view(peer.data(), peer.size()), " request_id=\"",
                               absl::CHexEscape(absl::string_view(request_id.data(),
                                                                  request_id.size())),
-                              "\""));
+                              "\"", protocol != nullptr ? " protocol=" : "",
+                              protocol != nullptr ? protocol : ""));
 }
 
 void LogFailure(const char* method, const grpc::CallbackServerContext& context,
@@ -27,6 +30,15 @@ void LogFailure(const char* method, const grpc::CallbackServerContext& context,
 CallRecord::CallRecord(Metrics* metrics, const char* method,
                        const grpc::CallbackServerContext* context, int64_t start_ns)
     : metrics_(metrics), method_(method), context_(context), start_ns_(start_ns) {}
+
+CallRecord::CallRecord(Metrics* metrics, const char* method, std::string peer,
+                       const char* protocol, int64_t start_ns)
+    : metrics_(metrics),
+      method_(method),
+      context_(nullptr),
+      peer_(std::move(peer)),
+      protocol_(protocol),
+      start_ns_(start_ns) {}
 
 CallRecord::~CallRecord() {
   if (!recorded_) Fail(absl::CancelledError("the call ended before it had an outcome"));
@@ -49,8 +61,8 @@ void CallRecord::Fail(const absl::Status& status, std::string_view request_id) {
   if (recorded_) return;
   recorded_ = true;
   const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
-  LogFailure(method_, context_ != nullptr ? context_->peer() : std::string("-"), request_id,
-             status);
+  LogFailure(method_, context_ != nullptr ? context_->peer() : peer_, request_id, status,
+             protocol_);
   metrics_->RecordCall(method_, absl::StatusCodeToString(status.code()), "none", -1, -1, total);
 }
 

@@ -26,6 +26,10 @@ class CallRecord {
   // clock (absl::GetCurrentTimeNanos) when the call or batch arrived.
   CallRecord(Metrics* metrics, const char* method, const grpc::CallbackServerContext* context,
              int64_t start_ns);
+  // A call that did not come through gRPC: `peer` is the caller's address and `protocol`
+  // (e.g. "http") is added to the failure log line.
+  CallRecord(Metrics* metrics, const char* method, std::string peer, const char* protocol,
+             int64_t start_ns);
   CallRecord(const CallRecord&) = delete;
   CallRecord& operator=(const CallRecord&) = delete;
   ~CallRecord();
@@ -53,15 +57,18 @@ class CallRecord {
  private:
   Metrics* const metrics_;
   const char* const method_;
-  const grpc::CallbackServerContext* const context_;
+  const grpc::CallbackServerContext* const context_;  // null: peer_ and protocol_
+  const std::string peer_;
+  const char* const protocol_ = nullptr;
   const int64_t start_ns_;
   bool recorded_ = false;
 };
 
 // One log line for a failed call or batch: method, status, message, peer, request id (escaped).
-// Rate-limited (log.h). CallRecord::Fail writes it; `peer` is the caller's address.
+// Rate-limited (log.h). CallRecord::Fail writes it; `peer` is the caller's address; a
+// `protocol` other than gRPC is named at the end (" protocol=http").
 void LogFailure(const char* method, std::string_view peer, std::string_view request_id,
-                const absl::Status& status);
+                const absl::Status& status, const char* protocol = nullptr);
 void LogFailure(const char* method, const grpc::CallbackServerContext& context,
                 std::string_view request_id, const absl::Status& status);
 

@@ -99,17 +99,27 @@ Core::Core(const CoreConfig& config, std::unique_ptr<kernels::Backend> cpu,
 Core::~Core() = default;
 
 absl::Status Core::Admit(const grpc::CallbackServerContext& context) const {
+  const auto& md = context.client_metadata();
+  auto it = md.find("authorization");
+  return Admit(it == md.end()
+                   ? std::nullopt
+                   : std::optional<std::string_view>(std::in_place, it->second.data(),
+                                                     it->second.size()),
+               "\"authorization: Bearer <token>\" metadata");
+}
+
+absl::Status Core::Admit(std::optional<std::string_view> authorization,
+                         std::string_view carrier) const {
   if (draining_.load()) {
     return absl::UnavailableError("the server is draining for shutdown; retry on another server");
   }
   if (config_.auth_token.empty()) return absl::OkStatus();
-  const auto& md = context.client_metadata();
-  auto it = md.find("authorization");
-  if (it == md.end()) {
+  if (!authorization.has_value()) {
     return absl::UnauthenticatedError(
-        "missing \"authorization: Bearer <token>\" metadata (this server requires a token)");
+        absl::StrCat("missing ", absl::string_view(carrier.data(), carrier.size()),
+                     " (this server requires a token)"));
   }
-  const std::string_view value(it->second.data(), it->second.size());
+  const std::string_view value = *authorization;
   constexpr std::string_view kPrefix = "Bearer ";
   const bool ok = value.size() > kPrefix.size() && value.substr(0, kPrefix.size()) == kPrefix &&
                   ConstantTimeEquals(value.substr(kPrefix.size()), config_.auth_token);

@@ -10,7 +10,9 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -116,6 +118,11 @@ class Core {
   // UNAVAILABLE while draining; UNAUTHENTICATED without the configured bearer token (compared in
   // constant time). Called at the start of every LossService call.
   absl::Status Admit(const grpc::CallbackServerContext& context) const;
+  // The same rule for credentials that arrive another way (the REST front end's Authorization
+  // header): `authorization` is their value, nullopt when absent; `carrier` names where a
+  // token is expected, for the error message (e.g. "\"Authorization: Bearer <token>\" header").
+  absl::Status Admit(std::optional<std::string_view> authorization,
+                     std::string_view carrier) const;
 
   // Validates a request (no allocation sized by the client) and checks that its device is
   // available: FAILED_PRECONDITION for CUDA on a server without one. `views` holds the

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string_view>
 #include <utility>
@@ -18,6 +19,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "call_record.h"
 #include "log.h"
 #include "lossd/kernels/dtype.h"
 #include "oip_models.h"
@@ -54,33 +56,11 @@ struct HttpError {
   absl::Status status;
 };
 
-// The same rule as Core::Admit (which reads gRPC metadata): UNAVAILABLE while draining;
-// UNAUTHENTICATED without "Authorization: Bearer <token>" when the server has a token,
-// compared in constant time.
-bool ConstantTimeEquals(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
-  return diff == 0;
-}
-
+// Core::Admit's rule (draining, bearer token) for the Authorization header.
 absl::Status Admit(const Core& core, const HttpRequest& r) {
-  if (core.draining()) {
-    return absl::UnavailableError("the server is draining for shutdown; retry on another server");
-  }
-  const std::string& token = core.config().auth_token;
-  if (token.empty()) return absl::OkStatus();
   const char* header = r.header ? r.header("Authorization") : nullptr;
-  if (header == nullptr) {
-    return absl::UnauthenticatedError(
-        "missing \"Authorization: Bearer <token>\" header (this server requires a token)");
-  }
-  const std::string_view value(header);
-  constexpr std::string_view kPrefix = "Bearer ";
-  const bool ok = value.size() > kPrefix.size() && value.substr(0, kPrefix.size()) == kPrefix &&
-                  ConstantTimeEquals(value.substr(kPrefix.size()), token);
-  if (!ok) return absl::UnauthenticatedError("invalid bearer token");
-  return absl::OkStatus();
+  return core.Admit(header == nullptr ? std::nullopt : std::optional<std::string_view>(header),
+                    "\"Authorization: Bearer <token>\" header");
 }
 
 // A JSON string literal of `s` (invalid UTF-8 replaced).
@@ -139,21 +119,10 @@ HttpResponse ErrorResponse(const HttpError& e) {
   return ErrorResponse(e.http != 0 ? e.http : HttpStatus(e.status.code()), e.status.message());
 }
 
-// One line per failed call, as the gRPC front-end logs them (service.h LogFailure).
-void LogFailed(const char* method, const HttpRequest& r, const std::string& id,
-               const HttpError& e) {
-  LogRateLimited(LogLevel::kWarning,
-                 absl::StrCat(method, " failed: status=",
-                              absl::StatusCodeToString(e.status.code()), " message=\"",
-                              e.status.message(), "\" peer=", r.peer, " request_id=\"",
-                              absl::CHexEscape(id), "\" protocol=http"));
-}
-
 // A call that is not ModelInfer: metrics under `method`, a log line when it failed.
 void Count(Core* core, const char* method, const HttpRequest& r, const HttpError& e) {
-  if (!e.status.ok()) LogFailed(method, r, "", e);
-  core->metrics().RecordCall(method, absl::StatusCodeToString(e.status.code()), "none", -1, -1,
-                             -1);
+  CallRecord(&core->metrics(), method, r.peer, "http", absl::GetCurrentTimeNanos())
+      .Finish(e.status);
 }
 
 // ---- routes -----------------------------------------------------------------------------
@@ -534,7 +503,8 @@ class InferCall {
         r_(r),
         start_ns_(absl::GetCurrentTimeNanos()),
         reservation_(std::make_unique<Reservation>(&core->memory())),
-        result_(std::make_unique<ComputeResult>()) {
+        result_(std::make_unique<ComputeResult>()),
+        record_(&core->metrics(), "ModelInfer", r.peer, "http", start_ns_) {
     core_->CallStarted();
   }
   ~InferCall() { core_->CallEnded(); }
@@ -544,20 +514,14 @@ class InferCall {
     e.status = Evaluate(route, &e.http);
     HttpResponse response;
     if (e.status.ok()) e.status = Reply(&response);
-    const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
     if (e.status.ok()) {
-      core_->metrics().RecordCall("ModelInfer", "OK", DeviceLabel(result_->device),
-                                  result_->timing.queue_ns() * 1e-9,
-                                  result_->timing.compute_ns() * 1e-9, total);
-      core_->metrics().AddBytes("ModelInfer", received_,
-                                InferReplyPayloadBytes(translation_.outputs, *result_));
+      record_.Ok(result_->device, result_->timing, received_,
+                 InferReplyPayloadBytes(translation_.outputs, *result_));
       response.result = std::move(result_);
       response.reservation = std::move(reservation_);
       return response;
     }
-    LogFailed("ModelInfer", r_, id_, e);
-    core_->metrics().RecordCall("ModelInfer", absl::StatusCodeToString(e.status.code()), "none",
-                                -1, -1, total);
+    record_.Fail(e.status, id_);
     return ErrorResponse(e);
   }
 
@@ -723,6 +687,7 @@ class InferCall {
   const int64_t start_ns_;
   std::unique_ptr<Reservation> reservation_;  // moves into the response
   std::unique_ptr<ComputeResult> result_;     // moves into the response
+  CallRecord record_;
   std::string id_;
   int64_t received_ = 0;
   OipTranslation translation_;

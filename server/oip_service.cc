@@ -9,30 +9,21 @@
 #include "grpc_status.h"
 #include "oip_models.h"
 #include "service.h"
+#include "unary_call.h"
 #include "wire.h"
 
 namespace lossd::server {
 
 namespace {
 
-// One ModelInfer call, the counterpart of service.cc's EvaluateCall: Admit, memory
-// reservation, parse, translation into a lossd.v1 EvaluateRequest, Core::Prepare, inline
-// compute or Submit, Core::Compute, reply. Owns the parsed request, the translated request,
-// the result and the call's memory reservation; OnCancel stops the computation at its next
-// chunk; OnDone deletes it.
-class ModelInferCall final : public grpc::ServerUnaryReactor {
+// One ModelInfer call (unary_call.h), the counterpart of service.cc's EvaluateCall: parse,
+// translation into a lossd.v1 EvaluateRequest, Core::Prepare, then the shared compute and
+// reply. Owns the parsed request and the translated one.
+class ModelInferCall final : public UnaryComputeCall {
  public:
   ModelInferCall(Core* core, grpc::CallbackServerContext* context,
                  const grpc::ByteBuffer* request, grpc::ByteBuffer* reply)
-      : core_(core),
-        context_(context),
-        request_bytes_(request),
-        reply_(reply),
-        start_ns_(absl::GetCurrentTimeNanos()),
-        control_(context, context->deadline()),
-        reservation_(&core->memory()) {
-    core_->CallStarted();
-  }
+      : UnaryComputeCall(core, context, reply, "ModelInfer"), request_bytes_(request) {}
 
   void Start() {
     if (absl::Status s = core_->Admit(*context_); !s.ok()) return Done(s);
@@ -56,62 +47,35 @@ class ModelInferCall final : public grpc::ServerUnaryReactor {
     parsed_.Clear();
     auto plan = core_->Prepare(request_);
     if (!plan.ok()) return Done(plan.status());
-    if (absl::Status s = reservation_.Add(plan->reply_bytes, "the reply"); !s.ok()) {
-      return Done(s);
-    }
-    core_->ComputeThen(control_, *std::move(plan), start_ns_, &result_,
-                       [this](absl::Status s) { Done(std::move(s)); });
-  }
-
-  void OnCancel() override { control_.Cancel(); }
-
-  void OnDone() override {
-    core_->CallEnded();
-    delete this;
+    Run(*std::move(plan));
   }
 
  private:
-  // Log, metrics, reply: exactly once per call, after which `this` may be gone.
-  void Done(absl::Status s) {
-    const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
+  std::string RequestId() const override {
+    return request_.request_id().empty() ? parsed_.id() : request_.request_id();
+  }
+  int64_t ReleaseInputs() override {
     const int64_t received = PayloadBytes(request_);
-    const std::string id = request_.request_id().empty() ? parsed_.id() : request_.request_id();
-    // Not needed for the reply: free the inputs (and their share of the reservation) before
-    // the reply is encoded.
     request_.Clear();
     parsed_.Clear();
     reservation_.Release(parsed_bytes_);
-    const int64_t sent = InferReplyPayloadBytes(translation_.outputs, result_);
-    const v1::Timing timing = result_.timing;
-    const v1::Device device = result_.device;
-    if (s.ok()) {
-      s = EncodeInferReply(*translation_.model, id, translation_.outputs, &result_, reply_);
-    }
-    if (s.ok()) {
-      core_->metrics().RecordCall("ModelInfer", "OK", DeviceLabel(device),
-                                  timing.queue_ns() * 1e-9, timing.compute_ns() * 1e-9, total);
-      core_->metrics().AddBytes("ModelInfer", received, sent);
-    } else {
-      LogFailure("ModelInfer", *context_, id, s);
-      core_->metrics().RecordCall("ModelInfer", absl::StatusCodeToString(s.code()), "none", -1,
-                                  -1, total);
-    }
-    result_ = ComputeResult();  // the blocks now belong to the reply's slices
-    Finish(ToGrpcStatus(s));
+    parsed_bytes_ = 0;
+    return received;
+  }
+  int64_t ReplyBytes(const ComputeResult& result) const override {
+    return InferReplyPayloadBytes(translation_.outputs, result);
+  }
+  absl::Status Encode(const std::string& request_id, ComputeResult* result,
+                      grpc::ByteBuffer* reply) override {
+    return EncodeInferReply(*translation_.model, request_id, translation_.outputs, result,
+                            reply);
   }
 
-  Core* const core_;
-  grpc::CallbackServerContext* const context_;
   const grpc::ByteBuffer* const request_bytes_;
-  grpc::ByteBuffer* const reply_;
-  const int64_t start_ns_;
-  CallControl control_;
-  Reservation reservation_;  // released in the destructor, after the reply was sent
   int64_t parsed_bytes_ = 0;  // the parsed request's share of the reservation
   inference::ModelInferRequest parsed_;
   v1::EvaluateRequest request_;
   OipTranslation translation_;
-  ComputeResult result_;
 };
 
 }  // namespace
@@ -119,9 +83,7 @@ class ModelInferCall final : public grpc::ServerUnaryReactor {
 grpc::ServerUnaryReactor* OipServiceImpl::Finish(const char* method,
                                                  grpc::CallbackServerContext* context,
                                                  const absl::Status& status) {
-  if (!status.ok()) LogFailure(method, *context, "", status);
-  core_->metrics().RecordCall(method, absl::StatusCodeToString(status.code()), "none", -1, -1,
-                              -1);
+  CallRecord(&core_->metrics(), method, context, absl::GetCurrentTimeNanos()).Finish(status);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;

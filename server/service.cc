@@ -13,29 +13,20 @@
 #include "log.h"
 #include "memory.h"
 #include "message_io.h"
+#include "unary_call.h"
 #include "wire.h"
 
 namespace lossd::server {
 
 namespace {
 
-// One unary Evaluate call. Owns the received request, the result and the call's memory
-// reservation; OnCancel stops its computation at the next chunk; OnDone deletes it.
-// docs/data-path.md section 2 follows a tensor byte through it.
-class EvaluateCall final : public grpc::ServerUnaryReactor {
+// One unary Evaluate call (unary_call.h): owns the received request; docs/data-path.md
+// section 2 follows a tensor byte through it.
+class EvaluateCall final : public UnaryComputeCall {
  public:
   EvaluateCall(Core* core, grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
                grpc::ByteBuffer* reply)
-      : core_(core),
-        context_(context),
-        request_bytes_(request),
-        reply_(reply),
-        start_ns_(absl::GetCurrentTimeNanos()),
-        control_(context, context->deadline()),
-        reservation_(&core->memory()),
-        record_(&core->metrics(), "Evaluate", context, start_ns_) {
-    core_->CallStarted();
-  }
+      : UnaryComputeCall(core, context, reply, "Evaluate"), request_bytes_(request) {}
 
   void Start() {
     if (absl::Status s = core_->Admit(*context_); !s.ok()) return Done(s);
@@ -55,60 +46,27 @@ class EvaluateCall final : public grpc::ServerUnaryReactor {
     }
     auto plan = core_->Prepare(request_.message(), request_.views());
     if (!plan.ok()) return Done(plan.status());
-    if (absl::Status s = reservation_.Add(plan->reply_bytes, "the reply"); !s.ok()) {
-      return Done(s);
-    }
-    core_->ComputeThen(control_, *std::move(plan), start_ns_, &result_,
-                       [this](absl::Status s) { Done(std::move(s)); });
-  }
-
-  void OnCancel() override { control_.Cancel(); }
-  // OnCancel and OnDone only flip an atomic, decrement counters and free memory: they never
-  // block, so gRPC may run them on the thread that completes the call instead of handing them
-  // to its executor, which costs a thread wake-up per call (docs/data-path.md section 6).
-  // gRPC's own DefaultReactor declares the same.
-  bool InternalInlineable() override { return true; }
-
-  void OnDone() override {
-    core_->CallEnded();
-    delete this;
+    Run(*std::move(plan));
   }
 
  private:
-  // Log, metrics, reply: exactly once per call, after which `this` may be gone.
-  void Done(absl::Status s) {
+  std::string RequestId() const override { return request_.message().request_id(); }
+  int64_t ReleaseInputs() override {
     const int64_t received = request_.payload_bytes();
-    const std::string request_id = request_.message().request_id();
-    // Not needed for the reply: free the inputs (and their share of the reservation) before
-    // the reply is encoded.
     reservation_.Release(request_.held_bytes());
     request_.Clear();
-    const int64_t sent = ReplyPayloadBytes(result_);
-    const v1::Timing timing = result_.timing;
-    const v1::Device device = result_.device;
-    if (s.ok()) {
-      result_.timing.set_reply_unix_ns(absl::GetCurrentTimeNanos());
-      s = EncodeEvaluateReply(request_id, /*stream=*/false, &result_, reply_);
-    }
-    if (s.ok()) {
-      record_.Ok(device, timing, received, sent);
-    } else {
-      record_.Fail(s, request_id);
-    }
-    result_ = ComputeResult();  // the blocks now belong to the reply's slices
-    Finish(ToGrpcStatus(s));
+    return received;
+  }
+  int64_t ReplyBytes(const ComputeResult& result) const override {
+    return ReplyPayloadBytes(result);
+  }
+  absl::Status Encode(const std::string& request_id, ComputeResult* result,
+                      grpc::ByteBuffer* reply) override {
+    return EncodeEvaluateReply(request_id, /*stream=*/false, result, reply);
   }
 
-  Core* const core_;
-  grpc::CallbackServerContext* const context_;
   const grpc::ByteBuffer* const request_bytes_;
-  grpc::ByteBuffer* const reply_;
-  const int64_t start_ns_;
-  CallControl control_;
-  Reservation reservation_;  // released in the destructor, after the reply was sent
   ReceivedRequest request_;
-  ComputeResult result_;
-  CallRecord record_;
 };
 
 }  // namespace
