@@ -460,6 +460,18 @@ absl::Status ParseEvaluateRequest(grpc::ByteBuffer* buffer, BufferPool* pool,
 
 namespace {
 
+size_t VarintSize(uint64_t v) {
+  size_t n = 1;
+  for (; v >= 0x80; v >>= 7) ++n;
+  return n;
+}
+
+// A length-delimited field: its tag and length.
+void AppendLenField(uint32_t field, size_t length, std::string* out) {
+  out->push_back(static_cast<char>((field << 3) | kLen));
+  AppendVarint(length, out);
+}
+
 struct EncodedTensor {
   std::string header;  // the Tensor's tag, length, dtype, shape and the data's tag and length
   PoolBlock* data = nullptr;
@@ -467,37 +479,38 @@ struct EncodedTensor {
   size_t bytes() const { return header.size() + (data ? data->size() : 0) + trailer.size(); }
 };
 
+// The sizes are computed first so that the header is written in place, without temporaries
+// (a small call's reply is encoded in a few hundred instructions).
 void EncodeTensor(uint32_t field, OutputTensor* t, EncodedTensor* e) {
-  std::string body;
-  if (t->dtype != v1::DTYPE_UNSPECIFIED) {
-    body.push_back(static_cast<char>((1 << 3) | kVarint));
-    AppendVarint(static_cast<uint64_t>(static_cast<int64_t>(t->dtype)), &body);
-  }
-  if (!t->shape.empty()) {
-    std::string packed;
-    for (int64_t d : t->shape) AppendVarint(static_cast<uint64_t>(d), &packed);
-    body.push_back(static_cast<char>((2 << 3) | kLen));
-    AppendVarint(packed.size(), &body);
-    body.append(packed);
-  }
+  const uint64_t dtype = static_cast<uint64_t>(static_cast<int64_t>(t->dtype));
+  const size_t dtype_bytes = t->dtype != v1::DTYPE_UNSPECIFIED ? 1 + VarintSize(dtype) : 0;
+  size_t packed = 0;
+  for (int64_t d : t->shape) packed += VarintSize(static_cast<uint64_t>(d));
+  const size_t shape_bytes = t->shape.empty() ? 0 : 1 + VarintSize(packed) + packed;
   const size_t data_bytes = t->placed ? 0 : t->block.size();
-  std::string ref;
+  const size_t data_header = data_bytes > 0 ? 1 + VarintSize(data_bytes) : 0;
   if (t->placed) {
+    std::string ref;
     t->ref.SerializeToString(&ref);
-    e->trailer.push_back(static_cast<char>((4 << 3) | kLen));
-    AppendVarint(ref.size(), &e->trailer);
+    AppendLenField(4, ref.size(), &e->trailer);
     e->trailer.append(ref);
   }
-  std::string data_header;
+  const size_t length = dtype_bytes + shape_bytes + data_header + data_bytes + e->trailer.size();
+  std::string& h = e->header;
+  h.reserve(1 + VarintSize(length) + dtype_bytes + shape_bytes + data_header);
+  AppendLenField(field, length, &h);
+  if (dtype_bytes > 0) {
+    h.push_back(static_cast<char>((1 << 3) | kVarint));
+    AppendVarint(dtype, &h);
+  }
+  if (shape_bytes > 0) {
+    AppendLenField(2, packed, &h);
+    for (int64_t d : t->shape) AppendVarint(static_cast<uint64_t>(d), &h);
+  }
   if (data_bytes > 0) {
-    data_header.push_back(static_cast<char>((3 << 3) | kLen));
-    AppendVarint(data_bytes, &data_header);
+    AppendLenField(3, data_bytes, &h);
     e->data = &t->block;
   }
-  e->header.push_back(static_cast<char>((field << 3) | kLen));
-  AppendVarint(body.size() + data_header.size() + data_bytes + e->trailer.size(), &e->header);
-  e->header.append(body);
-  e->header.append(data_header);
 }
 
 }  // namespace
@@ -512,40 +525,47 @@ int64_t ReplyPayloadBytes(const ComputeResult& r) {
 
 absl::Status EncodeEvaluateReply(const std::string& request_id, bool stream,
                                  ComputeResult* result, grpc::ByteBuffer* out) {
-  // Canonical field order: request_id (1), the tensors (2-4), then device, timing and
-  // num_elements (5-7), serialized by protobuf around the hand-encoded tensors.
-  std::string head, tail;
-  {
-    v1::EvaluateResponse fields;
-    fields.set_request_id(request_id);
-    fields.SerializeToString(&head);
-    fields.Clear();
-    fields.set_device(result->device);
-    *fields.mutable_timing() = result->timing;
-    fields.set_num_elements(result->num_elements);
-    fields.SerializeToString(&tail);
-  }
+  // Canonical field order, as protobuf serializes: request_id (1), the tensors (2-4), device
+  // (5), timing (6, always present), num_elements (7); proto3 leaves out empty strings and
+  // zero scalars.
+  const size_t id_bytes =
+      request_id.empty() ? 0 : 1 + VarintSize(request_id.size()) + request_id.size();
+  const uint64_t device = static_cast<uint64_t>(static_cast<int64_t>(result->device));
+  const size_t device_bytes = device != 0 ? 1 + VarintSize(device) : 0;
+  const size_t timing_size = result->timing.ByteSizeLong();
+  const size_t timing_bytes = 1 + VarintSize(timing_size) + timing_size;
+  const uint64_t numel = static_cast<uint64_t>(result->num_elements);
+  const size_t numel_bytes = numel != 0 ? 1 + VarintSize(numel) : 0;
   EncodedTensor tensors[3];
   OutputTensor* outputs[3] = {&result->loss, &result->grad_logits, &result->grad_targets};
-  size_t inner = head.size() + tail.size();
+  size_t inner = id_bytes + device_bytes + timing_bytes + numel_bytes;
+  size_t inline_data = 0;  // tensor bytes copied into the text
   for (int i = 0; i < 3; ++i) {
     if (!outputs[i]->present) continue;
     EncodeTensor(static_cast<uint32_t>(i + 2), outputs[i], &tensors[i]);
     inner += tensors[i].bytes();
+    if (tensors[i].data != nullptr && tensors[i].data->size() < kZeroCopyBytes) {
+      inline_data += tensors[i].data->size();
+    }
   }
-  std::string text;  // bytes not yet in a slice
-  if (stream) {
-    v1::EvaluateStreamResponse wrapper;
-    wrapper.set_request_id(request_id);
-    wrapper.SerializeToString(&text);
-    text.push_back(static_cast<char>((2 << 3) | kLen));
-    AppendVarint(inner, &text);
-  }
-  if (text.size() + inner > static_cast<size_t>(INT_MAX)) {
+  const size_t wrapper_bytes = stream ? id_bytes + 1 + VarintSize(inner) : 0;
+  if (wrapper_bytes + inner > static_cast<size_t>(INT_MAX)) {
     return absl::InternalError(
         absl::StrCat("cannot serialize the reply: ", inner, " bytes is over 2 GiB"));
   }
-  text.append(head);
+  std::string text;  // bytes not yet in a slice
+  text.reserve(wrapper_bytes + id_bytes + device_bytes + timing_bytes + numel_bytes +
+               inline_data + 64);
+  auto append_id = [&]() {
+    if (request_id.empty()) return;
+    AppendLenField(1, request_id.size(), &text);
+    text.append(request_id);
+  };
+  if (stream) {
+    append_id();
+    AppendLenField(2, inner, &text);
+  }
+  append_id();
   std::vector<grpc::Slice> slices;
   for (EncodedTensor& e : tensors) {
     text.append(e.header);
@@ -561,7 +581,24 @@ absl::Status EncodeEvaluateReply(const std::string& request_id, bool stream,
     }
     text.append(e.trailer);
   }
-  text.append(tail);
+  if (device_bytes > 0) {
+    text.push_back(static_cast<char>((5 << 3) | kVarint));
+    AppendVarint(device, &text);
+  }
+  AppendLenField(6, timing_size, &text);
+  const size_t at = text.size();
+  text.resize(at + timing_size);
+  result->timing.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(&text[at]));
+  if (numel_bytes > 0) {
+    text.push_back(static_cast<char>((7 << 3) | kVarint));
+    AppendVarint(numel, &text);
+  }
+  if (slices.empty()) {
+    grpc::Slice slice(text);
+    grpc::ByteBuffer buffer(&slice, 1);
+    out->Swap(&buffer);
+    return absl::OkStatus();
+  }
   slices.emplace_back(text);
   grpc::ByteBuffer buffer(slices.data(), slices.size());
   out->Swap(&buffer);

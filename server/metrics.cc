@@ -266,34 +266,34 @@ absl::Status Metrics::Serve(const std::string& host, int port) {
 
 int Metrics::port() const { return impl_->port; }
 
-void Metrics::RecordCall(const std::string& method, const std::string& code,
-                         const std::string& device, double queue_s, double compute_s,
+void Metrics::RecordCall(std::string_view method, std::string_view code,
+                         std::string_view device, double queue_s, double compute_s,
                          double total_s) {
   Impl& m = *impl_;
   const int mi = IndexOf(kMethods, method);
   const int ci = CodeIndex(code);
   const int di = IndexOf(kDevices, device);
   if (mi < 0 || ci < 0 || di < 0) {  // a label outside the known sets: the uncached path
-    m.requests.Add({{"method", method}, {"code", code}, {"device", device}}).Increment();
-    if (queue_s >= 0) m.queue_seconds.Add({{"method", method}}, LatencyBuckets()).Observe(queue_s);
+    m.requests.Add({{"method", std::string(method)}, {"code", std::string(code)}, {"device", std::string(device)}}).Increment();
+    if (queue_s >= 0) m.queue_seconds.Add({{"method", std::string(method)}}, LatencyBuckets()).Observe(queue_s);
     if (compute_s >= 0) {
-      m.compute_seconds.Add({{"method", method}, {"device", device}}, LatencyBuckets())
+      m.compute_seconds.Add({{"method", std::string(method)}, {"device", std::string(device)}}, LatencyBuckets())
           .Observe(compute_s);
     }
-    if (total_s >= 0) m.total_seconds.Add({{"method", method}}, LatencyBuckets()).Observe(total_s);
+    if (total_s >= 0) m.total_seconds.Add({{"method", std::string(method)}}, LatencyBuckets()).Observe(total_s);
     return;
   }
   m.requests_cache
       .Get((mi * kCodes + ci) * Impl::kD + di,
            [&]() -> prometheus::Counter& {
-             return m.requests.Add({{"method", method}, {"code", code}, {"device", device}});
+             return m.requests.Add({{"method", std::string(method)}, {"code", std::string(code)}, {"device", std::string(device)}});
            })
       .Increment();
   if (queue_s >= 0) {
     m.queue_cache
         .Get(mi,
              [&]() -> prometheus::Histogram& {
-               return m.queue_seconds.Add({{"method", method}}, LatencyBuckets());
+               return m.queue_seconds.Add({{"method", std::string(method)}}, LatencyBuckets());
              })
         .Observe(queue_s);
   }
@@ -301,7 +301,7 @@ void Metrics::RecordCall(const std::string& method, const std::string& code,
     m.compute_cache
         .Get(mi * Impl::kD + di,
              [&]() -> prometheus::Histogram& {
-               return m.compute_seconds.Add({{"method", method}, {"device", device}},
+               return m.compute_seconds.Add({{"method", std::string(method)}, {"device", std::string(device)}},
                                             LatencyBuckets());
              })
         .Observe(compute_s);
@@ -310,30 +310,30 @@ void Metrics::RecordCall(const std::string& method, const std::string& code,
     m.total_cache
         .Get(mi,
              [&]() -> prometheus::Histogram& {
-               return m.total_seconds.Add({{"method", method}}, LatencyBuckets());
+               return m.total_seconds.Add({{"method", std::string(method)}}, LatencyBuckets());
              })
         .Observe(total_s);
   }
 }
 
-void Metrics::AddElements(const std::string& device, int64_t elements) {
+void Metrics::AddElements(std::string_view device, int64_t elements) {
   Impl& m = *impl_;
   const int di = IndexOf(kDevices, device);
   prometheus::Counter& c =
-      di < 0 ? m.elements.Add({{"device", device}})
+      di < 0 ? m.elements.Add({{"device", std::string(device)}})
              : m.elements_cache.Get(di, [&]() -> prometheus::Counter& {
-                 return m.elements.Add({{"device", device}});
+                 return m.elements.Add({{"device", std::string(device)}});
                });
   c.Increment(static_cast<double>(elements));
 }
 
-void Metrics::AddBytes(const std::string& method, int64_t received, int64_t sent) {
+void Metrics::AddBytes(std::string_view method, int64_t received, int64_t sent) {
   Impl& m = *impl_;
   const int mi = IndexOf(kMethods, method);
   prometheus::Histogram& h =
-      mi < 0 ? m.request_bytes.Add({{"method", method}}, SizeBuckets())
+      mi < 0 ? m.request_bytes.Add({{"method", std::string(method)}}, SizeBuckets())
              : m.request_bytes_cache.Get(mi, [&]() -> prometheus::Histogram& {
-                 return m.request_bytes.Add({{"method", method}}, SizeBuckets());
+                 return m.request_bytes.Add({{"method", std::string(method)}}, SizeBuckets());
                });
   h.Observe(static_cast<double>(received));
   m.bytes_received.Increment(static_cast<double>(received));

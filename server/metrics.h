@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 
@@ -29,12 +30,12 @@ class Metrics {
   // One finished call. method: "Evaluate", "EvaluateStream", "Accumulate", "GetCapabilities";
   // code: gRPC status code name ("OK", "INVALID_ARGUMENT", ...); device "cpu", "cuda" or
   // "none" (failed before choosing one). Durations in seconds; negative ones are not observed.
-  void RecordCall(const std::string& method, const std::string& code, const std::string& device,
+  void RecordCall(std::string_view method, std::string_view code, std::string_view device,
                   double queue_s, double compute_s, double total_s);
-  void AddElements(const std::string& device, int64_t elements);
+  void AddElements(std::string_view device, int64_t elements);
   // Tensor payload bytes of one answered request (or batch of a stream): counted in
   // lossd_tensor_bytes_total and observed in the lossd_request_bytes histogram.
-  void AddBytes(const std::string& method, int64_t received, int64_t sent);
+  void AddBytes(std::string_view method, int64_t received, int64_t sent);
   void AddChunks(int64_t chunks);
   void InFlight(int delta);  // calls being handled
   void SetQueued(int64_t queued);
