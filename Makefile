@@ -21,7 +21,7 @@ SERVICE_APT_PACKAGES := prometheus
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps venv build test test-cpp test-py demo clean stubs asan bench-kernels bench-torch golden-venv fuzz fuzz-ci
+.PHONY: deps venv torch-venv build test test-cpp test-py demo clean stubs asan bench-kernels bench-torch golden-venv fuzz fuzz-ci
 
 # Installs the Debian packages that are missing (no-op when all are present).
 deps:
@@ -42,6 +42,25 @@ $(VENV)/.stamp: tests/requirements.txt client/python/pyproject.toml $(wildcard c
 
 venv: deps $(VENV)/.stamp
 
+# The torch tests (tests/e2e/test_torch.py: lossd.torch eager and under torch.compile) run in a
+# virtual environment of their own: the test requirements plus the torch pinned for the golden
+# data (tests/golden/requirements-golden.txt, one pin for both), without torchvision and
+# paddlepaddle. torch's Linux wheel needs its CUDA library wheels even on a CPU-only machine
+# (about 5.5 GB installed; about 2.5 minutes on a fresh venv here), so the main test venv
+# stays without torch.
+TORCH_VENV ?= .venv-torch
+TORCH_PIN := $(shell grep -E '^torch==' tests/golden/requirements-golden.txt)
+$(TORCH_VENV)/.stamp: tests/requirements.txt tests/golden/requirements-golden.txt \
+    client/python/pyproject.toml $(wildcard client/python/src/lossd/*.py)
+	@[ -n "$(TORCH_PIN)" ] || { echo "no torch== pin in tests/golden/requirements-golden.txt"; exit 1; }
+	@[ -x $(TORCH_VENV)/bin/python ] || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install -q -r tests/requirements.txt "$(TORCH_PIN)"
+	$(TORCH_VENV)/bin/python -m pip install -q ./client/python
+	@touch $@
+
+torch-venv: deps $(TORCH_VENV)/.stamp
+
 build: deps
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
 	cmake --build $(BUILD) -j $(JOBS)
@@ -49,8 +68,11 @@ build: deps
 test-cpp: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
-test-py: build venv
-	LOSSD_BINARY=$(CURDIR)/$(BUILD)/server/lossd $(VENV)/bin/python -m pytest -q tests
+test-py: build venv torch-venv
+	LOSSD_BINARY=$(CURDIR)/$(BUILD)/server/lossd $(VENV)/bin/python -m pytest -q tests \
+	  --ignore=tests/e2e/test_torch.py
+	LOSSD_BINARY=$(CURDIR)/$(BUILD)/server/lossd $(TORCH_VENV)/bin/python -m pytest -q \
+	  tests/e2e/test_torch.py
 
 # All tests: C++ (ctest) then Python (pytest). Fails on any failure.
 test: test-cpp test-py
@@ -68,8 +90,8 @@ stubs: venv
 bench-kernels: build
 	$(BUILD)/kernels/cpu_bench --reps=9
 
-# torch CPU forward + backward against the same kernels (ratios). torch lives only in the golden
-# virtual environment (several GB), never in the test venv.
+# torch CPU forward + backward against the same kernels (ratios). torch lives in the golden
+# virtual environment (several GB) and in the torch test venv ($(TORCH_VENV)), never in $(VENV).
 GOLDEN_VENV ?= .venv-golden
 golden-venv: deps
 	@[ -x $(GOLDEN_VENV)/bin/python ] || $(PYTHON) -m venv $(GOLDEN_VENV)

@@ -41,7 +41,7 @@ def test_eval_npy_to_npz_with_progress(lossd_target, client, files) -> None:
     r = cli("eval", "--target", lossd_target, "--logits", str(d / "x.npy"), "--targets",
             str(d / "y.npy"), "--weight", str(d / "w.npy"), "--pos-weight", str(d / "p.npy"),
             "--reduction", "none", "--grad", "--grad-targets", "--out", str(out),
-            "--max-message-bytes", "200000")
+            "--max-message-bytes", "200000", "--progress")
     assert r.returncode == 0, r.stderr
     assert "results written to" in r.stdout and "loss: shape [400, 250] float32" in r.stdout
     assert "elements (100.0%)" in r.stderr  # progress of the split request

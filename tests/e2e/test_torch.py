@@ -1,12 +1,16 @@
 """End-to-end: torch integration (lossd.torch and torch tensors through the client).
 
-torch is optional and not in tests/requirements.txt: these tests skip without it. Gradients
+torch is optional and not in tests/requirements.txt: `make test` runs this file with the
+interpreter of its torch virtual environment (.venv-torch, torch pinned as in
+tests/golden/requirements-golden.txt); elsewhere these tests skip without torch. Gradients
 from loss.backward() through the remote loss are compared with torch's own
 binary_cross_entropy_with_logits (float64: rtol 1e-10; float32: torch's default tolerances of
-torch.testing.assert_close).
+torch.testing.assert_close), eager and under torch.compile (fullgraph=True: no graph break).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -153,14 +157,31 @@ def test_split_requests_with_tensors(client, lossd_target) -> None:
     assert torch.equal(loss, ref) and torch.equal(x1.grad, x2.grad)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
-def test_cuda_tensors_come_back_on_their_device(client) -> None:
-    x, y, w, p = (t.cuda() for t in inputs(torch.float32, seed=17))
-    x.requires_grad_()
-    loss = lt.bce_with_logits(x, y, w, p, client=client)
-    assert loss.device == x.device
-    loss.backward()
-    assert x.grad.device == x.device
+NO_CUDA = "no CUDA device for torch (torch.cuda.is_available() is False)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_tensors_come_back_on_their_device(client, compiled) -> None:
+    # CUDA tensors are copied to the host, sent, and the results copied back to the logits'
+    # device: the same values as the same tensors on the CPU.
+    x, y, w, p = inputs(torch.float32, seed=17)
+    xc = x.cuda().requires_grad_()
+    xh = x.clone().requires_grad_()
+
+    def f(a, b, c, d):
+        return lt.bce_with_logits(a, b, c, d, reduction="none", client=client)
+
+    g = torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f
+    loss = g(xc, y.cuda(), w.cuda(), p.cuda())
+    ref = f(xh, y, w, p)
+    assert loss.device == xc.device and loss.dtype == torch.float32
+    assert torch.equal(loss.cpu(), ref.detach())
+    upstream = torch.randn(loss.shape)
+    loss.backward(upstream.cuda())
+    ref.backward(upstream)
+    assert xc.grad.device == xc.device
+    assert torch.equal(xc.grad.cpu(), xh.grad)
 
 
 def test_errors_and_default_client(client, lossd_target, monkeypatch) -> None:
@@ -180,6 +201,205 @@ def test_errors_and_default_client(client, lossd_target, monkeypatch) -> None:
         loss = lt.binary_cross_entropy_with_logits(x, y)
         close64(loss, F.binary_cross_entropy_with_logits(x, y))
         assert lossd.torch is lt
+    finally:
+        default = lt.get_default_client()
+        lt.set_default_client(None)
+        default.close()
+
+
+# -- torch.compile, the custom ops, double backward ------------------------------------------
+
+needs_custom_op = pytest.mark.skipif(not lt.USE_CUSTOM_OP,
+                                     reason="torch < 2.4 has no torch.library.custom_op")
+
+
+@pytest.fixture()
+def fresh_dynamo():
+    """Each compiled test starts from empty dynamo caches (no reuse across parametrizations)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class RecordingBackend:
+    """A torch.compile backend that keeps the dynamo graphs and runs them with aot_eager or
+    inductor (AOTAutograd traces the backward through the registered autograd formula)."""
+
+    def __init__(self, backend: str) -> None:
+        self.inner = torch._dynamo.lookup_backend(backend)
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return self.inner(gm, example_inputs)
+
+    def lossd_nodes(self):
+        return [n for g in self.graphs for n in g.graph.nodes
+                if n.op == "call_function" and "lossd" in str(n.target)]
+
+
+@pytest.fixture(params=["custom_op", "autograd_function"])
+def mode(request, monkeypatch):
+    """Both implementations: the torch.library custom ops (torch >= 2.4) and the
+    autograd.Function used on older torch."""
+    if request.param == "custom_op" and not lt.USE_CUSTOM_OP:
+        pytest.skip("torch < 2.4 has no torch.library.custom_op")
+    monkeypatch.setattr(lt, "USE_CUSTOM_OP", request.param == "custom_op")
+    return request.param
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "per_sample_mean"])
+def test_both_implementations_match_torch(client, mode, reduction) -> None:
+    x, y, w, p = inputs(torch.float64, shape=(5, 6), seed=23, soft=True)
+    x1, y1 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    x2, y2 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    ours = lt.bce_with_logits(x1, y1, w, p, reduction, client=client)
+    red = "none" if reduction == "per_sample_mean" else reduction
+    ref = F.binary_cross_entropy_with_logits(x2, y2, w, reduction=red, pos_weight=p)
+    if reduction == "per_sample_mean":
+        ref = ref.mean(-1)
+    close64(ours.detach(), ref.detach())
+    upstream = torch.randn(ref.shape, dtype=torch.float64)
+    ours.backward(upstream)
+    ref.backward(upstream)
+    close64(x1.grad, x2.grad)
+    close64(y1.grad, y2.grad)
+
+
+def test_no_grad_and_detached_inputs_ask_for_no_gradient(client, mode) -> None:
+    x, y, _, _ = inputs(torch.float64, seed=29)
+    with torch.no_grad():
+        loss = lt.bce_with_logits(x.clone().requires_grad_(), y, client=client)
+    assert not loss.requires_grad
+    close64(loss, F.binary_cross_entropy_with_logits(x, y))
+
+
+def test_double_backward_raises_a_clear_error(client, mode) -> None:
+    x, y, w, p = inputs(torch.float64, seed=31)
+    x1 = x.clone().requires_grad_()
+    loss = lt.bce_with_logits(x1, y, w, p, "sum", client=client)
+    # create_graph=True itself works and gives the first derivative...
+    (g,) = torch.autograd.grad(loss, x1, create_graph=True)
+    x2 = x.clone().requires_grad_()
+    ref = F.binary_cross_entropy_with_logits(x2, y, w, pos_weight=p, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref, x2)
+    close64(g.detach(), g_ref)
+    # ...but differentiating it again raises, naming the limitation.
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="higher-order gradients are not supported by lossd"):
+        g.sum().backward()
+    focal = lt.sigmoid_focal_loss(x1, y, reduction="mean", client=client)
+    (gf,) = torch.autograd.grad(focal, x1, create_graph=True)
+    with pytest.raises(RuntimeError, match="higher-order gradients are not supported"):
+        torch.autograd.grad(gf.sum(), x1)
+
+
+@needs_custom_op
+def test_custom_ops_are_registered_with_fake_and_autograd(client) -> None:
+    x, y, w, p = inputs(torch.float64, shape=(3, 4), seed=37)
+    key = lt._client_key(client)
+    for reduction in ("none", "mean", "sum", "per_sample_mean"):
+        for want in (False, True):
+            args = (x, y, w, p, key, reduction, want, want, None, False, 0.0, "auto", 60.0)
+            torch.library.opcheck(torch.ops.lossd.bce_with_logits.default, args,
+                                  test_utils=("test_schema", "test_autograd_registration",
+                                              "test_faketensor"))
+    args = (x, y, None, 0.25, key, "sum", True, 2.0, "auto", 60.0)
+    torch.library.opcheck(torch.ops.lossd.sigmoid_focal_loss.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+@needs_custom_op
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_training_step_matches_eager(client, fresh_dynamo, backend) -> None:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 4)).double()
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 4)).double()
+    twin.load_state_dict(model.state_dict())
+    pos_weight = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    criterion = lt.BCEWithLogitsLoss(pos_weight=pos_weight, client=client)
+
+    def loss_of(net, x, y):
+        return criterion(net(x), y)
+
+    recorder = RecordingBackend(backend)
+    compiled = torch.compile(loss_of, fullgraph=True, backend=recorder)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.5)
+    for step in range(3):
+        x = torch.randn(16, 6, dtype=torch.float64)
+        y = torch.randint(0, 2, (16, 4)).double()
+        loss = compiled(model, x, y)
+        loss.backward()
+        eager = loss_of(twin, x, y)
+        eager.backward()
+        ref = F.binary_cross_entropy_with_logits(twin(x), y, pos_weight=pos_weight)
+        close64(loss.detach(), ref.detach())
+        assert torch.equal(loss.detach(), eager.detach())  # the same server call: same bits
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-15)
+        opt.step()
+        opt_twin.step()
+        opt.zero_grad()
+        opt_twin.zero_grad()
+    assert len(recorder.graphs) == 1  # one graph, compiled once, reused
+    assert len(recorder.lossd_nodes()) == 1  # the loss is one node of it
+
+
+@needs_custom_op
+@pytest.mark.parametrize("reduction", ["none", "sum", "per_sample_mean"])
+def test_compiled_options_targets_grad_and_focal(client, fresh_dynamo, reduction) -> None:
+    x, y, w, _ = inputs(torch.float64, shape=(4, 5), seed=41, soft=True)
+
+    def f(a, b):
+        bce = lt.bce_with_logits(a, b, w, reduction=reduction, client=client,
+                                 label_smoothing=0.1)
+        focal = lt.sigmoid_focal_loss(a, b.detach(), alpha=0.3, gamma=1.5,
+                                      reduction=reduction, client=client)
+        return bce, focal
+
+    recorder = RecordingBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=recorder)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [y.clone().requires_grad_() for _ in range(2)]
+    got = compiled(xs[0], ys[0])
+    want = f(xs[1], ys[1])
+    upstream = torch.randn(got[0].shape, dtype=torch.float64)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a.detach(), b.detach())
+    (got[0] * upstream + got[1] * 2 * upstream).sum().backward()
+    (want[0] * upstream + want[1] * 2 * upstream).sum().backward()
+    assert torch.equal(xs[0].grad, xs[1].grad)
+    assert torch.equal(ys[0].grad, ys[1].grad)
+    assert len(recorder.lossd_nodes()) == 2
+    # The float64 reference of the BCE part (Keras label smoothing).
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    ref = F.binary_cross_entropy_with_logits(xr, yr * 0.9 + 0.05, w, reduction="none")
+    ref = {"none": ref, "sum": ref.sum(), "per_sample_mean": ref.mean(-1)}[reduction]
+    close64(got[0].detach(), ref.detach())
+
+
+@needs_custom_op
+def test_compiled_with_the_default_client(client, lossd_target, fresh_dynamo,
+                                          monkeypatch) -> None:
+    # Without client=, the default client is looked up when the op runs, not while tracing.
+    lt.set_default_client(None)
+    monkeypatch.setenv("LOSSD_TARGET", lossd_target)
+    x, y, _, _ = inputs(torch.float64, seed=43)
+    try:
+        f = torch.compile(lambda a, b: lt.bce_with_logits(a, b, timeout=math.inf),
+                          fullgraph=True, backend="aot_eager")
+        close64(f(x, y), F.binary_cross_entropy_with_logits(x, y))
+        # Another batch size: a recompile with a dynamic shape (the fake kernel's shapes).
+        for rows in (3, 5):
+            close64(f(x[:rows], y[:rows]),
+                    F.binary_cross_entropy_with_logits(x[:rows], y[:rows]))
+            r = torch.compile(lambda a, b: lt.bce_with_logits(a, b, reduction="none"),
+                              fullgraph=True, backend="aot_eager")(x[:rows], y[:rows])
+            close64(r, F.binary_cross_entropy_with_logits(x[:rows], y[:rows], reduction="none"))
     finally:
         default = lt.get_default_client()
         lt.set_default_client(None)

@@ -18,10 +18,11 @@ from ._client import (
 )
 from ._errors import DeadlineExceededError, InternalError, LossdError, from_rpc_error
 from ._job import EvalJob, Progress
+from ._progress import ProgressArg, progress_reporter
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._shm import ShmTransport
 from ._tensor import DTypeLike
-from ._types import AccumulateResult, Capabilities, LossResult
+from ._types import AccumulateResult, Capabilities, DatasetResult, LossResult
 
 __all__ = ["AsyncClient"]
 
@@ -53,6 +54,12 @@ class AsyncClient(_ClientBase):
                  chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
                  channel_args: Optional[Sequence[Tuple[str, Any]]] = None,
                  shared_memory: str = "off") -> None:
+        self._remember_replica_args(
+            target, timeout=timeout, root_certificates=root_certificates,
+            private_key=private_key, certificate_chain=certificate_chain, tls=tls,
+            server_name=server_name, token=token, wait_for_ready=wait_for_ready,
+            max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes,
+            stream_window=stream_window, channel_args=channel_args)
         spec = self._configure(
             target, timeout=timeout, max_message_bytes=max_message_bytes,
             chunk_bytes=chunk_bytes, stream_window=stream_window, wait_for_ready=wait_for_ready,
@@ -152,7 +159,7 @@ class AsyncClient(_ClientBase):
         request_id: Optional[str] = None,
         timeout: Optional[float] = None,
         dtype: Optional[DTypeLike] = None,
-        progress: Optional[Progress] = None,
+        progress: ProgressArg = None,
     ) -> LossResult:
         """Binary cross-entropy with logits; see :meth:`lossd.Client.bce_with_logits`."""
         job, spec = self._job("bce", logits, targets, weight, pos_weight, dtype, request_id,
@@ -160,8 +167,9 @@ class AsyncClient(_ClientBase):
                               device=device, reject_nan=reject_nan, ignore_index=ignore_index,
                               normalize=normalize, label_smoothing=label_smoothing)
         await self._ashm_probe()  # after the arguments are validated
-        return self._finish(job, await self._run(self._shm_job(job), timeout, progress),
-                            spec)
+        with progress_reporter(progress, auto=False) as report:
+            return self._finish(job, await self._run(self._shm_job(job), timeout, report),
+                                spec)
 
     async def sigmoid_focal_loss(
         self,
@@ -178,15 +186,16 @@ class AsyncClient(_ClientBase):
         request_id: Optional[str] = None,
         timeout: Optional[float] = None,
         dtype: Optional[DTypeLike] = None,
-        progress: Optional[Progress] = None,
+        progress: ProgressArg = None,
     ) -> LossResult:
         """torchvision's sigmoid focal loss; see :meth:`lossd.Client.sigmoid_focal_loss`."""
         job, spec = self._job("focal", logits, targets, weight, None, dtype, request_id,
                               reduction=reduction, grad=grad, grad_targets=False,
                               device=device, reject_nan=reject_nan, alpha=alpha, gamma=gamma)
         await self._ashm_probe()  # after the arguments are validated
-        return self._finish(job, await self._run(self._shm_job(job), timeout, progress),
-                            spec)
+        with progress_reporter(progress, auto=False) as report:
+            return self._finish(job, await self._run(self._shm_job(job), timeout, report),
+                                spec)
 
     async def accumulate(
         self,
@@ -205,31 +214,85 @@ class AsyncClient(_ClientBase):
         request_id: Optional[str] = None,
         timeout: Optional[float] = None,
         dtype: Optional[DTypeLike] = None,
-        progress: Optional[Progress] = None,
+        progress: ProgressArg = None,
     ) -> AccumulateResult:
         """Dataset-level SUM or MEAN over batches; see :meth:`lossd.Client.accumulate`.
 
-        ``batches`` may also be an async iterable. ``progress`` is called in the event loop.
+        ``batches`` may also be an async iterable. A ``progress`` callable is called in the
+        event loop.
         """
         job = self._accumulate_job(loss, reduction, device, reject_nan, ignore_index, normalize,
                                    label_smoothing, alpha, gamma, pos_weight, dtype, request_id)
-
-        async def messages() -> Any:
-            if hasattr(batches, "__aiter__"):
-                index = 0
-                async for batch in batches:  # type: ignore[union-attr]
-                    for message in job.messages_for(index, batch):
+        with progress_reporter(progress) as report:
+            async def messages() -> Any:
+                if hasattr(batches, "__aiter__"):
+                    index = 0
+                    async for batch in batches:  # type: ignore[union-attr]
+                        for message in job.messages_for(index, batch):
+                            yield message
+                        index += 1
+                        if report is not None:
+                            report(job.sent_elements, None)
+                    if index == 0:
+                        yield job.empty_request()
+                else:
+                    for message in job.requests(batches, report):  # type: ignore[arg-type]
                         yield message
-                    index += 1
-                    if progress is not None:
-                        progress(job.sent_elements, None)
-                if index == 0:
-                    yield job.empty_request()
-            else:
-                for message in job.requests(batches, progress):  # type: ignore[arg-type]
-                    yield message
 
-        return job.result(await self._run_accumulate(messages(), timeout))
+            return job.result(await self._run_accumulate(messages(), timeout))
+
+    async def evaluate_dataset(
+        self,
+        data: Any,
+        targets: Any = None,
+        weight: Any = None,
+        *,
+        loss: str = "bce_with_logits",
+        reduction: str = "mean",
+        pos_weight: Optional[ArrayLike] = None,
+        ignore_index: Optional[int] = None,
+        normalize: bool = False,
+        label_smoothing: float = 0.0,
+        alpha: Optional[float] = 0.25,
+        gamma: float = 2.0,
+        device: str = "auto",
+        reject_nan: bool = False,
+        request_id: Optional[str] = None,
+        timeout: Optional[float] = None,
+        dtype: Optional[DTypeLike] = None,
+        batch_rows: Optional[int] = None,
+        replicas: Optional[Sequence[str]] = None,
+        checkpoint_batches: int = 8,
+        queue_depth: int = 1,
+        progress: ProgressArg = None,
+    ) -> DatasetResult:
+        """The exact SUM or MEAN over a dataset spread over every replica; see
+        :meth:`lossd.Client.evaluate_dataset` (the same arguments, plan and result).
+
+        The run is the synchronous client's: one thread per replica, driven from a worker
+        thread, so the event loop is never blocked. ``data`` may also be an async iterable of
+        batches, read in the event loop. A ``progress`` callable is called in the event loop.
+        Cancelling the coroutine cancels the calls in flight.
+        """
+        loop = asyncio.get_running_loop()
+        if hasattr(data, "__aiter__"):
+            data = _AsyncBatches(data, loop)
+        with progress_reporter(progress) as bar:
+            report: Optional[Progress] = bar
+            if callable(progress) and not isinstance(progress, bool):
+                report = _in_loop(loop, progress)
+            run, batches, total = self._dataset_run(
+                data, targets, weight, batch_rows, replicas, checkpoint_batches, queue_depth,
+                timeout, report, loss, reduction, device, reject_nan, ignore_index, normalize,
+                label_smoothing, alpha, gamma, pos_weight, dtype, request_id)
+            future = loop.run_in_executor(None, run.run, batches, total)
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                run.cancel()
+                if isinstance(data, _AsyncBatches):
+                    data.cancel()
+                raise
 
     # -- transport ------------------------------------------------------------------------
 
@@ -443,3 +506,37 @@ class _AioStatus(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop, callback: Progress) -> Progress:
+    """``callback`` called in the event loop, from any thread."""
+    def call(done: int, total: Optional[int]) -> None:
+        loop.call_soon_threadsafe(callback, done, total)
+    return call
+
+
+class _AsyncBatches:
+    """An async iterable of batches read from a worker thread: each item is awaited in the
+    event loop (the loop keeps running while evaluate_dataset waits for the run)."""
+
+    def __init__(self, source: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._iterator = source.__aiter__()
+        self._loop = loop
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def __iter__(self) -> Iterator[Any]:
+        while not self._cancelled:
+            future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+            done, item = future.result()
+            if done:
+                return
+            yield item
+
+    async def _next(self) -> Tuple[bool, Any]:
+        try:
+            return False, await self._iterator.__anext__()
+        except StopAsyncIteration:
+            return True, None

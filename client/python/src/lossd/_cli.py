@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, NoReturn, Optional, Sequence, TextIO
+from typing import Any, Dict, NoReturn, Optional, Sequence
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from ._channel import RetryPolicy
 from ._client import Client
 from ._errors import LossdError
 from ._options import DEVICES, REDUCTIONS
+from ._progress import progress_reporter
 from ._types import LossResult
 
 __all__ = ["main"]
@@ -112,8 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     out = ev.add_argument_group("output")
     out.add_argument("--out", help="write loss[, grad, grad_targets] to this .npz")
     out.add_argument("--json", action="store_true", help="print the summary as JSON")
-    out.add_argument("--no-progress", action="store_true",
-                     help="no progress on stderr for split requests")
+    bar = out.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_const", const=True,
+                     default=None,
+                     help="a progress bar on stderr for split requests even when stderr is "
+                          "not a terminal (default: only on a terminal; tqdm when installed)")
+    bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                     help="no progress bar, even on a terminal")
     _connection_args(ev)
 
     health = sub.add_parser("health", help="grpc.health.v1 check (exit 1 unless SERVING)")
@@ -187,29 +193,6 @@ def _inputs(args: argparse.Namespace) -> Dict[str, np.ndarray]:
     return arrays
 
 
-class _ProgressPrinter:
-    """Reports the progress of split requests on stderr (single requests print nothing)."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.started = time.monotonic()
-        self.printed = False
-
-    def __call__(self, done: int, total: Optional[int]) -> None:
-        if total is None or (done >= total and not self.printed):
-            return
-        self.printed = True
-        pct = 100.0 * done / total if total else 100.0
-        rate = done / max(time.monotonic() - self.started, 1e-9)
-        tty = self.stream.isatty()
-        prefix = "\r" if tty else ""
-        self.stream.write(f"{prefix}lossd: {done}/{total} elements "
-                          f"({pct:5.1f}%), {rate / 1e6:.1f} M elements/s")
-        if done >= total or not tty:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def _summary(r: LossResult, wall_s: float) -> Dict[str, Any]:
     loss = np.asarray(r.loss)
     lf = loss.astype(np.float64)
@@ -240,8 +223,8 @@ def _summary(r: LossResult, wall_s: float) -> Dict[str, Any]:
 def _eval(args: argparse.Namespace) -> int:
     arrays = _inputs(args)
     focal = args.loss in ("sigmoid_focal_loss", "focal")
-    progress = None if args.no_progress else _ProgressPrinter(sys.stderr)
-    with _client(args) as client:
+    with _client(args) as client, \
+            progress_reporter(args.progress, desc="lossd eval") as progress:
         start = time.monotonic()
         try:
             if focal:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
@@ -18,12 +18,16 @@ from ._errors import InternalError, LossdError, error_for, from_rpc_error
 from ._inputs import prepare_inputs
 from ._job import AccumulateJob, EvalJob, Progress
 from ._options import enum_name, make_options
+from ._progress import ProgressArg, progress_reporter
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._shm import MODES as SHM_MODES, Control, ShmTransport
 from ._tensor import DTypeLike, dtype_name
 from ._torch_interop import TorchSpec, convert_inputs, to_torch
 from ._types import AccumulateResult, Capabilities, DatasetResult, LossResult
 from ._wire import encode_varint, read_varint
+
+if TYPE_CHECKING:  # imported on first use (evaluate_dataset)
+    from ._dataset import ShardedRun
 
 __all__ = ["Client", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_CHUNK_BYTES"]
 
@@ -208,6 +212,46 @@ class _ClientBase:
     def _health_status(reply: bytes) -> str:
         return _HEALTH_STATUS.get(_parse_health_status(reply), "UNKNOWN")
 
+    def _remember_replica_args(self, target: Target, **kwargs: Any) -> None:
+        """What a replica's own client needs (evaluate_dataset)."""
+        self._target_arg = target
+        self._replica_kwargs = kwargs
+
+    def _dataset_run(self, data: Any, targets: Any, weight: Any, batch_rows: Optional[int],
+                     replicas: Optional[Sequence[str]], checkpoint_batches: int,
+                     queue_depth: int, timeout: Optional[float], progress: Optional[Progress],
+                     *job_args: Any) -> Tuple["ShardedRun", Iterator[Any], Optional[int]]:
+        """The plan of an evaluate_dataset call, shared by both clients: the
+        :class:`~lossd._dataset.ShardedRun` over one synchronous client per replica (its
+        ``run`` closes them), the batches and their total element count."""
+        from ._dataset import ShardedRun, dataset_batches, resolve_replicas
+
+        job = self._accumulate_job(*job_args)
+        batches, total = dataset_batches(data, targets, weight, batch_rows)
+        addresses = list(replicas) if replicas is not None else resolve_replicas(self._target_arg)
+        clients = [self._replica_client(a) for a in addresses]
+        try:
+            run = ShardedRun(clients, addresses, job, checkpoint_batches=checkpoint_batches,
+                             queue_depth=queue_depth, timeout=timeout, progress=progress)
+        except BaseException:
+            for c in clients:
+                c.close()
+            raise
+        return run, batches, total
+
+    def _replica_client(self, address: str) -> "Client":
+        """A client of one replica, with this client's credentials and limits. Failover is
+        evaluate_dataset's (gRPC's own retries would only try the same replica again)."""
+        kwargs = dict(self._replica_kwargs)
+        if (self._spec.credentials is not None and kwargs.get("server_name") is None
+                and isinstance(self._target_arg, str) and self._target_arg.startswith("dns:")):
+            # Certificates name the service, not the resolved address.
+            from ._dataset import _split_host_port
+            name = self._target_arg[4:].lstrip("/")
+            name = name.split("/", 1)[-1]
+            kwargs["server_name"] = _split_host_port(name)[0]
+        return Client(address, retry=None, **kwargs)
+
 
 _DOC_CLIENT_PARAMS = """
     target : str or sequence of str
@@ -258,7 +302,6 @@ _DOC_CLIENT_PARAMS = """
         is one ``Evaluate`` of any size; ``accumulate`` still sends bytes.
 """
 
-
 class Client(_ClientBase):
     __doc__ = """A connection to a lossd server.
 
@@ -287,10 +330,8 @@ class Client(_ClientBase):
                  chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
                  channel_args: Optional[Sequence[Tuple[str, Any]]] = None,
                  shared_memory: str = "off") -> None:
-        # What a replica's own client needs (evaluate_dataset).
-        self._target_arg = target
-        self._replica_kwargs = dict(
-            timeout=timeout, root_certificates=root_certificates, private_key=private_key,
+        self._remember_replica_args(
+            target, timeout=timeout, root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
             wait_for_ready=wait_for_ready, max_message_bytes=max_message_bytes,
             chunk_bytes=chunk_bytes, stream_window=stream_window, channel_args=channel_args)
@@ -389,7 +430,7 @@ class Client(_ClientBase):
         request_id: Optional[str] = None,
         timeout: Optional[float] = None,
         dtype: Optional[DTypeLike] = None,
-        progress: Optional[Progress] = None,
+        progress: ProgressArg = None,
     ) -> LossResult:
         """Binary cross-entropy with logits, and optionally its gradients, on the server.
 
@@ -448,8 +489,9 @@ class Client(_ClientBase):
         dtype : {"float32", "float64", "float16", "bfloat16"} or numpy dtype, optional
             Send every tensor in this dtype instead of its own, rounding on the client
             (nearest even). ``dtype="bfloat16"`` sends bfloat16 without ``ml_dtypes``.
-        progress : callable, optional
-            ``progress(done_elements, total_elements)``, called as the chunks of a split
+        progress : callable or bool, optional
+            ``True`` draws a progress bar on stderr (tqdm when installed); a callable is
+            called as ``progress(done_elements, total_elements)`` as the chunks of a split
             request complete (and once at the end).
 
         Returns
@@ -474,7 +516,8 @@ class Client(_ClientBase):
                               device=device, reject_nan=reject_nan, ignore_index=ignore_index,
                               normalize=normalize, label_smoothing=label_smoothing)
         self._shm_probe(self._channel)  # after the arguments are validated
-        return self._finish(job, self._run(self._shm_job(job), timeout, progress), spec)
+        with progress_reporter(progress, auto=False) as report:
+            return self._finish(job, self._run(self._shm_job(job), timeout, report), spec)
 
     def sigmoid_focal_loss(
         self,
@@ -491,7 +534,7 @@ class Client(_ClientBase):
         request_id: Optional[str] = None,
         timeout: Optional[float] = None,
         dtype: Optional[DTypeLike] = None,
-        progress: Optional[Progress] = None,
+        progress: ProgressArg = None,
     ) -> LossResult:
         """torchvision's sigmoid focal loss, and optionally its gradient, on the server.
 
@@ -530,7 +573,8 @@ class Client(_ClientBase):
                               reduction=reduction, grad=grad, grad_targets=False,
                               device=device, reject_nan=reject_nan, alpha=alpha, gamma=gamma)
         self._shm_probe(self._channel)  # after the arguments are validated
-        return self._finish(job, self._run(self._shm_job(job), timeout, progress), spec)
+        with progress_reporter(progress, auto=False) as report:
+            return self._finish(job, self._run(self._shm_job(job), timeout, report), spec)
 
     def accumulate(
         self,
@@ -549,7 +593,7 @@ class Client(_ClientBase):
         request_id: Optional[str] = None,
         timeout: Optional[float] = None,
         dtype: Optional[DTypeLike] = None,
-        progress: Optional[Progress] = None,
+        progress: ProgressArg = None,
     ) -> AccumulateResult:
         """The exact dataset-level SUM or MEAN of a loss over many batches (one call).
 
@@ -578,8 +622,11 @@ class Client(_ClientBase):
         timeout : float, optional
             Deadline of the whole call; default: the client's. Pass ``math.inf`` for a
             long dataset.
-        progress : callable, optional
-            ``progress(elements_sent, None)`` after each batch is handed to gRPC (called
+        progress : bool or callable, optional
+            A progress bar on stderr: None (default) when stderr is a terminal, True always
+            (tqdm when installed, else a built-in one), False never. A callable is called
+            instead as ``progress(elements_sent, None)`` after each batch is handed to gRPC
+            (called
             from gRPC's sending thread).
 
         Returns
@@ -598,7 +645,8 @@ class Client(_ClientBase):
         """
         job = self._accumulate_job(loss, reduction, device, reject_nan, ignore_index, normalize,
                                    label_smoothing, alpha, gamma, pos_weight, dtype, request_id)
-        response = self._run_accumulate(job.requests(batches, progress), timeout)
+        with progress_reporter(progress) as report:
+            response = self._run_accumulate(job.requests(batches, report), timeout)
         return job.result(response)
 
     def evaluate_dataset(
@@ -624,7 +672,7 @@ class Client(_ClientBase):
         replicas: Optional[Sequence[str]] = None,
         checkpoint_batches: int = 8,
         queue_depth: int = 1,
-        progress: Optional[Progress] = None,
+        progress: ProgressArg = None,
     ) -> DatasetResult:
         """The exact SUM or MEAN of a loss over a dataset, spread over every replica.
 
@@ -665,8 +713,9 @@ class Client(_ClientBase):
         queue_depth : int, optional
             Segments waiting per replica; memory holds at most ``replicas x (queue_depth +
             1) x checkpoint_batches`` encoded batches. Default 1.
-        progress : callable, optional
-            ``progress(elements_done, total_or_None)`` after each segment's state arrives
+        progress : bool or callable, optional
+            A progress bar on stderr, as for :meth:`accumulate`. A callable is called instead
+            as ``progress(elements_done, total_or_None)`` after each segment's state arrives
             (called from the replica threads).
 
         Returns
@@ -684,33 +733,12 @@ class Client(_ClientBase):
             A failure that is not the replica's (INVALID_ARGUMENT for a bad batch, ...), or
             every replica failed.
         """
-        from ._dataset import ShardedRun, dataset_batches, resolve_replicas
-
-        job = self._accumulate_job(loss, reduction, device, reject_nan, ignore_index, normalize,
-                                   label_smoothing, alpha, gamma, pos_weight, dtype, request_id)
-        batches, total = dataset_batches(data, targets, weight, batch_rows)
-        addresses = list(replicas) if replicas is not None else resolve_replicas(self._target_arg)
-        clients = [self._replica_client(a) for a in addresses]
-        try:
-            run = ShardedRun(clients, addresses, job, checkpoint_batches=checkpoint_batches,
-                             queue_depth=queue_depth, timeout=timeout, progress=progress)
+        with progress_reporter(progress) as report:
+            run, batches, total = self._dataset_run(
+                data, targets, weight, batch_rows, replicas, checkpoint_batches, queue_depth,
+                timeout, report, loss, reduction, device, reject_nan, ignore_index, normalize,
+                label_smoothing, alpha, gamma, pos_weight, dtype, request_id)
             return run.run(batches, total)
-        finally:
-            for c in clients:
-                c.close()
-
-    def _replica_client(self, address: str) -> "Client":
-        """A client of one replica, with this client's credentials and limits. Failover is
-        evaluate_dataset's (gRPC's own retries would only try the same replica again)."""
-        kwargs = dict(self._replica_kwargs)
-        if (self._spec.credentials is not None and kwargs.get("server_name") is None
-                and isinstance(self._target_arg, str) and self._target_arg.startswith("dns:")):
-            # Certificates name the service, not the resolved address.
-            from ._dataset import _split_host_port
-            name = self._target_arg[4:].lstrip("/")
-            name = name.split("/", 1)[-1]
-            kwargs["server_name"] = _split_host_port(name)[0]
-        return Client(address, retry=None, **kwargs)
 
     def _merge_partials(self, request: "pb.MergePartialsRequest",
                         timeout: Optional[float]) -> "pb.AccumulateResponse":

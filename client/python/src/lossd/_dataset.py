@@ -212,6 +212,19 @@ class ShardedRun:
     # -- producer side (the caller's thread) ---------------------------------------------
 
     def run(self, batches: Iterable[Any], total: Optional[int]) -> DatasetResult:
+        """Evaluates the batches; closes the replica clients when it returns or raises."""
+        try:
+            return self._run(batches, total)
+        finally:
+            for c in self.clients:
+                c.close()
+
+    def cancel(self) -> None:
+        """Ends a run from another thread: calls in flight are cancelled and ``run`` raises
+        ``lossd.LossdError`` (CANCELLED) soon after."""
+        self._abort(error_for(grpc.StatusCode.CANCELLED, "evaluate_dataset was cancelled"))
+
+    def _run(self, batches: Iterable[Any], total: Optional[int]) -> DatasetResult:
         start = time.monotonic_ns()
         self._total = total
         threads = [threading.Thread(target=self._worker, args=(i,), daemon=True,
