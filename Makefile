@@ -111,6 +111,24 @@ bench-service: build venv
 	PYTHONPATH=$(CURDIR)/tools/bench $(VENV)/bin/python -m lossd_bench --build-dir $(BUILD) \
 	  $(BENCH_ARGS)
 
+# lossd against a KServe Python model server serving torch's BCE over the same inference
+# protocol (gRPC), both loaded by lossd-bench --protocol=oip at 1Ki and 1Mi elements, c1 and c16
+# (docs/perf.md, "lossd against a KServe model server"). KServe and torch live in a venv of
+# their own (kserve and tritonclient register the same protobuf package); KSERVE_ARGS, e.g.
+# KSERVE_ARGS="--rounds 3 --seconds 5".
+KSERVE_VENV ?= .venv-kserve
+KSERVE_ARGS ?=
+$(KSERVE_VENV)/.stamp: tools/bench/kserve/requirements.txt tests/golden/requirements-golden.txt
+	@[ -x $(KSERVE_VENV)/bin/python ] || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(KSERVE_VENV)/bin/python -m pip install -q -r tools/bench/kserve/requirements.txt "$(TORCH_PIN)"
+	@touch $@
+
+.PHONY: bench-kserve
+bench-kserve: build venv $(KSERVE_VENV)/.stamp
+	$(VENV)/bin/python tools/bench/kserve/compare.py --build-dir $(BUILD) \
+	  --kserve-python $(KSERVE_VENV)/bin/python $(KSERVE_ARGS)
+
 clean:
 	rm -rf $(BUILD)
 
