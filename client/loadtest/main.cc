@@ -14,6 +14,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -72,8 +73,13 @@ ABSL_FLAG(std::string, baseline_server, "",
           "lossd_bench_server for the echo and raw baselines (default: tools/bench/ of this "
           "build).");
 ABSL_FLAG(std::string, baselines, "auto",
-          "echo,raw / echo / raw / none: baseline servers measured alternately with lossd at "
-          "every point; auto: echo,raw without --target (Evaluate only), none with it.");
+          "Baseline servers measured alternately with lossd at every point, any of echo, raw "
+          "and python separated by commas, or none; auto: echo,raw without --target (Evaluate "
+          "only), none with it. python: tools/bench/python_server.py, a lossd.v1 Evaluate "
+          "server in grpcio and numpy (what a Python team would write), run with --python.");
+ABSL_FLAG(std::string, python, "python3",
+          "Python for the python baseline (needs grpcio, numpy and the lossd client package, "
+          "e.g. the test venv's .venv/bin/python).");
 ABSL_FLAG(int, rounds, 2, "Rounds per load point: each server is measured once per round.");
 // Load.
 ABSL_FLAG(std::string, concurrency, "1",
@@ -237,7 +243,7 @@ class Child {
       std::vector<char*> args;
       for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
       args.push_back(nullptr);
-      execv(args[0], args.data());
+      execvp(args[0], args.data());  // a bare name (the python baseline's python3) is searched in PATH
       std::fprintf(stderr, "cannot run %s\n", args[0]);
       _exit(127);
     }
@@ -716,16 +722,23 @@ int main(int argc, char** argv) {
                     ? "echo,raw"
                     : "none";
   }
-  const std::vector<std::string> baseline_names =
-      Choose<std::vector<std::string>>("baselines", baselines,
-                                       {{"echo,raw", {"echo", "raw"}}, {"raw,echo", {"echo", "raw"}},
-                                        {"echo", {"echo"}}, {"raw", {"raw"}}, {"none", {}}});
+  std::vector<std::string> baseline_names;
+  if (baselines != "none") {
+    for (absl::string_view b : absl::StrSplit(baselines, ',')) {
+      if (b != "echo" && b != "raw" && b != "python") {
+        Usage(absl::StrCat("--baselines=", baselines, ": \"", b,
+                           "\" is not a baseline (echo, raw, python or none)"));
+      }
+      if (std::find(baseline_names.begin(), baseline_names.end(), b) == baseline_names.end()) {
+        baseline_names.emplace_back(b);
+      }
+    }
+  }
   if (!baseline_names.empty() && oip) {
-    Usage("the echo and raw baselines serve lossd.v1-shaped calls: --baselines=none with "
-          "--protocol=oip");
+    Usage("the baselines serve lossd.v1-shaped calls: --baselines=none with --protocol=oip");
   }
   if (!baseline_names.empty() && rpc != Rpc::kEvaluate) {
-    Usage("the echo and raw baselines serve unary calls only: --baselines=none with --rpc");
+    Usage("the baselines serve unary calls only: --baselines=none with --rpc");
   }
 
   // ---- Requests.
@@ -805,6 +818,14 @@ int main(int argc, char** argv) {
     servers.push_back(std::move(s));
   }
   for (const std::string& b : baseline_names) {
+    if (b == "python") {
+      // Copied into the build tree by tools/bench/CMakeLists.txt.
+      if (!start_process(b, {absl::GetFlag(FLAGS_python),
+                             build_dir + "/tools/bench/python_server.py", "--port=0"})) {
+        return 1;
+      }
+      continue;
+    }
     std::string bin = absl::GetFlag(FLAGS_baseline_server);
     if (bin.empty()) bin = build_dir + "/tools/bench/lossd_bench_server";
     if (!start_process(b, {bin, absl::StrCat("--service=", b), "--port=0"})) return 1;

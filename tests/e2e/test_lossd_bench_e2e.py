@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -578,3 +579,57 @@ def test_oip_protocol_bad_combinations(tmp_path) -> None:
                            timeout=30)
         assert p.returncode == 2, (bad, p.stderr)
         assert part in p.stderr, (bad, p.stderr)
+
+
+def test_python_baseline_is_measured_beside_lossd(tmp_path) -> None:
+    report = run_bench(tmp_path, f"--lossd_binary={lossd_binary()}", "--concurrency=2",
+                       "--warmup=0.2s", "--duration=0.4s", "--rounds=1", "--elements=1k",
+                       "--baselines=echo,python", f"--python={sys.executable}")
+    assert [r["server"] for r in report["rows"]] == ["lossd", "echo", "python"]
+    for r in report["rows"]:
+        assert r["errors"] == 0 and r["ok"] > 0, r
+    assert "lossd/python" in report["_stdout"]
+
+
+def test_python_baseline_computes_the_loss(tmp_path) -> None:
+    """The python baseline answers real Evaluate calls: its float32 results are those of the
+    float64 reference within float32 evaluation error (it is not held to lossd's bounds)."""
+    import grpc
+    import numpy as np
+    from bce_reference import bce_reference
+    from lossd._proto.lossd.v1 import lossd_pb2 as pb
+    from lossd._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+
+    script = Path(__file__).resolve().parents[2] / "tools" / "bench" / "python_server.py"
+    p = subprocess.Popen([sys.executable, str(script), "--port=0"], stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        line = p.stderr.readline()
+        m = re.search(r"listening on ([^\s]+)", line)
+        assert m, line
+        stub = pb_grpc.LossServiceStub(grpc.insecure_channel(m.group(1)))
+        rng = np.random.default_rng(7)
+        x = rng.uniform(-20, 20, (8, 64)).astype(np.float32)
+        y = rng.random((8, 64)).astype(np.float32)
+        w = rng.uniform(0, 2, (8, 64)).astype(np.float32)
+        pw = rng.uniform(0.5, 3, (64,)).astype(np.float32)
+
+        def t(a):
+            return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(a.shape), data=a.tobytes())
+
+        for name, red in (("none", pb.REDUCTION_NONE), ("mean", pb.REDUCTION_MEAN),
+                          ("sum", pb.REDUCTION_SUM)):
+            req = pb.EvaluateRequest(logits=t(x), targets=t(y), weight=t(w), reduction=red,
+                                     bce_with_logits=pb.BceWithLogits(pos_weight=t(pw)))
+            req.gradients.logits = True
+            req.gradients.targets = True
+            r = stub.Evaluate(req, timeout=30)
+            ref = bce_reference(x, y, w, pw, name)
+            for got, want, scale in ((r.loss, ref.loss, ref.loss_scale),
+                                     (r.grad_logits, ref.grad, ref.grad_scale),
+                                     (r.grad_targets, ref.grad_targets, ref.grad_targets_scale)):
+                g = np.frombuffer(got.data, np.float32).reshape(np.shape(want))
+                assert np.all(np.abs(g - want) <= 1e-4 * np.maximum(scale, 1e-30)), name
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
