@@ -205,7 +205,7 @@ int64_t CallControl::cancel_to_stop_ns(int64_t stopped_ns) const {
 }
 
 absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
-                           ComputeResult* result, double* loss_values) {
+                           ComputeResult* result, double* loss_values, int64_t* kept) {
   const int64_t begin_ns = absl::GetCurrentTimeNanos();
   if (call.cancelled()) return absl::CancelledError("the call was cancelled");
   if (call.past_deadline()) {
@@ -249,7 +249,13 @@ absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t 
         "cannot map memory for the outputs (", plan.reply_bytes, " bytes); retry later"));
   }
   out.loss_values = loss_values;
+  out.kept = kept;
   kernels::BceArgs args = plan.args;
+  // Per-sample means over empty rows (last_dim 0): numel is 0, so the rows are counted here;
+  // the backend fills their NaN means (docs/kernels.md, "Reductions").
+  if (args.reduction == kernels::Reduction::kPerSampleMean && args.last_dim == 0) {
+    args.empty_rows = plan.loss_count;
+  }
   // Polled before each chunk: also counts chunks started, live (chunks_done() moves only when
   // a computation ends).
   args.should_stop = [this, &call] {
@@ -259,24 +265,7 @@ absl::Status Core::Compute(CallControl& call, const EvaluatePlan& plan, int64_t 
   const int64_t chunks_before = call.chunks()->load();
   args.chunks_done = call.chunks();
   const int64_t compute_start = absl::GetCurrentTimeNanos();
-  absl::Status s;
-  if (args.reduction == kernels::Reduction::kPerSampleMean && args.last_dim == 0) {
-    // Means over empty rows are NaN; nothing to compute, but as many values as a request may
-    // have elements, so the fill stops with the call like the kernels do.
-    for (int64_t r0 = 0; r0 < plan.loss_count && s.ok(); r0 += kernels::kChunkElements) {
-      if (call.ShouldStop()) {
-        s = absl::CancelledError("stopped before completion");
-        break;
-      }
-      const int64_t r1 = std::min(plan.loss_count, r0 + kernels::kChunkElements);
-      for (int64_t r = r0; r < r1; ++r) {
-        kernels::StoreFromDouble(args.dtype, out.loss, r, std::nan(""));
-      }
-      call.chunks()->fetch_add(1);
-    }
-  } else {
-    s = backend->Bce(args, out);
-  }
+  absl::Status s = backend->Bce(args, out);
   const int64_t compute_end = absl::GetCurrentTimeNanos();
   const int64_t chunks = call.chunks()->load() - chunks_before;
   chunks_done_.fetch_add(chunks);

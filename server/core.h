@@ -142,12 +142,14 @@ class Core {
 
   // Runs a prepared plan and fills `result`: outputs are written into pool blocks (never
   // zero-filled) or into the plan's placed spans. `loss_values`, when given, receives numel
-  // per-element loss values (for Accumulate). Stops between chunks when the call is cancelled
+  // per-element loss values (for Accumulate), and `kept`, when given, the backend's kept
+  // count (kernels::BceOutputs::kept). Stops between chunks when the call is cancelled
   // or past its deadline (CANCELLED / DEADLINE_EXCEEDED); FAILED_PRECONDITION when a region
   // the plan used shrank meanwhile. `start_ns` is when the handler got the request (wall
   // clock); timings are filled from it. Allocates only the sizes the plan checked.
   absl::Status Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
-                       ComputeResult* result, double* loss_values = nullptr);
+                       ComputeResult* result, double* loss_values = nullptr,
+                       int64_t* kept = nullptr);
   // Computes `plan` into `result`, then calls `done` with Compute's status, or with Submit's
   // RESOURCE_EXHAUSTED when the work queue is full: on this thread when the plan has at most
   // CoreConfig::inline_elements elements (microseconds of work, cheaper than a thread hop),

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "call_record.h"
 #include "core.h"
+#include "lossd/kernels/accumulator.h"
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 
@@ -58,15 +59,12 @@ class LossServiceImpl final : public RawLossService {
 inline constexpr uint32_t kPartialStateVersion = 1;
 inline constexpr size_t kPartialStateHeaderBytes = 40;  // before the BlockSum's own state
 struct PartialState {
-  v1::Reduction reduction = v1::REDUCTION_MEAN;  // SUM or MEAN
-  bool normalize = false;
-  bool has_ignore_index = false;
   uint64_t fingerprint = 0;  // OptionsFingerprint of the batches
-  int64_t kept = 0;          // elements not ignored (all of them without ignore_index)
   int64_t batches = 0;
-  kernels::BlockSum sum;     // its offset and count are the slice's
-};
-// FNV-1a 64 of the loss options and reduction that every batch of an Accumulate call shares.
+  // The reduction rule (reduction, normalize, has_ignore_index), the exact sum (its offset and
+  // count are the slice's) and the kept count: kernels/include/lossd/kernels/accumulator.h.
+  kernels::Accumulator acc;
+};// FNV-1a 64 of the loss options and reduction that every batch of an Accumulate call shares.
 uint64_t OptionsFingerprint(const v1::EvaluateRequest& request);
 std::string EncodePartialState(const PartialState& state);
 // InvalidArgument (the message names the inconsistency, not the field) for anything that
@@ -75,9 +73,8 @@ absl::StatusOr<PartialState> DecodePartialState(std::string_view bytes);
 // Joins states given in any order that tile one range of elements; errors name the field
 // (partial_states[i]) of the state at fault.
 absl::StatusOr<PartialState> MergePartialStates(std::vector<PartialState> states);
-// The reply of an Accumulate or a merge for `state`: loss (the exact sum rounded once, then
-// divided by the kept count with normalize and by the element count for MEAN: the only place
-// where lossd divides a dataset-level loss), num_elements, num_kept, num_batches, reduction.
+// The reply of an Accumulate or a merge for `state`: loss (state.acc.Value(): the rule lives
+// in the kernels' Accumulator), num_elements, num_kept, num_batches, reduction.
 void SetReducedLoss(const PartialState& state, v1::AccumulateResponse* response);
 
 // Creates the reactors of the streaming calls (stream_reactors.cc).

@@ -21,6 +21,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "grpc_status.h"
+#include "lossd/kernels/accumulator.h"
 #include "lossd/kernels/exact_sum.h"
 #include "memory.h"
 #include "message_io.h"
@@ -30,6 +31,14 @@
 namespace lossd::server {
 
 namespace {
+
+// The two reductions an Accumulate call may have, in the wire's and the kernels' enums.
+v1::Reduction ToV1Reduction(kernels::Reduction r) {
+  return r == kernels::Reduction::kSum ? v1::REDUCTION_SUM : v1::REDUCTION_MEAN;
+}
+kernels::Reduction ToKernelsReduction(v1::Reduction r) {
+  return r == v1::REDUCTION_SUM ? kernels::Reduction::kSum : kernels::Reduction::kMean;
+}
 
 // What a reactor does once its mutex is released. With nothing to do, the caller must not
 // touch the reactor at all once the mutex is released: another thread may finish and delete it
@@ -385,6 +394,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     std::unique_ptr<ReceivedRequest> request;
     std::shared_ptr<EvaluatePlan> plan;
     std::unique_ptr<Reservation> reservation;
+    bool want_kept = false;  // the backend's kept count is needed (the rule counts it)
   };
 
   void Run(const Act& a) {
@@ -458,9 +468,11 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     const std::string key = OptionsKey(r);
     if (batches_seen_ == 1) {
       key_ = key;
-      reduction_ = red;
-      normalize_ = r.has_bce_with_logits() && r.bce_with_logits().normalize();
-      has_ignore_index_ = r.has_bce_with_logits() && r.bce_with_logits().has_ignore_index();
+      kernels::ReductionRule rule;
+      rule.reduction = ToKernelsReduction(red);
+      rule.normalize = r.has_bce_with_logits() && r.bce_with_logits().normalize();
+      rule.has_ignore_index = r.has_bce_with_logits() && r.bce_with_logits().has_ignore_index();
+      acc_ = kernels::Accumulator(rule);
       if (r.has_accumulate_slice()) {
         const int64_t offset = r.accumulate_slice().element_offset();
         if (offset < 0 || offset >= kMaxSliceOffset) {
@@ -472,7 +484,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
         slice_ = true;
         slice_offset_ = offset;
         fingerprint_ = OptionsFingerprint(r);
-        sum_ = kernels::BlockSum(offset);
+        acc_ = kernels::Accumulator(rule, offset);
       }
     } else if (key != key_) {
       return Fail(absl::InvalidArgumentError(
@@ -493,6 +505,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     batch.plan->args.reduction = kernels::Reduction::kNone;  // values are reduced here
     batch.plan->args.normalize = false;
     batch.plan->grad_logits = batch.plan->grad_targets = false;
+    batch.want_kept = acc_.rule().counts_kept();
     if (absl::Status s = SizeOutputs(core_->config().limits, batch.plan.get()); !s.ok()) {
       return Fail(s, a);
     }
@@ -525,15 +538,10 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     const kernels::BceArgs& args = batch.plan->args;
     std::vector<double> values(static_cast<size_t>(args.numel));
     ComputeResult scratch;
-    const absl::Status s =
-        core_->Compute(control_, *batch.plan, start_ns_, &scratch, values.data());
+    int64_t kept = 0;  // the backend's count, when the rule needs it (Accumulator::Add)
+    const absl::Status s = core_->Compute(control_, *batch.plan, start_ns_, &scratch,
+                                          values.data(), batch.want_kept ? &kept : nullptr);
     scratch.loss.block.Reset();  // only the values are needed
-    int64_t kept = args.numel;
-    if (s.ok() && normalize_ && args.has_ignore_index) {
-      for (int64_t i = 0; i < args.numel; ++i) {
-        kept -= kernels::LoadAsDouble(args.targets_dtype, args.targets, i) == args.ignore_index;
-      }
-    }
     Act actions;
     {
       absl::MutexLock lock(&mu_);
@@ -541,8 +549,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
       if (!s.ok()) {
         RequestFinish(s, &actions);
       } else {
-        sum_.Add(values.data(), args.numel);
-        kept_ += kept;
+        acc_.Add(values.data(), args.numel, kept);
         ++batches_done_;
         device_ = scratch.device;
         compute_ns_ += scratch.timing.compute_ns();
@@ -564,13 +571,9 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
       RequestFinish(final_status_, a);
     } else if (reads_done_ && !computing_ && !stash_.request) {
       PartialState state;
-      state.reduction = reduction_;
-      state.normalize = normalize_;
-      state.has_ignore_index = has_ignore_index_;
       state.fingerprint = fingerprint_;
-      state.kept = kept_;
       state.batches = batches_done_;
-      state.sum = sum_;
+      state.acc = acc_;
       v1::AccumulateResponse response;
       SetReducedLoss(state, &response);
       if (slice_) response.set_partial_state(EncodePartialState(state));
@@ -607,12 +610,9 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   absl::Mutex mu_;
   grpc::ByteBuffer pending_ ABSL_GUARDED_BY(mu_);
   Batch stash_ ABSL_GUARDED_BY(mu_);  // validated, waiting for the previous batch
-  kernels::BlockSum sum_ ABSL_GUARDED_BY(mu_);
+  // The loss reduced so far, and its rule (set from the first batch).
+  kernels::Accumulator acc_ ABSL_GUARDED_BY(mu_);
   std::string key_ ABSL_GUARDED_BY(mu_);
-  v1::Reduction reduction_ ABSL_GUARDED_BY(mu_) = v1::REDUCTION_MEAN;
-  bool normalize_ ABSL_GUARDED_BY(mu_) = false;
-  bool has_ignore_index_ ABSL_GUARDED_BY(mu_) = false;
-  int64_t kept_ ABSL_GUARDED_BY(mu_) = 0;
   bool slice_ ABSL_GUARDED_BY(mu_) = false;  // accumulate_slice: reply the partial state
   int64_t slice_offset_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t fingerprint_ ABSL_GUARDED_BY(mu_) = 0;
@@ -675,14 +675,15 @@ uint64_t OptionsFingerprint(const v1::EvaluateRequest& request) {
 std::string EncodePartialState(const PartialState& state) {
   std::string out;
   out.append(kStateMagic, sizeof(kStateMagic));
+  const kernels::ReductionRule& rule = state.acc.rule();
   PutU32(kPartialStateVersion, &out);
-  PutU32(static_cast<uint32_t>(state.reduction), &out);
-  PutU32((state.normalize ? kFlagNormalize : 0) | (state.has_ignore_index ? kFlagIgnoreIndex : 0),
+  PutU32(static_cast<uint32_t>(ToV1Reduction(rule.reduction)), &out);
+  PutU32((rule.normalize ? kFlagNormalize : 0) | (rule.has_ignore_index ? kFlagIgnoreIndex : 0),
          &out);
   PutU64(state.fingerprint, &out);
-  PutU64(static_cast<uint64_t>(state.kept), &out);
+  PutU64(static_cast<uint64_t>(state.acc.kept()), &out);
   PutU64(static_cast<uint64_t>(state.batches), &out);
-  state.sum.Serialize(&out);
+  state.acc.sum().Serialize(&out);
   return out;
 }
 
@@ -702,30 +703,34 @@ absl::StatusOr<PartialState> DecodePartialState(std::string_view bytes) {
                                                    kPartialStateVersion));
   }
   PartialState s;
+  kernels::ReductionRule rule;
   const uint32_t reduction = GetU32(p + 8);
   if (reduction != v1::REDUCTION_MEAN && reduction != v1::REDUCTION_SUM) {
     return absl::InvalidArgumentError(
         absl::StrCat("has reduction ", reduction, "; expected MEAN (2) or SUM (3)"));
   }
-  s.reduction = static_cast<v1::Reduction>(reduction);
+  rule.reduction = ToKernelsReduction(static_cast<v1::Reduction>(reduction));
   const uint32_t flags = GetU32(p + 12);
   if ((flags & ~(kFlagNormalize | kFlagIgnoreIndex)) != 0) {
     return absl::InvalidArgumentError(absl::StrCat("has unknown flags ", flags));
   }
-  s.normalize = (flags & kFlagNormalize) != 0;
-  s.has_ignore_index = (flags & kFlagIgnoreIndex) != 0;
+  rule.normalize = (flags & kFlagNormalize) != 0;
+  rule.has_ignore_index = (flags & kFlagIgnoreIndex) != 0;
   s.fingerprint = GetU64(p + 16);
-  s.kept = static_cast<int64_t>(GetU64(p + 24));
+  const int64_t kept = static_cast<int64_t>(GetU64(p + 24));
   s.batches = static_cast<int64_t>(GetU64(p + 32));
   absl::StatusOr<kernels::BlockSum> sum =
       kernels::BlockSum::Deserialize(bytes.substr(kPartialStateHeaderBytes));
   if (!sum.ok()) return absl::InvalidArgumentError(sum.status().message());
-  s.sum = *std::move(sum);
-  if (s.kept < 0 || s.kept > s.sum.count() || s.batches < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("has ", s.kept, " kept elements and ",
-                                                   s.batches, " batches for ", s.sum.count(),
+  if (kept < 0 || kept > sum->count() || s.batches < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("has ", kept, " kept elements and ",
+                                                   s.batches, " batches for ", sum->count(),
                                                    " elements"));
   }
+  absl::StatusOr<kernels::Accumulator> acc =
+      kernels::Accumulator::FromState(rule, *std::move(sum), kept);
+  if (!acc.ok()) return absl::InvalidArgumentError(acc.status().message());
+  s.acc = *std::move(acc);
   return s;
 }
 
@@ -734,13 +739,14 @@ absl::StatusOr<PartialState> MergePartialStates(std::vector<PartialState> states
   const PartialState& first = states[0];
   for (size_t i = 1; i < states.size(); ++i) {
     const PartialState& s = states[i];
-    if (s.reduction != first.reduction) {
+    const kernels::ReductionRule& rule = s.acc.rule();
+    const kernels::ReductionRule& rule0 = first.acc.rule();
+    if (rule.reduction != rule0.reduction) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "partial_states[", i, "] has reduction ", ReductionText(s.reduction),
-          ", partial_states[0] ", ReductionText(first.reduction)));
+          "partial_states[", i, "] has reduction ", ReductionText(ToV1Reduction(rule.reduction)),
+          ", partial_states[0] ", ReductionText(ToV1Reduction(rule0.reduction))));
     }
-    if (s.normalize != first.normalize || s.has_ignore_index != first.has_ignore_index ||
-        s.fingerprint != first.fingerprint) {
+    if (rule != rule0 || s.fingerprint != first.fingerprint) {
       return absl::InvalidArgumentError(absl::StrCat(
           "partial_states[", i, "] has loss options (fingerprint ", absl::Hex(s.fingerprint),
           ") that differ from partial_states[0]'s (", absl::Hex(first.fingerprint), ")"));
@@ -749,40 +755,37 @@ absl::StatusOr<PartialState> MergePartialStates(std::vector<PartialState> states
   std::vector<size_t> order(states.size());
   std::iota(order.begin(), order.end(), size_t{0});
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    const kernels::BlockSum& x = states[a].sum;
-    const kernels::BlockSum& y = states[b].sum;
+    const kernels::BlockSum& x = states[a].acc.sum();
+    const kernels::BlockSum& y = states[b].acc.sum();
     return x.offset() != y.offset() ? x.offset() < y.offset() : x.count() < y.count();
   });
   PartialState out = std::move(states[order[0]]);
   for (size_t k = 1; k < order.size(); ++k) {
     const size_t i = order[k];
     const PartialState& s = states[i];
-    const int64_t end = out.sum.offset() + out.sum.count();
-    if (s.sum.offset() != end) {
+    const kernels::BlockSum& sum = s.acc.sum();
+    const int64_t end = out.acc.sum().offset() + out.acc.sum().count();
+    if (sum.offset() != end) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "partial_states[", i, "] covers elements [", s.sum.offset(), ", ",
-          s.sum.offset() + s.sum.count(), "), but the states before it end at ", end,
-          s.sum.offset() > end ? " (a gap)" : " (an overlap)"));
+          "partial_states[", i, "] covers elements [", sum.offset(), ", ",
+          sum.offset() + sum.count(), "), but the states before it end at ", end,
+          sum.offset() > end ? " (a gap)" : " (an overlap)"));
     }
-    if (absl::Status st = out.sum.Append(s.sum); !st.ok()) {
+    if (absl::Status st = out.acc.Append(s.acc); !st.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("partial_states[", i, "]: ", st.message()));
     }
-    out.kept += s.kept;
     out.batches += s.batches;
   }
   return out;
 }
 
 void SetReducedLoss(const PartialState& state, v1::AccumulateResponse* response) {
-  const int64_t n = state.sum.count();
-  double loss = state.sum.Value();
-  if (state.normalize) loss /= state.kept > 0 ? static_cast<double>(state.kept) : 1.0;
-  if (state.reduction == v1::REDUCTION_MEAN) loss /= static_cast<double>(n);
-  response->set_loss(loss);
-  response->set_num_elements(n);
-  response->set_num_kept(state.normalize && state.has_ignore_index ? state.kept : n);
+  // The reduction rule is the Accumulator's (accumulator.h; docs/design.md section 3).
+  response->set_loss(state.acc.Value());
+  response->set_num_elements(state.acc.num_elements());
+  response->set_num_kept(state.acc.num_kept());
   response->set_num_batches(state.batches);
-  response->set_reduction(state.reduction);
+  response->set_reduction(ToV1Reduction(state.acc.rule().reduction));
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* NewEvaluateStream(

@@ -174,6 +174,8 @@ class CudaBackend final : public Backend {
   absl::Status Run(Slot* slot, const BceArgs& args, const BceOutputs& out);
   // Every other option: the generic kernel, reductions on the host.
   absl::Status RunGeneric(Slot* slot, const BceArgs& args, const BceOutputs& out);
+  // BceOutputs::kept alone (no other output requested), counted on the device.
+  absl::Status CountKept(Slot* slot, const BceArgs& args, int64_t* kept);
 
   const CudaOptions options_;
   absl::Mutex mu_;
@@ -236,6 +238,8 @@ absl::Status CudaBackend::Reserve(Slot* slot, size_t bytes) {
 }
 
 absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
+  // Per-sample means of empty rows: NaN on the host, as the CPU backend (divisors.h).
+  if (internal::EmptyRows(args)) return internal::EmptyRowMeans(args, out);
   if (args.precision != Precision::kDefault) {
     // The server computes correctly rounded requests on the host (docs/kernels.md section 8).
     return absl::InvalidArgumentError(
@@ -259,6 +263,7 @@ absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
   }
   const bool scalar = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
   if (args.numel == 0) {
+    if (out.kept != nullptr) *out.kept = 0;
     if (scalar && out.loss != nullptr) {
       StoreFromDouble(
           args.dtype, out.loss, 0,
@@ -275,6 +280,20 @@ absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
   };
   if (out.loss == nullptr && out.grad_logits == nullptr && out.grad_targets == nullptr &&
       out.loss_values == nullptr) {
+    if (out.kept != nullptr && args.has_ignore_index) {
+      // Only the kept count: the targets' count kernel alone.
+      absl::StatusOr<Slot*> slot = Acquire();
+      if (!slot.ok()) return slot.status();
+      absl::Status status = CountKept(*slot, args, out.kept);
+      if (!status.ok()) {
+        cudaStreamSynchronize((*slot)->stream);
+        cudaGetLastError();
+      }
+      Release(*slot);
+      if (!status.ok()) return status;
+    } else if (out.kept != nullptr) {
+      *out.kept = args.numel;
+    }
     count_chunks();
     return absl::OkStatus();
   }
@@ -293,6 +312,30 @@ absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
   Release(*slot);
   if (status.ok()) count_chunks();
   return status;
+}
+
+absl::Status CudaBackend::CountKept(Slot* slot, const BceArgs& args, int64_t* kept) {
+  const int64_t n = args.numel;
+  const size_t at_y = 0;
+  const size_t at_count = AlignUp(n * ItemSize(args.targets_dtype));
+  LOSSD_CUDA_RETURN_IF_ERROR(cudaSetDevice(0));
+  if (absl::Status s = Reserve(slot, at_count + AlignUp(sizeof(unsigned long long))); !s.ok()) {
+    return s;
+  }
+  char* base = static_cast<char*>(slot->buffer);
+  cudaStream_t stream = slot->stream;
+  LOSSD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + at_y, args.targets,
+                                             n * ItemSize(args.targets_dtype),
+                                             cudaMemcpyHostToDevice, stream));
+  auto* dev = reinterpret_cast<unsigned long long*>(base + at_count);
+  LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchCountIgnored(args.targets_dtype, base + at_y,
+                                                      args.ignore_index, n, dev, stream));
+  unsigned long long ignored = 0;
+  LOSSD_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(&ignored, dev, sizeof(ignored), cudaMemcpyDeviceToHost, stream));
+  LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  *kept = n - static_cast<int64_t>(ignored);
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceOutputs& out) {
@@ -324,6 +367,10 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   // count is given; otherwise the count is known here (divisors.h).
   const bool count_on_device = internal::CountsIgnored(args);
   const size_t at_ign = place(count_on_device ? sizeof(unsigned long long) : 0);
+  // BceOutputs::kept without that count: a count of its own (the kernel must not see it, as
+  // it would divide by it).
+  const bool count_for_kept = out.kept != nullptr && args.has_ignore_index && !count_on_device;
+  const size_t at_kept = place(count_for_kept ? sizeof(unsigned long long) : 0);
   const size_t at_l = place(want_loss ? n * ix : 0);
   const size_t at_s = place(want_sum ? nblocks * sizeof(double) : 0);
   const size_t at_v = place(want_values ? n * sizeof(double) : 0);
@@ -382,6 +429,12 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   if (count_on_device) {
     LOSSD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&ignored, P.ignored, sizeof(ignored),
                                                cudaMemcpyDeviceToHost, stream));
+  } else if (count_for_kept) {
+    auto* dev = reinterpret_cast<unsigned long long*>(base + at_kept);
+    LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchCountIgnored(args.targets_dtype, base + at_y,
+                                                        args.ignore_index, n, dev, stream));
+    LOSSD_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(&ignored, dev, sizeof(ignored), cudaMemcpyDeviceToHost, stream));
   }
   std::vector<double> sums(want_sum ? nblocks : 0);
   if (want_sum) {
@@ -412,6 +465,7 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
         cudaMemcpyAsync(out.grad_targets, P.grad_targets, n * ix, cudaMemcpyDeviceToHost, stream));
   }
   LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  if (out.kept != nullptr) *out.kept = n - static_cast<int64_t>(ignored);
   if (out.loss == nullptr || want_loss) return absl::OkStatus();
 
   // The reduced loss, as the CPU backend forms it: exact sum of the block sums, or of each
@@ -461,7 +515,10 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   L.gx = place(out.grad_logits != nullptr ? n * ix : 0);
   L.gy = place(out.grad_targets != nullptr ? n * ix : 0);
   L.sums = place(want_sum ? nblocks * sizeof(double) : 0);
-  L.ignored = place(internal::CountsIgnored(args) ? sizeof(unsigned long long) : 0);
+  // One count of the ignored targets serves the normalize divisor and BceOutputs::kept.
+  const bool count_ignored =
+      internal::CountsIgnored(args) || (out.kept != nullptr && args.has_ignore_index);
+  L.ignored = place(count_ignored ? sizeof(unsigned long long) : 0);
   L.total = off;
 
   LOSSD_CUDA_RETURN_IF_ERROR(cudaSetDevice(0));
@@ -477,7 +534,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   // the divisors depend on it), as the CPU backend's Plan (divisors.h): numel minus the
   // ignored targets, or a part's whole count.
   int64_t ignored = 0;
-  if (internal::CountsIgnored(args)) {
+  if (count_ignored) {
     auto* dev = reinterpret_cast<unsigned long long*>(base + L.ignored);
     LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchCountIgnored(args.targets_dtype, base + L.y,
                                                         args.ignore_index, n, dev, stream));
@@ -534,6 +591,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
                                                cudaMemcpyDeviceToHost, stream));
   }
   LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  if (out.kept != nullptr) *out.kept = n - ignored;
   if (want_sum) StoreSumLoss(args, sums, div, out.loss);
   return absl::OkStatus();
 }

@@ -13,6 +13,7 @@
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/kernels/operand.h"
+#include "divisors.h"
 
 namespace lossd::kernels {
 
@@ -260,13 +261,38 @@ int64_t LossCount(const BceArgs& args) {
     case Reduction::kNone:
       return args.numel;
     case Reduction::kPerSampleMean:
-      return args.last_dim > 0 ? args.numel / args.last_dim : 0;
+      return args.last_dim > 0 ? args.numel / args.last_dim
+                               : std::max<int64_t>(args.empty_rows, 0);
     case Reduction::kSum:
     case Reduction::kMean:
       return 1;
   }
   return 1;
 }
+
+namespace internal {
+
+absl::Status EmptyRowMeans(const BceArgs& args, const BceOutputs& out) {
+  // As many rows as a request may have elements: filled in chunks of kChunkElements rows,
+  // polling should_stop before each and counting each in chunks_done, as the block loops do.
+  const int64_t rows = LossCount(args);
+  for (int64_t r0 = 0; r0 < rows; r0 += kChunkElements) {
+    if (args.should_stop && args.should_stop()) {
+      return absl::CancelledError("stopped before completion");
+    }
+    if (out.loss != nullptr) {
+      const int64_t r1 = std::min(rows, r0 + kChunkElements);
+      for (int64_t r = r0; r < r1; ++r) {
+        StoreFromDouble(args.dtype, out.loss, r, std::nan(""));
+      }
+    }
+    if (args.chunks_done != nullptr) args.chunks_done->fetch_add(1, std::memory_order_relaxed);
+  }
+  if (out.kept != nullptr) *out.kept = 0;
+  return absl::OkStatus();
+}
+
+}  // namespace internal
 
 // ---- Exact summation ----------------------------------------------------------------------
 

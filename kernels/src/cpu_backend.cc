@@ -354,8 +354,15 @@ class CpuBackend final : public Backend {
   std::string Name() const override { return "cpu"; }
 
   absl::Status Bce(const BceArgs& args, const BceOutputs& out) override {
+    // Per-sample means of empty rows: NaN, nothing to compute (divisors.h).
+    if (internal::EmptyRows(args)) return internal::EmptyRowMeans(args, out);
     if (args.precision == Precision::kCorrectlyRounded) {
-      return internal::CorrectlyRoundedBce(args, out, pool_);  // docs/kernels.md section 8
+      // docs/kernels.md section 8
+      absl::Status s = internal::CorrectlyRoundedBce(args, out, pool_);
+      if (s.ok() && out.kept != nullptr) {
+        *out.kept = args.numel - (args.has_ignore_index ? CountIgnored(args, pool_) : 0);
+      }
+      return s;
     }
     const int64_t blocks = (args.numel + kReduceBlock - 1) / kReduceBlock;
     // One task per chunk (32 blocks, 64k elements) keeps scheduling cost negligible.
@@ -373,8 +380,11 @@ class CpuBackend final : public Backend {
                       !internal::FloatBlockIsExact();
     Plan plan;
     plan.reduce = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
-    const internal::Divisors div = internal::ResolveDivisors(
-        args, internal::CountsIgnored(args) ? CountIgnored(args, pool_) : 0);
+    // One count of the ignored targets serves the normalize divisor and BceOutputs::kept.
+    const bool count_ignored =
+        internal::CountsIgnored(args) || (out.kept != nullptr && args.has_ignore_index);
+    const int64_t ignored = count_ignored ? CountIgnored(args, pool_) : 0;
+    const internal::Divisors div = internal::ResolveDivisors(args, ignored);
     plan.count = div.count;
     plan.grad_div = div.grad_div;
     // Per-sample mean: per_element is written only where rows cross block edges (none when
@@ -406,6 +416,7 @@ class CpuBackend final : public Backend {
       if (args.chunks_done) args.chunks_done->fetch_add(1, std::memory_order_relaxed);
     });
     if (stopped.load()) return absl::CancelledError("stopped before completion");
+    if (out.kept != nullptr) *out.kept = args.numel - ignored;
     if (out.loss == nullptr) return absl::OkStatus();
     if (plan.reduce) {
       ExactSum total;

@@ -1,11 +1,14 @@
 // The divisors of one evaluation: the single rule every backend and the reference apply for
 // MEAN, normalize and PER_SAMPLE_MEAN (docs/design.md section 3), including for a part of a
-// larger evaluation (BceArgs::whole_numel / whole_kept). Internal header, host only.
+// larger evaluation (BceArgs::whole_numel / whole_kept), and the means of empty rows.
+// Internal header, host only. Reductions across calls: accumulator.h.
 #ifndef LOSSD_KERNELS_SRC_DIVISORS_H_
 #define LOSSD_KERNELS_SRC_DIVISORS_H_
 
 #include <algorithm>
 #include <cstdint>
+
+#include "absl/status/status.h"
 
 #include "bce_math.h"
 #include "lossd/kernels/bce.h"
@@ -48,6 +51,16 @@ inline Divisors ResolveDivisors(const BceArgs& args, int64_t ignored) {
   }
   return d;
 }
+
+// True when `args` is a per-sample mean over empty rows (last_dim 0, numel 0).
+inline bool EmptyRows(const BceArgs& args) {
+  return args.reduction == Reduction::kPerSampleMean && args.last_dim == 0;
+}
+
+// The outputs of EmptyRows(args): every row's mean NaN (0 / 0), no gradient elements, kept 0.
+// Works in chunks of kChunkElements rows like the block loops (should_stop polled before each,
+// chunks_done counted after each); CANCELLED when stopped. Every backend calls it (common.cc).
+absl::Status EmptyRowMeans(const BceArgs& args, const BceOutputs& out);
 
 }  // namespace lossd::kernels::internal
 

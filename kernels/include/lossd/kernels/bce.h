@@ -52,7 +52,10 @@ struct BceArgs {
   Operand weight;                 // absent: w = 1
   Operand pos_weight;             // absent: p = 1 (kBce only)
   Reduction reduction = Reduction::kMean;
-  int64_t last_dim = 1;           // kPerSampleMean: size of the last axis (>= 1, divides numel)
+  // kPerSampleMean: size of the last axis (divides numel). 0 only with numel 0: then every
+  // row is empty and its mean NaN, and empty_rows says how many rows there are.
+  int64_t last_dim = 1;
+  int64_t empty_rows = 0;  // kPerSampleMean with last_dim 0: the number of rows; else unused
 
   Loss loss = Loss::kBce;
   // Elements whose raw target equals ignore_index give 0 loss and 0 gradients.
@@ -89,7 +92,8 @@ struct BceArgs {
 // Elements per unit of scheduled work: the granularity of should_stop and chunks_done.
 inline constexpr int64_t kChunkElements = 32 * 2048;
 
-// Number of loss values the reduction produces for `args` (numel, 1, or numel / last_dim).
+// Number of loss values the reduction produces for `args` (numel, 1, or numel / last_dim;
+// empty_rows when last_dim is 0).
 int64_t LossCount(const BceArgs& args);
 
 // Where results go. Buffers are caller-owned and pre-sized; each may be null when not wanted.
@@ -100,6 +104,10 @@ struct BceOutputs {
   // Optional: numel doubles receiving the per-element loss values exactly as the SUM/MEAN
   // reductions add them (before normalize). Lets a caller reduce across calls (BlockSum).
   double* loss_values = nullptr;
+  // Optional: receives this call's kept count, its elements whose raw target (as double) is
+  // not ignore_index; numel without ignore_index. Counted on this call's own targets, even
+  // when whole_kept is given. The normalize divisor and Accumulator (accumulator.h) use it.
+  int64_t* kept = nullptr;
 };
 
 }  // namespace lossd::kernels
