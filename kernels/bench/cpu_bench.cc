@@ -1,6 +1,12 @@
 // CPU kernel benchmark: elements/s and GB/s of the fused BCE kernels beside a
 // 2-read-2-write streaming loop measured in the same process, for 1 and 2 threads.
 // Usage: cpu_bench [--n=10000000] [--reps=7] [--only=SUBSTRING (rows whose name has it)]
+//                  [--simd_target=native|avx2|avx3] [--block]
+// --block: only the float SIMD block kernel on 2048 elements in cache (internal::BceBlock, one
+// thread), per operand shape: the fastest of many timed loops, which a shared machine's load
+// disturbs far less than the 10M-element figures (for comparing builds and targets).
+// --simd_target (or the environment variable LOSSD_SIMD_TARGET) limits Highway's run-time
+// dispatch: avx2 disables the AVX-512 targets, so one AVX-512 machine measures both paths.
 // Speed is reported as ratios against the streaming loop (the memory ceiling of this machine),
 // which runs alternately with each kernel so that both see the same machine state.
 #include <algorithm>
@@ -77,16 +83,81 @@ void Stream(int threads, const float* a, const float* b, float* o1, float* o2, i
   for (auto& th : ts) th.join();
 }
 
+// --block: internal::BceBlock alone on kBlock elements that stay in L1, per operand shape.
+void BlockBench(int reps) {
+  using lossd::kernels::internal::BlockArgs;
+  constexpr int64_t kBlock = 2048;
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> ux(-8, 8), u01(0, 1), uw(0.5f, 3);
+  std::vector<float> x(kBlock), y(kBlock), w(kBlock), p(kBlock), l(kBlock), gx(kBlock),
+      gy(kBlock);
+  for (int64_t i = 0; i < kBlock; ++i) {
+    x[i] = ux(rng);
+    y[i] = u01(rng) < 0.5f ? 0.0f : 1.0f;
+    w[i] = uw(rng);
+    p[i] = uw(rng);
+  }
+  struct Shape {
+    const char* name;
+    bool w, p, gx, gy, scale;
+  };
+  const Shape shapes[] = {
+      {"block: loss+grad, weight pos_weight", true, true, true, false, false},
+      {"block: loss+grad, no weights", false, false, true, false, false},
+      {"block: loss only, weight pos_weight", true, true, false, false, false},
+      {"block: mean+grad, weight pos_weight", true, true, true, false, true},
+      {"block: loss+grad+grad_y, weight pos_weight", true, true, true, true, false},
+  };
+  std::printf("%-44s %10s\n", "variant (in cache, 1 thread)", "Melem/s");
+  for (const Shape& sh : shapes) {
+    BlockArgs<float> a;
+    a.x = x.data();
+    a.y = y.data();
+    a.w = sh.w ? w.data() : nullptr;
+    a.p = sh.p ? p.data() : nullptr;
+    a.n = kBlock;
+    a.loss = l.data();
+    a.gx = sh.gx ? gx.data() : nullptr;
+    a.gy = sh.gy ? gy.data() : nullptr;
+    a.grad_divisor = sh.scale ? 10000000.0f : 1.0f;
+    constexpr int kCalls = 200;
+    double best = 1e30;
+    for (int r = 0; r < std::max(reps, 1) * 5; ++r) {
+      const double t = Seconds([&] {
+        for (int c = 0; c < kCalls; ++c) lossd::kernels::internal::BceBlock(a);
+      });
+      best = std::min(best, t);
+    }
+    std::printf("%-44s %10.1f\n", sh.name, kBlock * kCalls / best / 1e6);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int64_t n = 10'000'000;
   int reps = 7;
   const char* only = "";
+  bool block = false;
+  const char* simd_target = std::getenv("LOSSD_SIMD_TARGET");
+  if (simd_target == nullptr || *simd_target == '\0') simd_target = "native";
   for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--simd_target=", 14) == 0) simd_target = argv[i] + 14;
+    if (std::strcmp(argv[i], "--block") == 0) block = true;
     if (std::strncmp(argv[i], "--n=", 4) == 0) n = std::atoll(argv[i] + 4);
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::atoi(argv[i] + 7);
     if (std::strncmp(argv[i], "--only=", 7) == 0) only = argv[i] + 7;
+  }
+  if (!lossd::kernels::internal::LimitSimdTargets(simd_target)) {
+    std::fprintf(stderr, "cpu_bench: --simd_target=%s: unknown or not supported by this CPU\n",
+                 simd_target);
+    return 2;
+  }
+  if (block) {
+    std::printf("lossd cpu_bench --block: SIMD target %s (--simd_target=%s)\n",
+                lossd::kernels::internal::BceBlockTargetName(), simd_target);
+    BlockBench(reps);
+    return 0;
   }
   const int64_t C = 64;
   std::mt19937 rng(1);
@@ -108,8 +179,10 @@ int main(int argc, char** argv) {
     ym[i] = u < 0.4f ? 0.0f : u < 0.8f ? 1.0f : u01(rng);
   }
   const int hw = static_cast<int>(std::thread::hardware_concurrency());
-  std::printf("lossd cpu_bench: n=%lld float32, SIMD target %s, %d hardware threads\n",
-              static_cast<long long>(n), lossd::kernels::internal::BceBlockTargetName(), hw);
+  std::printf(
+      "lossd cpu_bench: n=%lld float32, SIMD target %s (--simd_target=%s), %d hardware "
+      "threads\n",
+      static_cast<long long>(n), lossd::kernels::internal::BceBlockTargetName(), simd_target, hw);
   std::printf("%-44s %7s %10s %9s %9s\n", "variant", "threads", "Melem/s", "GB/s", "vs stream");
 
   for (int threads : {1, 2}) {

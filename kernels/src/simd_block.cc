@@ -2,7 +2,8 @@
 // and chosen at run time (foreach_target + HWY_EXPORT + HWY_DYNAMIC_DISPATCH).
 //
 // Per element (float lanes): e = exp(-|x|) (ExpNegAbs), u = 1+e rounded with its exact error
-// c, inv = 1/(u+c) (the AVX-512 estimate or a division, then Newton steps, ReciprocalOnePlus),
+// c, inv = 1/(u+c) (the AVX-512 or AVX2 estimate or a division, then Newton steps,
+// ReciprocalOnePlus),
 // log1p(e) without divisions as an unrounded pair (Log1pUnit; a 32-entry table on AVX-512, a
 // polynomial elsewhere), then with the weight folded into the coefficients a = w (1-y),
 // b = w p y (w p split exactly, so b is rounded once):
@@ -14,7 +15,9 @@
 // tests/kernels/accuracy_test.cc, on every target.
 #include <cstring>
 #include <limits>
+#include <string_view>
 #include <type_traits>
+#include <utility>
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "simd_block.cc"
@@ -215,11 +218,12 @@ HWY_INLINE V ExpNegAbs(D d, V ax, hn::Mask<D> far) {
 }
 
 // 1/(1+e) for e in [0, 1], given u = 1+e rounded and c = e-(u-1) (exact); also *inv_u = 1/u.
-// r = 1/u (AVX-512 float: the 14-bit hardware estimate; elsewhere a division), then Newton steps
+// r = 1/u (AVX-512 float: the 14-bit hardware estimate; AVX2 float: the 12-bit estimate and a
+// Newton step; elsewhere a division), then Newton steps
 // in FMA form with the residual t = 1 - u r: *inv_u = r + r t, and 1/(u+c) = r + r (t - c r),
 // which takes in u's rounding (1/u alone is off by up to half an ulp of 1+e, enough to push
 // dl/dx past 4 ulp where its terms are large). Relative error 2^-28 before the final rounding
-// (AVX-512) or 2^-46 (division), so within 0.5 ulp + 2^-4 ulp.
+// (AVX-512), 2^-44 (AVX2) or 2^-46 (division), so within 0.5 ulp + 2^-4 ulp.
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE V ReciprocalOnePlus(D d, V u, V c, V* inv_u) {
   using T = hn::TFromD<D>;
@@ -227,6 +231,16 @@ HWY_INLINE V ReciprocalOnePlus(D d, V u, V c, V* inv_u) {
 #if HWY_TARGET <= HWY_AVX3
   if constexpr (sizeof(T) == 4) {
     r = hn::ApproximateReciprocal(u);
+  } else {
+    r = hn::Div(hn::Set(d, T(1)), u);
+  }
+#elif HWY_TARGET == HWY_AVX2
+  if constexpr (sizeof(T) == 4) {
+    // vrcpps (relative error below 1.5 2^-12) and one Newton step (2^-22 with its rounding)
+    // instead of vdivps, whose latency sits in every lane's dependency chain; the steps below
+    // then reach 2^-44 before the final rounding.
+    const V r0 = hn::ApproximateReciprocal(u);
+    r = hn::MulAdd(r0, hn::NegMulAdd(u, r0, hn::Set(d, T(1))), r0);
   } else {
     r = hn::Div(hn::Set(d, T(1)), u);
   }
@@ -352,7 +366,14 @@ HWY_INLINE hn::Mask<D> BceVector(D d, V x, V y, V w, V p, bool has_w, bool has_p
   // infinite a or b makes ab infinite, and l > 0 here). dl/dx is finite in exact arithmetic
   // (|a s(x) - b s(-x)| <= max(|a|, |b|)), but P - Q e can overflow for huge coefficients of
   // opposite signs, so it is probed too.
-  const auto ok = hn::AndNot(far, hn::IsFinite(want_gx ? hn::Add(lv, gxv) : lv));
+  const V probe = want_gx ? hn::Add(lv, gxv) : lv;
+#if HWY_TARGET <= HWY_AVX3
+  const auto ok = hn::AndNot(far, hn::IsFinite(probe));  // vfpclassps
+#else
+  // |v| < inf (false for NaN): two operations, where IsFinite takes five integer ones.
+  const auto ok =
+      hn::AndNot(far, hn::Lt(hn::Abs(probe), hn::Set(d, std::numeric_limits<T>::infinity())));
+#endif
   if (scale) {
     if (scale_lo) {
       gxv = DivideByReciprocalPair(gxv, div, div_lo, rdiv);
@@ -385,18 +406,42 @@ HWY_NOINLINE void FixRareLanes(size_t lanes, const T* rare, const T* x, const T*
   }
 }
 
+// AVX2: the lambdas of the block loop are inlined even where the compiler would not (the
+// loops per shape below would otherwise call them per vector). Other targets keep the
+// compiler's choice (this file is compiled once per target, so the macro is set each time).
+#undef LOSSD_LAMBDA_INLINE
+#if defined(__GNUC__) && HWY_TARGET == HWY_AVX2
+#define LOSSD_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define LOSSD_LAMBDA_INLINE
+#endif
+
+// Which operands and outputs a call has, as bits of BceBlockImpl's kShape (kShapeRuntime: read
+// from the arguments at run time instead).
+constexpr int kShapeW = 1, kShapeP = 2, kShapeGx = 4, kShapeGy = 8, kShapeScale = 16;
+constexpr int kShapeRuntime = -1;
+
 template <typename T>
+int BceShape(const BlockArgs<T>& a) {
+  return (a.w != nullptr ? kShapeW : 0) | (a.p != nullptr ? kShapeP : 0) |
+         (a.gx != nullptr ? kShapeGx : 0) | (a.gy != nullptr ? kShapeGy : 0) |
+         (a.grad_divisor != T(1) || a.grad_divisor_lo != T(0) ? kShapeScale : 0);
+}
+
+template <typename T, int kShape>
 HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   const hn::ScalableTag<T> d;
   using V = hn::Vec<decltype(d)>;
   constexpr size_t kMaxLanes = HWY_MAX_BYTES / sizeof(T);
   const size_t N = hn::Lanes(d);
-  const bool has_w = a.w != nullptr;
-  const bool has_p = a.p != nullptr;
+  // With kShape fixed, the flags are constants and the loop body has no branch on them.
+  constexpr bool kRt = kShape == kShapeRuntime;
+  const bool has_w = kRt ? a.w != nullptr : (kShape & kShapeW) != 0;
+  const bool has_p = kRt ? a.p != nullptr : (kShape & kShapeP) != 0;
   const bool scale_lo = a.grad_divisor_lo != T(0);
-  const bool scale = a.grad_divisor != T(1) || scale_lo;
-  const bool want_gx = a.gx != nullptr;
-  const bool want_gy = a.gy != nullptr;
+  const bool scale = kRt ? a.grad_divisor != T(1) || scale_lo : (kShape & kShapeScale) != 0;
+  const bool want_gx = kRt ? a.gx != nullptr : (kShape & kShapeGx) != 0;
+  const bool want_gy = kRt ? a.gy != nullptr : (kShape & kShapeGy) != 0;
   const V div = hn::Set(d, a.grad_divisor);
   const V div_lo = hn::Set(d, a.grad_divisor_lo);
   const V rdiv = hn::Set(
@@ -409,7 +454,7 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
     const T *x, *y, *w, *p;
     T *l, *gx, *gy;
   };
-  const auto at = [&](size_t i) {
+  const auto at = [&](size_t i) LOSSD_LAMBDA_INLINE {
     return Ptrs{a.x + i,
                 a.y + i,
                 has_w ? a.w + i : nullptr,
@@ -418,14 +463,14 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
                 want_gx ? a.gx + i : nullptr,
                 want_gy ? a.gy + i : nullptr};
   };
-  const auto compute = [&](const Ptrs& q, V* l, V* gx, V* gy) {
+  const auto compute = [&](const Ptrs& q, V* l, V* gx, V* gy) LOSSD_LAMBDA_INLINE {
     return BceVector(d, hn::LoadU(d, q.x), hn::LoadU(d, q.y), has_w ? hn::LoadU(d, q.w) : one,
                      has_p ? hn::LoadU(d, q.p) : one, has_w, has_p, div, div_lo, scale,
                      scale_lo, rdiv, want_gx, want_gy, l, gx, gy);
   };
   // Stores n_out <= N lanes of computed results, recomputing the rare lanes first.
   const auto finish = [&](hn::Mask<decltype(d)> ok, V l, V gx, V gy, const Ptrs& q,
-                          size_t n_out) {
+                          size_t n_out) LOSSD_LAMBDA_INLINE {
     if (HWY_LIKELY(n_out == N && hn::AllTrue(d, ok))) {
       hn::StoreU(l, d, q.l);
       if (q.gx) hn::StoreU(gx, d, q.gx);
@@ -443,7 +488,7 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
     if (q.gx) std::memcpy(q.gx, gxb, n_out * sizeof(T));
     if (q.gy) std::memcpy(q.gy, gyb, n_out * sizeof(T));
   };
-  const auto eval = [&](const Ptrs& q, size_t n_out) {
+  const auto eval = [&](const Ptrs& q, size_t n_out) LOSSD_LAMBDA_INLINE {
     V l, gx, gy;
     const auto ok = compute(q, &l, &gx, &gy);
     finish(ok, l, gx, gy, q, n_out);
@@ -451,7 +496,8 @@ HWY_INLINE void BceBlockImpl(const BlockArgs<T>& a) {
   const size_t n = static_cast<size_t>(a.n);
   size_t i = 0;
   // Two vectors per iteration, both computed before either is checked and stored: one basic
-  // block with two independent dependency chains.
+  // block with two independent dependency chains (three or four spill more on AVX2 and run
+  // slower there).
   for (; i + 2 * N <= n; i += 2 * N) {
     const Ptrs q0 = at(i), q1 = at(i + N);
     V l0, gx0, gy0, l1, gx1, gy1;
@@ -540,10 +586,32 @@ HWY_INLINE double BlockTreeSumImpl(const T* v, int64_t n, double* s) {
   return s[0];
 }
 
-void BceBlockF32(const BlockArgs<float>& a) { BceBlockImpl<float>(a); }
+// AVX2 (16 vector registers): one loop per shape. With the flags known only at run time the
+// loop body branches on them, and values live across those branches are spilled to the stack
+// (perf annotate: stores and reloads of ymm registers in the loop); AVX-512 has 32 registers,
+// and there one loop for every shape is as fast (docs/perf.md).
+template <typename T, int kShape>
+HWY_NOINLINE void BceBlockShape(const BlockArgs<T>& a) {
+  BceBlockImpl<T, kShape>(a);
+}
+
+template <typename T, int... kShapes>
+HWY_INLINE void BceBlockByShape(const BlockArgs<T>& a, std::integer_sequence<int, kShapes...>) {
+  using Fn = void (*)(const BlockArgs<T>&);
+  static constexpr Fn kByShape[] = {&BceBlockShape<T, kShapes>...};
+  kByShape[BceShape(a)](a);
+}
+
+void BceBlockF32(const BlockArgs<float>& a) {
+#if HWY_TARGET == HWY_AVX2
+  BceBlockByShape<float>(a, std::make_integer_sequence<int, 32>());
+#else
+  BceBlockImpl<float, kShapeRuntime>(a);
+#endif
+}
 double BlockTreeSumF32(const float* v, int64_t n, double* s) { return BlockTreeSumImpl(v, n, s); }
 double BlockTreeSumF64(const double* v, int64_t n, double* s) { return BlockTreeSumImpl(v, n, s); }
-void BceBlockF64(const BlockArgs<double>& a) { BceBlockImpl<double>(a); }
+void BceBlockF64(const BlockArgs<double>& a) { BceBlockImpl<double, kShapeRuntime>(a); }
 const char* TargetNameHere() { return hwy::TargetName(HWY_TARGET); }
 bool HasNativeFmaHere() { return HWY_NATIVE_FMA != 0; }
 
@@ -570,6 +638,27 @@ double BlockTreeSum(const double* v, int64_t n, double* scratch) {
   return HWY_DYNAMIC_DISPATCH(BlockTreeSumF64)(v, n, scratch);
 }
 const char* BceBlockTargetName() { return HWY_DYNAMIC_DISPATCH(TargetNameHere)(); }
+
+bool LimitSimdTargets(const char* name) {
+  const std::string_view n(name);
+  if (n == "native") return true;
+#if HWY_ARCH_X86
+  int64_t avx512 = HWY_AVX3 | HWY_AVX3_DL;
+#ifdef HWY_AVX3_ZEN4
+  avx512 |= HWY_AVX3_ZEN4;
+#endif
+#ifdef HWY_AVX3_SPR
+  avx512 |= HWY_AVX3_SPR;
+#endif
+  if (n == "avx2") {
+    if ((hwy::SupportedTargets() & HWY_AVX2) == 0) return false;
+    hwy::DisableTargets(avx512);
+    return true;
+  }
+  if (n == "avx3") return (hwy::SupportedTargets() & HWY_AVX3) != 0;
+#endif
+  return false;
+}
 bool FloatBlockIsExact() { return HWY_DYNAMIC_DISPATCH(HasNativeFmaHere)(); }
 
 }  // namespace lossd::kernels::internal

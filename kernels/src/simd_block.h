@@ -64,6 +64,13 @@ void FocalBlock(const FocalBlockArgs& a);
 // Name of the target BceBlock currently dispatches to (e.g. "AVX3", "AVX2").
 const char* BceBlockTargetName();
 
+// Limits run-time dispatch of every SIMD kernel in this process, for benchmarks that compare
+// targets on one machine: "native" (the best target of this CPU, the default), "avx2" (every
+// AVX-512 target disabled, so x86 CPUs with AVX-512 run the AVX2 code) or "avx3" (the same as
+// native on an AVX-512 CPU; false if the CPU has no AVX-512). False for an unknown name or a
+// target this CPU cannot run. Not thread-safe: call before any kernel runs.
+bool LimitSimdTargets(const char* name);
+
 }  // namespace lossd::kernels::internal
 
 #endif  // LOSSD_KERNELS_SRC_SIMD_BLOCK_H_
