@@ -440,6 +440,18 @@ std::vector<Case> Grid(const std::vector<double>& xs, const std::vector<double>&
   return cases;
 }
 
+// The references here use MPFR on the test's thread: its per-thread caches and pool are freed
+// once every test has run (the leak check of `make asan`).
+class MpfrCleanup : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    mpfr_free_cache2(MPFR_FREE_LOCAL_CACHE);
+    mpfr_free_pool();
+  }
+};
+[[maybe_unused]] ::testing::Environment* const kMpfrCleanup =
+    ::testing::AddGlobalTestEnvironment(new MpfrCleanup);
+
 class CorrectlyRoundedTest : public ::testing::Test {
  protected:
   void SetUp() override { internal::SetCorrectlyRoundedFastPathForTesting(true); }
