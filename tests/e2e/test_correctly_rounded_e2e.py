@@ -1,7 +1,7 @@
 """precision = PRECISION_CORRECTLY_ROUNDED through a real server (docs/kernels.md section 8).
 
-Requests are built with the generated message classes and sent over gRPC to the lossd server the tests share
-(CPU). Every float32 output must equal the exact value of the torch formulas computed with
+Requests are built with the generated message classes and sent over gRPC to the lossd server
+the tests share (CPU). Every float32 output must equal the exact value of the torch formulas computed with
 Python's decimal module at 200 significant digits (its exp and ln are correctly rounded; no
 dependency beyond the standard library), rounded to float32 by the test's own integer
 arithmetic (ties to even, subnormals, overflow); an exact zero is +0.
