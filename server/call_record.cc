@@ -22,11 +22,6 @@ void LogFailure(const char* method, std::string_view peer, std::string_view requ
                               protocol != nullptr ? protocol : ""));
 }
 
-void LogFailure(const char* method, const grpc::CallbackServerContext& context,
-                std::string_view request_id, const absl::Status& status) {
-  LogFailure(method, context.peer(), request_id, status);
-}
-
 CallRecord::CallRecord(Metrics* metrics, const char* method,
                        const grpc::CallbackServerContext* context, int64_t start_ns)
     : metrics_(metrics), method_(method), context_(context), start_ns_(start_ns) {}

@@ -69,8 +69,6 @@ class CallRecord {
 // `protocol` other than gRPC is named at the end (" protocol=http").
 void LogFailure(const char* method, std::string_view peer, std::string_view request_id,
                 const absl::Status& status, const char* protocol = nullptr);
-void LogFailure(const char* method, const grpc::CallbackServerContext& context,
-                std::string_view request_id, const absl::Status& status);
 
 }  // namespace lossd::server
 
