@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from concurrent import futures
 from fractions import Fraction
 from typing import List, Optional
@@ -130,6 +131,27 @@ def test_spreads_segments_over_every_replica(fakes) -> None:
     assert sum(counts) == r.checkpoints
     assert all(c > 0 for c in counts), counts
     assert seen[-1] == (r.num_elements, None)
+    # The merge's own time is reported (one MergePartials round trip), within the run's.
+    assert r.merge_calls == 1
+    assert 0 < r.merge_ns <= r.timing.total_ns
+
+
+def test_slow_reader_still_spreads_over_every_replica(fakes) -> None:
+    # Each batch is read after the previous segment's state has arrived: every replica is
+    # idle at each choice, and the ties go round robin (not always to the first replica).
+    reps = fakes(None, None, None)
+    batches = _random_batches(6, 12)
+
+    def slow():
+        for k, b in enumerate(batches):
+            while k and sum(len(svc.slices) for _, svc in reps) < k:
+                time.sleep(0.001)
+            yield b
+
+    with lossd.Client([t for t, _ in reps]) as client:
+        r = client.evaluate_dataset(slow(), reduction="sum", checkpoint_batches=1)
+    assert r.loss == _fsum(batches)
+    assert [len(svc.slices) for _, svc in reps] == [4, 4, 4]
 
 
 def test_failed_replica_segments_are_resent_once(fakes) -> None:

@@ -722,7 +722,8 @@ class Client(_ClientBase):
         -------
         DatasetResult
             ``loss``, ``num_elements``, ``num_kept``, ``num_batches``, ``reduction``,
-            ``checkpoints``, ``replicas``, ``failed_replicas``, ``resent_batches``.
+            ``checkpoints``, ``replicas``, ``failed_replicas``, ``resent_batches``,
+            ``merge_ns`` (the client's wall time of the final merge) and ``merge_calls``.
 
         Raises
         ------

@@ -13,9 +13,12 @@ Scheduling
 ----------
 One thread per replica sends that replica's segments, one call at a time; the caller's
 thread reads the batches, encodes them and hands each segment to the live replica with the
-shortest queue, waiting while every queue holds ``queue_depth`` segments. The encoded
-messages of a segment are kept until its state arrives, so at most
-``replicas x (queue_depth + 1)`` segments are held in memory.
+fewest segments queued or in flight among those whose queue has room (on a tie, the next
+one after the replica chosen last, round robin), waiting while every queue holds
+``queue_depth`` segments. Counting the segment in flight and the round robin spread the
+work over every replica also when the batches are read more slowly than one replica
+evaluates them. The encoded messages of a segment are kept until its state arrives, so at
+most ``replicas x (queue_depth + 1)`` segments are held in memory.
 
 Failures
 --------
@@ -197,6 +200,8 @@ class ShardedRun:
         self._queues: List[Deque[_Segment]] = [collections.deque() for _ in range(n)]
         self._retry: Deque[_Segment] = collections.deque()
         self._alive = [True] * n
+        self._busy = [False] * n  # a segment in flight
+        self._last = n - 1  # the replica chosen last: ties go round robin from it
         self._calls: List[Any] = [None] * n
         self._closed = False
         self._outstanding = 0
@@ -208,6 +213,7 @@ class ShardedRun:
         self._resent_segments = 0
         self._resent_batches = 0
         self._compute_ns = 0
+        self._merge_calls = 0
 
     # -- producer side (the caller's thread) ---------------------------------------------
 
@@ -244,17 +250,20 @@ class ShardedRun:
                 t.join()
         if self._error is not None:
             raise self._error
+        merge_start = time.monotonic_ns()
         reply = self._merge([self._states[i].partial_state for i in range(segments)])
+        end = time.monotonic_ns()
         t = reply.timing
         return DatasetResult(
             loss=reply.loss, num_elements=reply.num_elements, num_batches=reply.num_batches,
             reduction=enum_name(pb.Reduction, "REDUCTION_", reply.reduction),
             device=enum_name(pb.Device, "DEVICE_", reply.device),
             timing=Timing(queue_ns=0, compute_ns=self._compute_ns + t.compute_ns,
-                          total_ns=time.monotonic_ns() - start),
+                          total_ns=end - start),
             num_kept=reply.num_kept, replicas=tuple(self.targets), checkpoints=segments,
             failed_replicas=tuple(self._failures), resent_batches=self._resent_batches,
-            failures=tuple(self._failures.values()))
+            failures=tuple(self._failures.values()), merge_ns=end - merge_start,
+            merge_calls=self._merge_calls)
 
     def _produce(self, batches: Iterable[Any]) -> int:
         """Encodes the batches into segments and queues them; returns the segment count."""
@@ -291,8 +300,12 @@ class ShardedRun:
                 live = [i for i, a in enumerate(self._alive) if a]
                 if not live:  # pragma: no cover - _fail sets _error first
                     raise error_for(grpc.StatusCode.UNAVAILABLE, "no replica is left")
-                i = min(live, key=lambda j: len(self._queues[j]))
-                if len(self._queues[i]) < self.depth:
+                room = [j for j in live if len(self._queues[j]) < self.depth]
+                if room:
+                    n = len(self._queues)
+                    i = min(room, key=lambda j: (len(self._queues[j]) + self._busy[j],
+                                                 (j - self._last - 1) % n))
+                    self._last = i
                     self._queues[i].append(seg)
                     self._outstanding += 1
                     self._cv.notify_all()
@@ -303,13 +316,16 @@ class ShardedRun:
 
     def _take(self, i: int) -> Optional[_Segment]:
         with self._cv:
+            self._busy[i] = False  # the previous segment (if any) is done
             while True:
                 if self._error is not None or not self._alive[i]:
                     return None
                 if self._retry:
+                    self._busy[i] = True
                     return self._retry.popleft()
                 if self._queues[i]:
                     seg = self._queues[i].popleft()
+                    self._busy[i] = True
                     self._cv.notify_all()  # room in the queue for the producer
                     return seg
                 if self._closed and self._outstanding == 0:
@@ -419,6 +435,7 @@ class ShardedRun:
         for i, client in enumerate(self.clients):
             if not self._alive[i]:
                 continue
+            self._merge_calls += 1
             try:
                 return client._merge_partials(request, self.timeout)
             except LossdError as exc:

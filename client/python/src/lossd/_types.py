@@ -155,6 +155,14 @@ class DatasetResult(AccumulateResult):
         Batches sent again because the replica they were sent to failed.
     failures : tuple of str
         The error of each failed replica, in the order of ``failed_replicas``.
+    merge_ns : int
+        The client's wall time of the final merge, in nanoseconds: from the moment every
+        segment's state is in to the merged reply (grouping the states and every
+        ``MergePartials`` round trip). ``merge_ns / timing.total_ns`` is the merge's share
+        of the run.
+    merge_calls : int
+        ``MergePartials`` calls made (1 unless the states did not fit one message and were
+        merged in groups first; a call to a replica that failed is counted too).
     """
 
     num_kept: int = 0
@@ -163,6 +171,8 @@ class DatasetResult(AccumulateResult):
     failed_replicas: Tuple[str, ...] = ()
     resent_batches: int = 0
     failures: Tuple[str, ...] = ()
+    merge_ns: int = 0
+    merge_calls: int = 0
 
 
 @dataclass(frozen=True)
