@@ -77,6 +77,14 @@ test-py: build venv torch-venv
 # All tests: C++ (ctest) then Python (pytest). Fails on any failure.
 test: test-cpp test-py
 
+# Opt-in large tests (skipped by test-py): 10^8 elements evaluated by evaluate_dataset over
+# three lossd replicas on loopback with one SIGKILLed mid-run, bitwise against one server
+# (tests/e2e/test_sharded_large_e2e.py). About 20 s and 0.6 GB of client memory on 2 cores.
+.PHONY: test-large
+test-large: build venv
+	LOSSD_LARGE_TESTS=1 LOSSD_BINARY=$(CURDIR)/$(BUILD)/server/lossd $(VENV)/bin/python -m pytest \
+	  -q -s tests/e2e/test_sharded_large_e2e.py
+
 # Starts lossd on 127.0.0.1 (CPU), runs the Python client on the example, stops the server.
 demo: build venv
 	LOSSD_BINARY=$(CURDIR)/$(BUILD)/server/lossd PYTHON=$(VENV)/bin/python scripts/demo.sh
@@ -110,6 +118,16 @@ BENCH_ARGS ?=
 bench-service: build venv
 	PYTHONPATH=$(CURDIR)/tools/bench $(VENV)/bin/python -m lossd_bench --build-dir $(BUILD) \
 	  $(BENCH_ARGS)
+
+# evaluate_dataset over 1, 2 and 3 local lossd replicas, alternated: elements/s, the client's
+# CPU time per element and the final merge's share of the wall time (docs/perf.md, "Sharded
+# evaluation across replicas"). About a minute; SHARDING_ARGS, e.g. SHARDING_ARGS="--rounds 5
+# --elements 134217728" (list: SHARDING_ARGS=--help).
+SHARDING_ARGS ?=
+.PHONY: bench-sharding
+bench-sharding: build venv
+	$(VENV)/bin/python tools/bench/sharding_bench.py --lossd-binary $(BUILD)/server/lossd \
+	  $(SHARDING_ARGS)
 
 # lossd against a KServe Python model server serving torch's BCE over the same inference
 # protocol (gRPC), both loaded by lossd-bench --protocol=oip at 1Ki and 1Mi elements, c1 and c16
