@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""torch CUDA baseline for kernels/cuda/gpu_bench (docs/design.md sections 6 and 9).
+"""torch CUDA baseline for tools/gpu/gpu_bench (docs/design.md sections 6 and 9).
 
 Times ``torch.nn.functional.binary_cross_entropy_with_logits`` forward + backward (gradient
 wrt the logits) on CUDA for the problems gpu_bench times: float32 logits [N/64, 64], targets
@@ -19,7 +19,7 @@ with 40% zeros, 40% ones and 20% soft labels, and
   'mean', weight and pos_weight [64].
 
 Prints a table and one machine-readable line per row: ``TORCH <variant> <numel> <gelem/s>``,
-which kernels/cuda/gpu_check.sh joins with gpu_bench's RESULT lines. Needs torch with CUDA.
+which tools/gpu/gpu_check.sh joins with gpu_bench's RESULT lines. Needs torch with CUDA.
 """
 
 import argparse

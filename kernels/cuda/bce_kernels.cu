@@ -64,6 +64,9 @@ struct OperandParams {
   FastDiv inner_div, period_div;  // valid when Params::small
 };
 
+// The fused kernel's launch parameters, passed to the device by value: what LaunchBce derives
+// from DeviceBce for the device (divisors in float and double, vector and index choices), the
+// loss options taken from DeviceBce::element as ResolveLoss formed them.
 struct Params {
   const void* x;
   const void* y;
@@ -691,7 +694,7 @@ OperandParams MakeOperandParams(const DeviceOperand& o, int64_t numel, bool smal
 // blocks), all math in double through internal::LossElement. Per element: the loss divided by
 // the normalize count to `loss` (NONE), the undivided loss to `values`, gradients divided by
 // count * grad_extra and rounded once; per reduction block the tree sum of the undivided
-// losses to `sums` (SUM, MEAN).
+// losses to `sums` (SUM, MEAN). Passed to the device by value; `opts` is DeviceGeneric::opts.
 struct GenericParams {
   const void* x = nullptr;
   const void* y = nullptr;
@@ -813,7 +816,8 @@ cudaError_t LaunchGenericParams(DType dtype, const GenericParams& P, cudaStream_
 }  // namespace
 
 cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
-  if (a.numel < 0 || !(a.count >= 1.0) || !(a.label_smoothing >= 0.0 && a.label_smoothing <= 1.0) ||
+  const internal::ElementOptions<double>& e = a.element;
+  if (a.numel < 0 || !(a.count >= 1.0) || !(e.smoothing >= 0.0 && e.smoothing <= 1.0) ||
       ItemSize(a.dtype) == 0 ||
       ItemSize(a.targets_dtype) == 0 ||
       a.weight.inner < 1 || a.weight.period < 1 || a.pos_weight.inner < 1 ||
@@ -853,14 +857,15 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
   P.loss_div = a.reduction == Reduction::kNone ? a.count : 1.0;
   // Targets are compared in their compute type: float (float, half targets) or double; an
   // ignore_index that float cannot hold matches no float target (as on the CPU).
-  P.has_ignore = a.has_ignore_index &&
+  P.has_ignore = e.has_ignore_index &&
                  (a.targets_dtype == DType::kFloat64 ||
-                  static_cast<double>(static_cast<float>(a.ignore_index)) == a.ignore_index);
-  P.ignore_f = static_cast<float>(a.ignore_index);
-  P.smooth = a.label_smoothing != 0.0;
-  P.smooth_keep = 1.0 - a.label_smoothing;
-  P.smooth_half = a.label_smoothing * 0.5;
-  P.ignore_d = a.ignore_index;
+                  static_cast<double>(static_cast<float>(e.ignore_index)) == e.ignore_index);
+  P.ignore_f = static_cast<float>(e.ignore_index);
+  // The smoothing coefficients as ResolveLoss formed them: keep = 1 - s, half = s * 0.5.
+  P.smooth = e.smoothing != 0.0;
+  P.smooth_keep = e.smooth_keep;
+  P.smooth_half = e.smooth_half;
+  P.ignore_d = e.ignore_index;
   P.all_float = a.float_math;
   P.small = small;
   const size_t vx = 4 * ItemSize(a.dtype);

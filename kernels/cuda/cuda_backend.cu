@@ -30,6 +30,7 @@
 #include "bce_math.h"
 #include "cuda_kernels.h"
 #include "divisors.h"
+#include "resolved_loss.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
@@ -170,10 +171,13 @@ class CudaBackend final : public Backend {
   absl::StatusOr<Slot*> Acquire();
   void Release(Slot* slot);
   absl::Status Reserve(Slot* slot, size_t bytes);
-  // Plain BCE (NONE/SUM/MEAN, no per-element values): the fused kernel.
-  absl::Status Run(Slot* slot, const BceArgs& args, const BceOutputs& out);
+  // Plain BCE (NONE/SUM/MEAN, no per-element values): the fused kernel. `loss`: args's loss
+  // options as ResolveLoss read them (resolved_loss.h), the only ones these two read.
+  absl::Status Run(Slot* slot, const BceArgs& args, const internal::ResolvedLoss& loss,
+                   const BceOutputs& out);
   // Every other option: the generic kernel, reductions on the host.
-  absl::Status RunGeneric(Slot* slot, const BceArgs& args, const BceOutputs& out);
+  absl::Status RunGeneric(Slot* slot, const BceArgs& args, const internal::ResolvedLoss& loss,
+                          const BceOutputs& out);
   // BceOutputs::kept alone (no other output requested), counted on the device.
   absl::Status CountKept(Slot* slot, const BceArgs& args, int64_t* kept);
 
@@ -299,11 +303,13 @@ absl::Status CudaBackend::Bce(const BceArgs& args, const BceOutputs& out) {
   }
   // The fused kernel covers BCE with ignore_index, normalize and label smoothing; focal loss,
   // per-sample mean and per-element values take the option kernel.
-  const bool plain = args.loss == Loss::kBce && args.reduction != Reduction::kPerSampleMean &&
+  const internal::ResolvedLoss loss = internal::ResolveLoss(args);
+  const bool plain = loss.loss == Loss::kBce && args.reduction != Reduction::kPerSampleMean &&
                      out.loss_values == nullptr;
   absl::StatusOr<Slot*> slot = Acquire();
   if (!slot.ok()) return slot.status();
-  absl::Status status = plain ? Run(*slot, args, out) : RunGeneric(*slot, args, out);
+  absl::Status status =
+      plain ? Run(*slot, args, loss, out) : RunGeneric(*slot, args, loss, out);
   if (!status.ok()) {
     // Never hand back a slot with work in flight on its buffer.
     cudaStreamSynchronize((*slot)->stream);
@@ -338,7 +344,8 @@ absl::Status CudaBackend::CountKept(Slot* slot, const BceArgs& args, int64_t* ke
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceOutputs& out) {
+absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args,
+                                     const internal::ResolvedLoss& loss, const BceOutputs& out) {
   const int64_t n = args.numel;
   const size_t ix = ItemSize(args.dtype), iy = ItemSize(args.targets_dtype);
   const bool sum = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
@@ -365,11 +372,12 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   const size_t at_p = place(uploads[1].bytes);
   // normalize with ignore_index counts the kept elements on the device, unless a part's whole
   // count is given; otherwise the count is known here (divisors.h).
-  const bool count_on_device = internal::CountsIgnored(args);
+  const bool count_on_device = loss.divisors.CountsIgnored();
   const size_t at_ign = place(count_on_device ? sizeof(unsigned long long) : 0);
   // BceOutputs::kept without that count: a count of its own (the kernel must not see it, as
   // it would divide by it).
-  const bool count_for_kept = out.kept != nullptr && args.has_ignore_index && !count_on_device;
+  const bool count_for_kept =
+      out.kept != nullptr && loss.element.has_ignore_index && !count_on_device;
   const size_t at_kept = place(count_for_kept ? sizeof(unsigned long long) : 0);
   const size_t at_l = place(want_loss ? n * ix : 0);
   const size_t at_s = place(want_sum ? nblocks * sizeof(double) : 0);
@@ -401,19 +409,14 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
       !s.ok()) {
     return s;
   }
-  P.opts.focal = args.loss == Loss::kFocal;
-  P.opts.has_ignore_index = args.has_ignore_index;
-  P.opts.ignore_index = args.ignore_index;
-  P.opts.label_smoothing = args.label_smoothing;
-  P.opts.alpha = args.focal_alpha;
-  P.opts.gamma = args.focal_gamma;
+  P.opts = loss.element;
   P.reduction = args.reduction;
-  P.normalize = args.normalize;
+  P.normalize = loss.divisors.normalize;
   P.ignored = count_on_device ? reinterpret_cast<unsigned long long*>(base + at_ign) : nullptr;
   // The CPU backend's divisors (divisors.h): the gradients divide by count times the whole's
   // numel (MEAN) or last_dim (per-sample); a given whole count replaces the device's count.
-  const internal::Divisors given = internal::ResolveDivisors(args, 0);
-  if (args.normalize && !count_on_device) P.count = given.count;
+  const internal::Divisors given = loss.divisors.For(0);
+  if (loss.divisors.normalize && !count_on_device) P.count = given.count;
   if (args.reduction == Reduction::kMean) P.grad_extra = given.mean_n;
   if (args.reduction == Reduction::kPerSampleMean) {
     P.grad_extra = static_cast<double>(args.last_dim);
@@ -432,7 +435,8 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   } else if (count_for_kept) {
     auto* dev = reinterpret_cast<unsigned long long*>(base + at_kept);
     LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchCountIgnored(args.targets_dtype, base + at_y,
-                                                        args.ignore_index, n, dev, stream));
+                                                        loss.element.ignore_index, n, dev,
+                                                        stream));
     LOSSD_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(&ignored, dev, sizeof(ignored), cudaMemcpyDeviceToHost, stream));
   }
@@ -471,8 +475,7 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   // The reduced loss, as the CPU backend forms it: exact sum of the block sums, or of each
   // row's values, divided by the normalize count (and the whole's numel or last_dim).
   // (Without ignore_index the device counts 0 ignored targets.)
-  const internal::Divisors div =
-      internal::ResolveDivisors(args, static_cast<int64_t>(ignored));
+  const internal::Divisors div = loss.divisors.For(static_cast<int64_t>(ignored));
   if (want_sum) {
     StoreSumLoss(args, sums, div, out.loss);
   } else if (args.reduction == Reduction::kPerSampleMean) {
@@ -486,7 +489,8 @@ absl::Status CudaBackend::RunGeneric(Slot* slot, const BceArgs& args, const BceO
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs& out) {
+absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args,
+                              const internal::ResolvedLoss& loss, const BceOutputs& out) {
   const int64_t n = args.numel;
   const size_t ix = ItemSize(args.dtype), iy = ItemSize(args.targets_dtype);
   const bool reduce = args.reduction != Reduction::kNone;
@@ -517,7 +521,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   L.sums = place(want_sum ? nblocks * sizeof(double) : 0);
   // One count of the ignored targets serves the normalize divisor and BceOutputs::kept.
   const bool count_ignored =
-      internal::CountsIgnored(args) || (out.kept != nullptr && args.has_ignore_index);
+      loss.divisors.CountsIgnored() || (out.kept != nullptr && loss.element.has_ignore_index);
   L.ignored = place(count_ignored ? sizeof(unsigned long long) : 0);
   L.total = off;
 
@@ -537,14 +541,15 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   if (count_ignored) {
     auto* dev = reinterpret_cast<unsigned long long*>(base + L.ignored);
     LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchCountIgnored(args.targets_dtype, base + L.y,
-                                                        args.ignore_index, n, dev, stream));
+                                                        loss.element.ignore_index, n, dev,
+                                                        stream));
     unsigned long long host = 0;
     LOSSD_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(&host, dev, sizeof(host), cudaMemcpyDeviceToHost, stream));
     LOSSD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     ignored = static_cast<int64_t>(host);
   }
-  const internal::Divisors div = internal::ResolveDivisors(args, ignored);
+  const internal::Divisors div = loss.divisors.For(ignored);
   cuda::DeviceBce d;
   d.numel = n;
   d.dtype = args.dtype;
@@ -568,9 +573,7 @@ absl::Status CudaBackend::Run(Slot* slot, const BceArgs& args, const BceOutputs&
   d.float_math = float_math;
   d.count = div.count;
   d.mean_n = div.mean_n;
-  d.has_ignore_index = args.has_ignore_index;
-  d.ignore_index = args.ignore_index;
-  d.label_smoothing = args.label_smoothing;
+  d.element = loss.element;
   LOSSD_CUDA_RETURN_IF_ERROR(cuda::LaunchBce(d, stream));
 
   std::vector<double> sums(want_sum ? nblocks : 0);

@@ -49,14 +49,14 @@ struct DeviceBce {
   // kMean: the element count the gradients divide by (times count): numel, or a part's whole
   // count (BceArgs::whole_numel); 0 means numel.
   double mean_n = 0.0;
-  // Elements whose target equals ignore_index get loss and gradients 0 (targets compared in
-  // their compute type: an ignore_index that float cannot hold matches no float target).
-  bool has_ignore_index = false;
-  double ignore_index = -100.0;
-  // Keras's label_smoothing s in [0, 1]: the targets become y (1 - s) + s/2 (formed in double,
-  // as internal::LossElement does; the all-float math rounds the coefficients w (1 - y') and
-  // w p y' once from double), and dl/dy of the raw target is scaled by 1 - s.
-  double label_smoothing = 0.0;
+  // The loss's element options, from internal::ResolveLoss (resolved_loss.h); this kernel
+  // reads ignore_index and label smoothing (BCE only). Elements whose target equals
+  // ignore_index get loss and gradients 0 (targets compared in their compute type: an
+  // ignore_index that float cannot hold matches no float target). Label smoothing s in
+  // [0, 1]: the targets become y smooth_keep + smooth_half (formed in double, as
+  // internal::LossElement does; the all-float math rounds the coefficients w (1 - y') and
+  // w p y' once from double), and dl/dy of the raw target is scaled by smooth_keep = 1 - s.
+  internal::ElementOptions<double> element;
   // true: elements of float32 and half logits with non-double targets are computed by
   // internal::BceElementF32 (all-float math, the CPU kernel's formulas; rare elements still in
   // double), which requires every target, weight and pos_weight value to be exact in float (as
@@ -76,7 +76,8 @@ cudaError_t LaunchBce(const DeviceBce& args, cudaStream_t stream);
 
 // One evaluation with any option of BceArgs (focal, ignore_index, normalize, label smoothing,
 // per-sample mean), all math in double through internal::LossElement, in the fused kernel's
-// block layout. normalize: the count of kept elements (numel minus targets equal to
+// block layout; `opts` from internal::ResolveLoss (resolved_loss.h). normalize: the count of
+// kept elements (numel minus targets equal to
 // opts.ignore_index when opts.has_ignore_index, at least 1) is computed on the device into
 // *ignored (8 bytes of device scratch, required then) and divides the losses and gradients as
 // the CPU backend does. Outputs: `loss` for kNone (numel values / count, in `dtype`),

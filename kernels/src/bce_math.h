@@ -405,13 +405,20 @@ LOSSD_HD void FocalElement(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
   FocalElementDirect<T>(x, y, w, alpha, gamma, loss, gx);
 }
 
-// Per-element options shared by every backend.
+// The per-element options of a loss: LossElement's argument, host and device (the CUDA
+// launch parameters carry it by value). Filled once per call by ResolveLoss (resolved_loss.h);
+// the float64 reference fills its own.
 template <typename T>
 struct ElementOptions {
   bool focal = false;
   bool has_ignore_index = false;
   T ignore_index = T(-100);
-  T label_smoothing = T(0);
+  // Label smoothing s (Keras; 0 = off): targets become y (1 - s) + s / 2. smooth_keep = 1 - s
+  // and smooth_half = s * 0.5, formed once, for the kernels that take the two coefficients
+  // (the fused CUDA kernel); LossElement forms the same expression from s.
+  T smoothing = T(0);
+  T smooth_keep = T(1);
+  T smooth_half = T(0);
   T alpha = T(0.25);
   T gamma = T(2);
 };
@@ -427,7 +434,7 @@ LOSSD_HD void LossElement(const ElementOptions<T>& o, T x, T y_raw, T w, T p, T*
     *gy = T(0);
     return;
   }
-  const T s = o.label_smoothing;
+  const T s = o.smoothing;
   const T y = s != T(0) ? y_raw * (T(1) - s) + s * T(0.5) : y_raw;
   if (o.focal) {
     FocalElement<T>(x, y, w, o.alpha, o.gamma, loss, gx);

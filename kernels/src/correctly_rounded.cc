@@ -27,6 +27,7 @@
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/kernels/operand.h"
+#include "resolved_loss.h"
 
 #if defined(LOSSD_HAVE_MPFR)
 #include <mpfr.h>
@@ -626,7 +627,8 @@ void ExactForm(const Element& el, double s, Out which, Mp* R, Term* term) {
 // ---------------------------------------------------------------------------------------------
 // The call.
 
-// Exact integer divisors (docs/design.md section 3; kernels/src/divisors.h in exact form).
+// Exact integer divisors (docs/design.md section 3): DivisorRule (divisors.h) as integers, for
+// the exact forms.
 struct ExactDivisors {
   int64_t count = 1;   // normalize: kept elements of the whole (>= 1)
   int64_t mean_n = 1;  // MEAN: the whole's element count
@@ -638,7 +640,7 @@ struct Call {
   const BceOutputs* out;
   Fmt fmt;
   bool fast = true;
-  bool has_ignore = false;
+  const ResolvedLoss* loss;  // the loss options, read once (resolved_loss.h)
   ExactDivisors div;
   Mp D_elem_loss;  // NONE: count
   Mp D_grad;       // count * (mean_n | last | 1)
@@ -690,21 +692,22 @@ Contribution DoElement(const Call& c, int64_t i, bool write_loss) {
   const double y_raw = LoadAsDouble(a.targets_dtype, a.targets, i);
   Element el{LoadAsDouble(a.dtype, a.logits, i), y_raw, OperandAt(a.weight, i),
              OperandAt(a.pos_weight, i)};
-  const double s = a.label_smoothing;
+  const ElementOptions<double>& opt = c.loss->element;
+  const double s = opt.smoothing;
   void* dst[3] = {write_loss ? o.loss : nullptr, o.grad_logits, o.grad_targets};
   int wanted = 0;
   for (void* d : dst) wanted += d != nullptr;
   Contribution contrib;
   // Ignored elements: 0 everywhere. NaN or infinite y, w, p: the float64 element's IEEE special
   // values (the limits are not real numbers to round).
-  const bool ignored = c.has_ignore && y_raw == a.ignore_index;
+  const bool ignored = opt.has_ignore_index && y_raw == opt.ignore_index;
   const bool special = std::isnan(el.x) || !std::isfinite(el.y) || !std::isfinite(el.w) ||
                        !std::isfinite(el.p);
   if (ignored || special) {
     double v[3] = {0.0, 0.0, 0.0};
     if (!ignored) {
       internal::ElementOptions<double> eo;
-      eo.label_smoothing = s;
+      eo.smoothing = s;
       internal::LossElement<double>(eo, el.x, el.y, el.w, el.p, &v[0], &v[1], &v[2]);
       v[0] /= static_cast<double>(c.div.count);
       v[1] /= mpfr_get_d(c.D_grad.v, MPFR_RNDN);
@@ -769,11 +772,12 @@ Contribution DoElement(const Call& c, int64_t i, bool write_loss) {
 // exact sums. Returns false for an ignored element (nothing to add).
 bool ExactLossOf(const Call& c, int64_t i, Mp* R, Term* term) {
   const BceArgs& a = *c.args;
+  const ElementOptions<double>& opt = c.loss->element;
   const double y_raw = LoadAsDouble(a.targets_dtype, a.targets, i);
-  if (c.has_ignore && y_raw == a.ignore_index) return false;
+  if (opt.has_ignore_index && y_raw == opt.ignore_index) return false;
   Element el{LoadAsDouble(a.dtype, a.logits, i), y_raw, OperandAt(a.weight, i),
              OperandAt(a.pos_weight, i)};
-  ExactForm(el, a.label_smoothing, kLoss, R, term);
+  ExactForm(el, opt.smoothing, kLoss, R, term);
   return true;
 }
 
@@ -855,27 +859,24 @@ absl::Status CorrectlyRoundedBce(const BceArgs& args, const BceOutputs& out, Thr
   c.out = &out;
   c.fmt = FmtOf(args.dtype);
   c.fast = g_fast_path.load();
-  c.has_ignore = args.has_ignore_index;
+  const ResolvedLoss loss = ResolveLoss(args);
+  c.loss = &loss;
+  const DivisorRule& rule = loss.divisors;
   const int64_t n = args.numel;
-  const int64_t whole = args.whole_numel > 0 ? args.whole_numel : n;
-  if (args.normalize) {
-    if (args.whole_kept >= 0) {
-      c.div.count = std::max<int64_t>(args.whole_kept, 1);
-    } else {
-      int64_t ignored = 0;
-      if (args.has_ignore_index) {
-        for (int64_t i = 0; i < n; ++i) {
-          ignored += LoadAsDouble(args.targets_dtype, args.targets, i) == args.ignore_index;
-        }
-      }
-      c.div.count = std::max<int64_t>(whole - ignored, 1);
+  int64_t ignored = 0;
+  if (rule.CountsIgnored()) {
+    for (int64_t i = 0; i < n; ++i) {
+      ignored += LoadAsDouble(args.targets_dtype, args.targets, i) == loss.element.ignore_index;
     }
   }
-  c.div.mean_n = whole;
-  c.div.last = args.last_dim;
+  c.div.count = rule.KeptDivisor(ignored);
+  c.div.mean_n = rule.whole;
+  c.div.last = rule.last_dim;
   int64_t grad_factor = 1, reduced_factor = 1;
-  if (args.reduction == Reduction::kMean) grad_factor = reduced_factor = whole;
-  if (args.reduction == Reduction::kPerSampleMean) grad_factor = reduced_factor = args.last_dim;
+  if (rule.reduction == Reduction::kMean) grad_factor = reduced_factor = rule.whole;
+  if (rule.reduction == Reduction::kPerSampleMean) {
+    grad_factor = reduced_factor = rule.last_dim;
+  }
   c.D_elem_loss = DivisorMp(c.div.count, 1);
   c.D_grad = DivisorMp(c.div.count, std::max<int64_t>(grad_factor, 1));
   c.D_reduced = DivisorMp(c.div.count, std::max<int64_t>(reduced_factor, 1));

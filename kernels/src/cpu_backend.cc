@@ -1,6 +1,7 @@
 // CPU backend: blocks of kReduceBlock elements are evaluated by the SIMD block kernels
-// (simd_block.cc) in float (float32 and half inputs; in double on SIMD targets without FMA) or
-// double (float64 inputs), reading the
+// (simd_block.cc, simd_focal.cc), one block loop per loss (BceBlocks, FocalBlocks), in float
+// (float32 and half inputs; in double on SIMD targets without FMA) or double (the resolved
+// loss's rule: float64 inputs, label smoothing, the focal loss; resolved_loss.h), reading the
 // caller's buffers in place and writing straight into the output buffers when the dtypes allow.
 // Blocks are spread over a worker pool; reductions use the fixed block tree plus exact
 // summation, so results are bitwise identical for any thread count.
@@ -19,6 +20,7 @@
 #include "bce_math.h"
 #include "correctly_rounded.h"
 #include "divisors.h"
+#include "resolved_loss.h"
 #include "hwy/aligned_allocator.h"
 #include "simd_block.h"
 #include "lossd/kernels/backend.h"
@@ -148,8 +150,10 @@ void StoreRun(DType dtype, void* data, int64_t i0, int64_t n, const T* in) {
   }
 }
 
-// What every block of one call shares.
+// What every block of one call shares: the resolved loss, its divisors and, for the
+// per-sample mean, where block results wait for the rows that cross block edges.
 struct Plan {
+  const internal::ResolvedLoss* loss = nullptr;
   bool reduce = false;       // kSum / kMean: block sums go to an ExactSum
   double count = 1.0;        // normalize: non-ignored elements (else 1)
   double grad_div = 1.0;     // divisor of the gradients (mean, per-sample, normalize)
@@ -161,168 +165,249 @@ struct Plan {
   int64_t row_len = 0;
 };
 
-// Evaluates blocks [b0, b1) in compute type T and adds their block sums to `sum`.
+// Per-thread scratch of the block loops in compute type T, allocated once: small calls pay
+// no allocation. Eight runs of kReduceBlock values: x, y, w, p, loss, dl/dx, dl/dy, smoothed y.
 template <typename T>
-void RunBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int64_t b0,
-               int64_t b1, ExactSum* sum) {
-  constexpr int64_t B = kReduceBlock;
-  // Per-thread scratch, allocated once: small calls pay no allocation.
-  thread_local hwy::AlignedFreeUniquePtr<T[]> storage = hwy::AllocateAligned<T>(8 * B);
-  thread_local std::vector<double> tree(B);
-  T* const xs = storage.get();
-  T* const ys = xs + B;
-  T* const ws = ys + B;
-  T* const ps = ws + B;
-  T* const ls = ps + B;
-  T* const gxs = ls + B;
-  T* const gys = gxs + B;
-  T* const ysm = gys + B;  // smoothed targets
-  const bool focal = args.loss == Loss::kFocal;
-  const bool smooth = args.label_smoothing != 0.0;
-  const T s = static_cast<T>(args.label_smoothing);
-  const T ignore = static_cast<T>(args.ignore_index);
-  // Targets are compared with ignore_index exactly, as in double (CountIgnored, the reference):
-  // an ignore_index that T cannot hold matches no target.
-  const bool has_ignore =
-      args.has_ignore_index && static_cast<double>(ignore) == args.ignore_index;
-  // Outputs are written in place when they have the compute type and nothing is applied after.
-  const bool direct = args.dtype == kDTypeOf<T>;
-  const bool direct_loss = direct && !plan.reduce && plan.loss_f64 == nullptr &&
-                           plan.count == 1.0 && out.loss != nullptr &&
-                           out.loss_values == nullptr;
-  // Gradient division inside the SIMD kernel: the divisor as T plus what T cannot hold of it.
-  const T div_hi = static_cast<T>(plan.grad_div);
-  const T div_lo = static_cast<T>(plan.grad_div - static_cast<double>(div_hi));
-  internal::ElementOptions<T> eo;
-  eo.focal = focal;
-  eo.has_ignore_index = has_ignore;
-  eo.ignore_index = ignore;
-  eo.label_smoothing = s;
-  eo.alpha = static_cast<T>(args.focal_alpha);
-  eo.gamma = static_cast<T>(args.focal_gamma);
+T* BlockScratch() {
+  thread_local hwy::AlignedFreeUniquePtr<T[]> storage = hwy::AllocateAligned<T>(8 * kReduceBlock);
+  return storage.get();
+}
+double* TreeScratch() {
+  thread_local std::vector<double> tree(kReduceBlock);
+  return tree.data();
+}
 
-  // Focal loss with gamma 0, 1 or 2 and non-float64 logits: the SIMD block (double lanes with
-  // Highway's exp and log1p; float results within one ulp of FocalElement's rounding). Float64
-  // logits and other gammas: the scalar FocalElement, the reference's own math.
-  const bool focal_simd =
-      focal && args.dtype != DType::kFloat64 &&
-      (args.focal_gamma == 0.0 || args.focal_gamma == 1.0 || args.focal_gamma == 2.0);
-  const int64_t span = focal ? B : kTilePiece;  // the focal loop reads whole blocks
-  const auto w_tile = MakeTile<T>(args.weight, args.numel, span);
-  const auto p_tile = MakeTile<T>(args.pos_weight, args.numel, span);
-  internal::BlockArgs<T> k;
-  k.grad_divisor = div_hi;
-  k.grad_divisor_lo = div_lo;
-  for (int64_t b = b0; b < b1; ++b) {
+// The parts of a block loop that every loss shares: reading a block's inputs in compute type
+// T, pointing its outputs (in place when the dtypes allow), and the post-steps after the
+// loss's own element math (ignore_index, stores, loss_values, the reductions). A loss's block
+// loop (BceBlocks, FocalBlocks) is Begin, its math, End for each block.
+template <typename T>
+class BlockIo {
+ public:
+  // span: the longest run read at once from a tiled operand (MakeTile).
+  BlockIo(const BceArgs& args, const BceOutputs& out, const Plan& plan, int64_t span)
+      : args_(args), out_(out), plan_(plan), scratch_(BlockScratch<T>()), tree_(TreeScratch()) {
+    const internal::ElementOptions<double>& e = plan.loss->element;
+    ignore_ = static_cast<T>(e.ignore_index);
+    // Targets are compared with ignore_index exactly, as in double (CountIgnored, the
+    // reference): an ignore_index that T cannot hold matches no target.
+    has_ignore_ = e.has_ignore_index && static_cast<double>(ignore_) == e.ignore_index;
+    direct_ = args.dtype == kDTypeOf<T>;
+    // Outputs are written in place when they have the compute type and nothing is applied
+    // after.
+    direct_loss_ = direct_ && !plan.reduce && plan.loss_f64 == nullptr && plan.count == 1.0 &&
+                   out.loss != nullptr && out.loss_values == nullptr;
+    // Gradient division inside the SIMD kernel: the divisor as T plus what T cannot hold of it.
+    div_hi_ = static_cast<T>(plan.grad_div);
+    div_lo_ = static_cast<T>(plan.grad_div - static_cast<double>(div_hi_));
+    w_tile_ = MakeTile<T>(args.weight, args.numel, span);
+    p_tile_ = MakeTile<T>(args.pos_weight, args.numel, span);
+  }
+
+  bool has_ignore() const { return has_ignore_; }
+  T ignore() const { return ignore_; }
+  T div_hi() const { return div_hi_; }
+  T div_lo() const { return div_lo_; }
+  const T* w_tile() const { return w_tile_.get(); }
+  const T* p_tile() const { return p_tile_.get(); }
+  // Room for n smoothed targets.
+  T* smoothed() const { return scratch_ + 7 * kReduceBlock; }
+
+  // Block b's inputs as T (k.y: the raw targets) and its output runs, with the gradient
+  // divisor; returns the raw targets.
+  const T* Begin(int64_t b, internal::BlockArgs<T>* k) const {
+    constexpr int64_t B = kReduceBlock;
+    T* const xs = scratch_;
+    T* const ys = xs + B;
+    T* const ws = ys + B;
+    T* const ps = ws + B;
+    T* const ls = ps + B;
+    T* const gxs = ls + B;
+    T* const gys = gxs + B;
     const int64_t i0 = b * B;
-    const int64_t n = std::min(B, args.numel - i0);
-    k.n = n;
-    k.x = DenseRun(args.dtype, args.logits, i0, n, xs);
-    const T* y_raw = DenseRun(args.targets_dtype, args.targets, i0, n, ys);
-    k.w = OperandRun(args.weight, w_tile.get(), args.numel, i0, n, ws);
-    k.p = OperandRun(args.pos_weight, p_tile.get(), args.numel, i0, n, ps);
-    k.loss = direct_loss ? static_cast<T*>(out.loss) + i0 : ls;
-    k.gx = out.grad_logits ? (direct ? static_cast<T*>(out.grad_logits) + i0 : gxs) : nullptr;
-    k.gy = out.grad_targets ? (direct ? static_cast<T*>(out.grad_targets) + i0 : gys) : nullptr;
-    // Smoothed targets for the block kernels (the scalar focal loop smooths in LossElement).
-    k.y = y_raw;
-    if (smooth && (!focal || focal_simd)) {
-      for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
-      k.y = ysm;
-    }
-    if (focal_simd) {
-      if constexpr (std::is_same_v<T, double>) {  // focal loss always computes in double
-        internal::FocalBlockArgs fa;
-        fa.x = k.x;
-        fa.y = k.y;
-        fa.w = k.w;
-        fa.n = n;
-        fa.alpha = eo.alpha;
-        fa.gamma = eo.gamma;
-        fa.loss = k.loss;
-        fa.gx = k.gx;
-        fa.grad_divisor = div_hi + div_lo;  // T is double here: div_lo is 0
-        internal::FocalBlock(fa);
-        // dl/dy is not offered for the focal loss (NaN, as the reference).
-        if (k.gy) std::fill(k.gy, k.gy + n, std::numeric_limits<T>::quiet_NaN());
-      }
-    } else if (focal) {
-      // Focal loss: the shared scalar math per element (internal::FocalElement).
+    const int64_t n = std::min(B, args_.numel - i0);
+    k->grad_divisor = div_hi_;
+    k->grad_divisor_lo = div_lo_;
+    k->n = n;
+    k->x = DenseRun(args_.dtype, args_.logits, i0, n, xs);
+    const T* y_raw = DenseRun(args_.targets_dtype, args_.targets, i0, n, ys);
+    k->y = y_raw;
+    k->w = OperandRun(args_.weight, w_tile_.get(), args_.numel, i0, n, ws);
+    k->p = OperandRun(args_.pos_weight, p_tile_.get(), args_.numel, i0, n, ps);
+    k->loss = direct_loss_ ? static_cast<T*>(out_.loss) + i0 : ls;
+    k->gx = out_.grad_logits ? (direct_ ? static_cast<T*>(out_.grad_logits) + i0 : gxs)
+                             : nullptr;
+    k->gy = out_.grad_targets ? (direct_ ? static_cast<T*>(out_.grad_targets) + i0 : gys)
+                              : nullptr;
+    return y_raw;
+  }
+
+  // The post-steps of block b, whose element results are in k's output runs: ignored
+  // elements zeroed, gradients stored, loss values kept, the block's loss reduced or stored.
+  void End(int64_t b, const internal::BlockArgs<T>& k, const T* y_raw, ExactSum* sum) const {
+    const int64_t i0 = b * kReduceBlock;
+    const int64_t n = k.n;
+    if (has_ignore_) {
       for (int64_t j = 0; j < n; ++j) {
-        T l, gx, gy;
-        internal::LossElement<T>(eo, k.x[j], y_raw[j], k.w ? k.w[j] : T(1), T(1), &l, &gx, &gy);
-        k.loss[j] = l;
-        if (k.gx) k.gx[j] = gx / (div_hi + div_lo);  // T is double here: div_lo is 0
-        if (k.gy) k.gy[j] = gy;  // NaN: the focal loss offers no dl/dy (as the reference)
-      }
-    } else {
-      if (w_tile == nullptr && p_tile == nullptr) {
-        internal::BceBlock(k);
-      } else {
-        for (int64_t off = 0; off < n; off += kTilePiece) {
-          internal::BlockArgs<T> piece = k;
-          piece.n = std::min(kTilePiece, n - off);
-          piece.x += off;
-          piece.y += off;
-          piece.loss += off;
-          if (piece.gx) piece.gx += off;
-          if (piece.gy) piece.gy += off;
-          const auto operand = [&](const Operand& op, const T* tile, const T* run) -> const T* {
-            if (run == nullptr) return nullptr;
-            return tile != nullptr ? tile + (i0 + off) % op.period : run + off;
-          };
-          piece.w = operand(args.weight, w_tile.get(), k.w);
-          piece.p = operand(args.pos_weight, p_tile.get(), k.p);
-          internal::BceBlock(piece);
-        }
-      }
-      if (smooth && k.gy) {
-        for (int64_t j = 0; j < n; ++j) k.gy[j] *= (T(1) - s);
-      }
-    }
-    if (has_ignore) {
-      for (int64_t j = 0; j < n; ++j) {
-        if (y_raw[j] != ignore) continue;
+        if (y_raw[j] != ignore_) continue;
         k.loss[j] = T(0);
         if (k.gx) k.gx[j] = T(0);
         if (k.gy) k.gy[j] = T(0);
       }
     }
-    if (!direct) {
-      if (out.grad_logits) StoreRun(args.dtype, out.grad_logits, i0, n, gxs);
-      if (out.grad_targets) StoreRun(args.dtype, out.grad_targets, i0, n, gys);
+    if (!direct_) {
+      if (out_.grad_logits) StoreRun(args_.dtype, out_.grad_logits, i0, n, k.gx);
+      if (out_.grad_targets) StoreRun(args_.dtype, out_.grad_targets, i0, n, k.gy);
     }
-    if (out.loss_values != nullptr) {
-      for (int64_t j = 0; j < n; ++j) out.loss_values[i0 + j] = static_cast<double>(k.loss[j]);
+    if (out_.loss_values != nullptr) {
+      for (int64_t j = 0; j < n; ++j) out_.loss_values[i0 + j] = static_cast<double>(k.loss[j]);
     }
-    if (plan.reduce) {
-      sum->Add(internal::BlockTreeSum(k.loss, n, tree.data()));
-    } else if (plan.loss_f64 != nullptr) {
-      // Per-sample mean: rows within this block summed here; the elements of a row begun before
-      // it (head) or running past it (tail) kept for the pass after all blocks.
-      const int64_t len = plan.row_len;
-      const int64_t head = std::min(n, (len - i0 % len) % len);
-      int64_t j = 0;
-      for (; j < head; ++j) plan.loss_f64[i0 + j] = static_cast<double>(k.loss[j]);
-      for (; j + len <= n; j += len) {
-        const double* row;
-        if constexpr (std::is_same_v<T, double>) {
-          row = k.loss + j;
-        } else {
-          for (int64_t m = 0; m < len; ++m) tree[m] = static_cast<double>(k.loss[j + m]);
-          row = tree.data();
-        }
-        plan.row_sums[(i0 + j) / len] = ExactSumOf(row, len);
-      }
-      for (; j < n; ++j) plan.loss_f64[i0 + j] = static_cast<double>(k.loss[j]);
-    } else if (out.loss != nullptr && !direct_loss) {
-      if (plan.count != 1.0) {
-        for (int64_t j = 0; j < n; ++j) tree[j] = static_cast<double>(k.loss[j]) / plan.count;
-        StoreRun(args.dtype, out.loss, i0, n, tree.data());
+    if (plan_.reduce) {
+      sum->Add(internal::BlockTreeSum(k.loss, n, tree_));
+    } else if (plan_.loss_f64 != nullptr) {
+      RowSums(i0, n, k.loss);
+    } else if (out_.loss != nullptr && !direct_loss_) {
+      if (plan_.count != 1.0) {
+        for (int64_t j = 0; j < n; ++j) tree_[j] = static_cast<double>(k.loss[j]) / plan_.count;
+        StoreRun(args_.dtype, out_.loss, i0, n, tree_);
       } else {
-        StoreRun(args.dtype, out.loss, i0, n, ls);
+        StoreRun(args_.dtype, out_.loss, i0, n, k.loss);
       }
     }
+  }
+
+ private:
+  // Per-sample mean: rows within this block summed here; the elements of a row begun before
+  // it (head) or running past it (tail) kept for the pass after all blocks.
+  void RowSums(int64_t i0, int64_t n, const T* loss) const {
+    const int64_t len = plan_.row_len;
+    const int64_t head = std::min(n, (len - i0 % len) % len);
+    int64_t j = 0;
+    for (; j < head; ++j) plan_.loss_f64[i0 + j] = static_cast<double>(loss[j]);
+    for (; j + len <= n; j += len) {
+      const double* row;
+      if constexpr (std::is_same_v<T, double>) {
+        row = loss + j;
+      } else {
+        for (int64_t m = 0; m < len; ++m) tree_[m] = static_cast<double>(loss[j + m]);
+        row = tree_;
+      }
+      plan_.row_sums[(i0 + j) / len] = ExactSumOf(row, len);
+    }
+    for (; j < n; ++j) plan_.loss_f64[i0 + j] = static_cast<double>(loss[j]);
+  }
+
+  const BceArgs& args_;
+  const BceOutputs& out_;
+  const Plan& plan_;
+  T* const scratch_;
+  double* const tree_;
+  T ignore_;
+  bool has_ignore_;
+  bool direct_;
+  bool direct_loss_;
+  T div_hi_, div_lo_;
+  hwy::AlignedFreeUniquePtr<T[]> w_tile_, p_tile_;
+};
+
+// BCE with logits over blocks [b0, b1) in compute type T (the SIMD block kernel, BceBlock),
+// their block sums added to `sum`. Label smoothing: the kernel gets the smoothed targets, and
+// dl/dy of the raw target is scaled by 1 - s after it.
+template <typename T>
+void BceBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int64_t b0,
+               int64_t b1, ExactSum* sum) {
+  const BlockIo<T> io(args, out, plan, kTilePiece);
+  const bool smooth = plan.loss->smooth;
+  const T s = static_cast<T>(plan.loss->element.smoothing);
+  T* const ysm = io.smoothed();
+  internal::BlockArgs<T> k;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* y_raw = io.Begin(b, &k);
+    const int64_t n = k.n;
+    if (smooth) {
+      for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
+      k.y = ysm;
+    }
+    if (io.w_tile() == nullptr && io.p_tile() == nullptr) {
+      internal::BceBlock(k);
+    } else {
+      const int64_t i0 = b * kReduceBlock;
+      for (int64_t off = 0; off < n; off += kTilePiece) {
+        internal::BlockArgs<T> piece = k;
+        piece.n = std::min(kTilePiece, n - off);
+        piece.x += off;
+        piece.y += off;
+        piece.loss += off;
+        if (piece.gx) piece.gx += off;
+        if (piece.gy) piece.gy += off;
+        const auto operand = [&](const Operand& op, const T* tile, const T* run) -> const T* {
+          if (run == nullptr) return nullptr;
+          return tile != nullptr ? tile + (i0 + off) % op.period : run + off;
+        };
+        piece.w = operand(args.weight, io.w_tile(), k.w);
+        piece.p = operand(args.pos_weight, io.p_tile(), k.p);
+        internal::BceBlock(piece);
+      }
+    }
+    if (smooth && k.gy) {
+      for (int64_t j = 0; j < n; ++j) k.gy[j] *= (T(1) - s);
+    }
+    io.End(b, k, y_raw, sum);
+  }
+}
+
+// torchvision's sigmoid focal loss over blocks [b0, b1), always in double (ResolvedLoss::wide),
+// their block sums added to `sum`. Gamma 0, 1 or 2 with non-float64 logits: the SIMD block
+// (double lanes with Highway's exp and log1p; float results within one ulp of FocalElement's
+// rounding). Float64 logits and other gammas: the scalar FocalElement, the reference's own
+// math. dl/dy is not offered (NaN, as the reference).
+void FocalBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int64_t b0,
+                 int64_t b1, ExactSum* sum) {
+  using T = double;
+  const internal::ResolvedLoss& r = *plan.loss;
+  const BlockIo<T> io(args, out, plan, kReduceBlock);  // the focal loop reads whole blocks
+  const bool focal_simd =
+      args.dtype != DType::kFloat64 &&
+      (r.element.gamma == 0.0 || r.element.gamma == 1.0 || r.element.gamma == 2.0);
+  const bool smooth = r.smooth;
+  const T s = r.element.smoothing;
+  // The scalar loop's options: ignore_index as the block loop compares it.
+  internal::ElementOptions<T> eo = r.element;
+  eo.has_ignore_index = io.has_ignore();
+  T* const ysm = io.smoothed();
+  internal::BlockArgs<T> k;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* y_raw = io.Begin(b, &k);
+    const int64_t n = k.n;
+    if (focal_simd) {
+      // Smoothed targets for the block kernel (the scalar loop smooths in LossElement).
+      if (smooth) {
+        for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
+        k.y = ysm;
+      }
+      internal::FocalBlockArgs fa;
+      fa.x = k.x;
+      fa.y = k.y;
+      fa.w = k.w;
+      fa.n = n;
+      fa.alpha = eo.alpha;
+      fa.gamma = eo.gamma;
+      fa.loss = k.loss;
+      fa.gx = k.gx;
+      fa.grad_divisor = io.div_hi() + io.div_lo();  // T is double here: div_lo is 0
+      internal::FocalBlock(fa);
+      if (k.gy) std::fill(k.gy, k.gy + n, std::numeric_limits<T>::quiet_NaN());
+    } else {
+      // The shared scalar math per element (internal::FocalElement).
+      for (int64_t j = 0; j < n; ++j) {
+        T l, gx, gy;
+        internal::LossElement<T>(eo, k.x[j], y_raw[j], k.w ? k.w[j] : T(1), T(1), &l, &gx, &gy);
+        k.loss[j] = l;
+        if (k.gx) k.gx[j] = gx / (io.div_hi() + io.div_lo());  // div_lo is 0
+        if (k.gy) k.gy[j] = gy;  // NaN: the focal loss offers no dl/dy (as the reference)
+      }
+    }
+    io.End(b, k, y_raw, sum);
   }
 }
 
@@ -369,22 +454,18 @@ class CpuBackend final : public Backend {
     constexpr int64_t kBlocksPerTask = kChunkElements / kReduceBlock;
     const int64_t tasks = (blocks + kBlocksPerTask - 1) / kBlocksPerTask;
     std::vector<ExactSum> sums(std::max<int64_t>(tasks, 1));
-    auto is64 = [](DType t, const void* p) { return p != nullptr && t == DType::kFloat64; };
-    const bool wide = args.dtype == DType::kFloat64 || is64(args.targets_dtype, args.targets) ||
-                      is64(args.weight.dtype, args.weight.data) ||
-                      is64(args.pos_weight.dtype, args.pos_weight.data) ||
-                      // Smoothed targets and the focal factors are rounded intermediates that
-                      // float cannot keep within 4 ulp of the result: these use double.
-                      args.label_smoothing != 0.0 || args.loss == Loss::kFocal ||
-                      // SIMD targets without FMA cannot keep the float formulas within 4 ulp.
-                      !internal::FloatBlockIsExact();
+    // The loss spec read once (resolved_loss.h). Compute in double when it says so, and on
+    // SIMD targets without FMA, which cannot keep the float formulas within 4 ulp.
+    const internal::ResolvedLoss loss = internal::ResolveLoss(args);
+    const bool wide = loss.wide || !internal::FloatBlockIsExact();
     Plan plan;
+    plan.loss = &loss;
     plan.reduce = args.reduction == Reduction::kSum || args.reduction == Reduction::kMean;
     // One count of the ignored targets serves the normalize divisor and BceOutputs::kept.
-    const bool count_ignored =
-        internal::CountsIgnored(args) || (out.kept != nullptr && args.has_ignore_index);
+    const bool count_ignored = loss.divisors.CountsIgnored() ||
+                               (out.kept != nullptr && loss.element.has_ignore_index);
     const int64_t ignored = count_ignored ? CountIgnored(args, pool_) : 0;
-    const internal::Divisors div = internal::ResolveDivisors(args, ignored);
+    const internal::Divisors div = loss.divisors.For(ignored);
     plan.count = div.count;
     plan.grad_div = div.grad_div;
     // Per-sample mean: per_element is written only where rows cross block edges (none when
@@ -407,11 +488,14 @@ class CpuBackend final : public Backend {
       }
       const int64_t b0 = t * kBlocksPerTask;
       const int64_t b1 = std::min(blocks, (t + 1) * kBlocksPerTask);
-      // Compute in double when `wide`, else in float (float32 and half types).
-      if (wide) {
-        RunBlocks<double>(args, out, plan, b0, b1, &sums[t]);
+      // One block loop per loss; BCE in double when `wide`, else in float (float32 and half
+      // types); the focal loss always in double.
+      if (loss.loss == Loss::kFocal) {
+        FocalBlocks(args, out, plan, b0, b1, &sums[t]);
+      } else if (wide) {
+        BceBlocks<double>(args, out, plan, b0, b1, &sums[t]);
       } else {
-        RunBlocks<float>(args, out, plan, b0, b1, &sums[t]);
+        BceBlocks<float>(args, out, plan, b0, b1, &sums[t]);
       }
       if (args.chunks_done) args.chunks_done->fetch_add(1, std::memory_order_relaxed);
     });
@@ -419,30 +503,43 @@ class CpuBackend final : public Backend {
     if (out.kept != nullptr) *out.kept = args.numel - ignored;
     if (out.loss == nullptr) return absl::OkStatus();
     if (plan.reduce) {
-      ExactSum total;
-      for (const ExactSum& s : sums) total.Merge(s);
-      double v = total.Value() / plan.count;
-      if (args.reduction == Reduction::kMean) v /= div.mean_n;
-      StoreFromDouble(args.dtype, out.loss, 0, v);
+      StoreReducedLoss(args, sums, div, out.loss);
     } else if (args.reduction == Reduction::kPerSampleMean) {
-      const int64_t rows = LossCount(args);
-      const int64_t len = args.last_dim;
-      constexpr int64_t kRowsPerTask = 4096;
-      pool_.ParallelFor((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t t) {
-        for (int64_t r = t * kRowsPerTask; r < std::min(rows, (t + 1) * kRowsPerTask); ++r) {
-          const int64_t start = r * len;
-          const double sum = start / kReduceBlock == (start + len - 1) / kReduceBlock
-                                 ? row_sums[r]
-                                 : ExactSumOf(per_element.get() + start, len);
-          StoreFromDouble(args.dtype, out.loss, r,
-                          sum / static_cast<double>(len) / plan.count);
-        }
-      });
+      StoreRowMeans(args, plan, out.loss);
     }
     return absl::OkStatus();
   }
 
  private:
+  // SUM / MEAN: the tasks' exact sums merged, divided by the normalize count (and the whole's
+  // numel for MEAN), rounded once to the dtype.
+  static void StoreReducedLoss(const BceArgs& args, const std::vector<ExactSum>& sums,
+                               const internal::Divisors& div, void* loss) {
+    ExactSum total;
+    for (const ExactSum& s : sums) total.Merge(s);
+    double v = total.Value() / div.count;
+    if (args.reduction == Reduction::kMean) v /= div.mean_n;
+    StoreFromDouble(args.dtype, loss, 0, v);
+  }
+
+  // PER_SAMPLE_MEAN after all blocks: each row's exact sum (from the block loops when the row
+  // lies within one block, else from its elements' values), over last_dim and the normalize
+  // count.
+  void StoreRowMeans(const BceArgs& args, const Plan& plan, void* loss) {
+    const int64_t rows = LossCount(args);
+    const int64_t len = args.last_dim;
+    constexpr int64_t kRowsPerTask = 4096;
+    pool_.ParallelFor((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t t) {
+      for (int64_t r = t * kRowsPerTask; r < std::min(rows, (t + 1) * kRowsPerTask); ++r) {
+        const int64_t start = r * len;
+        const double sum = start / kReduceBlock == (start + len - 1) / kReduceBlock
+                               ? plan.row_sums[r]
+                               : ExactSumOf(plan.loss_f64 + start, len);
+        StoreFromDouble(args.dtype, loss, r, sum / static_cast<double>(len) / plan.count);
+      }
+    });
+  }
+
   internal::ThreadPool pool_;
 };
 

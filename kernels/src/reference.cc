@@ -28,7 +28,7 @@ void ReferenceBce(const BceArgs& args, double* loss, double* grad_logits, double
   o.focal = args.loss == Loss::kFocal;
   o.has_ignore_index = args.has_ignore_index;
   o.ignore_index = args.ignore_index;
-  o.label_smoothing = args.label_smoothing;
+  o.smoothing = args.label_smoothing;
   o.alpha = args.focal_alpha;
   o.gamma = args.focal_gamma;
   // normalize: the count of elements that are not ignored (of the whole evaluation).

@@ -1,4 +1,7 @@
 // Internal interface of the SIMD block kernels (Highway, runtime dispatch). Not public.
+// BlockArgs and FocalBlockArgs are these kernels' argument lists (pointers to one run of
+// inputs and outputs, the gradient divisor): they hold no loss options, which the block loops
+// of cpu_backend.cc take from the resolved loss (resolved_loss.h; docs/kernels.md section 1).
 #ifndef LOSSD_KERNELS_SRC_SIMD_BLOCK_H_
 #define LOSSD_KERNELS_SRC_SIMD_BLOCK_H_
 

@@ -11,7 +11,7 @@
 # library bundle), that every shared library of lossd resolves in the runtime image, the
 # embedded device code (cuobjdump: sm_80/86/89/90 SASS + compute_90 PTX), and then, on the CPU
 # (--device=auto without a GPU): the smoke test, the HEALTHCHECK, non-root, drain.
-# Not exercised: NVIDIA's Ubuntu 24.04 bases, the GPU itself (see kernels/cuda/gpu_check.sh).
+# Not exercised: NVIDIA's Ubuntu 24.04 bases, the GPU itself (see tools/gpu/gpu_check.sh).
 # Manual (not CI, not a make target): minutes, most of it nvcc. CUDA_ARCHITECTURES=90 in the
 # environment builds one architecture only (faster).
 #   bash tests/deploy/cuda_standin_check.sh

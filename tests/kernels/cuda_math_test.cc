@@ -78,7 +78,7 @@ TEST(CudaMathTest, HostBceElementMixedWithinFourUlp) {
 // Per element the CPU backend and the CUDA element math agree within 4 float32 ulp of the loss
 // (docs/design.md section 4). Here the CUDA math runs on the host, where log1pf is the host's
 // (CUDA's is within the same 1 ulp): on a GPU machine gpu_check.sh measures the device itself.
-// Data as in kernels/cuda/server_gpu_check.py, plus soft labels; every SIMD target compiled in.
+// Data as in tools/gpu/server_gpu_check.py, plus soft labels; every SIMD target compiled in.
 TEST(CudaMathTest, CpuBackendAgreesWithDeviceMathPerElement) {
   const int64_t c = 64, n = 1 << 21;
   std::mt19937_64 rng(7);

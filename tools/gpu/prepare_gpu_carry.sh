@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Prepares the CUDA build for a run of kernels/cuda/gpu_check.sh on another machine
+# Prepares the CUDA build for a run of tools/gpu/gpu_check.sh on another machine
 # (docs/design.md section 9). Run HERE, from anywhere, after building with CUDA for sm_90:
 #   cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build -j2 \
 #     --target kernels_test gpu_bench
-#   kernels/cuda/prepare_gpu_carry.sh
+#   tools/gpu/prepare_gpu_carry.sh
 # It copies into build/gpulibs/ every shared library that `ldd` lists for the test and bench
 # binaries except glibc and the CUDA driver (absl, hwy, libstdc++, libgcc_s, ...: the GPU
 # machine runs another Linux image), and glibc itself with its loader into build/gpulibs/glibc/
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-BINS=(build/tests/kernels_test build/kernels/gpu_bench build/server/lossd)
+BINS=(build/tests/kernels_test build/tools/gpu/gpu_bench build/server/lossd)
 for b in "${BINS[@]}"; do
   [[ -x "$b" ]] || { echo "missing $b: build it first (see the header of $0)" >&2; exit 1; }
 done
@@ -35,13 +35,16 @@ if [[ -n "${LOSSD_BASE_COMMIT:-}" ]]; then
   cmake -S "$base_src" -B build/base-bench -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
   cmake --build build/base-bench -j2 --target gpu_bench >/dev/null
   git worktree remove --force "$base_src"
-  BINS+=(build/base-bench/kernels/gpu_bench)
+  # gpu_bench is built under tools/gpu/ (kernels/ in older commits).
+  base_bench=build/base-bench/tools/gpu/gpu_bench
+  [[ -x "$base_bench" ]] || base_bench=build/base-bench/kernels/gpu_bench
+  BINS+=("$base_bench")
 fi
 
 rm -rf build/gpulibs
 mkdir -p build/gpulibs/glibc
 if [[ -n "${LOSSD_BASE_COMMIT:-}" ]]; then
-  strip --strip-debug -o build/gpulibs/gpu_bench_base build/base-bench/kernels/gpu_bench
+  strip --strip-debug -o build/gpulibs/gpu_bench_base "$base_bench"
   git rev-parse --short "$LOSSD_BASE_COMMIT" >build/gpulibs/BASE_FROM
 fi
 declare -A seen=()
@@ -79,7 +82,7 @@ echo
 echo "required GLIBC of the binaries: $(objdump -T "${BINS[@]}" build/gpulibs/*.so* 2>/dev/null |
   grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1) (gpu_check.sh falls back to the bundled glibc)"
 echo
-CARRY=(build/tests/kernels_test build/kernels/gpu_bench build/server/lossd build/gpulibs)
+CARRY=(build/tests/kernels_test build/tools/gpu/gpu_bench build/server/lossd build/gpulibs)
 du -shc "${CARRY[@]}" | sed 's/^/  /'
 total_kib=$(du -sck "${CARRY[@]}" | tail -1 | cut -f1)
 echo

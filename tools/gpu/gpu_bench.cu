@@ -44,6 +44,7 @@
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/operand.h"
 #include "lossd/kernels/reference.h"
+#include "resolved_loss.h"
 #include "test_util.h"  // lossd_kernels_test_util: the ulp helpers of the kernel tests
 
 namespace lk = lossd::kernels;
@@ -504,12 +505,15 @@ int main(int argc, char** argv) {
       const double bytes = bytes_per * n;
       const int iters = static_cast<int>(std::clamp(4e9 / bytes, 10.0, 400.0));
       const bool fused = v.option != 1 && v.option != 4;
+      // The loss options as the backend passes them: resolved from a loss spec.
+      lk::BceArgs spec;
       if (v.option == 2) {  // no target is -100 here: the count stays numel
-        d.has_ignore_index = true;
-        d.ignore_index = -100.0;
+        spec.has_ignore_index = true;
+        spec.ignore_index = -100.0;
         d.count = static_cast<double>(n);
       }
-      if (v.option == 3) d.label_smoothing = 0.1;
+      if (v.option == 3) spec.label_smoothing = 0.1;
+      d.element = lossd::kernels::internal::ResolveLoss(spec).element;
       lossd::kernels::cuda::DeviceGeneric g;  // the option kernel: focal loss
       if (!fused) {
         g.numel = n;
@@ -518,7 +522,8 @@ int main(int argc, char** argv) {
         g.weight = d.weight;
         g.pos_weight = d.pos_weight;
         g.reduction = v.reduction;
-        g.opts.focal = true;
+        spec.loss = lk::Loss::kFocal;
+        g.opts = lossd::kernels::internal::ResolveLoss(spec).element;
         g.grad_extra = v.reduction == lk::Reduction::kMean ? static_cast<double>(n) : 1.0;
         g.loss = d.loss;
         g.block_sums = d.block_sums;

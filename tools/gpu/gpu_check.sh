@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU validation run of docs/design.md section 9, for a machine with an NVIDIA H100/H200.
 # Run from the repository root (or anywhere: it cds there) after carrying what
-# kernels/cuda/prepare_gpu_carry.sh prepared here: build/tests/kernels_test,
-# build/kernels/gpu_bench and build/gpulibs/. Steps, each bounded by a timeout:
+# tools/gpu/prepare_gpu_carry.sh prepared here: build/tests/kernels_test,
+# build/tools/gpu/gpu_bench and build/gpulibs/. Steps, each bounded by a timeout:
 #   1. card, driver, date, commit;
 #   2. the CUDA tests (kernels_test --gtest_filter='Cuda*'), which compare the backend with the
 #      float64 reference and the CPU backend;
@@ -11,7 +11,7 @@
 #      LOSSD_BASE_COMMIT), the same timings of that baseline build, side by side;
 #   4. kernels/bench/torch_cuda_bench.py: torch CUDA forward+backward on the same problems;
 #   5. our Gelem/s over torch's, per problem;
-#   6. build/server/lossd on this GPU through the Python client (kernels/cuda/server_gpu_check.py),
+#   6. build/server/lossd on this GPU through the Python client (tools/gpu/server_gpu_check.py),
 #      CUDA vs CPU, with the default (all-float) element math and with --cuda_float_math=false;
 #   7. with LOSSD_NCU=1 and Nsight Compute's ncu on PATH: one profiled launch of each gpu_bench
 #      variant named in LOSSD_NCU_VARIANTS (default "none/wC none/wC/f32") at 64M elements:
@@ -69,7 +69,7 @@ echo "CUDA tests: $([[ $tests_rc == 0 ]] && echo PASS || echo "FAIL (rc $tests_r
 
 echo
 echo "== gpu_bench"
-timeout 240 "${RUN[@]}" build/kernels/gpu_bench 2>&1 | tee "$TMP/bench.txt" | grep -v '^RESULT '
+timeout 240 "${RUN[@]}" build/tools/gpu/gpu_bench 2>&1 | tee "$TMP/bench.txt" | grep -v '^RESULT '
 bench_rc=${PIPESTATUS[0]}
 [[ $bench_rc == 0 ]] || { echo "gpu_bench: FAIL (rc $bench_rc)"; status=1; }
 
@@ -135,7 +135,7 @@ server_check() {
   grep -m1 "config:" "$TMP/server.log" || true
   if [[ -n "$port" ]]; then
     LOSSD_TARGET="127.0.0.1:$port" PYTHONPATH="$PWD/client/python/src" \
-      timeout 180 python3 kernels/cuda/server_gpu_check.py
+      timeout 180 python3 tools/gpu/server_gpu_check.py
     rc=$?
   else
     echo "server did not start:"; cat "$TMP/server.log"
@@ -163,7 +163,7 @@ if [[ "${LOSSD_NCU:-0}" == 1 ]] && command -v ncu >/dev/null; then
       --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
       --section WarpStateStats \
-      "${RUN[@]}" build/kernels/gpu_bench --skip-validation --only "$variant" \
+      "${RUN[@]}" build/tools/gpu/gpu_bench --skip-validation --only "$variant" \
       --min-elements 67108864 --max-elements 67108864 >>"$ncu_out" 2>&1 ||
       echo "ncu on $variant failed (rc $?)"
   done
