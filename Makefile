@@ -147,6 +147,22 @@ bench-kserve: build venv $(KSERVE_VENV)/.stamp
 	$(VENV)/bin/python tools/bench/kserve/compare.py --build-dir $(BUILD) \
 	  --kserve-python $(KSERVE_VENV)/bin/python $(KSERVE_ARGS)
 
+# A short lossd-bench sweep (lossd, echo and raw started here on loopback, closed loop at 1 to
+# 8 callers, 1000 elements) written as $(BENCH_REPORT_DIR)/report.json and drawn by
+# tools/bench/plot_report.py as report.html (plots inline) and svg/*.svg: latency and calls/s
+# against load, the latency histogram and the per-second time series of the last point. About
+# 30 s. Other loads with BENCH_REPORT_ARGS, e.g. BENCH_REPORT_ARGS="--rps=500:4000:x2
+# --elements=1Mi --baselines=none".
+BENCH_REPORT_DIR ?= $(BUILD)/bench-report
+BENCH_REPORT_ARGS ?= --concurrency=1:8:x2 --elements=1k --warmup=0.5s --duration=2s --rounds=1
+.PHONY: bench-report
+bench-report: build venv
+	mkdir -p $(BENCH_REPORT_DIR)
+	$(BUILD)/client/loadtest/lossd-bench $(BENCH_REPORT_ARGS) --progress=false \
+	  --json=$(BENCH_REPORT_DIR)/report.json
+	$(VENV)/bin/python tools/bench/plot_report.py $(BENCH_REPORT_DIR)/report.json \
+	  --out $(BENCH_REPORT_DIR)/report.html --svg-dir $(BENCH_REPORT_DIR)/svg
+
 clean:
 	rm -rf $(BUILD)
 

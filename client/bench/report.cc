@@ -1,5 +1,6 @@
 #include "report.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
@@ -44,6 +45,7 @@ void RunStats::Merge(const RunStats& o) {
   seconds += o.seconds;
   cpu_user_s += o.cpu_user_s;
   cpu_sys_s += o.cpu_sys_s;
+  series.insert(series.end(), o.series.begin(), o.series.end());
 }
 
 RowSummary Summarize(const RowLabel& label, const RunStats& s) {
@@ -78,6 +80,27 @@ RowSummary Summarize(const RowLabel& label, const RunStats& s) {
   r.server_total_p99_us = us(s.server_total.Quantile(0.99));
   r.client_cpu_s = s.cpu_user_s + s.cpu_sys_s;
   r.client_cpu_cores = s.seconds > 0 ? r.client_cpu_s / s.seconds : 0;
+  // Histogram's buckets four at a time (its layout has 256 buckets of width 1, then 128 per
+  // power of two: a group of four never straddles a power of two).
+  for (int i = 0; i < Histogram::NumBuckets(); i += 4) {
+    RowSummary::Bucket b;
+    for (int j = i; j < std::min(i + 4, Histogram::NumBuckets()); ++j) {
+      b.count += s.latency.bucket_count(j);
+    }
+    if (b.count == 0) continue;
+    b.low_us = us(Histogram::BucketLow(i));
+    b.high_us = us(Histogram::BucketHigh(std::min(i + 3, Histogram::NumBuckets() - 1)));
+    r.latency_buckets.push_back(b);
+  }
+  double offset = 0;
+  for (size_t k = 0; k < s.series.size(); ++k) {
+    double end = offset;
+    for (const IntervalSeries::Point& p : s.series[k].Points()) {
+      r.intervals.push_back({static_cast<int>(k) + 1, offset + p.start_s, p});
+      end = offset + p.start_s + p.seconds;
+    }
+    offset = end;
+  }
   return r;
 }
 
@@ -145,6 +168,19 @@ std::string TableRow(const RowSummary& r) {
 std::string RowJson(const RowSummary& r) {
   std::vector<std::string> codes;
   for (const auto& [name, n] : r.codes) codes.push_back(absl::StrCat(JsonString(name), ": ", n));
+  std::vector<std::string> buckets, intervals;
+  for (const auto& b : r.latency_buckets) {
+    // Bucket bounds to the nanosecond (%.6g would merge neighbours above 100 ms).
+    buckets.push_back(absl::StrFormat("[%.10g, %.10g, %d]", b.low_us, b.high_us, b.count));
+  }
+  for (const auto& i : r.intervals) {
+    const IntervalSeries::Point& p = i.point;
+    intervals.push_back(absl::StrCat(
+        "{\"round\": ", i.round, ", \"t_s\": ", Num(i.t_s), ", \"seconds\": ", Num(p.seconds),
+        ", \"ok\": ", p.ok, ", \"errors\": ", p.errors, ", \"qps\": ", Num(p.qps),
+        ", \"p50_us\": ", Num(p.p50_us), ", \"p99_us\": ", Num(p.p99_us),
+        ", \"max_us\": ", Num(p.max_us), "}"));
+  }
   return absl::StrCat(
       "{\"server\": ", JsonString(r.label.server), ", \"load\": ", JsonString(r.label.load),
       ", \"concurrency\": ", Num(r.label.concurrency), ", \"rate\": ", Num(r.label.rate),
@@ -159,7 +195,8 @@ std::string RowJson(const RowSummary& r) {
       Num(r.server_queue_p50_us), ", \"compute_p50\": ", Num(r.server_compute_p50_us),
       ", \"total_p50\": ", Num(r.server_total_p50_us), ", \"total_p99\": ",
       Num(r.server_total_p99_us), "}, \"client_cpu\": {\"seconds\": ", Num(r.client_cpu_s),
-      ", \"cores\": ", Num(r.client_cpu_cores), "}}");
+      ", \"cores\": ", Num(r.client_cpu_cores), "}, \"latency_histogram_us\": [",
+      absl::StrJoin(buckets, ", "), "], \"intervals\": [", absl::StrJoin(intervals, ", "), "]}");
 }
 
 std::string RatioJson(const Ratio& r) {

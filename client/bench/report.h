@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "histogram.h"
+#include "timeseries.h"
 
 namespace lossd::bench {
 
@@ -37,9 +38,12 @@ struct RunStats {
   double seconds = 0;       // measured window: from its start to the last counted reply
   double cpu_user_s = 0;    // client CPU time during the measured window (getrusage)
   double cpu_sys_s = 0;
+  // Per-interval figures of each run merged here, in order (one per round; timeseries.h).
+  std::vector<IntervalSeries> series;
 
   void Record(int code, int64_t latency_ns);  // code 0: a success with this latency
-  void Merge(const RunStats& other);          // adds counts, times and histograms
+  // Adds counts, times and histograms; appends the other's runs to `series`.
+  void Merge(const RunStats& other);
   int64_t ok() const { return codes[0]; }
   int64_t errors() const;  // every non-OK code, plus mismatches
   int64_t sent() const { return ok() + errors(); }
@@ -69,6 +73,22 @@ struct RowSummary {
   double server_total_p99_us = 0;
   double client_cpu_s = 0;        // user + sys
   double client_cpu_cores = 0;    // client_cpu_s / seconds: 1.0 = one core busy all along
+  // The latency histogram of the successful calls: non-empty buckets of 64 per power of two
+  // (each within 3.1% of its values), in increasing order.
+  struct Bucket {
+    double low_us = 0, high_us = 0;
+    int64_t count = 0;
+  };
+  std::vector<Bucket> latency_buckets;
+  // The time series: each run's intervals (round 1, 2, ...); t_s counts measured time from the
+  // start of the row's first run (runs follow each other on that axis, without the time that
+  // other servers were measured in between).
+  struct Interval {
+    int round = 1;
+    double t_s = 0;
+    IntervalSeries::Point point;
+  };
+  std::vector<Interval> intervals;
 };
 
 RowSummary Summarize(const RowLabel& label, const RunStats& stats);

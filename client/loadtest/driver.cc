@@ -16,6 +16,7 @@
 #include "inference/grpc_predict_v2.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "schedule.h"
+#include "shm.h"
 #include "tools/bench/baseline_services.h"
 
 namespace lossd::loadtest {
@@ -88,6 +89,8 @@ class Engine {
       int64_t seen = last_done_ns_.load(std::memory_order_relaxed);
       while (done > seen && !last_done_ns_.compare_exchange_weak(seen, done)) {
       }
+      std::lock_guard<std::mutex> lock(series_mu_);
+      series_.Record(done, c.mismatch ? 2 : c.code, Ns(c.done - c.scheduled));
     }
     auto& s = shards_[shard % kShards];
     std::lock_guard<std::mutex> lock(s.mu);
@@ -161,9 +164,15 @@ class Engine {
     int kind = 0;
     int caller = 0;
     int shard = 0;
+    int slot = -1;  // --shared_memory: the output slot
     bool measured = false;
     Clock::time_point scheduled;
   };
+  // The bytes a unary call of `kind` sends (its output slot's request with --shared_memory).
+  const std::string& RequestBytes(int kind, int slot) const {
+    if (o_.shm != nullptr) return o_.shm->Serialized(kind, slot);
+    return service_ == Service::kOip ? kinds_[kind].oip_serialized : kinds_[kind].serialized;
+  }
   bool StartUnary(int caller, int stub, int shard, Clock::time_point at, std::mt19937_64& rng);
   void UnaryDone(UnaryCall* call, const grpc::Status& status);
 
@@ -200,6 +209,9 @@ class Engine {
     bench::RunStats stats;
   };
   Shard shards_[kShards];
+  // The time series of the measured window (one for all callers: 4.5 KiB per interval).
+  std::mutex series_mu_;
+  bench::IntervalSeries series_;
   std::mutex live_mu_;
   std::unordered_set<grpc::ClientContext*> live_;
   std::mutex done_mu_;
@@ -217,8 +229,17 @@ bool Engine::StartUnary(int caller, int stub, int shard, Clock::time_point at,
   call->shard = shard;
   call->measured = measured;
   call->scheduled = at;
+  if (o_.shm != nullptr) {
+    // Closed loop: the caller's own slot. Open loop (the sender thread): a free one; there is
+    // one, since no more calls than slots are in flight (max_outstanding), but wait if not.
+    call->slot = point_.open ? o_.shm->Acquire() : caller;
+    while (call->slot < 0) {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      call->slot = o_.shm->Acquire();
+    }
+  }
   const RequestKind& kind = kinds_[call->kind];
-  const std::string& bytes = service_ == Service::kOip ? kind.oip_serialized : kind.serialized;
+  const std::string& bytes = RequestBytes(call->kind, call->slot);
   grpc::Slice slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
   call->request = grpc::ByteBuffer(&slice, 1);
   Prepare(&call->ctx, &kind);
@@ -236,9 +257,8 @@ void Engine::UnaryDone(UnaryCall* call, const grpc::Status& status) {
   c.scheduled = call->scheduled;
   c.code = status.error_code();
   const RequestKind& kind = kinds_[call->kind];
-  c.bytes = static_cast<int64_t>(
-      (service_ == Service::kOip ? kind.oip_serialized : kind.serialized).size() +
-      call->reply.Length());
+  c.bytes = static_cast<int64_t>(RequestBytes(call->kind, call->slot).size() +
+                                 call->reply.Length());
   c.elements = kind.elements;
   if (c.code == 0 && service_ == Service::kOip && (o_.parse_replies || o_.verify)) {
     // ModelInfer replies carry no timing; with --verify they are checked as the
@@ -266,12 +286,22 @@ void Engine::UnaryDone(UnaryCall* call, const grpc::Status& status) {
     } else {
       c.has_timing = reply.has_timing();
       c.timing = reply.timing();
-      c.mismatch = Mismatch(kind, reply);
+      // --shared_memory: the outputs lie in the call's slot; --verify reads them from there.
+      const std::string why =
+          o_.shm != nullptr && o_.verify ? o_.shm->Materialize(call->kind, call->slot, &reply)
+                                         : std::string();
+      if (!why.empty()) {
+        c.mismatch = true;
+        Report(absl::StrCat(kind.label, ": ", why));
+      } else {
+        c.mismatch = Mismatch(kind, reply);
+      }
     }
   }
   Forget(&call->ctx);
   const int caller = call->caller;
   const int shard = call->shard;
+  if (o_.shm != nullptr && point_.open) o_.shm->Release(call->slot);
   delete call;
   Count(shard, c);
   outstanding_.fetch_sub(1);
@@ -650,13 +680,17 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
     if (active_ == 0) break;
     const auto now = Clock::now();
     if (interrupted != nullptr && interrupted->load()) stop_ = true;
-    if (now >= end_) stop_ = true;
-    if (stop_ && stop_seen == Clock::time_point::max()) stop_seen = now;
+    // Past the window's end closed-loop callers stop. The open-loop sender stops by itself at
+    // the first arrival scheduled past it (Admit), so that a sender running late on a busy
+    // machine still sends every arrival of the window; the grace period counts from the end.
+    if (now >= end_ && !point_.open) stop_ = true;
+    if ((stop_ || now >= end_) && stop_seen == Clock::time_point::max()) stop_seen = now;
     const bool late = stop_seen != Clock::time_point::max() &&
                       now > stop_seen + (interrupted != nullptr && interrupted->load()
                                              ? std::chrono::seconds(2)
                                              : kGrace);
     if (late && !cancelled) {
+      stop_ = true;
       cancelled = true;
       lock.unlock();
       CancelAll();
@@ -683,6 +717,11 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
   const int64_t last = last_done_ns_.load();
   all.seconds = last > 0 ? static_cast<double>(last) / 1e9
                          : std::max(0.0, std::chrono::duration<double>(finished - warm_end_).count());
+  {
+    std::lock_guard<std::mutex> series_lock(series_mu_);
+    series_.set_seconds(all.seconds);
+    all.series.assign(1, series_);
+  }
   return all;
 }
 

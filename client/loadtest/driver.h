@@ -32,6 +32,8 @@
 
 namespace lossd::loadtest {
 
+class SharedMemoryPlan;  // shm.h
+
 enum class Rpc { kEvaluate, kStream, kAccumulate };
 // What a server is loaded through: lossd.v1 Evaluate, the baselines' methods (tools/bench),
 // or the Open Inference Protocol's ModelInfer (--protocol=oip; RequestKind::oip_serialized).
@@ -71,6 +73,10 @@ struct DriverOptions {
   int64_t max_outstanding = 10000;  // open loop: calls in flight before the sender waits
   uint64_t seed = 1;
   std::string progress_label;  // non-empty: a progress line on stderr every second
+  // --shared_memory (unary Evaluate on lossd): requests of the plan's region, outputs in the
+  // caller's slot (closed loop: slot = caller; open loop: a free slot per call in flight, so
+  // max_outstanding must not exceed its slots).
+  SharedMemoryPlan* shm = nullptr;
 };
 
 // Loads the endpoint until the window ends or `*interrupted` turns true (then it stops sending,

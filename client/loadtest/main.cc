@@ -48,6 +48,7 @@
 #include "requests.h"
 #include "npy.h"
 #include "search.h"
+#include "shm.h"
 #include "spec.h"
 
 // Servers.
@@ -143,7 +144,21 @@ ABSL_FLAG(std::string, alpha, "", "focal: alpha (empty: the server's default).")
 ABSL_FLAG(std::string, gamma, "", "focal: gamma (empty: the server's default).");
 ABSL_FLAG(std::string, device, "auto", "Device to ask for: auto, cpu or cuda.");
 ABSL_FLAG(bool, reject_nan, false, "Set reject_nan on every request.");
+ABSL_FLAG(std::string, precision, "default",
+          "Rounding of the outputs to ask for: default or correctly_rounded (much slower: the "
+          "exact value rounded once; lossd.v1 only).");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the tensors, the mix and the Poisson arrivals.");
+ABSL_FLAG(bool, shared_memory, false,
+          "Pass the tensors through POSIX shared memory (docs/shared-memory.md): the inputs lie "
+          "in a region registered with the server's lossd.v1.SharedMemory service (key under "
+          "the prefix GetCapabilities names, lease renewed while running, unregistered at the "
+          "end), each Evaluate names them by reference and places its outputs in the caller's "
+          "own slot of the region, so the zero-copy path is measured; --verify reads the "
+          "outputs from there. lossd.v1 unary Evaluate on one server (on its Unix socket or "
+          "loopback TCP), no baselines. MB/s then counts the messages only.");
+ABSL_FLAG(int, shared_memory_slots, 32,
+          "--shared_memory in open loop: output slots, i.e. calls in flight at most (the sender "
+          "waits beyond; latency still counts from the schedule). Closed loop: one per caller.");
 ABSL_FLAG(bool, verify, false,
           "Check every lossd reply against the float64 reference within lossd's accuracy "
           "bounds (docs/design.md section 4); a wrong reply counts as an error (MISMATCH).");
@@ -542,6 +557,12 @@ int main(int argc, char** argv) {
                                  {{"auto", v1::DEVICE_AUTO}, {"cpu", v1::DEVICE_CPU},
                                   {"cuda", v1::DEVICE_CUDA}});
   ro.reject_nan = absl::GetFlag(FLAGS_reject_nan);
+  ro.precision = Choose<v1::Precision>(
+      "precision", absl::GetFlag(FLAGS_precision),
+      {{"default", v1::PRECISION_DEFAULT}, {"correctly_rounded", v1::PRECISION_CORRECTLY_ROUNDED}});
+  if (oip && ro.precision != v1::PRECISION_DEFAULT) {
+    Usage("--precision: the inference protocol front end takes the default rounding only");
+  }
   ro.cols = absl::GetFlag(FLAGS_cols);
   if (ro.cols < 1) Usage("--cols must be >= 1");
   if (rpc == Rpc::kAccumulate && ro.reduction != v1::REDUCTION_SUM &&
@@ -718,7 +739,8 @@ int main(int argc, char** argv) {
   std::string baselines = absl::GetFlag(FLAGS_baselines);
   if (baselines == "auto") {
     baselines = self_check && target.empty() ? "raw"
-                : target.empty() && rpc == Rpc::kEvaluate && !find_max && !self_check && !oip
+                : target.empty() && rpc == Rpc::kEvaluate && !find_max && !self_check && !oip &&
+                        !absl::GetFlag(FLAGS_shared_memory)
                     ? "echo,raw"
                     : "none";
   }
@@ -739,6 +761,22 @@ int main(int argc, char** argv) {
   }
   if (!baseline_names.empty() && rpc != Rpc::kEvaluate) {
     Usage("the baselines serve unary calls only: --baselines=none with --rpc");
+  }
+  const bool shared_memory = absl::GetFlag(FLAGS_shared_memory);
+  const int shm_slots = absl::GetFlag(FLAGS_shared_memory_slots);
+  if (shared_memory) {
+    if (oip || rpc != Rpc::kEvaluate || self_check || target_service != Service::kLossd) {
+      Usage("--shared_memory sends lossd.v1 unary Evaluate calls: leave out --protocol, --rpc, "
+            "--self_check and --target_service");
+    }
+    if (!baseline_names.empty()) {
+      Usage("--shared_memory measures lossd alone: --baselines=none (the baselines take bytes)");
+    }
+    if (absl::StrContains(target, ",")) {
+      Usage("--shared_memory registers its region with one server: give one --target");
+    }
+    if (shm_slots < 1) Usage("--shared_memory_slots must be >= 1");
+    if (open) o.max_outstanding = std::min<int64_t>(o.max_outstanding, shm_slots);
   }
 
   // ---- Requests.
@@ -831,6 +869,26 @@ int main(int argc, char** argv) {
     if (!start_process(b, {bin, absl::StrCat("--service=", b), "--port=0"})) return 1;
   }
 
+  // ---- Shared memory (--shared_memory): one region for the server, sized for the most
+  // callers of the sweep (closed loop) or --shared_memory_slots (open loop).
+  std::unique_ptr<lossd::loadtest::SharedMemoryPlan> shm_plan;
+  if (shared_memory) {
+    int slots = shm_slots;
+    if (!open) {
+      slots = 1;
+      for (const auto& p : points) slots = std::max(slots, p.concurrency);
+    }
+    auto plan = lossd::loadtest::SharedMemoryPlan::Create(servers[0].endpoint, o.metadata, kinds,
+                                                          slots);
+    if (!plan.ok()) {
+      std::fprintf(stderr, "lossd-bench: --shared_memory: %s\n",
+                   std::string(plan.status().message()).c_str());
+      return 1;
+    }
+    shm_plan = *std::move(plan);
+    o.shm = shm_plan.get();
+  }
+
   // ---- Header.
   std::vector<std::string> kind_text;
   for (size_t i = 0; i < kinds.size(); ++i) {
@@ -848,18 +906,21 @@ int main(int argc, char** argv) {
       rpc == Rpc::kAccumulate ? absl::StrCat(" (", o.accumulate_batches, " batches)") : "", ", ",
       dtype_name, " ", absl::StrJoin(kind_text, " + "), ", ", absl::GetFlag(FLAGS_loss),
       " reduction ", absl::GetFlag(FLAGS_reduction), ", grad ", absl::GetFlag(FLAGS_grad),
+      ro.precision == v1::PRECISION_DEFAULT ? "" : ", precision correctly_rounded",
       find_max ? absl::StrCat(", rate search for p99 <= ", absl::FormatDuration(
                                   absl::GetFlag(FLAGS_slo_p99)), " (", poisson ? "poisson" : "fixed", ")")
       : open ? absl::StrCat(", open loop (", poisson ? "poisson" : "fixed", ")")
            : absl::StrCat(", closed loop (", o.shared_channel ? "one shared channel" : "a channel per caller", ")"),
       ", warm-up ", absl::FormatDuration(o.warmup), ", ",
       o.requests > 0 ? absl::StrCat(o.requests, " calls") : absl::FormatDuration(o.duration),
-      " per run, ", rounds, " round(s)", o.verify ? ", verified" : "");
+      " per run, ", rounds, " round(s)", shared_memory ? ", shared memory" : "",
+      o.verify ? ", verified" : "");
   std::printf("lossd-bench: %s\n", config.c_str());
   for (const Server& s : servers) {
     std::printf("  %-6s %s%s\n", s.name.c_str(), s.endpoint.target.c_str(),
                 s.process ? " (started here)" : "");
   }
+  if (shm_plan) std::printf("  %s\n", shm_plan->Describe().c_str());
   if (!self_check) std::printf("%s\n", lossd::bench::TableHeader().c_str());
   std::fflush(stdout);
 
@@ -1088,6 +1149,7 @@ int main(int argc, char** argv) {
     for (const auto& r : rows) out << lossd::bench::CsvRow(r) << "\n";
     if (!out) std::fprintf(stderr, "lossd-bench: cannot write %s\n", path.c_str());
   }
+  shm_plan.reset();  // unregisters the region while its server still runs
   servers.clear();  // stops the processes started here
   return g_interrupted ? 130 : 0;
 }

@@ -102,6 +102,7 @@ absl::StatusOr<RequestKind> Assemble(RequestKind kind, const std::vector<double>
   r.mutable_gradients()->set_targets(o.grad_targets);
   r.set_device(o.device);
   r.set_reject_nan(o.reject_nan);
+  r.set_precision(o.precision);
   kind.serialized = r.SerializeAsString();
   kind.oip_serialized = OipRequest(r).SerializeAsString();
   {

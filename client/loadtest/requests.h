@@ -33,6 +33,7 @@ struct RequestOptions {
   std::optional<double> alpha, gamma;
   lossd::v1::Device device = lossd::v1::DEVICE_AUTO;
   bool reject_nan = false;
+  lossd::v1::Precision precision = lossd::v1::PRECISION_DEFAULT;
   int64_t cols = 64;  // last dimension when it divides the element count; else shape [n]
 };
 

@@ -3,12 +3,11 @@ against independent counts: the server's own Prometheus request counters, and th
 of calls a fixed-rate schedule sends. Nothing here asserts a speed or a duration.
 
 lossd-bench is found beside the server under test: Path(LOSSD_BINARY).parents[1] is the build
-directory (LOSSD_BENCH overrides it)."""
+directory (LOSSD_BENCH overrides it; lossd_bench_helpers.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -22,36 +21,8 @@ from typing import List
 import pytest
 
 from conftest import lossd_binary
-from helpers import metrics_address, scrape, value
-
-
-def bench_binary() -> Path:
-    path = Path(os.environ.get("LOSSD_BENCH",
-                               lossd_binary().parents[1] / "client" / "loadtest" / "lossd-bench"))
-    if not path.is_file():
-        pytest.fail(f"lossd-bench not found at {path}; build the target lossd_bench",
-                    pytrace=False)
-    return path
-
-
-def run_bench(tmp_path: Path, *args: str, check: bool = True) -> dict:
-    out = tmp_path / "report.json"
-    cmd = [str(bench_binary()), f"--json={out}", "--progress=false", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if check:
-        assert p.returncode == 0, f"{cmd}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
-    report = json.loads(out.read_text())
-    report["_stdout"] = p.stdout
-    return report
-
-
-def settled_counts(address: str) -> dict:
-    deadline = time.monotonic() + 5
-    while True:
-        s = scrape(address)
-        if value(s, "lossd_in_flight_calls") == 0 or time.monotonic() > deadline:
-            return s
-        time.sleep(0.05)
+from helpers import metrics_address, value
+from lossd_bench_helpers import bench_binary, run_bench, settled_counts
 
 
 def test_sweep_counts_add_up_and_failures_are_not_successes(server_factory, tmp_path) -> None:
@@ -159,12 +130,14 @@ def test_help_and_bad_values(tmp_path) -> None:
     for flag in ("--concurrency", "--rps", "--mix", "--verify", "--json", "--target",
                  "--warmup", "--stop_p99", "--find_max_rps", "--slo_p99", "--logits_npy",
                  "--targets_npy", "--weight_npy", "--protocol", "--self_check",
-                 "--target_service", "--tls_ca", "--token_file"):
+                 "--target_service", "--tls_ca", "--token_file", "--shared_memory",
+                 "--shared_memory_slots", "--precision"):
         assert flag in text, flag
     assert "No flags matched" not in text
     for bad in (["--concurrency=0"], ["--mix=0.5:1k:oops"], ["--rps=-3"], ["--dtype=int8"],
                 ["--rps=100", "--channels=0"], ["--self_check", "--rps=100"],
-                ["--target_service=raw"]):
+                ["--target_service=raw"], ["--precision=exact"],
+                ["--protocol=oip", "--precision=correctly_rounded"]):
         p = subprocess.run([str(bench_binary()), *bad], capture_output=True, text=True,
                            timeout=30)
         assert p.returncode == 2, (bad, p.stderr)
@@ -540,6 +513,30 @@ def test_cross_check_with_a_python_grpcio_client(server_factory, tmp_path) -> No
     served = value(s, "lossd_requests_total", method="Evaluate", code="OK", device="cpu")
     assert served == (sum(p["calls"] + p["warmup_calls"] for p in py) +
                       sum(r["sent"] + r["warmup_calls"] for r in lb))
+
+
+def test_cross_check_script_sends_the_same_calls(tmp_path) -> None:
+    """tools/bench/cross_check.py (docs/perf.md): lossd-bench and a Python grpcio client in open
+    loop at the same fixed rate with the same request bytes, alternately. Asserted: both sent
+    their whole schedule without errors, and their calls moved the same bytes (request and
+    reply; the reply's timings may differ in length by a few bytes)."""
+    out = tmp_path / "cc.json"
+    script = Path(__file__).resolve().parents[2] / "tools" / "bench" / "cross_check.py"
+    p = subprocess.run([sys.executable, str(script), f"--lossd-binary={lossd_binary()}",
+                        f"--lossd-bench={bench_binary()}", "--elements=4096", "--rate=50",
+                        "--warmup=0.1", "--seconds=0.4", "--rounds=2", f"--json={out}"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    print("\n" + p.stdout)
+    r = json.loads(out.read_text())
+    assert len(r["rounds"]) == 2
+    for rnd in r["rounds"]:
+        for who in ("lossd-bench", "python"):
+            assert rnd[who]["calls"] == 20 and rnd[who]["errors"] == 0, rnd
+            assert rnd[who]["p50_us"] > 0
+    assert r["request_bytes"] > 2 * 4096 * 4
+    assert abs(r["bytes_per_call"]["lossd-bench"] - r["bytes_per_call"]["python"]) <= 16, r
+    assert "within 10%: " in p.stdout
 
 
 # ---------------------------------------------------------------------------------------
