@@ -5,7 +5,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "core.h"
+#include "metrics.h"
 #include "log.h"
 
 namespace lossd::server {
@@ -43,6 +43,7 @@ void CallRecord::Ok(v1::Device device, const v1::Timing& timing, int64_t receive
                     int64_t sent) {
   if (recorded_) return;
   recorded_ = true;
+  if (metrics_ == nullptr) return;
   const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
   metrics_->RecordCall(method_, "OK", DeviceLabel(device),
                        timing.queue_ns() > 0 ? timing.queue_ns() * 1e-9 : -1,
@@ -58,6 +59,7 @@ void CallRecord::Fail(const absl::Status& status, std::string_view request_id) {
   const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
   LogFailure(method_, context_ != nullptr ? context_->peer() : peer_, request_id, status,
              protocol_);
+  if (metrics_ == nullptr) return;
   metrics_->RecordCall(method_, absl::StatusCodeToString(status.code()), "none", -1, -1, total);
 }
 

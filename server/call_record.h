@@ -6,7 +6,10 @@
 // (docs/design.md section 1, "Around the data path").
 //
 // Ok() or Fail() records the outcome; later calls of either are ignored. A record destroyed
-// without an outcome counts as CANCELLED (the call ended before producing one). Not
+// without an outcome counts as CANCELLED (the call ended before producing one). A record
+// without metrics (null) only logs a failure: the SharedMemory service's calls
+// ("SharedMemory.RegisterRegion", ...) are logged like every other call but are not counted in
+// lossd_requests_total, whose method label lists the loss and inference calls only. Not
 // thread-safe: one owner records it.
 
 #include <cstdint>
@@ -23,7 +26,7 @@ namespace lossd::server {
 class CallRecord {
  public:
   // `context` (may be null) names the peer in the failure log line; `start_ns` is the wall
-  // clock (absl::GetCurrentTimeNanos) when the call or batch arrived.
+  // clock (absl::GetCurrentTimeNanos) when the call or batch arrived. `metrics` null: log only.
   CallRecord(Metrics* metrics, const char* method, const grpc::CallbackServerContext* context,
              int64_t start_ns);
   // A call that did not come through gRPC: `peer` is the caller's address and `protocol`

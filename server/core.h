@@ -1,90 +1,31 @@
-// What every lossd handler shares: validation, backend choice, the compute queue, limits,
-// authentication, draining and metrics. Thread-safe.
+// Core: the owner of the three parts every lossd handler shares, each with one job
+// (docs/design.md section 1, "Layers" and "Who owns what"):
+//   Admission (admission.h)  may this call start: draining, the bearer token, calls in flight;
+//   Planner   (planner.h)    is this request valid here: PlanEvaluate, regions, devices;
+//   Executor  (executor.h)   run the plan: backends, work queue, buffer pool, memory budget.
+// Core constructs them from one CoreConfig, keeps them alive in the right order and hands out
+// references; it holds no logic of its own. A call's steps go forward only: handler ->
+// admission -> parse -> planner -> executor -> backend -> encode -> call record.
+//
+// Thread-safety: the accessors are const after construction; each part states its own.
 #ifndef LOSSD_SERVER_CORE_H_
 #define LOSSD_SERVER_CORE_H_
 
-#include <grpcpp/grpcpp.h>
-
-#include <atomic>
-#include <chrono>
 #include <cstdint>
-#include <functional>
 #include <memory>
-#include <optional>
 #include <string>
-#include <string_view>
 
-#include "absl/status/status.h"
-#include "absl/status/statusor.h"
+#include "admission.h"
+#include "executor.h"
 #include "lossd/kernels/backend.h"
-#include "buffer_pool.h"
-#include "lossd/v1/lossd.pb.h"
-#include "memory.h"
 #include "metrics.h"
-#include "regions.h"
+#include "planner.h"
 #include "request.h"
-#include "work_queue.h"
 
 namespace lossd::server {
 
-// One call's link to the computations it starts: its deadline, its cancellation and its
-// progress. The call's reactor owns it and keeps it alive until no computation of the call is
-// running; workers poll it between chunks. Thread-safe.
-class CallControl {
- public:
-  using Clock = std::chrono::system_clock;
-  // `context` may be null (no gRPC call: tests, the fuzzer); its IsCancelled() is polled too.
-  explicit CallControl(const grpc::CallbackServerContext* context = nullptr,
-                       Clock::time_point deadline = Clock::time_point::max())
-      : context_(context), deadline_(deadline) {}
-
-  // The client cancelled (the reactor's OnCancel) or the server gave up on the call: running
-  // computations stop at their next chunk (at most one chunk per kernel thread).
-  void Cancel();
-  bool cancelled() const;
-  bool past_deadline() const { return Clock::now() > deadline_; }
-  bool ShouldStop() const { return cancelled() || past_deadline(); }
-
-  // Chunks of kernel work finished for this call (all its computations together).
-  std::atomic<int64_t>* chunks() { return &chunks_; }
-  // Chunks finished after Cancel() was first called (0 if it never was), and the nanoseconds
-  // from that Cancel() to the end of the computation that was running (-1 if none was).
-  int64_t chunks_after_cancel() const;
-  int64_t cancel_to_stop_ns(int64_t stopped_ns) const;
-  bool cancel_seen() const { return cancel_ns_.load() != 0; }
-
- private:
-  const grpc::CallbackServerContext* const context_;
-  const Clock::time_point deadline_;
-  std::atomic<bool> cancelled_{false};
-  std::atomic<int64_t> chunks_{0};
-  std::atomic<int64_t> chunks_at_cancel_{0};
-  std::atomic<int64_t> cancel_ns_{0};
-};
-
-// One output of a computation: its bytes in a pool block, or written into shared memory
-// (`placed`: the reply carries `ref` instead of data).
-struct OutputTensor {
-  bool present = false;
-  v1::DType dtype = v1::DTYPE_UNSPECIFIED;
-  std::vector<int64_t> shape;
-  PoolBlock block;
-  bool placed = false;
-  v1::TensorReference ref;
-};
-
-// What Core::Compute produces; message_io.h encodes it as the reply.
-struct ComputeResult {
-  OutputTensor loss;
-  OutputTensor grad_logits;   // present when requested
-  OutputTensor grad_targets;  // present when requested
-  v1::Device device = v1::DEVICE_AUTO;
-  int64_t num_elements = 0;
-  v1::Timing timing;  // reply_unix_ns is set by whoever encodes the reply
-};
-
 struct CoreConfig {
-  Limits limits;
+  Limits limits;                  // the Planner's
   int64_t max_message_bytes = 0;  // reported by GetCapabilities
   int workers = 1;
   int queue_capacity = 256;
@@ -98,109 +39,36 @@ struct CoreConfig {
   // Bytes of returned tensor blocks the buffer pool keeps mapped for later calls
   // (buffer_pool.h); -1: 1 GiB, or a quarter of max_inflight_bytes when that is smaller.
   int64_t pool_cached_bytes = -1;
-  // Reported by GetCapabilities while a region resolver is set (set_region_resolver): the
-  // prefix of the shared-memory objects clients may register.
+  // Reported by GetCapabilities while a region resolver is set (Planner::set_region_resolver):
+  // the prefix of the shared-memory objects clients may register.
   std::string shared_memory_prefix;
 };
 
 class Core {
  public:
-  // `cpu` is required; `cuda` may be null (no usable GPU or disabled by policy).
+  // `cpu` is required; `cuda` may be null (no usable GPU or disabled by policy); both go to
+  // the Executor. `metrics` must outlive this.
   Core(const CoreConfig& config, std::unique_ptr<kernels::Backend> cpu,
        std::unique_ptr<kernels::Backend> cuda, std::string cuda_name, Metrics* metrics);
-  ~Core();
+  Core(const Core&) = delete;
+  Core& operator=(const Core&) = delete;
 
   const CoreConfig& config() const { return config_; }
   Metrics& metrics() { return *metrics_; }
-  bool has_cuda() const { return cuda_ != nullptr; }
-  const std::string& cuda_name() const { return cuda_name_; }
 
-  // UNAVAILABLE while draining; UNAUTHENTICATED without the configured bearer token (compared in
-  // constant time). Called at the start of every LossService call.
-  absl::Status Admit(const grpc::CallbackServerContext& context) const;
-  // The same rule for credentials that arrive another way (the REST front end's Authorization
-  // header): `authorization` is their value, nullopt when absent; `carrier` names where a
-  // token is expected, for the error message (e.g. "\"Authorization: Bearer <token>\" header").
-  absl::Status Admit(std::optional<std::string_view> authorization,
-                     std::string_view carrier) const;
-
-  // Validates a request (no allocation sized by the client) and checks that its device is
-  // available: FAILED_PRECONDITION for CUDA on a server without one. `views` holds the
-  // tensors' data when the message does not (message_io.h); tensor references and output
-  // placements resolve through the region resolver.
-  absl::StatusOr<EvaluatePlan> Prepare(const v1::EvaluateRequest& request,
-                                       const TensorDataViews& views = {}) const;
-
-  // The registry of shared-memory regions that tensor references name (regions.h). Set once,
-  // before serving; null (the default): requests with references get FAILED_PRECONDITION.
-  void set_region_resolver(const RegionResolver* resolver) { regions_ = resolver; }
-  const RegionResolver* region_resolver() const { return regions_; }
-
-  // Queues `task` for a compute worker. RESOURCE_EXHAUSTED ("work queue is full ...") when
-  // the queue is full; the task is then dropped.
-  absl::Status Submit(std::function<void()> task);
-
-  // Runs a prepared plan and fills `result`: outputs are written into pool blocks (never
-  // zero-filled) or into the plan's placed spans. `loss_values`, when given, receives numel
-  // per-element loss values (for Accumulate), and `kept`, when given, the backend's kept
-  // count (kernels::BceOutputs::kept). Stops between chunks when the call is cancelled
-  // or past its deadline (CANCELLED / DEADLINE_EXCEEDED); FAILED_PRECONDITION when a region
-  // the plan used shrank meanwhile. `start_ns` is when the handler got the request (wall
-  // clock); timings are filled from it. Allocates only the sizes the plan checked.
-  absl::Status Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
-                       ComputeResult* result, double* loss_values = nullptr,
-                       int64_t* kept = nullptr);
-  // Computes `plan` into `result`, then calls `done` with Compute's status, or with Submit's
-  // RESOURCE_EXHAUSTED when the work queue is full: on this thread when the plan has at most
-  // CoreConfig::inline_elements elements (microseconds of work, cheaper than a thread hop),
-  // else on a worker. `call` and `result` must live until `done` runs. How unary handlers
-  // (lossd.v1 Evaluate, the inference protocol's ModelInfer) run a plan.
-  void ComputeThen(CallControl& call, EvaluatePlan plan, int64_t start_ns, ComputeResult* result,
-                   std::function<void(absl::Status)> done);
-  // The same, into a message (tests and the fuzzer; the server encodes ComputeResult itself).
-  absl::Status Compute(CallControl& call, const EvaluatePlan& plan, int64_t start_ns,
-                       v1::EvaluateResponse* response, double* loss_values = nullptr);
-
-  MemoryBudget& memory() { return memory_; }
-  BufferPool& pool() { return pool_; }
-
-  // Calls being handled (also exported as a gauge).
-  void CallStarted();
-  void CallEnded();
-  int64_t in_flight() const { return in_flight_.load(); }
-
-  void set_draining(bool draining);
-  bool draining() const { return draining_.load(); }
-  int64_t chunks_done() const { return chunks_done_.load(); }
-  int64_t chunks_started() const { return chunks_started_.load(); }  // live, unlike chunks_done
-  // Over all cancelled calls: chunks computed after the cancel was seen, and the longest time
-  // from seeing a cancel to the end of the computation it stopped (observability, tests).
-  int64_t chunks_after_cancel() const { return chunks_after_cancel_.load(); }
-  int64_t max_cancel_stop_ns() const { return max_cancel_stop_ns_.load(); }
+  Admission& admission() { return admission_; }
+  const Admission& admission() const { return admission_; }
+  Planner& planner() { return planner_; }
+  const Planner& planner() const { return planner_; }
+  Executor& executor() { return executor_; }
 
  private:
   const CoreConfig config_;
-  std::unique_ptr<kernels::Backend> cpu_;
-  std::unique_ptr<kernels::Backend> cuda_;
-  const std::string cuda_name_;
-  Metrics* metrics_;
-  std::atomic<bool> draining_{false};
-  std::atomic<int64_t> chunks_done_{0};
-  std::atomic<int64_t> in_flight_{0};
-  std::atomic<int64_t> chunks_started_{0};
-  std::atomic<int64_t> chunks_after_cancel_{0};
-  std::atomic<int64_t> max_cancel_stop_ns_{0};
-  const RegionResolver* regions_ = nullptr;
-  BufferPool pool_;      // before memory_, whose trimmer trims it
-  MemoryBudget memory_;
-  WorkQueue queue_;  // last member: drained and joined first
+  Metrics* const metrics_;
+  Admission admission_;
+  Planner planner_;
+  Executor executor_;  // last member: its queue is drained and joined first
 };
-
-// "cpu", "cuda" or "none" for metrics labels.
-std::string DeviceLabel(v1::Device device);
-// Tensor payload bytes of a request / response (for metrics).
-int64_t PayloadBytes(const v1::EvaluateRequest& request);
-int64_t PayloadBytes(const v1::EvaluateResponse& response);
 
 }  // namespace lossd::server
 

@@ -605,4 +605,15 @@ absl::Status EncodeEvaluateReply(const std::string& request_id, bool stream,
   return absl::OkStatus();
 }
 
+int64_t PayloadBytes(const v1::EvaluateRequest& r) {
+  return static_cast<int64_t>(r.logits().data().size() + r.targets().data().size() +
+                              r.weight().data().size() +
+                              r.bce_with_logits().pos_weight().data().size());
+}
+
+int64_t PayloadBytes(const v1::EvaluateResponse& r) {
+  return static_cast<int64_t>(r.loss().data().size() + r.grad_logits().data().size() +
+                              r.grad_targets().data().size());
+}
+
 }  // namespace lossd::server

@@ -24,7 +24,7 @@
 
 #include "absl/status/status.h"
 #include "buffer_pool.h"
-#include "core.h"
+#include "executor.h"
 #include "lossd/v1/lossd.pb.h"
 #include "memory.h"
 #include "request.h"
@@ -105,6 +105,9 @@ absl::Status EncodeEvaluateReply(const std::string& request_id, bool stream,
 
 // Tensor data bytes of a result's reply (metrics).
 int64_t ReplyPayloadBytes(const ComputeResult& result);
+// Tensor payload bytes of a request / response (metrics, tests).
+int64_t PayloadBytes(const v1::EvaluateRequest& request);
+int64_t PayloadBytes(const v1::EvaluateResponse& response);
 
 }  // namespace lossd::server
 

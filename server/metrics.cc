@@ -345,4 +345,15 @@ void Metrics::InFlight(int delta) { impl_->in_flight.Increment(delta); }
 void Metrics::SetQueued(int64_t queued) { impl_->queued.Set(static_cast<double>(queued)); }
 void Metrics::SetDraining(bool draining) { impl_->draining.Set(draining ? 1.0 : 0.0); }
 
+std::string DeviceLabel(v1::Device device) {
+  switch (device) {
+    case v1::DEVICE_CPU:
+      return "cpu";
+    case v1::DEVICE_CUDA:
+      return "cuda";
+    default:
+      return "none";
+  }
+}
+
 }  // namespace lossd::server

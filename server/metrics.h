@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "lossd/v1/lossd.pb.h"
 
 namespace prometheus {
 class Exposer;
@@ -45,6 +46,9 @@ class Metrics {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// "cpu", "cuda" or "none": the device label of a call's metrics.
+std::string DeviceLabel(v1::Device device);
 
 }  // namespace lossd::server
 

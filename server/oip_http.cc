@@ -22,6 +22,7 @@
 #include "call_record.h"
 #include "log.h"
 #include "lossd/kernels/dtype.h"
+#include "message_io.h"
 #include "oip_models.h"
 
 namespace lossd::server {
@@ -56,11 +57,12 @@ struct HttpError {
   absl::Status status;
 };
 
-// Core::Admit's rule (draining, bearer token) for the Authorization header.
-absl::Status Admit(const Core& core, const HttpRequest& r) {
+// Admission::Admit's rule (draining, bearer token) for the Authorization header.
+absl::Status Admit(const Admission& admission, const HttpRequest& r) {
   const char* header = r.header ? r.header("Authorization") : nullptr;
-  return core.Admit(header == nullptr ? std::nullopt : std::optional<std::string_view>(header),
-                    "\"Authorization: Bearer <token>\" header");
+  return admission.Admit(
+      header == nullptr ? std::nullopt : std::optional<std::string_view>(header),
+      "\"Authorization: Bearer <token>\" header");
 }
 
 // A JSON string literal of `s` (invalid UTF-8 replaced).
@@ -502,12 +504,12 @@ class InferCall {
       : core_(core),
         r_(r),
         start_ns_(absl::GetCurrentTimeNanos()),
-        reservation_(std::make_unique<Reservation>(&core->memory())),
+        reservation_(std::make_unique<Reservation>(&core->executor().memory())),
         result_(std::make_unique<ComputeResult>()),
         record_(&core->metrics(), "ModelInfer", r.peer, "http", start_ns_) {
-    core_->CallStarted();
+    core_->admission().CallStarted();
   }
-  ~InferCall() { core_->CallEnded(); }
+  ~InferCall() { core_->admission().CallEnded(); }
 
   HttpResponse Run(const Route& route) {
     HttpError e;
@@ -527,7 +529,7 @@ class InferCall {
 
  private:
   absl::Status Evaluate(const Route& route, int* http) {
-    if (absl::Status s = Admit(*core_, r_); !s.ok()) return s;
+    if (absl::Status s = Admit(core_->admission(), r_); !s.ok()) return s;
     if (const char* enc = r_.header ? r_.header("Content-Encoding") : nullptr;
         enc != nullptr && std::string_view(enc) != "identity") {
       *http = 415;
@@ -600,17 +602,17 @@ class InferCall {
           k < layout.binary_outputs.size() ? layout.binary_outputs[k] : std::nullopt;
       output_binary_.push_back(own.value_or(layout.binary_output_default));
     }
-    auto plan = core_->Prepare(evaluate);
+    auto plan = core_->planner().Prepare(evaluate);
     if (!plan.ok()) return plan.status();
     if (absl::Status s = reservation_->Add(plan->reply_bytes, "the reply"); !s.ok()) return s;
     CallControl control;
     absl::Notification done;
     absl::Status status;
-    core_->ComputeThen(control, *std::move(plan), start_ns_, result_.get(),
-                       [&status, &done](absl::Status s) {
-                         status = std::move(s);
-                         done.Notify();
-                       });
+    core_->executor().ComputeThen(control, *std::move(plan), start_ns_, result_.get(),
+                                  [&status, &done](absl::Status s) {
+                                    status = std::move(s);
+                                    done.Notify();
+                                  });
     done.WaitForNotification();
     // The inputs are no longer needed: free them (and their share of the reservation) before
     // the reply is written.
@@ -869,27 +871,27 @@ HttpResponse HandleOipHttp(Core* core, const HttpRequest& r) {
       if (!get) return MethodNotAllowed(r, "GET");
       Count(core, "ServerReady", r, {});
       // The protocol answers health with the status: 200 true, 4xx false.
-      const bool ready = !core->draining();
+      const bool ready = !core->admission().draining();
       return JsonResponse(ready ? 200 : 400, ready ? "{\"ready\":true}" : "{\"ready\":false}");
     }
     case RouteKind::kModelReady: {
       if (!get) return MethodNotAllowed(r, "GET");
       Count(core, "ModelReady", r, {});
-      const bool ready = OipModelReady(core->draining(), route.model, route.version);
+      const bool ready = OipModelReady(core->admission().draining(), route.model, route.version);
       return JsonResponse(ready ? 200 : 400,
                           absl::StrCat("{\"name\":", Quote(route.model),
                                        ",\"ready\":", ready ? "true" : "false", "}"));
     }
     case RouteKind::kServerMetadata: {
       if (!get) return MethodNotAllowed(r, "GET");
-      HttpError e{0, Admit(*core, r)};
+      HttpError e{0, Admit(core->admission(), r)};
       Count(core, "ServerMetadata", r, e);
       if (!e.status.ok()) return ErrorResponse(e);
       return JsonResponse(200, ServerMetadataJson());
     }
     case RouteKind::kModelMetadata: {
       if (!get) return MethodNotAllowed(r, "GET");
-      HttpError e{0, Admit(*core, r)};
+      HttpError e{0, Admit(core->admission(), r)};
       const OipModel* model = nullptr;
       if (e.status.ok()) {
         absl::StatusOr<const OipModel*> found = FindOipModel(route.model, route.version);

@@ -6,7 +6,7 @@
 // One code path with the gRPC front-end (oip_service.h): an infer request's JSON becomes an
 // inference::ModelInferRequest (JSON data as typed contents, binary data as the inputs' raw
 // bytes), which TranslateInferInputs (oip_models.h) turns into the lossd.v1 EvaluateRequest;
-// then the same Core::Prepare, memory admission, ComputeThen, metrics and drain as ModelInfer.
+// then the same Planner::Prepare, memory admission, ComputeThen, metrics and drain as ModelInfer.
 // The reply is FillInferResponseHeader's message written as JSON, each output's data either as
 // a JSON array or as binary data after the JSON.
 #ifndef LOSSD_SERVER_OIP_HTTP_H_

@@ -2,8 +2,8 @@
 // (`bce_with_logits`, `sigmoid_focal_loss`, version "1"), its tensors are named inputs and
 // outputs and its options are request parameters. A ModelInferRequest is translated into the
 // lossd.v1 EvaluateRequest that asks for the same computation, which then runs through the
-// same validation and compute as lossd.v1 (Core::Prepare, Core::Compute); the ComputeResult is
-// encoded as the ModelInferResponse. Pure functions: no gRPC server state.
+// same validation and compute as lossd.v1 (Planner::Prepare, Executor::Compute); the
+// ComputeResult is encoded as the ModelInferResponse. Pure functions: no gRPC server state.
 #ifndef LOSSD_SERVER_OIP_MODELS_H_
 #define LOSSD_SERVER_OIP_MODELS_H_
 
@@ -15,7 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "core.h"
+#include "executor.h"
 #include "inference/grpc_predict_v2.pb.h"
 #include "lossd/v1/lossd.pb.h"
 #include "memory.h"
@@ -77,7 +77,7 @@ struct OipTranslation {
 // unknown, repeated or missing input, an unsupported datatype, a negative dimension, data whose
 // length does not match the shape, an unknown output or parameter, or a parameter of the wrong
 // type or value; RESOURCE_EXHAUSTED when the reservation refuses the copy. Everything else
-// (ranks, element limits, broadcasting, option ranges, devices) is checked by Core::Prepare,
+// (ranks, element limits, broadcasting, option ranges, devices) is checked by Planner::Prepare,
 // whose messages use lossd.v1's field names (logits: LOGITS, targets: TARGETS, weight: WEIGHT,
 // pos_weight: POS_WEIGHT, bce_with_logits.X / sigmoid_focal_loss.X: parameter X).
 absl::Status TranslateInferRequest(inference::ModelInferRequest* request,

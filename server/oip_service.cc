@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "grpc_status.h"
+#include "message_io.h"
 #include "oip_models.h"
 #include "service.h"
 #include "unary_call.h"
@@ -17,7 +18,7 @@ namespace lossd::server {
 namespace {
 
 // One ModelInfer call (unary_call.h), the counterpart of service.cc's EvaluateCall: parse,
-// translation into a lossd.v1 EvaluateRequest, Core::Prepare, then the shared compute and
+// translation into a lossd.v1 EvaluateRequest, Planner::Prepare, then the shared compute and
 // reply. Owns the parsed request and the translated one.
 class ModelInferCall final : public UnaryComputeCall {
  public:
@@ -26,7 +27,7 @@ class ModelInferCall final : public UnaryComputeCall {
       : UnaryComputeCall(core, context, reply, "ModelInfer"), request_bytes_(request) {}
 
   void Start() {
-    if (absl::Status s = core_->Admit(*context_); !s.ok()) return Done(s);
+    if (absl::Status s = core_->admission().Admit(*context_); !s.ok()) return Done(s);
     // The received bytes, and the parsed message (which holds a copy of the tensors' bytes).
     const int64_t received = MessageBytes(*request_bytes_);
     if (absl::Status s = reservation_.Add(received, "the request"); !s.ok()) return Done(s);
@@ -45,7 +46,7 @@ class ModelInferCall final : public UnaryComputeCall {
       return Done(s);
     }
     parsed_.Clear();
-    auto plan = core_->Prepare(request_);
+    auto plan = core_->planner().Prepare(request_);
     if (!plan.ok()) return Done(plan.status());
     Run(*std::move(plan));
   }
@@ -99,7 +100,7 @@ grpc::ServerUnaryReactor* OipServiceImpl::ServerLive(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* OipServiceImpl::ServerReady(grpc::CallbackServerContext* context,
                                                       const inference::ServerReadyRequest*,
                                                       inference::ServerReadyResponse* response) {
-  response->set_ready(!core_->draining());
+  response->set_ready(!core_->admission().draining());
   return Finish("ServerReady", context, absl::OkStatus());
 }
 
@@ -107,14 +108,15 @@ grpc::ServerUnaryReactor* OipServiceImpl::ModelReady(grpc::CallbackServerContext
                                                      const inference::ModelReadyRequest* request,
                                                      inference::ModelReadyResponse* response) {
   // A model this server does not have is not ready (no error: the answer is a boolean).
-  response->set_ready(OipModelReady(core_->draining(), request->name(), request->version()));
+  response->set_ready(
+      OipModelReady(core_->admission().draining(), request->name(), request->version()));
   return Finish("ModelReady", context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* OipServiceImpl::ServerMetadata(
     grpc::CallbackServerContext* context, const inference::ServerMetadataRequest*,
     inference::ServerMetadataResponse* response) {
-  if (absl::Status s = core_->Admit(*context); !s.ok()) {
+  if (absl::Status s = core_->admission().Admit(*context); !s.ok()) {
     return Finish("ServerMetadata", context, s);
   }
   FillServerMetadata(response);
@@ -124,7 +126,7 @@ grpc::ServerUnaryReactor* OipServiceImpl::ServerMetadata(
 grpc::ServerUnaryReactor* OipServiceImpl::ModelMetadata(
     grpc::CallbackServerContext* context, const inference::ModelMetadataRequest* request,
     inference::ModelMetadataResponse* response) {
-  absl::Status s = core_->Admit(*context);
+  absl::Status s = core_->admission().Admit(*context);
   if (s.ok()) {
     auto model = FindOipModel(request->name(), request->version());
     if (model.ok()) {

@@ -178,17 +178,21 @@ int LossdServer::port() const { return impl_->port; }
 int LossdServer::metrics_port() const { return impl_->metrics->port(); }
 int LossdServer::http_port() const { return impl_->http ? impl_->http->port() : 0; }
 std::string LossdServer::device_summary() const { return impl_->devices; }
-int64_t LossdServer::chunks_done() const { return impl_->core->chunks_done(); }
-int64_t LossdServer::chunks_started() const { return impl_->core->chunks_started(); }
-int64_t LossdServer::in_flight_calls() const { return impl_->core->in_flight(); }
+int64_t LossdServer::chunks_done() const { return impl_->core->executor().chunks_done(); }
+int64_t LossdServer::chunks_started() const { return impl_->core->executor().chunks_started(); }
+int64_t LossdServer::in_flight_calls() const { return impl_->core->admission().in_flight(); }
 int64_t LossdServer::open_calls() const { return ChannelzOpenCalls(impl_->channelz_id); }
 int LossdServer::workers() const { return impl_->core->config().workers; }
 int LossdServer::cpu_threads() const { return impl_->cpu_threads; }
-int64_t LossdServer::max_inflight_bytes() const { return impl_->core->memory().limit(); }
-int64_t LossdServer::held_bytes() const { return impl_->core->memory().held(); }
-int64_t LossdServer::memory_trims() const { return impl_->core->memory().trims(); }
-int64_t LossdServer::chunks_after_cancel() const { return impl_->core->chunks_after_cancel(); }
-int64_t LossdServer::max_cancel_stop_ns() const { return impl_->core->max_cancel_stop_ns(); }
+int64_t LossdServer::max_inflight_bytes() const { return impl_->core->executor().memory().limit(); }
+int64_t LossdServer::held_bytes() const { return impl_->core->executor().memory().held(); }
+int64_t LossdServer::memory_trims() const { return impl_->core->executor().memory().trims(); }
+int64_t LossdServer::chunks_after_cancel() const {
+  return impl_->core->executor().chunks_after_cancel();
+}
+int64_t LossdServer::max_cancel_stop_ns() const {
+  return impl_->core->executor().max_cancel_stop_ns();
+}
 const std::string& LossdServer::unix_socket() const { return impl_->unix_socket; }
 int64_t LossdServer::unix_connections() const {
   return impl_->unix_listener ? impl_->unix_listener->accepted() : 0;
@@ -284,7 +288,7 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
                                       std::move(cuda), cuda_name, impl->metrics.get());
   impl->service = std::make_unique<LossServiceImpl>(impl->core.get());
   impl->oip_service = std::make_unique<OipServiceImpl>(impl->core.get());
-  impl->core->set_region_resolver(impl->shm.get());  // null: references are refused
+  impl->core->planner().set_region_resolver(impl->shm.get());  // null: references are refused
   impl->shm_service = std::make_unique<SharedMemoryService>(
       impl->shm.get(), &impl->peers, options.auth_token, options.host_root);
   if (options.http_port >= 0) {
@@ -366,7 +370,7 @@ void LossdServer::Shutdown(absl::Duration deadline) {
   const absl::Time end = absl::Now() + deadline;
   // Drain while still listening: probes see NOT_SERVING, new calls get UNAVAILABLE, and calls
   // in flight finish. Then stop, cancelling whatever is left at the deadline.
-  impl_->core->set_draining(true);
+  impl_->core->admission().set_draining(true);
   impl_->shm_service->set_draining(true);
   if (auto* health = impl_->server->GetHealthCheckService()) {
     health->SetServingStatus(false);
@@ -374,7 +378,7 @@ void LossdServer::Shutdown(absl::Duration deadline) {
     health->SetServingStatus(std::string(inference::GRPCInferenceService::service_full_name()),
                              false);
   }
-  Log(LogLevel::kInfo, absl::StrCat("draining: ", impl_->core->in_flight(),
+  Log(LogLevel::kInfo, absl::StrCat("draining: ", impl_->core->admission().in_flight(),
                                     " calls being handled, ", open_calls(),
                                     " open in gRPC, deadline ", absl::FormatDuration(deadline)));
   // Calls whose request is still arriving are open in gRPC but not yet handled: wait for them
@@ -385,7 +389,7 @@ void LossdServer::Shutdown(absl::Duration deadline) {
   constexpr absl::Duration kQuiet = absl::Milliseconds(200);
   absl::Time idle_since = absl::InfiniteFuture();
   for (absl::Time now = absl::Now(); now < end; now = absl::Now()) {
-    if (impl_->core->in_flight() > 0 || open_calls() > 0) {
+    if (impl_->core->admission().in_flight() > 0 || open_calls() > 0) {
       idle_since = absl::InfiniteFuture();
     } else if (idle_since == absl::InfiniteFuture()) {
       idle_since = now;
@@ -394,7 +398,7 @@ void LossdServer::Shutdown(absl::Duration deadline) {
     }
     absl::SleepFor(absl::Milliseconds(5));
   }
-  Log(LogLevel::kInfo, absl::StrCat("drained: ", impl_->core->in_flight(),
+  Log(LogLevel::kInfo, absl::StrCat("drained: ", impl_->core->admission().in_flight(),
                                     " calls being handled, ", open_calls(),
                                     " open in gRPC; stopping"));
   // REST calls in flight count in in_flight() (so the wait above covered them): stop it, which

@@ -29,7 +29,7 @@ class EvaluateCall final : public UnaryComputeCall {
       : UnaryComputeCall(core, context, reply, "Evaluate"), request_bytes_(request) {}
 
   void Start() {
-    if (absl::Status s = core_->Admit(*context_); !s.ok()) return Done(s);
+    if (absl::Status s = core_->admission().Admit(*context_); !s.ok()) return Done(s);
     // The received slices, then what the parse keeps of them and the copies of tensors that
     // span slices (message_io.h); the reply's blocks come later.
     if (absl::Status s = reservation_.Add(MessageBytes(*request_bytes_), "the request");
@@ -38,13 +38,12 @@ class EvaluateCall final : public UnaryComputeCall {
     }
     // The handler is the request buffer's only reader (gRPC only destroys it when the call
     // ends): the parse empties it, releasing each slice as soon as it has been read.
-    if (absl::Status s =
-            ParseEvaluateRequest(const_cast<grpc::ByteBuffer*>(request_bytes_), &core_->pool(),
-                                 &reservation_, &request_);
+    if (absl::Status s = ParseEvaluateRequest(const_cast<grpc::ByteBuffer*>(request_bytes_),
+                                              &core_->executor().pool(), &reservation_, &request_);
         !s.ok()) {
       return Done(s);
     }
-    auto plan = core_->Prepare(request_.message(), request_.views());
+    auto plan = core_->planner().Prepare(request_.message(), request_.views());
     if (!plan.ok()) return Done(plan.status());
     Run(*std::move(plan));
   }
@@ -85,7 +84,7 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(grpc::CallbackServerC
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   CallRecord record(&core_->metrics(), "GetCapabilities", context, absl::GetCurrentTimeNanos());
   v1::GetCapabilitiesRequest parsed;
-  absl::Status admitted = core_->Admit(*context);
+  absl::Status admitted = core_->admission().Admit(*context);
   if (admitted.ok()) admitted = ParseMessage(*request, &parsed);
   if (!admitted.ok()) {
     record.Fail(admitted);
@@ -102,18 +101,18 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(grpc::CallbackServerC
     response->add_dtypes(d);
   }
   response->add_devices(v1::DEVICE_CPU);
-  if (core_->has_cuda()) response->add_devices(v1::DEVICE_CUDA);
+  if (core_->planner().has_cuda()) response->add_devices(v1::DEVICE_CUDA);
   for (v1::Reduction r : {v1::REDUCTION_NONE, v1::REDUCTION_MEAN, v1::REDUCTION_SUM,
                           v1::REDUCTION_PER_SAMPLE_MEAN}) {
     response->add_reductions(r);
   }
   response->set_max_message_bytes(core_->config().max_message_bytes);
   response->set_max_elements(core_->config().limits.max_elements);
-  response->set_cuda_device_name(core_->has_cuda() ? core_->cuda_name() : "");
+  response->set_cuda_device_name(core_->planner().has_cuda() ? core_->planner().cuda_name() : "");
   response->set_whole_requests(true);
   response->add_partial_state_versions(kPartialStateVersion);
   // Tensor references are served once a region resolver is set (docs/data-path.md section 5).
-  if (core_->region_resolver() != nullptr) {
+  if (core_->planner().region_resolver() != nullptr) {
     response->set_shared_memory(true);
     response->set_shared_memory_prefix(core_->config().shared_memory_prefix);
   }
@@ -140,10 +139,10 @@ grpc::ServerUnaryReactor* LossServiceImpl::MergePartials(grpc::CallbackServerCon
   CallRecord record(&core_->metrics(), "MergePartials", context, start_ns);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // The parsed message and the decoded states each hold about the request's bytes.
-  Reservation reservation(&core_->memory());
+  Reservation reservation(&core_->executor().memory());
   v1::MergePartialsRequest parsed;
   v1::AccumulateResponse response;
-  absl::Status s = core_->Admit(*context);
+  absl::Status s = core_->admission().Admit(*context);
   if (s.ok()) s = reservation.Add(2 * MessageBytes(*request), "the MergePartials request");
   if (s.ok()) s = ParseMessage(*request, &parsed);
   int64_t compute_ns = -1;

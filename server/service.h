@@ -1,7 +1,7 @@
 // LossService on gRPC's callback API, with raw (ByteBuffer) methods: lossd parses each request
 // itself (wire.h) so that malformed bytes get INVALID_ARGUMENT and the request's size is
 // admitted against the memory budget before it is parsed. Each call is validated on the gRPC
-// thread (cheap), then computed on the Core's worker queue (small unary requests inline);
+// thread (cheap), then computed on the Executor's worker queue (small unary requests inline);
 // workers finish the reactors. No handler blocks.
 #ifndef LOSSD_SERVER_SERVICE_H_
 #define LOSSD_SERVER_SERVICE_H_

@@ -14,8 +14,9 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "call_record.h"
 #include "grpc_status.h"
-#include "log.h"
 #include "shm_guard.h"
 
 namespace lossd::server {
@@ -486,12 +487,8 @@ absl::StatusOr<uid_t> SharedMemoryService::Caller(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* SharedMemoryService::Finish(grpc::CallbackServerContext* context,
                                                       const char* method,
                                                       const absl::Status& status) const {
-  if (!status.ok()) {
-    LogRateLimited(LogLevel::kWarning,
-                   absl::StrCat("SharedMemory.", method, " failed: ",
-                                absl::StatusCodeToString(status.code()), ": ", status.message(),
-                                " (peer ", context->peer(), ")"));
-  }
+  // Logged like every call; not counted in lossd_requests_total (call_record.h).
+  CallRecord(/*metrics=*/nullptr, method, context, absl::GetCurrentTimeNanos()).Finish(status);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -501,20 +498,20 @@ grpc::ServerUnaryReactor* SharedMemoryService::RegisterRegion(
     grpc::CallbackServerContext* context, const v1::RegisterRegionRequest* request,
     v1::RegisterRegionResponse* response) {
   auto uid = Caller(context, /*during_drain=*/false);
-  if (!uid.ok()) return Finish(context, "RegisterRegion", uid.status());
+  if (!uid.ok()) return Finish(context, "SharedMemory.RegisterRegion", uid.status());
   auto result = registry_->Register(*uid, *request);
   if (result.ok()) *response = *std::move(result);
-  return Finish(context, "RegisterRegion", result.status());
+  return Finish(context, "SharedMemory.RegisterRegion", result.status());
 }
 
 grpc::ServerUnaryReactor* SharedMemoryService::RenewLease(grpc::CallbackServerContext* context,
                                                           const v1::RenewLeaseRequest* request,
                                                           v1::RenewLeaseResponse* response) {
   auto uid = Caller(context, /*during_drain=*/true);
-  if (!uid.ok()) return Finish(context, "RenewLease", uid.status());
+  if (!uid.ok()) return Finish(context, "SharedMemory.RenewLease", uid.status());
   auto result = registry_->Renew(*uid, *request);
   if (result.ok()) *response = *std::move(result);
-  return Finish(context, "RenewLease", result.status());
+  return Finish(context, "SharedMemory.RenewLease", result.status());
 }
 
 grpc::ServerUnaryReactor* SharedMemoryService::UnregisterRegion(
@@ -522,8 +519,8 @@ grpc::ServerUnaryReactor* SharedMemoryService::UnregisterRegion(
     v1::UnregisterRegionResponse* response) {
   (void)response;
   auto uid = Caller(context, /*during_drain=*/true);
-  if (!uid.ok()) return Finish(context, "UnregisterRegion", uid.status());
-  return Finish(context, "UnregisterRegion", registry_->Unregister(*uid, *request));
+  if (!uid.ok()) return Finish(context, "SharedMemory.UnregisterRegion", uid.status());
+  return Finish(context, "SharedMemory.UnregisterRegion", registry_->Unregister(*uid, *request));
 }
 
 grpc::ServerUnaryReactor* SharedMemoryService::ListRegions(grpc::CallbackServerContext* context,
@@ -531,10 +528,10 @@ grpc::ServerUnaryReactor* SharedMemoryService::ListRegions(grpc::CallbackServerC
                                                            v1::ListRegionsResponse* response) {
   (void)request;
   auto uid = Caller(context, /*during_drain=*/true);
-  if (!uid.ok()) return Finish(context, "ListRegions", uid.status());
+  if (!uid.ok()) return Finish(context, "SharedMemory.ListRegions", uid.status());
   auto result = registry_->List(*uid);
   if (result.ok()) *response = *std::move(result);
-  return Finish(context, "ListRegions", result.status());
+  return Finish(context, "SharedMemory.ListRegions", result.status());
 }
 
 }  // namespace lossd::server

@@ -126,6 +126,8 @@ class SharedMemoryService final : public v1::SharedMemory::CallbackService {
  private:
   // The caller's uid once the call is admitted (not draining, token, shared memory enabled).
   absl::StatusOr<uid_t> Caller(grpc::CallbackServerContext* context, bool during_drain) const;
+  // Ends a call with `status`; a failure is logged through CallRecord (call_record.h) under
+  // `method`, the full name ("SharedMemory.RegisterRegion").
   grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const char* method,
                                    const absl::Status& status) const;
 

@@ -1,10 +1,9 @@
-// Reactors of the streaming calls. Both follow one pattern: decisions are made under the
-// reactor's mutex and collected as Actions, which are carried out after the mutex is released
-// (Finish last: the reactor may be deleted right after it). Compute runs on the Core's workers;
-// Finish is only called once no computation of the call is running and no StartRead decided
-// under the mutex is still to be called (`starting_reads_`: a concurrent OnCancel must not
-// finish, and so delete, the reactor between that decision and the call), so the call's
-// context outlives every use of it, and OnDone can delete the reactor.
+// The reactors of the streaming calls, EvaluateStream and Accumulate (docs/design.md section 1,
+// "Streaming calls"), and the partial state of a sliced Accumulate (service.h). Both reactors
+// are built on StreamCall (stream_call.h), which holds their common reading, cancellation and
+// finishing rules; each batch walks forward through admission (once per call), parse,
+// Planner::Prepare, Executor::Compute (on a worker, or inline when small), encode and its
+// CallRecord.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -26,6 +25,7 @@
 #include "memory.h"
 #include "message_io.h"
 #include "service.h"
+#include "stream_call.h"
 #include "wire.h"
 
 namespace lossd::server {
@@ -40,68 +40,25 @@ kernels::Reduction ToKernelsReduction(v1::Reduction r) {
   return r == v1::REDUCTION_SUM ? kernels::Reduction::kSum : kernels::Reduction::kMean;
 }
 
-// What a reactor does once its mutex is released. With nothing to do, the caller must not
-// touch the reactor at all once the mutex is released: another thread may finish and delete it
-// at any moment (even a call of a member function that does nothing is then undefined; UBSan's
-// vptr check reports it). An action that is pending keeps the reactor alive until it is taken
-// (writing_ and starting_reads_ hold off Finish).
-struct Actions {
-  grpc::ByteBuffer* read = nullptr;
-  const grpc::ByteBuffer* write = nullptr;
-  bool finish = false;
-  grpc::Status status;
-  // EvaluateStream: a small batch computed on this thread once the other actions are taken
-  // (its computation holds off Finish, like a queued one).
-  void* compute_slot = nullptr;
-  std::shared_ptr<EvaluatePlan> compute_plan;
-  bool any() const {
-    return read != nullptr || write != nullptr || finish || compute_slot != nullptr;
-  }
-};
-
 // ---- EvaluateStream ---------------------------------------------------------------------
 
+// Independent batches pipelined on one call: up to --stream_window batches are computed or
+// waiting at once; replies are written in request order, a failed batch's as a BatchError.
 class EvaluateStreamReactor final
-    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+    : public StreamCall<grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>> {
  public:
   EvaluateStreamReactor(Core* core, grpc::CallbackServerContext* context)
-      : core_(core),
-        context_(context),
-        start_ns_(absl::GetCurrentTimeNanos()),
-        control_(context, context->deadline()) {
-    core_->CallStarted();
-    Act actions;
-    {
-      absl::MutexLock lock(&mu_);
-      if (absl::Status s = core_->Admit(*context_); !s.ok()) {
-        CallRecord(&core_->metrics(), "EvaluateStream", context_, start_ns_).Fail(s);
-        RequestFinish(s, &actions);
-      } else {
-        NextRead(&actions);
-      }
+      : StreamCall(core, context) {
+    const absl::Status admitted = core_->admission().Admit(*context_);
+    if (!admitted.ok()) {
+      CallRecord(&core_->metrics(), "EvaluateStream", context_, start_ns_).Fail(admitted);
     }
-    if (actions.any()) Run(actions);
+    StartFirstRead(admitted);
   }
 
-  void OnReadDone(bool ok) override {
-    Act actions;
-    {
-      absl::MutexLock lock(&mu_);
-      reading_ = false;
-      if (!ok || finishing_) {
-        reads_done_ = true;
-        MaybeFinish(&actions);
-      } else {
-        Accept(&actions);
-        NextRead(&actions);
-        NextWrite(&actions);
-      }
-    }
-    if (actions.any()) Run(actions);
-  }
-
+  // The oldest reply went out: the next one may follow, and the window has room again.
   void OnWriteDone(bool ok) override {
-    Act actions;
+    Actions actions;
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
@@ -117,30 +74,15 @@ class EvaluateStreamReactor final
     if (actions.any()) Run(actions);
   }
 
-  void OnCancel() override {
-    control_.Cancel();
-    Act actions;
-    {
-      absl::MutexLock lock(&mu_);
-      RequestFinish(absl::CancelledError("the call was cancelled"), &actions);
-    }
-    if (actions.any()) Run(actions);
-  }
-
-  void OnDone() override {
-    core_->CallEnded();
-    delete this;
-  }
-
  private:
-  using Act = Actions;
   struct Slot {
     Slot(Core* core, const grpc::CallbackServerContext* context, int64_t start)
         : start_ns(start),
-          reservation(&core->memory()),
+          reservation(&core->executor().memory()),
           record(&core->metrics(), "EvaluateStream", context, start) {}
     ReceivedRequest request;
     std::string request_id;
+    std::unique_ptr<EvaluatePlan> plan;  // from Accept until its computation starts
     ComputeResult result;
     grpc::ByteBuffer out;  // the serialized reply, once ready
     bool ready = false;
@@ -149,40 +91,30 @@ class EvaluateStreamReactor final
     CallRecord record;        // each batch is counted as one EvaluateStream call
   };
 
-  void Run(const Act& a) {
-    if (a.write) StartWrite(a.write);
-    if (a.read) {
-      StartRead(a.read);
-      Act after;
-      {
-        absl::MutexLock lock(&mu_);
-        --starting_reads_;
-        if (finishing_) RequestFinish(final_status_, &after);
-      }
-      if (after.finish) Finish(after.status);
-    }
-    // Last: the computation may finish the call, after which `this` may be gone. (It holds off
-    // Finish until then, so a.finish is never set with it.)
-    if (a.compute_slot != nullptr) {
-      Computed(static_cast<Slot*>(a.compute_slot), *a.compute_plan);
-      return;
-    }
-    if (a.finish) Finish(a.status);  // last: `this` may be gone afterwards
+  // One batch: parsed, planned and computed (queued, or inline when small); then the next read
+  // and the oldest reply, if ready.
+  void OnMessage(grpc::ByteBuffer* message, Actions* a) override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Accept(message, a);
+    NextRead(a);
+    NextWrite(a);
   }
-
-  // Starts the next read unless the window of batches in progress is full.
-  void NextRead(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (reading_ || reads_done_ || finishing_) return;
-    if (static_cast<int>(slots_.size()) >= core_->config().stream_window) return;
-    reading_ = true;
-    ++starting_reads_;
-    pending_ = grpc::ByteBuffer();
-    a->read = &pending_;
+  bool ReadAllowed() const override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return static_cast<int>(slots_.size()) < core_->config().stream_window;
+  }
+  bool Busy() const override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return inflight_ > 0 || writing_;
+  }
+  bool Answered() const override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return slots_.empty() && !writing_;
+  }
+  absl::Status FinalReply() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return absl::OkStatus();
   }
 
   // Writes the oldest reply once it is ready (replies leave in request order).
-  void NextWrite(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finishing_ || slots_.empty() || !slots_.front()->ready) return;
+  void NextWrite(Actions* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finishing() || slots_.empty() || !slots_.front()->ready) return;
     writing_ = true;
     a->write = &slots_.front()->out;
   }
@@ -191,6 +123,7 @@ class EvaluateStreamReactor final
     slot->record.Fail(s, slot->request_id);
     slot->reservation.Reset();
     slot->request.Clear();
+    slot->plan.reset();
     slot->result = ComputeResult();
     v1::EvaluateStreamResponse reply;
     reply.set_request_id(slot->request_id);
@@ -203,23 +136,22 @@ class EvaluateStreamReactor final
   }
 
   // Parses and validates the batch just read and queues its compute.
-  void Accept(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void Accept(grpc::ByteBuffer* received, Actions* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     auto slot = std::make_unique<Slot>(core_, context_, absl::GetCurrentTimeNanos());
     Slot* raw = slot.get();
     slots_.push_back(std::move(slot));
-    grpc::ByteBuffer received;
-    received.Swap(&pending_);
-    absl::Status admitted = raw->reservation.Add(MessageBytes(received), "the stream's batch");
+    absl::Status admitted = raw->reservation.Add(MessageBytes(*received), "the stream's batch");
     if (admitted.ok()) {
-      admitted = ParseEvaluateRequest(&received, &core_->pool(), &raw->reservation, &raw->request);
+      admitted = ParseEvaluateRequest(received, &core_->executor().pool(), &raw->reservation,
+                                      &raw->request);
     }
-    received.Clear();
+    received->Clear();
     if (!admitted.ok()) {
       SetError(raw, admitted);
       return;
     }
     raw->request_id = raw->request.message().request_id();
-    auto plan = core_->Prepare(raw->request.message(), raw->request.views());
+    auto plan = core_->planner().Prepare(raw->request.message(), raw->request.views());
     if (plan.ok()) {
       if (absl::Status s = raw->reservation.Add(plan->reply_bytes, "the batch's reply"); !s.ok()) {
         plan = s;
@@ -230,16 +162,14 @@ class EvaluateStreamReactor final
       return;
     }
     ++inflight_;
-    auto shared_plan = std::make_shared<EvaluatePlan>(*std::move(plan));
-    if (shared_plan->args.numel <= core_->config().inline_elements) {
+    raw->plan = std::make_unique<EvaluatePlan>(*std::move(plan));
+    if (core_->executor().RunsInline(raw->plan->args.numel)) {
       // Small, like a small unary call: computed on this thread once the mutex is released
       // (Run), cheaper than a hop to a worker.
-      a->compute_slot = raw;
-      a->compute_plan = std::move(shared_plan);
+      a->then = [this, raw] { Computed(raw); };
       return;
     }
-    const absl::Status queued =
-        core_->Submit([this, raw, shared_plan] { Computed(raw, *shared_plan); });
+    const absl::Status queued = core_->executor().Submit([this, raw] { Computed(raw); });
     if (!queued.ok()) {
       --inflight_;
       SetError(raw, queued);
@@ -247,8 +177,10 @@ class EvaluateStreamReactor final
   }
 
   // On a worker thread, or on the gRPC thread for a small batch (Run).
-  void Computed(Slot* slot, const EvaluatePlan& plan) {
-    absl::Status s = core_->Compute(control_, plan, slot->start_ns, &slot->result);
+  void Computed(Slot* slot) {
+    // Held until this computation is over, like the spans it uses.
+    const std::unique_ptr<EvaluatePlan> plan = std::move(slot->plan);
+    absl::Status s = core_->executor().Compute(control_, *plan, slot->start_ns, &slot->result);
     const int64_t sent = ReplyPayloadBytes(slot->result);
     const v1::Device device = slot->result.device;
     const v1::Timing timing = slot->result.timing;
@@ -261,7 +193,7 @@ class EvaluateStreamReactor final
       s = EncodeEvaluateReply(slot->request_id, /*stream=*/true, &slot->result, &slot->out);
       slot->result = ComputeResult();  // the blocks now belong to the reply's slices
     }
-    Act actions;
+    Actions actions;
     {
       absl::MutexLock lock(&mu_);
       --inflight_;
@@ -277,42 +209,9 @@ class EvaluateStreamReactor final
     if (actions.any()) Run(actions);
   }
 
-  // Finishes OK when every read batch has been answered.
-  void MaybeFinish(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!finishing_ && reads_done_ && slots_.empty() && !writing_) {
-      RequestFinish(absl::OkStatus(), a);
-    } else if (finishing_) {
-      RequestFinish(final_status_, a);
-    }
-  }
-
-  // Finishes with `s` as soon as no compute and no write is outstanding.
-  void RequestFinish(const absl::Status& s, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!finishing_) {
-      finishing_ = true;
-      final_status_ = s;
-    }
-    if (finished_ || inflight_ > 0 || writing_ || starting_reads_ > 0) return;
-    finished_ = true;
-    a->finish = true;
-    a->status = ToGrpcStatus(final_status_);
-  }
-
-  Core* const core_;
-  grpc::CallbackServerContext* const context_;
-  const int64_t start_ns_;
-  CallControl control_;  // shared by the stream's batches
-  absl::Mutex mu_;
   std::deque<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);  // request order
-  grpc::ByteBuffer pending_ ABSL_GUARDED_BY(mu_);
-  bool reading_ ABSL_GUARDED_BY(mu_) = false;
-  int starting_reads_ ABSL_GUARDED_BY(mu_) = 0;  // StartRead decided, not yet called
-  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
-  bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status final_status_ ABSL_GUARDED_BY(mu_);
-  int inflight_ ABSL_GUARDED_BY(mu_) = 0;
+  int inflight_ ABSL_GUARDED_BY(mu_) = 0;  // batches queued or computing
 };
 
 // ---- Accumulate -------------------------------------------------------------------------
@@ -335,60 +234,19 @@ std::string OptionsKey(const v1::EvaluateRequest& r) {
 // The one offset allowed for a slice: far below overflow of offset + elements.
 constexpr int64_t kMaxSliceOffset = int64_t{1} << 62;
 
-class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
+// A dataset-level SUM or MEAN over the call's batches: computed one after another (the next
+// batch is read and validated while the previous one computes, then waits in `stash_`), their
+// per-element values added in order to one kernels::Accumulator.
+class AccumulateReactor final : public StreamCall<grpc::ServerReadReactor<grpc::ByteBuffer>> {
  public:
   AccumulateReactor(Core* core, grpc::CallbackServerContext* context, grpc::ByteBuffer* reply)
-      : core_(core),
-        context_(context),
+      : StreamCall(core, context),
         reply_(reply),
-        start_ns_(absl::GetCurrentTimeNanos()),
-        control_(context, context->deadline()),
         record_(&core->metrics(), "Accumulate", context, start_ns_) {
-    core_->CallStarted();
-    Act actions;
-    {
-      absl::MutexLock lock(&mu_);
-      if (absl::Status s = core_->Admit(*context_); !s.ok()) {
-        RequestFinish(s, &actions);
-      } else {
-        NextRead(&actions);
-      }
-    }
-    if (actions.any()) Run(actions);
-  }
-
-  void OnReadDone(bool ok) override {
-    Act actions;
-    {
-      absl::MutexLock lock(&mu_);
-      reading_ = false;
-      if (!ok || finishing_) {
-        reads_done_ = true;
-        MaybeFinish(&actions);
-      } else {
-        Accept(&actions);
-      }
-    }
-    if (actions.any()) Run(actions);
-  }
-
-  void OnCancel() override {
-    control_.Cancel();
-    Act actions;
-    {
-      absl::MutexLock lock(&mu_);
-      RequestFinish(absl::CancelledError("the call was cancelled"), &actions);
-    }
-    if (actions.any()) Run(actions);
-  }
-
-  void OnDone() override {
-    core_->CallEnded();
-    delete this;
+    StartFirstRead(core_->admission().Admit(*context_));
   }
 
  private:
-  using Act = Actions;
   // A parsed, validated batch and the memory it holds until its values are added.
   struct Batch {
     std::unique_ptr<ReceivedRequest> request;
@@ -397,50 +255,63 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     bool want_kept = false;  // the backend's kept count is needed (the rule counts it)
   };
 
-  void Run(const Act& a) {
-    if (a.read) {
-      StartRead(a.read);
-      Act after;
-      {
-        absl::MutexLock lock(&mu_);
-        --starting_reads_;
-        if (finishing_) RequestFinish(final_status_, &after);
-      }
-      if (after.finish) Finish(after.status);
+  // One batch: checked against the first; computed now, or stashed while the previous one
+  // computes (reading then waits).
+  void OnMessage(grpc::ByteBuffer* message, Actions* a) override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Accept(message, a);
+  }
+  bool ReadAllowed() const override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !stash_.request;
+  }
+  bool Busy() const override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return computing_; }
+  bool Answered() const override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !computing_ && !stash_.request;
+  }
+  // The reduced loss of every batch, serialized into the reply.
+  absl::Status FinalReply() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    PartialState state;
+    state.fingerprint = fingerprint_;
+    state.batches = batches_done_;
+    state.acc = acc_;
+    v1::AccumulateResponse response;
+    SetReducedLoss(state, &response);
+    if (slice_) response.set_partial_state(EncodePartialState(state));
+    response.set_device(device_);
+    response.mutable_timing()->set_compute_ns(compute_ns_);
+    response.mutable_timing()->set_total_ns(absl::GetCurrentTimeNanos() - start_ns_);
+    return SerializeMessage(response, reply_);
+  }
+  // The call is recorded once, when it finishes.
+  void Finishing(const absl::Status& status) override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (status.ok()) {
+      v1::Timing timing;
+      timing.set_compute_ns(compute_ns_);
+      record_.Ok(device_, timing);
+    } else {
+      record_.Fail(status);
     }
-    if (a.finish) Finish(a.status);  // last: `this` may be gone afterwards
   }
 
-  void NextRead(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (reading_ || reads_done_ || finishing_ || stash_.request) return;
-    reading_ = true;
-    ++starting_reads_;
-    pending_ = grpc::ByteBuffer();
-    a->read = &pending_;
-  }
-
-  void Fail(const absl::Status& s, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void Fail(const absl::Status& s, Actions* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     RequestFinish(absl::Status(s.code(), absl::StrCat("batch ", batches_seen_ - 1, ": ",
                                                       s.message())),
                   a);
   }
 
-  void Accept(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void Accept(grpc::ByteBuffer* received, Actions* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     ++batches_seen_;
     Batch batch;
-    batch.reservation = std::make_unique<Reservation>(&core_->memory());
+    batch.reservation = std::make_unique<Reservation>(&core_->executor().memory());
     batch.request = std::make_unique<ReceivedRequest>();
-    {
-      grpc::ByteBuffer received;
-      received.Swap(&pending_);
-      absl::Status admitted =
-          batch.reservation->Add(MessageBytes(received), "the Accumulate batch");
-      if (admitted.ok()) {
-        admitted = ParseEvaluateRequest(&received, &core_->pool(), batch.reservation.get(),
-                                        batch.request.get());
-      }
-      if (!admitted.ok()) return Fail(admitted, a);
+    absl::Status admitted =
+        batch.reservation->Add(MessageBytes(*received), "the Accumulate batch");
+    if (admitted.ok()) {
+      admitted = ParseEvaluateRequest(received, &core_->executor().pool(),
+                                      batch.reservation.get(), batch.request.get());
     }
+    received->Clear();
+    if (!admitted.ok()) return Fail(admitted, a);
     const v1::EvaluateRequest& r = batch.request->message();
     const v1::Reduction red = r.reduction() == v1::REDUCTION_UNSPECIFIED ? v1::REDUCTION_MEAN
                                                                          : r.reduction();
@@ -499,14 +370,14 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
                       "); set it in the first batch only, or the same in every batch")),
                   a);
     }
-    auto plan = core_->Prepare(r, batch.request->views());
+    auto plan = core_->planner().Prepare(r, batch.request->views());
     if (!plan.ok()) return Fail(plan.status(), a);
     batch.plan = std::make_shared<EvaluatePlan>(*std::move(plan));
     batch.plan->args.reduction = kernels::Reduction::kNone;  // values are reduced here
     batch.plan->args.normalize = false;
     batch.plan->grad_logits = batch.plan->grad_targets = false;
     batch.want_kept = acc_.rule().counts_kept();
-    if (absl::Status s = SizeOutputs(core_->config().limits, batch.plan.get()); !s.ok()) {
+    if (absl::Status s = SizeOutputs(core_->planner().limits(), batch.plan.get()); !s.ok()) {
       return Fail(s, a);
     }
     // The per-element losses, and their values as doubles for the exact block reduction.
@@ -523,10 +394,10 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     NextRead(a);
   }
 
-  void Submit(Batch batch, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void Submit(Batch batch, Actions* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     computing_ = true;
     auto shared = std::make_shared<Batch>(std::move(batch));
-    const absl::Status queued = core_->Submit([this, shared] { Computed(*shared); });
+    const absl::Status queued = core_->executor().Submit([this, shared] { Computed(*shared); });
     if (!queued.ok()) {
       computing_ = false;
       RequestFinish(queued, a);
@@ -539,10 +410,11 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     std::vector<double> values(static_cast<size_t>(args.numel));
     ComputeResult scratch;
     int64_t kept = 0;  // the backend's count, when the rule needs it (Accumulator::Add)
-    const absl::Status s = core_->Compute(control_, *batch.plan, start_ns_, &scratch,
-                                          values.data(), batch.want_kept ? &kept : nullptr);
+    const absl::Status s =
+        core_->executor().Compute(control_, *batch.plan, start_ns_, &scratch, values.data(),
+                                  batch.want_kept ? &kept : nullptr);
     scratch.loss.block.Reset();  // only the values are needed
-    Act actions;
+    Actions actions;
     {
       absl::MutexLock lock(&mu_);
       computing_ = false;
@@ -566,49 +438,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
     if (actions.any()) Run(actions);
   }
 
-  void MaybeFinish(Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (finishing_) {
-      RequestFinish(final_status_, a);
-    } else if (reads_done_ && !computing_ && !stash_.request) {
-      PartialState state;
-      state.fingerprint = fingerprint_;
-      state.batches = batches_done_;
-      state.acc = acc_;
-      v1::AccumulateResponse response;
-      SetReducedLoss(state, &response);
-      if (slice_) response.set_partial_state(EncodePartialState(state));
-      response.set_device(device_);
-      response.mutable_timing()->set_compute_ns(compute_ns_);
-      response.mutable_timing()->set_total_ns(absl::GetCurrentTimeNanos() - start_ns_);
-      RequestFinish(SerializeMessage(response, reply_), a);
-    }
-  }
-
-  void RequestFinish(const absl::Status& s, Act* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!finishing_) {
-      finishing_ = true;
-      final_status_ = s;
-    }
-    if (finished_ || computing_ || starting_reads_ > 0) return;
-    finished_ = true;
-    if (final_status_.ok()) {
-      v1::Timing timing;
-      timing.set_compute_ns(compute_ns_);
-      record_.Ok(device_, timing);
-    } else {
-      record_.Fail(final_status_);
-    }
-    a->finish = true;
-    a->status = ToGrpcStatus(final_status_);
-  }
-
-  Core* const core_;
-  grpc::CallbackServerContext* const context_;
   grpc::ByteBuffer* const reply_;
-  const int64_t start_ns_;
-  CallControl control_;
-  absl::Mutex mu_;
-  grpc::ByteBuffer pending_ ABSL_GUARDED_BY(mu_);
   Batch stash_ ABSL_GUARDED_BY(mu_);  // validated, waiting for the previous batch
   // The loss reduced so far, and its rule (set from the first batch).
   kernels::Accumulator acc_ ABSL_GUARDED_BY(mu_);
@@ -621,13 +451,7 @@ class AccumulateReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>
   int64_t compute_ns_ ABSL_GUARDED_BY(mu_) = 0;
   CallRecord record_ ABSL_GUARDED_BY(mu_);
   v1::Device device_ ABSL_GUARDED_BY(mu_) = v1::DEVICE_CPU;
-  bool reading_ ABSL_GUARDED_BY(mu_) = false;
-  int starting_reads_ ABSL_GUARDED_BY(mu_) = 0;  // StartRead decided, not yet called
-  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool computing_ ABSL_GUARDED_BY(mu_) = false;
-  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
-  bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
 // Little-endian fields of the partial state's header.

@@ -2,10 +2,12 @@
 #define LOSSD_SERVER_UNARY_CALL_H_
 
 // The shape every unary call that computes a plan shares (lossd.v1 Evaluate in service.cc,
-// the inference protocol's ModelInfer in oip_service.cc): admission, the memory reservation,
-// the computation through Core::ComputeThen, and one end (Done) that frees the inputs, encodes
-// the reply, records the call (call_record.h) and finishes it. A subclass parses and
-// translates its own message, then calls Run with the plan, or Done with an error.
+// the inference protocol's ModelInfer in oip_service.cc), in the order of docs/design.md
+// section 1: the call counted by Admission (the subclass's Start calls Admission::Admit),
+// the memory reservation, the computation through Executor::ComputeThen, and one end (Done)
+// that frees the inputs, encodes the reply, records the call (call_record.h) and finishes it.
+// A subclass parses and translates its own message, plans it (Planner::Prepare), then calls
+// Run with the plan, or Done with an error.
 //
 // Lifetime: created by the handler, deleted in OnDone. OnCancel stops the computation at its
 // next chunk. Done runs exactly once, after which the object may be gone.
@@ -32,7 +34,7 @@ class UnaryComputeCall : public grpc::ServerUnaryReactor {
   // gRPC's own DefaultReactor declares the same.
   bool InternalInlineable() final { return true; }
   void OnDone() final {
-    core_->CallEnded();
+    core_->admission().CallEnded();
     delete this;
   }
 
@@ -44,9 +46,9 @@ class UnaryComputeCall : public grpc::ServerUnaryReactor {
         reply_(reply),
         start_ns_(absl::GetCurrentTimeNanos()),
         control_(context, context->deadline()),
-        reservation_(&core->memory()),
+        reservation_(&core->executor().memory()),
         record_(&core->metrics(), method, context, start_ns_) {
-    core_->CallStarted();
+    core_->admission().CallStarted();
   }
   ~UnaryComputeCall() override = default;
 
@@ -55,8 +57,8 @@ class UnaryComputeCall : public grpc::ServerUnaryReactor {
     if (absl::Status s = reservation_.Add(plan.reply_bytes, "the reply"); !s.ok()) {
       return Done(s);
     }
-    core_->ComputeThen(control_, std::move(plan), start_ns_, &result_,
-                       [this](absl::Status s) { Done(std::move(s)); });
+    core_->executor().ComputeThen(control_, std::move(plan), start_ns_, &result_,
+                                  [this](absl::Status s) { Done(std::move(s)); });
   }
 
   // Ends the call with `s` (or with the reply's encoding error): exactly once.

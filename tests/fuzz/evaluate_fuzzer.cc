@@ -4,12 +4,12 @@
 //
 // LLVMFuzzerTestOneInput parses the input as an EvaluateRequest both with protobuf and with the
 // server's own parse of received slices (server/message_io.h), which must agree (inputs that do
-// not parse are rejected and never enter the corpus), prepares it with a Core configured like a small CPU
-// server, computes it, and traps when a result breaks the contract of request.h and core.h:
-// an error code Prepare/Compute may not return, a plan whose sizes disagree with its shapes or
-// exceed the limits, or a reply whose tensors do not have the planned sizes. Requests that
-// Accumulate would take are also sized and computed as Accumulate does (reduction NONE, the
-// per-element loss values).
+// not parse are rejected and never enter the corpus), prepares it with the Planner of a Core
+// configured like a small CPU server, computes it with its Executor, and traps when a result
+// breaks the contract of request.h, planner.h and executor.h: an error code Prepare/Compute may
+// not return, a plan whose sizes disagree with its shapes or exceed the limits, or a reply
+// whose tensors do not have the planned sizes. Requests that Accumulate would take are also
+// sized and computed as Accumulate does (reduction NONE, the per-element loss values).
 //
 // LLVMFuzzerCustomMutator mutates the parsed request instead of its bytes: extreme dimensions,
 // targets and operand shapes derived from the logits' shape, data of exactly numel * itemsize
@@ -186,7 +186,7 @@ void AccumulateBatch(lossd::server::Core& core, const EvaluateRequest& request,
   std::vector<double> values(static_cast<size_t>(batch.args.numel));
   lossd::server::CallControl control;
   EvaluateResponse scratch;
-  const absl::Status s = core.Compute(control, batch, 0, &scratch, values.data());
+  const absl::Status s = core.executor().Compute(control, batch, 0, &scratch, values.data());
   CheckComputeStatus(batch, s);
   if (s.ok()) CheckResponse(batch, scratch);
 }
@@ -225,7 +225,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   lossd::server::ReceivedRequest parsed;
   lossd::server::Core& core = TheCore();
   const absl::Status read =
-      lossd::server::ParseEvaluateRequest(&received, &core.pool(), nullptr, &parsed);
+      lossd::server::ParseEvaluateRequest(&received, &core.executor().pool(), nullptr, &parsed);
   FUZZ_REQUIRE(read.ok() == parses, std::string(read.ToString()));
   if (!parses) {
     FUZZ_REQUIRE(read.code() == absl::StatusCode::kInvalidArgument, std::string(read.ToString()));
@@ -237,7 +237,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FUZZ_REQUIRE(parsed.data(lossd::server::kPosWeightData) ==
                    request.bce_with_logits().pos_weight().data(),
                "pos_weight");
-  auto plan = core.Prepare(parsed.message(), parsed.views());
+  auto plan = core.planner().Prepare(parsed.message(), parsed.views());
   if (!plan.ok()) {
     // Prepare's contract: INVALID_ARGUMENT, RESOURCE_EXHAUSTED, or FAILED_PRECONDITION for
     // CUDA or shared memory on a server without them.
@@ -254,7 +254,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   CheckPlan(*plan, core.config().limits);
   lossd::server::CallControl control;
   lossd::server::ComputeResult result;
-  const absl::Status s = core.Compute(control, *plan, 0, &result);
+  const absl::Status s = core.executor().Compute(control, *plan, 0, &result);
   CheckComputeStatus(*plan, s);
   if (s.ok()) {
     // The reply as the server sends it, read back by protobuf.

@@ -77,7 +77,7 @@ class DataPathRegionsTest : public ::testing::Test {
   void SetUp() override {
     core_ = std::make_unique<Core>(CoreConfig(), kernels::MakeCpuBackend({1}), nullptr, "",
                                    &metrics_);
-    core_->set_region_resolver(&regions_);
+    core_->planner().set_region_resolver(&regions_);
   }
 
   // A [rows, 64] float32 request with both gradients; its logits and targets copied into the
@@ -98,11 +98,11 @@ class DataPathRegionsTest : public ::testing::Test {
   }
 
   absl::Status Run(const v1::EvaluateRequest& req, v1::EvaluateResponse* reply) {
-    auto plan = core_->Prepare(req);
+    auto plan = core_->planner().Prepare(req);
     if (!plan.ok()) return plan.status();
     CallControl control;
     ComputeResult result;
-    absl::Status s = core_->Compute(control, *plan, 1, &result);
+    absl::Status s = core_->executor().Compute(control, *plan, 1, &result);
     if (!s.ok()) return s;
     grpc::ByteBuffer out;
     if (absl::Status e = EncodeEvaluateReply(req.request_id(), false, &result, &out); !e.ok()) {
@@ -231,7 +231,7 @@ TEST_F(DataPathRegionsTest, ARegionThatShrankFailsTheCall) {
 }
 
 TEST_F(DataPathRegionsTest, WithoutAResolverReferencesNeedSharedMemory) {
-  core_->set_region_resolver(nullptr);
+  core_->planner().set_region_resolver(nullptr);
   v1::EvaluateResponse reply;
   absl::Status s = Run(Request(true), &reply);
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;

@@ -133,12 +133,12 @@ TEST_F(DataPathReplyTest, EncodedBytesEqualProtobufSerialization) {
     SCOPED_TRACE(::testing::Message() << "reduction " << c.reduction << " grads "
                                       << c.grad_logits << c.grad_targets << " rows " << c.rows);
     const v1::EvaluateRequest req = MakeRequest(c, ++seed);
-    auto plan = core.Prepare(req);
+    auto plan = core.planner().Prepare(req);
     ASSERT_TRUE(plan.ok()) << plan.status();
     for (bool stream : {false, true}) {
       CallControl control;
       ComputeResult result;
-      ASSERT_TRUE(core.Compute(control, *plan, 7, &result).ok());
+      ASSERT_TRUE(core.executor().Compute(control, *plan, 7, &result).ok());
       result.timing.set_reply_unix_ns(11);
       // What protobuf makes of the old path's message with the same server-side fields.
       v1::EvaluateResponse expected = OldPath(req);

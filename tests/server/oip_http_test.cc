@@ -424,7 +424,7 @@ TEST_F(OipHttpTest, BodyLengthEncodingAndLimits) {
   small.max_inflight_bytes = 1024;
   Make(small);
   ExpectError(Post(absl::StrCat(kInputs, "}")), 429, "the parsed JSON of the request");
-  EXPECT_EQ(core_->memory().held(), 0);
+  EXPECT_EQ(core_->executor().memory().held(), 0);
 }
 
 TEST_F(OipHttpTest, TokenAndDrain) {
@@ -444,12 +444,12 @@ TEST_F(OipHttpTest, TokenAndDrain) {
               "invalid bearer token");
   EXPECT_EQ(Post(body, {{"authorization", "Bearer s3cret"}}).status, 200);
   EXPECT_EQ(Get("/v2", {{"authorization", "Bearer s3cret"}}).status, 200);
-  core_->set_draining(true);
+  core_->admission().set_draining(true);
   EXPECT_EQ(Get("/v2/health/live").status, 200);
   EXPECT_EQ(Get("/v2/health/ready").status, 400);
   EXPECT_EQ(Get("/v2/models/bce_with_logits/ready").status, 400);
   ExpectError(Post(body, {{"authorization", "Bearer s3cret"}}), 503, "draining");
-  EXPECT_EQ(core_->in_flight(), 0);
+  EXPECT_EQ(core_->admission().in_flight(), 0);
 }
 
 // Random damage to valid requests (bytes replaced, cut, headers changed): always a reply with a
@@ -503,8 +503,8 @@ TEST_F(OipHttpTest, DamagedRequestsNeverCrash) {
     }
   }
   EXPECT_GT(ok, 0);  // some edits keep the request valid (digits of the data, ...)
-  EXPECT_EQ(core_->memory().held(), 0);
-  EXPECT_EQ(core_->in_flight(), 0);
+  EXPECT_EQ(core_->executor().memory().held(), 0);
+  EXPECT_EQ(core_->admission().in_flight(), 0);
 }
 
 TEST(OipHttpStatus, FollowsTheStatusCodeMapping) {

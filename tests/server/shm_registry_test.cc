@@ -598,8 +598,17 @@ TEST_F(ShmServerTest, DisabledSharedMemoryAnswersFailedPrecondition) {
       grpc::CreateChannel("unix:" + socket_, grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   v1::RegisterRegionResponse reply;
+  testing::internal::CaptureStderr();
   EXPECT_EQ(stub->RegisterRegion(&context, Request("/lossd-x", 0, 8), &reply).error_code(),
             grpc::StatusCode::FAILED_PRECONDITION);
+  // Logged through the CallRecord like every failed call (call_record.h), under the service's
+  // own method name.
+  const std::string log = testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("SharedMemory.RegisterRegion failed: status=FAILED_PRECONDITION "
+                     "message=\"shared memory is disabled on this server"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find(" peer="), std::string::npos) << log;
 }
 
 TEST_F(ShmServerTest, TokenIsRequiredWhenConfigured) {
