@@ -7,6 +7,7 @@
 #include "absl/time/clock.h"
 #include "metrics.h"
 #include "log.h"
+#include "oip_statistics.h"
 
 namespace lossd::server {
 
@@ -43,8 +44,13 @@ void CallRecord::Ok(v1::Device device, const v1::Timing& timing, int64_t receive
                     int64_t sent) {
   if (recorded_) return;
   recorded_ = true;
+  const int64_t end_ns = absl::GetCurrentTimeNanos();
+  if (statistics_ != nullptr) {
+    statistics_->RecordSuccess(end_ns, end_ns - start_ns_, timing.queue_ns(),
+                               timing.compute_ns());
+  }
   if (metrics_ == nullptr) return;
-  const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
+  const double total = (end_ns - start_ns_) * 1e-9;
   metrics_->RecordCall(method_, "OK", DeviceLabel(device),
                        timing.queue_ns() > 0 ? timing.queue_ns() * 1e-9 : -1,
                        timing.compute_ns() > 0 ? timing.compute_ns() * 1e-9 : -1, total);
@@ -56,7 +62,9 @@ void CallRecord::Ok(v1::Device device, const v1::Timing& timing, int64_t receive
 void CallRecord::Fail(const absl::Status& status, std::string_view request_id) {
   if (recorded_) return;
   recorded_ = true;
-  const double total = (absl::GetCurrentTimeNanos() - start_ns_) * 1e-9;
+  const int64_t end_ns = absl::GetCurrentTimeNanos();
+  const double total = (end_ns - start_ns_) * 1e-9;
+  if (statistics_ != nullptr) statistics_->RecordFailure(end_ns - start_ns_);
   LogFailure(method_, context_ != nullptr ? context_->peer() : peer_, request_id, status,
              protocol_);
   if (metrics_ == nullptr) return;

@@ -10,7 +10,8 @@
 // without metrics (null) only logs a failure: the SharedMemory service's calls
 // ("SharedMemory.RegisterRegion", ...) are logged like every other call but are not counted in
 // lossd_requests_total, whose method label lists the loss and inference calls only. Not
-// thread-safe: one owner records it.
+// thread-safe: one owner records it. A ModelInfer call that names a model of this server also
+// records its outcome in that model's statistics (set_statistics, oip_statistics.h).
 
 #include <cstdint>
 #include <string>
@@ -22,6 +23,8 @@
 #include "metrics.h"
 
 namespace lossd::server {
+
+class OipModelStatistics;  // oip_statistics.h
 
 class CallRecord {
  public:
@@ -54,6 +57,10 @@ class CallRecord {
     }
   }
 
+  // The outcome also counts in `statistics` (null: none), with the call's duration and, when
+  // it succeeded, its timing.
+  void set_statistics(OipModelStatistics* statistics) { statistics_ = statistics; }
+
   bool recorded() const { return recorded_; }
   int64_t start_ns() const { return start_ns_; }
 
@@ -64,6 +71,7 @@ class CallRecord {
   const std::string peer_;
   const char* const protocol_ = nullptr;
   const int64_t start_ns_;
+  OipModelStatistics* statistics_ = nullptr;
   bool recorded_ = false;
 };
 

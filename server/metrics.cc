@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "lossd/kernels/backend.h"
+#include "oip_statistics.h"
 
 namespace lossd::server {
 
@@ -125,12 +126,12 @@ int IndexOf(const std::array<std::string_view, N>& names, std::string_view value
   return -1;
 }
 
-constexpr std::array<std::string_view, 14> kMethods = {
+constexpr std::array<std::string_view, 16> kMethods = {
     "Evaluate",       "EvaluateStream", "Accumulate",       "GetCapabilities",
     "RegisterRegion", "RenewLease",     "UnregisterRegion", "ListRegions",
     // inference.GRPCInferenceService (oip_service.h)
     "ServerLive",     "ServerReady",    "ModelReady",       "ServerMetadata",
-    "ModelMetadata",  "ModelInfer"};
+    "ModelMetadata",  "ModelInfer",     "ModelConfig",      "ModelStatistics"};
 constexpr std::array<std::string_view, 3> kDevices = {"cpu", "cuda", "none"};
 constexpr int kCodes = 17;  // gRPC status codes 0..16
 
@@ -241,7 +242,8 @@ struct Metrics::Impl {
   prometheus::Counter& bytes_sent = bytes.Add({{"direction", "sent"}});
 };
 
-Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
+Metrics::Metrics()
+    : impl_(std::make_unique<Impl>()), oip_statistics_(std::make_unique<OipStatistics>()) {
   impl_->build_info
       .Add({{"version", LOSSD_VERSION},
             {"cuda", kernels::CudaCompiled() ? "compiled" : "none"},

@@ -18,6 +18,8 @@ class Registry;
 
 namespace lossd::server {
 
+class OipStatistics;  // oip_statistics.h
+
 class Metrics {
  public:
   Metrics();
@@ -42,9 +44,14 @@ class Metrics {
   void SetQueued(int64_t queued);
   void SetDraining(bool draining);
 
+  // The per-model statistics of the inference protocol (Triton's statistics extension),
+  // recorded beside these metrics when a ModelInfer call ends (call_record.h).
+  OipStatistics& oip_statistics() { return *oip_statistics_; }
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<OipStatistics> oip_statistics_;
 };
 
 // "cpu", "cuda" or "none": the device label of a call's metrics.

@@ -24,6 +24,7 @@
 #include "lossd/kernels/dtype.h"
 #include "message_io.h"
 #include "oip_models.h"
+#include "oip_statistics.h"
 
 namespace lossd::server {
 
@@ -136,7 +137,9 @@ enum class RouteKind {
   kReady,
   kModelMetadata,
   kModelReady,
-  kInfer
+  kInfer,
+  kModelStatistics,  // Triton's statistics extension (oip_statistics.h)
+  kModelConfig       // Triton's model configuration extension
 };
 
 struct Route {
@@ -157,6 +160,8 @@ Route ParseRoute(absl::string_view path) {
   } else if (parts[1] == "health" && parts.size() == 3) {
     if (parts[2] == "live") route.kind = RouteKind::kLive;
     if (parts[2] == "ready") route.kind = RouteKind::kReady;
+  } else if (parts[1] == "models" && parts.size() == 3 && parts[2] == "stats") {
+    route.kind = RouteKind::kModelStatistics;  // every model
   } else if (parts[1] == "models" && parts.size() >= 3) {
     route.model = std::string(parts[2]);
     size_t i = 3;
@@ -170,6 +175,10 @@ Route ParseRoute(absl::string_view path) {
       route.kind = RouteKind::kModelReady;
     } else if (i + 1 == parts.size() && parts[i] == "infer") {
       route.kind = RouteKind::kInfer;
+    } else if (i + 1 == parts.size() && parts[i] == "stats") {
+      route.kind = RouteKind::kModelStatistics;
+    } else if (i + 1 == parts.size() && parts[i] == "config") {
+      route.kind = RouteKind::kModelConfig;
     }
   }
   return route;
@@ -530,6 +539,8 @@ class InferCall {
  private:
   absl::Status Evaluate(const Route& route, int* http) {
     if (absl::Status s = Admit(core_->admission(), r_); !s.ok()) return s;
+    // From here on the outcome counts in the model's statistics (none for an unknown model).
+    record_.set_statistics(core_->metrics().oip_statistics().Find(route.model, route.version));
     if (const char* enc = r_.header ? r_.header("Content-Encoding") : nullptr;
         enc != nullptr && std::string_view(enc) != "identity") {
       *http = 415;
@@ -696,6 +707,26 @@ class InferCall {
   std::vector<bool> output_binary_;  // per reply output
 };
 
+// GET /v2/models[/{name}[/versions/{v}]]/stats and /v2/models/{name}[/versions/{v}]/config:
+// Triton's JSON of ModelStatistics and ModelConfig (oip_statistics.h).
+HttpResponse ServeExtension(Core* core, const HttpRequest& r, const Route& route) {
+  const bool stats = route.kind == RouteKind::kModelStatistics;
+  HttpError e{0, Admit(core->admission(), r)};
+  std::string body;
+  if (e.status.ok() && stats) {
+    inference::ModelStatisticsResponse m;
+    e.status = core->metrics().oip_statistics().Fill(route.model, route.version, &m);
+    if (e.status.ok()) body = ModelStatisticsJson(m);
+  } else if (e.status.ok()) {
+    inference::ModelConfigResponse m;
+    e.status = FillModelConfig(route.model, route.version, &m);
+    if (e.status.ok()) body = ModelConfigJson(m.config());
+  }
+  Count(core, stats ? "ModelStatistics" : "ModelConfig", r, e);
+  if (!e.status.ok()) return ErrorResponse(e);
+  return JsonResponse(200, std::move(body));
+}
+
 HttpResponse MethodNotAllowed(const HttpRequest& r, const char* allowed) {
   HttpResponse response = ErrorResponse(
       405, absl::StrCat("method ", r.method, " is not allowed on ", r.path, "; use ", allowed));
@@ -861,7 +892,8 @@ HttpResponse HandleOipHttp(Core* core, const HttpRequest& r) {
       return ErrorResponse(
           404, absl::StrCat("no route ", r.method, " ", r.path,
                             "; this server serves GET /v2, /v2/health/live, /v2/health/ready, "
-                            "/v2/models/{name}[/versions/{version}][/ready] and POST "
+                            "/v2/models/{name}[/versions/{version}][/ready|/config|/stats], "
+                            "/v2/models/stats and POST "
                             "/v2/models/{name}[/versions/{version}]/infer"));
     case RouteKind::kLive:
       if (!get) return MethodNotAllowed(r, "GET");
@@ -907,6 +939,10 @@ HttpResponse HandleOipHttp(Core* core, const HttpRequest& r) {
       InferCall call(core, r);
       return call.Run(route);
     }
+    case RouteKind::kModelStatistics:
+    case RouteKind::kModelConfig:
+      if (!get) return MethodNotAllowed(r, "GET");
+      return ServeExtension(core, r, route);
   }
   return ErrorResponse(500, "unreachable route");
 }

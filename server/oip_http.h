@@ -1,5 +1,6 @@
 // The REST half of the KServe v2 / Open Inference Protocol (docs/interop.md, "HTTP/REST"):
-// GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{v}][/ready] and
+// GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{v}][/ready],
+// Triton's /v2/models[/{name}[/versions/{v}]]/stats and /v2/models/{name}[/versions/{v}]/config,
 // POST /v2/models/{name}[/versions/{v}]/infer with JSON tensors or Triton's binary tensor data
 // extension, served by civetweb (the HTTP server prometheus-cpp already links) on its own port.
 //

@@ -403,6 +403,9 @@ void FillServerMetadata(inference::ServerMetadataResponse* response) {
   response->set_name("lossd");
   response->set_version(LOSSD_VERSION);
   response->add_extensions("parameters");
+  // Triton's extensions served (oip_statistics.h), under Triton's names.
+  response->add_extensions("model_configuration");
+  response->add_extensions("statistics");
 }
 
 bool OipModelReady(bool draining, absl::string_view name, absl::string_view version) {

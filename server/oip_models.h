@@ -44,7 +44,8 @@ absl::StatusOr<const OipModel*> FindOipModel(absl::string_view name, absl::strin
 void FillModelMetadata(const OipModel& model, inference::ModelMetadataResponse* response);
 
 // Fills `response` with the server's name ("lossd"), version and the protocol extensions both
-// front-ends serve ("parameters"; the REST front-end adds "binary_tensor_data").
+// front-ends serve ("parameters", "model_configuration", "statistics"; the REST front-end adds
+// "binary_tensor_data").
 void FillServerMetadata(inference::ServerMetadataResponse* response);
 
 // ModelReady / GET /v2/models/{name}/ready: a model of this server at `version` ("" or "1"),

@@ -9,6 +9,7 @@
 #include "grpc_status.h"
 #include "message_io.h"
 #include "oip_models.h"
+#include "oip_statistics.h"
 #include "service.h"
 #include "unary_call.h"
 #include "wire.h"
@@ -35,6 +36,9 @@ class ModelInferCall final : public UnaryComputeCall {
       return Done(s);
     }
     if (absl::Status s = ParseMessage(*request_bytes_, &parsed_); !s.ok()) return Done(s);
+    // From here on the outcome counts in the model's statistics (none for an unknown model).
+    record_.set_statistics(core_->metrics().oip_statistics().Find(parsed_.model_name(),
+                                                                  parsed_.model_version()));
     // The handler is the request buffer's only reader (gRPC destroys it when the call ends):
     // release its slices now that the message holds the bytes.
     const_cast<grpc::ByteBuffer*>(request_bytes_)->Clear();
@@ -144,6 +148,24 @@ grpc::ServerUnaryReactor* OipServiceImpl::ModelInfer(grpc::CallbackServerContext
   auto* call = new ModelInferCall(core_, context, request, reply);
   call->Start();
   return call;
+}
+
+grpc::ServerUnaryReactor* OipServiceImpl::ModelConfig(
+    grpc::CallbackServerContext* context, const inference::ModelConfigRequest* request,
+    inference::ModelConfigResponse* response) {
+  absl::Status s = core_->admission().Admit(*context);
+  if (s.ok()) s = FillModelConfig(request->name(), request->version(), response);
+  return Finish("ModelConfig", context, s);
+}
+
+grpc::ServerUnaryReactor* OipServiceImpl::ModelStatistics(
+    grpc::CallbackServerContext* context, const inference::ModelStatisticsRequest* request,
+    inference::ModelStatisticsResponse* response) {
+  absl::Status s = core_->admission().Admit(*context);
+  if (s.ok()) {
+    s = core_->metrics().oip_statistics().Fill(request->name(), request->version(), response);
+  }
+  return Finish("ModelStatistics", context, s);
 }
 
 }  // namespace lossd::server

@@ -4,7 +4,8 @@
 // metrics. ModelInfer is a raw (ByteBuffer) method, like Evaluate: its request is admitted
 // against the memory budget before it is parsed, malformed bytes get INVALID_ARGUMENT, and its
 // reply's output blocks go out as slices without a copy. ServerLive, ServerReady and
-// ModelReady are probes and need no token; the other calls do.
+// ModelReady are probes and need no token; the other calls do. ModelConfig and ModelStatistics
+// are Triton's configuration and statistics extensions (oip_statistics.h).
 #ifndef LOSSD_SERVER_OIP_SERVICE_H_
 #define LOSSD_SERVER_OIP_SERVICE_H_
 
@@ -21,7 +22,9 @@ using OipServiceBase = inference::GRPCInferenceService::WithCallbackMethod_Serve
             inference::GRPCInferenceService::WithCallbackMethod_ServerMetadata<
                 inference::GRPCInferenceService::WithCallbackMethod_ModelMetadata<
                     inference::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<
-                        inference::GRPCInferenceService::Service>>>>>>;
+                        inference::GRPCInferenceService::WithCallbackMethod_ModelConfig<
+                            inference::GRPCInferenceService::WithCallbackMethod_ModelStatistics<
+                                inference::GRPCInferenceService::Service>>>>>>>>;
 
 class OipServiceImpl final : public OipServiceBase {
  public:
@@ -45,6 +48,12 @@ class OipServiceImpl final : public OipServiceBase {
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* context,
                                        const grpc::ByteBuffer* request,
                                        grpc::ByteBuffer* reply) override;
+  grpc::ServerUnaryReactor* ModelConfig(grpc::CallbackServerContext* context,
+                                        const inference::ModelConfigRequest* request,
+                                        inference::ModelConfigResponse* response) override;
+  grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* context,
+                                            const inference::ModelStatisticsRequest* request,
+                                            inference::ModelStatisticsResponse* response) override;
 
  private:
   // Finishes a small call: metrics under `method`, a log line when it failed.

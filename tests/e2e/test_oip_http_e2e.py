@@ -197,7 +197,8 @@ def test_health_and_metadata(triton) -> None:
     assert not triton.is_model_ready("cross_entropy")
     meta = triton.get_server_metadata()
     assert meta["name"] == "lossd" and meta["version"]
-    assert meta["extensions"] == ["parameters", "binary_tensor_data"]
+    assert meta["extensions"] == ["parameters", "model_configuration", "statistics",
+                                  "binary_tensor_data"]
     bce = triton.get_model_metadata("bce_with_logits")
     assert bce["name"] == "bce_with_logits" and bce["versions"] == ["1"]
     assert bce["platform"] == "lossd"

@@ -15,6 +15,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "core.h"
 #include "lossd/kernels/backend.h"
 #include "metrics.h"
@@ -140,7 +141,8 @@ TEST_F(OipHttpTest, HealthMetadataAndRoutes) {
   EXPECT_EQ(Get("/v2/models/cross_entropy/ready").status, 400);
   const Json server = Body(Get("/v2"));
   EXPECT_EQ(server["name"], "lossd");
-  EXPECT_EQ(server["extensions"], Json({"parameters", "binary_tensor_data"}));
+  EXPECT_EQ(server["extensions"],
+            Json({"parameters", "model_configuration", "statistics", "binary_tensor_data"}));
   const Json bce = Body(Get("/v2/models/bce_with_logits"));
   EXPECT_EQ(bce["versions"], Json({"1"}));
   EXPECT_EQ(bce["platform"], "lossd");
@@ -150,7 +152,7 @@ TEST_F(OipHttpTest, HealthMetadataAndRoutes) {
   EXPECT_EQ(Body(Get("/v2/models/sigmoid_focal_loss/versions/1"))["outputs"].size(), 2u);
   ExpectError(Get("/v2/models/cross_entropy"), 404, "unknown model 'cross_entropy'");
   ExpectError(Get("/v2/models/bce_with_logits/versions/3"), 404, "has no version '3'");
-  ExpectError(Get("/v2/models/bce_with_logits/config"), 404, "no route GET");
+  ExpectError(Get("/v2/models/bce_with_logits/trace/setting"), 404, "no route GET");
   ExpectError(Get("/metrics"), 404, "no route GET /metrics");
   const HttpResponse wrong = Get("/v2/models/bce_with_logits/infer");
   ExpectError(wrong, 405, "method GET is not allowed");
@@ -450,6 +452,85 @@ TEST_F(OipHttpTest, TokenAndDrain) {
   EXPECT_EQ(Get("/v2/models/bce_with_logits/ready").status, 400);
   ExpectError(Post(body, {{"authorization", "Bearer s3cret"}}), 503, "draining");
   EXPECT_EQ(core_->admission().in_flight(), 0);
+}
+
+TEST_F(OipHttpTest, StatisticsAndConfigAsTritonsJson) {
+  const std::string body = absl::StrCat(kInputs, "}");
+  const int64_t before_ms = absl::GetCurrentTimeNanos() / 1000000;
+  for (int i = 0; i < 2; ++i) ASSERT_EQ(Post(body).status, 200);
+  // Failures of a known model (a bad parameter, bad JSON) and of an unknown one (not counted).
+  EXPECT_EQ(Post(absl::StrCat(kInputs, R"(,"parameters":{"reduction":"avg"}})")).status, 400);
+  EXPECT_EQ(Post("{").status, 400);
+  Exchange unknown;
+  unknown.path = "/v2/models/cross_entropy/infer";
+  unknown.body = body;
+  EXPECT_EQ(Call(core_.get(), unknown).status, 404);
+  const int64_t after_ms = absl::GetCurrentTimeNanos() / 1000000;
+
+  const Json all = Body(Get("/v2/models/stats"));
+  ASSERT_EQ(all["model_stats"].size(), 2u) << all;
+  const Json& bce = all["model_stats"][0];
+  EXPECT_EQ(bce["name"], "bce_with_logits");
+  EXPECT_EQ(bce["version"], "1");
+  EXPECT_EQ(bce["inference_count"], 2);
+  EXPECT_EQ(bce["execution_count"], 2);
+  EXPECT_GE(bce["last_inference"].get<int64_t>(), before_ms);
+  EXPECT_LE(bce["last_inference"].get<int64_t>(), after_ms);
+  const Json& s = bce["inference_stats"];
+  EXPECT_EQ(s["success"]["count"], 2);
+  EXPECT_GT(s["success"]["ns"].get<int64_t>(), 0);
+  EXPECT_EQ(s["fail"]["count"], 2);
+  EXPECT_EQ(s["queue"]["count"], 2);
+  EXPECT_EQ(s["compute_infer"]["count"], 2);
+  EXPECT_EQ(s["compute_input"], Json({{"count", 0}, {"ns", 0}}));
+  EXPECT_EQ(s["compute_output"], Json({{"count", 0}, {"ns", 0}}));
+  ASSERT_EQ(bce["batch_stats"].size(), 1u);
+  EXPECT_EQ(bce["batch_stats"][0]["batch_size"], 1);
+  EXPECT_EQ(all["model_stats"][1]["name"], "sigmoid_focal_loss");
+  EXPECT_EQ(all["model_stats"][1]["inference_count"], 0);
+  EXPECT_EQ(all["model_stats"][1]["inference_stats"]["fail"]["count"], 0);
+  const Json one = Body(Get("/v2/models/bce_with_logits/versions/1/stats"));
+  ASSERT_EQ(one["model_stats"].size(), 1u);
+  EXPECT_EQ(one["model_stats"][0], bce);
+  ExpectError(Get("/v2/models/cross_entropy/stats"), 404, "unknown model 'cross_entropy'");
+  ExpectError(Get("/v2/models/bce_with_logits/versions/2/stats"), 404, "has no version '2'");
+  Exchange post_stats;
+  post_stats.path = "/v2/models/stats";
+  ExpectError(Call(core_.get(), post_stats), 405, "use GET");
+
+  const Json config = Body(Get("/v2/models/bce_with_logits/config"));
+  EXPECT_EQ(config["name"], "bce_with_logits");
+  EXPECT_EQ(config["platform"], "lossd");
+  EXPECT_EQ(config["backend"], "lossd");
+  EXPECT_EQ(config["max_batch_size"], 0);
+  ASSERT_EQ(config["input"].size(), 4u);
+  EXPECT_EQ(config["input"][0],
+            Json({{"name", "LOGITS"}, {"data_type", "TYPE_FP32"}, {"dims", {-1}},
+                  {"optional", false}}));
+  EXPECT_EQ(config["input"][3]["name"], "POS_WEIGHT");
+  EXPECT_EQ(config["input"][3]["optional"], true);
+  ASSERT_EQ(config["output"].size(), 3u);
+  EXPECT_EQ(config["output"][1],
+            Json({{"name", "GRAD_LOGITS"}, {"data_type", "TYPE_FP32"}, {"dims", {-1}}}));
+  EXPECT_EQ(config["parameters"]["datatypes"]["string_value"], "FP32,FP64,FP16,BF16");
+  EXPECT_EQ(Body(Get("/v2/models/sigmoid_focal_loss/versions/1/config"))["input"].size(), 3u);
+  ExpectError(Get("/v2/models/cross_entropy/config"), 404, "unknown model 'cross_entropy'");
+  ExpectError(Get("/v2/models/config"), 404, "unknown model 'config'");
+}
+
+TEST_F(OipHttpTest, StatisticsAndConfigNeedTheToken) {
+  CoreConfig config;
+  config.auth_token = "s3cret";
+  Make(config);
+  ExpectError(Get("/v2/models/stats"), 401, "missing");
+  ExpectError(Get("/v2/models/bce_with_logits/config"), 401, "missing");
+  // A refused infer counts for no model.
+  ExpectError(Post(absl::StrCat(kInputs, "}")), 401, "missing");
+  const HttpResponse r = Get("/v2/models/bce_with_logits/stats", {{"authorization", "Bearer s3cret"}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(Body(r)["model_stats"][0]["inference_stats"]["fail"]["count"], 0);
+  EXPECT_EQ(Get("/v2/models/bce_with_logits/config", {{"authorization", "Bearer s3cret"}}).status,
+            200);
 }
 
 // Random damage to valid requests (bytes replaced, cut, headers changed): always a reply with a

@@ -10,12 +10,15 @@
 #include <mutex>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 #include "buffer_pool.h"
 #include "oip_models.h"
+#include "oip_statistics.h"
 #include "server.h"
 #include "test_server_util.h"
 
@@ -307,6 +310,100 @@ TEST(OipReply, EncodedReplyIsProtobufsSerialization) {
   EXPECT_EQ(parsed.parameters().at("device").string_param(), "cpu");
 }
 
+// ---- Triton's statistics and configuration extensions (oip_statistics.h) ----
+
+TEST(OipStatistics, CountsEveryRecordFromManyThreads) {
+  OipStatistics stats;
+  OipModelStatistics* bce = stats.Find("bce_with_logits", "");
+  ASSERT_NE(bce, nullptr);
+  EXPECT_EQ(stats.Find("bce_with_logits", "1"), bce);
+  EXPECT_EQ(stats.Find("bce_with_logits", "2"), nullptr);
+  EXPECT_EQ(stats.Find("cross_entropy", ""), nullptr);
+  OipModelStatistics* focal = stats.Find("sigmoid_focal_loss", "");
+  ASSERT_NE(focal, nullptr);
+  EXPECT_NE(focal, bce);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([bce, t] {
+      for (int i = 0; i < 1000; ++i) {
+        bce->RecordSuccess((int64_t{1700000000000} + t * 1000 + i) * 1000000, 10, 3,
+                           5);
+        if (i % 4 == 0) bce->RecordFailure(7);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  inference::ModelStatisticsResponse all;
+  ASSERT_TRUE(stats.Fill("", "", &all).ok());
+  ASSERT_EQ(all.model_stats_size(), 2);
+  const inference::ModelStatistics& m = all.model_stats(0);
+  EXPECT_EQ(m.name(), "bce_with_logits");
+  EXPECT_EQ(m.version(), "1");
+  EXPECT_EQ(m.inference_count(), 4000u);
+  EXPECT_EQ(m.execution_count(), 4000u);
+  // The latest end of all: thread 3's last record, in milliseconds.
+  EXPECT_EQ(m.last_inference(), uint64_t{1700000000000} + 3999);
+  const inference::InferStatistics& s = m.inference_stats();
+  EXPECT_EQ(s.success().count(), 4000u);
+  EXPECT_EQ(s.success().ns(), 40000u);
+  EXPECT_EQ(s.fail().count(), 1000u);
+  EXPECT_EQ(s.fail().ns(), 7000u);
+  EXPECT_EQ(s.queue().count(), 4000u);
+  EXPECT_EQ(s.queue().ns(), 12000u);
+  EXPECT_EQ(s.compute_infer().count(), 4000u);
+  EXPECT_EQ(s.compute_infer().ns(), 20000u);
+  EXPECT_EQ(s.compute_input().count(), 0u);
+  ASSERT_EQ(m.batch_stats_size(), 1);
+  EXPECT_EQ(m.batch_stats(0).batch_size(), 1u);
+  EXPECT_EQ(m.batch_stats(0).compute_infer().ns(), 20000u);
+  // A model with no calls: zeros, no batch statistics.
+  const inference::ModelStatistics& f = all.model_stats(1);
+  EXPECT_EQ(f.name(), "sigmoid_focal_loss");
+  EXPECT_EQ(f.inference_count(), 0u);
+  EXPECT_EQ(f.last_inference(), 0u);
+  EXPECT_EQ(f.batch_stats_size(), 0);
+  // One model; unknown models and versions.
+  inference::ModelStatisticsResponse one;
+  ASSERT_TRUE(stats.Fill("sigmoid_focal_loss", "1", &one).ok());
+  ASSERT_EQ(one.model_stats_size(), 1);
+  EXPECT_EQ(one.model_stats(0).name(), "sigmoid_focal_loss");
+  absl::Status st = stats.Fill("cross_entropy", "", &one);
+  EXPECT_EQ(st.code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(st.message().find("unknown model 'cross_entropy'"), std::string::npos) << st;
+  st = stats.Fill("bce_with_logits", "2", &one);
+  EXPECT_EQ(st.code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(st.message().find("has no version '2'"), std::string::npos) << st;
+}
+
+TEST(OipConfig, ListsTheMetadataTensorsWithTritonsDatatypes) {
+  inference::ModelConfigResponse r;
+  ASSERT_TRUE(FillModelConfig("bce_with_logits", "", &r).ok());
+  const inference::ModelConfig& c = r.config();
+  EXPECT_EQ(c.name(), "bce_with_logits");
+  EXPECT_EQ(c.platform(), "lossd");
+  EXPECT_EQ(c.backend(), "lossd");
+  EXPECT_EQ(c.max_batch_size(), 0);
+  ASSERT_EQ(c.input_size(), 4);
+  std::vector<std::string> names;
+  for (const auto& in : c.input()) {
+    names.push_back(in.name());
+    EXPECT_EQ(in.data_type(), inference::TYPE_FP32);
+    ASSERT_EQ(in.dims_size(), 1);
+    EXPECT_EQ(in.dims(0), -1);
+    EXPECT_EQ(in.optional(), in.name() == "WEIGHT" || in.name() == "POS_WEIGHT") << in.name();
+  }
+  EXPECT_EQ(names, (std::vector<std::string>{"LOGITS", "TARGETS", "WEIGHT", "POS_WEIGHT"}));
+  ASSERT_EQ(c.output_size(), 3);
+  EXPECT_EQ(c.output(2).name(), "GRAD_TARGETS");
+  EXPECT_EQ(c.output(2).data_type(), inference::TYPE_FP32);
+  EXPECT_EQ(c.parameters().at("datatypes").string_value(), "FP32,FP64,FP16,BF16");
+  ASSERT_TRUE(FillModelConfig("sigmoid_focal_loss", "1", &r).ok());
+  EXPECT_EQ(r.config().input_size(), 3);
+  EXPECT_EQ(r.config().output_size(), 2);
+  EXPECT_EQ(FillModelConfig("sigmoid_focal_loss", "7", &r).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(FillModelConfig("", "", &r).code(), absl::StatusCode::kNotFound);
+}
+
 // ---- through a running server ----
 
 class OipServerTest : public ::testing::Test {
@@ -493,6 +590,67 @@ TEST_F(OipServerTest, HealthMetadataAndErrors) {
       << status.error_message();
 }
 
+TEST_F(OipServerTest, StatisticsCountModelInferCallsAndConfigListsTensors) {
+  StartServer();
+  const uint64_t before_ms = static_cast<uint64_t>(absl::GetCurrentTimeNanos() / 1000000);
+  ModelInferResponse out;
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(Infer(RawRequest(2, 4, 20 + i), &out).ok());
+  // Failures of a known model: a bad parameter (translation) and lossd.v1's validation.
+  ModelInferRequest bad = RawRequest(2, 4, 5);
+  (*bad.mutable_parameters())["reduction"].set_string_param("avg");
+  EXPECT_FALSE(Infer(bad, &out).ok());
+  bad = RawRequest(2, 4, 5);
+  (*bad.mutable_parameters())["label_smoothing"].set_double_param(2);
+  EXPECT_FALSE(Infer(bad, &out).ok());
+  // An unknown model counts for no model.
+  bad = RawRequest(2, 4, 5);
+  bad.set_model_name("cross_entropy");
+  EXPECT_EQ(Infer(bad, &out).error_code(), grpc::StatusCode::NOT_FOUND);
+  const uint64_t after_ms = static_cast<uint64_t>(absl::GetCurrentTimeNanos() / 1000000);
+
+  grpc::ClientContext ctx;
+  inference::ModelStatisticsRequest req;
+  inference::ModelStatisticsResponse stats;
+  ASSERT_TRUE(oip_->ModelStatistics(&ctx, req, &stats).ok());
+  ASSERT_EQ(stats.model_stats_size(), 2);
+  const inference::ModelStatistics& bce = stats.model_stats(0);
+  EXPECT_EQ(bce.name(), "bce_with_logits");
+  EXPECT_EQ(bce.version(), "1");
+  EXPECT_EQ(bce.inference_count(), 3u);
+  EXPECT_EQ(bce.execution_count(), 3u);
+  EXPECT_GE(bce.last_inference(), before_ms);
+  EXPECT_LE(bce.last_inference(), after_ms);
+  const inference::InferStatistics& s = bce.inference_stats();
+  EXPECT_EQ(s.success().count(), 3u);
+  EXPECT_GT(s.success().ns(), 0u);
+  EXPECT_EQ(s.fail().count(), 2u);
+  EXPECT_GT(s.fail().ns(), 0u);
+  EXPECT_EQ(s.compute_infer().count(), 3u);
+  EXPECT_LE(s.compute_infer().ns(), s.success().ns());
+  EXPECT_EQ(stats.model_stats(1).name(), "sigmoid_focal_loss");
+  EXPECT_EQ(stats.model_stats(1).inference_count(), 0u);
+  EXPECT_EQ(stats.model_stats(1).inference_stats().fail().count(), 0u);
+
+  grpc::ClientContext ctx2;
+  req.set_name("cross_entropy");
+  const grpc::Status missing = oip_->ModelStatistics(&ctx2, req, &stats);
+  EXPECT_EQ(missing.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(missing.error_message().find("unknown model 'cross_entropy'"), std::string::npos)
+      << missing.error_message();
+
+  grpc::ClientContext ctx3;
+  inference::ModelConfigRequest creq;
+  creq.set_name("sigmoid_focal_loss");
+  inference::ModelConfigResponse config;
+  ASSERT_TRUE(oip_->ModelConfig(&ctx3, creq, &config).ok());
+  EXPECT_EQ(config.config().name(), "sigmoid_focal_loss");
+  ASSERT_EQ(config.config().input_size(), 3);
+  EXPECT_EQ(config.config().input(0).data_type(), inference::TYPE_FP32);
+  grpc::ClientContext ctx4;
+  creq.set_version("2");
+  EXPECT_EQ(oip_->ModelConfig(&ctx4, creq, &config).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
 TEST_F(OipServerTest, BearerTokenGuardsInferenceButNotProbes) {
   ServerOptions o = LoopbackOptions();
   o.auth_token = "t0ken";
@@ -509,6 +667,22 @@ TEST_F(OipServerTest, BearerTokenGuardsInferenceButNotProbes) {
   grpc::ClientContext ctx2;
   inference::ServerLiveResponse live;
   EXPECT_TRUE(oip_->ServerLive(&ctx2, {}, &live).ok());
+  // The extensions need the token; a refused call counts for no model.
+  grpc::ClientContext ctx3;
+  inference::ModelStatisticsResponse stats;
+  EXPECT_EQ(oip_->ModelStatistics(&ctx3, {}, &stats).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  grpc::ClientContext ctx4;
+  inference::ModelConfigRequest creq;
+  creq.set_name("bce_with_logits");
+  inference::ModelConfigResponse config;
+  EXPECT_EQ(oip_->ModelConfig(&ctx4, creq, &config).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  grpc::ClientContext ctx5;
+  ctx5.AddMetadata("authorization", "Bearer t0ken");
+  ASSERT_TRUE(oip_->ModelStatistics(&ctx5, {}, &stats).ok());
+  EXPECT_EQ(stats.model_stats(0).inference_count(), 1u);
+  EXPECT_EQ(stats.model_stats(0).inference_stats().fail().count(), 0u);
 }
 
 }  // namespace
