@@ -22,7 +22,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
-#include "metrics.h"
+#include "server/metrics.h"
 
 namespace lossd::server {
 

@@ -1,4 +1,4 @@
-#include "buffer_pool.h"
+#include "server/buffer_pool.h"
 
 #include <sys/mman.h>
 

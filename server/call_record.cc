@@ -1,13 +1,13 @@
-#include "call_record.h"
+#include "server/call_record.h"
 
 #include <utility>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "metrics.h"
-#include "log.h"
-#include "oip_statistics.h"
+#include "server/metrics.h"
+#include "server/log.h"
+#include "server/oip_statistics.h"
 
 namespace lossd::server {
 

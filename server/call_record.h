@@ -20,7 +20,7 @@
 #include "absl/status/status.h"
 #include "grpcpp/server_context.h"
 #include "lossd/v1/lossd.pb.h"
-#include "metrics.h"
+#include "server/metrics.h"
 
 namespace lossd::server {
 

@@ -1,4 +1,4 @@
-#include "core.h"
+#include "server/core.h"
 
 #include <utility>
 

@@ -15,12 +15,12 @@
 #include <memory>
 #include <string>
 
-#include "admission.h"
-#include "executor.h"
+#include "server/admission.h"
+#include "server/executor.h"
 #include "lossd/kernels/backend.h"
-#include "metrics.h"
-#include "planner.h"
-#include "request.h"
+#include "server/metrics.h"
+#include "server/planner.h"
+#include "server/request.h"
 
 namespace lossd::server {
 

@@ -1,4 +1,4 @@
-#include "executor.h"
+#include "server/executor.h"
 
 #include <algorithm>
 #include <chrono>

@@ -28,13 +28,13 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "buffer_pool.h"
+#include "server/buffer_pool.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.pb.h"
-#include "memory.h"
-#include "metrics.h"
-#include "request.h"
-#include "work_queue.h"
+#include "server/memory.h"
+#include "server/metrics.h"
+#include "server/request.h"
+#include "server/work_queue.h"
 
 namespace lossd::server {
 

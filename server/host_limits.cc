@@ -1,6 +1,6 @@
 // Reads the process's memory and CPU limits from cgroup v2/v1 files, /proc/meminfo and
 // std::thread::hardware_concurrency(). See host_limits.h for the contract.
-#include "host_limits.h"
+#include "server/host_limits.h"
 
 #include <algorithm>
 #include <cstdint>

@@ -18,10 +18,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
-#include "log.h"
+#include "server/log.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "server.h"
+#include "server/server.h"
 
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on (127.0.0.1 for loopback only).");
 ABSL_FLAG(int, port, 50051, "Port to listen on; 0 picks a free port (printed at startup).");

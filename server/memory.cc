@@ -1,4 +1,4 @@
-#include "memory.h"
+#include "server/memory.h"
 
 #include <malloc.h>
 
@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "buffer_pool.h"
+#include "server/buffer_pool.h"
 
 namespace lossd::server {
 

@@ -1,4 +1,4 @@
-#include "message_io.h"
+#include "server/message_io.h"
 
 #include <algorithm>
 #include <climits>
@@ -6,7 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "wire.h"
+#include "server/wire.h"
 
 namespace lossd::server {
 

@@ -23,11 +23,11 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "buffer_pool.h"
-#include "executor.h"
+#include "server/buffer_pool.h"
+#include "server/executor.h"
 #include "lossd/v1/lossd.pb.h"
-#include "memory.h"
-#include "request.h"
+#include "server/memory.h"
+#include "server/request.h"
 
 namespace lossd::server {
 

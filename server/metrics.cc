@@ -1,4 +1,4 @@
-#include "metrics.h"
+#include "server/metrics.h"
 
 #include <prometheus/collectable.h>
 #include <prometheus/counter.h>
@@ -24,7 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "lossd/kernels/backend.h"
-#include "oip_statistics.h"
+#include "server/oip_statistics.h"
 
 namespace lossd::server {
 

@@ -1,4 +1,4 @@
-#include "oip_http.h"
+#include "server/oip_http.h"
 
 #include <civetweb.h>
 
@@ -19,12 +19,12 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
-#include "call_record.h"
-#include "log.h"
+#include "server/call_record.h"
+#include "server/log.h"
 #include "lossd/kernels/dtype.h"
-#include "message_io.h"
-#include "oip_models.h"
-#include "oip_statistics.h"
+#include "server/message_io.h"
+#include "server/oip_models.h"
+#include "server/oip_statistics.h"
 
 namespace lossd::server {
 

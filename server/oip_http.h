@@ -24,9 +24,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "core.h"
+#include "server/core.h"
 #include "inference/grpc_predict_v2.pb.h"
-#include "memory.h"
+#include "server/memory.h"
 
 struct mg_connection;  // civetweb.h
 struct mg_context;

@@ -1,4 +1,4 @@
-#include "oip_models.h"
+#include "server/oip_models.h"
 
 #include <grpcpp/support/slice.h>
 
@@ -11,7 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "lossd/kernels/checked_math.h"
 #include "lossd/kernels/dtype.h"
-#include "message_io.h"
+#include "server/message_io.h"
 
 namespace lossd::server {
 

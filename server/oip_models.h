@@ -15,10 +15,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "executor.h"
+#include "server/executor.h"
 #include "inference/grpc_predict_v2.pb.h"
 #include "lossd/v1/lossd.pb.h"
-#include "memory.h"
+#include "server/memory.h"
 
 namespace lossd::server {
 

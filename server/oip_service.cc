@@ -1,4 +1,4 @@
-#include "oip_service.h"
+#include "server/oip_service.h"
 
 #include <memory>
 #include <string>
@@ -6,13 +6,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "grpc_status.h"
-#include "message_io.h"
-#include "oip_models.h"
-#include "oip_statistics.h"
-#include "service.h"
-#include "unary_call.h"
-#include "wire.h"
+#include "server/grpc_status.h"
+#include "server/message_io.h"
+#include "server/oip_models.h"
+#include "server/oip_statistics.h"
+#include "server/service.h"
+#include "server/unary_call.h"
+#include "server/wire.h"
 
 namespace lossd::server {
 

@@ -11,7 +11,7 @@
 
 #include <grpcpp/support/byte_buffer.h>
 
-#include "core.h"
+#include "server/core.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 
 namespace lossd::server {

@@ -1,9 +1,9 @@
-#include "oip_statistics.h"
+#include "server/oip_statistics.h"
 
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
-#include "oip_models.h"
+#include "server/oip_models.h"
 
 namespace lossd::server {
 

@@ -1,4 +1,4 @@
-#include "peer_identity.h"
+#include "server/peer_identity.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -20,7 +20,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
-#include "log.h"
+#include "server/log.h"
 
 namespace lossd::server {
 

@@ -1,4 +1,4 @@
-#include "planner.h"
+#include "server/planner.h"
 
 #include <utility>
 

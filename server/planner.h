@@ -17,8 +17,8 @@
 
 #include "absl/status/statusor.h"
 #include "lossd/v1/lossd.pb.h"
-#include "regions.h"
-#include "request.h"
+#include "server/regions.h"
+#include "server/request.h"
 
 namespace lossd::server {
 

@@ -15,7 +15,7 @@
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/v1/lossd.pb.h"
-#include "regions.h"
+#include "server/regions.h"
 
 namespace lossd::server {
 

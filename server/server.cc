@@ -1,4 +1,4 @@
-#include "server.h"
+#include "server/server.h"
 
 #include <grpc/grpc.h>
 #include <grpc/support/alloc.h>
@@ -19,21 +19,21 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "core.h"
+#include "server/core.h"
 #include "google/protobuf/struct.pb.h"
 #include "google/protobuf/util/json_util.h"
-#include "host_limits.h"
-#include "log.h"
+#include "server/host_limits.h"
+#include "server/log.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "metrics.h"
-#include "oip_http.h"
-#include "oip_service.h"
-#include "peer_identity.h"
-#include "regions.h"
-#include "service.h"
-#include "shm_registry.h"
-#include "wire.h"
+#include "server/metrics.h"
+#include "server/oip_http.h"
+#include "server/oip_service.h"
+#include "server/peer_identity.h"
+#include "server/regions.h"
+#include "server/service.h"
+#include "server/shm_registry.h"
+#include "server/wire.h"
 
 namespace lossd::server {
 

@@ -1,4 +1,4 @@
-#include "service.h"
+#include "server/service.h"
 
 #include <memory>
 #include <utility>
@@ -8,13 +8,13 @@
 #include "absl/time/time.h"
 #include "absl/time/clock.h"
 #include "absl/strings/escaping.h"
-#include "call_record.h"
-#include "grpc_status.h"
-#include "log.h"
-#include "memory.h"
-#include "message_io.h"
-#include "unary_call.h"
-#include "wire.h"
+#include "server/call_record.h"
+#include "server/grpc_status.h"
+#include "server/log.h"
+#include "server/memory.h"
+#include "server/message_io.h"
+#include "server/unary_call.h"
+#include "server/wire.h"
 
 namespace lossd::server {
 

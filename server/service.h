@@ -15,8 +15,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "call_record.h"
-#include "core.h"
+#include "server/call_record.h"
+#include "server/core.h"
 #include "lossd/kernels/accumulator.h"
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/v1/lossd.grpc.pb.h"

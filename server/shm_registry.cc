@@ -1,4 +1,4 @@
-#include "shm_registry.h"
+#include "server/shm_registry.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -15,9 +15,9 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "call_record.h"
-#include "grpc_status.h"
-#include "shm_guard.h"
+#include "server/call_record.h"
+#include "server/grpc_status.h"
+#include "server/shm_guard.h"
 
 namespace lossd::server {
 

@@ -28,8 +28,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "peer_identity.h"
-#include "regions.h"
+#include "server/peer_identity.h"
+#include "server/regions.h"
 
 namespace lossd::server {
 

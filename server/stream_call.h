@@ -32,8 +32,8 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "core.h"
-#include "grpc_status.h"
+#include "server/core.h"
+#include "server/grpc_status.h"
 
 namespace lossd::server {
 

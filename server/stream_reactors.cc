@@ -19,14 +19,14 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "grpc_status.h"
+#include "server/grpc_status.h"
 #include "lossd/kernels/accumulator.h"
 #include "lossd/kernels/exact_sum.h"
-#include "memory.h"
-#include "message_io.h"
-#include "service.h"
-#include "stream_call.h"
-#include "wire.h"
+#include "server/memory.h"
+#include "server/message_io.h"
+#include "server/service.h"
+#include "server/stream_call.h"
+#include "server/wire.h"
 
 namespace lossd::server {
 

@@ -18,10 +18,10 @@
 
 #include "absl/status/status.h"
 #include "absl/time/clock.h"
-#include "call_record.h"
-#include "core.h"
-#include "grpc_status.h"
-#include "memory.h"
+#include "server/call_record.h"
+#include "server/core.h"
+#include "server/grpc_status.h"
+#include "server/memory.h"
 
 namespace lossd::server {
 

@@ -1,4 +1,4 @@
-#include "wire.h"
+#include "server/wire.h"
 
 #include <grpcpp/support/proto_buffer_reader.h>
 #include <grpcpp/impl/codegen/proto_utils.h>
@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/stubs/logging.h"
-#include "log.h"
+#include "server/log.h"
 
 namespace lossd::server {
 

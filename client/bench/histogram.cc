@@ -1,4 +1,4 @@
-#include "histogram.h"
+#include "client/bench/histogram.h"
 
 #include <algorithm>
 #include <bit>

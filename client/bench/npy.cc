@@ -1,4 +1,4 @@
-#include "npy.h"
+#include "client/bench/npy.h"
 
 #include <cmath>
 #include <cstring>

@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "histogram.h"
-#include "timeseries.h"
+#include "client/bench/histogram.h"
+#include "client/bench/timeseries.h"
 
 namespace lossd::bench {
 

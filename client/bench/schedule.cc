@@ -1,4 +1,4 @@
-#include "schedule.h"
+#include "client/bench/schedule.h"
 
 #include <cmath>
 

@@ -1,4 +1,4 @@
-#include "search.h"
+#include "client/bench/search.h"
 
 #include <algorithm>
 #include <cmath>

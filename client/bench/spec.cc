@@ -1,4 +1,4 @@
-#include "spec.h"
+#include "client/bench/spec.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,9 +1,9 @@
-#include "timeseries.h"
+#include "client/bench/timeseries.h"
 
 #include <algorithm>
 #include <cmath>
 
-#include "histogram.h"
+#include "client/bench/histogram.h"
 
 namespace lossd::bench {
 

@@ -1,4 +1,4 @@
-#include "verify.h"
+#include "client/bench/verify.h"
 
 #include <algorithm>
 #include <cmath>

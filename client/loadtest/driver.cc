@@ -1,4 +1,4 @@
-#include "driver.h"
+#include "client/loadtest/driver.h"
 
 #include <sys/resource.h>
 
@@ -15,8 +15,8 @@
 #include "absl/strings/str_cat.h"
 #include "inference/grpc_predict_v2.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "schedule.h"
-#include "shm.h"
+#include "client/bench/schedule.h"
+#include "client/loadtest/shm.h"
 #include "tools/bench/baseline_services.h"
 
 namespace lossd::loadtest {

@@ -26,9 +26,9 @@
 #include <vector>
 
 #include "absl/time/time.h"
-#include "report.h"
-#include "requests.h"
-#include "spec.h"
+#include "client/bench/report.h"
+#include "client/loadtest/requests.h"
+#include "client/bench/spec.h"
 
 namespace lossd::loadtest {
 

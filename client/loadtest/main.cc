@@ -41,15 +41,15 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "driver.h"
+#include "client/loadtest/driver.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "report.h"
-#include "requests.h"
-#include "npy.h"
-#include "search.h"
-#include "shm.h"
-#include "spec.h"
+#include "client/bench/report.h"
+#include "client/loadtest/requests.h"
+#include "client/bench/npy.h"
+#include "client/bench/search.h"
+#include "client/loadtest/shm.h"
+#include "client/bench/spec.h"
 
 // Servers.
 ABSL_FLAG(std::string, target, "",

@@ -1,4 +1,4 @@
-#include "requests.h"
+#include "client/loadtest/requests.h"
 
 #include <algorithm>
 #include <cmath>
@@ -10,7 +10,7 @@
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/operand.h"
 #include "lossd/kernels/reference.h"
-#include "verify.h"
+#include "client/bench/verify.h"
 
 namespace lossd::loadtest {
 

@@ -15,7 +15,7 @@
 #include "absl/status/statusor.h"
 #include "inference/grpc_predict_v2.pb.h"
 #include "lossd/v1/lossd.pb.h"
-#include "spec.h"
+#include "client/bench/spec.h"
 
 namespace lossd::loadtest {
 

@@ -1,4 +1,4 @@
-#include "shm.h"
+#include "client/loadtest/shm.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>

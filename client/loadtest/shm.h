@@ -29,9 +29,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "driver.h"
+#include "client/loadtest/driver.h"
 #include "lossd/v1/lossd.pb.h"
-#include "requests.h"
+#include "client/loadtest/requests.h"
 
 namespace lossd::loadtest {
 

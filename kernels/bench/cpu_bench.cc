@@ -25,7 +25,7 @@
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/operand.h"
-#include "simd_block.h"
+#include "kernels/src/simd_block.h"
 
 namespace {
 

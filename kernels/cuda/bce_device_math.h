@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "bce_math.h"  // LOSSD_HD
+#include "kernels/src/bce_math.h"  // LOSSD_HD
 
 namespace lossd::kernels::internal {
 

@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "bce_math.h"
+#include "kernels/src/bce_math.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/exact_sum.h"

@@ -5,7 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "bce_math.h"
+#include "kernels/src/bce_math.h"
 
 namespace lossd::kernels {
 

@@ -13,7 +13,7 @@
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/kernels/operand.h"
-#include "divisors.h"
+#include "kernels/src/divisors.h"
 
 namespace lossd::kernels {
 

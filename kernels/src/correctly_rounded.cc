@@ -10,7 +10,7 @@
 // with y' = y (1 - s) + s / 2 the smoothed target. The double evaluation (Ax) carries a
 // running bound of its error; when the bound cannot decide the rounding, MPFR evaluates the same
 // form with exact R, C and D and a Ziv loop on T. This file is a plain scalar path: no SIMD.
-#include "correctly_rounded.h"
+#include "kernels/src/correctly_rounded.h"
 
 #include <algorithm>
 #include <atomic>
@@ -21,13 +21,13 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "bce_math.h"
+#include "kernels/src/bce_math.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/correctly_rounded.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/kernels/operand.h"
-#include "resolved_loss.h"
+#include "kernels/src/resolved_loss.h"
 
 #if defined(LOSSD_HAVE_MPFR)
 #include <mpfr.h>

@@ -5,7 +5,7 @@
 
 #include "absl/status/status.h"
 #include "lossd/kernels/bce.h"
-#include "thread_pool.h"
+#include "kernels/src/thread_pool.h"
 
 namespace lossd::kernels::internal {
 

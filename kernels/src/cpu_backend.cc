@@ -17,18 +17,18 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
-#include "bce_math.h"
-#include "correctly_rounded.h"
-#include "divisors.h"
-#include "resolved_loss.h"
+#include "kernels/src/bce_math.h"
+#include "kernels/src/correctly_rounded.h"
+#include "kernels/src/divisors.h"
+#include "kernels/src/resolved_loss.h"
 #include "hwy/aligned_allocator.h"
-#include "simd_block.h"
+#include "kernels/src/simd_block.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/kernels/operand.h"
-#include "thread_pool.h"
+#include "kernels/src/thread_pool.h"
 
 namespace lossd::kernels {
 

@@ -10,7 +10,7 @@
 
 #include "absl/status/status.h"
 
-#include "bce_math.h"
+#include "kernels/src/bce_math.h"
 #include "lossd/kernels/bce.h"
 
 namespace lossd::kernels::internal {

@@ -3,8 +3,8 @@
 #include <cmath>
 #include <vector>
 
-#include "bce_math.h"
-#include "divisors.h"
+#include "kernels/src/bce_math.h"
+#include "kernels/src/divisors.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/exact_sum.h"

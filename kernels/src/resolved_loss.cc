@@ -1,5 +1,5 @@
 // ResolveLoss: the loss spec (BceArgs) read once into a ResolvedLoss (resolved_loss.h).
-#include "resolved_loss.h"
+#include "kernels/src/resolved_loss.h"
 
 namespace lossd::kernels::internal {
 

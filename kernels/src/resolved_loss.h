@@ -6,8 +6,8 @@
 #ifndef LOSSD_KERNELS_SRC_RESOLVED_LOSS_H_
 #define LOSSD_KERNELS_SRC_RESOLVED_LOSS_H_
 
-#include "bce_math.h"
-#include "divisors.h"
+#include "kernels/src/bce_math.h"
+#include "kernels/src/divisors.h"
 #include "lossd/kernels/bce.h"
 
 namespace lossd::kernels::internal {

@@ -20,12 +20,12 @@
 #include <utility>
 
 #undef HWY_TARGET_INCLUDE
-#define HWY_TARGET_INCLUDE "simd_block.cc"
+#define HWY_TARGET_INCLUDE "kernels/src/simd_block.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/contrib/math/math-inl.h"
-#include "bce_math.h"
-#include "simd_block.h"
+#include "kernels/src/bce_math.h"
+#include "kernels/src/simd_block.h"
 #include "lossd/kernels/exact_sum.h"
 
 HWY_BEFORE_NAMESPACE();

@@ -19,12 +19,12 @@
 #include <cstring>
 
 #undef HWY_TARGET_INCLUDE
-#define HWY_TARGET_INCLUDE "simd_focal.cc"
+#define HWY_TARGET_INCLUDE "kernels/src/simd_focal.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/contrib/math/math-inl.h"
-#include "bce_math.h"
-#include "simd_block.h"
+#include "kernels/src/bce_math.h"
+#include "kernels/src/simd_block.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lossd::kernels::internal {

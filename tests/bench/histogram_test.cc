@@ -1,5 +1,5 @@
 // The histogram against exact order statistics of the same values (sorted vectors).
-#include "histogram.h"
+#include "client/bench/histogram.h"
 
 #include <gtest/gtest.h>
 

@@ -1,7 +1,7 @@
 // The .npy reader against files numpy.save wrote (bytes copied from numpy 2.3) and numpy's own
 // values for them, and against the format's definition (numpy.lib.format) for the versions,
 // dtypes and orders it must refuse.
-#include "npy.h"
+#include "client/bench/npy.h"
 
 #include <gtest/gtest.h>
 

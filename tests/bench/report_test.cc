@@ -1,5 +1,5 @@
 // Run statistics and their summaries against counts and rates computed by hand.
-#include "report.h"
+#include "client/bench/report.h"
 
 #include <gtest/gtest.h>
 

@@ -1,6 +1,6 @@
 // Arrival schedules against their definitions: exact times for a fixed rate, and the
 // statistics of a Poisson process (mean gap, gap variance, counts per window) for Poisson.
-#include "schedule.h"
+#include "client/bench/schedule.h"
 
 #include <gtest/gtest.h>
 

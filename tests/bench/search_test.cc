@@ -2,7 +2,7 @@
 // advance: a server that meets the objective up to a rate T and not beyond must be found within
 // the precision asked for, by doubling and then bisecting; the three rules (p99, errors,
 // achieved rate) are each the deciding one somewhere. No timing: the measurements are made up.
-#include "search.h"
+#include "client/bench/search.h"
 
 #include <gtest/gtest.h>
 

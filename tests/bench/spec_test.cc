@@ -1,5 +1,5 @@
 // lossd-bench's flag vocabulary against values written out by hand.
-#include "spec.h"
+#include "client/bench/spec.h"
 
 #include <gtest/gtest.h>
 

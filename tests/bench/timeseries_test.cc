@@ -1,12 +1,12 @@
 // lossd-bench's per-interval time series (client/bench/timeseries.h) and how a row reports it
 // (report.h: intervals, latency_histogram_us).
-#include "timeseries.h"
+#include "client/bench/timeseries.h"
 
 #include <gtest/gtest.h>
 
 #include <string>
 
-#include "report.h"
+#include "client/bench/report.h"
 
 namespace lossd::bench {
 namespace {

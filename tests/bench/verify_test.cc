@@ -1,5 +1,5 @@
 // --verify's bounds against ulps counted with nextafter, independently of UlpOf.
-#include "verify.h"
+#include "client/bench/verify.h"
 
 #include <gtest/gtest.h>
 

@@ -34,16 +34,16 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "core.h"
+#include "server/core.h"
 #include "google/protobuf/stubs/logging.h"
 #include "lossd/kernels/checked_math.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/v1/lossd.pb.h"
-#include "message_io.h"
-#include "metrics.h"
-#include "request.h"
+#include "server/message_io.h"
+#include "server/metrics.h"
+#include "server/request.h"
 
 extern "C" size_t LLVMFuzzerMutate(uint8_t* data, size_t size, size_t max_size);
 

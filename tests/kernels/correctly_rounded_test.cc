@@ -19,12 +19,12 @@
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/correctly_rounded.h"
 #include "lossd/kernels/dtype.h"
-#include "test_util.h"
+#include "tests/kernels/test_util.h"
 
 #if defined(LOSSD_HAVE_MPFR)
 #include <mpfr.h>
 
-#include "correctly_rounded.h"
+#include "kernels/src/correctly_rounded.h"
 #endif
 
 namespace lossd::kernels {

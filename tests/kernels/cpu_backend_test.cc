@@ -16,7 +16,7 @@
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/kernels/operand.h"
 #include "lossd/kernels/reference.h"
-#include "test_util.h"
+#include "tests/kernels/test_util.h"
 
 namespace lossd::kernels {
 namespace {

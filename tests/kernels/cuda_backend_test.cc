@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "cuda_test_util.h"
+#include "tests/kernels/cuda_test_util.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"

@@ -12,7 +12,7 @@
 #include <utility>
 #include <vector>
 
-#include "cuda_test_util.h"
+#include "tests/kernels/cuda_test_util.h"
 #include "hwy/targets.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/kernels/bce.h"

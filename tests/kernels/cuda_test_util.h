@@ -21,7 +21,7 @@
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/operand.h"
 #include "lossd/kernels/reference.h"
-#include "test_util.h"
+#include "tests/kernels/test_util.h"
 
 namespace lossd::kernels::cuda_test {
 

@@ -11,14 +11,14 @@
 #include <string>
 #include <vector>
 
-#include "bce_math.h"
+#include "kernels/src/bce_math.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/operand.h"
 #include "lossd/kernels/reference.h"
-#include "simd_block.h"
-#include "test_util.h"
+#include "kernels/src/simd_block.h"
+#include "tests/kernels/test_util.h"
 
 namespace lossd::kernels {
 namespace {

@@ -5,10 +5,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "divisors.h"
+#include "kernels/src/divisors.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
-#include "resolved_loss.h"
+#include "kernels/src/resolved_loss.h"
 
 namespace lossd::kernels {
 namespace {

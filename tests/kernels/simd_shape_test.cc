@@ -10,7 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "hwy/highway.h"
-#include "simd_block.h"
+#include "kernels/src/simd_block.h"
 
 namespace lossd::kernels::internal {
 namespace {

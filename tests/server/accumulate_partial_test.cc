@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "service.h"
-#include "test_server_util.h"
+#include "server/service.h"
+#include "tests/server/test_server_util.h"
 
 namespace lossd::server {
 namespace {

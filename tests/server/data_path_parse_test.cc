@@ -15,13 +15,13 @@
 #include <string>
 #include <vector>
 
-#include "buffer_pool.h"
+#include "server/buffer_pool.h"
 #include "google/protobuf/stubs/logging.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "lossd/v1/lossd.pb.h"
-#include "memory.h"
-#include "message_io.h"
-#include "wire.h"
+#include "server/memory.h"
+#include "server/message_io.h"
+#include "server/wire.h"
 
 namespace lossd::server {
 namespace {

@@ -8,7 +8,7 @@
 #include <cstring>
 #include <vector>
 
-#include "buffer_pool.h"
+#include "server/buffer_pool.h"
 
 namespace lossd::server {
 namespace {

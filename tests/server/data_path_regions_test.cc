@@ -15,13 +15,13 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "core.h"
+#include "server/core.h"
 #include "lossd/kernels/backend.h"
-#include "message_io.h"
-#include "metrics.h"
-#include "regions.h"
-#include "server.h"
-#include "test_server_util.h"
+#include "server/message_io.h"
+#include "server/metrics.h"
+#include "server/regions.h"
+#include "server/server.h"
+#include "tests/server/test_server_util.h"
 
 namespace lossd::server {
 namespace {

@@ -14,16 +14,16 @@
 #include <thread>
 #include <vector>
 
-#include "core.h"
+#include "server/core.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/kernels/reference.h"
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "message_io.h"
-#include "metrics.h"
-#include "request.h"
-#include "server.h"
-#include "test_server_util.h"
+#include "server/message_io.h"
+#include "server/metrics.h"
+#include "server/request.h"
+#include "server/server.h"
+#include "tests/server/test_server_util.h"
 
 namespace lossd::server {
 namespace {

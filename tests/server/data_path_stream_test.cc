@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "server.h"
-#include "test_server_util.h"
+#include "server/server.h"
+#include "tests/server/test_server_util.h"
 
 namespace lossd::server {
 namespace {

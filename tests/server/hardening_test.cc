@@ -18,7 +18,7 @@
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/operand.h"
-#include "test_server_util.h"
+#include "tests/server/test_server_util.h"
 
 namespace lossd::server {
 namespace {

@@ -1,6 +1,6 @@
 // Tests for ReadHostLimits and DescribeHostLimits: fake filesystem roots laid out like / with
 // cgroup v2, v1 and hybrid files, plus one sanity check on the real machine.
-#include "host_limits.h"
+#include "server/host_limits.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

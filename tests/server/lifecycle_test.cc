@@ -10,7 +10,7 @@
 
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "lossd/kernels/bce.h"
-#include "test_server_util.h"
+#include "tests/server/test_server_util.h"
 
 namespace lossd::server {
 namespace {

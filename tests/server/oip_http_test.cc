@@ -16,10 +16,10 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "core.h"
+#include "server/core.h"
 #include "lossd/kernels/backend.h"
-#include "metrics.h"
-#include "oip_http.h"
+#include "server/metrics.h"
+#include "server/oip_http.h"
 
 namespace lossd::server {
 namespace {

@@ -16,11 +16,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
-#include "buffer_pool.h"
-#include "oip_models.h"
-#include "oip_statistics.h"
-#include "server.h"
-#include "test_server_util.h"
+#include "server/buffer_pool.h"
+#include "server/oip_models.h"
+#include "server/oip_statistics.h"
+#include "server/server.h"
+#include "tests/server/test_server_util.h"
 
 namespace lossd::server {
 namespace {

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "lossd/kernels/accumulator.h"
-#include "service.h"
+#include "server/service.h"
 
 namespace lossd::server {
 namespace {

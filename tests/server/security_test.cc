@@ -9,7 +9,7 @@
 #include <sstream>
 
 #include "grpc/health/v1/health.grpc.pb.h"
-#include "test_server_util.h"
+#include "tests/server/test_server_util.h"
 
 namespace lossd::server {
 namespace {

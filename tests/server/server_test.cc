@@ -15,7 +15,7 @@
 #include "lossd/kernels/operand.h"
 #include "lossd/kernels/reference.h"
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "server.h"
+#include "server/server.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace lossd::server {

@@ -26,10 +26,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "peer_identity.h"
-#include "server.h"
-#include "shm_guard.h"
-#include "shm_registry.h"
+#include "server/peer_identity.h"
+#include "server/server.h"
+#include "server/shm_guard.h"
+#include "server/shm_registry.h"
 
 namespace lossd::server {
 namespace {

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "test_server_util.h"
+#include "tests/server/test_server_util.h"
 
 namespace lossd::server {
 namespace {

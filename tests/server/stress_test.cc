@@ -14,9 +14,9 @@
 #include <thread>
 #include <vector>
 
-#include "memory.h"
-#include "test_server_util.h"
-#include "work_queue.h"
+#include "server/memory.h"
+#include "tests/server/test_server_util.h"
+#include "server/work_queue.h"
 
 namespace lossd::server {
 namespace {

@@ -13,7 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "lossd/v1/lossd.grpc.pb.h"
-#include "server.h"
+#include "server/server.h"
 
 namespace lossd::server::testing {
 

@@ -37,7 +37,8 @@ RUNS=(
 )
 
 # --- 1. Packages (installed only when missing) -------------------------------------------------
-ARM_PACKAGES="cmake make g++-aarch64-linux-gnu qemu-user libhwy-dev:arm64 libabsl-dev:arm64 libgtest-dev:arm64"
+ARM_PACKAGES="cmake make g++-aarch64-linux-gnu qemu-user libhwy-dev:arm64 libabsl-dev:arm64 libgtest-dev:arm64
+  libmpfr-dev:arm64"
 installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=""
 for p in $ARM_PACKAGES; do installed "$p" || missing="$missing $p"; done

@@ -38,14 +38,14 @@
 #include <tuple>
 #include <vector>
 
-#include "cuda_kernels.h"
+#include "kernels/cuda/cuda_kernels.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/dtype.h"
 #include "lossd/kernels/operand.h"
 #include "lossd/kernels/reference.h"
-#include "resolved_loss.h"
-#include "test_util.h"  // lossd_kernels_test_util: the ulp helpers of the kernel tests
+#include "kernels/src/resolved_loss.h"
+#include "tests/kernels/test_util.h"  // lossd_kernels_test_util: the ulp helpers of the kernel tests
 
 namespace lk = lossd::kernels;
 using lossd::testing::GradTermScales;
