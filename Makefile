@@ -96,7 +96,7 @@ stubs: venv
 # CPU kernel benchmark: 10M float32 elements, 1 and 2 threads, each variant beside a
 # 2-read-2-write streaming loop run alternately with it (ratios, docs/perf.md).
 bench-kernels: build
-	$(BUILD)/kernels/cpu_bench --reps=9
+	$(BUILD)/tools/kernels/cpu_bench --reps=9
 
 # torch CPU forward + backward against the same kernels (ratios). torch lives in the golden
 # virtual environment (several GB) and in the torch test venv ($(TORCH_VENV)), never in $(VENV).
@@ -106,7 +106,7 @@ golden-venv: deps
 	$(GOLDEN_VENV)/bin/python -m pip install -q -r tests/golden/requirements-golden.txt
 
 bench-torch: build golden-venv
-	$(GOLDEN_VENV)/bin/python kernels/bench/torch_cpu_bench.py --cpu-bench $(BUILD)/kernels/cpu_bench
+	$(GOLDEN_VENV)/bin/python tools/kernels/torch_cpu_bench.py --cpu-bench $(BUILD)/tools/kernels/cpu_bench
 
 # Service path (docs/perf.md): lossd through its Python client over TCP (and over a Unix socket
 # and through shared memory where this lossd and client support them) against a raw gRPC method,

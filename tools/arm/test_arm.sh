@@ -73,7 +73,7 @@ if [ ! -f "$SHIM" ] || [ tools/arm/hwy_only_target.cc -nt "$SHIM" ]; then
 fi
 SHIM=$(realpath "$SHIM")
 TEST_BIN="$BUILD/tests/kernels_test"
-BENCH_BIN="$BUILD/kernels/cpu_bench"
+BENCH_BIN="$BUILD/tools/kernels/cpu_bench"
 LOGS="$BUILD/arm-logs"
 mkdir -p "$LOGS"
 

@@ -9,7 +9,7 @@
 #   3. gpu_bench: validation on ~1M elements, then kernel vs device-to-device copy bandwidth;
 #      and, when build/gpulibs/gpu_bench_base exists (prepare_gpu_carry.sh with
 #      LOSSD_BASE_COMMIT), the same timings of that baseline build, side by side;
-#   4. kernels/bench/torch_cuda_bench.py: torch CUDA forward+backward on the same problems;
+#   4. tools/kernels/torch_cuda_bench.py: torch CUDA forward+backward on the same problems;
 #   5. our Gelem/s over torch's, per problem;
 #   6. build/server/lossd on this GPU through the Python client (tools/gpu/server_gpu_check.py),
 #      CUDA vs CPU, with the default (all-float) element math and with --cuda_float_math=false;
@@ -100,7 +100,7 @@ fi
 
 echo
 echo "== torch CUDA forward+backward"
-timeout 300 python3 kernels/bench/torch_cuda_bench.py 2>&1 | tee "$TMP/torch.txt" |
+timeout 300 python3 tools/kernels/torch_cuda_bench.py 2>&1 | tee "$TMP/torch.txt" |
   grep -v '^TORCH '
 torch_rc=${PIPESTATUS[0]}
 [[ $torch_rc == 0 ]] || echo "torch bench failed (rc $torch_rc); no ratios for what is missing"

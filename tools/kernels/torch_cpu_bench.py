@@ -19,7 +19,7 @@ ratio and the median ratio.
 
 Run with the golden virtual environment (torch is never a `make test` dependency):
 
-    .venv-golden/bin/python kernels/bench/torch_cpu_bench.py [--cpu-bench build/kernels/cpu_bench]
+    .venv-golden/bin/python tools/kernels/torch_cpu_bench.py [--cpu-bench build/tools/kernels/cpu_bench]
 
 A benchmark, never a test: the machines are shared and noisy, so compare ratios from one run.
 """
@@ -116,8 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per point (median)")
     ap.add_argument("--rounds", type=int, default=3, help="torch + lossd rounds (default 3)")
-    ap.add_argument("--cpu-bench", default="build/kernels/cpu_bench",
-                    help="lossd's cpu_bench binary (default build/kernels/cpu_bench)")
+    ap.add_argument("--cpu-bench", default="build/tools/kernels/cpu_bench",
+                    help="lossd's cpu_bench binary (default build/tools/kernels/cpu_bench)")
     ap.add_argument("--no-lossd", action="store_true", help="time torch only")
     ap.add_argument("--show-lossd", action="store_true", help="also print cpu_bench's output")
     args = ap.parse_args(argv)
