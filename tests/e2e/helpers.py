@@ -1,13 +1,23 @@
-"""Shared helpers of the end-to-end tests (dtypes, inputs, checks against the reference)."""
+"""Shared helpers of the end-to-end tests (dtypes, inputs, checks against the reference, the
+server's addresses and metrics, datasets, the Open Inference Protocol cases, certificates)."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import time
 import urllib.request
-from typing import Optional
+import zlib
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import grpc
 import numpy as np
 import pytest
+
+import lossd
+from lossd._proto.lossd.v1 import lossd_pb2 as pb
+from lossd._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 from bce_reference import loss_reference, violations
 
@@ -23,6 +33,11 @@ if BF16 is not None:
     DTYPES.append(BF16)
 DTYPE_IDS = [str(d) for d in DTYPES]
 REDUCTIONS = ["none", "mean", "sum", "per_sample_mean"]
+
+
+def seed_of(*parts) -> int:
+    """A random seed named by ``parts`` (a test's parameters)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
 
 
 def kind_of(dtype: np.dtype) -> str:
@@ -89,18 +104,26 @@ def check_result(r, x, y, w=None, p=None, reduction="none", *, grad=True, grad_t
 
 # ---- Prometheus metrics of a running server ----
 
-prometheus_parser = pytest.importorskip(
-    "prometheus_client.parser", reason="prometheus_client is pinned in tests/requirements.txt")
-
 _METRICS = re.compile(r"lossd metrics on (\S+):(\d+)\s*$")
+_HTTP = re.compile(r"lossd http on (\S+):(\d+)\s*$")
+
+
+def _logged_address(server, pattern: re.Pattern, what: str) -> str:
+    """HOST:PORT from the server's "<what> HOST:PORT" log line."""
+    for line in server.lines:
+        m = pattern.search(line)
+        if m:
+            return f"{m.group(1)}:{m.group(2)}"
+    raise AssertionError(f"no '{what}' line in:\n{server.stderr_text()}")
 
 
 def metrics_address(server) -> str:
-    for line in server.lines:
-        m = _METRICS.search(line)
-        if m:
-            return f"{m.group(1)}:{m.group(2)}"
-    raise AssertionError(f"no 'lossd metrics on' line in:\n{server.stderr_text()}")
+    return _logged_address(server, _METRICS, "lossd metrics on")
+
+
+def http_address(server) -> str:
+    """The address of the server's HTTP/REST API (--http_port)."""
+    return _logged_address(server, _HTTP, "lossd http on")
 
 
 def scrape(address: str) -> dict:
@@ -108,6 +131,8 @@ def scrape(address: str) -> dict:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
         assert reply.status == 200
         text = reply.read().decode("utf-8")
+    prometheus_parser = pytest.importorskip(
+        "prometheus_client.parser", reason="prometheus_client is pinned in tests/requirements.txt")
     samples = {}
     for family in prometheus_parser.text_string_to_metric_families(text):
         for s in family.samples:
@@ -117,3 +142,132 @@ def scrape(address: str) -> dict:
 
 def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def settled_counts(address: str) -> dict:
+    """The samples of scrape(address), once no call is in flight (or after 5 s)."""
+    deadline = time.monotonic() + 5
+    while True:
+        s = scrape(address)
+        if value(s, "lossd_in_flight_calls") == 0 or time.monotonic() > deadline:
+            return s
+        time.sleep(0.05)
+
+
+# ---- known traffic ----
+
+def float32_tensor(a: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=a.shape, data=a.astype("<f4").tobytes())
+
+
+def bad_evaluates_capabilities_accumulate(client: lossd.Client, x: np.ndarray,
+                                          y: np.ndarray) -> None:
+    """Two Evaluate calls that fail with INVALID_ARGUMENT (targets of another shape), one
+    GetCapabilities and one Accumulate of two batches (x[:600] and x[600:], SUM)."""
+    for _ in range(2):
+        with pytest.raises(lossd.InvalidArgumentError):
+            client.bce_with_logits(x, y[:10])
+    client.capabilities()
+    acc = client.accumulate([(x[:600], y[:600]), (x[600:], y[600:])], reduction="sum")
+    assert acc.num_batches == 2
+
+
+def evaluate_stream_of_three(target: str, x: np.ndarray, y: np.ndarray) -> None:
+    """One EvaluateStream of three identical float32 SUM requests of (x, y)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        batch = pb.EvaluateRequest(logits=float32_tensor(x), targets=float32_tensor(y),
+                                   bce_with_logits=pb.BceWithLogits(),
+                                   reduction=pb.REDUCTION_SUM)
+        replies = list(stub.EvaluateStream(iter([batch] * 3), timeout=30))
+        assert len(replies) == 3 and all(r.HasField("response") for r in replies)
+
+
+# ---- datasets of batches of random sizes ----
+
+Dataset = Tuple[np.ndarray, np.ndarray, List[int]]
+
+
+def random_dataset(seed: int, elements: int, max_batch: int) -> Dataset:
+    """float32 logits and targets (hard labels in the first half, soft ones in the second)
+    and the batch boundaries ``cuts`` (batch sizes uniform in [1, max_batch])."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(elements, dtype=np.float32) * np.float32(4.0)
+    y = rng.random(elements, dtype=np.float32)
+    y[: elements // 2] = np.round(y[: elements // 2])  # hard and soft labels
+    cuts = [0]
+    while cuts[-1] < elements:
+        cuts.append(min(elements, cuts[-1] + int(rng.integers(1, max_batch + 1))))
+    return x, y, cuts
+
+
+def dataset_batches(data: Dataset, on_batch=None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """The (logits, targets) batches of a random_dataset; ``on_batch(k)`` before batch k."""
+    x, y, cuts = data
+    for k in range(len(cuts) - 1):
+        if on_batch is not None:
+            on_batch(k)
+        yield x[cuts[k]:cuts[k + 1]], y[cuts[k]:cuts[k + 1]]
+
+
+# ---- KServe v2 / Open Inference Protocol (test_oip_*_e2e.py) ----
+
+IGNORE = -100
+OIP_BCE_CASES: Dict[str, Dict[str, Any]] = {
+    "plain": {},
+    "weights": {"weight": True, "pos_weight": True},
+    "ignore_normalize": {"ignore_index": IGNORE, "normalize": True},
+    "smooth": {"label_smoothing": 0.1, "weight": True},
+}
+
+
+def oip_bce_case(case: str, dtype: np.dtype, seed: int):
+    """The inputs of OIP_BCE_CASES[case]: (x, y, weight or None, pos_weight or None, the
+    other options)."""
+    options = dict(OIP_BCE_CASES[case])
+    rng = np.random.default_rng(seed)
+    x, y = make_inputs(rng, (5, 7), dtype, soft="label_smoothing" in options)
+    if "ignore_index" in options:
+        y = y.copy()
+        y[rng.uniform(size=y.shape) < 0.3] = cast(IGNORE, dtype)
+    w = cast(rng.uniform(0, 3, (7,)), dtype) if options.pop("weight", False) else None
+    p = cast(rng.uniform(0, 3, (5, 1)), dtype) if options.pop("pos_weight", False) else None
+    return x, y, w, p, options
+
+
+def oip_datatype(dtype: np.dtype) -> str:
+    if BF16 is not None and dtype == BF16:
+        return "BF16"
+    return {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
+            np.dtype(np.float16): "FP16"}[np.dtype(dtype)]
+
+
+def assert_models_ready(triton) -> None:
+    """A tritonclient (gRPC or HTTP) sees the server and both models ready, and no others."""
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    assert triton.is_model_ready("bce_with_logits")
+    assert triton.is_model_ready("sigmoid_focal_loss", model_version="1")
+    assert not triton.is_model_ready("sigmoid_focal_loss", model_version="2")
+    assert not triton.is_model_ready("cross_entropy")
+
+
+# ---- TLS ----
+
+def make_certificates(d: Path, ca_name: str) -> Path:
+    """In ``d``: a throwaway CA (CN ``ca_name``), a server certificate for
+    localhost/127.0.0.1 and a client certificate (ca.crt, server.crt/key, client.crt/key)."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", *ec, "-days", "2", "-subj", f"/CN={ca_name}", "-keyout", "ca.key",
+        "-out", "ca.crt")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, cn, ext in (("server", "localhost", True), ("client", "client", False)):
+        run("req", *ec, "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.crt",
+            *(["-extfile", "san.ext"] if ext else []))
+    return d

@@ -1,6 +1,6 @@
 """Helpers of the lossd-bench end-to-end tests (test_lossd_bench*_e2e.py): finding the
-lossd-bench binary, running it for its JSON report, and reading the server's counters once its
-calls have settled.
+lossd-bench binary, running it for its JSON report, and interrupting a run once it has made
+successful calls.
 
 lossd-bench is found beside the server under test: Path(LOSSD_BINARY).parents[1] is the build
 directory (LOSSD_BENCH overrides it)."""
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
-import time
 from pathlib import Path
+from typing import Callable, Optional, Tuple
 
 import pytest
 
 from conftest import lossd_binary
-from helpers import scrape, value
 
 
 def bench_binary() -> Path:
@@ -39,10 +40,28 @@ def run_bench(tmp_path: Path, *args: str, check: bool = True) -> dict:
     return report
 
 
-def settled_counts(address: str) -> dict:
-    deadline = time.monotonic() + 5
-    while True:
-        s = scrape(address)
-        if value(s, "lossd_in_flight_calls") == 0 or time.monotonic() > deadline:
-            return s
-        time.sleep(0.05)
+def interrupt_after_successful_calls(p: subprocess.Popen,
+                                     while_running: Optional[Callable[[], None]] = None
+                                     ) -> Tuple[str, str]:
+    """SIGINT to a running lossd-bench once one of its progress lines ("... ok N errors M in
+    flight K", once a second, on stderr) shows successful calls, so that its partial report has
+    something in it; ``while_running()`` is called just before. Returns (stdout, stderr) once it
+    has exited; kills it if anything fails."""
+    try:
+        assert p.stderr is not None
+        seen = []
+        for line in p.stderr:
+            seen.append(line)
+            m = re.search(r" ok (\d+) errors", line)
+            if m and int(m.group(1)) > 0:
+                break
+        else:
+            pytest.fail("no progress line with successful calls:\n" + "".join(seen))
+        if while_running is not None:
+            while_running()
+        p.send_signal(signal.SIGINT)
+        return p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -23,8 +22,10 @@ import pytest
 import lossd
 
 from bce_reference import bce_reference
+from helpers import Dataset, dataset_batches, random_dataset
 
 ELEMENTS = 600_000
+MAX_BATCH = 39_999  # batch sizes are uniform in [1, MAX_BATCH]
 SEED = 7
 
 
@@ -34,27 +35,12 @@ class FakeTTY(io.StringIO):
 
 
 @pytest.fixture(scope="module")
-def dataset() -> Tuple[np.ndarray, np.ndarray, List[int]]:
-    rng = np.random.default_rng(SEED)
-    x = rng.standard_normal(ELEMENTS, dtype=np.float32) * np.float32(4.0)
-    y = rng.random(ELEMENTS, dtype=np.float32)
-    y[: ELEMENTS // 2] = np.round(y[: ELEMENTS // 2])
-    cuts = [0]
-    while cuts[-1] < ELEMENTS:
-        cuts.append(min(ELEMENTS, cuts[-1] + int(rng.integers(1, 40_000))))
-    return x, y, cuts
-
-
-def batches(data, on_batch=None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    x, y, cuts = data
-    for k in range(len(cuts) - 1):
-        if on_batch is not None:
-            on_batch(k)
-        yield x[cuts[k]:cuts[k + 1]], y[cuts[k]:cuts[k + 1]]
+def dataset() -> Dataset:
+    return random_dataset(SEED, ELEMENTS, MAX_BATCH)
 
 
 async def abatches(data, on_batch=None):
-    for k, batch in enumerate(batches(data)):
+    for k, batch in enumerate(dataset_batches(data)):
         if on_batch is not None:
             on_batch(k)
         await asyncio.sleep(0)  # a real async source yields to the loop
@@ -66,7 +52,7 @@ def one_server(dataset, lossd_target) -> float:
     """One server's Accumulate over the same batches (the bits every split must give)."""
     x, y, _ = dataset
     with lossd.Client(lossd_target, timeout=300) as c:
-        acc = c.accumulate(batches(dataset), reduction="mean", progress=False)
+        acc = c.accumulate(dataset_batches(dataset), reduction="mean", progress=False)
     ref = float(bce_reference(x, y, reduction="mean").loss)
     assert acc.loss == pytest.approx(ref, rel=1e-6)
     return acc.loss
@@ -91,7 +77,7 @@ def test_async_evaluate_dataset_equals_one_server(replicas, dataset, one_server,
     async def main():
         async with lossd.AsyncClient(rs.targets, timeout=120) as c:
             if source == "iterable":
-                data, kw = batches(dataset), {}
+                data, kw = dataset_batches(dataset), {}
             elif source == "async_iterable":
                 data, kw = abatches(dataset), {}
             else:
@@ -179,7 +165,7 @@ def test_progress_bar_forced_or_on_a_terminal(replicas, dataset, lossd_target,
     for progress, stream in ((True, io.StringIO()), (None, FakeTTY())):
         monkeypatch.setattr(sys, "stderr", stream)
         with lossd.Client(lossd_target, timeout=120) as c:
-            c.accumulate(batches(dataset), progress=progress)
+            c.accumulate(dataset_batches(dataset), progress=progress)
         text = stream.getvalue()
         assert "lossd: " in text and "elements" in text, text
         stream2 = FakeTTY() if progress is None else io.StringIO()
@@ -197,7 +183,7 @@ def test_no_progress_on_a_pipe_or_when_off(replicas, dataset, lossd_target,
     for progress, stream in ((None, io.StringIO()), (False, FakeTTY())):
         monkeypatch.setattr(sys, "stderr", stream)
         with lossd.Client(lossd_target, timeout=120) as c:
-            c.accumulate(batches(dataset), progress=progress)
+            c.accumulate(dataset_batches(dataset), progress=progress)
             big = c.bce_with_logits(x, y, reduction="none", progress=progress)  # split
             assert big.loss.shape == x.shape
         with lossd.Client(rs.targets, timeout=120) as c:

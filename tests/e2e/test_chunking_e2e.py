@@ -8,7 +8,6 @@ request sent whole by a client with the default 256 MiB limit.
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import pytest
 import lossd
 
 from bce_reference import exact_sum, loss_reference
-from helpers import DTYPE_IDS, DTYPES, REDUCTIONS, cast, f64, make_inputs
+from helpers import DTYPE_IDS, DTYPES, REDUCTIONS, cast, f64, make_inputs, seed_of
 
 LIMIT = 64 * 1024  # bytes: the (300, 200) inputs below need about ten chunks
 
@@ -25,10 +24,6 @@ LIMIT = 64 * 1024  # bytes: the (300, 200) inputs below need about ten chunks
 def small(lossd_target):
     with lossd.Client(lossd_target, max_message_bytes=LIMIT, timeout=60) as c:
         yield c
-
-
-def _seed(*parts) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
 
 
 def _same(a, b) -> bool:
@@ -51,7 +46,7 @@ OPTIONS = {
 @pytest.mark.parametrize("case", sorted(OPTIONS))
 def test_chunked_equals_one_shot(client, small, dtype, reduction, grads, case) -> None:
     options = OPTIONS[case]
-    rng = np.random.default_rng(_seed(dtype, reduction, grads, case))
+    rng = np.random.default_rng(seed_of(dtype, reduction, grads, case))
     x, y = make_inputs(rng, (300, 200), dtype)
     # Logits beyond |x| = 80 take the kernels' double path for the element (where a client
     # that divided a float result itself was one ulp off).
@@ -78,7 +73,7 @@ def test_chunked_equals_one_shot(client, small, dtype, reduction, grads, case) -
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_chunked_focal_equals_one_shot(client, small, reduction, dtype) -> None:
-    rng = np.random.default_rng(_seed("focal", reduction, dtype))
+    rng = np.random.default_rng(seed_of("focal", reduction, dtype))
     x, y = make_inputs(rng, (250, 160), dtype)
     w = cast(rng.uniform(0, 2, (250, 1)), dtype)
     one = client.sigmoid_focal_loss(x, y, weight=w, reduction=reduction, grad=True, gamma=1.5)
@@ -94,7 +89,7 @@ WEIGHT_SHAPES = [None, (1,), (5000,), (3, 1), (4, 1, 1), (4, 3, 1), (1, 3, 5000)
 def test_rows_larger_than_a_chunk_split_inner_axes(client, small, wshape, reduction) -> None:
     """Each [3, 5000] slab is 120 kB (> LIMIT): the split goes one axis deeper, and weights
     that vary along the merged leading axes are gathered per chunk."""
-    rng = np.random.default_rng(_seed(wshape, reduction))
+    rng = np.random.default_rng(seed_of(wshape, reduction))
     x = rng.uniform(-8, 8, (4, 3, 5000)).astype(np.float32)
     y = rng.integers(0, 2, x.shape).astype(np.float32)
     w = None if wshape is None else rng.uniform(0, 2, wshape).astype(np.float32)

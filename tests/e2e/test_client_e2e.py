@@ -20,40 +20,9 @@ from lossd._proto.lossd.v1 import lossd_pb2 as pb
 from lossd._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 from bce_reference import bce_reference, violations
+from helpers import BF16, DTYPE_IDS, DTYPES, cast, f64, kind_of, make_inputs
 
-try:
-    import ml_dtypes
-
-    BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - ml_dtypes is pinned in tests/requirements.txt
-    ml_dtypes = None
-    BF16 = None
-
-DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
-if BF16 is not None:
-    DTYPES.append(BF16)
-DTYPE_IDS = [str(d) for d in DTYPES]
 REDUCTIONS = ["none", "mean", "sum"]
-
-
-def kind_of(dtype: np.dtype) -> str:
-    if dtype == np.float32:
-        return "float32"
-    if dtype == np.float64:
-        return "float64"
-    return "half"
-
-
-def cast(values, dtype: np.dtype) -> np.ndarray:
-    return np.asarray(values, np.float64).astype(np.float32).astype(dtype) \
-        if dtype == BF16 else np.asarray(values, np.float64).astype(dtype)
-
-
-def make_inputs(rng, shape, dtype, soft=False):
-    half = kind_of(dtype) == "half"
-    x = cast(rng.uniform(-6 if half else -12, 6 if half else 12, shape), dtype)
-    y = rng.uniform(0, 1, shape) if soft else rng.integers(0, 2, shape)
-    return x, cast(y, dtype)
 
 
 def evaluate_and_check(client, x, y, w=None, p=None, reduction="none", **kwargs):
@@ -69,7 +38,7 @@ def evaluate_and_check(client, x, y, w=None, p=None, reduction="none", **kwargs)
         if not hasattr(v, "dtype") or np.asarray(v).dtype.kind in "biu":
             return cast(v, wire_dtype)
         return np.asarray(v)
-    ref = bce_reference(_f64(x_arr), _f64(as_sent(y)), _f64(as_sent(w)), _f64(as_sent(p)),
+    ref = bce_reference(f64(x_arr), f64(as_sent(y)), f64(as_sent(w)), f64(as_sent(p)),
                         reduction)
     kind = kind_of(wire_dtype)
     assert r.loss.dtype == wire_dtype
@@ -86,15 +55,6 @@ def evaluate_and_check(client, x, y, w=None, p=None, reduction="none", **kwargs)
     assert r.device == "cpu"
     assert r.num_elements == x_arr.size
     return r, ref
-
-
-def _f64(v):
-    if v is None:
-        return None
-    a = np.asarray(v)
-    if a.dtype.kind not in "fbiu":  # bfloat16
-        a = a.astype(np.float32)
-    return a.astype(np.float64)
 
 
 @pytest.fixture(scope="module")

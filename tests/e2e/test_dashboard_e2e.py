@@ -32,15 +32,13 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
-import grpc
 import numpy as np
 import pytest
 
 import lossd
-from lossd._proto.lossd.v1 import lossd_pb2 as pb
-from lossd._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-from helpers import metrics_address, scrape, value
+from helpers import bad_evaluates_capabilities_accumulate, evaluate_stream_of_three, \
+    metrics_address, settled_counts
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "lossd.json"
@@ -239,10 +237,6 @@ def prometheus_root() -> Iterator[Path]:
 
 # ---- traffic ----
 
-def tensor(a: np.ndarray) -> pb.Tensor:
-    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=a.shape, data=a.astype("<f4").tobytes())
-
-
 def drive(target: str, rng: np.random.Generator) -> None:
     """Good and bad Evaluate calls, one larger than --inline_elements (computed by a worker,
     through the queue), a stream, an accumulate and capabilities."""
@@ -253,29 +247,13 @@ def drive(target: str, rng: np.random.Generator) -> None:
         for _ in range(5):
             c.bce_with_logits(x, y, reduction="mean", grad=True)
         c.bce_with_logits(big, (big > 0).astype(np.float32), reduction="none")
-        for _ in range(2):
-            with pytest.raises(lossd.InvalidArgumentError):
-                c.bce_with_logits(x, y[:10])
-        c.capabilities()
-        acc = c.accumulate([(x[:600], y[:600]), (x[600:], y[600:])], reduction="sum")
-        assert acc.num_batches == 2
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.LossServiceStub(channel)
-        batch = pb.EvaluateRequest(logits=tensor(x[:300]), targets=tensor(y[:300]),
-                                   bce_with_logits=pb.BceWithLogits(),
-                                   reduction=pb.REDUCTION_SUM)
-        replies = list(stub.EvaluateStream(iter([batch] * 3), timeout=30))
-        assert len(replies) == 3 and all(r.HasField("response") for r in replies)
+        bad_evaluates_capabilities_accumulate(c, x, y)
+    evaluate_stream_of_three(target, x[:300], y[:300])
 
 
 def settled_request_count(address: str) -> float:
     """sum(lossd_requests_total) read from lossd directly, once no call is in flight."""
-    deadline = time.monotonic() + 5
-    while True:
-        s = scrape(address)
-        if value(s, "lossd_in_flight_calls") == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    s = settled_counts(address)
     return sum(v for (name, _), v in s.items() if name == "lossd_requests_total")
 
 

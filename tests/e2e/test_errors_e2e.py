@@ -4,7 +4,6 @@ and the security options (bearer token, TLS, mutual TLS) work against the real s
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 
 import lossd
+
+from helpers import make_certificates
 
 
 def _free_port() -> int:
@@ -142,21 +143,7 @@ def test_unauthenticated_and_tokens(server_factory, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tls")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run("req", "-x509", *ec, "-days", "2", "-subj", "/CN=lossd-test-ca", "-keyout", "ca.key",
-        "-out", "ca.crt")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name, cn, ext in (("server", "localhost", True), ("client", "client", False)):
-        run("req", *ec, "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-out", f"{name}.crt",
-            *(["-extfile", "san.ext"] if ext else []))
-    return d
+    return make_certificates(tmp_path_factory.mktemp("tls"), "lossd-test-ca")
 
 
 def test_tls(server_factory, certs) -> None:

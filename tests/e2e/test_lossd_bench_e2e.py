@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,8 +20,8 @@ from typing import List
 import pytest
 
 from conftest import lossd_binary
-from helpers import metrics_address, value
-from lossd_bench_helpers import bench_binary, run_bench, settled_counts
+from helpers import make_certificates, metrics_address, settled_counts, value
+from lossd_bench_helpers import bench_binary, interrupt_after_successful_calls, run_bench
 
 
 def test_sweep_counts_add_up_and_failures_are_not_successes(server_factory, tmp_path) -> None:
@@ -152,21 +151,7 @@ def test_help_and_bad_values(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
     """A throwaway CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
-    d = tmp_path_factory.mktemp("bench-tls")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run("req", "-x509", *ec, "-days", "2", "-subj", "/CN=lossd-bench-test-ca", "-keyout",
-        "ca.key", "-out", "ca.crt")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name, cn, ext in (("server", "localhost", True), ("client", "client", False)):
-        run("req", *ec, "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-out", f"{name}.crt",
-            *(["-extfile", "san.ext"] if ext else []))
-    return d
+    return make_certificates(tmp_path_factory.mktemp("bench-tls"), "lossd-bench-test-ca")
 
 
 SHORT = ("--concurrency=1", "--warmup=0.1s", "--requests=30", "--rounds=1", "--elements=256")
@@ -253,24 +238,7 @@ def test_sigint_prints_the_partial_report_and_exits_130(server_factory, tmp_path
            "--concurrency=1:4:x2", "--warmup=0.1s", "--duration=60s", "--rounds=1",
            "--elements=256"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        # Progress lines ("... ok N errors M in flight K") come once a second; interrupt
-        # after one that shows successful calls, so the partial report has something in it.
-        assert p.stderr is not None
-        seen = []
-        for line in p.stderr:
-            seen.append(line)
-            m = re.search(r" ok (\d+) errors", line)
-            if m and int(m.group(1)) > 0:
-                break
-        else:
-            pytest.fail("no progress line with successful calls:\n" + "".join(seen))
-        p.send_signal(signal.SIGINT)
-        stdout, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    stdout, stderr = interrupt_after_successful_calls(p)
     assert p.returncode == 130, (stdout, stderr)
     assert "interrupted (SIGINT)" in stdout
     report = json.loads(out.read_text())

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -25,8 +23,8 @@ import pytest
 from lossd._proto.lossd.v1 import lossd_pb2 as pb
 from lossd._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-from helpers import metrics_address, value
-from lossd_bench_helpers import bench_binary, run_bench, settled_counts
+from helpers import metrics_address, settled_counts, value
+from lossd_bench_helpers import bench_binary, interrupt_after_successful_calls, run_bench
 
 
 def regions(target: str) -> list:
@@ -129,23 +127,11 @@ def test_sigint_unregisters_the_region(server_factory, tmp_path) -> None:
                           f"--json={out}", "--concurrency=2", "--warmup=0.1s",
                           "--duration=60s", "--rounds=1", "--elements=1k"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert p.stderr is not None
-        seen = []
-        for line in p.stderr:
-            seen.append(line)
-            m = re.search(r" ok (\d+) errors", line)
-            if m and int(m.group(1)) > 0:
-                break
-        else:
-            pytest.fail("no progress line with successful calls:\n" + "".join(seen))
-        assert len(regions(server.target)) == 1  # registered while running
-        p.send_signal(signal.SIGINT)
-        stdout, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+
+    def registered_while_running() -> None:
+        assert len(regions(server.target)) == 1
+
+    stdout, stderr = interrupt_after_successful_calls(p, registered_while_running)
     assert p.returncode == 130, (stdout, stderr)
     report = json.loads(out.read_text())
     assert report["interrupted"] is True

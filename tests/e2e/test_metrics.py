@@ -7,19 +7,12 @@ from __future__ import annotations
 import math
 import time
 
-import grpc
 import numpy as np
-import pytest
 
 import lossd
-from lossd._proto.lossd.v1 import lossd_pb2 as pb
-from lossd._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-from helpers import metrics_address, scrape, value
-
-
-def tensor(a: np.ndarray) -> pb.Tensor:
-    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=a.shape, data=a.astype("<f4").tobytes())
+from helpers import bad_evaluates_capabilities_accumulate, evaluate_stream_of_three, \
+    metrics_address, scrape, settled_counts, value
 
 
 def test_metrics_after_known_traffic(server_factory) -> None:
@@ -32,27 +25,10 @@ def test_metrics_after_known_traffic(server_factory) -> None:
     with lossd.Client(server.target) as c:
         for _ in range(5):
             c.bce_with_logits(x, y, reduction="none")
-        for _ in range(2):
-            with pytest.raises(lossd.InvalidArgumentError):
-                c.bce_with_logits(x, y[:10])
-        c.capabilities()
-        acc = c.accumulate([(x[:600], y[:600]), (x[600:], y[600:])], reduction="sum")
-        assert acc.num_batches == 2
-    channel = grpc.insecure_channel(server.target)
-    stub = pb_grpc.LossServiceStub(channel)
-    batch = pb.EvaluateRequest(logits=tensor(x[:m]), targets=tensor(y[:m]),
-                               bce_with_logits=pb.BceWithLogits(), reduction=pb.REDUCTION_SUM)
-    replies = list(stub.EvaluateStream(iter([batch] * 3), timeout=30))
-    assert len(replies) == 3 and all(r.HasField("response") for r in replies)
-    channel.close()
+        bad_evaluates_capabilities_accumulate(c, x, y)
+    evaluate_stream_of_three(server.target, x[:m], y[:m])
 
-    deadline = time.monotonic() + 5
-    while True:
-        s = scrape(address)
-        if value(s, "lossd_in_flight_calls") == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-
+    s = settled_counts(address)
     total = "lossd_requests_total"
     assert value(s, total, method="Evaluate", code="OK", device="cpu") == 5
     assert value(s, total, method="Evaluate", code="INVALID_ARGUMENT", device="none") == 2

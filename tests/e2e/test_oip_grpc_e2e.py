@@ -9,8 +9,6 @@ model, input, output or parameter."""
 
 from __future__ import annotations
 
-import zlib
-
 import grpc
 import numpy as np
 import pytest
@@ -23,34 +21,16 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 import tritonclient.utils as tritonclient_utils  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from helpers import BF16, DTYPE_IDS, DTYPES, REDUCTIONS, cast, make_inputs, metrics_address, \
-    scrape, value  # noqa: E402
-
-IGNORE = -100
-BCE_CASES = {
-    "plain": {},
-    "weights": {"weight": True, "pos_weight": True},
-    "ignore_normalize": {"ignore_index": IGNORE, "normalize": True},
-    "smooth": {"label_smoothing": 0.1, "weight": True},
-}
-
-
-def _seed(*parts) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
-def _datatype(dtype: np.dtype) -> str:
-    if BF16 is not None and dtype == BF16:
-        return "BF16"
-    return {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
-            np.dtype(np.float16): "FP16"}[np.dtype(dtype)]
+from helpers import DTYPE_IDS, DTYPES, OIP_BCE_CASES, REDUCTIONS, assert_models_ready, cast, \
+    make_inputs, metrics_address, oip_bce_case, oip_datatype, scrape, seed_of, \
+    value  # noqa: E402
 
 
 def _input(name: str, array: np.ndarray):
     """A tritonclient input (BF16 travels as float32 arrays the client truncates: exact for
     values that are bfloat16 already)."""
     dtype = tritonclient_utils.np_to_triton_dtype(array.dtype) if array.dtype.kind == "i" \
-        else _datatype(array.dtype)
+        else oip_datatype(array.dtype)
     inp = tritonclient_grpc.InferInput(name, list(array.shape), dtype)
     inp.set_data_from_numpy(array.astype(np.float32) if dtype == "BF16" else array)
     return inp
@@ -72,7 +52,7 @@ def _raw_outputs(result) -> dict:
 
 def _expect_same(outputs: dict, name: str, want: np.ndarray, result) -> None:
     datatype, shape, raw = outputs[name]
-    assert datatype == _datatype(want.dtype), (name, datatype, want.dtype)
+    assert datatype == oip_datatype(want.dtype), (name, datatype, want.dtype)
     assert shape == want.shape, (name, shape, want.shape)
     assert raw == np.ascontiguousarray(want).tobytes(), f"{name}: bytes differ from lossd.v1"
     got = result.as_numpy(name)
@@ -90,16 +70,9 @@ def _params(reduction: str, **options) -> dict:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("case", sorted(BCE_CASES))
+@pytest.mark.parametrize("case", sorted(OIP_BCE_CASES))
 def test_bce_with_logits_equals_lossd_v1(client, triton, dtype, reduction, case) -> None:
-    options = dict(BCE_CASES[case])
-    rng = np.random.default_rng(_seed("oip", dtype, reduction, case))
-    x, y = make_inputs(rng, (5, 7), dtype, soft="label_smoothing" in options)
-    if "ignore_index" in options:
-        y = y.copy()
-        y[rng.uniform(size=y.shape) < 0.3] = cast(IGNORE, dtype)
-    w = cast(rng.uniform(0, 3, (7,)), dtype) if options.pop("weight", False) else None
-    p = cast(rng.uniform(0, 3, (5, 1)), dtype) if options.pop("pos_weight", False) else None
+    x, y, w, p, options = oip_bce_case(case, dtype, seed_of("oip", dtype, reduction, case))
     want = client.bce_with_logits(x, y, weight=w, pos_weight=p, reduction=reduction, grad=True,
                                   grad_targets=True, device="cpu", **options)
     inputs = [_input("LOGITS", x), _input("TARGETS", y)]
@@ -127,7 +100,7 @@ def test_bce_with_logits_equals_lossd_v1(client, triton, dtype, reduction, case)
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 1.5), (0.7, 0.0)])
 def test_sigmoid_focal_loss_equals_lossd_v1(client, triton, dtype, reduction, alpha,
                                             gamma) -> None:
-    rng = np.random.default_rng(_seed("oip-focal", dtype, reduction, alpha, gamma))
+    rng = np.random.default_rng(seed_of("oip-focal", dtype, reduction, alpha, gamma))
     x, y = make_inputs(rng, (4, 9), dtype)
     w = cast(rng.uniform(0, 2, (4, 9)), dtype)
     want = client.sigmoid_focal_loss(x, y, weight=w, alpha=alpha, gamma=gamma,
@@ -165,7 +138,7 @@ def test_typed_contents_equal_raw_contents(client, lossd_target) -> None:
     want = client.bce_with_logits(x, y, reduction="none", grad=True)
     request = service_pb2.ModelInferRequest(model_name="bce_with_logits", id="typed")
     for name, a in (("LOGITS", x), ("TARGETS", y.astype(np.float32))):
-        t = request.inputs.add(name=name, datatype=_datatype(a.dtype), shape=list(a.shape))
+        t = request.inputs.add(name=name, datatype=oip_datatype(a.dtype), shape=list(a.shape))
         if a.dtype == np.float64:
             t.contents.fp64_contents.extend(a.tolist())
         else:
@@ -182,12 +155,7 @@ def test_typed_contents_equal_raw_contents(client, lossd_target) -> None:
 
 
 def test_health_and_metadata(triton) -> None:
-    assert triton.is_server_live()
-    assert triton.is_server_ready()
-    assert triton.is_model_ready("bce_with_logits")
-    assert triton.is_model_ready("sigmoid_focal_loss", model_version="1")
-    assert not triton.is_model_ready("sigmoid_focal_loss", model_version="2")
-    assert not triton.is_model_ready("cross_entropy")
+    assert_models_ready(triton)
     meta = triton.get_server_metadata(as_json=True)
     assert meta["name"] == "lossd" and meta["version"]
     assert meta["extensions"] == ["parameters", "model_configuration", "statistics"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import subprocess
 import zlib
 
@@ -24,26 +23,10 @@ tritonclient_http = pytest.importorskip(
     "tritonclient.http", reason="tritonclient[http] is pinned in tests/requirements.txt")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from conftest import ServerProcess, lossd_binary, start_server  # noqa: E402
-from helpers import BF16, DTYPE_IDS, DTYPES, REDUCTIONS, cast, check_result, make_inputs, \
-    metrics_address, scrape, value  # noqa: E402
-
-_HTTP = re.compile(r"lossd http on (\S+):(\d+)\s*$")
-IGNORE = -100
-BCE_CASES = {
-    "plain": {},
-    "weights": {"weight": True, "pos_weight": True},
-    "ignore_normalize": {"ignore_index": IGNORE, "normalize": True},
-    "smooth": {"label_smoothing": 0.1, "weight": True},
-}
-
-
-def http_address(server: ServerProcess) -> str:
-    for line in server.lines:
-        m = _HTTP.search(line)
-        if m:
-            return f"{m.group(1)}:{m.group(2)}"
-    raise AssertionError(f"no 'lossd http on' line in:\n{server.stderr_text()}")
+from conftest import lossd_binary, start_server  # noqa: E402
+from helpers import BF16, DTYPE_IDS, DTYPES, OIP_BCE_CASES, REDUCTIONS, assert_models_ready, \
+    cast, check_result, http_address, make_inputs, metrics_address, oip_bce_case, oip_datatype, \
+    scrape, seed_of, value  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +58,10 @@ def v1(rest_server):
         yield c
 
 
-def _seed(*parts) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
-def _datatype(dtype: np.dtype) -> str:
-    if BF16 is not None and dtype == BF16:
-        return "BF16"
-    return {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
-            np.dtype(np.float16): "FP16"}[np.dtype(dtype)]
-
-
 def _input(name: str, array: np.ndarray, binary: bool = True):
     """A tritonclient input; BF16 travels as float32 arrays the client truncates (exact for
     values that are bfloat16 already)."""
-    dtype = _datatype(array.dtype)
+    dtype = oip_datatype(array.dtype)
     inp = tritonclient_http.InferInput(name, list(array.shape), dtype)
     inp.set_data_from_numpy(array.astype(np.float32) if dtype == "BF16" else array,
                             binary_data=binary)
@@ -100,7 +72,7 @@ def _same(result, name: str, want: np.ndarray) -> None:
     """The REST output equals lossd.v1's bit for bit (BF16 arrives as float32, exactly)."""
     want = np.asarray(want)
     out = result.get_output(name)
-    assert out["datatype"] == _datatype(want.dtype), (name, out["datatype"], want.dtype)
+    assert out["datatype"] == oip_datatype(want.dtype), (name, out["datatype"], want.dtype)
     assert tuple(out["shape"]) == want.shape, (name, out["shape"], want.shape)
     got = result.as_numpy(name)
     if BF16 is not None and want.dtype == BF16:
@@ -112,17 +84,10 @@ def _same(result, name: str, want: np.ndarray) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("case", sorted(BCE_CASES))
+@pytest.mark.parametrize("case", sorted(OIP_BCE_CASES))
 def test_bce_with_logits_matches_reference_and_lossd_v1(v1, triton, dtype, reduction,
                                                        case) -> None:
-    options = dict(BCE_CASES[case])
-    rng = np.random.default_rng(_seed("rest", dtype, reduction, case))
-    x, y = make_inputs(rng, (5, 7), dtype, soft="label_smoothing" in options)
-    if "ignore_index" in options:
-        y = y.copy()
-        y[rng.uniform(size=y.shape) < 0.3] = cast(IGNORE, dtype)
-    w = cast(rng.uniform(0, 3, (7,)), dtype) if options.pop("weight", False) else None
-    p = cast(rng.uniform(0, 3, (5, 1)), dtype) if options.pop("pos_weight", False) else None
+    x, y, w, p, options = oip_bce_case(case, dtype, seed_of("rest", dtype, reduction, case))
     want = v1.bce_with_logits(x, y, weight=w, pos_weight=p, reduction=reduction, grad=True,
                               grad_targets=True, device="cpu", **options)
     check_result(want, x, y, w, p, reduction, **options)  # the independent float64 reference
@@ -155,7 +120,7 @@ def test_bce_with_logits_matches_reference_and_lossd_v1(v1, triton, dtype, reduc
 def test_sigmoid_focal_loss_matches_reference_and_lossd_v1(v1, triton, dtype,
                                                           reduction) -> None:
     alpha, gamma = 0.25, 1.5
-    rng = np.random.default_rng(_seed("rest-focal", dtype, reduction))
+    rng = np.random.default_rng(seed_of("rest-focal", dtype, reduction))
     x, y = make_inputs(rng, (4, 9), dtype)
     w = cast(rng.uniform(0, 2, (4, 9)), dtype)
     want = v1.sigmoid_focal_loss(x, y, weight=w, alpha=alpha, gamma=gamma, reduction=reduction,
@@ -189,12 +154,7 @@ def test_defaults_loss_only_in_binary(v1, triton) -> None:
 
 
 def test_health_and_metadata(triton) -> None:
-    assert triton.is_server_live()
-    assert triton.is_server_ready()
-    assert triton.is_model_ready("bce_with_logits")
-    assert triton.is_model_ready("sigmoid_focal_loss", model_version="1")
-    assert not triton.is_model_ready("sigmoid_focal_loss", model_version="2")
-    assert not triton.is_model_ready("cross_entropy")
+    assert_models_ready(triton)
     meta = triton.get_server_metadata()
     assert meta["name"] == "lossd" and meta["version"]
     assert meta["extensions"] == ["parameters", "model_configuration", "statistics",

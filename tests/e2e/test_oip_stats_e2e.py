@@ -10,7 +10,6 @@ tritonclient, so that the real client parses what lossd sends."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import numpy as np
@@ -23,19 +22,11 @@ tritonclient_http = pytest.importorskip(
 from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from conftest import REPO, ServerProcess  # noqa: E402
+from conftest import REPO  # noqa: E402
+from helpers import http_address  # noqa: E402
 
-_HTTP = re.compile(r"lossd http on (\S+):(\d+)\s*$")
 X = np.array([[0.5, -2.0, 3.0], [0.0, 1.5, -0.25]], np.float32)
 Y = np.array([[1.0, 0.0, 0.25], [1.0, 0.0, 1.0]], np.float32)
-
-
-def _http_address(server: ServerProcess) -> str:
-    for line in server.lines:
-        m = _HTTP.search(line)
-        if m:
-            return f"{m.group(1)}:{m.group(2)}"
-    raise AssertionError(f"no 'lossd http on' line in:\n{server.stderr_text()}")
 
 
 def _inputs(module, x=X, y=Y):
@@ -106,7 +97,7 @@ def test_proto_matches_tritonclient(tmp_path) -> None:
 def test_statistics_count_infers_of_both_protocols(server_factory) -> None:
     server = server_factory("--http_port", "0")
     g = tritonclient_grpc.InferenceServerClient(url=server.target)
-    h = tritonclient_http.InferenceServerClient(url=_http_address(server))
+    h = tritonclient_http.InferenceServerClient(url=http_address(server))
     try:
         # Nothing yet: every model at zero.
         before = g.get_inference_statistics()
@@ -194,7 +185,7 @@ def test_statistics_count_infers_of_both_protocols(server_factory) -> None:
 def test_model_config_over_both_protocols(server_factory) -> None:
     server = server_factory("--http_port", "0")
     g = tritonclient_grpc.InferenceServerClient(url=server.target)
-    h = tritonclient_http.InferenceServerClient(url=_http_address(server))
+    h = tritonclient_http.InferenceServerClient(url=http_address(server))
     try:
         config = g.get_model_config("bce_with_logits").config
         assert isinstance(config, model_config_pb2.ModelConfig)
@@ -249,7 +240,7 @@ def test_extensions_need_the_token(server_factory, tmp_path) -> None:
     token.write_text("st4ts\n")
     server = server_factory("--http_port", "0", "--auth_token_file", str(token))
     g = tritonclient_grpc.InferenceServerClient(url=server.target)
-    h = tritonclient_http.InferenceServerClient(url=_http_address(server))
+    h = tritonclient_http.InferenceServerClient(url=http_address(server))
     auth = {"Authorization": "Bearer st4ts"}
     try:
         assert "UNAUTHENTICATED" in str(_fails(g.get_inference_statistics).status())

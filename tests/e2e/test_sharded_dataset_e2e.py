@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ import pytest
 import lossd
 
 from bce_reference import bce_reference
+from helpers import Dataset, dataset_batches, random_dataset
 
 ELEMENTS = int(os.environ.get("LOSSD_SHARDED_ELEMENTS", 10_000_000))
 MAX_BATCH = 400_000  # batch sizes are uniform in [1, MAX_BATCH]
@@ -29,23 +29,8 @@ SEED = 20240611
 
 
 @pytest.fixture(scope="module")
-def dataset() -> Tuple[np.ndarray, np.ndarray, List[int]]:
-    rng = np.random.default_rng(SEED)
-    x = (rng.standard_normal(ELEMENTS, dtype=np.float32) * np.float32(4.0))
-    y = rng.random(ELEMENTS, dtype=np.float32)
-    y[: ELEMENTS // 2] = np.round(y[: ELEMENTS // 2])  # hard and soft labels
-    cuts = [0]
-    while cuts[-1] < ELEMENTS:
-        cuts.append(min(ELEMENTS, cuts[-1] + int(rng.integers(1, MAX_BATCH + 1))))
-    return x, y, cuts
-
-
-def _batches(data, on_batch=None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    x, y, cuts = data
-    for k in range(len(cuts) - 1):
-        if on_batch is not None:
-            on_batch(k)
-        yield x[cuts[k]:cuts[k + 1]], y[cuts[k]:cuts[k + 1]]
+def dataset() -> Dataset:
+    return random_dataset(SEED, ELEMENTS, MAX_BATCH)
 
 
 def _bits(v: float) -> int:
@@ -58,7 +43,7 @@ def reference(dataset, lossd_target):
     x, y, _ = dataset
     t0 = time.monotonic()
     with lossd.Client(lossd_target, timeout=600) as client:
-        acc = client.accumulate(_batches(dataset), reduction="mean")
+        acc = client.accumulate(dataset_batches(dataset), reduction="mean")
         t1 = time.monotonic()
         one_shot = None
         if 8 * ELEMENTS < 200 * 1024 * 1024:
@@ -93,7 +78,8 @@ def test_three_replicas_equal_one_server_bit_for_bit(replicas, dataset, referenc
     rs = replicas(3)
     with lossd.Client(rs.targets, timeout=120) as client:
         t0 = time.monotonic()
-        r = client.evaluate_dataset(_batches(dataset), reduction="mean", checkpoint_batches=4)
+        r = client.evaluate_dataset(dataset_batches(dataset), reduction="mean",
+                                    checkpoint_batches=4)
         print(f"\nthree replicas: {time.monotonic() - t0:.2f} s, {r.checkpoints} segments")
     _check(r, reference)
     assert r.replicas == tuple(rs.targets)
@@ -112,7 +98,7 @@ def test_replica_killed_mid_run(replicas, dataset, reference) -> None:
 
     with lossd.Client(rs.targets, timeout=120) as client:
         t0 = time.monotonic()
-        r = client.evaluate_dataset(_batches(dataset, on_batch), reduction="mean",
+        r = client.evaluate_dataset(dataset_batches(dataset, on_batch), reduction="mean",
                                     checkpoint_batches=3)
         print(f"\nreplica 1 killed after {int(batches * 0.4)} of {batches} batches: "
               f"{time.monotonic() - t0:.2f} s, {r.resent_batches} batches re-sent")

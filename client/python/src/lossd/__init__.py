@@ -22,18 +22,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _errors
 from ._channel import RetryPolicy
 from ._client import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Client
-from ._errors import (
-    DeadlineExceededError,
-    FailedPreconditionError,
-    InternalError,
-    InvalidArgumentError,
-    LossdError,
-    ResourceExhaustedError,
-    UnauthenticatedError,
-    UnavailableError,
-)
+from ._errors import *  # noqa: F401,F403 - the exception classes, listed in _errors.__all__
 from ._types import (
     AccumulateResult, BceResult, Capabilities, DatasetResult, LossResult, Timing,
 )
@@ -55,15 +47,8 @@ __all__ = [
     "DatasetResult",
     "Capabilities",
     "Timing",
-    "LossdError",
-    "InvalidArgumentError",
-    "ResourceExhaustedError",
-    "FailedPreconditionError",
-    "UnavailableError",
-    "DeadlineExceededError",
-    "UnauthenticatedError",
-    "InternalError",
 ]
+__all__ += _errors.__all__
 
 
 def __getattr__(name: str) -> Any:

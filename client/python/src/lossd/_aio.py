@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from typing import Any, AsyncIterable, Callable, Iterable, Iterator, Optional, Sequence, Tuple, \
-    Union
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Optional, \
+    Sequence, Tuple, Union
 
 import grpc
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._channel import DEFAULT_MAX_MESSAGE_BYTES, PemSource, RetryPolicy, Target
-from ._client import (
-    DEFAULT_CHUNK_BYTES, _DOC_CLIENT_PARAMS, _HEALTH_CHECK, _SERVICE, _ClientBase, _identity,
-)
+from ._client import _DOC_CLIENT_PARAMS, _ClientBase
 from ._errors import DeadlineExceededError, InternalError, LossdError, from_rpc_error
 from ._job import EvalJob, Progress
 from ._progress import ProgressArg, progress_reporter
@@ -25,8 +21,6 @@ from ._tensor import DTypeLike
 from ._types import AccumulateResult, Capabilities, DatasetResult, LossResult
 
 __all__ = ["AsyncClient"]
-
-logger = logging.getLogger("lossd")
 
 
 class AsyncClient(_ClientBase):
@@ -43,50 +37,9 @@ class AsyncClient(_ClientBase):
     ...     r = await client.bce_with_logits(logits, targets, reduction="none", grad=True)
     """
 
-    def __init__(self, target: Target, *, timeout: Optional[float] = 30.0,
-                 root_certificates: Optional[PemSource] = None,
-                 private_key: Optional[PemSource] = None,
-                 certificate_chain: Optional[PemSource] = None,
-                 tls: Optional[bool] = None, server_name: Optional[str] = None,
-                 token: Optional[str] = None, retry: Optional[RetryPolicy] = RetryPolicy(),
-                 load_balancing: str = "round_robin", wait_for_ready: bool = False,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
-                 channel_args: Optional[Sequence[Tuple[str, Any]]] = None,
-                 shared_memory: str = "off") -> None:
-        self._remember_replica_args(
-            target, timeout=timeout, root_certificates=root_certificates,
-            private_key=private_key, certificate_chain=certificate_chain, tls=tls,
-            server_name=server_name, token=token, wait_for_ready=wait_for_ready,
-            max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes,
-            stream_window=stream_window, channel_args=channel_args)
-        spec = self._configure(
-            target, timeout=timeout, max_message_bytes=max_message_bytes,
-            chunk_bytes=chunk_bytes, stream_window=stream_window, wait_for_ready=wait_for_ready,
-            shared_memory=shared_memory,
-            root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
-            retry=retry, load_balancing=load_balancing, channel_args=channel_args)
-        if spec.credentials is None:
-            self._channel = grpc.aio.insecure_channel(spec.target, options=spec.options)
-        else:
-            self._channel = grpc.aio.secure_channel(spec.target, spec.credentials,
-                                                    options=spec.options)
-        self._sync_channel: Optional[grpc.Channel] = None
-        ch = self._channel
-        self._evaluate = ch.unary_unary(_SERVICE + "Evaluate", request_serializer=_identity,
-                                        response_deserializer=_identity)
-        self._stream = ch.stream_stream(_SERVICE + "EvaluateStream",
-                                        request_serializer=_identity,
-                                        response_deserializer=_identity)
-        self._accumulate = ch.stream_unary(_SERVICE + "Accumulate", request_serializer=_identity,
-                                           response_deserializer=pb.AccumulateResponse.FromString)
-        self._get_capabilities = ch.unary_unary(
-            _SERVICE + "GetCapabilities",
-            request_serializer=pb.GetCapabilitiesRequest.SerializeToString,
-            response_deserializer=pb.Capabilities.FromString)
-        self._health = ch.unary_unary(_HEALTH_CHECK, request_serializer=None,
-                                      response_deserializer=None)
+    _grpc = grpc.aio
+    #: The synchronous channel of the SharedMemory calls, opened on first use (_control).
+    _sync_channel: Optional[grpc.Channel] = None
 
     async def close(self) -> None:
         """Close the channel (cancelling calls in progress), after unregistering and
@@ -105,12 +58,7 @@ class AsyncClient(_ClientBase):
         """A synchronous channel for the SharedMemory calls (registration and the lease
         renewals of a daemon thread, which cannot use the event loop's channel)."""
         if self._sync_channel is None:
-            spec = self._spec
-            if spec.credentials is None:
-                self._sync_channel = grpc.insecure_channel(spec.target, options=spec.options)
-            else:
-                self._sync_channel = grpc.secure_channel(spec.target, spec.credentials,
-                                                         options=spec.options)
+            self._sync_channel = self._spec.open(grpc)
         return self._sync_channel
 
     async def _ashm_probe(self) -> None:
@@ -302,21 +250,12 @@ class AsyncClient(_ClientBase):
             call = shm.call(job)
             try:
                 raw = await self._evaluate(call.request, **self._call_kwargs(timeout))
-            except grpc.RpcError as exc:
-                call.release()
-                err = from_rpc_error(exc)
-                if err.code == grpc.StatusCode.NOT_FOUND and attempt == 0:
-                    await asyncio.get_running_loop().run_in_executor(None, shm.arena.renew)
-                    continue
-                logger.debug("Evaluate %s failed: %s", job.request_id, err)
-                raise err from None
-            except BaseException:
-                call.release()
-                raise
-            result = call.result(raw)
-            if progress is not None:
-                progress(job.total, job.total)
-            return result
+            except BaseException as exc:
+                if not self._shm_retry(call, exc, attempt, job):
+                    raise
+                await asyncio.get_running_loop().run_in_executor(None, shm.arena.renew)
+                continue
+            return self._evaluated(job, call.result(raw), progress)
         raise AssertionError("unreachable")
 
     async def _run(self, job: EvalJob, timeout: Optional[float],
@@ -328,41 +267,25 @@ class AsyncClient(_ClientBase):
             try:
                 raw = await self._evaluate(job.unary_request(), **self._call_kwargs(timeout))
             except grpc.RpcError as exc:
-                err = from_rpc_error(exc)
-                logger.debug("Evaluate %s failed: %s", job.request_id, err)
-                raise err from None
-            result = job.unary_result(raw)
-            if progress is not None:
-                progress(job.total, job.total)
-            return result
+                raise self._evaluate_error(exc, job) from None
+            return self._evaluated(job, job.unary_result(raw), progress)
         if job.uses_whole:
             if self._server_capabilities is None:
                 self._server_capabilities = await self.capabilities(timeout=timeout)
             self._require_whole_requests(self._server_capabilities, job)
         if job.mode == "accumulate":
-            async def sent() -> Any:
-                for index, message in enumerate(job.accumulate_requests()):
-                    yield message
-                    if progress is not None:
-                        progress(job.accumulated(index), job.total)
-            job.accumulate_reply(await self._run_accumulate(sent(), timeout))
+            job.accumulate_reply(await self._run_accumulate(
+                _aiter(self._accumulate_mode_requests(job, progress)), timeout))
             return job.result()
-
-        def on_reply(index: int, raw: bytes) -> None:
-            done = job.stream_reply(index, raw)
-            if progress is not None:
-                progress(done, job.total)
-
-        async def accumulate_requests() -> Any:
-            for message in job.accumulate_requests():
-                yield message
-
         if job.runs_accumulate and job.needs_kept:
             # The kept count goes into every chunk: the Accumulate call comes first.
-            job.accumulate_reply(await self._run_accumulate(accumulate_requests(), timeout))
-        stream = self._run_stream(job.stream_requests(), job.chunks, on_reply, timeout)
+            job.accumulate_reply(await self._run_accumulate(
+                _aiter(job.accumulate_requests()), timeout))
+        stream = self._run_stream(job.stream_requests(), job.chunks,
+                                  self._reply_handler(job, progress), timeout)
         if job.runs_accumulate and not job.needs_kept:
-            acc = asyncio.ensure_future(self._run_accumulate(accumulate_requests(), timeout))
+            acc = asyncio.ensure_future(self._run_accumulate(
+                _aiter(job.accumulate_requests()), timeout))
             try:
                 await stream
                 job.accumulate_reply(await acc)
@@ -452,6 +375,12 @@ class AsyncClient(_ClientBase):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return self._health_status(reply)
+
+
+async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
+    """``items`` as an async iterable (each item taken when the consumer asks for it)."""
+    for item in items:
+        yield item
 
 
 async def _unless_writer_fails(task: "asyncio.Future[Any]", writing: "asyncio.Future[None]"

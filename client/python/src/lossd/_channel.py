@@ -82,6 +82,12 @@ class ChannelSpec:
     description: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
 
+    def open(self, module: Any) -> Any:
+        """A channel to the target, from ``module``: ``grpc`` or ``grpc.aio``."""
+        if self.credentials is None:
+            return module.insecure_channel(self.target, options=self.options)
+        return module.secure_channel(self.target, self.credentials, options=self.options)
+
 
 def _read_pem(value: Optional[PemSource], argument: str) -> Optional[bytes]:
     if value is None:

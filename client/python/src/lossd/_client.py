@@ -20,7 +20,7 @@ from ._job import AccumulateJob, EvalJob, Progress
 from ._options import enum_name, make_options
 from ._progress import ProgressArg, progress_reporter
 from ._proto.lossd.v1 import lossd_pb2 as pb
-from ._shm import MODES as SHM_MODES, Control, ShmTransport
+from ._shm import MODES as SHM_MODES, Control, ShmCall, ShmTransport
 from ._tensor import DTypeLike, dtype_name
 from ._torch_interop import TorchSpec, convert_inputs, to_torch
 from ._types import AccumulateResult, Capabilities, DatasetResult, LossResult
@@ -59,6 +59,52 @@ class _ClientBase:
     _metadata: Optional[Tuple[Tuple[str, str], ...]]
     _wait_for_ready: Optional[bool]
     _target_description: str
+    #: The gRPC module of the client's channel: ``grpc`` or ``grpc.aio``.
+    _grpc: Any
+
+    def __init__(self, target: Target, *, timeout: Optional[float] = 30.0,
+                 root_certificates: Optional[PemSource] = None,
+                 private_key: Optional[PemSource] = None,
+                 certificate_chain: Optional[PemSource] = None,
+                 tls: Optional[bool] = None, server_name: Optional[str] = None,
+                 token: Optional[str] = None, retry: Optional[RetryPolicy] = RetryPolicy(),
+                 load_balancing: str = "round_robin", wait_for_ready: bool = False,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
+                 channel_args: Optional[Sequence[Tuple[str, Any]]] = None,
+                 shared_memory: str = "off") -> None:
+        self._remember_replica_args(
+            target, timeout=timeout, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
+            wait_for_ready=wait_for_ready, max_message_bytes=max_message_bytes,
+            chunk_bytes=chunk_bytes, stream_window=stream_window, channel_args=channel_args)
+        spec = self._configure(
+            target, timeout=timeout, max_message_bytes=max_message_bytes,
+            chunk_bytes=chunk_bytes, stream_window=stream_window, wait_for_ready=wait_for_ready,
+            shared_memory=shared_memory,
+            root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
+            retry=retry, load_balancing=load_balancing, channel_args=channel_args)
+        self._channel = spec.open(self._grpc)
+        self._bind_stubs(self._channel)
+
+    def _bind_stubs(self, channel: Any) -> None:
+        """The stubs of the client's calls on ``channel``."""
+        self._evaluate = channel.unary_unary(_SERVICE + "Evaluate",
+                                             request_serializer=_identity,
+                                             response_deserializer=_identity)
+        self._stream = channel.stream_stream(_SERVICE + "EvaluateStream",
+                                             request_serializer=_identity,
+                                             response_deserializer=_identity)
+        self._accumulate = channel.stream_unary(
+            _SERVICE + "Accumulate", request_serializer=_identity,
+            response_deserializer=pb.AccumulateResponse.FromString)
+        self._get_capabilities = channel.unary_unary(
+            _SERVICE + "GetCapabilities",
+            request_serializer=pb.GetCapabilitiesRequest.SerializeToString,
+            response_deserializer=pb.Capabilities.FromString)
+        self._health = channel.unary_unary(_HEALTH_CHECK, request_serializer=None,
+                                           response_deserializer=None)
 
     def _configure(self, target: Target, *, timeout: Optional[float],
                    max_message_bytes: int, chunk_bytes: Optional[int], stream_window: int,
@@ -176,6 +222,56 @@ class _ClientBase:
             self._shm = ShmTransport.probe(self._shm_mode, self._spec.target,
                                            Control(channel, self._metadata))
             self._shm_decided = True
+
+    @staticmethod
+    def _evaluate_error(exc: grpc.RpcError, job: EvalJob) -> LossdError:
+        """The LossdError of a failed Evaluate (logged)."""
+        err = from_rpc_error(exc)
+        logger.debug("Evaluate %s failed: %s", job.request_id, err)
+        return err
+
+    @staticmethod
+    def _shm_retry(call: ShmCall, exc: BaseException, attempt: int, job: EvalJob) -> bool:
+        """After an Evaluate through shared memory failed with ``exc``: releases the call's
+        blocks and tells whether to register the regions again and retry. True for NOT_FOUND
+        at the first attempt (a region the server dropped: a lease that ended while this
+        process was stopped); False for an exception that is not a gRPC failure, which the
+        caller re-raises; any other gRPC failure raises its LossdError."""
+        call.release()
+        if not isinstance(exc, grpc.RpcError):
+            return False
+        err = from_rpc_error(exc)
+        if err.code == grpc.StatusCode.NOT_FOUND and attempt == 0:
+            logger.debug("Evaluate %s: %s; renewing the regions", job.request_id, err)
+            return True
+        logger.debug("Evaluate %s failed: %s", job.request_id, err)
+        raise err from None
+
+    @staticmethod
+    def _evaluated(job: EvalJob, result: LossResult, progress: Optional[Progress]) -> LossResult:
+        """The result of a job evaluated in one Evaluate, reported to ``progress``."""
+        if progress is not None:
+            progress(job.total, job.total)
+        return result
+
+    @staticmethod
+    def _accumulate_mode_requests(job: EvalJob,
+                                  progress: Optional[Progress]) -> Iterator[bytes]:
+        """The Accumulate requests of an "accumulate" job, reporting each one sent."""
+        for index, message in enumerate(job.accumulate_requests()):
+            yield message
+            if progress is not None:
+                progress(job.accumulated(index), job.total)
+
+    @staticmethod
+    def _reply_handler(job: EvalJob,
+                       progress: Optional[Progress]) -> Callable[[int, bytes], None]:
+        """``on_reply`` of a job's EvaluateStream: takes the reply, reports the progress."""
+        def on_reply(index: int, raw: bytes) -> None:
+            done = job.stream_reply(index, raw)
+            if progress is not None:
+                progress(done, job.total)
+        return on_reply
 
     @staticmethod
     def _capabilities(c: "pb.Capabilities") -> Capabilities:
@@ -302,6 +398,7 @@ _DOC_CLIENT_PARAMS = """
         is one ``Evaluate`` of any size; ``accumulate`` still sends bytes.
 """
 
+
 class Client(_ClientBase):
     __doc__ = """A connection to a lossd server.
 
@@ -319,51 +416,14 @@ class Client(_ClientBase):
     0.6931471824645996
     """
 
-    def __init__(self, target: Target, *, timeout: Optional[float] = 30.0,
-                 root_certificates: Optional[PemSource] = None,
-                 private_key: Optional[PemSource] = None,
-                 certificate_chain: Optional[PemSource] = None,
-                 tls: Optional[bool] = None, server_name: Optional[str] = None,
-                 token: Optional[str] = None, retry: Optional[RetryPolicy] = RetryPolicy(),
-                 load_balancing: str = "round_robin", wait_for_ready: bool = False,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
-                 channel_args: Optional[Sequence[Tuple[str, Any]]] = None,
-                 shared_memory: str = "off") -> None:
-        self._remember_replica_args(
-            target, timeout=timeout, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
-            wait_for_ready=wait_for_ready, max_message_bytes=max_message_bytes,
-            chunk_bytes=chunk_bytes, stream_window=stream_window, channel_args=channel_args)
-        spec = self._configure(
-            target, timeout=timeout, max_message_bytes=max_message_bytes,
-            chunk_bytes=chunk_bytes, stream_window=stream_window, wait_for_ready=wait_for_ready,
-            shared_memory=shared_memory,
-            root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
-            retry=retry, load_balancing=load_balancing, channel_args=channel_args)
-        if spec.credentials is None:
-            self._channel = grpc.insecure_channel(spec.target, options=spec.options)
-        else:
-            self._channel = grpc.secure_channel(spec.target, spec.credentials,
-                                                options=spec.options)
-        ch = self._channel
-        self._evaluate = ch.unary_unary(_SERVICE + "Evaluate", request_serializer=_identity,
-                                        response_deserializer=_identity)
-        self._stream = ch.stream_stream(_SERVICE + "EvaluateStream",
-                                        request_serializer=_identity,
-                                        response_deserializer=_identity)
-        self._accumulate = ch.stream_unary(_SERVICE + "Accumulate", request_serializer=_identity,
-                                           response_deserializer=pb.AccumulateResponse.FromString)
-        self._merge = ch.unary_unary(_SERVICE + "MergePartials",
-                                     request_serializer=pb.MergePartialsRequest.SerializeToString,
-                                     response_deserializer=pb.AccumulateResponse.FromString)
-        self._get_capabilities = ch.unary_unary(
-            _SERVICE + "GetCapabilities",
-            request_serializer=pb.GetCapabilitiesRequest.SerializeToString,
-            response_deserializer=pb.Capabilities.FromString)
-        self._health = ch.unary_unary(_HEALTH_CHECK, request_serializer=None,
-                                      response_deserializer=None)
+    _grpc = grpc
+
+    def _bind_stubs(self, channel: Any) -> None:
+        super()._bind_stubs(channel)
+        self._merge = channel.unary_unary(
+            _SERVICE + "MergePartials",
+            request_serializer=pb.MergePartialsRequest.SerializeToString,
+            response_deserializer=pb.AccumulateResponse.FromString)
 
     def close(self) -> None:
         """Close the channel (first unregistering and unlinking the shared memory, if any:
@@ -756,24 +816,12 @@ class Client(_ClientBase):
             call = shm.call(job)
             try:
                 raw = self._evaluate(call.request, **self._call_kwargs(timeout))
-            except grpc.RpcError as exc:
-                call.release()
-                err = from_rpc_error(exc)
-                if err.code == grpc.StatusCode.NOT_FOUND and attempt == 0:
-                    # A region the server dropped (a lease that ended while this process
-                    # was stopped): register it again and retry once.
-                    logger.debug("Evaluate %s: %s; renewing the regions", job.request_id, err)
-                    shm.arena.renew()
-                    continue
-                logger.debug("Evaluate %s failed: %s", job.request_id, err)
-                raise err from None
-            except BaseException:
-                call.release()
-                raise
-            result = call.result(raw)
-            if progress is not None:
-                progress(job.total, job.total)
-            return result
+            except BaseException as exc:
+                if not self._shm_retry(call, exc, attempt, job):
+                    raise
+                shm.arena.renew()
+                continue
+            return self._evaluated(job, call.result(raw), progress)
         raise AssertionError("unreachable")
 
     def _run(self, job: EvalJob, timeout: Optional[float],
@@ -786,24 +834,15 @@ class Client(_ClientBase):
             try:
                 raw = self._evaluate(request, **self._call_kwargs(timeout))
             except grpc.RpcError as exc:
-                err = from_rpc_error(exc)
-                logger.debug("Evaluate %s failed: %s", job.request_id, err)
-                raise err from None
-            result = job.unary_result(raw)
-            if progress is not None:
-                progress(job.total, job.total)
-            return result
+                raise self._evaluate_error(exc, job) from None
+            return self._evaluated(job, job.unary_result(raw), progress)
         if job.uses_whole:
             if self._server_capabilities is None:
                 self._server_capabilities = self.capabilities(timeout=timeout)
             self._require_whole_requests(self._server_capabilities, job)
         if job.mode == "accumulate":
-            def sent() -> Iterator[bytes]:
-                for index, message in enumerate(job.accumulate_requests()):
-                    yield message
-                    if progress is not None:
-                        progress(job.accumulated(index), job.total)
-            job.accumulate_reply(self._run_accumulate(sent(), timeout))
+            job.accumulate_reply(self._run_accumulate(
+                self._accumulate_mode_requests(job, progress), timeout))
             return job.result()
         acc = None
         if job.runs_accumulate and job.needs_kept:
@@ -812,11 +851,8 @@ class Client(_ClientBase):
         elif job.runs_accumulate:
             acc = self._start_accumulate(job.accumulate_requests(), timeout)
         try:
-            def on_reply(index: int, raw: bytes) -> None:
-                done = job.stream_reply(index, raw)
-                if progress is not None:
-                    progress(done, job.total)
-            self._run_stream(job.stream_requests(), job.chunks, on_reply, timeout)
+            self._run_stream(job.stream_requests(), job.chunks, self._reply_handler(job, progress),
+                             timeout)
             if acc is not None:
                 job.accumulate_reply(self._finish_accumulate(*acc))
         finally:

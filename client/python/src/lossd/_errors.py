@@ -6,6 +6,7 @@ from typing import Dict, Optional, Type
 
 import grpc
 
+# The exception classes: the package exports them as they are (lossd.__all__).
 __all__ = [
     "LossdError",
     "InvalidArgumentError",
@@ -15,8 +16,6 @@ __all__ = [
     "DeadlineExceededError",
     "UnauthenticatedError",
     "InternalError",
-    "from_rpc_error",
-    "error_for",
 ]
 
 
