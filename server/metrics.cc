@@ -126,12 +126,13 @@ int IndexOf(const std::array<std::string_view, N>& names, std::string_view value
   return -1;
 }
 
-constexpr std::array<std::string_view, 16> kMethods = {
+constexpr std::array<std::string_view, 19> kMethods = {
     "Evaluate",       "EvaluateStream", "Accumulate",       "GetCapabilities",
     "RegisterRegion", "RenewLease",     "UnregisterRegion", "ListRegions",
     // inference.GRPCInferenceService (oip_service.h)
     "ServerLive",     "ServerReady",    "ModelReady",       "ServerMetadata",
-    "ModelMetadata",  "ModelInfer",     "ModelConfig",      "ModelStatistics"};
+    "ModelMetadata",  "ModelInfer",     "ModelConfig",      "ModelStatistics",
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister"};
 constexpr std::array<std::string_view, 3> kDevices = {"cpu", "cuda", "none"};
 constexpr int kCodes = 17;  // gRPC status codes 0..16
 

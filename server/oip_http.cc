@@ -2,6 +2,7 @@
 
 #include <civetweb.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -24,6 +25,7 @@
 #include "lossd/kernels/dtype.h"
 #include "server/message_io.h"
 #include "server/oip_models.h"
+#include "server/oip_shm.h"
 #include "server/oip_statistics.h"
 
 namespace lossd::server {
@@ -139,7 +141,10 @@ enum class RouteKind {
   kModelReady,
   kInfer,
   kModelStatistics,  // Triton's statistics extension (oip_statistics.h)
-  kModelConfig       // Triton's model configuration extension
+  kModelConfig,      // Triton's model configuration extension
+  kShmStatus,        // Triton's system shared memory extension (oip_shm.h)
+  kShmRegister,
+  kShmUnregister
 };
 
 struct Route {
@@ -157,6 +162,19 @@ Route ParseRoute(absl::string_view path) {
   if (parts.size() > 1 && parts.back().empty()) parts.pop_back();
   if (parts.size() == 1) {
     route.kind = RouteKind::kServerMetadata;
+  } else if (parts[1] == "systemsharedmemory") {
+    // /v2/systemsharedmemory[/region/{name}]/{status|register|unregister}; route.model holds
+    // the region's name ("" for all).
+    absl::string_view action;
+    if (parts.size() == 3) {
+      action = parts[2];
+    } else if (parts.size() == 5 && parts[2] == "region" && !parts[3].empty()) {
+      route.model = std::string(parts[3]);
+      action = parts[4];
+    }
+    if (action == "status") route.kind = RouteKind::kShmStatus;
+    if (action == "unregister") route.kind = RouteKind::kShmUnregister;
+    if (action == "register" && !route.model.empty()) route.kind = RouteKind::kShmRegister;
   } else if (parts[1] == "health" && parts.size() == 3) {
     if (parts[2] == "live") route.kind = RouteKind::kLive;
     if (parts[2] == "ready") route.kind = RouteKind::kReady;
@@ -509,9 +527,10 @@ absl::Status ReadBody(const HttpRequest& r, int64_t n, char* out, int64_t* done_
 
 class InferCall {
  public:
-  InferCall(Core* core, const HttpRequest& r)
+  InferCall(Core* core, const OipSharedMemory* shm, const HttpRequest& r)
       : core_(core),
         r_(r),
+        shm_(shm, r.peer, OipProtocol::kRest),
         start_ns_(absl::GetCurrentTimeNanos()),
         reservation_(std::make_unique<Reservation>(&core->executor().memory())),
         result_(std::make_unique<ComputeResult>()),
@@ -600,7 +619,8 @@ class InferCall {
     }
     v1::EvaluateRequest evaluate;
     if (absl::Status s = TranslateInferInputs(OipProtocol::kRest, &request, raw,
-                                              reservation_.get(), &evaluate, &translation_);
+                                              reservation_.get(), &evaluate, &translation_,
+                                              &shm_);
         !s.ok()) {
       return s;
     }
@@ -643,7 +663,9 @@ class InferCall {
     }
     int64_t json_elements = 0;
     for (size_t k = 0; k < translation_.outputs.size(); ++k) {
-      if (output_binary_[k]) continue;
+      if (output_binary_[k] || OipOutputTensor(*result_, translation_.outputs[k]).placed) {
+        continue;
+      }
       const OutputTensor& t = OipOutputTensor(*result_, translation_.outputs[k]);
       json_elements += static_cast<int64_t>(
           t.block.size() / kernels::ItemSize(static_cast<kernels::DType>(t.dtype)));
@@ -672,6 +694,10 @@ class InferCall {
       absl::StrAppend(&out, k > 0 ? "," : "", "{\"name\":", Quote(o.name()),
                       ",\"datatype\":", Quote(o.datatype()), ",\"shape\":[",
                       absl::StrJoin(o.shape(), ","), "]");
+      if (t.placed) {  // written into shared memory: no data (as Triton)
+        out.append("}");
+        continue;
+      }
       if (output_binary_[k]) {
         absl::StrAppend(&out, ",\"parameters\":{\"binary_data_size\":", t.block.size(), "}}");
         response->binary.emplace_back(t.block.size() > 0 ? t.block.data() : "", t.block.size());
@@ -697,6 +723,7 @@ class InferCall {
 
   Core* const core_;
   const HttpRequest& r_;
+  OipShmCaller shm_;  // regions named by the request's tensors
   const int64_t start_ns_;
   std::unique_ptr<Reservation> reservation_;  // moves into the response
   std::unique_ptr<ComputeResult> result_;     // moves into the response
@@ -725,6 +752,85 @@ HttpResponse ServeExtension(Core* core, const HttpRequest& r, const Route& route
   Count(core, stats ? "ModelStatistics" : "ModelConfig", r, e);
   if (!e.status.ok()) return ErrorResponse(e);
   return JsonResponse(200, std::move(body));
+}
+
+// Triton's system shared memory extension: GET /v2/systemsharedmemory[/region/{name}]/status,
+// POST /v2/systemsharedmemory/region/{name}/register with {"key", "offset", "byte_size"},
+// POST /v2/systemsharedmemory[/region/{name}]/unregister.
+absl::Status ShmCall(Core* core, OipSharedMemory* shm, const HttpRequest& r, const Route& route,
+                     std::string* body) {
+  if (absl::Status s = Admit(core->admission(), r); !s.ok()) return s;
+  if (shm == nullptr) {
+    return absl::FailedPreconditionError(
+        "system shared memory is disabled on this server (--shared_memory_prefix is empty)");
+  }
+  auto uid = shm->Caller(r.peer, OipProtocol::kRest);
+  if (!uid.ok()) return uid.status();
+  if (route.kind == RouteKind::kShmStatus) {
+    auto status = shm->Status(*uid, route.model);
+    if (!status.ok()) return status.status();
+    // Triton's JSON: an array of regions (by name).
+    std::vector<const inference::SystemSharedMemoryStatusResponse::RegionStatus*> regions;
+    for (const auto& [name, region] : status->regions()) regions.push_back(&region);
+    std::sort(regions.begin(), regions.end(),
+              [](const auto* a, const auto* b) { return a->name() < b->name(); });
+    OrderedJson j = OrderedJson::array();
+    for (const auto* region : regions) {
+      j.push_back({{"name", region->name()},
+                   {"key", region->key()},
+                   {"offset", region->offset()},
+                   {"byte_size", region->byte_size()}});
+    }
+    *body = j.dump(-1, ' ', false, OrderedJson::error_handler_t::replace);
+    return absl::OkStatus();
+  }
+  if (route.kind == RouteKind::kShmUnregister) return shm->Unregister(*uid, route.model);
+  // Register: a small JSON body.
+  constexpr int64_t kMaxBody = 64 << 10;
+  if (r.content_length < 0 || r.content_length > kMaxBody) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the register request needs a Content-Length of at most ", kMaxBody, " bytes; got ",
+        r.content_length));
+  }
+  std::string text(static_cast<size_t>(r.content_length), '\0');
+  int64_t read = 0;
+  if (absl::Status s = ReadBody(r, r.content_length, text.data(), &read, r.content_length);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = CheckNesting(text); !s.ok()) return s;
+  Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(
+        "the register request's body must be a JSON object {\"key\", \"offset\", \"byte_size\"}");
+  }
+  inference::SystemSharedMemoryRegisterRequest request;
+  request.set_name(route.model);
+  bool has_key = false;
+  bool has_size = false;
+  for (const auto& [key, v] : j.items()) {
+    if (key == "key") {
+      if (!v.is_string()) return WrongType("register: key", v, "a string");
+      request.set_key(v.get<std::string>());
+      has_key = true;
+    } else if (key == "offset" || key == "byte_size") {
+      auto n = NonNegativeInteger(v);
+      if (!n.ok()) return WrongType(absl::StrCat("register: ", key), v, "a non-negative integer");
+      if (key == "offset") {
+        request.set_offset(static_cast<uint64_t>(*n));
+      } else {
+        request.set_byte_size(static_cast<uint64_t>(*n));
+        has_size = true;
+      }
+    } else {
+      return UnknownField("the register request", key, "key, offset, byte_size");
+    }
+  }
+  if (!has_key || !has_size) {
+    return absl::InvalidArgumentError(absl::StrCat("the register request needs \"",
+                                                   has_key ? "byte_size" : "key", "\""));
+  }
+  return shm->Register(*uid, request);
 }
 
 HttpResponse MethodNotAllowed(const HttpRequest& r, const char* allowed) {
@@ -884,7 +990,7 @@ absl::Status ParseInferRequestJson(absl::string_view text, absl::string_view mod
   return absl::OkStatus();
 }
 
-HttpResponse HandleOipHttp(Core* core, const HttpRequest& r) {
+HttpResponse HandleOipHttp(Core* core, const HttpRequest& r, OipSharedMemory* shm) {
   const Route route = ParseRoute(r.path);
   const bool get = r.method == "GET";
   switch (route.kind) {
@@ -893,8 +999,10 @@ HttpResponse HandleOipHttp(Core* core, const HttpRequest& r) {
           404, absl::StrCat("no route ", r.method, " ", r.path,
                             "; this server serves GET /v2, /v2/health/live, /v2/health/ready, "
                             "/v2/models/{name}[/versions/{version}][/ready|/config|/stats], "
-                            "/v2/models/stats and POST "
-                            "/v2/models/{name}[/versions/{version}]/infer"));
+                            "/v2/models/stats, /v2/systemsharedmemory[/region/{name}]/status and "
+                            "POST /v2/models/{name}[/versions/{version}]/infer, "
+                            "/v2/systemsharedmemory/region/{name}/register, "
+                            "/v2/systemsharedmemory[/region/{name}]/unregister"));
     case RouteKind::kLive:
       if (!get) return MethodNotAllowed(r, "GET");
       Count(core, "ServerLive", r, {});
@@ -936,13 +1044,28 @@ HttpResponse HandleOipHttp(Core* core, const HttpRequest& r) {
     }
     case RouteKind::kInfer: {
       if (r.method != "POST") return MethodNotAllowed(r, "POST");
-      InferCall call(core, r);
+      InferCall call(core, shm, r);
       return call.Run(route);
     }
     case RouteKind::kModelStatistics:
     case RouteKind::kModelConfig:
       if (!get) return MethodNotAllowed(r, "GET");
       return ServeExtension(core, r, route);
+    case RouteKind::kShmStatus:
+    case RouteKind::kShmRegister:
+    case RouteKind::kShmUnregister: {
+      const bool status = route.kind == RouteKind::kShmStatus;
+      if (status ? !get : r.method != "POST") return MethodNotAllowed(r, status ? "GET" : "POST");
+      std::string body;
+      HttpError e{0, ShmCall(core, shm, r, route, &body)};
+      Count(core,
+            status ? "SystemSharedMemoryStatus"
+                   : route.kind == RouteKind::kShmRegister ? "SystemSharedMemoryRegister"
+                                                           : "SystemSharedMemoryUnregister",
+            r, e);
+      if (!e.status.ok()) return ErrorResponse(e);
+      return JsonResponse(200, std::move(body));
+    }
   }
   return ErrorResponse(500, "unreachable route");
 }
@@ -992,7 +1115,7 @@ int OipHttpServer::Serve(mg_connection* conn, void* self) {
                         info->remote_port);
   HttpResponse response;
   try {
-    response = HandleOipHttp(server->core_, r);
+    response = HandleOipHttp(server->core_, r, server->shm_);
   } catch (const std::exception& e) {  // std::bad_alloc: never leave the connection unanswered
     response = ErrorResponse(500, absl::StrCat("internal error: ", e.what()));
   }
@@ -1013,7 +1136,8 @@ int OipHttpServer::Serve(mg_connection* conn, void* self) {
 
 absl::StatusOr<std::unique_ptr<OipHttpServer>> OipHttpServer::Start(Core* core,
                                                                     const std::string& host,
-                                                                    int port) {
+                                                                    int port,
+                                                                    OipSharedMemory* shm) {
   static std::once_flag init;
   std::call_once(init, [] { mg_init_library(0); });
   const std::string address = absl::StrCat(
@@ -1022,7 +1146,7 @@ absl::StatusOr<std::unique_ptr<OipHttpServer>> OipHttpServer::Start(Core* core,
                            "enable_keep_alive", "yes", "tcp_nodelay", "1", nullptr};
   mg_callbacks callbacks{};
   callbacks.log_message = &LogCivetweb;
-  std::unique_ptr<OipHttpServer> server(new OipHttpServer(core));
+  std::unique_ptr<OipHttpServer> server(new OipHttpServer(core, shm));
   mg_init_data init_data{};
   init_data.callbacks = &callbacks;
   init_data.user_data = server.get();

@@ -1,6 +1,8 @@
 // The REST half of the KServe v2 / Open Inference Protocol (docs/interop.md, "HTTP/REST"):
 // GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{v}][/ready],
 // Triton's /v2/models[/{name}[/versions/{v}]]/stats and /v2/models/{name}[/versions/{v}]/config,
+// Triton's system shared memory extension (/v2/systemsharedmemory[/region/{name}]/status,
+// register, unregister; oip_shm.h),
 // POST /v2/models/{name}[/versions/{v}]/infer with JSON tensors or Triton's binary tensor data
 // extension, served by civetweb (the HTTP server prometheus-cpp already links) on its own port.
 //
@@ -65,7 +67,12 @@ struct HttpResponse {
 // Serves one request, whatever its route: never throws; every failure is a JSON body
 // {"error": "<message>"} with the status HttpStatus gives for its code (405, 411, 413 and 415
 // for what only HTTP has).
-HttpResponse HandleOipHttp(Core* core, const HttpRequest& request);
+// `shm`: Triton's system shared memory extension (oip_shm.h): the routes
+// /v2/systemsharedmemory/... and tensors naming a region; null when disabled (they get
+// FAILED_PRECONDITION, 400).
+class OipSharedMemory;
+HttpResponse HandleOipHttp(Core* core, const HttpRequest& request,
+                           OipSharedMemory* shm = nullptr);
 
 // The HTTP status of a status code, as google.rpc.Code documents the mapping: OK 200,
 // INVALID_ARGUMENT / FAILED_PRECONDITION / OUT_OF_RANGE 400, UNAUTHENTICATED 401,
@@ -105,7 +112,8 @@ class OipHttpServer {
  public:
   // Listens on host:port (0 picks a free port). UNAVAILABLE when it cannot bind.
   static absl::StatusOr<std::unique_ptr<OipHttpServer>> Start(Core* core, const std::string& host,
-                                                              int port);
+                                                              int port,
+                                                              OipSharedMemory* shm = nullptr);
   ~OipHttpServer();  // Stop()
 
   int port() const { return port_; }
@@ -113,10 +121,11 @@ class OipHttpServer {
   void Stop();
 
  private:
-  explicit OipHttpServer(Core* core) : core_(core) {}
+  OipHttpServer(Core* core, OipSharedMemory* shm) : core_(core), shm_(shm) {}
   static int Serve(mg_connection* conn, void* self);
 
   Core* const core_;
+  OipSharedMemory* const shm_;
   mg_context* context_ = nullptr;
   int port_ = 0;
 };

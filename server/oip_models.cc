@@ -240,10 +240,76 @@ const char* RawAdvice(OipProtocol protocol) {
                                         : "in raw_input_contents";
 }
 
+// The parameters of Triton's system shared memory extension on an input or output.
+constexpr absl::string_view kShmRegion = "shared_memory_region";
+constexpr absl::string_view kShmByteSize = "shared_memory_byte_size";
+constexpr absl::string_view kShmOffset = "shared_memory_offset";
+
+struct ShmParams {
+  bool present = false;
+  std::string region;
+  uint64_t byte_size = 0;
+  uint64_t offset = 0;
+};
+
+bool IsShmParameter(absl::string_view key) {
+  return key == kShmRegion || key == kShmByteSize || key == kShmOffset;
+}
+
+// The shared-memory parameters of `params` (the others are ignored here). `what` names the
+// tensor ("input 'LOGITS'").
+absl::StatusOr<ShmParams> ParseShmParams(
+    const std::string& what, const google::protobuf::Map<std::string, InferParameter>& params) {
+  ShmParams shm;
+  bool has_size = false;
+  bool has_offset = false;
+  for (const auto& [key, p] : params) {
+    if (!IsShmParameter(key)) continue;
+    const std::string label = absl::StrCat(what, ": ", key);
+    if (key == kShmRegion) {
+      auto v = StringParam(label, p);
+      if (!v.ok()) return v.status();
+      shm.region = *v;
+      shm.present = true;
+      continue;
+    }
+    auto v = IntParam(label, p);
+    if (!v.ok()) return v.status();
+    if (*v < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": parameter '", key, "' ", *v, " is negative"));
+    }
+    (key == kShmByteSize ? shm.byte_size : shm.offset) = static_cast<uint64_t>(*v);
+    (key == kShmByteSize ? has_size : has_offset) = true;
+  }
+  if (!shm.present && (has_size || has_offset)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " has parameter '", has_size ? kShmByteSize : kShmOffset, "' but no '", kShmRegion,
+        "'"));
+  }
+  if (shm.present && !has_size) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has parameter '", kShmRegion,
+                                                   "' but no '", kShmByteSize, "'"));
+  }
+  return shm;
+}
+
+absl::StatusOr<v1::TensorReference> ShmReference(const OipShmLookup* lookup,
+                                                 const std::string& what, const ShmParams& p) {
+  if (lookup == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, " names shared_memory_region '", p.region,
+        "' but system shared memory is disabled on this server (--shared_memory_prefix is "
+        "empty)"));
+  }
+  return lookup->Reference(what, p.region, p.offset, p.byte_size);
+}
+
 // One input into `t`: datatype, shape and bytes (moved from raw, or copied from contents).
 absl::Status TranslateInput(OipProtocol protocol, const OipModel& model,
                             ModelInferRequest::InferInputTensor* in, std::string* raw,
-                            int raw_index, Reservation* reservation, v1::Tensor* t) {
+                            int raw_index, Reservation* reservation, const OipShmLookup* lookup,
+                            v1::Tensor* t) {
   const std::string& name = in->name();
   auto dtype = ParseDatatype(in->datatype());
   if (!dtype) {
@@ -251,14 +317,16 @@ absl::Status TranslateInput(OipProtocol protocol, const OipModel& model,
         absl::StrCat("input '", name, "': datatype '", in->datatype(), "' of model '",
                      model.name, "' is not supported; expected one of FP32, FP64, FP16, BF16"));
   }
-  if (!in->parameters().empty()) {
+  for (const auto& [key, value] : in->parameters()) {
+    if (IsShmParameter(key)) continue;
     return absl::InvalidArgumentError(absl::StrCat(
-        "input '", name, "': parameter '", in->parameters().begin()->first,
-        "' is not supported (inputs take no parameters",
-        protocol == OipProtocol::kRest ? " but binary_data_size" : "",
-        "; Triton's shared-memory extension is not served, send the bytes ",
-        RawAdvice(protocol), ")"));
+        "input '", name, "': parameter '", key, "' is not supported (inputs take no parameters ",
+        protocol == OipProtocol::kRest ? "but binary_data_size and " : "but ",
+        "shared_memory_region, shared_memory_byte_size, shared_memory_offset)"));
   }
+  const std::string what = absl::StrCat("input '", name, "'");
+  auto shm = ParseShmParams(what, in->parameters());
+  if (!shm.ok()) return shm.status();
   std::vector<int64_t> shape(in->shape().begin(), in->shape().end());
   for (size_t i = 0; i < shape.size(); ++i) {
     if (shape[i] < 0) {
@@ -278,6 +346,23 @@ absl::Status TranslateInput(OipProtocol protocol, const OipModel& model,
   }
   t->set_dtype(*dtype);
   for (int64_t d : shape) t->add_shape(d);
+  if (shm->present) {
+    if (raw != nullptr || (in->has_contents() && AllContents(in->contents()) > 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " names shared_memory_region '", shm->region, "' and also has ",
+          raw != nullptr ? RawName(protocol, raw_index) : ContentsName(protocol, true),
+          "; its bytes come from the region only"));
+    }
+    if (shm->byte_size != static_cast<uint64_t>(*bytes)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": shared_memory_byte_size ", shm->byte_size, " is not the tensor's ", *bytes,
+          " bytes (shape ", ShapeString(shape), " of ", in->datatype(), ")"));
+    }
+    auto ref = ShmReference(lookup, what, *shm);
+    if (!ref.ok()) return ref.status();
+    *t->mutable_ref() = *std::move(ref);
+    return absl::OkStatus();
+  }
   if (raw != nullptr) {
     if (in->has_contents() && AllContents(in->contents()) > 0) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -323,6 +408,65 @@ absl::Status TranslateInput(OipProtocol protocol, const OipModel& model,
                          : static_cast<const void*>(c.fp64_contents().data());
   t->set_data(src, static_cast<size_t>(*bytes));
   in->clear_contents();
+  return absl::OkStatus();
+}
+
+// Elements of `output` for the translated inputs and reduction of `out`; nullopt when the
+// inputs are invalid (the Planner then names the error).
+std::optional<int64_t> OutputElements(OipOutput output, const v1::EvaluateRequest& out) {
+  std::vector<int64_t> shape(out.logits().shape().begin(), out.logits().shape().end());
+  for (int64_t d : shape) {
+    if (d < 0) return std::nullopt;
+  }
+  const std::optional<int64_t> numel = kernels::CheckedProduct(shape);
+  if (!numel) return std::nullopt;
+  if (output != OipOutput::kLoss) return numel;
+  switch (out.reduction()) {
+    case v1::REDUCTION_NONE:
+      return numel;
+    case v1::REDUCTION_PER_SAMPLE_MEAN:
+      if (shape.empty()) return std::nullopt;
+      shape.pop_back();
+      return kernels::CheckedProduct(shape);
+    default:
+      return 1;
+  }
+}
+
+// An output written into shared memory: the OutputPlacement of `output` in `out`, covering
+// the output's bytes at the start of the given range (which may be larger, as with Triton).
+absl::Status PlaceOutput(OipOutput output, const std::string& what, const ShmParams& p,
+                         const OipShmLookup* lookup, v1::EvaluateRequest* out) {
+  uint64_t size = p.byte_size;
+  const std::optional<int64_t> n = OutputElements(output, *out);
+  if (n) {
+    const int64_t item = static_cast<int64_t>(
+        kernels::ItemSize(static_cast<kernels::DType>(out->logits().dtype())));
+    const std::optional<int64_t> bytes = kernels::CheckedMul(*n, item);
+    if (bytes) {
+      if (p.byte_size < static_cast<uint64_t>(*bytes)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, ": shared_memory_byte_size ", p.byte_size, " is less than the output's ",
+            *bytes, " bytes (", *n, " elements of ", OipDatatype(out->logits().dtype()), ")"));
+      }
+      size = static_cast<uint64_t>(*bytes);
+    }
+  }
+  auto ref = ShmReference(lookup, what, p);
+  if (!ref.ok()) return ref.status();
+  ref->set_byte_size(size);
+  v1::OutputPlacement* placement = out->mutable_outputs();
+  switch (output) {
+    case OipOutput::kLoss:
+      *placement->mutable_loss() = *std::move(ref);
+      break;
+    case OipOutput::kGradLogits:
+      *placement->mutable_grad_logits() = *std::move(ref);
+      break;
+    case OipOutput::kGradTargets:
+      *placement->mutable_grad_targets() = *std::move(ref);
+      break;
+  }
   return absl::OkStatus();
 }
 
@@ -406,35 +550,48 @@ void FillServerMetadata(inference::ServerMetadataResponse* response) {
   // Triton's extensions served (oip_statistics.h), under Triton's names.
   response->add_extensions("model_configuration");
   response->add_extensions("statistics");
+  response->add_extensions("system_shared_memory");
 }
 
 bool OipModelReady(bool draining, absl::string_view name, absl::string_view version) {
   return !draining && FindOipModel(name, version).ok();
 }
 
+bool UsesSharedMemory(const ModelInferRequest::InferInputTensor& input) {
+  return input.parameters().contains(std::string(kShmRegion));
+}
+
 absl::Status TranslateInferRequest(ModelInferRequest* request, Reservation* reservation,
-                                   v1::EvaluateRequest* out, OipTranslation* translation) {
+                                   v1::EvaluateRequest* out, OipTranslation* translation,
+                                   const OipShmLookup* shm) {
   const int num_raw = request->raw_input_contents_size();
-  if (num_raw > 0 && num_raw != request->inputs_size()) {
+  // Inputs in shared memory have no raw_input_contents entry (as with Triton).
+  int num_bytes_inputs = 0;
+  for (const auto& in : request->inputs()) num_bytes_inputs += UsesSharedMemory(in) ? 0 : 1;
+  if (num_raw > 0 && num_raw != num_bytes_inputs) {
     out->Clear();
     *translation = OipTranslation();
     // The model is named first when it is unknown (NOT_FOUND before INVALID_ARGUMENT).
     auto model = FindOipModel(request->model_name(), request->model_version());
     if (!model.ok()) return model.status();
     return absl::InvalidArgumentError(absl::StrCat(
-        "raw_input_contents has ", num_raw, " entries for ", request->inputs_size(),
-        " inputs; send one entry per input (in the order of inputs), or none and put each "
+        "raw_input_contents has ", num_raw, " entries for ", num_bytes_inputs,
+        " inputs", num_bytes_inputs != request->inputs_size() ? " not in shared memory" : "",
+        "; send one entry per input (in the order of inputs), or none and put each "
         "input's elements in its contents"));
   }
   std::vector<std::string*> raw(static_cast<size_t>(request->inputs_size()), nullptr);
-  for (int i = 0; i < num_raw; ++i) raw[i] = request->mutable_raw_input_contents(i);
-  return TranslateInferInputs(OipProtocol::kGrpc, request, raw, reservation, out, translation);
+  for (int i = 0, k = 0; i < request->inputs_size() && k < num_raw; ++i) {
+    if (!UsesSharedMemory(request->inputs(i))) raw[i] = request->mutable_raw_input_contents(k++);
+  }
+  return TranslateInferInputs(OipProtocol::kGrpc, request, raw, reservation, out, translation,
+                              shm);
 }
 
 absl::Status TranslateInferInputs(OipProtocol protocol, ModelInferRequest* request,
                                   const std::vector<std::string*>& raw,
                                   Reservation* reservation, v1::EvaluateRequest* out,
-                                  OipTranslation* translation) {
+                                  OipTranslation* translation, const OipShmLookup* shm) {
   out->Clear();
   *translation = OipTranslation();
   auto model = FindOipModel(request->model_name(), request->model_version());
@@ -473,7 +630,8 @@ absl::Status TranslateInferInputs(OipProtocol protocol, ModelInferRequest* reque
       return absl::InvalidArgumentError(
           absl::StrCat("input '", in->name(), "' is given more than once"));
     }
-    if (absl::Status s = TranslateInput(protocol, m, in, raw[i], i, reservation, t); !s.ok()) {
+    if (absl::Status s = TranslateInput(protocol, m, in, raw[i], i, reservation, shm, t);
+        !s.ok()) {
       return s;
     }
   }
@@ -509,10 +667,18 @@ absl::Status TranslateInferInputs(OipProtocol protocol, ModelInferRequest* reque
     }
     for (const auto& [key, value] : requested.parameters()) {
       if (key == "binary_data") continue;  // a REST notion; gRPC replies are always raw
-      return absl::InvalidArgumentError(
-          absl::StrCat("output '", requested.name(), "': parameter '", key,
-                       "' is not supported (outputs take no parameters; classification and "
-                       "shared memory are not served)"));
+      if (IsShmParameter(key)) continue;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "output '", requested.name(), "': parameter '", key,
+          "' is not supported (outputs take no parameters but binary_data, "
+          "shared_memory_region, shared_memory_byte_size, shared_memory_offset; "
+          "classification is not served)"));
+    }
+    const std::string what = absl::StrCat("output '", requested.name(), "'");
+    auto placement = ParseShmParams(what, requested.parameters());
+    if (!placement.ok()) return placement.status();
+    if (placement->present) {
+      if (absl::Status s = PlaceOutput(*found, what, *placement, shm, out); !s.ok()) return s;
     }
     translation->outputs.push_back(*found);
     if (*found == OipOutput::kGradLogits) out->mutable_gradients()->set_logits(true);
@@ -559,7 +725,7 @@ absl::Status FillInferResponseHeader(const OipModel& model, const std::string& i
   (*response->mutable_parameters())["device"].set_string_param(DeviceLabel(result.device));
   for (OipOutput o : outputs) {
     const OutputTensor& t = OipOutputTensor(result, o);
-    if (!t.present || t.placed) {
+    if (!t.present) {
       return absl::InternalError(absl::StrCat("output ", OipOutputName(o), " was not computed"));
     }
     auto* out = response->add_outputs();

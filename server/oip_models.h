@@ -9,7 +9,9 @@
 
 #include <grpcpp/support/byte_buffer.h>
 
+#include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -44,7 +46,8 @@ absl::StatusOr<const OipModel*> FindOipModel(absl::string_view name, absl::strin
 void FillModelMetadata(const OipModel& model, inference::ModelMetadataResponse* response);
 
 // Fills `response` with the server's name ("lossd"), version and the protocol extensions both
-// front-ends serve ("parameters", "model_configuration", "statistics"; the REST front-end adds
+// front-ends serve ("parameters", "model_configuration", "statistics", "system_shared_memory";
+// the REST front-end adds
 // "binary_tensor_data").
 void FillServerMetadata(inference::ServerMetadataResponse* response);
 
@@ -64,6 +67,17 @@ absl::string_view OipDatatype(v1::DType dtype);
 // (binary_data_size) and data). The rules are the same.
 enum class OipProtocol { kGrpc, kRest };
 
+// Triton's system shared memory extension as the translation sees it (oip_shm.h): the lossd.v1
+// reference of `byte_size` bytes at `offset` of the region the caller registered as `name`.
+// `what` names the tensor in messages ("input 'LOGITS'", "output 'LOSS'").
+class OipShmLookup {
+ public:
+  virtual ~OipShmLookup() = default;
+  virtual absl::StatusOr<v1::TensorReference> Reference(std::string_view what,
+                                                        std::string_view name, uint64_t offset,
+                                                        uint64_t byte_size) const = 0;
+};
+
 // What TranslateInferRequest produces besides the EvaluateRequest.
 struct OipTranslation {
   const OipModel* model = nullptr;
@@ -81,9 +95,17 @@ struct OipTranslation {
 // (ranks, element limits, broadcasting, option ranges, devices) is checked by Planner::Prepare,
 // whose messages use lossd.v1's field names (logits: LOGITS, targets: TARGETS, weight: WEIGHT,
 // pos_weight: POS_WEIGHT, bce_with_logits.X / sigmoid_focal_loss.X: parameter X).
+//
+// Inputs and outputs with the parameters shared_memory_region, shared_memory_byte_size and
+// (optional, default 0) shared_memory_offset live in a region registered with Triton's system
+// shared memory extension: through `shm`, an input becomes a TensorReference (its byte_size
+// must be the tensor's size; it has no raw_input_contents entry, which are then one per other
+// input) and an output an OutputPlacement (its byte_size at least the output's size). `shm`
+// null: such tensors get FAILED_PRECONDITION (shared memory is disabled).
 absl::Status TranslateInferRequest(inference::ModelInferRequest* request,
                                    Reservation* reservation, v1::EvaluateRequest* out,
-                                   OipTranslation* translation);
+                                   OipTranslation* translation,
+                                   const OipShmLookup* shm = nullptr);
 
 // The same translation with the inputs' raw bytes given per input: `raw[i]` (moved, not
 // copied) holds the bytes of request->inputs(i), or is null when that input's elements are in
@@ -93,19 +115,25 @@ absl::Status TranslateInferRequest(inference::ModelInferRequest* request,
 absl::Status TranslateInferInputs(OipProtocol protocol, inference::ModelInferRequest* request,
                                   const std::vector<std::string*>& raw,
                                   Reservation* reservation, v1::EvaluateRequest* out,
-                                  OipTranslation* translation);
+                                  OipTranslation* translation,
+                                  const OipShmLookup* shm = nullptr);
+
+// Whether an input names a shared-memory region (its parameters include shared_memory_region).
+bool UsesSharedMemory(const inference::ModelInferRequest::InferInputTensor& input);
 
 // Encodes `result` as a serialized ModelInferResponse into `out`, byte for byte what protobuf
 // would serialize: `outputs` in that order with their datatype and shape, each one's bytes an
-// entry of raw_output_contents, and the parameter "device" ("cpu" or "cuda"). Output blocks of
-// at least kZeroCopyBytes become slices of the reply without a copy; smaller ones are copied
-// into the reply's first slice. Takes the blocks out of `result`.
+// entry of raw_output_contents (an empty entry for an output placed in shared memory, as
+// Triton keeps the entries in the order of the outputs), and the parameter "device" ("cpu" or
+// "cuda"). Output blocks of at least kZeroCopyBytes become slices of the reply without a copy;
+// smaller ones are copied into the reply's first slice. Takes the blocks out of `result`.
 absl::Status EncodeInferReply(const OipModel& model, const std::string& id,
                               const std::vector<OipOutput>& outputs, ComputeResult* result,
                               grpc::ByteBuffer* out);
 
 // The reply without its tensor bytes: model name and version, id, the parameter "device" and
-// `outputs` in that order with their datatype and shape (raw_output_contents left empty).
+// `outputs` in that order with their datatype and shape (raw_output_contents left empty),
+// outputs placed in shared memory included.
 // INTERNAL when an output was not computed.
 absl::Status FillInferResponseHeader(const OipModel& model, const std::string& id,
                                      const std::vector<OipOutput>& outputs,

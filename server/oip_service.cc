@@ -23,9 +23,11 @@ namespace {
 // reply. Owns the parsed request and the translated one.
 class ModelInferCall final : public UnaryComputeCall {
  public:
-  ModelInferCall(Core* core, grpc::CallbackServerContext* context,
+  ModelInferCall(Core* core, const OipSharedMemory* shm, grpc::CallbackServerContext* context,
                  const grpc::ByteBuffer* request, grpc::ByteBuffer* reply)
-      : UnaryComputeCall(core, context, reply, "ModelInfer"), request_bytes_(request) {}
+      : UnaryComputeCall(core, context, reply, "ModelInfer"),
+        request_bytes_(request),
+        shm_(shm, context->peer(), OipProtocol::kGrpc) {}
 
   void Start() {
     if (absl::Status s = core_->admission().Admit(*context_); !s.ok()) return Done(s);
@@ -45,7 +47,8 @@ class ModelInferCall final : public UnaryComputeCall {
     reservation_.Release(received);
     parsed_bytes_ = received;
     // The raw input bytes move into the EvaluateRequest's tensors (no copy).
-    if (absl::Status s = TranslateInferRequest(&parsed_, &reservation_, &request_, &translation_);
+    if (absl::Status s =
+            TranslateInferRequest(&parsed_, &reservation_, &request_, &translation_, &shm_);
         !s.ok()) {
       return Done(s);
     }
@@ -81,6 +84,7 @@ class ModelInferCall final : public UnaryComputeCall {
   inference::ModelInferRequest parsed_;
   v1::EvaluateRequest request_;
   OipTranslation translation_;
+  OipShmCaller shm_;  // regions named by the request's tensors
 };
 
 }  // namespace
@@ -145,7 +149,7 @@ grpc::ServerUnaryReactor* OipServiceImpl::ModelMetadata(
 grpc::ServerUnaryReactor* OipServiceImpl::ModelInfer(grpc::CallbackServerContext* context,
                                                      const grpc::ByteBuffer* request,
                                                      grpc::ByteBuffer* reply) {
-  auto* call = new ModelInferCall(core_, context, request, reply);
+  auto* call = new ModelInferCall(core_, shm_, context, request, reply);
   call->Start();
   return call;
 }
@@ -166,6 +170,49 @@ grpc::ServerUnaryReactor* OipServiceImpl::ModelStatistics(
     s = core_->metrics().oip_statistics().Fill(request->name(), request->version(), response);
   }
   return Finish("ModelStatistics", context, s);
+}
+
+absl::StatusOr<uid_t> OipServiceImpl::ShmCaller(grpc::CallbackServerContext* context) {
+  if (absl::Status s = core_->admission().Admit(*context); !s.ok()) return s;
+  if (shm_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "system shared memory is disabled on this server (--shared_memory_prefix is empty)");
+  }
+  return shm_->Caller(context->peer(), OipProtocol::kGrpc);
+}
+
+grpc::ServerUnaryReactor* OipServiceImpl::SystemSharedMemoryStatus(
+    grpc::CallbackServerContext* context,
+    const inference::SystemSharedMemoryStatusRequest* request,
+    inference::SystemSharedMemoryStatusResponse* response) {
+  auto uid = ShmCaller(context);
+  absl::Status s = uid.status();
+  if (s.ok()) {
+    auto status = shm_->Status(*uid, request->name());
+    if (status.ok()) *response = *std::move(status);
+    s = status.status();
+  }
+  return Finish("SystemSharedMemoryStatus", context, s);
+}
+
+grpc::ServerUnaryReactor* OipServiceImpl::SystemSharedMemoryRegister(
+    grpc::CallbackServerContext* context,
+    const inference::SystemSharedMemoryRegisterRequest* request,
+    inference::SystemSharedMemoryRegisterResponse*) {
+  auto uid = ShmCaller(context);
+  absl::Status s = uid.status();
+  if (s.ok()) s = shm_->Register(*uid, *request);
+  return Finish("SystemSharedMemoryRegister", context, s);
+}
+
+grpc::ServerUnaryReactor* OipServiceImpl::SystemSharedMemoryUnregister(
+    grpc::CallbackServerContext* context,
+    const inference::SystemSharedMemoryUnregisterRequest* request,
+    inference::SystemSharedMemoryUnregisterResponse*) {
+  auto uid = ShmCaller(context);
+  absl::Status s = uid.status();
+  if (s.ok()) s = shm_->Unregister(*uid, request->name());
+  return Finish("SystemSharedMemoryUnregister", context, s);
 }
 
 }  // namespace lossd::server

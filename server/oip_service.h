@@ -5,30 +5,36 @@
 // against the memory budget before it is parsed, malformed bytes get INVALID_ARGUMENT, and its
 // reply's output blocks go out as slices without a copy. ServerLive, ServerReady and
 // ModelReady are probes and need no token; the other calls do. ModelConfig and ModelStatistics
-// are Triton's configuration and statistics extensions (oip_statistics.h).
+// are Triton's configuration and statistics extensions (oip_statistics.h);
+// SystemSharedMemory{Status,Register,Unregister} its system shared memory extension
+// (oip_shm.h).
 #ifndef LOSSD_SERVER_OIP_SERVICE_H_
 #define LOSSD_SERVER_OIP_SERVICE_H_
 
 #include <grpcpp/support/byte_buffer.h>
 
 #include "server/core.h"
+#include "server/oip_shm.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 
 namespace lossd::server {
 
-using OipServiceBase = inference::GRPCInferenceService::WithCallbackMethod_ServerLive<
-    inference::GRPCInferenceService::WithCallbackMethod_ServerReady<
-        inference::GRPCInferenceService::WithCallbackMethod_ModelReady<
-            inference::GRPCInferenceService::WithCallbackMethod_ServerMetadata<
-                inference::GRPCInferenceService::WithCallbackMethod_ModelMetadata<
-                    inference::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<
-                        inference::GRPCInferenceService::WithCallbackMethod_ModelConfig<
-                            inference::GRPCInferenceService::WithCallbackMethod_ModelStatistics<
-                                inference::GRPCInferenceService::Service>>>>>>>>;
+using OipGrpc = inference::GRPCInferenceService;
+using OipServiceBase = OipGrpc::WithCallbackMethod_ServerLive<
+    OipGrpc::WithCallbackMethod_ServerReady<OipGrpc::WithCallbackMethod_ModelReady<
+        OipGrpc::WithCallbackMethod_ServerMetadata<OipGrpc::WithCallbackMethod_ModelMetadata<
+            OipGrpc::WithRawCallbackMethod_ModelInfer<OipGrpc::WithCallbackMethod_ModelConfig<
+                OipGrpc::WithCallbackMethod_ModelStatistics<
+                    OipGrpc::WithCallbackMethod_SystemSharedMemoryStatus<
+                        OipGrpc::WithCallbackMethod_SystemSharedMemoryRegister<
+                            OipGrpc::WithCallbackMethod_SystemSharedMemoryUnregister<
+                                OipGrpc::Service>>>>>>>>>>>;
 
 class OipServiceImpl final : public OipServiceBase {
  public:
-  explicit OipServiceImpl(Core* core) : core_(core) {}
+  // `shm`: Triton's system shared memory extension (oip_shm.h); null when shared memory is
+  // disabled (its calls, and tensors naming a region, get FAILED_PRECONDITION).
+  explicit OipServiceImpl(Core* core, OipSharedMemory* shm = nullptr) : core_(core), shm_(shm) {}
 
   grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* context,
                                        const inference::ServerLiveRequest* request,
@@ -54,12 +60,28 @@ class OipServiceImpl final : public OipServiceBase {
   grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* context,
                                             const inference::ModelStatisticsRequest* request,
                                             inference::ModelStatisticsResponse* response) override;
+  grpc::ServerUnaryReactor* SystemSharedMemoryStatus(
+      grpc::CallbackServerContext* context,
+      const inference::SystemSharedMemoryStatusRequest* request,
+      inference::SystemSharedMemoryStatusResponse* response) override;
+  grpc::ServerUnaryReactor* SystemSharedMemoryRegister(
+      grpc::CallbackServerContext* context,
+      const inference::SystemSharedMemoryRegisterRequest* request,
+      inference::SystemSharedMemoryRegisterResponse* response) override;
+  grpc::ServerUnaryReactor* SystemSharedMemoryUnregister(
+      grpc::CallbackServerContext* context,
+      const inference::SystemSharedMemoryUnregisterRequest* request,
+      inference::SystemSharedMemoryUnregisterResponse* response) override;
 
  private:
   // Finishes a small call: metrics under `method`, a log line when it failed.
   grpc::ServerUnaryReactor* Finish(const char* method, grpc::CallbackServerContext* context,
                                    const absl::Status& status);
+  // The caller's uid for a shared-memory call, once admitted (drain, token) and with shared
+  // memory enabled.
+  absl::StatusOr<uid_t> ShmCaller(grpc::CallbackServerContext* context);
   Core* core_;
+  OipSharedMemory* shm_;
 };
 
 }  // namespace lossd::server

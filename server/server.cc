@@ -32,6 +32,7 @@
 #include "server/peer_identity.h"
 #include "server/regions.h"
 #include "server/service.h"
+#include "server/oip_shm.h"
 #include "server/shm_registry.h"
 #include "server/wire.h"
 
@@ -150,6 +151,8 @@ struct LossdServer::Impl {
   // Declared before the core: spans of regions may be held by computations until they end.
   PeerTable peers;
   std::unique_ptr<ShmRegistry> shm;  // null when shared memory is disabled
+  // Triton's system shared memory extension over `shm` (null when disabled).
+  std::unique_ptr<OipSharedMemory> oip_shm;
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<Core> core;
   std::unique_ptr<LossServiceImpl> service;
@@ -287,12 +290,17 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   impl->core = std::make_unique<Core>(config, kernels::MakeCpuBackend({impl->cpu_threads}),
                                       std::move(cuda), cuda_name, impl->metrics.get());
   impl->service = std::make_unique<LossServiceImpl>(impl->core.get());
-  impl->oip_service = std::make_unique<OipServiceImpl>(impl->core.get());
+  if (impl->shm != nullptr) {
+    impl->oip_shm =
+        std::make_unique<OipSharedMemory>(impl->shm.get(), &impl->peers, options.host_root);
+  }
+  impl->oip_service = std::make_unique<OipServiceImpl>(impl->core.get(), impl->oip_shm.get());
   impl->core->planner().set_region_resolver(impl->shm.get());  // null: references are refused
   impl->shm_service = std::make_unique<SharedMemoryService>(
       impl->shm.get(), &impl->peers, options.auth_token, options.host_root);
   if (options.http_port >= 0) {
-    auto http = OipHttpServer::Start(impl->core.get(), options.host, options.http_port);
+    auto http = OipHttpServer::Start(impl->core.get(), options.host, options.http_port,
+                                     impl->oip_shm.get());
     if (!http.ok()) return http.status();
     impl->http = *std::move(http);
   }
@@ -355,6 +363,10 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
         "channelz shows no id for this server: the drain waits only for calls being handled");
   }
   impl->shm_service->set_server_port(impl->port);
+  if (impl->oip_shm) {
+    impl->oip_shm->set_port(OipProtocol::kGrpc, impl->port);
+    if (impl->http) impl->oip_shm->set_port(OipProtocol::kRest, impl->http->port());
+  }
   if (impl->unix_listener) impl->unix_listener->Start(impl->server.get(), &impl->peers);
   impl->server->GetHealthCheckService()->SetServingStatus(true);
   impl->server->GetHealthCheckService()->SetServingStatus(

@@ -109,6 +109,7 @@ struct ShmRegistry::Region {
   uint64_t byte_size = 0;
   char* data = nullptr;  // the registered range's first byte, inside `mapping`
   std::shared_ptr<Mapping> mapping;
+  bool leased = true;  // false: registered by RegisterWithoutLease, never expires
   absl::Duration lease;
   absl::Time expires;  // guarded by the registry's mutex
 };
@@ -168,6 +169,18 @@ absl::Duration ShmRegistry::Lease(uint32_t requested_ms) const {
 
 absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::Register(
     uid_t uid, const v1::RegisterRegionRequest& request) {
+  return RegisterRange(uid, request, /*leased=*/true);
+}
+
+absl::StatusOr<std::string> ShmRegistry::RegisterWithoutLease(
+    uid_t uid, const v1::RegisterRegionRequest& request) {
+  auto response = RegisterRange(uid, request, /*leased=*/false);
+  if (!response.ok()) return response.status();
+  return std::string(response->region());
+}
+
+absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::RegisterRange(
+    uid_t uid, const v1::RegisterRegionRequest& request, bool leased) {
   if (!enabled()) {
     return absl::FailedPreconditionError("shared memory is disabled on this server");
   }
@@ -265,7 +278,8 @@ absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::Register(
   region->byte_size = size;
   region->data = static_cast<char*>(base) + (offset - aligned);
   region->mapping = std::move(mapping);
-  region->lease = Lease(request.lease_ms());
+  region->leased = leased;
+  region->lease = leased ? Lease(request.lease_ms()) : absl::InfiniteDuration();
   {
     absl::MutexLock lock(&mu_);
     Usage& usage = usage_[uid];
@@ -280,12 +294,12 @@ absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::Register(
     }
     usage.regions += 1;
     usage.bytes += static_cast<int64_t>(size);
-    region->expires = Now() + region->lease;
+    region->expires = leased ? Now() + region->lease : absl::InfiniteFuture();
     regions_[*handle] = region;
   }
   v1::RegisterRegionResponse response;
   response.set_region(*handle);
-  response.set_lease_ms(ToMs(region->lease));
+  if (leased) response.set_lease_ms(ToMs(region->lease));
   return response;
 }
 
@@ -300,7 +314,8 @@ absl::StatusOr<v1::RenewLeaseResponse> ShmRegistry::Renew(uid_t uid,
   const absl::Time now = Now();
   for (const std::string& handle : request.regions()) {
     auto it = regions_.find(handle);
-    if (it == regions_.end() || it->second->uid != uid || it->second->expires <= now) {
+    if (it == regions_.end() || it->second->uid != uid || !it->second->leased ||
+        it->second->expires <= now) {
       response.add_unknown(handle);
       continue;
     }
@@ -338,7 +353,8 @@ absl::StatusOr<v1::ListRegionsResponse> ShmRegistry::List(uid_t uid) const {
   absl::ReaderMutexLock lock(&mu_);
   const absl::Time now = Now();
   for (const auto& [handle, region] : regions_) {
-    if (region->uid != uid || region->expires <= now) continue;
+    // Regions without a lease are the inference protocol's (SystemSharedMemoryStatus).
+    if (region->uid != uid || !region->leased || region->expires <= now) continue;
     v1::RegionInfo* info = response.add_regions();
     info->set_name(region->name);
     info->set_kind(v1::REGION_KIND_SYSTEM);

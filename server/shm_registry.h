@@ -68,6 +68,14 @@ class ShmRegistry : public RegionResolver {
   absl::Status Unregister(uid_t uid, const v1::UnregisterRegionRequest& request);
   absl::StatusOr<v1::ListRegionsResponse> List(uid_t uid) const;
 
+  // The inference protocol's registration (Triton's SystemSharedMemoryRegister, oip_shm.h):
+  // the checks, limits and errors of Register (prefix, key, sizes, owner, bytes and regions
+  // per uid), but no lease: the region stays until Unregister names its handle or the server
+  // stops, and request.lease_ms is ignored. Returns the handle, which only the server uses
+  // (such regions are not renewed, nor listed by List; Resolve finds them).
+  absl::StatusOr<std::string> RegisterWithoutLease(uid_t uid,
+                                                   const v1::RegisterRegionRequest& request);
+
   // RegionResolver. Besides the documented errors: FAILED_PRECONDITION once the region's
   // object shrank under the mapping (its owner must register it again).
   absl::StatusOr<RegionSpan> Resolve(std::string_view field, const v1::TensorReference& ref,
@@ -85,6 +93,8 @@ class ShmRegistry : public RegionResolver {
   explicit ShmRegistry(ShmRegistryOptions options);
   absl::Time Now() const { return options_.now ? options_.now() : absl::Now(); }
   absl::Duration Lease(uint32_t requested_ms) const;
+  absl::StatusOr<v1::RegisterRegionResponse> RegisterRange(
+      uid_t uid, const v1::RegisterRegionRequest& request, bool leased);
   void SweepLoop();
 
   const ShmRegistryOptions options_;

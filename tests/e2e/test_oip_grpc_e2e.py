@@ -158,7 +158,8 @@ def test_health_and_metadata(triton) -> None:
     assert_models_ready(triton)
     meta = triton.get_server_metadata(as_json=True)
     assert meta["name"] == "lossd" and meta["version"]
-    assert meta["extensions"] == ["parameters", "model_configuration", "statistics"]
+    assert meta["extensions"] == ["parameters", "model_configuration", "statistics",
+                                  "system_shared_memory"]
     bce = triton.get_model_metadata("bce_with_logits", as_json=True)
     assert bce["name"] == "bce_with_logits" and bce["versions"] == ["1"]
     assert bce["platform"] == "lossd"
@@ -171,8 +172,8 @@ def test_health_and_metadata(triton) -> None:
         triton.get_model_metadata("cross_entropy")
     assert "NOT_FOUND" in str(e.value.status())
     assert "unknown model 'cross_entropy'" in e.value.message()
-    # Triton's extensions other than statistics and model configuration (test_oip_stats_e2e.py)
-    # are not served.
+    # Triton's extensions other than statistics, model configuration (test_oip_stats_e2e.py)
+    # and system shared memory (test_oip_shm_e2e.py) are not served.
     with pytest.raises(InferenceServerException) as e:
         triton.get_model_repository_index()
     assert "UNIMPLEMENTED" in str(e.value.status())

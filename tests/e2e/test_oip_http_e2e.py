@@ -158,6 +158,7 @@ def test_health_and_metadata(triton) -> None:
     meta = triton.get_server_metadata()
     assert meta["name"] == "lossd" and meta["version"]
     assert meta["extensions"] == ["parameters", "model_configuration", "statistics",
+                                  "system_shared_memory",
                                   "binary_tensor_data"]
     bce = triton.get_model_metadata("bce_with_logits")
     assert bce["name"] == "bce_with_logits" and bce["versions"] == ["1"]

@@ -91,7 +91,29 @@ def test_proto_matches_tritonclient(tmp_path) -> None:
         t = methods[m.name]
         assert (m.input_type, m.output_type) == \
             ("." + t.input_type.full_name, "." + t.output_type.full_name), m.name
-    assert {"ModelStatistics", "ModelConfig"} <= {m.name for m in service.method}
+    assert {"ModelStatistics", "ModelConfig", "SystemSharedMemoryStatus",
+            "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister"} <= \
+        {m.name for m in service.method}
+    # The system shared memory messages are declared whole: every field of tritonclient's.
+    ours_by_name = {m.name: m for m in ours.message_type}
+    for name in ("SystemSharedMemoryStatusRequest", "SystemSharedMemoryStatusResponse",
+                 "SystemSharedMemoryRegisterRequest", "SystemSharedMemoryRegisterResponse",
+                 "SystemSharedMemoryUnregisterRequest", "SystemSharedMemoryUnregisterResponse"):
+        assert name in ours_by_name, f"{name} is not declared"
+
+        def fields(m):
+            return sorted((f.name, f.number, f.type, f.label, f.type_name) for f in m.field)
+
+        def whole(msg, their) -> None:
+            assert fields(msg) == fields(their), msg.name
+            assert sorted(n.name for n in msg.nested_type) == \
+                sorted(n.name for n in their.nested_type), msg.name
+            nested = {n.name: n for n in their.nested_type}
+            for n in msg.nested_type:
+                whole(n, nested[n.name])
+                assert n.options.map_entry == nested[n.name].options.map_entry, n.name
+
+        whole(ours_by_name[name], theirs[name])
 
 
 def test_statistics_count_infers_of_both_protocols(server_factory) -> None:

@@ -142,7 +142,8 @@ TEST_F(OipHttpTest, HealthMetadataAndRoutes) {
   const Json server = Body(Get("/v2"));
   EXPECT_EQ(server["name"], "lossd");
   EXPECT_EQ(server["extensions"],
-            Json({"parameters", "model_configuration", "statistics", "binary_tensor_data"}));
+            Json({"parameters", "model_configuration", "statistics", "system_shared_memory",
+                  "binary_tensor_data"}));
   const Json bce = Body(Get("/v2/models/bce_with_logits"));
   EXPECT_EQ(bce["versions"], Json({"1"}));
   EXPECT_EQ(bce["platform"], "lossd");
@@ -321,7 +322,7 @@ TEST_F(OipHttpTest, WrongTensorsNameTheFieldAndValues) {
   ExpectBadJson(
       with_logits(R"({"name":"LOGITS","datatype":"FP32","shape":[2],"data":[1,2],)"
                   R"("parameters":{"shared_memory_region":"r"}})"),
-      "input 'LOGITS': parameter 'shared_memory_region' is not supported");
+      "input 'LOGITS' has parameter 'shared_memory_region' but no 'shared_memory_byte_size'");
   ExpectBadJson(with_logits(R"({"name":"LABELS","datatype":"FP32","shape":[2],"data":[1,2]})"),
                 "unknown input 'LABELS' for model 'bce_with_logits'; its inputs are LOGITS, "
                 "TARGETS, WEIGHT, POS_WEIGHT");

@@ -187,7 +187,15 @@ TEST(OipTranslate, BadRequestsNameTheInputOutputOrParameter) {
     b = r;
     (*b.mutable_inputs(0)->mutable_parameters())["shared_memory_region"].set_string_param("r");
     ExpectError(b, StatusCode::kInvalidArgument,
-                "input 'LOGITS': parameter 'shared_memory_region' is not supported");
+                "raw_input_contents has 4 entries for 3 inputs not in shared memory");
+    b.mutable_raw_input_contents()->DeleteSubrange(0, 1);  // LOGITS has no raw entry
+    ExpectError(b, StatusCode::kInvalidArgument,
+                "input 'LOGITS' has parameter 'shared_memory_region' but no "
+                "'shared_memory_byte_size'");
+    b = r;
+    (*b.mutable_inputs(0)->mutable_parameters())["cuda_shared_memory"].set_string_param("r");
+    ExpectError(b, StatusCode::kInvalidArgument,
+                "input 'LOGITS': parameter 'cuda_shared_memory' is not supported");
   }
   {
     ModelInferRequest b = r;
