@@ -167,11 +167,12 @@ clean:
 	rm -rf $(BUILD)
 
 # The server and kernel tests under AddressSanitizer + LeakSanitizer + UndefinedBehaviorSanitizer
-# (CPU build; any UB report fails the run). CI runs it (.ci/run).
+# (CPU build; any UB report fails the run). CI runs it (.ci/run). Line tables only (-g1): the
+# reports keep file and line, and the build is about a quarter faster than with -g.
 ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 asan: deps
 	cmake -S . -B build-asan -DLOSSD_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-	  -DCMAKE_CXX_FLAGS="$(ASAN_FLAGS)" \
+	  -DCMAKE_CXX_FLAGS="$(ASAN_FLAGS)" -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" \
 	  -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined"
 	cmake --build build-asan -j $(JOBS) --target server_test kernels_test
 	ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp \
