@@ -2,9 +2,10 @@
 // 2-read-2-write streaming loop measured in the same process, for 1 and 2 threads.
 // Usage: cpu_bench [--n=10000000] [--reps=7] [--only=SUBSTRING (rows whose name has it)]
 //                  [--simd_target=native|avx2|avx3] [--block]
-// --block: only the float SIMD block kernel on 2048 elements in cache (internal::BceBlock, one
-// thread), per operand shape: the fastest of many timed loops, which a shared machine's load
-// disturbs far less than the 10M-element figures (for comparing builds and targets).
+// --block: only the SIMD block kernels on 2048 elements in cache (internal::BceBlock per
+// operand shape, and internal::FocalBlock), one thread: the fastest of many timed loops, which a
+// shared machine's load disturbs far less than the 10M-element figures (for comparing builds
+// and targets).
 // --simd_target (or the environment variable LOSSD_SIMD_TARGET) limits Highway's run-time
 // dispatch: avx2 disables the AVX-512 targets, so one AVX-512 machine measures both paths.
 // Speed is reported as ratios against the streaming loop (the memory ceiling of this machine),
@@ -83,7 +84,8 @@ void Stream(int threads, const float* a, const float* b, float* o1, float* o2, i
   for (auto& th : ts) th.join();
 }
 
-// --block: internal::BceBlock alone on kBlock elements that stay in L1, per operand shape.
+// --block: internal::BceBlock alone on kBlock elements that stay in L1, per operand shape, and
+// internal::FocalBlock.
 void BlockBench(int reps) {
   using lossd::kernels::internal::BlockArgs;
   constexpr int64_t kBlock = 2048;
@@ -129,6 +131,38 @@ void BlockBench(int reps) {
       best = std::min(best, t);
     }
     std::printf("%-44s %10.1f\n", sh.name, kBlock * kCalls / best / 1e6);
+  }
+  // internal::FocalBlock (double lanes, as the CPU backend calls it for float inputs): gamma 2
+  // with the weight, hard and mixed targets (40% 0, 40% 1, 20% uniform in (0, 1)).
+  std::vector<double> xd(kBlock), yd(kBlock), ymd(kBlock), wd(kBlock), ld(kBlock), gd(kBlock);
+  for (int64_t i = 0; i < kBlock; ++i) {
+    xd[i] = x[i];
+    yd[i] = y[i];
+    wd[i] = w[i];
+    const float u = u01(rng);
+    ymd[i] = u < 0.4f ? 0.0 : u < 0.8f ? 1.0 : u01(rng);
+  }
+  for (const bool mixed : {false, true}) {
+    lossd::kernels::internal::FocalBlockArgs a;
+    a.x = xd.data();
+    a.y = mixed ? ymd.data() : yd.data();
+    a.w = wd.data();
+    a.n = kBlock;
+    a.alpha = 0.25;
+    a.gamma = 2.0;
+    a.loss = ld.data();
+    a.gx = gd.data();
+    constexpr int kCalls = 50;
+    double best = 1e30;
+    for (int r = 0; r < std::max(reps, 1) * 5; ++r) {
+      const double t = Seconds([&] {
+        for (int c = 0; c < kCalls; ++c) lossd::kernels::internal::FocalBlock(a);
+      });
+      best = std::min(best, t);
+    }
+    std::printf("%-44s %10.1f\n",
+                mixed ? "block: focal loss+grad, weight, mixed y" : "block: focal loss+grad, weight",
+                kBlock * kCalls / best / 1e6);
   }
 }
 
