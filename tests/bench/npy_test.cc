@@ -119,23 +119,26 @@ void ExpectError(const std::string& file, const std::string& part) {
 TEST(NpyTest, RefusesWhatItCannotReadAndSaysWhy) {
   const std::string four = Bytes<float>({1, 2, 3, 4});
   ExpectError("PK\x03\x04 not numpy at all", "not a .npy file");
-  ExpectError(File("{'descr': '>f4', 'fortran_order': False, 'shape': (4,), }", four),
-              "big-endian");
-  ExpectError(File("{'descr': '<i4', 'fortran_order': False, 'shape': (4,), }", four),
-              "'<i4' is not read");
-  ExpectError(File("{'descr': '<c8', 'fortran_order': False, 'shape': (2,), }", four),
-              "'<c8' is not read");
-  ExpectError(File("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (4,), }", four),
-              "structured");
-  ExpectError(File("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }", four),
-              "Fortran order");
-  ExpectError(File("{'descr': '<f4', 'fortran_order': False, 'shape': (5,), }", four),
-              "needs 20 bytes of data, the file has 16");
-  ExpectError(File("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", four),
-              "needs 12 bytes");
-  ExpectError(File("{'descr': '<f4', 'fortran_order': False, 'shape': (-4,), }", four),
-              "bad dimension");
-  ExpectError(File("{'descr': '<f4', 'fortran_order': False}", four), "no 'shape'");
+  // Headers over the four float32 values, each refused for its own reason.
+  const struct {
+    const char* header;
+    const char* error;
+  } kHeaders[] = {
+      {"{'descr': '>f4', 'fortran_order': False, 'shape': (4,), }", "big-endian"},
+      {"{'descr': '<i4', 'fortran_order': False, 'shape': (4,), }", "'<i4' is not read"},
+      {"{'descr': '<c8', 'fortran_order': False, 'shape': (2,), }", "'<c8' is not read"},
+      {"{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (4,), }", "structured"},
+      {"{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }", "Fortran order"},
+      {"{'descr': '<f4', 'fortran_order': False, 'shape': (5,), }",
+       "needs 20 bytes of data, the file has 16"},
+      {"{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", "needs 12 bytes"},
+      {"{'descr': '<f4', 'fortran_order': False, 'shape': (-4,), }", "bad dimension"},
+      {"{'descr': '<f4', 'fortran_order': False}", "no 'shape'"},
+  };
+  for (const auto& c : kHeaders) {
+    SCOPED_TRACE(c.header);
+    ExpectError(File(c.header, four), c.error);
+  }
   std::string v9 = File("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }", four);
   v9[6] = 9;
   ExpectError(v9, "format version 9.0");

@@ -17,21 +17,17 @@
 #   bash tests/deploy/cuda_standin_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tests/deploy/podman_lib.sh
+. tests/deploy/podman_lib.sh
 PYTHON=${PYTHON:-.venv/bin/python}
 cuda=$(readlink -f /usr/local/cuda)
 [ -x "$cuda/bin/nvcc" ] || { echo "no CUDA toolkit at /usr/local/cuda"; exit 1; }
-P=(podman --runtime runc --cgroup-manager=cgroupfs)
-U=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 devel=localhost/lossd-cuda-standin:devel-$$
 tag=localhost/lossd-cuda:standin-$$
 name=lossd-cuda-standin-$$
 stage=$(mktemp -d)
 fail=0
-cleanup() {
-  "${P[@]}" rm -f -t 0 "$name" >/dev/null 2>&1 || true
-  "${P[@]}" rmi -f "$tag" "$devel" >/dev/null 2>&1 || true
-  rm -rf "$stage"
-}
+cleanup() { podman_cleanup "$name" "$stage" "$tag" "$devel"; }
 trap cleanup EXIT
 
 echo "== devel stand-in from $cuda"
@@ -96,26 +92,19 @@ if [ -z "${CUDA_ARCHITECTURES:-}" ]; then
 fi
 
 echo "== run without a GPU (--device=auto falls back to the CPU)"
-read -r port mport < <(python3 -c 'import socket
-s=[socket.socket() for _ in range(2)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(*(x.getsockname()[1] for x in s))')
+read -r port mport < <(free_ports)
 "${P[@]}" run -d --name "$name" --network=host "${U[@]}" --read-only --cap-drop=ALL \
   --security-opt=no-new-privileges -e LOSSD_HEALTH_ADDR="127.0.0.1:$port" "$tag" \
   --host=127.0.0.1 --port="$port" --device=auto --metrics_host=127.0.0.1 \
   --metrics_port="$mport" --drain_timeout=10s 2>&1 | grep -v "systemd connection" >/dev/null || true
-for _ in $(seq 120); do
-  [[ "$("${P[@]}" logs "$name" 2>&1)" == *"lossd listening"* ]] && break
-  sleep 0.5
-done
+wait_listening "$name"
 "${P[@]}" logs "$name" 2>&1 | grep -E "devices=|listening" | cut -c1-160
 "$PYTHON" tests/deploy/smoke_image.py --addr "127.0.0.1:$port" --metrics-port "$mport" || fail=1
 "${P[@]}" healthcheck run "$name" && echo "healthcheck: healthy" || { echo "FAIL: HEALTHCHECK"; fail=1; }
 puid=$("${P[@]}" exec "$name" sh -c 'awk "/^Uid:/ {print \$2}" /proc/1/status')
 echo "lossd uid=$puid"
 [ "$puid" = 10001 ] || { echo "FAIL: not UID 10001"; fail=1; }
-"${P[@]}" stop -t 30 "$name" 2>&1 | grep -v "systemd connection" >/dev/null || true
-code=$("${P[@]}" inspect --format '{{.State.ExitCode}}' "$name")
+code=$(stop_exit_code "$name")
 echo "exit code after SIGTERM: $code"
 [ "$code" = 0 ] || fail=1
 

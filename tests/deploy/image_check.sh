@@ -20,20 +20,16 @@
 # without systemd (it cannot schedule the periodic check); harmless, filtered out below.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tests/deploy/podman_lib.sh
+. tests/deploy/podman_lib.sh
 PYTHON=${PYTHON:-.venv/bin/python}
 tag=localhost/lossd:image-check-$$
 ltag=localhost/lossd-loadtest:image-check-$$
 name=lossd-image-check-$$
 out=$(mktemp -d)
-P=(podman --runtime runc --cgroup-manager=cgroupfs)
-U=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 fail=0
 
-cleanup() {
-  "${P[@]}" rm -f -t 0 "$name" >/dev/null 2>&1 || true
-  "${P[@]}" rmi -f "$tag" "$ltag" >/dev/null 2>&1 || true
-  rm -rf "$out"
-}
+cleanup() { podman_cleanup "$name" "$out" "$tag" "$ltag"; }
 trap cleanup EXIT
 
 deploy/docker/podman_build.sh "$tag" Dockerfile --layers=false 2>&1 |
@@ -55,14 +51,7 @@ echo "healthcheck=$health"
 [[ "$health" == *--health_check* ]] || { echo "FAIL: no HEALTHCHECK in the image"; fail=1; }
 [[ "$ports" == *50051/tcp* && "$ports" == *9090/tcp* ]] || { echo "FAIL: ports"; fail=1; }
 
-read -r port mport < <(python3 - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-EOF
-)
+read -r port mport < <(free_ports)
 echo "== run on 127.0.0.1:$port (metrics $mport)"
 # As deploy/k8s runs it: read-only root file system, no capabilities, no privilege escalation.
 "${P[@]}" run -d --name "$name" --network=host "${U[@]}" \
@@ -70,11 +59,7 @@ echo "== run on 127.0.0.1:$port (metrics $mport)"
   -e LOSSD_HEALTH_ADDR="127.0.0.1:$port" "$tag" \
   --host=127.0.0.1 --port="$port" --device=cpu --metrics_host=127.0.0.1 \
   --metrics_port="$mport" --drain_timeout=10s 2>&1 | grep -v "systemd connection" >/dev/null || true
-for _ in $(seq 120); do
-  [[ "$("${P[@]}" logs "$name" 2>&1)" == *"lossd listening"* ]] && break
-  [ "$("${P[@]}" inspect --format '{{.State.Running}}' "$name")" = true ] || break
-  sleep 0.5
-done
+wait_listening "$name"
 "${P[@]}" logs "$name" 2>&1 | grep -v "systemd connection" | tail -n 4
 # The memory budget follows the container's limit (as with the Kubernetes limit of 4Gi).
 startup_log=$("${P[@]}" logs "$name" 2>&1)
@@ -140,8 +125,7 @@ echo "-- lossd-bench without --target (lossd, echo and raw inside the loadtest c
 check_report "$out/self.json" lossd echo raw || fail=1
 
 echo "== drain on SIGTERM"
-"${P[@]}" stop -t 30 "$name" 2>&1 | grep -v "systemd connection" >/dev/null || true
-code=$("${P[@]}" inspect --format '{{.State.ExitCode}}' "$name")
+code=$(stop_exit_code "$name")
 "${P[@]}" logs "$name" 2>&1 | grep -v "systemd connection" | tail -n 2
 echo "exit code $code"
 [ "$code" = 0 ] || { echo "FAIL: exit code $code after SIGTERM"; fail=1; }

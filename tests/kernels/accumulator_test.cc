@@ -18,15 +18,12 @@
 #include "lossd/kernels/dtype.h"
 #include "absl/strings/str_cat.h"
 #include "lossd/kernels/exact_sum.h"
+#include "tests/kernels/test_util.h"
 
 namespace lossd::kernels {
 namespace {
 
-uint64_t Bits(double v) {
-  uint64_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  return b;
-}
+using lossd::testing::Bits;
 
 ReductionRule Rule(Reduction r, bool normalize, bool ignore) {
   ReductionRule rule;

@@ -29,14 +29,7 @@
 namespace lossd::kernels {
 namespace {
 
-using lossd::testing::FlatArgs;
-using lossd::testing::GradTermScales;
-using lossd::testing::GradTermScalesIn;
-using lossd::testing::ScaledCount;
-using lossd::testing::UlpDistance;
-using lossd::testing::UlpDistanceF64;
-using lossd::testing::UlpF32;
-using lossd::testing::UlpF64;
+using namespace lossd::testing;  // the helpers of tests/kernels/test_util.h
 
 // DenseLogitGrid plus the special values, both signs.
 std::vector<float> GridX() {
@@ -400,6 +393,15 @@ TEST_P(AccuracyTest, Float32RandomFullRange) {
             << t.worst_gy << " ulp (of the larger term)\n";
 }
 
+// The float32 gradients of a MEAN `a` from the CPU backend (one thread) into gx and gy, and the
+// reference's into rgx and rgy.
+void MeanGradients(const BceArgs& a, float* gx, float* gy, double* rgx, double* rgy) {
+  float l;
+  ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {&l, gx, gy}).ok());
+  double rl;
+  ReferenceBce(a, &rl, rgx, rgy);
+}
+
 TEST_P(AccuracyTest, Float32RandomFullRangeMeanGradients) {
   // The same draws under MEAN: the kernel divides the gradients by n (a count exact in float,
   // odd and not a power of two), so the bound is 4 ulp of the larger term / n. (The mean loss
@@ -410,11 +412,8 @@ TEST_P(AccuracyTest, Float32RandomFullRangeMeanGradients) {
   DrawElementsF32(r, kN, x.data(), y.data(), w.data(), p.data());
   const BceArgs a =
       FlatArgs(DType::kFloat32, kN, x.data(), y.data(), w.data(), p.data(), Reduction::kMean);
-  float l;
-  ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {&l, gx.data(), gy.data()}).ok());
-  double rl;
   std::vector<double> rgx(kN), rgy(kN);
-  ReferenceBce(a, &rl, rgx.data(), rgy.data());
+  ASSERT_NO_FATAL_FAILURE(MeanGradients(a, gx.data(), gy.data(), rgx.data(), rgy.data()));
   Tally t;
   for (int64_t i = 0; i < kN; ++i) {
     t.GradsF32(x[i], y[i], w[i], p[i], gx[i], gy[i], rgx[i], rgy[i], kN);
@@ -446,11 +445,8 @@ TEST_P(AccuracyTest, Float32NormalizedMeanGradientsWithDivisorBeyondFloat) {
   a.has_ignore_index = true;
   a.ignore_index = -100;
   a.normalize = true;
-  float l;
-  ASSERT_TRUE(MakeCpuBackend({1})->Bce(a, {&l, gx.data(), gy.data()}).ok());
-  double rl;
   std::vector<double> rgx(kN), rgy(kN);
-  ReferenceBce(a, &rl, rgx.data(), rgy.data());
+  ASSERT_NO_FATAL_FAILURE(MeanGradients(a, gx.data(), gy.data(), rgx.data(), rgy.data()));
   Tally t;
   for (int64_t i = 0; i < kN; ++i) {
     if (y[i] == -100.0f) {

@@ -32,20 +32,7 @@
 namespace lossd::kernels {
 namespace {
 
-using cuda_test::Close;
-using cuda_test::ExpectMatchesReference;
-using cuda_test::F32Args;
-using cuda_test::F32Element;
-using cuda_test::F32Problem;
-using cuda_test::GradTermScales;
-using cuda_test::kInf;
-using cuda_test::kNaN;
-using cuda_test::MakeF32Problem;
-using cuda_test::OperandAt;
-using cuda_test::SpecialGrid;
-using cuda_test::UlpDistance;
-using cuda_test::UlpF32;
-using cuda_test::UlpOf;
+using namespace cuda_test;  // the helpers of tests/kernels/cuda_test_util.h
 
 #define SKIP_WITHOUT_GPU()                                                          \
   do {                                                                              \
@@ -84,8 +71,10 @@ TEST(CudaBuildTest, CompiledAndFailedPreconditionWithoutDevice) {
 // Every backend test runs with both element maths of the fused kernel for float and half
 // inputs (CudaOptions::float_math false and true): "Cuda/CudaBackendTest.<test>/MixedMath" and
 // ".../FloatMath".
+// Each is skipped without a CUDA device (SetUp).
 class CudaBackendTest : public ::testing::TestWithParam<bool> {
  protected:
+  void SetUp() override { SKIP_WITHOUT_GPU(); }
   bool float_math() const { return GetParam(); }
   std::unique_ptr<Backend> Cuda() const { return cuda_test::Cuda(float_math()); }
 };
@@ -96,7 +85,6 @@ INSTANTIATE_TEST_SUITE_P(Cuda, CudaBackendTest, ::testing::Bool(),
                          });
 
 TEST_P(CudaBackendTest, Float32WithinFourUlpOfReference) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   F32Problem pr = MakeF32Problem(3001, 37, 11, true);  // not a multiple of the block size
@@ -108,7 +96,6 @@ TEST_P(CudaBackendTest, Float32WithinFourUlpOfReference) {
 }
 
 TEST_P(CudaBackendTest, Float32SpecialValues) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   SpecialGrid g;
@@ -144,7 +131,6 @@ TEST_P(CudaBackendTest, Float32SpecialValues) {
 }
 
 TEST_P(CudaBackendTest, Float32Broadcasting) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   // C = 36: a multiple of 4, so [C] operands load 4 values at once and [N,1] operands (inner
@@ -283,23 +269,19 @@ void CheckTyped(bool float_math, DType dtype, double xmax, double wmax) {
 }
 
 TEST_P(CudaBackendTest, Float64) {
-  SKIP_WITHOUT_GPU();
   CheckTyped(float_math(), DType::kFloat64, 700, 1e3);
 }
 
 TEST_P(CudaBackendTest, Float16) {
-  SKIP_WITHOUT_GPU();
   CheckTyped(float_math(), DType::kFloat16, 12, 10);
 }
 
 TEST_P(CudaBackendTest, BFloat16) {
-  SKIP_WITHOUT_GPU();
   CheckTyped(float_math(), DType::kBFloat16, 60, 1e3);
 }
 
 // SUM and MEAN against the reference and the CPU backend, over sizes around the block size.
 TEST_P(CudaBackendTest, ReductionsMatchReferenceAndCpu) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   auto cpu = MakeCpuBackend({2});
@@ -318,7 +300,6 @@ TEST_P(CudaBackendTest, ReductionsMatchReferenceAndCpu) {
 }
 
 TEST_P(CudaBackendTest, MatchesCpuBackend) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   auto cpu = MakeCpuBackend({2});
@@ -342,7 +323,6 @@ TEST_P(CudaBackendTest, MatchesCpuBackend) {
 }
 
 TEST_P(CudaBackendTest, LargeReduction) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   auto cpu = MakeCpuBackend();
@@ -373,7 +353,6 @@ TEST_P(CudaBackendTest, LargeReduction) {
 // backends then divide in double; per element against the CPU backend (4 ulp of the larger
 // term over n) and the loss against it (1e-6 relative).
 TEST_P(CudaBackendTest, MeanGradientsBeyondFloatExactCounts) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   auto cpu = MakeCpuBackend();
@@ -403,7 +382,6 @@ TEST_P(CudaBackendTest, MeanGradientsBeyondFloatExactCounts) {
 // label smoothing (both in the fused kernel) on 1.5M elements, against the reference (1e-6
 // relative for SUM and MEAN, 4 ulp per element for NONE) and bitwise repeatable.
 TEST_P(CudaBackendTest, GenericReductionsOverManyBlocks) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   F32Problem pr = MakeF32Problem(40009, 37, 61, false);  // 1,480,333 elements
@@ -454,7 +432,6 @@ TEST_P(CudaBackendTest, GenericReductionsOverManyBlocks) {
 // 703 whole blocks and one of 596): per element against the reference (4 ulp, gradients 4 ulp of
 // the larger term), MEAN within 1e-6 of the reference and of the CPU backend.
 TEST_P(CudaBackendTest, FusedOverManyBlocksWithVectorOperands) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   auto cpu = MakeCpuBackend({2});
@@ -475,7 +452,6 @@ TEST_P(CudaBackendTest, FusedOverManyBlocksWithVectorOperands) {
 }
 
 TEST_P(CudaBackendTest, RepeatedAndConcurrentRunsAreBitwiseIdentical) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   F32Problem pr = MakeF32Problem(50021, 7, 31, true);
@@ -508,7 +484,6 @@ TEST_P(CudaBackendTest, RepeatedAndConcurrentRunsAreBitwiseIdentical) {
 }
 
 TEST_P(CudaBackendTest, EmptyTensor) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   BceArgs a;
@@ -526,7 +501,6 @@ TEST_P(CudaBackendTest, EmptyTensor) {
 
 // Any subset of outputs may be requested; each equals the full run's bit for bit.
 TEST_P(CudaBackendTest, NullOutputsAreSkipped) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   F32Problem pr = MakeF32Problem(777, 13, 41, true);
@@ -549,7 +523,6 @@ TEST_P(CudaBackendTest, NullOutputsAreSkipped) {
 // kernel with per-sample mean or per-element values; focal: the option kernel) under every
 // reduction, with and without per-element values, against the float64 reference.
 TEST_P(CudaBackendTest, GenericOptionsMatchReference) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   F32Problem pr = MakeF32Problem(517, 13, 57, false);       // 6721 elements: 4 reduction blocks
@@ -663,7 +636,6 @@ TEST_P(CudaBackendTest, GenericOptionsMatchReference) {
 
 // should_stop is polled before any work: CANCELLED, nothing counted.
 TEST_P(CudaBackendTest, ShouldStopCancelsBeforeLaunch) {
-  SKIP_WITHOUT_GPU();
   auto cuda = Cuda();
   ASSERT_NE(cuda, nullptr);
   F32Problem pr = MakeF32Problem(100, 3, 5, false);
@@ -680,7 +652,6 @@ TEST_P(CudaBackendTest, ShouldStopCancelsBeforeLaunch) {
 // The device entry point on misaligned pointers (scalar loads and stores) equals the aligned,
 // vectorized run bit for bit, for every dtype.
 TEST_P(CudaBackendTest, UnalignedDevicePointersMatchAligned) {
-  SKIP_WITHOUT_GPU();
   for (DType dtype : {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16}) {
     TypedProblem pr = MakeTyped(dtype, 301, 11, 20, 10, 5);
     const size_t item = ItemSize(dtype), bytes = pr.n * item;

@@ -23,17 +23,7 @@
 namespace lossd::kernels {
 namespace {
 
-using cuda_test::ExpectMatchesReference;
-using cuda_test::F32Args;
-using cuda_test::F32Element;
-using cuda_test::F32Problem;
-using cuda_test::GradTermScales;
-using cuda_test::kInf;
-using cuda_test::kNaN;
-using cuda_test::MakeF32Problem;
-using cuda_test::SpecialGrid;
-using cuda_test::UlpDistance;
-using cuda_test::UlpF32;
+using namespace cuda_test;  // the helpers of tests/kernels/cuda_test_util.h
 
 // ExpNonPos (the device exp) over a dense sample of [-104, 0]: below 0.8 ulp (the header
 // states 0.76 measured exhaustively), subnormal results below 1 ulp of the subnormal grid.

@@ -13,15 +13,12 @@
 #include <vector>
 
 #include "lossd/kernels/exact_sum.h"
+#include "tests/kernels/test_util.h"
 
 namespace lossd::kernels {
 namespace {
 
-uint64_t Bits(double v) {
-  uint64_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  return b;
-}
+using lossd::testing::Bits;
 
 // Values of very different magnitudes and signs, so that the block tree's rounding matters.
 std::vector<double> Values(int64_t n, uint32_t seed) {

@@ -267,6 +267,16 @@ TEST(FocalTest, HardLabelsMatchLongDouble) {
       HardLabelFocal);
 }
 
+// x of the focal tests' draw i, a float: from ux, every 4th from ux8, every 512th far out
+// (+-1e3, 1e30 or 1e-30).
+double FocalX(int i, std::mt19937_64& rng, std::uniform_real_distribution<double>& ux,
+              std::uniform_real_distribution<double>& ux8) {
+  constexpr double kFar[] = {1e3, 1e30, 1e-30};
+  double xd = i % 4 == 0 ? ux8(rng) : ux(rng);
+  if (i % 512 == 7) xd = kFar[(i / 512) % 3] * ((i / 1536) % 2 ? -1 : 1);
+  return static_cast<float>(xd);
+}
+
 // The backends evaluate the focal loss in double for every dtype and round once: for float
 // inputs and hard labels, the float32 loss and dl/dx are within 1 float32 ulp of the exact
 // value (the double error is far below the final rounding; the gradient's terms have one sign).
@@ -275,13 +285,10 @@ TEST(FocalTest, HardLabelsRoundedToFloatWithinOneUlp) {
   std::uniform_real_distribution<double> ux(-40, 40), ux8(-8, 8), uw(0, 1e3);
   const double alphas[] = {0.25, -1.0, 0.0, 1.0};
   const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
-  const double far[] = {1e3, 1e30, 1e-30};
   double worst_loss = 0, worst_gx = 0;
   const int draws = static_cast<int>(ScaledCount(1 << 18));
   for (int i = 0; i < draws; ++i) {
-    double xd = i % 4 == 0 ? ux8(rng) : ux(rng);
-    if (i % 512 == 7) xd = far[(i / 512) % 3] * ((i / 1536) % 2 ? -1 : 1);
-    const double x = static_cast<float>(xd);
+    const double x = FocalX(i, rng, ux, ux8);
     const double y = (rng() & 1) ? 1.0 : 0.0;
     const double w = static_cast<float>(i % 64 == 0 ? 0.0 : i % 8 == 1 ? 1.0 : uw(rng));
     const double alpha = alphas[rng() % 4], gamma = gammas[rng() % 5];
@@ -450,14 +457,11 @@ TEST(FocalTest, SoftLabelsRoundedToFloatWithinOneUlp) {
   std::uniform_real_distribution<double> ux(-40, 40), ux8(-8, 8), uy(0, 1), uw(0, 1e3);
   const double alphas[] = {0.25, -1.0, 0.0, 1.0};
   const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
-  const double far[] = {1e3, 1e30, 1e-30};
   const double edge_y[] = {1e-6, 1 - 1e-6, 1e-12, 1e-30, 0.5};
   double worst_loss = 0, worst_gx = 0;
   const int draws = static_cast<int>(ScaledCount(1 << 18));
   for (int i = 0; i < draws; ++i) {
-    double xd = i % 4 == 0 ? ux8(rng) : ux(rng);
-    if (i % 512 == 7) xd = far[(i / 512) % 3] * ((i / 1536) % 2 ? -1 : 1);
-    const double x = static_cast<float>(xd);
+    const double x = FocalX(i, rng, ux, ux8);
     double y = static_cast<float>(i % 4 == 1 ? edge_y[rng() % 5] : uy(rng));
     if (y == 0 || y == 1) y = 0.25;
     const double w = static_cast<float>(i % 64 == 0 ? 0.0 : i % 8 == 1 ? 1.0 : uw(rng));

@@ -18,6 +18,13 @@
 
 namespace lossd::testing {
 
+// The bits of `v`: compares doubles bit for bit (the sign of a zero, a NaN's payload).
+inline uint64_t Bits(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+
 // LOSSD_TEST_SCALE (environment variable, default 1): the fraction of their random draws that
 // the longest tests make, in (0, 1]. Only for slow machines and emulators: `make test-arm` runs
 // the suite under qemu with 0.25 (docs/kernels.md section "ARM"). Unset, empty or out of range:

@@ -18,10 +18,7 @@
 namespace lossd::server {
 namespace {
 
-using testing::Connect;
-using testing::LoopbackOptions;
-using testing::RandomRequest;
-using testing::SliceRows;
+using namespace testing;  // the helpers of tests/server/test_server_util.h
 
 uint64_t Bits(double v) {
   uint64_t b;
@@ -65,9 +62,8 @@ grpc::Status Merge(v1::LossService::Stub* stub, const std::vector<std::string>& 
 }
 
 void CheckMergedSlices(v1::Reduction reduction, int specials) {
-  auto server = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto stub = Connect((*server)->port());
+  auto server = StartServer();
+  auto stub = Connect(server->port());
   const int64_t rows = 1733, cols = 13;  // 22529 elements: several reduction blocks
   v1::EvaluateRequest full = RandomRequest<float>(rows, cols, 17, reduction);
   const float inf = std::numeric_limits<float>::infinity(), zero = 0.0f;
@@ -129,9 +125,8 @@ TEST(AccumulatePartialTest, MergedSlicesEqualOneAccumulateWithNaN) {
 }
 
 TEST(AccumulatePartialTest, NormalizeWithIgnoreIndexMergesKeptCounts) {
-  auto server = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer();
+  auto stub = Connect(server->port());
   const int64_t rows = 500, cols = 9;
   v1::EvaluateRequest full = RandomRequest<float>(rows, cols, 5, v1::REDUCTION_MEAN);
   full.mutable_bce_with_logits()->set_ignore_index(0);  // targets that are exactly 0
@@ -147,9 +142,8 @@ TEST(AccumulatePartialTest, NormalizeWithIgnoreIndexMergesKeptCounts) {
 }
 
 TEST(AccumulatePartialTest, RejectsMalformedAndMismatchedStates) {
-  auto server = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer();
+  auto stub = Connect(server->port());
   const int64_t rows = 300, cols = 11;
   const v1::EvaluateRequest full = RandomRequest<float>(rows, cols, 8, v1::REDUCTION_SUM);
   const std::string a = AccumulateRows(stub.get(), full, 0, 100, 30, 0).partial_state();
@@ -193,9 +187,8 @@ TEST(AccumulatePartialTest, RejectsMalformedAndMismatchedStates) {
 }
 
 TEST(AccumulatePartialTest, SliceOffsetIsValidated) {
-  auto server = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer();
+  auto stub = Connect(server->port());
   const v1::EvaluateRequest full = RandomRequest<float>(100, 5, 8, v1::REDUCTION_SUM);
   grpc::Status s;
   AccumulateRows(stub.get(), full, 0, 100, 30, -5, &s);
@@ -204,16 +197,10 @@ TEST(AccumulatePartialTest, SliceOffsetIsValidated) {
             std::string::npos)
       << s.error_message();
   {
-    grpc::ClientContext ctx;
-    v1::AccumulateResponse acc;
-    auto writer = stub->Accumulate(&ctx, &acc);
     v1::EvaluateRequest p0 = SliceRows(full, 0, 50), p1 = SliceRows(full, 50, 100);
     p0.mutable_accumulate_slice()->set_element_offset(10);
     p1.mutable_accumulate_slice()->set_element_offset(11);
-    writer->Write(p0);
-    writer->Write(p1);
-    writer->WritesDone();
-    s = writer->Finish();
+    s = Accumulate(stub.get(), {p0, p1});
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_NE(s.error_message().find("batch 1: accumulate_slice.element_offset 11 differs"),
               std::string::npos)

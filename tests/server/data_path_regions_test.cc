@@ -247,9 +247,8 @@ TEST_F(DataPathRegionsTest, WithoutAResolverReferencesNeedSharedMemory) {
 
 // Accumulate takes no output placement; over a real socket.
 TEST(DataPathRegionsServerTest, AccumulateRefusesOutputPlacement) {
-  auto server = LossdServer::Start(testing::LoopbackOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = testing::Connect((*server)->port());
+  auto server = testing::StartServer();
+  auto stub = testing::Connect(server->port());
   grpc::ClientContext ctx;
   v1::AccumulateResponse resp;
   auto writer = stub->Accumulate(&ctx, &resp);

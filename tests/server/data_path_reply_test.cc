@@ -28,9 +28,7 @@
 namespace lossd::server {
 namespace {
 
-using testing::Connect;
-using testing::LoopbackOptions;
-using testing::RandomRequest;
+using namespace testing;  // the helpers of tests/server/test_server_util.h
 
 // The reply as lossd built it before the data path: the request's own data, each output a
 // std::string resized to its size, then SerializeToString.
@@ -109,9 +107,7 @@ class DataPathReplyTest : public ::testing::Test {
     grpc_init();
     ServerOptions o = LoopbackOptions();
     o.inline_elements = 1000;  // small batches inline, large ones on the workers
-    auto s = LossdServer::Start(o);
-    ASSERT_TRUE(s.ok()) << s.status();
-    server_ = s->release();
+    server_ = StartServer(o).release();
   }
   static void TearDownTestSuite() {
     delete server_;

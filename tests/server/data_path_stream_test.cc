@@ -15,13 +15,12 @@
 namespace lossd::server {
 namespace {
 
-using testing::Connect;
-using testing::LoopbackOptions;
-using testing::RandomRequest;
+using namespace testing;  // the helpers of tests/server/test_server_util.h
 
-std::vector<v1::EvaluateStreamResponse> RunStream(v1::LossService::Stub* stub,
-                                                  const std::vector<v1::EvaluateRequest>& batches,
-                                                  grpc::Status* status) {
+// Sends `batches` on one EvaluateStream (writing while reading) into `replies`, and checks that
+// the stream ends OK with one reply per batch, in order, none of them an error.
+void RunStream(v1::LossService::Stub* stub, const std::vector<v1::EvaluateRequest>& batches,
+               std::vector<v1::EvaluateStreamResponse>* replies) {
   grpc::ClientContext ctx;
   auto stream = stub->EvaluateStream(&ctx);
   std::thread writer([&] {
@@ -30,12 +29,16 @@ std::vector<v1::EvaluateStreamResponse> RunStream(v1::LossService::Stub* stub,
     }
     stream->WritesDone();
   });
-  std::vector<v1::EvaluateStreamResponse> replies;
   v1::EvaluateStreamResponse r;
-  while (stream->Read(&r)) replies.push_back(r);
+  while (stream->Read(&r)) replies->push_back(r);
   writer.join();
-  *status = stream->Finish();
-  return replies;
+  const grpc::Status status = stream->Finish();
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(replies->size(), batches.size());
+  for (size_t k = 0; k < replies->size(); ++k) {
+    ASSERT_TRUE((*replies)[k].has_response()) << (*replies)[k].error().message();
+    EXPECT_EQ((*replies)[k].request_id(), batches[k].request_id());
+  }
 }
 
 // One worker computes the batches in order; the window lets the reactor read batch k+1 while
@@ -46,9 +49,8 @@ TEST(DataPathStreamTest, BatchesOverlapOnTheStream) {
   o.workers = 1;
   o.cpu_threads = 1;
   o.stream_window = 4;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(o);
+  auto stub = Connect(server->port());
   std::vector<v1::EvaluateRequest> batches;
   for (int k = 0; k < 4; ++k) {
     // 1M float32 elements: 8 MiB of logits and targets per batch.
@@ -57,13 +59,9 @@ TEST(DataPathStreamTest, BatchesOverlapOnTheStream) {
     b.mutable_gradients()->set_logits(true);
     batches.push_back(std::move(b));
   }
-  grpc::Status status;
-  const auto replies = RunStream(stub.get(), batches, &status);
-  ASSERT_TRUE(status.ok()) << status.error_message();
-  ASSERT_EQ(replies.size(), batches.size());
+  std::vector<v1::EvaluateStreamResponse> replies;
+  ASSERT_NO_FATAL_FAILURE(RunStream(stub.get(), batches, &replies));
   for (size_t k = 0; k < replies.size(); ++k) {
-    ASSERT_TRUE(replies[k].has_response()) << replies[k].error().message();
-    EXPECT_EQ(replies[k].request_id(), batches[k].request_id());
     const v1::Timing& t = replies[k].response().timing();
     EXPECT_GT(t.received_unix_ns(), 0);
     EXPECT_LE(t.received_unix_ns(), t.compute_start_unix_ns());
@@ -83,9 +81,8 @@ TEST(DataPathStreamTest, BatchesOverlapOnTheStream) {
 TEST(DataPathStreamTest, InlineSmallBatchesKeepTheOrder) {
   ServerOptions o = LoopbackOptions();
   o.inline_elements = 4096;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(o);
+  auto stub = Connect(server->port());
   std::vector<v1::EvaluateRequest> batches;
   std::vector<v1::EvaluateResponse> expected;
   for (int k = 0; k < 24; ++k) {
@@ -99,20 +96,16 @@ TEST(DataPathStreamTest, InlineSmallBatchesKeepTheOrder) {
     expected.push_back(unary);
     batches.push_back(std::move(b));
   }
-  grpc::Status status;
-  const auto replies = RunStream(stub.get(), batches, &status);
-  ASSERT_TRUE(status.ok()) << status.error_message();
-  ASSERT_EQ(replies.size(), batches.size());
+  std::vector<v1::EvaluateStreamResponse> replies;
+  ASSERT_NO_FATAL_FAILURE(RunStream(stub.get(), batches, &replies));
   for (size_t k = 0; k < replies.size(); ++k) {
-    ASSERT_TRUE(replies[k].has_response()) << replies[k].error().message();
-    EXPECT_EQ(replies[k].request_id(), batches[k].request_id());
     EXPECT_EQ(replies[k].response().loss().data(), expected[k].loss().data()) << k;
     EXPECT_EQ(replies[k].response().grad_logits().data(), expected[k].grad_logits().data()) << k;
   }
-  for (int i = 0; i < 500 && (*server)->held_bytes() != 0; ++i) {
+  for (int i = 0; i < 500 && server->held_bytes() != 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
-  EXPECT_EQ((*server)->held_bytes(), 0);
+  EXPECT_EQ(server->held_bytes(), 0);
 }
 
 }  // namespace

@@ -23,10 +23,7 @@
 namespace lossd::server {
 namespace {
 
-using testing::Connect;
-using testing::LoopbackOptions;
-using testing::MakeTensor;
-using testing::RandomRequest;
+using namespace testing;  // the helpers of tests/server/test_server_util.h
 
 constexpr int64_t kTwo31 = int64_t{1} << 31;
 constexpr int64_t kTwo40 = int64_t{1} << 40;
@@ -59,9 +56,7 @@ class HardeningTest : public ::testing::Test {
   void SetUp() override {
     ServerOptions o = LoopbackOptions();
     o.max_elements = 1'000'000;
-    auto s = LossdServer::Start(o);
-    ASSERT_TRUE(s.ok()) << s.status();
-    server_ = *std::move(s);
+    server_ = StartServer(o);
     stub_ = Connect(server_->port());
   }
   std::unique_ptr<LossdServer> server_;
@@ -102,9 +97,8 @@ TEST_F(HardeningTest, PerSampleMeanOutputCountIsLimited) {
 TEST(HardeningReplyTest, ReplyOverMessageLimitIsRefusedUpFront) {
   ServerOptions o = LoopbackOptions();
   o.max_message_bytes = 1 << 20;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(o);
+  auto stub = Connect(server->port());
   // 96k float32 elements: 768 KiB of request, 1152 KiB of reply with both gradients.
   v1::EvaluateRequest req = RandomRequest<float>(1536, 64, 2, v1::REDUCTION_NONE);
   req.clear_weight();
@@ -258,21 +252,20 @@ TEST(HardeningCancelTest, CancelStopsWithinOneChunkPerThread) {
   ServerOptions o = LoopbackOptions();
   o.workers = 1;
   o.cpu_threads = 2;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(o);
+  auto stub = Connect(server->port());
   const v1::EvaluateRequest req = testing::SlowRequest(1 << 17);  // 8M elements
   const int64_t total_chunks = (int64_t{1} << 23) / kernels::kChunkElements;
   double most_client_to_idle_ms = 0;
   for (int round = 0; round < 3; ++round) {
-    const int64_t c0 = (*server)->chunks_done();
+    const int64_t c0 = server->chunks_done();
     grpc::ClientContext ctx;
     v1::EvaluateResponse resp;
-    const int64_t s0 = (*server)->chunks_started();
+    const int64_t s0 = server->chunks_started();
     std::chrono::steady_clock::time_point cancelled_at;
     std::thread canceller([&] {
       // Cancel once the computation is under way (a few chunks started), not at a fixed time.
-      for (int i = 0; i < 10000 && (*server)->chunks_started() - s0 < 4; ++i) {
+      for (int i = 0; i < 10000 && server->chunks_started() - s0 < 4; ++i) {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
       cancelled_at = std::chrono::steady_clock::now();
@@ -281,23 +274,23 @@ TEST(HardeningCancelTest, CancelStopsWithinOneChunkPerThread) {
     grpc::Status s = stub->Evaluate(&ctx, req, &resp);
     canceller.join();
     EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED);
-    for (int i = 0; i < 5000 && (*server)->in_flight_calls() > 0; ++i) {
+    for (int i = 0; i < 5000 && server->in_flight_calls() > 0; ++i) {
       std::this_thread::sleep_for(std::chrono::microseconds(500));
     }
     most_client_to_idle_ms = std::max(
         most_client_to_idle_ms,
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - cancelled_at)
             .count());
-    EXPECT_LT((*server)->chunks_done() - c0, total_chunks) << "the call ran to completion";
+    EXPECT_LT(server->chunks_done() - c0, total_chunks) << "the call ran to completion";
   }
-  EXPECT_GT((*server)->max_cancel_stop_ns(), 0) << "no cancel was seen during a computation";
-  EXPECT_LE((*server)->chunks_after_cancel(), 3 * o.cpu_threads)
+  EXPECT_GT(server->max_cancel_stop_ns(), 0) << "no cancel was seen during a computation";
+  EXPECT_LE(server->chunks_after_cancel(), 3 * o.cpu_threads)
       << "more than one chunk per kernel thread after the cancel was seen";
   std::printf("client cancel -> call ended on the server: at most %.2f ms; cancel seen -> "
               "computation stopped: at most %.2f ms; chunks after the cancel was seen: %lld in 3 "
               "calls (%d kernel threads)\n",
-              most_client_to_idle_ms, (*server)->max_cancel_stop_ns() * 1e-6,
-              static_cast<long long>((*server)->chunks_after_cancel()), o.cpu_threads);
+              most_client_to_idle_ms, server->max_cancel_stop_ns() * 1e-6,
+              static_cast<long long>(server->chunks_after_cancel()), o.cpu_threads);
 }
 
 // Memory admission: a call whose request and reply would pass --max_inflight_bytes gets
@@ -307,10 +300,9 @@ TEST(HardeningMemoryTest, InflightBytesAreBounded) {
   o.max_inflight_bytes = 24 << 20;
   o.workers = 1;
   o.cpu_threads = 1;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  EXPECT_EQ((*server)->max_inflight_bytes(), 24 << 20);
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(o);
+  EXPECT_EQ(server->max_inflight_bytes(), 24 << 20);
+  auto stub = Connect(server->port());
   // 2M float32 elements: 16 MiB of request, held twice (bytes and parsed): over 24 MiB.
   v1::EvaluateRequest big = RandomRequest<float>(1 << 15, 64, 4, v1::REDUCTION_SUM);
   v1::EvaluateResponse resp;
@@ -323,17 +315,17 @@ TEST(HardeningMemoryTest, InflightBytesAreBounded) {
   v1::EvaluateRequest mid = testing::SlowRequest(1 << 12, v1::REDUCTION_NONE, 5);
   mid.mutable_gradients()->set_logits(true);
   const testing::CodeCounts n = testing::ConcurrentCalls(8, [&] {
-    auto own = Connect((*server)->port());
+    auto own = Connect(server->port());
     v1::EvaluateResponse r;
     return Call(own.get(), mid, &r).error_code();
   });
   EXPECT_EQ(n.other, 0);
   EXPECT_GE(n.ok, 1);
   EXPECT_GE(n.exhausted, 1) << "8 concurrent calls of ~8 MiB each under a 24 MiB budget";
-  for (int i = 0; i < 500 && (*server)->held_bytes() != 0; ++i) {
+  for (int i = 0; i < 500 && server->held_bytes() != 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
-  EXPECT_EQ((*server)->held_bytes(), 0) << "bytes still held after every call ended";
+  EXPECT_EQ(server->held_bytes(), 0) << "bytes still held after every call ended";
   // A small call still works.
   EXPECT_TRUE(Call(stub.get(), RandomRequest<float>(4, 7, 1, v1::REDUCTION_SUM), &resp).ok());
 }
@@ -356,37 +348,34 @@ TEST(HardeningMemoryTest, DefaultsFollowTheCgroupLimits) {
   o.workers = 0;
   o.cpu_threads = 0;
   o.host_root = root.string();
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok()) << server.status();
-  EXPECT_EQ((*server)->workers(), 2);
-  EXPECT_EQ((*server)->cpu_threads(), 2);
-  EXPECT_EQ((*server)->max_inflight_bytes(), static_cast<int64_t>(0.6 * 1073741824.0));
+  auto server = StartServer(o);
+  EXPECT_EQ(server->workers(), 2);
+  EXPECT_EQ(server->cpu_threads(), 2);
+  EXPECT_EQ(server->max_inflight_bytes(), static_cast<int64_t>(0.6 * 1073741824.0));
   std::filesystem::remove_all(root);
 }
 
 // After a large call the allocator's free memory goes back to the OS once the server is idle.
 TEST(HardeningMemoryTest, IdleServerTrimsAfterLargeCall) {
-  auto server = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
-  const int64_t trims = (*server)->memory_trims();
+  auto server = StartServer();
+  auto stub = Connect(server->port());
+  const int64_t trims = server->memory_trims();
   v1::EvaluateResponse resp;
   // 4M float32 elements: 32 MiB of request (a call that leaves megabytes in the allocator).
   ASSERT_TRUE(
       Call(stub.get(), RandomRequest<float>(1 << 16, 64, 6, v1::REDUCTION_SUM), &resp).ok());
-  for (int i = 0; i < 400 && (*server)->memory_trims() == trims; ++i) {
+  for (int i = 0; i < 400 && server->memory_trims() == trims; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  EXPECT_GT((*server)->memory_trims(), trims);
+  EXPECT_GT(server->memory_trims(), trims);
 }
 
 // A second server on a port in use fails to start (gRPC's default SO_REUSEPORT let both bind
 // and split the connections between them).
 TEST(HardeningConnectionTest, PortInUseFailsToStart) {
-  auto first = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(first.ok());
+  auto first = StartServer();
   ServerOptions o = LoopbackOptions();
-  o.port = (*first)->port();
+  o.port = first->port();
   auto second = LossdServer::Start(o);
   EXPECT_FALSE(second.ok()) << "a second server bound port " << o.port;
   if (!second.ok()) EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
@@ -400,9 +389,8 @@ TEST(HardeningConnectionTest, IdleAndAgedConnectionsAreClosed) {
     o.max_connection_idle = by_age ? absl::ZeroDuration() : absl::Milliseconds(300);
     o.max_connection_age = by_age ? absl::Milliseconds(300) : absl::ZeroDuration();
     o.max_connection_age_grace = absl::Milliseconds(300);
-    auto server = LossdServer::Start(o);
-    ASSERT_TRUE(server.ok());
-    auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->port()),
+    auto server = StartServer(o);
+    auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
                                        grpc::InsecureChannelCredentials());
     auto stub = v1::LossService::NewStub(channel);
     v1::EvaluateResponse resp;
@@ -426,9 +414,8 @@ TEST(HardeningConnectionTest, ConcurrentStreamsPerConnectionAreCapped) {
   for (const int cap : {1, 2}) {
     ServerOptions o = LoopbackOptions();
     o.max_concurrent_streams = cap;
-    auto server = LossdServer::Start(o);
-    ASSERT_TRUE(server.ok());
-    auto stub = Connect((*server)->port());  // one channel, one connection
+    auto server = StartServer(o);
+    auto stub = Connect(server->port());  // one channel, one connection
     const v1::EvaluateRequest req = RandomRequest<float>(4, 7, 1, v1::REDUCTION_SUM);
     grpc::ClientContext stream_ctx;
     auto stream = stub->EvaluateStream(&stream_ctx);

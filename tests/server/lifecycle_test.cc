@@ -15,11 +15,7 @@
 namespace lossd::server {
 namespace {
 
-using testing::Connect;
-using testing::LoopbackOptions;
-using testing::RandomRequest;
-using testing::SlowRequest;
-using testing::Values;
+using namespace testing;  // the helpers of tests/server/test_server_util.h
 
 constexpr int64_t kSlowRows = 1 << 16;  // 4M elements, 64 chunks
 constexpr int64_t kSlowChunks = (kSlowRows * 64) / kernels::kChunkElements;
@@ -32,20 +28,15 @@ ServerOptions OneThreadOptions() {
 }
 
 TEST(LifecycleTest, DeadlineStopsWork) {
-  auto server = LossdServer::Start(OneThreadOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(OneThreadOptions());
+  auto stub = Connect(server->port());
   const v1::EvaluateRequest req = SlowRequest(kSlowRows);
   // Reference: the full request completes all chunks.
-  const int64_t c0 = (*server)->chunks_done();
-  {
-    grpc::ClientContext ctx;
-    v1::EvaluateResponse resp;
-    ASSERT_TRUE(stub->Evaluate(&ctx, req, &resp).ok());
-  }
-  const int64_t full = (*server)->chunks_done() - c0;
+  const int64_t c0 = server->chunks_done();
+  ASSERT_TRUE(Evaluate(stub.get(), req).ok());
+  const int64_t full = server->chunks_done() - c0;
   EXPECT_EQ(full, kSlowChunks);
-  const int64_t c1 = (*server)->chunks_done();
+  const int64_t c1 = server->chunks_done();
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(60));
   v1::EvaluateResponse resp;
@@ -53,16 +44,15 @@ TEST(LifecycleTest, DeadlineStopsWork) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   // The server notices within one chunk; give it time to settle, then count.
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  const int64_t partial = (*server)->chunks_done() - c1;
+  const int64_t partial = server->chunks_done() - c1;
   EXPECT_LT(partial, full / 2) << "work went on after the deadline";
 }
 
 TEST(LifecycleTest, CancelStopsWork) {
-  auto server = LossdServer::Start(OneThreadOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(OneThreadOptions());
+  auto stub = Connect(server->port());
   const v1::EvaluateRequest req = SlowRequest(kSlowRows);
-  const int64_t c0 = (*server)->chunks_done();
+  const int64_t c0 = server->chunks_done();
   grpc::ClientContext ctx;
   v1::EvaluateResponse resp;
   std::thread canceller([&ctx] {
@@ -73,7 +63,7 @@ TEST(LifecycleTest, CancelStopsWork) {
   canceller.join();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  EXPECT_LT((*server)->chunks_done() - c0, kSlowChunks / 2) << "work went on after cancel";
+  EXPECT_LT(server->chunks_done() - c0, kSlowChunks / 2) << "work went on after cancel";
   // Still serving.
   grpc::ClientContext ctx2;
   EXPECT_TRUE(stub->Evaluate(&ctx2, RandomRequest<float>(4, 7, 1, v1::REDUCTION_SUM), &resp).ok());
@@ -82,9 +72,8 @@ TEST(LifecycleTest, CancelStopsWork) {
 TEST(LifecycleTest, FullQueueFailsFastWithResourceExhausted) {
   ServerOptions o = OneThreadOptions();
   o.queue_capacity = 1;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(o);
+  auto stub = Connect(server->port());
   const v1::EvaluateRequest req = SlowRequest(kSlowRows / 8);
   const testing::CodeCounts n = testing::ConcurrentCalls(8, [&] {
     grpc::ClientContext ctx;
@@ -99,9 +88,8 @@ TEST(LifecycleTest, FullQueueFailsFastWithResourceExhausted) {
 TEST(LifecycleTest, MessageSizeLimit) {
   ServerOptions o = LoopbackOptions();
   o.max_message_bytes = 1 << 20;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(o);
+  auto stub = Connect(server->port());
   grpc::ClientContext ctx;
   v1::EvaluateResponse resp;
   grpc::Status s = stub->Evaluate(&ctx, RandomRequest<float>(8192, 64, 1, v1::REDUCTION_SUM), &resp);
@@ -109,9 +97,8 @@ TEST(LifecycleTest, MessageSizeLimit) {
 }
 
 TEST(LifecycleTest, GracefulDrain) {
-  auto server = LossdServer::Start(OneThreadOptions());
-  ASSERT_TRUE(server.ok());
-  const int port = (*server)->port();
+  auto server = StartServer(OneThreadOptions());
+  const int port = server->port();
   auto stub = Connect(port);
   auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
                                      grpc::InsecureChannelCredentials());
@@ -123,11 +110,11 @@ TEST(LifecycleTest, GracefulDrain) {
     grpc::ClientContext ctx;
     inflight = stub->Evaluate(&ctx, SlowRequest(kSlowRows / 2), &inflight_resp);
   });
-  for (int i = 0; i < 1000 && (*server)->in_flight_calls() == 0; ++i) {
+  for (int i = 0; i < 1000 && server->in_flight_calls() == 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  ASSERT_EQ((*server)->in_flight_calls(), 1);
-  std::thread drainer([&] { (*server)->Shutdown(absl::Seconds(20)); });
+  ASSERT_EQ(server->in_flight_calls(), 1);
+  std::thread drainer([&] { server->Shutdown(absl::Seconds(20)); });
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   // ...while draining: health says NOT_SERVING and new calls are refused.
   {
@@ -152,23 +139,16 @@ TEST(LifecycleTest, GracefulDrain) {
 TEST(LifecycleTest, ManyConcurrentClients) {
   ServerOptions o = LoopbackOptions();
   o.queue_capacity = 1024;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  const int port = (*server)->port();
+  auto server = StartServer(o);
   const v1::EvaluateRequest req = RandomRequest<float>(300, 11, 7, v1::REDUCTION_SUM);
-  std::string want;
-  {
-    auto stub = Connect(port);
-    grpc::ClientContext ctx;
-    v1::EvaluateResponse resp;
-    ASSERT_TRUE(stub->Evaluate(&ctx, req, &resp).ok());
-    want = resp.loss().data();
-  }
+  v1::EvaluateResponse first;
+  ASSERT_TRUE(Evaluate(Connect(server->port()).get(), req, &first).ok());
+  const std::string want = first.loss().data();
   std::atomic<int> failures{0}, mismatches{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 16; ++t) {
     threads.emplace_back([&, t] {
-      auto stub = Connect(port);  // a channel per client
+      auto stub = Connect(server->port());  // a channel per client
       for (int i = 0; i < 40; ++i) {
         if ((i + t) % 5 == 0) {
           grpc::ClientContext ctx;

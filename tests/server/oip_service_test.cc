@@ -417,9 +417,7 @@ TEST(OipConfig, ListsTheMetadataTensorsWithTritonsDatatypes) {
 class OipServerTest : public ::testing::Test {
  protected:
   void StartServer(ServerOptions o = LoopbackOptions()) {
-    auto s = LossdServer::Start(o);
-    ASSERT_TRUE(s.ok()) << s.status();
-    server_ = *std::move(s);
+    server_ = testing::StartServer(o);
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(256 << 20);
     args.SetMaxSendMessageSize(256 << 20);

@@ -356,10 +356,9 @@ TEST_F(OipShmHttpTest, RoutesAndInferThroughRegions) {
 // ---- gRPC: a real server on loopback TCP ----
 
 TEST(OipShmServer, RegisterInferStatusUnregister) {
-  auto server = LossdServer::Start(testing::LoopbackOptions());
-  ASSERT_TRUE(server.ok()) << server.status();
+  auto server = testing::StartServer();
   auto stub = inference::GRPCInferenceService::NewStub(grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", (*server)->port()), grpc::InsecureChannelCredentials()));
+      absl::StrCat("127.0.0.1:", server->port()), grpc::InsecureChannelCredentials()));
   ShmObject object(256);
   std::memcpy(object.data(), kX.data(), 24);
   {
@@ -416,20 +415,19 @@ TEST(OipShmServer, RegisterInferStatusUnregister) {
     inference::SystemSharedMemoryUnregisterResponse response;
     ASSERT_TRUE(stub->SystemSharedMemoryUnregister(&ctx, request, &response).ok());
   }
-  EXPECT_EQ((*server)->shared_memory_regions(), 0);
+  EXPECT_EQ(server->shared_memory_regions(), 0);
   ModelInferResponse gone;
   const grpc::Status after = infer(true, &gone);
   EXPECT_EQ(after.error_code(), grpc::StatusCode::NOT_FOUND) << after.error_message();
-  (*server)->Shutdown(absl::Seconds(5));
+  server->Shutdown(absl::Seconds(5));
 }
 
 TEST(OipShmServer, DisabledSharedMemoryIsAFailedPrecondition) {
   ServerOptions options = testing::LoopbackOptions();
   options.shared_memory_prefix = "";
-  auto server = LossdServer::Start(options);
-  ASSERT_TRUE(server.ok()) << server.status();
+  auto server = testing::StartServer(options);
   auto stub = inference::GRPCInferenceService::NewStub(grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", (*server)->port()), grpc::InsecureChannelCredentials()));
+      absl::StrCat("127.0.0.1:", server->port()), grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   inference::SystemSharedMemoryRegisterRequest request;
   request.set_name("io");
@@ -442,7 +440,7 @@ TEST(OipShmServer, DisabledSharedMemoryIsAFailedPrecondition) {
                                    "(--shared_memory_prefix is empty)"),
             std::string::npos)
       << s.error_message();
-  (*server)->Shutdown(absl::Seconds(5));
+  server->Shutdown(absl::Seconds(5));
 }
 
 }  // namespace

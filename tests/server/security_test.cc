@@ -14,9 +14,7 @@
 namespace lossd::server {
 namespace {
 
-using testing::Connect;
-using testing::LoopbackOptions;
-using testing::RandomRequest;
+using namespace testing;  // the helpers of tests/server/test_server_util.h
 
 std::string Slurp(const std::string& path) {
   std::ifstream in(path);
@@ -82,11 +80,10 @@ TEST_F(SecurityTest, TlsAcceptsTlsClientsOnly) {
   ServerOptions o = LoopbackOptions();
   o.tls_cert_file = F("server.crt");
   o.tls_key_file = F("server.key");
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto tls = Connect((*server)->port(), Tls(), "localhost");
+  auto server = StartServer(o);
+  auto tls = Connect(server->port(), Tls(), "localhost");
   EXPECT_EQ(Call(tls.get()), grpc::StatusCode::OK);
-  auto plain = Connect((*server)->port(), grpc::InsecureChannelCredentials(), "localhost");
+  auto plain = Connect(server->port(), grpc::InsecureChannelCredentials(), "localhost");
   EXPECT_EQ(Call(plain.get()), grpc::StatusCode::UNAVAILABLE);
 }
 
@@ -95,9 +92,8 @@ TEST_F(SecurityTest, MutualTlsNeedsAClientCertificateFromTheCa) {
   o.tls_cert_file = F("server.crt");
   o.tls_key_file = F("server.key");
   o.tls_client_ca_file = F("ca.crt");
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok()) << server.status();
-  const int port = (*server)->port();
+  auto server = StartServer(o);
+  const int port = server->port();
   EXPECT_EQ(Call(Connect(port, Tls("client-ca"), "localhost").get()), grpc::StatusCode::OK);
   EXPECT_EQ(Call(Connect(port, Tls(), "localhost").get()), grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(Call(Connect(port, Tls("client-other"), "localhost").get()),
@@ -107,16 +103,15 @@ TEST_F(SecurityTest, MutualTlsNeedsAClientCertificateFromTheCa) {
 TEST_F(SecurityTest, BearerTokenGuardsTheServiceButNotHealth) {
   ServerOptions o = LoopbackOptions();
   o.auth_token = "s3cret-token";
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer(o);
+  auto stub = Connect(server->port());
   EXPECT_EQ(Call(stub.get()), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ(Call(stub.get(), "Bearer wrong-token"), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ(Call(stub.get(), "Bearer s3cret-token-longer"), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ(Call(stub.get(), "s3cret-token"), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ(Call(stub.get(), "Bearer s3cret-token"), grpc::StatusCode::OK);
   auto health = grpc::health::v1::Health::NewStub(grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", (*server)->port()), grpc::InsecureChannelCredentials()));
+      absl::StrCat("127.0.0.1:", server->port()), grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   grpc::health::v1::HealthCheckResponse hr;
   ASSERT_TRUE(health->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &hr).ok());

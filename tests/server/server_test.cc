@@ -16,6 +16,7 @@
 #include "lossd/kernels/reference.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "server/server.h"
+#include "tests/server/test_server_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace lossd::server {
@@ -38,15 +39,10 @@ std::vector<float> AsF32(const v1::Tensor& t) {
 class ServerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    ServerOptions o;
-    o.host = "127.0.0.1";
-    o.port = 0;
-    o.device = DevicePolicy::kCpu;  // a server without a usable GPU, on any machine
-    o.workers = 2;
+    // Device kCpu: a server without a usable GPU, on any machine.
+    ServerOptions o = testing::LoopbackOptions();
     o.max_elements = 1 << 20;
-    auto s = LossdServer::Start(o);
-    ASSERT_TRUE(s.ok()) << s.status();
-    server_ = s->release();
+    server_ = testing::StartServer(o).release();
   }
   static void TearDownTestSuite() {
     delete server_;

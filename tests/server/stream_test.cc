@@ -10,16 +10,11 @@
 namespace lossd::server {
 namespace {
 
-using testing::Connect;
-using testing::LoopbackOptions;
-using testing::RandomRequest;
-using testing::SliceRows;
-using testing::Values;
+using namespace testing;  // the helpers of tests/server/test_server_util.h
 
 TEST(EvaluateStreamTest, RepliesInOrderWithPerBatchErrors) {
-  auto server = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto stub = Connect((*server)->port());
+  auto server = StartServer();
+  auto stub = Connect(server->port());
   grpc::ClientContext ctx;
   auto stream = stub->EvaluateStream(&ctx);
   std::vector<v1::EvaluateRequest> sent;
@@ -60,9 +55,8 @@ TEST(EvaluateStreamTest, RepliesInOrderWithPerBatchErrors) {
 }
 
 TEST(EvaluateStreamTest, EmptyStreamAndEarlyClientCancel) {
-  auto server = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer();
+  auto stub = Connect(server->port());
   {
     grpc::ClientContext ctx;
     auto stream = stub->EvaluateStream(&ctx);
@@ -87,9 +81,8 @@ TEST(EvaluateStreamTest, EmptyStreamAndEarlyClientCancel) {
 // Accumulate over any split equals a one-shot Evaluate of all rows, bit for bit.
 template <typename T>
 void CheckAccumulateSplits(v1::Reduction reduction) {
-  auto server = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer();
+  auto stub = Connect(server->port());
   const int64_t rows = 1733, cols = 13;  // 22529 elements: several reduction blocks
   const v1::EvaluateRequest full = RandomRequest<T>(rows, cols, 99, reduction);
   grpc::ClientContext octx;
@@ -138,51 +131,32 @@ TEST(AccumulateTest, BitwiseEqualToOneShotForAnySplitFloat32Mean) {
 }
 
 TEST(AccumulateTest, RejectsMixedOptionsAndBadBatches) {
-  auto server = LossdServer::Start(LoopbackOptions());
-  ASSERT_TRUE(server.ok());
-  auto stub = Connect((*server)->port());
+  auto server = StartServer();
+  auto stub = Connect(server->port());
   {
-    grpc::ClientContext ctx;
-    v1::AccumulateResponse acc;
-    auto writer = stub->Accumulate(&ctx, &acc);
-    writer->Write(RandomRequest<float>(10, 7, 1, v1::REDUCTION_SUM));
-    writer->Write(RandomRequest<float>(10, 7, 2, v1::REDUCTION_MEAN));
-    writer->WritesDone();
-    grpc::Status s = writer->Finish();
+    grpc::Status s = Accumulate(stub.get(), {RandomRequest<float>(10, 7, 1, v1::REDUCTION_SUM),
+                                             RandomRequest<float>(10, 7, 2, v1::REDUCTION_MEAN)});
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_NE(s.error_message().find("batch 1"), std::string::npos) << s.error_message();
   }
   {
-    grpc::ClientContext ctx;
-    v1::AccumulateResponse acc;
-    auto writer = stub->Accumulate(&ctx, &acc);
-    writer->Write(RandomRequest<float>(10, 7, 1, v1::REDUCTION_NONE));
-    writer->WritesDone();
-    grpc::Status s = writer->Finish();
+    grpc::Status s = Accumulate(stub.get(), {RandomRequest<float>(10, 7, 1, v1::REDUCTION_NONE)});
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_NE(s.error_message().find("SUM or MEAN"), std::string::npos) << s.error_message();
   }
   {
-    grpc::ClientContext ctx;
-    v1::AccumulateResponse acc;
-    auto writer = stub->Accumulate(&ctx, &acc);
     v1::EvaluateRequest bad = RandomRequest<float>(10, 7, 1, v1::REDUCTION_SUM);
     bad.mutable_logits()->mutable_data()->resize(3);
-    writer->Write(RandomRequest<float>(10, 7, 1, v1::REDUCTION_SUM));
-    writer->Write(bad);
-    writer->WritesDone();
-    grpc::Status s = writer->Finish();
+    grpc::Status s =
+        Accumulate(stub.get(), {RandomRequest<float>(10, 7, 1, v1::REDUCTION_SUM), bad});
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_NE(s.error_message().find("batch 1: logits: data has 3 bytes"), std::string::npos)
         << s.error_message();
   }
   {
     // No batches: SUM is 0.
-    grpc::ClientContext ctx;
     v1::AccumulateResponse acc;
-    auto writer = stub->Accumulate(&ctx, &acc);
-    writer->WritesDone();
-    ASSERT_TRUE(writer->Finish().ok());
+    ASSERT_TRUE(Accumulate(stub.get(), {}, &acc).ok());
     EXPECT_EQ(acc.num_elements(), 0);
   }
 }

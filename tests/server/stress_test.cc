@@ -21,9 +21,7 @@
 namespace lossd::server {
 namespace {
 
-using testing::Connect;
-using testing::LoopbackOptions;
-using testing::RandomRequest;
+using namespace testing;  // the helpers of tests/server/test_server_util.h
 
 // Every accepted task runs exactly once, a full queue refuses instead of blocking, and the
 // destructor runs what is still queued.
@@ -99,9 +97,8 @@ TEST(StressTest, StreamWindowWithCancellingClients) {
   ServerOptions o = LoopbackOptions();
   o.stream_window = 2;
   o.queue_capacity = 4096;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  const int port = (*server)->port();
+  auto server = StartServer(o);
+  const int port = server->port();
   std::vector<v1::EvaluateRequest> batches;
   std::vector<std::string> want;
   {
@@ -166,12 +163,12 @@ TEST(StressTest, StreamWindowWithCancellingClients) {
   EXPECT_EQ(streams_done.load(), 12 * 8);
   EXPECT_EQ(mismatches.load(), 0);
   EXPECT_EQ(failures.load(), 0);
-  for (int i = 0; i < 1000 && ((*server)->in_flight_calls() > 0 || (*server)->held_bytes() > 0);
+  for (int i = 0; i < 1000 && (server->in_flight_calls() > 0 || server->held_bytes() > 0);
        ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  EXPECT_EQ((*server)->in_flight_calls(), 0);
-  EXPECT_EQ((*server)->held_bytes(), 0);
+  EXPECT_EQ(server->in_flight_calls(), 0);
+  EXPECT_EQ(server->held_bytes(), 0);
 }
 
 // A drain while clients keep calling: every call ends OK or UNAVAILABLE (none cancelled or
@@ -179,9 +176,8 @@ TEST(StressTest, StreamWindowWithCancellingClients) {
 TEST(StressTest, DrainUnderLoad) {
   ServerOptions o = LoopbackOptions();
   o.queue_capacity = 4096;
-  auto server = LossdServer::Start(o);
-  ASSERT_TRUE(server.ok());
-  const int port = (*server)->port();
+  auto server = StartServer(o);
+  const int port = server->port();
   const v1::EvaluateRequest small = RandomRequest<float>(30, 7, 1, v1::REDUCTION_SUM);
   const v1::EvaluateRequest large = RandomRequest<float>(1 << 13, 64, 2, v1::REDUCTION_MEAN);
   std::mutex mu;
@@ -219,7 +215,7 @@ TEST(StressTest, DrainUnderLoad) {
     });
   }
   while (calls.load() < 200) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  (*server)->Shutdown(absl::Seconds(30));
+  server->Shutdown(absl::Seconds(30));
   for (auto& t : clients) t.join();
   int total = 0;
   for (const auto& [code, n] : codes) {
@@ -229,7 +225,7 @@ TEST(StressTest, DrainUnderLoad) {
   }
   EXPECT_EQ(total, calls.load());
   EXPECT_GT(codes[grpc::StatusCode::OK], 0);
-  EXPECT_EQ((*server)->in_flight_calls(), 0);
+  EXPECT_EQ(server->in_flight_calls(), 0);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -111,6 +112,14 @@ inline ServerOptions LoopbackOptions() {
   return o;
 }
 
+// Starts a server with `o`. One that does not start fails the calling test (or test suite): the
+// exception, which names the status, is reported by GoogleTest as the failure.
+inline std::unique_ptr<LossdServer> StartServer(const ServerOptions& o = LoopbackOptions()) {
+  absl::StatusOr<std::unique_ptr<LossdServer>> server = LossdServer::Start(o);
+  if (!server.ok()) throw std::runtime_error("LossdServer::Start: " + server.status().ToString());
+  return *std::move(server);
+}
+
 inline std::unique_ptr<v1::LossService::Stub> Connect(
     int port, std::shared_ptr<grpc::ChannelCredentials> creds = nullptr,
     const std::string& host = "127.0.0.1") {
@@ -119,6 +128,27 @@ inline std::unique_ptr<v1::LossService::Stub> Connect(
   args.SetMaxSendMessageSize(256 << 20);
   return v1::LossService::NewStub(grpc::CreateCustomChannel(
       absl::StrCat(host, ":", port), creds ? creds : grpc::InsecureChannelCredentials(), args));
+}
+
+// One Evaluate call on a fresh context; `resp` may be null when only the status matters.
+inline grpc::Status Evaluate(v1::LossService::Stub* stub, const v1::EvaluateRequest& req,
+                             v1::EvaluateResponse* resp = nullptr) {
+  grpc::ClientContext ctx;
+  v1::EvaluateResponse ignored;
+  return stub->Evaluate(&ctx, req, resp != nullptr ? resp : &ignored);
+}
+
+// One Accumulate call over `batches` (written in order, then WritesDone) on a fresh context;
+// `resp` may be null when only the status matters.
+inline grpc::Status Accumulate(v1::LossService::Stub* stub,
+                               const std::vector<v1::EvaluateRequest>& batches,
+                               v1::AccumulateResponse* resp = nullptr) {
+  grpc::ClientContext ctx;
+  v1::AccumulateResponse ignored;
+  auto writer = stub->Accumulate(&ctx, resp != nullptr ? resp : &ignored);
+  for (const v1::EvaluateRequest& b : batches) writer->Write(b);
+  writer->WritesDone();
+  return writer->Finish();
 }
 
 }  // namespace lossd::server::testing
