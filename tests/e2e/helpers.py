@@ -70,6 +70,13 @@ def make_inputs(rng, shape, dtype, soft=False):
     return x, cast(y, dtype)
 
 
+def with_nan_target(shape, at) -> Tuple[np.ndarray, np.ndarray]:
+    """float32 logits 0 and targets 1 of ``shape``, but for a NaN target at index ``at``."""
+    y = np.ones(shape, np.float32)
+    y[at] = np.nan
+    return np.zeros(shape, np.float32), y
+
+
 def loss_shape(shape, reduction):
     if reduction == "none":
         return tuple(shape)
@@ -240,6 +247,47 @@ def oip_datatype(dtype: np.dtype) -> str:
         return "BF16"
     return {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
             np.dtype(np.float16): "FP16"}[np.dtype(dtype)]
+
+
+def oip_bad_requests(make_input, make_output, not_found: str, invalid: str):
+    """The bad requests that both OIP front ends refuse with the same message.
+
+    ``make_input(name, array)`` and ``make_output(name)`` build the protocol client's inputs
+    and requested outputs, ``not_found`` and ``invalid`` are its statuses of NOT_FOUND and
+    INVALID_ARGUMENT. Returns (x, y, ok, cases): float32 logits 0 and targets 1 of shape
+    [2, 3], ``ok`` their LOGITS and TARGETS inputs, and the cases as (model, inputs, infer()
+    keyword arguments, status, message)."""
+    x = np.zeros((2, 3), np.float32)
+    y = np.ones((2, 3), np.float32)
+    ok = [make_input("LOGITS", x), make_input("TARGETS", y)]
+    return x, y, ok, [
+        ("cross_entropy", ok, {}, not_found, "unknown model 'cross_entropy'"),
+        ("bce_with_logits", ok, {"model_version": "3"}, not_found,
+         "model 'bce_with_logits' has no version '3'"),
+        ("bce_with_logits", ok[:1], {}, invalid, "missing input 'TARGETS'"),
+        ("bce_with_logits", [ok[0], make_input("TARGETS", np.ones((3, 2), np.float32))], {},
+         invalid, "targets shape [3,2] != logits shape [2,3]"),
+        ("bce_with_logits", ok, {"parameters": {"reduction": "avg"}}, invalid,
+         "parameter 'reduction' 'avg' is not one of none, mean, sum, per_sample_mean"),
+        ("bce_with_logits", ok, {"parameters": {"normalize": "yes"}}, invalid,
+         "parameter 'normalize' must be a bool; got string 'yes'"),
+        ("sigmoid_focal_loss", ok, {"parameters": {"gamma": -1.0}}, invalid,
+         "sigmoid_focal_loss.gamma -1 is outside [0, 10000]"),
+        ("sigmoid_focal_loss", ok, {"outputs": [make_output("GRAD_TARGETS")]}, invalid,
+         "unknown output 'GRAD_TARGETS' for model 'sigmoid_focal_loss'; its outputs are LOSS, "
+         "GRAD_LOGITS"),
+        ("bce_with_logits", [make_input("LOGITS", np.array([np.nan, 1], np.float32)),
+                             make_input("TARGETS", np.ones(2, np.float32))],
+         {"parameters": {"reject_nan": True}}, invalid, "logits contains NaN"),
+    ]
+
+
+def assert_counted_once(server, *calls: Tuple[str, str, str]) -> None:
+    """Each (method, code, device) of ``calls`` is counted once by lossd_requests_total."""
+    samples = scrape(metrics_address(server))
+    for method, code, device in calls:
+        assert value(samples, "lossd_requests_total", method=method, code=code,
+                     device=device) == 1, (method, code, device)
 
 
 def assert_models_ready(triton) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 import lossd
 
-from helpers import check_result, make_inputs
+from helpers import check_result, make_inputs, with_nan_target
 
 
 def run(coro):
@@ -119,14 +119,11 @@ def test_errors(lossd_target) -> None:
                 x = np.zeros(1 << 20, np.float32)
                 await c.sigmoid_focal_loss(x, x, timeout=1e-4)
         async with lossd.AsyncClient(lossd_target, max_message_bytes=64 * 1024) as small:
-            y = np.ones((300, 200), np.float32)
-            y[280, 3] = np.nan
+            x, y = with_nan_target((300, 200), (280, 3))
             with pytest.raises(lossd.InvalidArgumentError, match="chunk .*NaN"):
-                await small.bce_with_logits(np.zeros_like(y), y, reduction="none",
-                                            reject_nan=True)
+                await small.bce_with_logits(x, y, reduction="none", reject_nan=True)
             with pytest.raises(lossd.InvalidArgumentError, match="NaN"):
-                await small.bce_with_logits(np.zeros_like(y), y, reduction="mean",
-                                            grad=True, reject_nan=True)
+                await small.bce_with_logits(x, y, reduction="mean", grad=True, reject_nan=True)
             with pytest.raises(ValueError, match="batch 1"):
                 await small.accumulate([(y, y), ("not", "arrays", 1, 2, 3)])
 

@@ -15,7 +15,9 @@ import pytest
 import lossd
 
 from bce_reference import exact_sum, loss_reference
-from helpers import DTYPE_IDS, DTYPES, REDUCTIONS, cast, f64, make_inputs, seed_of
+from helpers import (
+    DTYPE_IDS, DTYPES, REDUCTIONS, cast, f64, make_inputs, seed_of, with_nan_target,
+)
 
 LIMIT = 64 * 1024  # bytes: the (300, 200) inputs below need about ten chunks
 
@@ -126,9 +128,7 @@ def test_row_that_cannot_fit_is_a_value_error(small) -> None:
 
 
 def test_chunk_error_names_the_chunk(small) -> None:
-    x = np.zeros((300, 200), np.float32)
-    y = np.ones((300, 200), np.float32)
-    y[250, 7] = np.nan
+    x, y = with_nan_target((300, 200), (250, 7))
     with pytest.raises(lossd.InvalidArgumentError) as info:
         small.bce_with_logits(x, y, reduction="none", reject_nan=True)
     assert "chunk" in info.value.details and "NaN" in info.value.details

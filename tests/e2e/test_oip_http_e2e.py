@@ -24,9 +24,9 @@ tritonclient_http = pytest.importorskip(
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from conftest import lossd_binary, start_server  # noqa: E402
-from helpers import BF16, DTYPE_IDS, DTYPES, OIP_BCE_CASES, REDUCTIONS, assert_models_ready, \
-    cast, check_result, http_address, make_inputs, metrics_address, oip_bce_case, oip_datatype, \
-    scrape, seed_of, value  # noqa: E402
+from helpers import BF16, DTYPE_IDS, DTYPES, OIP_BCE_CASES, REDUCTIONS, assert_counted_once, \
+    assert_models_ready, cast, check_result, http_address, make_inputs, oip_bad_requests, \
+    oip_bce_case, oip_datatype, seed_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -174,29 +174,9 @@ def test_health_and_metadata(triton) -> None:
 
 
 def test_bad_requests_get_clear_errors(triton) -> None:
-    x = np.zeros((2, 3), np.float32)
-    y = np.ones((2, 3), np.float32)
-    ok = [_input("LOGITS", x), _input("TARGETS", y)]
-    cases = [
-        ("cross_entropy", ok, {}, "404", "unknown model 'cross_entropy'"),
-        ("bce_with_logits", ok, {"model_version": "3"}, "404",
-         "model 'bce_with_logits' has no version '3'"),
-        ("bce_with_logits", ok[:1], {}, "400", "missing input 'TARGETS'"),
-        ("bce_with_logits", [ok[0], _input("TARGETS", np.ones((3, 2), np.float32))], {}, "400",
-         "targets shape [3,2] != logits shape [2,3]"),
-        ("bce_with_logits", ok, {"parameters": {"reduction": "avg"}}, "400",
-         "parameter 'reduction' 'avg' is not one of none, mean, sum, per_sample_mean"),
-        ("bce_with_logits", ok, {"parameters": {"normalize": "yes"}}, "400",
-         "parameter 'normalize' must be a bool; got string 'yes'"),
-        ("sigmoid_focal_loss", ok, {"parameters": {"gamma": -1.0}}, "400",
-         "sigmoid_focal_loss.gamma -1 is outside [0, 10000]"),
-        ("sigmoid_focal_loss", ok,
-         {"outputs": [tritonclient_http.InferRequestedOutput("GRAD_TARGETS")]}, "400",
-         "unknown output 'GRAD_TARGETS' for model 'sigmoid_focal_loss'; its outputs are LOSS, "
-         "GRAD_LOGITS"),
-        ("bce_with_logits", [_input("LOGITS", np.array([np.nan, 1], np.float32)),
-                             _input("TARGETS", np.ones(2, np.float32))],
-         {"parameters": {"reject_nan": True}}, "400", "logits contains NaN"),
+    x, _, ok, cases = oip_bad_requests(_input, tritonclient_http.InferRequestedOutput, "404",
+                                       "400")
+    cases += [
         ("bce_with_logits", [_input("LOGITS", x.astype(np.float16), binary=False), ok[1]], {},
          "400", "input 'LOGITS': datatype FP16 has no JSON data in the protocol; send its bytes "
          "as binary data"),
@@ -401,13 +381,8 @@ def test_token_drain_and_metrics(server_factory, tmp_path) -> None:
         want = c.bce_with_logits(np.array(X, np.float32), np.array(Y, np.float32),
                                  reduction="sum")
     _same(result, "LOSS", want.loss)
-    samples = scrape(metrics_address(server))
-    assert value(samples, "lossd_requests_total", method="ModelInfer", code="OK",
-                 device="cpu") == 1
-    assert value(samples, "lossd_requests_total", method="ModelInfer", code="UNAUTHENTICATED",
-                 device="none") == 1
-    assert value(samples, "lossd_requests_total", method="ServerReady", code="OK",
-                 device="none") == 1
+    assert_counted_once(server, ("ModelInfer", "OK", "cpu"),
+                        ("ModelInfer", "UNAUTHENTICATED", "none"), ("ServerReady", "OK", "none"))
     # SIGTERM: the server drains and exits 0 (server_factory checks the exit status).
     assert server.stop() == 0
 

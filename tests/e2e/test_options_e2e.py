@@ -9,7 +9,9 @@ import pytest
 
 import lossd
 
-from helpers import DTYPE_IDS, DTYPES, REDUCTIONS, cast, check_result, make_inputs, seed_of
+from helpers import (
+    DTYPE_IDS, DTYPES, REDUCTIONS, cast, check_result, make_inputs, seed_of, with_nan_target,
+)
 
 IGNORE = -100
 
@@ -127,9 +129,7 @@ def test_bce_rejects_bad_options(client) -> None:
 
 
 def test_reject_nan_with_options(client) -> None:
-    x = np.zeros((2, 3), np.float32)
-    y = np.ones((2, 3), np.float32)
-    y[1, 1] = np.nan
+    x, y = with_nan_target((2, 3), (1, 1))
     with pytest.raises(lossd.InvalidArgumentError, match="targets.*NaN"):
         client.sigmoid_focal_loss(x, y, reject_nan=True)
     r = client.bce_with_logits(x, y, reduction="per_sample_mean")

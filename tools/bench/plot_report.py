@@ -186,10 +186,8 @@ def plot_qps(rows, key, xlabel) -> str:
     return svg_text(fig, "qps")
 
 
-def plot_histogram(rows, key, value) -> Optional[str]:
-    here = [r for r in rows if r[key] == value and r.get("latency_histogram_us")]
-    if not here:
-        return None
+def plot_histogram(here, key, value) -> str:
+    """The latency histogram of each row of ``here`` (the chosen point's rows that have one)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, r in enumerate(here):
         buckets = r["latency_histogram_us"]
@@ -210,10 +208,9 @@ def plot_histogram(rows, key, value) -> Optional[str]:
     return svg_text(fig, "histogram")
 
 
-def plot_timeseries(rows, key, value) -> Optional[str]:
-    here = [r for r in rows if r[key] == value and r.get("intervals")]
-    if not here:
-        return None
+def plot_timeseries(here, key, value) -> str:
+    """The per-interval calls/s and p99 of each row of ``here`` (the chosen point's rows that
+    have intervals)."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     for i, r in enumerate(here):
         iv = r["intervals"]
@@ -263,10 +260,12 @@ def build(report: dict, point: Optional[str]) -> Tuple[str, Dict[str, str]]:
     value = choose_point(rows, key, point)
     plots: Dict[str, str] = {"latency": plot_latency(rows, key, xlabel),
                              "qps": plot_qps(rows, key, xlabel)}
-    for name, fn in (("histogram", plot_histogram), ("timeseries", plot_timeseries)):
-        svg = fn(rows, key, value)
-        if svg is not None:
-            plots[name] = svg
+    # The plots of one point, drawn from the rows of that point that have their data.
+    for name, fn, field in (("histogram", plot_histogram, "latency_histogram_us"),
+                            ("timeseries", plot_timeseries, "intervals")):
+        here = [r for r in rows if r[key] == value and r.get(field)]
+        if here:
+            plots[name] = fn(here, key, value)
     missing = [n for n in ("histogram", "timeseries") if n not in plots]
     note = (f"<p>No {' or '.join(missing)} plot: the input has no per-call histogram or "
             "intervals (a CSV report, or a lossd-bench older than its time series).</p>"

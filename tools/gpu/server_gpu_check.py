@@ -21,6 +21,17 @@ def ulp_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.max(np.abs(ai - bi))) if a.size else 0
 
 
+def loss_vs_cpu(name: str, g, h) -> bool:
+    """Prints and checks the largest relative loss difference of a CUDA result ``g`` from
+    the CPU result ``h`` of the same request (at most 1e-5, and ``g`` ran on CUDA)."""
+    rel = float(np.max(np.abs(np.asarray(g.loss, np.float64) - np.asarray(h.loss, np.float64))
+                       / (np.abs(np.asarray(h.loss, np.float64)) + 1e-30)))
+    good = rel <= 1e-5 and g.device == "cuda"
+    print(f"{name}: device {g.device}, max rel loss diff vs cpu {rel:.2e} -> "
+          f"{'PASS' if good else 'FAIL'}")
+    return good
+
+
 def main() -> int:
     target = os.environ["LOSSD_TARGET"]
     rng = np.random.default_rng(7)
@@ -74,22 +85,12 @@ def main() -> int:
                 yy = y if "ignore_index" in opts else np.where(y < 0, 0, y).astype(np.float32)
                 g = c.bce_with_logits(x, yy, reduction=red, grad=True, device="cuda", **opts)
                 h = c.bce_with_logits(x, yy, reduction=red, grad=True, device="cpu", **opts)
-                rel = float(np.max(np.abs(np.asarray(g.loss, np.float64) - np.asarray(h.loss, np.float64))
-                                   / (np.abs(np.asarray(h.loss, np.float64)) + 1e-30)))
-                good = rel <= 1e-5 and g.device == "cuda"
-                print(f"{name} {red}: device {g.device}, max rel loss diff vs cpu {rel:.2e} -> "
-                      f"{'PASS' if good else 'FAIL'}")
-                ok &= good
+                ok &= loss_vs_cpu(f"{name} {red}", g, h)
         for gamma in (0.5, 2.0):
             yy = np.where(y < 0, 0, y).astype(np.float32)
             g = c.sigmoid_focal_loss(x, yy, gamma=gamma, reduction="none", grad=True, device="cuda")
             h = c.sigmoid_focal_loss(x, yy, gamma=gamma, reduction="none", grad=True, device="cpu")
-            rel = float(np.max(np.abs(np.asarray(g.loss, np.float64) - np.asarray(h.loss, np.float64))
-                               / (np.abs(np.asarray(h.loss, np.float64)) + 1e-30)))
-            good = rel <= 1e-5 and g.device == "cuda"
-            print(f"focal gamma={gamma}: device {g.device}, max rel loss diff vs cpu {rel:.2e} -> "
-                  f"{'PASS' if good else 'FAIL'}")
-            ok &= good
+            ok &= loss_vs_cpu(f"focal gamma={gamma}", g, h)
         # Round-trip latency of a small request on each device.
         x = rng.standard_normal((16, 64)).astype(np.float32)
         y = (x > 0).astype(np.float32)

@@ -18,6 +18,7 @@ from ._progress import ProgressArg, progress_reporter
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._shm import ShmTransport
 from ._tensor import DTypeLike
+from ._torch_interop import TorchSpec
 from ._types import AccumulateResult, Capabilities, DatasetResult, LossResult
 
 __all__ = ["AsyncClient"]
@@ -114,10 +115,7 @@ class AsyncClient(_ClientBase):
                               reduction=reduction, grad=grad, grad_targets=grad_targets,
                               device=device, reject_nan=reject_nan, ignore_index=ignore_index,
                               normalize=normalize, label_smoothing=label_smoothing)
-        await self._ashm_probe()  # after the arguments are validated
-        with progress_reporter(progress, auto=False) as report:
-            return self._finish(job, await self._run(self._shm_job(job), timeout, report),
-                                spec)
+        return await self._run_job(job, spec, timeout, progress)
 
     async def sigmoid_focal_loss(
         self,
@@ -140,10 +138,7 @@ class AsyncClient(_ClientBase):
         job, spec = self._job("focal", logits, targets, weight, None, dtype, request_id,
                               reduction=reduction, grad=grad, grad_targets=False,
                               device=device, reject_nan=reject_nan, alpha=alpha, gamma=gamma)
-        await self._ashm_probe()  # after the arguments are validated
-        with progress_reporter(progress, auto=False) as report:
-            return self._finish(job, await self._run(self._shm_job(job), timeout, report),
-                                spec)
+        return await self._run_job(job, spec, timeout, progress)
 
     async def accumulate(
         self,
@@ -243,6 +238,14 @@ class AsyncClient(_ClientBase):
                 raise
 
     # -- transport ------------------------------------------------------------------------
+
+    async def _run_job(self, job: EvalJob, spec: Optional[TorchSpec], timeout: Optional[float],
+                       progress: ProgressArg) -> LossResult:
+        """Evaluates ``job``: shared memory is decided here, once _job validated the arguments."""
+        await self._ashm_probe()
+        with progress_reporter(progress, auto=False) as report:
+            return self._finish(job, await self._run(self._shm_job(job), timeout, report),
+                                spec)
 
     async def _run_shm(self, shm: ShmTransport, job: EvalJob, timeout: Optional[float],
                        progress: Optional[Progress]) -> LossResult:

@@ -575,9 +575,7 @@ class Client(_ClientBase):
                               reduction=reduction, grad=grad, grad_targets=grad_targets,
                               device=device, reject_nan=reject_nan, ignore_index=ignore_index,
                               normalize=normalize, label_smoothing=label_smoothing)
-        self._shm_probe(self._channel)  # after the arguments are validated
-        with progress_reporter(progress, auto=False) as report:
-            return self._finish(job, self._run(self._shm_job(job), timeout, report), spec)
+        return self._run_job(job, spec, timeout, progress)
 
     def sigmoid_focal_loss(
         self,
@@ -632,9 +630,7 @@ class Client(_ClientBase):
         job, spec = self._job("focal", logits, targets, weight, None, dtype, request_id,
                               reduction=reduction, grad=grad, grad_targets=False,
                               device=device, reject_nan=reject_nan, alpha=alpha, gamma=gamma)
-        self._shm_probe(self._channel)  # after the arguments are validated
-        with progress_reporter(progress, auto=False) as report:
-            return self._finish(job, self._run(self._shm_job(job), timeout, report), spec)
+        return self._run_job(job, spec, timeout, progress)
 
     def accumulate(
         self,
@@ -809,6 +805,13 @@ class Client(_ClientBase):
             raise from_rpc_error(exc) from None
 
     # -- transport ------------------------------------------------------------------------
+
+    def _run_job(self, job: EvalJob, spec: Optional[TorchSpec], timeout: Optional[float],
+                 progress: ProgressArg) -> LossResult:
+        """Evaluates ``job``: shared memory is decided here, once _job validated the arguments."""
+        self._shm_probe(self._channel)
+        with progress_reporter(progress, auto=False) as report:
+            return self._finish(job, self._run(self._shm_job(job), timeout, report), spec)
 
     def _run_shm(self, shm: ShmTransport, job: EvalJob, timeout: Optional[float],
                  progress: Optional[Progress]) -> LossResult:
