@@ -60,6 +60,16 @@ void IntervalSeries::Coarsen() {
   width_ns_ *= 2;
 }
 
+void IntervalSeries::Merge(const IntervalSeries& other) {
+  IntervalSeries from = other;
+  while (width_ns_ < from.width_ns_) Coarsen();
+  while (from.width_ns_ < width_ns_) from.Coarsen();
+  if (from.intervals_.size() > intervals_.size()) intervals_.resize(from.intervals_.size());
+  for (size_t i = 0; i < from.intervals_.size(); ++i) Add(&intervals_[i], from.intervals_[i]);
+  while (static_cast<int>(intervals_.size()) > max_intervals_) Coarsen();
+  seconds_ = std::max(seconds_, from.seconds_);
+}
+
 int64_t IntervalSeries::Quantile(const Interval& in, double q) {
   if (in.ok == 0 || in.counts.empty()) return 0;
   const int64_t rank =

@@ -24,6 +24,9 @@ class IntervalSeries {
   // One call that ended `at_ns` after the window's start (negative: counted at 0); code 0 is a
   // success with this latency, anything else a failure.
   void Record(int64_t at_ns, int code, int64_t latency_ns);
+  // Adds another series of the same window (another thread's calls). Both started from the same
+  // width; the finer one is coarsened to the other's width first.
+  void Merge(const IntervalSeries& other);
   // The run's measured length: the last interval ends there (Points).
   void set_seconds(double s) { seconds_ = s; }
 

@@ -1,5 +1,6 @@
 #include "client/loadtest/driver.h"
 
+#include <sched.h>
 #include <sys/resource.h>
 
 #include <chrono>
@@ -13,6 +14,8 @@
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/wire_format_lite.h"
 #include "inference/grpc_predict_v2.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "client/bench/schedule.h"
@@ -32,6 +35,42 @@ constexpr auto kGrace = std::chrono::seconds(10);  // calls in flight past the w
 
 int64_t Ns(Clock::duration d) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
+}
+
+// The CPUs this process may run on (taskset), at least 1.
+int UsableCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return std::max(1, CPU_COUNT(&set));
+}
+
+// Reads only the server's timing (field 6) of an EvaluateResponse from its wire bytes, skipping
+// the rest; false when the bytes are not a well-formed message.
+bool ReadTiming(const grpc::ByteBuffer& reply, lossd::v1::Timing* timing, bool* has_timing) {
+  using google::protobuf::internal::WireFormatLite;
+  grpc::Slice slice;
+  if (!reply.TrySingleSlice(&slice).ok() && !reply.DumpToSingleSlice(&slice).ok()) return false;
+  google::protobuf::io::CodedInputStream in(slice.begin(), static_cast<int>(slice.size()));
+  constexpr uint32_t kTimingTag =
+      (lossd::v1::EvaluateResponse::kTimingFieldNumber << 3) | WireFormatLite::WIRETYPE_LENGTH_DELIMITED;
+  *has_timing = false;
+  for (;;) {
+    const uint32_t tag = in.ReadTag();
+    if (tag == 0) return in.CurrentPosition() == static_cast<int>(slice.size());
+    if (tag != kTimingTag) {
+      if (!WireFormatLite::SkipField(&in, tag)) return false;
+      continue;
+    }
+    int length = 0;
+    const void* data = nullptr;
+    int available = 0;
+    if (!in.ReadVarintSizeAsInt(&length) || !in.GetDirectBufferPointer(&data, &available) ||
+        available < length || !timing->ParseFromArray(data, length) || !in.Skip(length)) {
+      return false;
+    }
+    *has_timing = true;
+  }
 }
 
 double CpuSeconds(bool user) {
@@ -83,17 +122,27 @@ class Engine {
     return mix_.Pick(std::uniform_real_distribution<double>(0, 1)(rng));
   }
 
+  // Callers of one shard (a unary poller thread; a stream or Accumulate caller) share a lock
+  // that no other shard takes.
   void Count(int shard, const Outcome& c) {
+    auto& s = shards_[shard % kShards];
     if (c.measured) {
-      int64_t done = Ns(c.done - warm_end_);
+      const int64_t done = Ns(c.done - warm_end_);
       int64_t seen = last_done_ns_.load(std::memory_order_relaxed);
       while (done > seen && !last_done_ns_.compare_exchange_weak(seen, done)) {
       }
-      std::lock_guard<std::mutex> lock(series_mu_);
-      series_.Record(done, c.mismatch ? 2 : c.code, Ns(c.done - c.scheduled));
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.series.Record(done, c.mismatch ? 2 : c.code, Ns(c.done - c.scheduled));
+      CountLocked(&s, c);
+      return;
     }
-    auto& s = shards_[shard % kShards];
     std::lock_guard<std::mutex> lock(s.mu);
+    CountLocked(&s, c);
+  }
+
+  struct Shard;
+  void CountLocked(Shard* shard, const Outcome& c) {
+    auto& s = *shard;
     if (!c.measured) {
       ++s.stats.warmup_calls;
       return;
@@ -132,7 +181,8 @@ class Engine {
     }
   }
 
-  void Prepare(grpc::ClientContext* ctx, const RequestKind* kind) {
+  // Metadata and deadline of one call.
+  void Configure(grpc::ClientContext* ctx, const RequestKind* kind) {
     for (const auto& [k, v] : o_.metadata) ctx->AddMetadata(k, v);
     if (o_.deadline > absl::ZeroDuration()) {
       ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(o_.deadline));
@@ -140,6 +190,10 @@ class Engine {
     if (kind != nullptr && service_ == Service::kRaw) {
       ctx->AddMetadata(lossd::bench::kReplyBytesKey, absl::StrCat(kind->echo_reply_bytes));
     }
+  }
+  // Streams and Accumulate calls: configured and listed for CancelAll.
+  void Prepare(grpc::ClientContext* ctx, const RequestKind* kind) {
+    Configure(ctx, kind);
     std::lock_guard<std::mutex> lock(live_mu_);
     live_.insert(ctx);
   }
@@ -148,42 +202,69 @@ class Engine {
     live_.erase(ctx);
   }
   void CancelAll() {
+    cancel_ = true;
     std::lock_guard<std::mutex> lock(live_mu_);
     for (grpc::ClientContext* ctx : live_) ctx->TryCancel();
   }
+  void Enlist() { active_.fetch_add(1, std::memory_order_relaxed); }
   void Retire() {  // one call or caller fewer
-    std::lock_guard<std::mutex> lock(done_mu_);
-    if (--active_ == 0) done_cv_.notify_all();
+    if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lock(done_mu_);
+      done_cv_.notify_all();
+    }
   }
 
-  // Unary Evaluate (and the baselines' methods) through the generic stub: the request is
-  // serialized once per kind and sent from its bytes.
+  // Unary Evaluate (and the baselines' methods, ModelInfer) with gRPC's completion-queue API
+  // and the generic stub (docs/perf.md, "Is lossd-bench the bottleneck?"): each poller thread
+  // owns a completion queue and handles the calls that end on it, so a call's completion runs
+  // on the thread that polled it, with no hop to another thread. A closed-loop caller is one
+  // UnaryCall, reused call after call on its poller (caller % pollers); an open-loop arrival
+  // is a new UnaryCall started by the sender thread on poller i % pollers. The request is
+  // serialized once per kind into a ByteBuffer whose slice every call shares.
   struct UnaryCall {
-    grpc::ClientContext ctx;
-    grpc::ByteBuffer request, reply;
+    std::optional<grpc::ClientContext> ctx;  // a new one per call
+    std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader;  // in the call's arena
+    grpc::ByteBuffer request;  // --shared_memory only: the slot's request
+    grpc::ByteBuffer reply;
+    grpc::Status status;
     int kind = 0;
     int caller = 0;
-    int shard = 0;
+    int stub = 0;
     int slot = -1;  // --shared_memory: the output slot
     bool measured = false;
     Clock::time_point scheduled;
+    UnaryCall* prev = nullptr;  // the poller's calls in flight
+    UnaryCall* next = nullptr;
+  };
+  struct Poller {
+    int index = 0;
+    grpc::CompletionQueue cq;
+    std::thread thread;
+    std::mutex mu;  // guards the list (the open-loop sender adds to it); uncontended otherwise
+    UnaryCall live;  // sentinel of the list of calls in flight
+    Poller() { live.prev = live.next = &live; }
   };
   // The bytes a unary call of `kind` sends (its output slot's request with --shared_memory).
   const std::string& RequestBytes(int kind, int slot) const {
     if (o_.shm != nullptr) return o_.shm->Serialized(kind, slot);
     return service_ == Service::kOip ? kinds_[kind].oip_serialized : kinds_[kind].serialized;
   }
-  bool StartUnary(int caller, int stub, int shard, Clock::time_point at, std::mt19937_64& rng);
-  void UnaryDone(UnaryCall* call, const grpc::Status& status);
+  bool StartUnary(UnaryCall* call, Poller* poller, Clock::time_point at, std::mt19937_64& rng);
+  void UnaryDone(UnaryCall* call, Poller* poller);
+  void Poll(Poller* poller);
 
-  bench::RunStats Collect() {
-    bench::RunStats all;
+  // One part of every shard (stats or series), merged.
+  template <typename T>
+  T Merged(T Shard::*part) {
+    T all;
     for (auto& s : shards_) {
       std::lock_guard<std::mutex> lock(s.mu);
-      all.Merge(s.stats);
+      all.Merge(s.*part);
     }
     return all;
   }
+  bench::RunStats Collect() { return Merged(&Shard::stats); }
+  bench::IntervalSeries Series() { return Merged(&Shard::series); }
 
   const Endpoint& ep_;
   const Service service_;
@@ -197,9 +278,13 @@ class Engine {
   std::vector<std::unique_ptr<lossd::v1::LossService::Stub>> typed_;
   std::vector<std::mt19937_64> rngs_;  // one per closed-loop caller
   std::vector<std::unique_ptr<StreamCaller>> open_streams_;  // open-loop EvaluateStream
+  std::vector<grpc::ByteBuffer> requests_;                  // unary: one per kind
+  std::vector<std::unique_ptr<Poller>> pollers_;            // unary
+  std::vector<std::unique_ptr<UnaryCall>> unary_callers_;   // unary closed loop
 
   Clock::time_point t0_, warm_end_, end_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> cancel_{false};  // unary pollers cancel their calls in flight
   std::atomic<int64_t> measured_started_{0};
   std::atomic<int64_t> outstanding_{0};
   std::atomic<int64_t> last_done_ns_{-1};
@@ -207,55 +292,60 @@ class Engine {
   struct Shard {
     std::mutex mu;
     bench::RunStats stats;
+    bench::IntervalSeries series;  // of the measured window, merged at the end (4.5 KiB/interval)
   };
   Shard shards_[kShards];
-  // The time series of the measured window (one for all callers: 4.5 KiB per interval).
-  std::mutex series_mu_;
-  bench::IntervalSeries series_;
   std::mutex live_mu_;
   std::unordered_set<grpc::ClientContext*> live_;
   std::mutex done_mu_;
   std::condition_variable done_cv_;
-  int active_ = 0;  // closed loop: callers still going; open loop: sender + calls in flight
+  // Closed loop: callers still going; open loop: sender + calls in flight.
+  std::atomic<int> active_{0};
 };
 
-bool Engine::StartUnary(int caller, int stub, int shard, Clock::time_point at,
+bool Engine::StartUnary(UnaryCall* call, Poller* poller, Clock::time_point at,
                         std::mt19937_64& rng) {
   bool measured = false;
   if (!Admit(at, &measured)) return false;
-  auto* call = new UnaryCall();
   call->kind = PickKind(rng);
-  call->caller = caller;
-  call->shard = shard;
   call->measured = measured;
   call->scheduled = at;
+  const grpc::ByteBuffer* request = &requests_[call->kind];
   if (o_.shm != nullptr) {
     // Closed loop: the caller's own slot. Open loop (the sender thread): a free one; there is
     // one, since no more calls than slots are in flight (max_outstanding), but wait if not.
-    call->slot = point_.open ? o_.shm->Acquire() : caller;
+    call->slot = point_.open ? o_.shm->Acquire() : call->caller;
     while (call->slot < 0) {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
       call->slot = o_.shm->Acquire();
     }
+    const std::string& bytes = o_.shm->Serialized(call->kind, call->slot);
+    grpc::Slice slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
+    call->request = grpc::ByteBuffer(&slice, 1);
+    request = &call->request;
   }
-  const RequestKind& kind = kinds_[call->kind];
-  const std::string& bytes = RequestBytes(call->kind, call->slot);
-  grpc::Slice slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
-  call->request = grpc::ByteBuffer(&slice, 1);
-  Prepare(&call->ctx, &kind);
-  outstanding_.fetch_add(1);
-  generic_[stub]->UnaryCall(&call->ctx, method_, grpc::StubOptions(), &call->request,
-                            &call->reply,
-                            [this, call](grpc::Status status) { UnaryDone(call, status); });
+  call->ctx.emplace();
+  Configure(&*call->ctx, &kinds_[call->kind]);
+  {
+    std::lock_guard<std::mutex> lock(poller->mu);
+    call->prev = &poller->live;
+    call->next = poller->live.next;
+    call->next->prev = call;
+    poller->live.next = call;
+  }
+  outstanding_.fetch_add(1, std::memory_order_relaxed);
+  call->reader = generic_[call->stub]->PrepareUnaryCall(&*call->ctx, method_, *request, &poller->cq);
+  call->reader->StartCall();
+  call->reader->Finish(&call->reply, &call->status, call);
   return true;
 }
 
-void Engine::UnaryDone(UnaryCall* call, const grpc::Status& status) {
+void Engine::UnaryDone(UnaryCall* call, Poller* poller) {
   Outcome c;
   c.done = Clock::now();
   c.measured = call->measured;
   c.scheduled = call->scheduled;
-  c.code = status.error_code();
+  c.code = call->status.error_code();
   const RequestKind& kind = kinds_[call->kind];
   c.bytes = static_cast<int64_t>(RequestBytes(call->kind, call->slot).size() +
                                  call->reply.Length());
@@ -278,7 +368,7 @@ void Engine::UnaryDone(UnaryCall* call, const grpc::Status& status) {
         c.mismatch = Mismatch(kind, *as_lossd);
       }
     }
-  } else if (c.code == 0 && service_ != Service::kRaw && (o_.parse_replies || o_.verify)) {
+  } else if (c.code == 0 && service_ != Service::kRaw && o_.verify) {
     EvaluateResponse reply;
     if (!grpc::SerializationTraits<EvaluateResponse>::Deserialize(&call->reply, &reply).ok()) {
       c.mismatch = true;
@@ -288,8 +378,7 @@ void Engine::UnaryDone(UnaryCall* call, const grpc::Status& status) {
       c.timing = reply.timing();
       // --shared_memory: the outputs lie in the call's slot; --verify reads them from there.
       const std::string why =
-          o_.shm != nullptr && o_.verify ? o_.shm->Materialize(call->kind, call->slot, &reply)
-                                         : std::string();
+          o_.shm != nullptr ? o_.shm->Materialize(call->kind, call->slot, &reply) : std::string();
       if (!why.empty()) {
         c.mismatch = true;
         Report(absl::StrCat(kind.label, ": ", why));
@@ -297,21 +386,52 @@ void Engine::UnaryDone(UnaryCall* call, const grpc::Status& status) {
         c.mismatch = Mismatch(kind, reply);
       }
     }
+  } else if (c.code == 0 && service_ != Service::kRaw && o_.parse_replies) {
+    // Without --verify only the server's timing is read from the reply.
+    if (!ReadTiming(call->reply, &c.timing, &c.has_timing)) {
+      c.mismatch = true;
+      Report(absl::StrCat(kind.label, ": the reply does not parse"));
+    }
   }
-  Forget(&call->ctx);
-  const int caller = call->caller;
-  const int shard = call->shard;
+  {
+    std::lock_guard<std::mutex> lock(poller->mu);
+    call->prev->next = call->next;
+    call->next->prev = call->prev;
+  }
+  call->reader.reset();
+  call->ctx.reset();
+  call->reply.Clear();
+  call->request.Clear();
   if (o_.shm != nullptr && point_.open) o_.shm->Release(call->slot);
-  delete call;
-  Count(shard, c);
-  outstanding_.fetch_sub(1);
+  Count(poller->index, c);
+  outstanding_.fetch_sub(1, std::memory_order_relaxed);
   if (point_.open) {
+    delete call;
     Retire();
     return;
   }
   // Closed loop: this caller's next call, or its end.
-  if (!StartUnary(caller, o_.shared_channel ? 0 : caller, caller, Clock::now(), rngs_[caller])) {
-    Retire();
+  if (!StartUnary(call, poller, Clock::now(), rngs_[call->caller])) Retire();
+}
+
+// A poller thread: handles the unary calls that end on its queue until the queue is shut down
+// (after the last call); once `cancel_` is set it cancels its calls in flight (again every
+// 100 ms, for calls the open-loop sender started meanwhile).
+void Engine::Poll(Poller* poller) {
+  void* tag = nullptr;
+  bool ok = false;
+  bool cancelled = false;
+  for (;;) {
+    const auto next = poller->cq.AsyncNext(
+        &tag, &ok, std::chrono::system_clock::now() + std::chrono::milliseconds(100));
+    if (next == grpc::CompletionQueue::SHUTDOWN) return;
+    if (next == grpc::CompletionQueue::GOT_EVENT) UnaryDone(static_cast<UnaryCall*>(tag), poller);
+    if (cancel_.load(std::memory_order_relaxed) &&
+        (!cancelled || next == grpc::CompletionQueue::TIMEOUT)) {
+      cancelled = true;
+      std::lock_guard<std::mutex> lock(poller->mu);
+      for (UnaryCall* c = poller->live.next; c != &poller->live; c = c->next) c->ctx->TryCancel();
+    }
   }
 }
 
@@ -590,6 +710,22 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
     typed_.push_back(lossd::v1::LossService::NewStub(channels_.back()));
   }
   for (int i = 0; i < callers; ++i) rngs_.emplace_back(o_.seed * 1000003 + i);
+  if (o_.rpc == Rpc::kEvaluate) {
+    for (size_t k = 0; k < kinds_.size(); ++k) {
+      const std::string& bytes = RequestBytes(static_cast<int>(k), -1);
+      grpc::Slice slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
+      requests_.emplace_back(&slice, 1);
+    }
+    // Pollers: --client_threads, or one per CPU this process may use, at most one per caller
+    // (closed loop) or channel (open loop).
+    const int want = o_.client_threads > 0 ? o_.client_threads : UsableCpus();
+    const int npollers = std::max(1, std::min(want, point_.open ? nchannels : callers));
+    for (int i = 0; i < npollers; ++i) {
+      pollers_.push_back(std::make_unique<Poller>());
+      pollers_.back()->index = i;
+    }
+    for (auto& p : pollers_) p->thread = std::thread([this, poller = p.get()] { Poll(poller); });
+  }
   for (auto& ch : channels_) ch->WaitForConnected(std::chrono::system_clock::now() +
                                                   std::chrono::seconds(5));
 
@@ -598,13 +734,9 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
   end_ = o_.requests > 0 ? Clock::time_point::max()
                          : warm_end_ + absl::ToChronoNanoseconds(o_.duration);
   std::thread sender;
-  {
-    std::lock_guard<std::mutex> lock(done_mu_);
-    active_ = callers;
-  }
+  active_ = callers;
   if (point_.open && o_.rpc == Rpc::kStream) {
     // One stream per channel, owned here: the sender queues batches on them.
-    std::lock_guard<std::mutex> lock(done_mu_);
     active_ += static_cast<int>(channels_.size());
   }
   for (size_t i = 0; point_.open && o_.rpc == Rpc::kStream && i < channels_.size(); ++i) {
@@ -633,13 +765,16 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
           open_streams_[stub]->Enqueue(PickKind(rngs_[0]), at, measured);
           continue;
         }
-        {
-          std::lock_guard<std::mutex> lock(done_mu_);
-          ++active_;
+        Enlist();
+        bool started = false;
+        if (o_.rpc == Rpc::kAccumulate) {
+          started = AccumulateCall::Start(this, 0, at, stub, shard);
+        } else {
+          auto* call = new UnaryCall();
+          call->stub = stub;
+          started = StartUnary(call, pollers_[i % pollers_.size()].get(), at, rngs_[0]);
+          if (!started) delete call;
         }
-        const bool started = o_.rpc == Rpc::kAccumulate
-                                 ? AccumulateCall::Start(this, 0, at, stub, shard)
-                                 : StartUnary(0, stub, shard, at, rngs_[0]);
         if (!started) {
           Retire();
           break;
@@ -652,9 +787,14 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
     for (int i = 0; i < callers; ++i) {
       bool started = false;
       switch (o_.rpc) {
-        case Rpc::kEvaluate:
-          started = StartUnary(i, o_.shared_channel ? 0 : i, i, Clock::now(), rngs_[i]);
+        case Rpc::kEvaluate: {
+          unary_callers_.push_back(std::make_unique<UnaryCall>());
+          UnaryCall* call = unary_callers_.back().get();
+          call->caller = i;
+          call->stub = o_.shared_channel ? 0 : i;
+          started = StartUnary(call, pollers_[i % pollers_.size()].get(), Clock::now(), rngs_[i]);
           break;
+        }
         case Rpc::kStream:
           (new StreamCaller(this, i))->Begin();
           started = true;
@@ -711,17 +851,19 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
   lock.unlock();
   if (sender.joinable()) sender.join();
   const auto finished = Clock::now();
+  for (auto& p : pollers_) {  // no call is in flight any more
+    p->cq.Shutdown();
+    p->thread.join();
+  }
   bench::RunStats all = Collect();
   all.cpu_user_s = CpuSeconds(true) - user0;
   all.cpu_sys_s = CpuSeconds(false) - sys0;
   const int64_t last = last_done_ns_.load();
   all.seconds = last > 0 ? static_cast<double>(last) / 1e9
                          : std::max(0.0, std::chrono::duration<double>(finished - warm_end_).count());
-  {
-    std::lock_guard<std::mutex> series_lock(series_mu_);
-    series_.set_seconds(all.seconds);
-    all.series.assign(1, series_);
-  }
+  bench::IntervalSeries series = Series();
+  series.set_seconds(all.seconds);
+  all.series.assign(1, std::move(series));
   return all;
 }
 
@@ -732,6 +874,10 @@ std::shared_ptr<grpc::Channel> MakeChannel(const Endpoint& e, int index) {
   args.SetMaxReceiveMessageSize(-1);
   args.SetMaxSendMessageSize(-1);
   args.SetInt("lossd.bench.channel", index);  // distinct arguments: distinct connections
+  // Per-call work a load tester has no use for (docs/perf.md, "Is lossd-bench the
+  // bottleneck?"): channelz's call counters, and the retry filter (each call is sent once).
+  args.SetInt(GRPC_ARG_ENABLE_CHANNELZ, 0);
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   if (!e.lb_policy.empty()) args.SetLoadBalancingPolicyName(e.lb_policy);
   if (!e.authority_override.empty()) args.SetSslTargetNameOverride(e.authority_override);
   return grpc::CreateCustomChannel(

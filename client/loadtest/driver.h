@@ -1,5 +1,7 @@
-// lossd-bench's load engine: drives one server at one load point with gRPC's callback API (no
-// thread per call) and returns what it counted (client/bench/report.h).
+// lossd-bench's load engine: drives one server at one load point and returns what it counted
+// (client/bench/report.h). Unary calls use gRPC's completion-queue API, a few poller threads
+// with many calls in flight each; streams and Accumulate use the callback API (no thread per
+// call).
 //   closed loop  N callers, each sending its next call when the previous one ends (latency from
 //                its send); EvaluateStream callers keep `stream_window` batches in flight on
 //                one stream, Accumulate callers send `accumulate_batches` batches per call
@@ -65,6 +67,9 @@ struct DriverOptions {
   absl::Duration duration = absl::Seconds(5);
   int64_t requests = 0;  // > 0: the measured window ends after this many calls
   bool shared_channel = false;  // closed loop: one channel for all callers
+  // Unary calls: threads polling completion queues (0: one per CPU the process may run on),
+  // at most one per caller (closed loop) or channel (open loop).
+  int client_threads = 0;
   int channels = 0;             // open loop: channels used round robin (0: 1)
   bool verify = false;
   bool parse_replies = true;    // read the server's timings (lossd and echo)

@@ -41,6 +41,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
 #include "client/loadtest/driver.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
@@ -94,6 +95,10 @@ ABSL_FLAG(std::string, rps, "",
 ABSL_FLAG(std::string, arrivals, "poisson", "Open loop arrivals: poisson or fixed (evenly spaced).");
 ABSL_FLAG(bool, shared_channel, false,
           "Closed loop: all callers share one channel (one connection) instead of one each.");
+ABSL_FLAG(int, client_threads, 0,
+          "Unary calls: threads that poll the calls' completion queues, each with many calls in "
+          "flight; 0: one per CPU this process may run on (taskset), at most one per caller "
+          "(closed loop) or channel (open loop).");
 ABSL_FLAG(int, channels, 4,
           "Open loop: channels (connections) the calls are spread over; --rpc=stream: one "
           "stream on each.");
@@ -485,6 +490,10 @@ int main(int argc, char** argv) {
   absl::SetFlagsUsageConfig(usage);
   g_args.assign(argv + 1, argv + argc);
   const std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
+  // gRPC's locks are absl::Mutex; Debian's absl checks every lock for cycles (a graph update
+  // per lock and per mutex destroyed), about 5% of the client's CPU per call (docs/perf.md,
+  // "Is lossd-bench the bottleneck?").
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   if (rest.size() > 1) Usage(absl::StrCat("unexpected argument \"", rest[1], "\""));
 
   // ---- Flags, checked before anything starts.
@@ -655,6 +664,7 @@ int main(int argc, char** argv) {
   o.requests = *requests;
   o.shared_channel = absl::GetFlag(FLAGS_shared_channel);
   o.channels = absl::GetFlag(FLAGS_channels);
+  o.client_threads = absl::GetFlag(FLAGS_client_threads);
   o.verify = absl::GetFlag(FLAGS_verify);
   o.deadline = absl::GetFlag(FLAGS_deadline);
   o.max_outstanding = absl::GetFlag(FLAGS_max_outstanding);
@@ -666,6 +676,7 @@ int main(int argc, char** argv) {
     Usage("--duration must be > 0 (or give --requests)");
   }
   if (o.channels < 1) Usage("--channels must be >= 1");
+  if (o.client_threads < 0) Usage("--client_threads must be >= 0");
   if (o.max_outstanding < 1) Usage("--max_outstanding must be >= 1");
   if (o.deadline < absl::ZeroDuration()) Usage("--deadline must be >= 0");
   const int rounds = absl::GetFlag(FLAGS_rounds);
@@ -939,6 +950,7 @@ int main(int argc, char** argv) {
           absl::StrCat("--concurrency=", callers), absl::StrCat("--mix=", mix_text),
           absl::StrCat("--dtype=", dtype_name), absl::StrCat("--grad=", absl::GetFlag(FLAGS_grad)),
           absl::StrCat("--shared_channel=", o.shared_channel ? "true" : "false"),
+          absl::StrCat("--client_threads=", o.client_threads),
           absl::StrCat("--warmup=", absl::FormatDuration(o.warmup)),
           absl::StrCat("--duration=", absl::FormatDuration(o.duration)), "--rounds=1",
           "--baselines=none", "--progress=false"};

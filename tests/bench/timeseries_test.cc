@@ -88,6 +88,32 @@ TEST(IntervalSeriesTest, MemoryIsBoundedByCoarsening) {
   EXPECT_DOUBLE_EQ(p[4].qps, 1.0);
 }
 
+TEST(IntervalSeriesTest, MergeAddsSeriesOfDifferentWidths) {
+  // `a` kept 1 s intervals; `b` saw a call at 9.5 s with at most 4 intervals: width 4 s.
+  IntervalSeries a(kSec, 4), b(kSec, 4);
+  a.Record(kSec / 2, 0, 1000);
+  a.Record(kSec + 1, 0, 3000);
+  a.Record(kSec + 2, 14, 0);
+  b.Record(kSec / 4, 0, 2000);
+  b.Record(9 * kSec + kSec / 2, 0, 7000);
+  ASSERT_EQ(b.width_ns(), 4 * kSec);
+  IntervalSeries merged = a;
+  merged.Merge(b);
+  EXPECT_EQ(merged.width_ns(), 4 * kSec);
+  a.Merge(IntervalSeries(kSec, 4));  // an empty series changes nothing
+  EXPECT_EQ(a.width_ns(), kSec);
+  EXPECT_EQ(a.size(), 2);
+  merged.set_seconds(10.0);
+  const auto p = merged.Points();
+  ASSERT_EQ(p.size(), 3u);
+  EXPECT_EQ(p[0].ok, 3);  // [0, 4 s): 1000, 3000 and 2000 ns
+  EXPECT_EQ(p[0].errors, 1);
+  EXPECT_DOUBLE_EQ(p[0].max_us, 3);
+  EXPECT_EQ(p[1].ok, 0);
+  EXPECT_EQ(p[2].ok, 1);  // [8 s, 10 s)
+  EXPECT_DOUBLE_EQ(p[2].max_us, 7);
+}
+
 TEST(IntervalSeriesTest, RowReportsIntervalsOfEveryRoundAndTheHistogram) {
   RunStats a, b;
   for (int i = 0; i < 30; ++i) a.Record(0, 1000);

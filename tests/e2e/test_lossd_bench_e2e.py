@@ -55,6 +55,46 @@ def test_sweep_counts_add_up_and_failures_are_not_successes(server_factory, tmp_
     assert (server_ok - ok) + (server_bad - bad) == warm
 
 
+@pytest.mark.parametrize("threads,extra", [(1, ()), (3, ("--shared_channel",)), (0, ())])
+def test_unary_pollers_count_every_call_and_error(server_factory, tmp_path, threads,
+                                                  extra) -> None:
+    """Unary calls run on --client_threads completion-queue pollers (0: one per usable CPU), a
+    closed-loop caller staying on its poller call after call: with one poller for four callers,
+    with more pollers than channels, and by default, each successful and each failed call is
+    counted once, as the server counted it."""
+    server = server_factory("--metrics_port", "0", "--metrics_host", "127.0.0.1")
+    address = metrics_address(server)
+    report = run_bench(tmp_path, f"--target={server.target}", "--concurrency=4",
+                       f"--client_threads={threads}", *extra, "--warmup=0.2s",
+                       "--requests=400", "--rounds=1", "--mix=0.6:64,0.4:64:badshape",
+                       "--stop_errors=0.9")
+    [row] = report["rows"]
+    assert row["ok"] + row["errors"] == row["sent"] >= 400
+    assert row["ok"] > 0 and row["errors"] > 0
+    assert row["error_codes"] == {"INVALID_ARGUMENT": row["errors"]}
+    assert row["server_us"]["total_p50"] > 0  # the server's timing, read from each reply
+    s = settled_counts(address)
+    total = "lossd_requests_total"
+    server_ok = value(s, total, method="Evaluate", code="OK", device="cpu")
+    server_bad = value(s, total, method="Evaluate", code="INVALID_ARGUMENT", device="none")
+    assert server_ok + server_bad == row["sent"] + row["warmup_calls"]
+    assert row["ok"] <= server_ok and row["errors"] <= server_bad
+
+
+def test_unary_deadline_failures_are_counted(server_factory, tmp_path) -> None:
+    # gRPC's deadlines have millisecond resolution: 1 ms, with requests of 1M elements (8 MB)
+    # that take longer than that to send.
+    server = server_factory()
+    for load in (("--concurrency=2",), ("--rps=100", "--arrivals=fixed", "--channels=2",
+                                        "--client_threads=2")):
+        report = run_bench(tmp_path, f"--target={server.target}", *load, "--deadline=1ms",
+                           "--warmup=0.1s", "--duration=0.5s", "--rounds=1", "--elements=1M",
+                           "--stop_errors=1")
+        [row] = report["rows"]
+        assert row["ok"] == 0 and row["sent"] == row["errors"] > 0
+        assert row["error_codes"] == {"DEADLINE_EXCEEDED": row["errors"]}
+
+
 def test_fixed_rate_sends_exactly_its_schedule(server_factory, tmp_path) -> None:
     server = server_factory()
     # 200 calls/s evenly spaced: arrivals at k * 5 ms; the warm-up [0, 300 ms) holds k = 0..59,
