@@ -157,24 +157,18 @@ PoolBlock BufferPool::Get(size_t bytes) {
 
 void BufferPool::Trim() { state_->Trim(); }
 
-int64_t BufferPool::cached_bytes() const {
-  std::lock_guard<std::mutex> lock(state_->mu);
-  return state_->cached;
+namespace {
+using pool_internal::PoolState;
+// One counter of the pool's state, read under its lock.
+int64_t ReadCounter(PoolState& state, int64_t PoolState::*counter) {
+  std::lock_guard<std::mutex> lock(state.mu);
+  return state.*counter;
 }
+}  // namespace
 
-int64_t BufferPool::mapped_bytes() const {
-  std::lock_guard<std::mutex> lock(state_->mu);
-  return state_->mapped;
-}
-
-int64_t BufferPool::hits() const {
-  std::lock_guard<std::mutex> lock(state_->mu);
-  return state_->hits;
-}
-
-int64_t BufferPool::maps() const {
-  std::lock_guard<std::mutex> lock(state_->mu);
-  return state_->maps;
-}
+int64_t BufferPool::cached_bytes() const { return ReadCounter(*state_, &PoolState::cached); }
+int64_t BufferPool::mapped_bytes() const { return ReadCounter(*state_, &PoolState::mapped); }
+int64_t BufferPool::hits() const { return ReadCounter(*state_, &PoolState::hits); }
+int64_t BufferPool::maps() const { return ReadCounter(*state_, &PoolState::maps); }
 
 }  // namespace lossd::server

@@ -4,12 +4,23 @@
 
 #include <grpcpp/support/status.h>
 
+#include <utility>
+
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace lossd::server {
 
 // Same code number (absl and gRPC share the canonical codes) and the same message.
 grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// A handler's result into its reply message: *reply = the value when `result` is ok; returns
+// the status either way.
+template <typename R>
+absl::Status StoreReply(absl::StatusOr<R> result, R* reply) {
+  if (result.ok()) *reply = *std::move(result);
+  return result.status();
+}
 
 }  // namespace lossd::server
 

@@ -177,9 +177,12 @@ class Scanner {
     return true;
   }
 
-  // A Tensor sub-message (its tag already written): written with its data field left out and
-  // its length re-encoded; the data's place goes to `loc`.
-  bool Tensor(uint64_t outer_end, DataLoc* loc, std::string* out) {
+  // A sub-message (its tag already written to `out`), copied to `out` with its length
+  // re-encoded. field(end, tag, mark, &body) sees each field after its tag was appended to body
+  // at offset mark: it returns 1 when it took the field, 0 to have it copied, -1 when the field
+  // is malformed.
+  template <typename F>
+  bool SubMessage(uint64_t outer_end, std::string* out, F field) {
     uint64_t n;
     if (!Length(outer_end, &n, nullptr)) return false;
     const uint64_t end = pos_ + n;
@@ -188,39 +191,35 @@ class Scanner {
       const size_t mark = body.size();
       uint32_t tag;
       if (!Tag(end, &tag, &body)) return false;
-      if (tag == ((3 << 3) | kLen)) {  // data
-        body.resize(mark);
-        uint64_t size;
-        if (!Length(end, &size, nullptr)) return false;
-        *loc = DataLoc{pos_, size};
-        Take(size, nullptr);
-        continue;
-      }
-      if (!Value(end, tag, &body)) return false;
+      const int took = field(end, tag, mark, &body);
+      if (took < 0 || (took == 0 && !Value(end, tag, &body))) return false;
     }
     AppendVarint(body.size(), out);
     out->append(body);
     return true;
   }
 
+  // A Tensor sub-message: written with its data field (3) left out; the data's place goes to
+  // `loc`.
+  bool Tensor(uint64_t outer_end, DataLoc* loc, std::string* out) {
+    const auto data = [&](uint64_t end, uint32_t tag, size_t mark, std::string* body) {
+      if (tag != ((3 << 3) | kLen)) return 0;
+      body->resize(mark);
+      uint64_t size;
+      if (!Length(end, &size, nullptr)) return -1;
+      *loc = DataLoc{pos_, size};
+      Take(size, nullptr);
+      return 1;
+    };
+    return SubMessage(outer_end, out, data);
+  }
+
   // A BceWithLogits sub-message: its pos_weight (field 1) is a Tensor.
   bool Bce(uint64_t outer_end, DataLoc* pos_weight, std::string* out) {
-    uint64_t n;
-    if (!Length(outer_end, &n, nullptr)) return false;
-    const uint64_t end = pos_ + n;
-    std::string body;
-    while (pos_ < end) {
-      uint32_t tag;
-      if (!Tag(end, &tag, &body)) return false;
-      if (tag == ((1 << 3) | kLen)) {
-        if (!Tensor(end, pos_weight, &body)) return false;
-        continue;
-      }
-      if (!Value(end, tag, &body)) return false;
-    }
-    AppendVarint(body.size(), out);
-    out->append(body);
-    return true;
+    return SubMessage(outer_end, out, [&](uint64_t end, uint32_t tag, size_t, std::string* body) {
+      if (tag != ((1 << 3) | kLen)) return 0;
+      return Tensor(end, pos_weight, body) ? 1 : -1;
+    });
   }
 
   const std::vector<Piece>& pieces_;

@@ -4,8 +4,10 @@
 
 #include <climits>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -49,43 +51,33 @@ std::string OutputList(const OipModel& m) {
   return absl::StrJoin(names, ", ");
 }
 
+// The protocol's datatype names of the dtypes lossd takes.
+constexpr std::pair<v1::DType, absl::string_view> kDatatypes[] = {
+    {v1::DTYPE_FLOAT32, "FP32"},
+    {v1::DTYPE_FLOAT64, "FP64"},
+    {v1::DTYPE_FLOAT16, "FP16"},
+    {v1::DTYPE_BFLOAT16, "BF16"}};
+
 std::optional<v1::DType> ParseDatatype(absl::string_view s) {
-  if (s == "FP32") return v1::DTYPE_FLOAT32;
-  if (s == "FP64") return v1::DTYPE_FLOAT64;
-  if (s == "FP16") return v1::DTYPE_FLOAT16;
-  if (s == "BF16") return v1::DTYPE_BFLOAT16;
+  for (const auto& [dtype, name] : kDatatypes) {
+    if (s == name) return dtype;
+  }
   return std::nullopt;
 }
 
-absl::string_view KindName(const InferParameter& p) {
+// The parameter's kind and value, e.g. "int64 3" or "string 'x'".
+std::string KindAndValue(const InferParameter& p) {
   switch (p.parameter_choice_case()) {
     case InferParameter::kBoolParam:
-      return "bool";
+      return p.bool_param() ? "bool true" : "bool false";
     case InferParameter::kInt64Param:
-      return "int64";
+      return absl::StrCat("int64 ", p.int64_param());
     case InferParameter::kStringParam:
-      return "string";
+      return absl::StrCat("string '", p.string_param(), "'");
     case InferParameter::kDoubleParam:
-      return "double";
+      return absl::StrCat("double ", p.double_param());
     case InferParameter::kUint64Param:
-      return "uint64";
-    default:
-      return "unset";
-  }
-}
-
-std::string ParamValue(const InferParameter& p) {
-  switch (p.parameter_choice_case()) {
-    case InferParameter::kBoolParam:
-      return p.bool_param() ? "true" : "false";
-    case InferParameter::kInt64Param:
-      return absl::StrCat(p.int64_param());
-    case InferParameter::kStringParam:
-      return absl::StrCat("'", p.string_param(), "'");
-    case InferParameter::kDoubleParam:
-      return absl::StrCat(p.double_param());
-    case InferParameter::kUint64Param:
-      return absl::StrCat(p.uint64_param());
+      return absl::StrCat("uint64 ", p.uint64_param());
     default:
       return "unset";
   }
@@ -93,7 +85,7 @@ std::string ParamValue(const InferParameter& p) {
 
 absl::Status WrongType(absl::string_view key, const InferParameter& p, absl::string_view want) {
   return absl::InvalidArgumentError(absl::StrCat("parameter '", key, "' must be ", want,
-                                                 "; got ", KindName(p), " ", ParamValue(p)));
+                                                 "; got ", KindAndValue(p)));
 }
 
 absl::StatusOr<bool> BoolParam(absl::string_view key, const InferParameter& p) {
@@ -136,73 +128,68 @@ absl::StatusOr<std::string> StringParam(absl::string_view key, const InferParame
   return p.string_param();
 }
 
+// Parses p with `parse` (BoolParam, IntParam, DoubleParam) and hands the value to `set`.
+template <typename Parse, typename Set>
+absl::Status SetParam(absl::string_view key, const InferParameter& p, Parse parse, Set set) {
+  auto v = parse(key, p);
+  if (!v.ok()) return v.status();
+  set(*v);
+  return absl::OkStatus();
+}
+
+// A string parameter naming one of `values`; the error lists them.
+template <typename E, typename Set>
+absl::Status EnumParam(absl::string_view key, const InferParameter& p,
+                       std::initializer_list<std::pair<absl::string_view, E>> values, Set set) {
+  auto v = StringParam(key, p);
+  if (!v.ok()) return v.status();
+  std::vector<absl::string_view> names;
+  for (const auto& [name, value] : values) {
+    if (*v == name) {
+      set(value);
+      return absl::OkStatus();
+    }
+    names.push_back(name);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("parameter '", key, "' '", *v,
+                                                 "' is not one of ", absl::StrJoin(names, ", ")));
+}
+
 absl::Status ApplyParameter(const OipModel& model, const std::string& key,
                             const InferParameter& p, v1::EvaluateRequest* out) {
   if (key == "reduction") {
-    auto v = StringParam(key, p);
-    if (!v.ok()) return v.status();
-    if (*v == "none") {
-      out->set_reduction(v1::REDUCTION_NONE);
-    } else if (*v == "mean") {
-      out->set_reduction(v1::REDUCTION_MEAN);
-    } else if (*v == "sum") {
-      out->set_reduction(v1::REDUCTION_SUM);
-    } else if (*v == "per_sample_mean") {
-      out->set_reduction(v1::REDUCTION_PER_SAMPLE_MEAN);
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "parameter 'reduction' '", *v, "' is not one of none, mean, sum, per_sample_mean"));
-    }
-    return absl::OkStatus();
+    return EnumParam<v1::Reduction>(key, p,
+                                    {{"none", v1::REDUCTION_NONE},
+                                     {"mean", v1::REDUCTION_MEAN},
+                                     {"sum", v1::REDUCTION_SUM},
+                                     {"per_sample_mean", v1::REDUCTION_PER_SAMPLE_MEAN}},
+                                    [&](v1::Reduction r) { out->set_reduction(r); });
   }
   if (key == "device") {
-    auto v = StringParam(key, p);
-    if (!v.ok()) return v.status();
-    if (*v == "auto") {
-      out->set_device(v1::DEVICE_AUTO);
-    } else if (*v == "cpu") {
-      out->set_device(v1::DEVICE_CPU);
-    } else if (*v == "cuda") {
-      out->set_device(v1::DEVICE_CUDA);
-    } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("parameter 'device' '", *v, "' is not one of auto, cpu, cuda"));
-    }
-    return absl::OkStatus();
+    return EnumParam<v1::Device>(
+        key, p, {{"auto", v1::DEVICE_AUTO}, {"cpu", v1::DEVICE_CPU}, {"cuda", v1::DEVICE_CUDA}},
+        [&](v1::Device d) { out->set_device(d); });
   }
   if (key == "reject_nan") {
-    auto v = BoolParam(key, p);
-    if (!v.ok()) return v.status();
-    out->set_reject_nan(*v);
-    return absl::OkStatus();
+    return SetParam(key, p, BoolParam, [&](bool v) { out->set_reject_nan(v); });
   }
   if (!model.focal) {
     v1::BceWithLogits* bce = out->mutable_bce_with_logits();
     if (key == "ignore_index") {
-      auto v = IntParam(key, p);
-      if (!v.ok()) return v.status();
-      bce->set_ignore_index(*v);
-      return absl::OkStatus();
+      return SetParam(key, p, IntParam, [&](int64_t v) { bce->set_ignore_index(v); });
     }
     if (key == "normalize") {
-      auto v = BoolParam(key, p);
-      if (!v.ok()) return v.status();
-      bce->set_normalize(*v);
-      return absl::OkStatus();
+      return SetParam(key, p, BoolParam, [&](bool v) { bce->set_normalize(v); });
     }
     if (key == "label_smoothing") {
-      auto v = DoubleParam(key, p);
-      if (!v.ok()) return v.status();
-      bce->set_label_smoothing(*v);
-      return absl::OkStatus();
+      return SetParam(key, p, DoubleParam, [&](double v) { bce->set_label_smoothing(v); });
     }
   } else {
     v1::SigmoidFocalLoss* focal = out->mutable_sigmoid_focal_loss();
     if (key == "alpha" || key == "gamma") {
-      auto v = DoubleParam(key, p);
-      if (!v.ok()) return v.status();
-      key == "alpha" ? focal->set_alpha(*v) : focal->set_gamma(*v);
-      return absl::OkStatus();
+      return SetParam(key, p, DoubleParam, [&](double v) {
+        key == "alpha" ? focal->set_alpha(v) : focal->set_gamma(v);
+      });
     }
   }
   if (IgnoredParameter(key)) return absl::OkStatus();
@@ -507,18 +494,10 @@ absl::string_view OipOutputName(OipOutput output) {
 }
 
 absl::string_view OipDatatype(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FLOAT32:
-      return "FP32";
-    case v1::DTYPE_FLOAT64:
-      return "FP64";
-    case v1::DTYPE_FLOAT16:
-      return "FP16";
-    case v1::DTYPE_BFLOAT16:
-      return "BF16";
-    default:
-      return "";
+  for (const auto& [d, name] : kDatatypes) {
+    if (d == dtype) return name;
   }
+  return "";
 }
 
 void FillModelMetadata(const OipModel& model, inference::ModelMetadataResponse* response) {

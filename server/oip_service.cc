@@ -181,38 +181,37 @@ absl::StatusOr<uid_t> OipServiceImpl::ShmCaller(grpc::CallbackServerContext* con
   return shm_->Caller(context->peer(), OipProtocol::kGrpc);
 }
 
+// The caller's uid (ShmCaller), then fn(uid)'s status as the call's, under `method`.
+template <typename F>
+grpc::ServerUnaryReactor* OipServiceImpl::ShmCall(const char* method,
+                                                  grpc::CallbackServerContext* context, F&& fn) {
+  auto uid = ShmCaller(context);
+  return Finish(method, context, uid.ok() ? fn(*uid) : uid.status());
+}
+
 grpc::ServerUnaryReactor* OipServiceImpl::SystemSharedMemoryStatus(
     grpc::CallbackServerContext* context,
     const inference::SystemSharedMemoryStatusRequest* request,
     inference::SystemSharedMemoryStatusResponse* response) {
-  auto uid = ShmCaller(context);
-  absl::Status s = uid.status();
-  if (s.ok()) {
-    auto status = shm_->Status(*uid, request->name());
-    if (status.ok()) *response = *std::move(status);
-    s = status.status();
-  }
-  return Finish("SystemSharedMemoryStatus", context, s);
+  return ShmCall("SystemSharedMemoryStatus", context, [&](uid_t uid) {
+    return StoreReply(shm_->Status(uid, request->name()), response);
+  });
 }
 
 grpc::ServerUnaryReactor* OipServiceImpl::SystemSharedMemoryRegister(
     grpc::CallbackServerContext* context,
     const inference::SystemSharedMemoryRegisterRequest* request,
     inference::SystemSharedMemoryRegisterResponse*) {
-  auto uid = ShmCaller(context);
-  absl::Status s = uid.status();
-  if (s.ok()) s = shm_->Register(*uid, *request);
-  return Finish("SystemSharedMemoryRegister", context, s);
+  return ShmCall("SystemSharedMemoryRegister", context,
+                 [&](uid_t uid) { return shm_->Register(uid, *request); });
 }
 
 grpc::ServerUnaryReactor* OipServiceImpl::SystemSharedMemoryUnregister(
     grpc::CallbackServerContext* context,
     const inference::SystemSharedMemoryUnregisterRequest* request,
     inference::SystemSharedMemoryUnregisterResponse*) {
-  auto uid = ShmCaller(context);
-  absl::Status s = uid.status();
-  if (s.ok()) s = shm_->Unregister(*uid, request->name());
-  return Finish("SystemSharedMemoryUnregister", context, s);
+  return ShmCall("SystemSharedMemoryUnregister", context,
+                 [&](uid_t uid) { return shm_->Unregister(uid, request->name()); });
 }
 
 }  // namespace lossd::server

@@ -80,6 +80,9 @@ class OipServiceImpl final : public OipServiceBase {
   // The caller's uid for a shared-memory call, once admitted (drain, token) and with shared
   // memory enabled.
   absl::StatusOr<uid_t> ShmCaller(grpc::CallbackServerContext* context);
+  template <typename F>
+  grpc::ServerUnaryReactor* ShmCall(const char* method, grpc::CallbackServerContext* context,
+                                    F&& fn);
   Core* core_;
   OipSharedMemory* shm_;
 };

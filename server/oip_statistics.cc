@@ -169,23 +169,21 @@ std::string ModelStatisticsJson(const inference::ModelStatisticsResponse& stats)
 }
 
 std::string ModelConfigJson(const inference::ModelConfig& config) {
+  // name, data_type and dims of a ModelInput or ModelOutput.
+  const auto tensor = [](const auto& t) {
+    OrderedJson dims = OrderedJson::array();
+    for (int64_t d : t.dims()) dims.push_back(d);
+    return OrderedJson{{"name", t.name()},
+                       {"data_type", inference::DataType_Name(t.data_type())},
+                       {"dims", dims}};
+  };
   OrderedJson inputs = OrderedJson::array();
   for (const inference::ModelInput& in : config.input()) {
-    OrderedJson dims = OrderedJson::array();
-    for (int64_t d : in.dims()) dims.push_back(d);
-    inputs.push_back({{"name", in.name()},
-                      {"data_type", inference::DataType_Name(in.data_type())},
-                      {"dims", dims},
-                      {"optional", in.optional()}});
+    inputs.push_back(tensor(in));
+    inputs.back()["optional"] = in.optional();
   }
   OrderedJson outputs = OrderedJson::array();
-  for (const inference::ModelOutput& o : config.output()) {
-    OrderedJson dims = OrderedJson::array();
-    for (int64_t d : o.dims()) dims.push_back(d);
-    outputs.push_back({{"name", o.name()},
-                       {"data_type", inference::DataType_Name(o.data_type())},
-                       {"dims", dims}});
-  }
+  for (const inference::ModelOutput& o : config.output()) outputs.push_back(tensor(o));
   OrderedJson parameters = OrderedJson::object();
   // A protobuf map has no order: list the parameters sorted, for a stable reply.
   std::vector<std::string> keys;

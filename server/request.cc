@@ -82,6 +82,18 @@ absl::Status PlaceOutputs(const v1::EvaluateRequest& request, const RegionResolv
   return absl::OkStatus();
 }
 
+// The kernels' reduction for a request's (UNSPECIFIED is MEAN); none for an unknown value.
+std::optional<kernels::Reduction> KernelReduction(v1::Reduction r) {
+  switch (r) {
+    case v1::REDUCTION_UNSPECIFIED:
+    case v1::REDUCTION_MEAN: return kernels::Reduction::kMean;
+    case v1::REDUCTION_SUM: return kernels::Reduction::kSum;
+    case v1::REDUCTION_NONE: return kernels::Reduction::kNone;
+    case v1::REDUCTION_PER_SAMPLE_MEAN: return kernels::Reduction::kPerSampleMean;
+    default: return std::nullopt;
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tensor& t,
@@ -215,24 +227,12 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
         "loss is not set or not supported by this server; expected one of: bce_with_logits, "
         "sigmoid_focal_loss");
   }
-  switch (request.reduction()) {
-    case v1::REDUCTION_UNSPECIFIED:
-    case v1::REDUCTION_MEAN:
-      plan.args.reduction = kernels::Reduction::kMean;
-      break;
-    case v1::REDUCTION_SUM:
-      plan.args.reduction = kernels::Reduction::kSum;
-      break;
-    case v1::REDUCTION_NONE:
-      plan.args.reduction = kernels::Reduction::kNone;
-      break;
-    case v1::REDUCTION_PER_SAMPLE_MEAN:
-      plan.args.reduction = kernels::Reduction::kPerSampleMean;
-      break;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "reduction ", static_cast<int>(request.reduction()), " is not a known Reduction"));
+  const std::optional<kernels::Reduction> reduction = KernelReduction(request.reduction());
+  if (!reduction) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "reduction ", static_cast<int>(request.reduction()), " is not a known Reduction"));
   }
+  plan.args.reduction = *reduction;
   switch (request.device()) {
     case v1::DEVICE_AUTO:
     case v1::DEVICE_CPU:

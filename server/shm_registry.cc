@@ -510,44 +510,43 @@ grpc::ServerUnaryReactor* SharedMemoryService::Finish(grpc::CallbackServerContex
   return reactor;
 }
 
+// The caller's uid (Caller), then fn(uid)'s status as the call's.
+template <typename F>
+grpc::ServerUnaryReactor* SharedMemoryService::Respond(grpc::CallbackServerContext* context,
+                                                       const char* method, bool during_drain,
+                                                       F&& fn) const {
+  auto uid = Caller(context, during_drain);
+  return Finish(context, method, uid.ok() ? fn(*uid) : uid.status());
+}
+
 grpc::ServerUnaryReactor* SharedMemoryService::RegisterRegion(
     grpc::CallbackServerContext* context, const v1::RegisterRegionRequest* request,
     v1::RegisterRegionResponse* response) {
-  auto uid = Caller(context, /*during_drain=*/false);
-  if (!uid.ok()) return Finish(context, "SharedMemory.RegisterRegion", uid.status());
-  auto result = registry_->Register(*uid, *request);
-  if (result.ok()) *response = *std::move(result);
-  return Finish(context, "SharedMemory.RegisterRegion", result.status());
+  return Respond(context, "SharedMemory.RegisterRegion", /*during_drain=*/false, [&](uid_t uid) {
+    return StoreReply(registry_->Register(uid, *request), response);
+  });
 }
 
 grpc::ServerUnaryReactor* SharedMemoryService::RenewLease(grpc::CallbackServerContext* context,
                                                           const v1::RenewLeaseRequest* request,
                                                           v1::RenewLeaseResponse* response) {
-  auto uid = Caller(context, /*during_drain=*/true);
-  if (!uid.ok()) return Finish(context, "SharedMemory.RenewLease", uid.status());
-  auto result = registry_->Renew(*uid, *request);
-  if (result.ok()) *response = *std::move(result);
-  return Finish(context, "SharedMemory.RenewLease", result.status());
+  return Respond(context, "SharedMemory.RenewLease", /*during_drain=*/true, [&](uid_t uid) {
+    return StoreReply(registry_->Renew(uid, *request), response);
+  });
 }
 
 grpc::ServerUnaryReactor* SharedMemoryService::UnregisterRegion(
     grpc::CallbackServerContext* context, const v1::UnregisterRegionRequest* request,
-    v1::UnregisterRegionResponse* response) {
-  (void)response;
-  auto uid = Caller(context, /*during_drain=*/true);
-  if (!uid.ok()) return Finish(context, "SharedMemory.UnregisterRegion", uid.status());
-  return Finish(context, "SharedMemory.UnregisterRegion", registry_->Unregister(*uid, *request));
+    v1::UnregisterRegionResponse*) {
+  return Respond(context, "SharedMemory.UnregisterRegion", /*during_drain=*/true,
+                 [&](uid_t uid) { return registry_->Unregister(uid, *request); });
 }
 
 grpc::ServerUnaryReactor* SharedMemoryService::ListRegions(grpc::CallbackServerContext* context,
-                                                           const v1::ListRegionsRequest* request,
+                                                           const v1::ListRegionsRequest*,
                                                            v1::ListRegionsResponse* response) {
-  (void)request;
-  auto uid = Caller(context, /*during_drain=*/true);
-  if (!uid.ok()) return Finish(context, "SharedMemory.ListRegions", uid.status());
-  auto result = registry_->List(*uid);
-  if (result.ok()) *response = *std::move(result);
-  return Finish(context, "SharedMemory.ListRegions", result.status());
+  return Respond(context, "SharedMemory.ListRegions", /*during_drain=*/true,
+                 [&](uid_t uid) { return StoreReply(registry_->List(uid), response); });
 }
 
 }  // namespace lossd::server

@@ -140,6 +140,9 @@ class SharedMemoryService final : public v1::SharedMemory::CallbackService {
   // `method`, the full name ("SharedMemory.RegisterRegion").
   grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const char* method,
                                    const absl::Status& status) const;
+  template <typename F>
+  grpc::ServerUnaryReactor* Respond(grpc::CallbackServerContext* context, const char* method,
+                                    bool during_drain, F&& fn) const;
 
   ShmRegistry* registry_;
   const PeerTable* peers_;

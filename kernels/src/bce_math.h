@@ -37,6 +37,42 @@ LOSSD_HD double KeptCount(int64_t numel, int64_t ignored) {
   return kept > 0 ? static_cast<double>(kept) : 1.0;
 }
 
+// The softplus and sigmoid values of one logit in the cancellation-free forms of
+// docs/design.md section 3: e = exp(-|x|), l = log1p(e), sp(x) = max(x,0) + l,
+// sp(-x) = max(-x,0) + l, s(x) = 1/(1+e) for x >= 0 else e/(1+e), and s(-x) likewise.
+template <typename T>
+struct LogitTerms {
+  T sp_pos, sp_neg, s_pos, s_neg;
+};
+
+template <typename T>
+LOSSD_HD LogitTerms<T> TermsOf(T x) {
+  using std::exp;
+  using std::fabs;
+  using std::log1p;
+  const T e = exp(-fabs(x));
+  const T l = log1p(e);
+  const T inv = T(1) / (T(1) + e);
+  return {(x > T(0) ? x : T(0)) + l, (x < T(0) ? -x : T(0)) + l, x >= T(0) ? inv : e * inv,
+          x >= T(0) ? e * inv : inv};
+}
+
+// a sp(x) + b sp(-x) into *l and a s(x) - b s(-x) into *g, a term with an exact-zero
+// coefficient skipped (so that x = +-inf yields the limit, not inf * 0).
+template <typename T>
+LOSSD_HD void CombineTerms(const LogitTerms<T>& t, T a, T b, T* l, T* g) {
+  *l = T(0);
+  *g = T(0);
+  if (a != T(0)) {
+    *l = a * t.sp_pos;
+    *g = a * t.s_pos;
+  }
+  if (b != T(0)) {
+    *l += b * t.sp_neg;
+    *g -= b * t.s_neg;
+  }
+}
+
 // Computes, for one element, the loss and its gradients wrt x and y in type T, with the
 // cancellation-free forms of docs/design.md section 3:
 //   e = exp(-|x|), l = log1p(e), sp(x) = max(x,0) + l, sp(-x) = max(-x,0) + l,
@@ -45,9 +81,6 @@ LOSSD_HD double KeptCount(int64_t numel, int64_t ignored) {
 // input yields NaN outputs. Error: a few ulp of T for finite inputs.
 template <typename T>
 LOSSD_HD void BceElement(T x, T y, T w, T p, T* loss, T* gx, T* gy) {
-  using std::exp;
-  using std::fabs;
-  using std::log1p;
   if (x != x || y != y || w != w || p != p) {
     const T nan = T(NAN);
     *loss = nan;
@@ -55,25 +88,10 @@ LOSSD_HD void BceElement(T x, T y, T w, T p, T* loss, T* gx, T* gy) {
     *gy = nan;
     return;
   }
-  const T e = exp(-fabs(x));
-  const T l = log1p(e);
-  const T sp_pos = (x > T(0) ? x : T(0)) + l;   // sp(x)
-  const T sp_neg = (x < T(0) ? -x : T(0)) + l;  // sp(-x)
-  const T inv = T(1) / (T(1) + e);
-  const T s_pos = x >= T(0) ? inv : e * inv;    // s(x)
-  const T s_neg = x >= T(0) ? e * inv : inv;    // s(-x)
-  const T a = T(1) - y;
-  const T b = p * y;
-  T l_val = T(0), gx_val = T(0), gy_val = -sp_pos;
-  if (a != T(0)) {
-    l_val = a * sp_pos;
-    gx_val = a * s_pos;
-  }
-  if (b != T(0)) {
-    l_val += b * sp_neg;
-    gx_val -= b * s_neg;
-  }
-  if (p != T(0)) gy_val += p * sp_neg;
+  const LogitTerms<T> t = TermsOf(x);
+  T l_val, gx_val, gy_val = -t.sp_pos;
+  CombineTerms(t, T(1) - y, p * y, &l_val, &gx_val);
+  if (p != T(0)) gy_val += p * t.sp_neg;
   if (w == T(0)) {
     l_val = T(0);
     gx_val = T(0);
@@ -149,7 +167,6 @@ LOSSD_HD T FocalPowFromNegLog(T gamma, T nlq, T nlq_err) {
 template <typename T>
 LOSSD_HD void FocalElementLogSpace(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) {
   using std::exp;
-  using std::fabs;
   using std::log;
   using std::log1p;
   if (x != x || y != y || w != w) {
@@ -158,24 +175,12 @@ LOSSD_HD void FocalElementLogSpace(T x, T y, T w, T alpha, T gamma, T* loss, T* 
     return;
   }
   const T inf = T(INFINITY);
-  const T e = exp(-fabs(x));
-  const T l = log1p(e);
-  const T sp_pos = (x > T(0) ? x : T(0)) + l;
-  const T sp_neg = (x < T(0) ? -x : T(0)) + l;
-  const T inv = T(1) / (T(1) + e);
-  const T s_pos = x >= T(0) ? inv : e * inv;
-  const T s_neg = x >= T(0) ? e * inv : inv;
+  const LogitTerms<T> t = TermsOf(x);
+  const T sp_pos = t.sp_pos, sp_neg = t.sp_neg, s_pos = t.s_pos, s_neg = t.s_neg;
   const T a = T(1) - y;
   const T b = y;
-  T ce = T(0), dce = T(0);
-  if (a != T(0)) {
-    ce = a * sp_pos;
-    dce = a * s_pos;
-  }
-  if (b != T(0)) {
-    ce += b * sp_neg;
-    dce -= b * s_neg;
-  }
+  T ce, dce;
+  CombineTerms(t, a, b, &ce, &dce);
   const T t1 = a > T(0) ? log(a) - sp_neg : -inf;
   const T t2 = b > T(0) ? log(b) - sp_pos : -inf;
   const T hi = t1 > t2 ? t1 : t2;
@@ -234,6 +239,22 @@ LOSSD_HD T MulAdd(T a, T b, T c) {
 #else
   return a * b + c;
 #endif
+}
+
+// q^gamma for gamma 0, 1 and 2 (1, q and q q): true; false for other gammas, whose power the
+// caller computes from -log q (FocalPowFromNegLog).
+template <typename T>
+LOSSD_HD bool FocalPowSmall(T q, T gamma, T* mod) {
+  if (gamma == T(0)) {
+    *mod = T(1);
+  } else if (gamma == T(1)) {
+    *mod = q;
+  } else if (gamma == T(2)) {
+    *mod = q * q;
+  } else {
+    return false;
+  }
+  return true;
 }
 
 // torchvision's sigmoid focal loss for one element (the semantics of FocalElementLogSpace) in a
@@ -307,12 +328,8 @@ LOSSD_HD void FocalElementDirect(T x, T y, T w, T alpha, T gamma, T* loss, T* gx
   const T at = alpha >= T(0) ? alpha * y + ((T(1) - alpha) * omy + (T(1) - alpha) * A_lo) : T(1);
   const T l = log1p(e);
   const T ce = ce_m + l;  // A sp(z) + B sp(-z)
-  T mod = T(1);
-  if (gamma == T(1)) {
-    mod = q;
-  } else if (gamma == T(2)) {
-    mod = q * q;
-  } else if (gamma != T(0)) {
+  T mod;
+  if (!FocalPowSmall(q, gamma, &mod)) {
     T M = pos ? T(0) : -z;  // -log N, exact for a hard label (N = 1 or e)
     T M_err = T(0);
     if (B != T(0) && !pos && A * e >= B) {
@@ -355,12 +372,8 @@ LOSSD_HD void FocalElementHard(T x, T y, T w, T alpha, T gamma, T* loss, T* gx) 
   const T m = z > T(0) ? z : T(0);
   const T m_neg = z < T(0) ? -z : T(0);
   const T ce = m + l;  // sp(z); -log q = sp(-z) = m_neg + l
-  T mod = T(1);
-  if (gamma == T(1)) {
-    mod = q;
-  } else if (gamma == T(2)) {
-    mod = q * q;
-  } else if (gamma != T(0)) {
+  T mod;
+  if (!FocalPowSmall(q, gamma, &mod)) {
     const T nlq = m_neg + l;  // -log q
     // The rounding error of m_neg + l (Fast2Sum: the larger operand first).
     const T big = m_neg > l ? m_neg : l;

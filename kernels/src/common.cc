@@ -1,6 +1,7 @@
 // Shared pieces of the kernels library: dtypes, conversions, broadcasting, the loss count of a
 // reduction, exact summation.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -57,18 +58,13 @@ float HalfToFloat(uint16_t h) {
     bits = sign;
   } else {
     // Subnormal half: value = mant * 2^-24, exactly representable in float.
-    float f = static_cast<float>(mant) * 0x1p-24f;
-    std::memcpy(&bits, &f, 4);
-    bits |= sign;
+    bits = std::bit_cast<uint32_t>(static_cast<float>(mant) * 0x1p-24f) | sign;
   }
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
+  return std::bit_cast<float>(bits);
 }
 
 uint16_t FloatToHalf(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
+  const uint32_t bits = std::bit_cast<uint32_t>(f);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   const uint32_t abs = bits & 0x7fffffffu;
   if (abs >= 0x7f800000u) {  // inf or NaN
@@ -77,9 +73,7 @@ uint16_t FloatToHalf(float f) {
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: overflow to inf
   if (abs < 0x38800000u) {
     // Result is subnormal (or zero): scale so that the half ulp 2^-24 becomes 1 and round.
-    float a;
-    std::memcpy(&a, &abs, 4);
-    const float scaled = a * 0x1p24f;  // exact (power of two)
+    const float scaled = std::bit_cast<float>(abs) * 0x1p24f;  // exact (power of two)
     const float r = std::nearbyint(scaled);  // default rounding mode: nearest even
     return sign | static_cast<uint16_t>(r);
   }
@@ -88,16 +82,10 @@ uint16_t FloatToHalf(float f) {
   return sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13);
 }
 
-float BFloat16ToFloat(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
+float BFloat16ToFloat(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
 
 uint16_t FloatToBFloat16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
+  uint32_t bits = std::bit_cast<uint32_t>(f);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);

@@ -903,13 +903,8 @@ absl::Status CorrectlyRoundedBce(const BceArgs& args, const BceOutputs& out, Thr
   std::vector<ExactSum> sums(reduce ? std::max<int64_t>(units, 1) : 0);
   std::vector<double> errs(sums.size(), 0.0), specials(sums.size(), 0.0);
   std::vector<char> needs(sums.size(), 0);
-  std::atomic<bool> stopped{false};
-  pool.ParallelFor(units, [&](int64_t u) {
-    if (stopped.load(std::memory_order_relaxed)) return;
-    if (args.should_stop && args.should_stop()) {
-      stopped.store(true, std::memory_order_relaxed);
-      return;
-    }
+  const absl::Status run =
+      pool.ParallelForChunks(units, args.should_stop, args.chunks_done, [&](int64_t u) {
     const int64_t i0 = u * unit, i1 = std::min(n, i0 + unit);
     if (per_sample) {
       for (int64_t r0 = i0; r0 < i1; r0 += row) {
@@ -940,9 +935,8 @@ absl::Status CorrectlyRoundedBce(const BceArgs& args, const BceOutputs& out, Thr
       }
     }
     FlushCounts();
-    if (args.chunks_done) args.chunks_done->fetch_add(1, std::memory_order_relaxed);
   });
-  if (stopped.load()) return absl::CancelledError("stopped before completion");
+  if (!run.ok()) return run;
   if (reduce && out.loss != nullptr) {
     ExactSum total;
     double err = 0.0, special = 0.0;

@@ -210,8 +210,21 @@ class BlockIo {
   T div_lo() const { return div_lo_; }
   const T* w_tile() const { return w_tile_.get(); }
   const T* p_tile() const { return p_tile_.get(); }
-  // Room for n smoothed targets.
-  T* smoothed() const { return scratch_ + 7 * kReduceBlock; }
+  // Points k->y at the block's smoothed targets (y (1 - s) + s/2, written to scratch) when the
+  // loss smooths them; the block kernels take them so (the scalar loops smooth per element).
+  void Smooth(internal::BlockArgs<T>* k) const {
+    if (!plan_.loss->smooth) return;
+    const T s = static_cast<T>(plan_.loss->element.smoothing);
+    T* const ysm = scratch_ + 7 * kReduceBlock;
+    for (int64_t j = 0; j < k->n; ++j) ysm[j] = k->y[j] * (T(1) - s) + s * T(0.5);
+    k->y = ysm;
+  }
+  // After a block kernel on smoothed targets: dl/dy times dy'/dy = 1 - s.
+  void SmoothGradY(const internal::BlockArgs<T>& k) const {
+    if (!plan_.loss->smooth || k.gy == nullptr) return;
+    const T s = static_cast<T>(plan_.loss->element.smoothing);
+    for (int64_t j = 0; j < k.n; ++j) k.gy[j] *= (T(1) - s);
+  }
 
   // Block b's inputs as T (k.y: the raw targets) and its output runs, with the gradient
   // divisor; returns the raw targets.
@@ -317,17 +330,11 @@ template <typename T>
 void BceBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int64_t b0,
                int64_t b1, ExactSum* sum) {
   const BlockIo<T> io(args, out, plan, kTilePiece);
-  const bool smooth = plan.loss->smooth;
-  const T s = static_cast<T>(plan.loss->element.smoothing);
-  T* const ysm = io.smoothed();
   internal::BlockArgs<T> k;
   for (int64_t b = b0; b < b1; ++b) {
     const T* y_raw = io.Begin(b, &k);
     const int64_t n = k.n;
-    if (smooth) {
-      for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
-      k.y = ysm;
-    }
+    io.Smooth(&k);
     if (io.w_tile() == nullptr && io.p_tile() == nullptr) {
       internal::BceBlock(k);
     } else {
@@ -349,9 +356,7 @@ void BceBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, int
         internal::BceBlock(piece);
       }
     }
-    if (smooth && k.gy) {
-      for (int64_t j = 0; j < n; ++j) k.gy[j] *= (T(1) - s);
-    }
+    io.SmoothGradY(k);
     io.End(b, k, y_raw, sum);
   }
 }
@@ -369,22 +374,15 @@ void FocalBlocks(const BceArgs& args, const BceOutputs& out, const Plan& plan, i
   const bool focal_simd =
       args.dtype != DType::kFloat64 &&
       (r.element.gamma == 0.0 || r.element.gamma == 1.0 || r.element.gamma == 2.0);
-  const bool smooth = r.smooth;
-  const T s = r.element.smoothing;
   // The scalar loop's options: ignore_index as the block loop compares it.
   internal::ElementOptions<T> eo = r.element;
   eo.has_ignore_index = io.has_ignore();
-  T* const ysm = io.smoothed();
   internal::BlockArgs<T> k;
   for (int64_t b = b0; b < b1; ++b) {
     const T* y_raw = io.Begin(b, &k);
     const int64_t n = k.n;
     if (focal_simd) {
-      // Smoothed targets for the block kernel (the scalar loop smooths in LossElement).
-      if (smooth) {
-        for (int64_t j = 0; j < n; ++j) ysm[j] = y_raw[j] * (T(1) - s) + s * T(0.5);
-        k.y = ysm;
-      }
+      io.Smooth(&k);
       internal::FocalBlockArgs fa;
       fa.x = k.x;
       fa.y = k.y;
@@ -479,13 +477,8 @@ class CpuBackend final : public Backend {
       plan.row_sums = row_sums.data();
       plan.row_len = args.last_dim;
     }
-    std::atomic<bool> stopped{false};
-    pool_.ParallelFor(tasks, [&](int64_t t) {
-      if (stopped.load(std::memory_order_relaxed)) return;
-      if (args.should_stop && args.should_stop()) {
-        stopped.store(true, std::memory_order_relaxed);
-        return;
-      }
+    const absl::Status run =
+        pool_.ParallelForChunks(tasks, args.should_stop, args.chunks_done, [&](int64_t t) {
       const int64_t b0 = t * kBlocksPerTask;
       const int64_t b1 = std::min(blocks, (t + 1) * kBlocksPerTask);
       // One block loop per loss; BCE in double when `wide`, else in float (float32 and half
@@ -497,9 +490,8 @@ class CpuBackend final : public Backend {
       } else {
         BceBlocks<float>(args, out, plan, b0, b1, &sums[t]);
       }
-      if (args.chunks_done) args.chunks_done->fetch_add(1, std::memory_order_relaxed);
     });
-    if (stopped.load()) return absl::CancelledError("stopped before completion");
+    if (!run.ok()) return run;
     if (out.kept != nullptr) *out.kept = args.numel - ignored;
     if (out.loss == nullptr) return absl::OkStatus();
     if (plan.reduce) {

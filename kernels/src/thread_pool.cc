@@ -76,4 +76,21 @@ void ThreadPool::WorkerMain() {
   }
 }
 
+absl::Status ThreadPool::ParallelForChunks(int64_t n, const std::function<bool()>& should_stop,
+                                           std::atomic<int64_t>* chunks_done,
+                                           const std::function<void(int64_t)>& fn) {
+  std::atomic<bool> stopped{false};
+  ParallelFor(n, [&](int64_t i) {
+    if (stopped.load(std::memory_order_relaxed)) return;
+    if (should_stop && should_stop()) {
+      stopped.store(true, std::memory_order_relaxed);
+      return;
+    }
+    fn(i);
+    if (chunks_done != nullptr) chunks_done->fetch_add(1, std::memory_order_relaxed);
+  });
+  if (stopped.load()) return absl::CancelledError("stopped before completion");
+  return absl::OkStatus();
+}
+
 }  // namespace lossd::kernels::internal

@@ -2,6 +2,7 @@
 #ifndef LOSSD_KERNELS_SRC_THREAD_POOL_H_
 #define LOSSD_KERNELS_SRC_THREAD_POOL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 
 namespace lossd::kernels::internal {
@@ -25,6 +27,13 @@ class ThreadPool {
   // Calls fn(i) for every i in [0, n) and returns when all calls have finished. The caller's
   // thread takes part. fn must not throw.
   void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn);
+
+  // The same for the chunks of a kernel call: polls should_stop (when set) before each index
+  // and skips the remaining ones once it returns true (CANCELLED), and counts each finished
+  // index in chunks_done (when not null).
+  absl::Status ParallelForChunks(int64_t n, const std::function<bool()>& should_stop,
+                                 std::atomic<int64_t>* chunks_done,
+                                 const std::function<void(int64_t)>& fn);
 
  private:
   struct Loop {

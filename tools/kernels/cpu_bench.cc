@@ -110,6 +110,16 @@ void BlockBench(int reps) {
       {"block: mean+grad, weight pos_weight", true, true, true, false, true},
       {"block: loss+grad+grad_y, weight pos_weight", true, true, true, true, false},
   };
+  // Melem/s of `calls` calls of block(): the fastest of 5 x reps timed loops.
+  const auto rate = [&](int calls, const auto& block) {
+    double best = 1e30;
+    for (int r = 0; r < std::max(reps, 1) * 5; ++r) {
+      best = std::min(best, Seconds([&] {
+                        for (int c = 0; c < calls; ++c) block();
+                      }));
+    }
+    return kBlock * calls / best / 1e6;
+  };
   std::printf("%-44s %10s\n", "variant (in cache, 1 thread)", "Melem/s");
   for (const Shape& sh : shapes) {
     BlockArgs<float> a;
@@ -122,15 +132,8 @@ void BlockBench(int reps) {
     a.gx = sh.gx ? gx.data() : nullptr;
     a.gy = sh.gy ? gy.data() : nullptr;
     a.grad_divisor = sh.scale ? 10000000.0f : 1.0f;
-    constexpr int kCalls = 200;
-    double best = 1e30;
-    for (int r = 0; r < std::max(reps, 1) * 5; ++r) {
-      const double t = Seconds([&] {
-        for (int c = 0; c < kCalls; ++c) lossd::kernels::internal::BceBlock(a);
-      });
-      best = std::min(best, t);
-    }
-    std::printf("%-44s %10.1f\n", sh.name, kBlock * kCalls / best / 1e6);
+    std::printf("%-44s %10.1f\n", sh.name,
+                rate(200, [&] { lossd::kernels::internal::BceBlock(a); }));
   }
   // internal::FocalBlock (double lanes, as the CPU backend calls it for float inputs): gamma 2
   // with the weight, hard and mixed targets (40% 0, 40% 1, 20% uniform in (0, 1)).
@@ -152,17 +155,9 @@ void BlockBench(int reps) {
     a.gamma = 2.0;
     a.loss = ld.data();
     a.gx = gd.data();
-    constexpr int kCalls = 50;
-    double best = 1e30;
-    for (int r = 0; r < std::max(reps, 1) * 5; ++r) {
-      const double t = Seconds([&] {
-        for (int c = 0; c < kCalls; ++c) lossd::kernels::internal::FocalBlock(a);
-      });
-      best = std::min(best, t);
-    }
     std::printf("%-44s %10.1f\n",
                 mixed ? "block: focal loss+grad, weight, mixed y" : "block: focal loss+grad, weight",
-                kBlock * kCalls / best / 1e6);
+                rate(50, [&] { lossd::kernels::internal::FocalBlock(a); }));
   }
 }
 
