@@ -482,15 +482,9 @@ absl::StatusOr<const OipModel*> FindOipModel(absl::string_view name, absl::strin
 }
 
 absl::string_view OipOutputName(OipOutput output) {
-  switch (output) {
-    case OipOutput::kLoss:
-      return "LOSS";
-    case OipOutput::kGradLogits:
-      return "GRAD_LOGITS";
-    case OipOutput::kGradTargets:
-      return "GRAD_TARGETS";
-  }
-  return "";
+  static constexpr absl::string_view kNames[] = {"LOSS", "GRAD_LOGITS", "GRAD_TARGETS"};
+  static_assert(static_cast<int>(OipOutput::kGradTargets) == 2, "one name per OipOutput");
+  return kNames[static_cast<int>(output)];
 }
 
 absl::string_view OipDatatype(v1::DType dtype) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -34,13 +35,19 @@ bool SplitSuffix(absl::string_view text, absl::string_view* number, double* mult
   return true;
 }
 
+// *text without surrounding white space, split into its number and the suffix's multiplier.
+std::pair<absl::string_view, double> Split(absl::string_view* text) {
+  *text = absl::StripAsciiWhitespace(*text);
+  absl::string_view number;
+  double multiplier = 1;
+  SplitSuffix(*text, &number, &multiplier);
+  return {number, multiplier};
+}
+
 }  // namespace
 
 absl::StatusOr<double> ParseAmount(absl::string_view text) {
-  text = absl::StripAsciiWhitespace(text);
-  absl::string_view number;
-  double multiplier = 1;
-  SplitSuffix(text, &number, &multiplier);
+  const auto [number, multiplier] = Split(&text);
   double v = 0;
   if (number.empty() || !absl::SimpleAtod(number, &v) || !std::isfinite(v) || v <= 0) {
     return absl::InvalidArgumentError(
@@ -50,10 +57,7 @@ absl::StatusOr<double> ParseAmount(absl::string_view text) {
 }
 
 absl::StatusOr<int64_t> ParseCount(absl::string_view text) {
-  text = absl::StripAsciiWhitespace(text);
-  absl::string_view number;
-  double multiplier = 1;
-  SplitSuffix(text, &number, &multiplier);
+  const auto [number, multiplier] = Split(&text);
   int64_t v = 0;
   if (number.empty() || !absl::SimpleAtoi(number, &v) || v < 0 ||
       static_cast<double>(v) * multiplier > 9.0e18) {

@@ -121,6 +121,22 @@ LOSSD_HD void StoreWeightedFocal(T w, T lv, T g, T* loss, T* gx) {
   *gx = g;
 }
 
+// q^gamma for gamma 0, 1 and 2 (1, q and q q): true; false for other gammas, whose power the
+// caller computes from -log q (FocalPowFromNegLog).
+template <typename T>
+LOSSD_HD bool FocalPowSmall(T q, T gamma, T* mod) {
+  if (gamma == T(0)) {
+    *mod = T(1);
+  } else if (gamma == T(1)) {
+    *mod = q;
+  } else if (gamma == T(2)) {
+    *mod = q * q;
+  } else {
+    return false;
+  }
+  return true;
+}
+
 // The last steps of the direct focal forms (FocalElementDirect, FocalElementHard), from the
 // element's parts: alpha_t `at`, ce, q^gamma `mod`, the gradient's gamma-term factor v and
 // (1-2y) ce' `dce`, sgn = 1-2y folded sign:
@@ -239,22 +255,6 @@ LOSSD_HD T MulAdd(T a, T b, T c) {
 #else
   return a * b + c;
 #endif
-}
-
-// q^gamma for gamma 0, 1 and 2 (1, q and q q): true; false for other gammas, whose power the
-// caller computes from -log q (FocalPowFromNegLog).
-template <typename T>
-LOSSD_HD bool FocalPowSmall(T q, T gamma, T* mod) {
-  if (gamma == T(0)) {
-    *mod = T(1);
-  } else if (gamma == T(1)) {
-    *mod = q;
-  } else if (gamma == T(2)) {
-    *mod = q * q;
-  } else {
-    return false;
-  }
-  return true;
 }
 
 // torchvision's sigmoid focal loss for one element (the semantics of FocalElementLogSpace) in a
