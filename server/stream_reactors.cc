@@ -331,6 +331,14 @@ class AccumulateReactor final : public StreamCall<grpc::ServerReadReactor<grpc::
                       "whole is not allowed in Accumulate (its batches are parts of one whole)"),
                   a);
     }
+    // Checked here, before any batch is computed, like the other options Accumulate refuses
+    // (the correctly rounded path has no per-element values to accumulate).
+    if (r.precision() == v1::PRECISION_CORRECTLY_ROUNDED) {
+      return Fail(absl::InvalidArgumentError(
+                      "precision PRECISION_CORRECTLY_ROUNDED is not offered for Accumulate; use "
+                      "Evaluate with reduction SUM or MEAN"),
+                  a);
+    }
     if (r.has_outputs()) {
       return Fail(absl::InvalidArgumentError(
                       "outputs is not allowed in Accumulate (it returns no per-element outputs)"),

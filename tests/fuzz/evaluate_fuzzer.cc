@@ -170,6 +170,7 @@ void AccumulateBatch(lossd::server::Core& core, const EvaluateRequest& request,
     return;
   }
   if (request.gradients().logits() || request.gradients().targets()) return;
+  if (request.precision() == lossd::v1::PRECISION_CORRECTLY_ROUNDED) return;  // refused first
   EvaluatePlan batch = plan;
   batch.args.reduction = lossd::kernels::Reduction::kNone;
   batch.args.normalize = false;

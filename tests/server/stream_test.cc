@@ -154,6 +154,17 @@ TEST(AccumulateTest, RejectsMixedOptionsAndBadBatches) {
         << s.error_message();
   }
   {
+    // Refused when the batch arrives, before it is computed.
+    v1::EvaluateRequest cr = RandomRequest<float>(10, 7, 1, v1::REDUCTION_SUM);
+    cr.set_precision(v1::PRECISION_CORRECTLY_ROUNDED);
+    grpc::Status s = Accumulate(stub.get(), {cr});
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(s.error_message().find("batch 0: precision PRECISION_CORRECTLY_ROUNDED is not "
+                                     "offered for Accumulate; use Evaluate"),
+              std::string::npos)
+        << s.error_message();
+  }
+  {
     // No batches: SUM is 0.
     v1::AccumulateResponse acc;
     ASSERT_TRUE(Accumulate(stub.get(), {}, &acc).ok());
