@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <iterator>
 #include <limits>
 #include <optional>
 #include <random>
@@ -310,6 +309,22 @@ enum class Which { kLogits, kTargets, kWeight, kPosWeight };
 uint64_t Below(Rng& rng, uint64_t n) { return rng() % n; }
 bool OneIn(Rng& rng, uint64_t n) { return rng() % n == 0; }
 
+// One of `values`, uniformly.
+template <typename T, size_t N>
+T Pick(Rng& rng, const T (&values)[N]) {
+  return values[Below(rng, N)];
+}
+
+// An optional field: one time in four clear(), else set() with one of `values`.
+template <typename T, size_t N, typename Clear, typename Set>
+void ClearOrPick(Rng& rng, const T (&values)[N], Clear clear, Set set) {
+  if (OneIn(rng, 4)) {
+    clear();
+  } else {
+    set(Pick(rng, values));
+  }
+}
+
 int64_t PickDim(Rng& rng) {
   switch (Below(rng, 8)) {
     case 0:  // any power of two, and its neighbours: products land on every size class
@@ -319,9 +334,9 @@ int64_t PickDim(Rng& rng) {
     case 2:
       return static_cast<int64_t>(Below(rng, 17));
     case 3:
-      return kLimitDims[Below(rng, std::size(kLimitDims))];
+      return Pick(rng, kLimitDims);
     default:
-      return kExtremeDims[Below(rng, std::size(kExtremeDims))];
+      return Pick(rng, kExtremeDims);
   }
 }
 
@@ -380,7 +395,7 @@ double PickValue(Rng& rng, bool target, bool specials) {
                                    -90.0,
                                    65504.0,
                                    1e300};
-    return kSpecial[Below(rng, std::size(kSpecial))];
+    return Pick(rng, kSpecial);
   }
   if (target) return static_cast<double>(Below(rng, 2));
   return std::uniform_real_distribution<double>(-20.0, 20.0)(rng);
@@ -476,11 +491,8 @@ void MutateOptions(EvaluateRequest* r, Rng& rng) {
                                      std::numeric_limits<int64_t>::min(),
                                      std::numeric_limits<int64_t>::max()};
       lossd::v1::BceWithLogits* bce = r->mutable_bce_with_logits();
-      if (OneIn(rng, 4)) {
-        bce->clear_ignore_index();
-      } else {
-        bce->set_ignore_index(kIgnore[Below(rng, std::size(kIgnore))]);
-      }
+      ClearOrPick(rng, kIgnore, [bce] { bce->clear_ignore_index(); },
+                  [bce](int64_t v) { bce->set_ignore_index(v); });
       break;
     }
     case 1:
@@ -489,30 +501,23 @@ void MutateOptions(EvaluateRequest* r, Rng& rng) {
     case 2: {
       constexpr double kSmoothing[] = {
           0.0, 0.1, 0.5, 1.0, kNaN, -1.0, 2.0, kInf, -0.0, 1e-300, 1.0000000000000002};
-      r->mutable_bce_with_logits()->set_label_smoothing(
-          kSmoothing[Below(rng, std::size(kSmoothing))]);
+      r->mutable_bce_with_logits()->set_label_smoothing(Pick(rng, kSmoothing));
       break;
     }
     case 3: {
       constexpr double kAlpha[] = {0.25, 0.0,   1.0,    -1.0, kNaN, kInf, -kInf, 1.0000000000000002,
                                    -0.0, 1e308, -1e308, 0.5};
       lossd::v1::SigmoidFocalLoss* focal = r->mutable_sigmoid_focal_loss();
-      if (OneIn(rng, 4)) {
-        focal->clear_alpha();
-      } else {
-        focal->set_alpha(kAlpha[Below(rng, std::size(kAlpha))]);
-      }
+      ClearOrPick(rng, kAlpha, [focal] { focal->clear_alpha(); },
+                  [focal](double v) { focal->set_alpha(v); });
       break;
     }
     case 4: {
       constexpr double kGamma[] = {0.0,  0.5,  1.0,  1.5,  2.0,    3.0,  1e4, 10000.000000000002,
                                    kNaN, kInf, -0.0, -1.0, 1e-300, 100.0};
       lossd::v1::SigmoidFocalLoss* focal = r->mutable_sigmoid_focal_loss();
-      if (OneIn(rng, 4)) {
-        focal->clear_gamma();
-      } else {
-        focal->set_gamma(kGamma[Below(rng, std::size(kGamma))]);
-      }
+      ClearOrPick(rng, kGamma, [focal] { focal->clear_gamma(); },
+                  [focal](double v) { focal->set_gamma(v); });
       break;
     }
     default:
@@ -651,8 +656,8 @@ void MutateOnce(EvaluateRequest* r, Rng& rng) {
         const int64_t dims[] = {0, 1, 7, int64_t{1} << 31, int64_t{1} << 62,
                                 std::numeric_limits<int64_t>::max(), -1};
         lossd::v1::WholeRequest* whole = r->mutable_whole();
-        whole->set_num_elements(dims[Below(rng, std::size(dims))]);
-        if (OneIn(rng, 2)) whole->set_num_kept(dims[Below(rng, std::size(dims))]);
+        whole->set_num_elements(Pick(rng, dims));
+        if (OneIn(rng, 2)) whole->set_num_kept(Pick(rng, dims));
         if (OneIn(rng, 4)) r->clear_whole();
       }
       break;

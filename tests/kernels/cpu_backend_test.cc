@@ -272,12 +272,10 @@ TEST(CpuBackendTest, PerSampleMeanIsTheExactRowSumOfTheValues) {
         SCOPED_TRACE(::testing::Message() << "last_dim " << len << ", dtype "
                                           << static_cast<int>(dtype) << ", threads " << threads);
         auto cpu = MakeCpuBackend({threads});
-        BceArgs a;
-        a.numel = n;
-        a.dtype = a.targets_dtype = dtype;
-        a.logits = dtype == DType::kFloat32 ? static_cast<const void*>(xf.data()) : x.data();
-        a.targets = dtype == DType::kFloat32 ? static_cast<const void*>(yf.data()) : y.data();
-        a.reduction = Reduction::kPerSampleMean;
+        BceArgs a = lossd::testing::FlatArgs(
+            dtype, n, dtype == DType::kFloat32 ? static_cast<const void*>(xf.data()) : x.data(),
+            dtype == DType::kFloat32 ? static_cast<const void*>(yf.data()) : y.data(), nullptr,
+            nullptr, Reduction::kPerSampleMean);
         a.last_dim = len;
         std::vector<double> loss64(rows), values(n);
         std::vector<float> loss32(rows);

@@ -277,11 +277,16 @@ double FocalX(int i, std::mt19937_64& rng, std::uniform_real_distribution<double
   return static_cast<float>(xd);
 }
 
-// The backends evaluate the focal loss in double for every dtype and round once: for float
-// inputs and hard labels, the float32 loss and dl/dx are within 1 float32 ulp of the exact
-// value (the double error is far below the final rounding; the gradient's terms have one sign).
-TEST(FocalTest, HardLabelsRoundedToFloatWithinOneUlp) {
-  std::mt19937_64 rng(29);
+// The draws and checks of the float32 focal rounding tests: 2^18 draws from `seed` of x
+// (FocalX), the target from draw_y(i, rng), w a float in [0, 1e3] with 0 and 1 among them,
+// alpha 0.25, off (-1), 0 and 1, gamma 0, 0.5, 1, 2 and 3.7. FocalElement<double> rounded to
+// float against want_of(x, y, w, alpha, gamma) (long double): the loss within 1 float32 ulp of
+// its value, dl/dx within 1 float32 ulp of grad_ulp_at(want dl/dx, its larger term
+// (FocalGradTermScale)). Records the worst errors.
+template <typename DrawY, typename WantOf, typename GradUlpAt>
+void CheckFocalRoundedToFloat(uint64_t seed, DrawY draw_y, WantOf want_of,
+                              GradUlpAt grad_ulp_at) {
+  std::mt19937_64 rng(seed);
   std::uniform_real_distribution<double> ux(-40, 40), ux8(-8, 8), uw(0, 1e3);
   const double alphas[] = {0.25, -1.0, 0.0, 1.0};
   const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
@@ -289,26 +294,60 @@ TEST(FocalTest, HardLabelsRoundedToFloatWithinOneUlp) {
   const int draws = static_cast<int>(ScaledCount(1 << 18));
   for (int i = 0; i < draws; ++i) {
     const double x = FocalX(i, rng, ux, ux8);
-    const double y = (rng() & 1) ? 1.0 : 0.0;
+    const double y = draw_y(i, rng);
     const double w = static_cast<float>(i % 64 == 0 ? 0.0 : i % 8 == 1 ? 1.0 : uw(rng));
     const double alpha = alphas[rng() % 4], gamma = gammas[rng() % 5];
-    const FocalLD want = HardLabelFocal(x, y, w, alpha, gamma);
+    const FocalLD want = want_of(x, y, w, alpha, gamma);
+    const double scale = FocalGradTermScale(x, y, w, alpha, gamma);
+    const double want_gx = static_cast<double>(want.gx);
     double l, gx;
     FocalElement<double>(x, y, w, alpha, gamma, &l, &gx);
     const float lf = static_cast<float>(l), gf = static_cast<float>(gx);
     const double el = static_cast<double>(std::fabs(lf - want.loss)) /
                       UlpF32(static_cast<double>(want.loss));
-    const double eg = static_cast<double>(std::fabs(gf - want.gx)) /
-                      UlpF32(static_cast<double>(want.gx));
+    const double eg =
+        static_cast<double>(std::fabs(gf - want.gx)) / UlpF32(grad_ulp_at(want_gx, scale));
     worst_loss = std::max(worst_loss, el);
     worst_gx = std::max(worst_gx, eg);
     ASSERT_LE(el, 1.0) << "x=" << x << " y=" << y << " w=" << w << " gamma=" << gamma
                        << " loss " << lf << " want " << static_cast<double>(want.loss);
     ASSERT_LE(eg, 1.0) << "x=" << x << " y=" << y << " w=" << w << " gamma=" << gamma
-                       << " dl/dx " << gf << " want " << static_cast<double>(want.gx);
+                       << " dl/dx " << gf << " want " << want_gx << " larger term " << scale;
   }
-  RecordProperty("worst_loss_ulp_f32", std::to_string(worst_loss));
-  RecordProperty("worst_grad_logits_ulp_f32", std::to_string(worst_gx));
+  ::testing::Test::RecordProperty("worst_loss_ulp_f32", std::to_string(worst_loss));
+  ::testing::Test::RecordProperty("worst_grad_logits_ulp_f32", std::to_string(worst_gx));
+}
+
+// Equal bit for bit, or both NaN.
+bool SameBits(double a, double b) {
+  return std::memcmp(&a, &b, sizeof(double)) == 0 || (std::isnan(a) && std::isnan(b));
+}
+
+// The checks of the focal special-value tests that do not depend on the label: a NaN x, y or w
+// gives a NaN loss l and dl/dx g, and otherwise w = 0 gives +0 for both. False where neither
+// applies.
+bool ExpectNaNOrZeroWeight(double x, double y, double w, double l, double g,
+                           const std::string& where) {
+  if (std::isnan(x) || std::isnan(y) || std::isnan(w)) {
+    EXPECT_TRUE(std::isnan(l) && std::isnan(g)) << where;
+    return true;
+  }
+  if (w == 0) {
+    EXPECT_FALSE(std::signbit(l) || std::signbit(g)) << where;  // +0
+    EXPECT_EQ(l, 0.0) << where;
+    EXPECT_EQ(g, 0.0) << where;
+    return true;
+  }
+  return false;
+}
+
+// The backends evaluate the focal loss in double for every dtype and round once: for float
+// inputs and hard labels, the float32 loss and dl/dx are within 1 float32 ulp of the exact
+// value (the double error is far below the final rounding; the gradient's terms have one sign).
+TEST(FocalTest, HardLabelsRoundedToFloatWithinOneUlp) {
+  CheckFocalRoundedToFloat(
+      29, [](int, std::mt19937_64& rng) { return (rng() & 1) ? 1.0 : 0.0; }, HardLabelFocal,
+      [](double want_gx, double) { return want_gx; });
 }
 
 // Special values on the hard-label form give exactly what the log-space form gives, bit for
@@ -319,9 +358,6 @@ TEST(FocalTest, HardLabelSpecialValuesMatchLogSpace) {
   const double inf = std::numeric_limits<double>::infinity(), nan = std::nan("");
   const double gammas[] = {0.0, 0.25, 0.5, 0.99, 1.0, 2.0, 3.7, 1e4};
   const double alphas[] = {0.25, -1.0, 0.0, 1.0};
-  auto same_bits = [](double a, double b) {
-    return (std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, sizeof(double)) == 0;
-  };
   int compared = 0;
   for (double x : {inf, -inf, nan, 1e30, -1e30, 1e3, -1e3, 800.0, -800.0, 30.0, -3.0, 0.0,
                    -0.0, 1e-30}) {
@@ -341,15 +377,9 @@ TEST(FocalTest, HardLabelSpecialValuesMatchLogSpace) {
                                       std::to_string(y) + " w=" + std::to_string(w) +
                                       " alpha=" + std::to_string(alpha) +
                                       " gamma=" + std::to_string(gamma);
-            EXPECT_TRUE(same_bits(l1, l0)) << where << " loss " << l1 << " log space " << l0;
-            EXPECT_TRUE(same_bits(g1, g0)) << where << " dl/dx " << g1 << " log space " << g0;
-            if (std::isnan(x) || std::isnan(y) || std::isnan(w)) {
-              EXPECT_TRUE(std::isnan(l1) && std::isnan(g1)) << where;
-            } else if (w == 0) {
-              EXPECT_FALSE(std::signbit(l1) || std::signbit(g1)) << where;  // +0
-              EXPECT_EQ(l1, 0.0) << where;
-              EXPECT_EQ(g1, 0.0) << where;
-            } else {
+            EXPECT_TRUE(SameBits(l1, l0)) << where << " loss " << l1 << " log space " << l0;
+            EXPECT_TRUE(SameBits(g1, g0)) << where << " dl/dx " << g1 << " log space " << g0;
+            if (!ExpectNaNOrZeroWeight(x, y, w, l1, g1, where)) {
               EXPECT_FALSE(std::isnan(l1) || std::isnan(g1)) << where;
               EXPECT_TRUE(std::isfinite(g1)) << where;  // |dl/dx| <= w alpha_t
             }
@@ -453,38 +483,18 @@ TEST(FocalTest, SoftLabelsMatchLongDouble) {
 // within 1 float32 ulp of that term (docs/design.md section 4), as the float64 error of up to 15
 // ulp of the term is then no longer far below the final rounding.
 TEST(FocalTest, SoftLabelsRoundedToFloatWithinOneUlp) {
-  std::mt19937_64 rng(41);
-  std::uniform_real_distribution<double> ux(-40, 40), ux8(-8, 8), uy(0, 1), uw(0, 1e3);
-  const double alphas[] = {0.25, -1.0, 0.0, 1.0};
-  const double gammas[] = {0.0, 0.5, 1.0, 2.0, 3.7};
+  std::uniform_real_distribution<double> uy(0, 1);
   const double edge_y[] = {1e-6, 1 - 1e-6, 1e-12, 1e-30, 0.5};
-  double worst_loss = 0, worst_gx = 0;
-  const int draws = static_cast<int>(ScaledCount(1 << 18));
-  for (int i = 0; i < draws; ++i) {
-    const double x = FocalX(i, rng, ux, ux8);
-    double y = static_cast<float>(i % 4 == 1 ? edge_y[rng() % 5] : uy(rng));
-    if (y == 0 || y == 1) y = 0.25;
-    const double w = static_cast<float>(i % 64 == 0 ? 0.0 : i % 8 == 1 ? 1.0 : uw(rng));
-    const double alpha = alphas[rng() % 4], gamma = gammas[rng() % 5];
-    const FocalLD want = SoftLabelFocal(x, y, w, alpha, gamma);
-    const double scale = FocalGradTermScale(x, y, w, alpha, gamma);
-    const double want_gx = static_cast<double>(want.gx);
-    double l, gx;
-    FocalElement<double>(x, y, w, alpha, gamma, &l, &gx);
-    const float lf = static_cast<float>(l), gf = static_cast<float>(gx);
-    const double el = static_cast<double>(std::fabs(lf - want.loss)) /
-                      UlpF32(static_cast<double>(want.loss));
-    const double eg = static_cast<double>(std::fabs(gf - want.gx)) /
-                      UlpF32(std::fabs(want_gx) >= 0x1p-20 * scale ? want_gx : scale);
-    worst_loss = std::max(worst_loss, el);
-    worst_gx = std::max(worst_gx, eg);
-    ASSERT_LE(el, 1.0) << "x=" << x << " y=" << y << " w=" << w << " gamma=" << gamma
-                       << " loss " << lf << " want " << static_cast<double>(want.loss);
-    ASSERT_LE(eg, 1.0) << "x=" << x << " y=" << y << " w=" << w << " gamma=" << gamma
-                       << " dl/dx " << gf << " want " << want_gx << " larger term " << scale;
-  }
-  RecordProperty("worst_loss_ulp_f32", std::to_string(worst_loss));
-  RecordProperty("worst_grad_logits_ulp_f32", std::to_string(worst_gx));
+  CheckFocalRoundedToFloat(
+      41,
+      [&](int i, std::mt19937_64& rng) {
+        const double y = static_cast<float>(i % 4 == 1 ? edge_y[rng() % 5] : uy(rng));
+        return y == 0 || y == 1 ? 0.25 : y;
+      },
+      SoftLabelFocal,
+      [](double want_gx, double scale) {
+        return std::fabs(want_gx) >= 0x1p-20 * scale ? want_gx : scale;
+      });
 }
 
 // Special values with soft labels: bitwise what the log-space form gives (the sign of zero
@@ -500,9 +510,6 @@ TEST(FocalTest, SoftLabelSpecialValuesMatchLogSpace) {
   const double inf = std::numeric_limits<double>::infinity(), nan = std::nan("");
   const double gammas[] = {0.0, 0.25, 0.5, 0.99, 1.0, 2.0, 3.7, 1e4};
   const double alphas[] = {0.25, -1.0, 0.0, 1.0, 1.5};
-  auto same_bits = [](double a, double b) {
-    return (std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, sizeof(double)) == 0;
-  };
   int bitwise = 0, close = 0;
   for (double x : {inf, -inf, nan, 1e30, -1e30, 1e3, -1e3, 800.0, -800.0, 30.0, -3.0, 0.0,
                    -0.0, 1e-30}) {
@@ -521,8 +528,8 @@ TEST(FocalTest, SoftLabelSpecialValuesMatchLogSpace) {
             const bool exact = !(std::fabs(x) < inf) || std::isnan(y) || y < 1e-307 ||
                                std::isnan(w) || w == 0 || at == 0;
             if (exact) {
-              EXPECT_TRUE(same_bits(l1, l0)) << where << " loss " << l1 << " log space " << l0;
-              EXPECT_TRUE(same_bits(g1, g0)) << where << " dl/dx " << g1 << " log space " << g0;
+              EXPECT_TRUE(SameBits(l1, l0)) << where << " loss " << l1 << " log space " << l0;
+              EXPECT_TRUE(SameBits(g1, g0)) << where << " dl/dx " << g1 << " log space " << g0;
               ++bitwise;
             } else {
               ASSERT_FALSE(std::isnan(l1) || std::isnan(g1)) << where;
@@ -533,13 +540,7 @@ TEST(FocalTest, SoftLabelSpecialValuesMatchLogSpace) {
                   << where << " dl/dx " << g1 << " log space " << g0;
               ++close;
             }
-            if (std::isnan(x) || std::isnan(y) || std::isnan(w)) {
-              EXPECT_TRUE(std::isnan(l1) && std::isnan(g1)) << where;
-            } else if (w == 0) {
-              EXPECT_FALSE(std::signbit(l1) || std::signbit(g1)) << where;  // +0
-              EXPECT_EQ(l1, 0.0) << where;
-              EXPECT_EQ(g1, 0.0) << where;
-            } else if (at == 0) {
+            if (!ExpectNaNOrZeroWeight(x, y, w, l1, g1, where) && at == 0) {
               EXPECT_EQ(l1, 0.0) << where;
               EXPECT_EQ(g1, 0.0) << where;
             }
@@ -666,8 +667,18 @@ FocalDraws DrawFocalInputs(int64_t n, uint64_t seed) {
   return d;
 }
 
-bool SameBits(double a, double b) {
-  return std::memcmp(&a, &b, sizeof(double)) == 0 || (std::isnan(a) && std::isnan(b));
+// The SIMD focal block's arguments over all of `d` (w absent unless `weighted`), writing the
+// loss to l and dl/dx to g (each as long as d), with the default alpha, gamma and divisor.
+internal::FocalBlockArgs BlockArgs(const FocalDraws& d, bool weighted, std::vector<double>& l,
+                                   std::vector<double>& g) {
+  internal::FocalBlockArgs a;
+  a.x = d.x.data();
+  a.y = d.y.data();
+  a.w = weighted ? d.w.data() : nullptr;
+  a.n = static_cast<int64_t>(d.x.size());
+  a.loss = l.data();
+  a.gx = g.data();
+  return a;
 }
 
 // The SIMD focal block (double lanes, Highway's exp and log1p) against the scalar
@@ -688,15 +699,9 @@ TEST(FocalBlockTest, MatchesFocalElement) {
       for (bool weighted : {true, false}) {
         const double div = weighted ? 3.0 : 1.0;
         std::vector<double> l(n), g(n);
-        internal::FocalBlockArgs a;
-        a.x = d.x.data();
-        a.y = d.y.data();
-        a.w = weighted ? d.w.data() : nullptr;
-        a.n = n;
+        internal::FocalBlockArgs a = BlockArgs(d, weighted, l, g);
         a.alpha = alpha;
         a.gamma = gamma;
-        a.loss = l.data();
-        a.gx = g.data();
         a.grad_divisor = div;
         internal::FocalBlock(a);
         for (int64_t i = 0; i < n; ++i) {
@@ -743,13 +748,7 @@ TEST(FocalBlockTest, ResultDependsOnlyOnTheElement) {
   const FocalDraws d = DrawFocalInputs(n, 5);
   for (bool weighted : {true, false}) {
     std::vector<double> l(n), g(n);
-    internal::FocalBlockArgs a;
-    a.x = d.x.data();
-    a.y = d.y.data();
-    a.w = weighted ? d.w.data() : nullptr;
-    a.n = n;
-    a.loss = l.data();
-    a.gx = g.data();
+    const internal::FocalBlockArgs a = BlockArgs(d, weighted, l, g);
     internal::FocalBlock(a);
     for (int64_t off : {0, 1, 2, 3, 5, 8, 13, 101}) {
       for (int64_t len : {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 64, 65}) {

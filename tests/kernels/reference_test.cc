@@ -16,9 +16,12 @@
 #include "lossd/kernels/exact_sum.h"
 #include "lossd/kernels/operand.h"
 #include "lossd/kernels/reference.h"
+#include "tests/kernels/test_util.h"
 
 namespace lossd::kernels {
 namespace {
+
+using lossd::testing::FlatArgs;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -118,12 +121,9 @@ TEST(ReferenceTest, FocalInfiniteLogitsGiveLimits) {
     for (DType dt : {DType::kFloat64, DType::kFloat32}) {
       double xd = c.x, yd = c.y;
       float xf = static_cast<float>(c.x), yf = static_cast<float>(c.y);
-      BceArgs a;
-      a.numel = 1;
-      a.dtype = a.targets_dtype = dt;
-      a.logits = dt == DType::kFloat64 ? static_cast<const void*>(&xd) : &xf;
-      a.targets = dt == DType::kFloat64 ? static_cast<const void*>(&yd) : &yf;
-      a.reduction = Reduction::kNone;
+      BceArgs a = FlatArgs(dt, 1, dt == DType::kFloat64 ? static_cast<const void*>(&xd) : &xf,
+                           dt == DType::kFloat64 ? static_cast<const void*>(&yd) : &yf, nullptr,
+                           nullptr, Reduction::kNone);
       a.loss = Loss::kFocal;
       a.focal_alpha = c.alpha;
       a.focal_gamma = c.gamma;
@@ -165,12 +165,10 @@ TEST(ReferenceTest, FocalGradTargetsAreNaN) {
     yh[i] = FloatToHalf(y[i]);
   }
   for (DType dt : {DType::kFloat32, DType::kFloat16}) {
-    BceArgs a;
-    a.numel = kN;
-    a.dtype = a.targets_dtype = dt;
-    a.logits = dt == DType::kFloat32 ? static_cast<const void*>(x.data()) : xh.data();
-    a.targets = dt == DType::kFloat32 ? static_cast<const void*>(y.data()) : yh.data();
-    a.reduction = Reduction::kNone;
+    BceArgs a =
+        FlatArgs(dt, kN, dt == DType::kFloat32 ? static_cast<const void*>(x.data()) : xh.data(),
+                 dt == DType::kFloat32 ? static_cast<const void*>(y.data()) : yh.data(), nullptr,
+                 nullptr, Reduction::kNone);
     a.loss = Loss::kFocal;
     std::vector<float> gy(kN, 7.0f);
     std::vector<uint16_t> gyh(kN, FloatToHalf(7.0f));

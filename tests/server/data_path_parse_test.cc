@@ -50,6 +50,15 @@ class Wire {
 uint64_t Below(Rng& rng, uint64_t n) { return rng() % n; }
 bool OneIn(Rng& rng, uint64_t n) { return Below(rng, n) == 0; }
 
+// A message of `fields` fields, each appended by add_field (which picks it, so that the fields
+// come in random order and repeat at random).
+template <typename AddField>
+std::string Fields(int fields, AddField add_field) {
+  std::string m;
+  for (int i = 0; i < fields; ++i) add_field(m);
+  return m;
+}
+
 std::string RandomBytes(Rng& rng, size_t n) {
   std::string s(n, '\0');
   for (char& c : s) c = static_cast<char>(rng());
@@ -84,9 +93,7 @@ void Unknown(Rng& rng, uint32_t field, int depth, std::string* out) {
 }
 
 std::string TensorBody(Rng& rng) {
-  std::string b;
-  const int fields = static_cast<int>(Below(rng, 7));
-  for (int i = 0; i < fields; ++i) {
+  return Fields(static_cast<int>(Below(rng, 7)), [&rng](std::string& b) {
     switch (Below(rng, 9)) {
       case 0:
         Wire::Tag(1, 0, &b);
@@ -128,14 +135,11 @@ std::string TensorBody(Rng& rng) {
       default:
         Unknown(rng, 5 + static_cast<uint32_t>(Below(rng, 40)), 2, &b);
     }
-  }
-  return b;
+  });
 }
 
 std::string BceBody(Rng& rng) {
-  std::string b;
-  const int fields = static_cast<int>(Below(rng, 5));
-  for (int i = 0; i < fields; ++i) {
+  return Fields(static_cast<int>(Below(rng, 5)), [&rng](std::string& b) {
     switch (Below(rng, 6)) {
       case 0:
       case 1:
@@ -156,15 +160,12 @@ std::string BceBody(Rng& rng) {
       default:
         Unknown(rng, 5 + static_cast<uint32_t>(Below(rng, 20)), 2, &b);
     }
-  }
-  return b;
+  });
 }
 
 // A valid EvaluateRequest in wire format, fields in random order and repeated at random.
 std::string RandomRequest(Rng& rng) {
-  std::string m;
-  const int fields = 1 + static_cast<int>(Below(rng, 14));
-  for (int i = 0; i < fields; ++i) {
+  return Fields(1 + static_cast<int>(Below(rng, 14)), [&rng](std::string& m) {
     switch (Below(rng, 13)) {
       case 0:
         Wire::Len(1, OneIn(rng, 2) ? "req-" + std::to_string(rng() % 100) : "", &m);
@@ -210,8 +211,7 @@ std::string RandomRequest(Rng& rng) {
                                    : 22 + static_cast<uint32_t>(Below(rng, 5000)),
                 3, &m);
     }
-  }
-  return m;
+  });
 }
 
 // `bytes` as a ByteBuffer of slices cut at random places (empty slices included).

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
@@ -114,6 +115,15 @@ class DataPathRegionsTest : public ::testing::Test {
     return absl::OkStatus();
   }
 
+  // Runs `req`, which must fail with `code` and a message that names each of `parts`.
+  void ExpectFailure(const v1::EvaluateRequest& req, absl::StatusCode code,
+                     std::initializer_list<const char*> parts = {}) {
+    v1::EvaluateResponse reply;
+    const absl::Status s = Run(req, &reply);
+    EXPECT_EQ(s.code(), code) << s;
+    for (const char* part : parts) EXPECT_NE(s.message().find(part), std::string::npos) << s;
+  }
+
   static constexpr int64_t kRows = 300;
   static constexpr size_t kBytes = kRows * 64 * 4;
   Metrics metrics_;
@@ -163,59 +173,39 @@ TEST_F(DataPathRegionsTest, InputsAndOutputsInARegionMatchTheBytesPathBitForBit)
 TEST_F(DataPathRegionsTest, ResolverErrorsComeBackWithTheirStatus) {
   v1::EvaluateRequest req = Request(true);
   *req.mutable_targets()->mutable_ref() = Ref(kBytes, kBytes, "gone");
-  v1::EvaluateResponse reply;
-  absl::Status s = Run(req, &reply);
-  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
-  EXPECT_NE(s.message().find("targets.ref"), std::string::npos) << s;
+  ExpectFailure(req, absl::StatusCode::kNotFound, {"targets.ref"});
 
   req = Request(true);
   req.mutable_logits()->mutable_ref()->set_byte_size(kBytes - 4);
-  s = Run(req, &reply);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_NE(s.message().find("logits.ref"), std::string::npos) << s;
+  ExpectFailure(req, absl::StatusCode::kInvalidArgument, {"logits.ref"});
 
   req = Request(true);
   *req.mutable_outputs()->mutable_loss() = Ref(8 * kBytes - 8, kBytes);
-  s = Run(req, &reply);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_NE(s.message().find("outputs.loss"), std::string::npos) << s;
+  ExpectFailure(req, absl::StatusCode::kInvalidArgument, {"outputs.loss"});
 }
 
 TEST_F(DataPathRegionsTest, DataAndRefTogetherAreRefused) {
   v1::EvaluateRequest req = Request(true);
   req.mutable_logits()->set_data("xxxx");
-  v1::EvaluateResponse reply;
-  const absl::Status s = Run(req, &reply);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_NE(s.message().find("logits"), std::string::npos) << s;
+  ExpectFailure(req, absl::StatusCode::kInvalidArgument, {"logits"});
 }
 
 TEST_F(DataPathRegionsTest, PlacingAnOutputThatIsNotProducedIsRefused) {
   v1::EvaluateRequest req = Request(true);
   req.mutable_gradients()->set_targets(false);
   *req.mutable_outputs()->mutable_grad_targets() = Ref(2 * kBytes, kBytes);
-  v1::EvaluateResponse reply;
-  const absl::Status s = Run(req, &reply);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_NE(s.message().find("outputs.grad_targets"), std::string::npos) << s;
+  ExpectFailure(req, absl::StatusCode::kInvalidArgument, {"outputs.grad_targets"});
 }
 
 TEST_F(DataPathRegionsTest, OverlapsAreRefusedNamingBothFields) {
   v1::EvaluateRequest req = Request(true);
   *req.mutable_outputs()->mutable_loss() = Ref(2 * kBytes, kBytes);
   *req.mutable_outputs()->mutable_grad_logits() = Ref(2 * kBytes + 4, kBytes);
-  v1::EvaluateResponse reply;
-  absl::Status s = Run(req, &reply);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_NE(s.message().find("outputs.grad_logits"), std::string::npos) << s;
-  EXPECT_NE(s.message().find("outputs.loss"), std::string::npos) << s;
+  ExpectFailure(req, absl::StatusCode::kInvalidArgument, {"outputs.grad_logits", "outputs.loss"});
 
   req.mutable_outputs()->clear_loss();
   *req.mutable_outputs()->mutable_grad_logits() = Ref(kBytes / 2, kBytes);  // over the inputs
-  s = Run(req, &reply);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_NE(s.message().find("outputs.grad_logits"), std::string::npos) << s;
-  EXPECT_NE(s.message().find("logits.ref"), std::string::npos) << s;
+  ExpectFailure(req, absl::StatusCode::kInvalidArgument, {"outputs.grad_logits", "logits.ref"});
   EXPECT_EQ(regions_.live_spans(), 0);
 }
 
@@ -223,26 +213,18 @@ TEST_F(DataPathRegionsTest, ARegionThatShrankFailsTheCall) {
   v1::EvaluateRequest req = Request(true);
   *req.mutable_outputs()->mutable_grad_logits() = Ref(2 * kBytes, kBytes);
   regions_.damaged() = true;
-  v1::EvaluateResponse reply;
-  const absl::Status s = Run(req, &reply);
+  ExpectFailure(req, absl::StatusCode::kFailedPrecondition, {"shrank during the request"});
   regions_.damaged() = false;
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
-  EXPECT_NE(s.message().find("shrank during the request"), std::string::npos) << s;
 }
 
 TEST_F(DataPathRegionsTest, WithoutAResolverReferencesNeedSharedMemory) {
   core_->planner().set_region_resolver(nullptr);
-  v1::EvaluateResponse reply;
-  absl::Status s = Run(Request(true), &reply);
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
-  EXPECT_NE(s.message().find("shared memory is not enabled on this server (start lossd with "
-                             "--shared_memory_prefix)"),
-            std::string::npos)
-      << s;
+  ExpectFailure(Request(true), absl::StatusCode::kFailedPrecondition,
+                {"shared memory is not enabled on this server (start lossd with "
+                 "--shared_memory_prefix)"});
   v1::EvaluateRequest req = Request(false);
   *req.mutable_outputs()->mutable_loss() = Ref(0, kBytes);
-  s = Run(req, &reply);
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  ExpectFailure(req, absl::StatusCode::kFailedPrecondition);
 }
 
 // Accumulate takes no output placement; over a real socket.

@@ -139,27 +139,9 @@ TEST_F(HardeningTest, UnparseableBytesAreInvalidArgument) {
   auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->port()),
                                      grpc::InsecureChannelCredentials());
   grpc::GenericStub generic(channel);
-  auto unary = [&](const std::string& method, const std::string& bytes) {
-    grpc::Slice slice(bytes);
-    grpc::ByteBuffer request(&slice, 1), reply;
-    grpc::ClientContext ctx;
-    std::mutex mu;
-    std::condition_variable cv;
-    bool done = false;
-    grpc::Status status;
-    generic.UnaryCall(&ctx, method, grpc::StubOptions(), &request, &reply,
-                      [&](grpc::Status s) {
-                        std::lock_guard<std::mutex> lock(mu);
-                        status = s;
-                        done = true;
-                        cv.notify_one();
-                      });
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return done; });
-    return status;
-  };
   // A length-delimited field 1 whose length runs past the end.
-  grpc::Status s = unary("/lossd.v1.LossService/Evaluate", std::string("\x0a\xff\x01\x00", 4));
+  grpc::Status s =
+      UnaryBytes(&generic, "/lossd.v1.LossService/Evaluate", std::string("\x0a\xff\x01\x00", 4));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_NE(s.error_message().find("do not parse as lossd.v1.EvaluateRequest"),
             std::string::npos)
@@ -171,10 +153,11 @@ TEST_F(HardeningTest, UnparseableBytesAreInvalidArgument) {
   const size_t at = bytes.find("ok");
   ASSERT_NE(at, std::string::npos);
   bytes[at] = static_cast<char>(0xff);
-  s = unary("/lossd.v1.LossService/Evaluate", bytes);
+  s = UnaryBytes(&generic, "/lossd.v1.LossService/Evaluate", bytes);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_NE(s.error_message().find("UTF-8"), std::string::npos) << s.error_message();
-  s = unary("/lossd.v1.LossService/GetCapabilities", std::string("\x0a\xff\x01", 3));
+  s = UnaryBytes(&generic, "/lossd.v1.LossService/GetCapabilities",
+                 std::string("\x0a\xff\x01", 3));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
 }
 

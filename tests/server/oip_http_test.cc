@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/ascii.h"
@@ -301,28 +302,29 @@ TEST_F(OipHttpTest, WrongTensorsNameTheFieldAndValues) {
   ExpectBadJson(with_logits(R"({"name":"LOGITS","datatype":"INT32","shape":[2],"data":[1,2]})"),
                 "input 'LOGITS': datatype 'INT32' of model 'bce_with_logits' is not supported; "
                 "expected one of FP32, FP64, FP16, BF16");
-  ExpectBadJson(with_logits(R"({"name":"LOGITS","datatype":"FP32","shape":[2],"data":[1,2,3]})"),
-                "input 'LOGITS': data has 3 elements, expected 2 for shape [2]");
-  ExpectBadJson(with_logits(R"({"name":"LOGITS","datatype":"FP32","shape":[2]})"),
-                "input 'LOGITS': data has 0 elements, expected 2 for shape [2]");
-  ExpectBadJson(with_logits(R"({"name":"LOGITS","datatype":"FP32","shape":[2],"data":[1,"x"]})"),
-                "input 'LOGITS': data element 1 is string \"x\"");
-  ExpectBadJson(with_logits(R"({"name":"LOGITS","datatype":"FP32","shape":[2],"data":[1,null]})"),
-                "input 'LOGITS': data element 1 is null null");
-  ExpectBadJson(with_logits(R"({"name":"LOGITS","datatype":"FP32","shape":[2],"data":{"a":1}})"),
-                "input 'LOGITS': data must be an array; got object");
-  ExpectBadJson(with_logits(R"({"name":"LOGITS","datatype":"FP32","shape":[2],"data":[1,1e39]})"),
-                "input 'LOGITS': data element 1 (1e+39) is outside the range of FP32");
   ExpectBadJson(with_logits(R"({"name":"LOGITS","datatype":"FP16","shape":[2],"data":[1,2]})"),
                 "input 'LOGITS': datatype FP16 has no JSON data in the protocol; send its bytes "
                 "as binary data (parameter binary_data_size)");
-  ExpectBadJson(with_logits(R"({"name":"LOGITS","datatype":"FP32","shape":[2],"data":[1,2],"dims":[2]})"),
-                "unknown field \"dims\" in input 'LOGITS'; its fields are name, shape, datatype, "
-                "parameters, data");
-  ExpectBadJson(
-      with_logits(R"({"name":"LOGITS","datatype":"FP32","shape":[2],"data":[1,2],)"
-                  R"("parameters":{"shared_memory_region":"r"}})"),
-      "input 'LOGITS' has parameter 'shared_memory_region' but no 'shared_memory_byte_size'");
+  // An FP32 LOGITS of shape [2] with these fields after its shape.
+  const std::pair<const char*, const char*> fp32_logits_fields[] = {
+      {R"(,"data":[1,2,3])", "input 'LOGITS': data has 3 elements, expected 2 for shape [2]"},
+      {"", "input 'LOGITS': data has 0 elements, expected 2 for shape [2]"},
+      {R"(,"data":[1,"x"])", "input 'LOGITS': data element 1 is string \"x\""},
+      {R"(,"data":[1,null])", "input 'LOGITS': data element 1 is null null"},
+      {R"(,"data":{"a":1})", "input 'LOGITS': data must be an array; got object"},
+      {R"(,"data":[1,1e39])",
+       "input 'LOGITS': data element 1 (1e+39) is outside the range of FP32"},
+      {R"(,"data":[1,2],"dims":[2])",
+       "unknown field \"dims\" in input 'LOGITS'; its fields are name, shape, datatype, "
+       "parameters, data"},
+      {R"(,"data":[1,2],"parameters":{"shared_memory_region":"r"})",
+       "input 'LOGITS' has parameter 'shared_memory_region' but no 'shared_memory_byte_size'"},
+  };
+  for (const auto& [fields, error] : fp32_logits_fields) {
+    ExpectBadJson(
+        with_logits(absl::StrCat(R"({"name":"LOGITS","datatype":"FP32","shape":[2])", fields, "}")),
+        error);
+  }
   ExpectBadJson(with_logits(R"({"name":"LABELS","datatype":"FP32","shape":[2],"data":[1,2]})"),
                 "unknown input 'LABELS' for model 'bce_with_logits'; its inputs are LOGITS, "
                 "TARGETS, WEIGHT, POS_WEIGHT");

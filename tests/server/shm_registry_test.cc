@@ -494,6 +494,13 @@ class ShmServerTest : public ::testing::Test {
     EXPECT_TRUE(s.ok()) << s.status();
     return s.ok() ? *std::move(s) : nullptr;
   }
+  // The two addresses `server` listens on: the Unix socket and loopback TCP.
+  std::vector<std::string> Targets(const LossdServer& server) const {
+    return {"unix:" + socket_, absl::StrCat("127.0.0.1:", server.port())};
+  }
+  static std::shared_ptr<grpc::Channel> Channel(const std::string& target) {
+    return grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+  }
   static inline int counter_ = 0;
   std::filesystem::path dir_;
   std::string socket_;
@@ -510,10 +517,8 @@ TEST_F(ShmServerTest, RegistersOverTheUnixSocketAndLoopbackTcp) {
   EXPECT_TRUE(S_ISSOCK(st.st_mode));
   EXPECT_EQ(st.st_mode & 0777, 0660u);
   ShmObject object(8192);
-  for (const std::string target :
-       {"unix:" + socket_, absl::StrCat("127.0.0.1:", server->port())}) {
-    auto stub = v1::SharedMemory::NewStub(
-        grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  for (const std::string& target : Targets(*server)) {
+    auto stub = v1::SharedMemory::NewStub(Channel(target));
     grpc::ClientContext c1;
     v1::RegisterRegionResponse registered;
     grpc::Status s = stub->RegisterRegion(&c1, Request(object.name(), 0, 8192), &registered);
@@ -572,10 +577,8 @@ TEST_F(ShmServerTest, EvaluateOverTheUnixSocketEqualsTcp) {
   request.set_reduction(v1::REDUCTION_NONE);
   request.mutable_gradients()->set_logits(true);
   std::vector<v1::EvaluateResponse> replies;
-  for (const std::string target :
-       {"unix:" + socket_, absl::StrCat("127.0.0.1:", server->port())}) {
-    auto stub = v1::LossService::NewStub(
-        grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  for (const std::string& target : Targets(*server)) {
+    auto stub = v1::LossService::NewStub(Channel(target));
     grpc::ClientContext context;
     v1::EvaluateResponse reply;
     grpc::Status s = stub->Evaluate(&context, request, &reply);
@@ -594,8 +597,7 @@ TEST_F(ShmServerTest, DisabledSharedMemoryAnswersFailedPrecondition) {
   ASSERT_NE(server, nullptr);
   EXPECT_FALSE(server->shared_memory_enabled());
   EXPECT_EQ(server->region_resolver(), nullptr);
-  auto stub = v1::SharedMemory::NewStub(
-      grpc::CreateChannel("unix:" + socket_, grpc::InsecureChannelCredentials()));
+  auto stub = v1::SharedMemory::NewStub(Channel("unix:" + socket_));
   grpc::ClientContext context;
   v1::RegisterRegionResponse reply;
   testing::internal::CaptureStderr();
@@ -616,8 +618,7 @@ TEST_F(ShmServerTest, TokenIsRequiredWhenConfigured) {
   o.auth_token = "s3cret";
   auto server = Start(o);
   ASSERT_NE(server, nullptr);
-  auto stub = v1::SharedMemory::NewStub(
-      grpc::CreateChannel("unix:" + socket_, grpc::InsecureChannelCredentials()));
+  auto stub = v1::SharedMemory::NewStub(Channel("unix:" + socket_));
   grpc::ClientContext context;
   v1::ListRegionsResponse reply;
   EXPECT_EQ(stub->ListRegions(&context, v1::ListRegionsRequest(), &reply).error_code(),

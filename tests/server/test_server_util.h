@@ -2,10 +2,13 @@
 #ifndef LOSSD_TESTS_SERVER_TEST_SERVER_UTIL_H_
 #define LOSSD_TESTS_SERVER_TEST_SERVER_UTIL_H_
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <condition_variable>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -149,6 +152,28 @@ inline grpc::Status Accumulate(v1::LossService::Stub* stub,
   for (const v1::EvaluateRequest& b : batches) writer->Write(b);
   writer->WritesDone();
   return writer->Finish();
+}
+
+// One unary call of `method` ("/package.Service/Method") through `generic` with `bytes` as the
+// request message, whether or not they parse as one; waits for the call's status.
+inline grpc::Status UnaryBytes(grpc::GenericStub* generic, const std::string& method,
+                               const std::string& bytes) {
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer request(&slice, 1), reply;
+  grpc::ClientContext ctx;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status status;
+  generic->UnaryCall(&ctx, method, grpc::StubOptions(), &request, &reply, [&](grpc::Status s) {
+    std::lock_guard<std::mutex> lock(mu);
+    status = s;
+    done = true;
+    cv.notify_one();
+  });
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return done; });
+  return status;
 }
 
 }  // namespace lossd::server::testing
