@@ -13,6 +13,8 @@ ExecutorOptions ExecutorOptionsOf(const CoreConfig& config) {
   o.inline_elements = config.inline_elements;
   o.max_inflight_bytes = config.max_inflight_bytes;
   o.pool_cached_bytes = config.pool_cached_bytes;
+  o.batch_max_delay = config.batch_max_delay;
+  o.batch_max_elements = config.batch_max_elements;
   return o;
 }
 

@@ -15,6 +15,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/time/time.h"
 #include "server/admission.h"
 #include "server/executor.h"
 #include "lossd/kernels/backend.h"
@@ -39,6 +40,9 @@ struct CoreConfig {
   // Bytes of returned tensor blocks the buffer pool keeps mapped for later calls
   // (buffer_pool.h); -1: 1 GiB, or a quarter of max_inflight_bytes when that is smaller.
   int64_t pool_cached_bytes = -1;
+  // Dynamic batching of small CUDA requests (ExecutorOptions): 0 delay is off.
+  absl::Duration batch_max_delay = absl::ZeroDuration();
+  int64_t batch_max_elements = 65536;
   // Reported by GetCapabilities while a region resolver is set (Planner::set_region_resolver):
   // the prefix of the shared-memory objects clients may register.
   std::string shared_memory_prefix;

@@ -57,6 +57,11 @@ Executor::Executor(const ExecutorOptions& options, std::unique_ptr<kernels::Back
       cpu_(std::move(cpu)),
       cuda_(std::move(cuda)),
       metrics_(metrics),
+      batcher_(cuda_ != nullptr && options.batch_max_delay > absl::ZeroDuration()
+                   ? std::make_unique<Batcher>(
+                         BatcherOptions{options.batch_max_delay, options.batch_max_elements},
+                         cuda_.get(), metrics)
+                   : nullptr),
       pool_(PoolOptions(options)),
       memory_(options.max_inflight_bytes, /*trim_when_idle=*/true, absl::Seconds(1), &pool_),
       queue_(options.workers, options.queue_capacity) {}
@@ -171,7 +176,11 @@ absl::Status Executor::Compute(CallControl& call, const EvaluatePlan& plan, int6
   const int64_t chunks_before = call.chunks()->load();
   args.chunks_done = call.chunks();
   const int64_t compute_start = absl::GetCurrentTimeNanos();
-  absl::Status s = backend->Bce(args, out);
+  // Small CUDA computations may run in a batch with others of the same key (batcher.h): the
+  // results are bitwise those of running alone.
+  absl::Status s = backend == cuda_.get() && batcher_ != nullptr && batcher_->Batches(args.numel)
+                       ? batcher_->Run(args, out, call)
+                       : backend->Bce(args, out);
   const int64_t compute_end = absl::GetCurrentTimeNanos();
   const int64_t chunks = call.chunks()->load() - chunks_before;
   chunks_done_.fetch_add(chunks);

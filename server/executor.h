@@ -12,6 +12,9 @@
 // handlers run a plan: inline when small, else on a worker; its `done` continues the call
 // forward (encode, record), never back into admission or planning.
 //
+// Small computations on the CUDA backend may be gathered into batches (batcher.h) when
+// ExecutorOptions::batch_max_delay is set: Compute then waits up to that delay for others.
+//
 // Thread-safety: every method may be called from any thread at once. A CallControl is shared
 // by its call's reactor and the workers computing for it (atomics only).
 #ifndef LOSSD_SERVER_EXECUTOR_H_
@@ -28,6 +31,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "server/batcher.h"
 #include "server/buffer_pool.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.pb.h"
@@ -104,6 +109,12 @@ struct ExecutorOptions {
   // Bytes of returned blocks the pool keeps mapped (buffer_pool.h); -1: 1 GiB, or a quarter of
   // max_inflight_bytes when that is smaller.
   int64_t pool_cached_bytes = -1;
+  // Dynamic batching of small CUDA computations (batcher.h; docs/design.md section 1,
+  // "Dynamic batching of small CUDA requests"): how long a batch waits for more requests with
+  // the same key (0: off), and the most elements of one batch (larger requests run alone).
+  // Only computations that run on the CUDA backend are batched.
+  absl::Duration batch_max_delay = absl::ZeroDuration();
+  int64_t batch_max_elements = 65536;
 };
 
 class Executor {
@@ -119,6 +130,8 @@ class Executor {
 
   const ExecutorOptions& options() const { return options_; }
   bool has_cuda() const { return cuda_ != nullptr; }
+  // The batcher of CUDA computations; null when batching is off or there is no CUDA backend.
+  const Batcher* batcher() const { return batcher_.get(); }
 
   // Queues `task` for a compute worker. RESOURCE_EXHAUSTED ("work queue is full ...") when
   // the queue is full; the task is then dropped.
@@ -162,6 +175,7 @@ class Executor {
   std::unique_ptr<kernels::Backend> cpu_;
   std::unique_ptr<kernels::Backend> cuda_;
   Metrics* const metrics_;
+  std::unique_ptr<Batcher> batcher_;  // batches computations on cuda_; null when off
   std::atomic<int64_t> chunks_done_{0};
   std::atomic<int64_t> chunks_started_{0};
   std::atomic<int64_t> chunks_after_cancel_{0};

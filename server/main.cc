@@ -44,6 +44,13 @@ ABSL_FLAG(bool, cuda_float_math, true,
           "(same 4-ulp bound; see docs/perf.md for the speed of each).");
 ABSL_FLAG(int64_t, inline_elements, 16384,
           "Unary requests with at most this many elements are computed on the gRPC thread.");
+ABSL_FLAG(absl::Duration, batch_max_delay, absl::ZeroDuration(),
+          "CUDA requests only: concurrent small requests with the same loss, dtypes and "
+          "options wait up to this long (e.g. 100us) to be computed together, each with "
+          "the same result bits as alone; 0 turns batching off. CPU requests never wait.");
+ABSL_FLAG(int64_t, batch_max_elements, 65536,
+          "CUDA requests only: most elements of one dynamic batch (--batch_max_delay); a "
+          "batch runs as soon as it is full, and larger requests run alone.");
 ABSL_FLAG(int, stream_window, 4, "Batches of one EvaluateStream computed or waiting at once.");
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address of the Prometheus /metrics endpoint.");
 ABSL_FLAG(int, metrics_port, -1,
@@ -195,6 +202,12 @@ int main(int argc, char** argv) {
   options.cuda_float_math = absl::GetFlag(FLAGS_cuda_float_math);
   options.stream_window = absl::GetFlag(FLAGS_stream_window);
   options.inline_elements = absl::GetFlag(FLAGS_inline_elements);
+  options.batch_max_delay = absl::GetFlag(FLAGS_batch_max_delay);
+  options.batch_max_elements = absl::GetFlag(FLAGS_batch_max_elements);
+  if (options.batch_max_delay < absl::ZeroDuration() || options.batch_max_elements < 1) {
+    std::fprintf(stderr, "lossd: --batch_max_delay must be >= 0 and --batch_max_elements >= 1\n");
+    return 2;
+  }
   options.metrics_host = absl::GetFlag(FLAGS_metrics_host);
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   options.http_port = absl::GetFlag(FLAGS_http_port);
@@ -257,6 +270,8 @@ int main(int argc, char** argv) {
                    " cuda_float_math=", options.cuda_float_math ? "on" : "off",
                    " stream_window=", options.stream_window,
                    " inline_elements=", options.inline_elements,
+                   " batch_max_delay=", absl::FormatDuration(options.batch_max_delay),
+                   " batch_max_elements=", options.batch_max_elements,
                    " metrics_port=", (*server)->metrics_port(),
                    " http_port=", (*server)->http_port(),
                    " tls=", options.tls_cert_file.empty() ? "off"

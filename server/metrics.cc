@@ -43,6 +43,13 @@ prometheus::Histogram::BucketBoundaries SizeBuckets() {
   return b;
 }
 
+// Computations per dynamic batch (batcher.h): 1 to 1024, in powers of 2.
+prometheus::Histogram::BucketBoundaries BatchBuckets() {
+  prometheus::Histogram::BucketBoundaries b;
+  for (double v = 1; v <= 1024; v *= 2) b.push_back(v);
+  return b;
+}
+
 // The standard process_* metrics of Prometheus clients (prometheus-cpp has none), read from
 // /proc/self at each scrape.
 class ProcessCollector final : public prometheus::Collectable {
@@ -233,6 +240,12 @@ struct Metrics::Impl {
           .Name("lossd_request_bytes")
           .Help("Tensor payload bytes of each answered request (batch of a stream)")
           .Register(*registry);
+  prometheus::Histogram& batch_requests =
+      prometheus::BuildHistogram()
+          .Name("lossd_cuda_batch_requests")
+          .Help("Requests computed together by one dynamic batch on CUDA (--batch_max_delay)")
+          .Register(*registry)
+          .Add({}, BatchBuckets());
   prometheus::Family<prometheus::Gauge>& build_info =
       prometheus::BuildGauge()
           .Name("lossd_build_info")
@@ -344,6 +357,9 @@ void Metrics::AddBytes(std::string_view method, int64_t received, int64_t sent) 
 }
 
 void Metrics::AddChunks(int64_t chunks) { impl_->chunks.Increment(static_cast<double>(chunks)); }
+void Metrics::ObserveBatch(int64_t requests) {
+  impl_->batch_requests.Observe(static_cast<double>(requests));
+}
 void Metrics::InFlight(int delta) { impl_->in_flight.Increment(delta); }
 void Metrics::SetQueued(int64_t queued) { impl_->queued.Set(static_cast<double>(queued)); }
 void Metrics::SetDraining(bool draining) { impl_->draining.Set(draining ? 1.0 : 0.0); }

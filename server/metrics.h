@@ -40,6 +40,9 @@ class Metrics {
   // lossd_tensor_bytes_total and observed in the lossd_request_bytes histogram.
   void AddBytes(std::string_view method, int64_t received, int64_t sent);
   void AddChunks(int64_t chunks);
+  // One batch of CUDA computations run together (batcher.h): its number of computations, in
+  // the lossd_cuda_batch_requests histogram.
+  void ObserveBatch(int64_t requests);
   void InFlight(int delta);  // calls being handled
   void SetQueued(int64_t queued);
   void SetDraining(bool draining);

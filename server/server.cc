@@ -285,6 +285,8 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   config.queue_capacity = options.queue_capacity;
   config.stream_window = std::max(1, options.stream_window);
   config.inline_elements = options.inline_elements;
+  config.batch_max_delay = options.batch_max_delay;
+  config.batch_max_elements = options.batch_max_elements;
   config.auth_token = options.auth_token;
   if (impl->shm != nullptr) config.shared_memory_prefix = options.shared_memory_prefix;
   impl->core = std::make_unique<Core>(config, kernels::MakeCpuBackend({impl->cpu_threads}),

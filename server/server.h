@@ -36,6 +36,10 @@ struct ServerOptions {
   bool cuda_float_math = true;  // kernels::CudaOptions::float_math of the CUDA backend
   int stream_window = 4;     // batches of one EvaluateStream computed or waiting at once
   int64_t inline_elements = 16384;  // unary requests this small skip the worker queue
+  // Dynamic batching of small CUDA requests (batcher.h): how long a batch waits for requests
+  // with the same key (0: off) and the most elements of one batch.
+  absl::Duration batch_max_delay = absl::ZeroDuration();
+  int64_t batch_max_elements = 65536;
 
   // Prometheus /metrics: -1 disables it, 0 picks a free port (see metrics_port()).
   std::string metrics_host = "0.0.0.0";

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "lossd/kernels/backend.h"
 #include "lossd/kernels/bce.h"
 #include "lossd/kernels/checked_math.h"
 #include "lossd/kernels/dtype.h"
@@ -17,6 +18,13 @@
 #include "kernels/src/divisors.h"
 
 namespace lossd::kernels {
+
+std::vector<absl::Status> Backend::BceBatch(const std::vector<BceItem>& items) {
+  std::vector<absl::Status> statuses;
+  statuses.reserve(items.size());
+  for (const BceItem& item : items) statuses.push_back(Bce(*item.args, *item.out));
+  return statuses;
+}
 
 size_t ItemSize(DType dtype) {
   switch (dtype) {

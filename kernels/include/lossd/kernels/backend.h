@@ -1,13 +1,14 @@
 // Compute backends: the Backend interface that carries out one evaluation of the loss spec
 // (bce.h), the factories of the Highway SIMD CPU backend and of the CUDA backend, and probes of
 // what this build and machine offer (SIMD target, CUDA devices). A build without CUDA has the
-// CUDA functions too: they report no device. Every function here is thread-safe, and so is
-// Backend::Bce on one backend from any number of threads.
+// CUDA functions too: they report no device. Every function here is thread-safe, and so are
+// Backend::Bce and Backend::BceBatch on one backend from any number of threads.
 #ifndef LOSSD_KERNELS_BACKEND_H_
 #define LOSSD_KERNELS_BACKEND_H_
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -15,13 +16,27 @@
 
 namespace lossd::kernels {
 
-// A compute backend. Thread-safe: Bce may be called concurrently.
+// One evaluation of a batch (Backend::BceBatch): its spec and where its results go, both
+// borrowed for the duration of the call.
+struct BceItem {
+  const BceArgs* args = nullptr;
+  const BceOutputs* out = nullptr;
+};
+
+// A compute backend. Thread-safe: Bce and BceBatch may be called concurrently.
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string Name() const = 0;  // "cpu", "cuda"
   // Computes the loss and the requested gradients. Errors: INTERNAL on a device failure.
   virtual absl::Status Bce(const BceArgs& args, const BceOutputs& out) = 0;
+  // Computes independent evaluations together and returns one status per item, in order:
+  // one item's error (or its should_stop) leaves the others alone. Every item's results must
+  // be bitwise those of Bce(*item.args, *item.out) alone, whatever it is batched with
+  // (docs/design.md section 1, "Dynamic batching of small CUDA requests"). The default runs
+  // Bce on each item in turn. The CUDA backend keeps it for now; one launch of segmented
+  // reductions over the whole batch is an override still to be written and measured on a GPU.
+  virtual std::vector<absl::Status> BceBatch(const std::vector<BceItem>& items);
 };
 
 struct CpuOptions {
