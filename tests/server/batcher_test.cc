@@ -456,7 +456,9 @@ TEST(BatcherExecutorTest, CudaRequestsGoThroughTheBatcher) {
   EXPECT_EQ(on_cuda.loss().data(), on_cpu.loss().data());
 
   // Larger than batch_max_elements: the CUDA backend's Bce, alone.
-  auto big = PlanEvaluate(RandomRequest<float>(200, 8, 2, v1::REDUCTION_MEAN), Limits());
+  // The plan views the request's tensors: the request must outlive it.
+  const v1::EvaluateRequest big_request = RandomRequest<float>(200, 8, 2, v1::REDUCTION_MEAN);
+  auto big = PlanEvaluate(big_request, Limits());
   ASSERT_TRUE(big.ok());
   v1::EvaluateResponse big_response;
   ASSERT_TRUE(executor.Compute(call, *big, absl::GetCurrentTimeNanos(), &big_response).ok());
