@@ -79,17 +79,24 @@ void ThreadPool::WorkerMain() {
 absl::Status ThreadPool::ParallelForChunks(int64_t n, const std::function<bool()>& should_stop,
                                            std::atomic<int64_t>* chunks_done,
                                            const std::function<void(int64_t)>& fn) {
-  std::atomic<bool> stopped{false};
-  ParallelFor(n, [&](int64_t i) {
-    if (stopped.load(std::memory_order_relaxed)) return;
-    if (should_stop && should_stop()) {
-      stopped.store(true, std::memory_order_relaxed);
+  // The loop's state in one place, so that the lambda below captures one pointer and fits
+  // std::function's inline storage: no allocation per kernel call.
+  struct Chunks {
+    const std::function<bool()>& should_stop;
+    std::atomic<int64_t>* chunks_done;
+    const std::function<void(int64_t)>& fn;
+    std::atomic<bool> stopped{false};
+  } c{should_stop, chunks_done, fn};
+  ParallelFor(n, [p = &c](int64_t i) {
+    if (p->stopped.load(std::memory_order_relaxed)) return;
+    if (p->should_stop && p->should_stop()) {
+      p->stopped.store(true, std::memory_order_relaxed);
       return;
     }
-    fn(i);
-    if (chunks_done != nullptr) chunks_done->fetch_add(1, std::memory_order_relaxed);
+    p->fn(i);
+    if (p->chunks_done != nullptr) p->chunks_done->fetch_add(1, std::memory_order_relaxed);
   });
-  if (stopped.load()) return absl::CancelledError("stopped before completion");
+  if (c.stopped.load()) return absl::CancelledError("stopped before completion");
   return absl::OkStatus();
 }
 
