@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/src/bce_math.h"
 #include "kernels/src/correctly_rounded.h"
@@ -437,6 +438,11 @@ class CpuBackend final : public Backend {
   std::string Name() const override { return "cpu"; }
 
   absl::Status Bce(const BceArgs& args, const BceOutputs& out) override {
+    if (args.on_device != 0 || out.on_device != 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the CPU backend cannot read or write CUDA device memory (inputs on device: mask ",
+          args.on_device, ", outputs: mask ", out.on_device, "); use the CUDA backend"));
+    }
     // Per-sample means of empty rows: NaN, nothing to compute (divisors.h).
     if (internal::EmptyRows(args)) return internal::EmptyRowMeans(args, out);
     if (args.precision == Precision::kCorrectlyRounded) {

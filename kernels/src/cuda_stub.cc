@@ -9,5 +9,9 @@ std::string CudaDeviceName() { return ""; }
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaOptions&) {
   return absl::FailedPreconditionError("this lossd build has no CUDA support");
 }
+absl::StatusOr<DeviceMemory> OpenCudaIpcMemory(std::string_view, uint64_t, uint64_t) {
+  return absl::FailedPreconditionError(
+      "this lossd build has no CUDA support: CUDA IPC memory cannot be opened");
+}
 
 }  // namespace lossd::kernels

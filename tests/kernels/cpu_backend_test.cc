@@ -118,6 +118,29 @@ TEST(CpuBackendTest, Float32WithinFourUlpOfReference) {
   RecordProperty("worst_loss_ulp", static_cast<int>(worst));
 }
 
+// Tensors marked as CUDA device memory are refused before anything is read or written: the
+// CPU backend must never dereference a device pointer (the pointers here are unreadable).
+TEST(CpuBackendTest, RefusesDeviceTensors) {
+  auto cpu = MakeCpuBackend({2});
+  const auto* unreadable = reinterpret_cast<const void*>(uintptr_t{8});
+  for (uint32_t in_mask : {0u, on_device::kLogits, on_device::kTargets | on_device::kWeight}) {
+    for (uint32_t out_mask : {0u, on_device::kGradLogits}) {
+      if (in_mask == 0 && out_mask == 0) continue;
+      BceArgs a;
+      a.numel = 4;
+      a.logits = unreadable;
+      a.targets = unreadable;
+      a.on_device = in_mask;
+      BceOutputs o;
+      o.grad_logits = const_cast<void*>(unreadable);
+      o.on_device = out_mask;
+      const absl::Status s = cpu->Bce(a, o);
+      EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << in_mask << " " << out_mask;
+      EXPECT_NE(s.message().find("CUDA device memory"), std::string::npos) << s.message();
+    }
+  }
+}
+
 TEST(CpuBackendTest, OtherDtypesMatchReference) {
   std::mt19937_64 rng(5);
   std::uniform_real_distribution<double> u(-20, 20), t(0, 1);

@@ -6,8 +6,10 @@
 #ifndef LOSSD_KERNELS_BACKEND_H_
 #define LOSSD_KERNELS_BACKEND_H_
 
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -65,6 +67,26 @@ struct CudaOptions {
 };
 // The CUDA backend on device 0. FAILED_PRECONDITION when no GPU is usable.
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaOptions& options = {});
+
+// Device memory that another process of this machine exported with cudaIpcGetMemHandle, opened
+// in this process on device 0 (the CUDA backend's device): `data` is a device pointer to the
+// `bytes` bytes at `offset` of the exported allocation. The mapping stays open while any copy
+// of `keepalive` lives (the last one closes it with cudaIpcCloseMemHandle), so a computation
+// that holds it never loses its memory.
+struct DeviceMemory {
+  void* data = nullptr;
+  int64_t bytes = 0;
+  std::shared_ptr<void> keepalive;
+};
+// `handle`: the 64 bytes of a cudaIpcMemHandle_t. Errors, each naming the values:
+//   FAILED_PRECONDITION  a build without CUDA, or no usable GPU;
+//   INVALID_ARGUMENT     a handle that is not 64 bytes, bytes == 0, or offset + bytes past the
+//                        end of the exported allocation (never a pointer outside it);
+//   the failure of cudaIpcOpenMemHandle (a handle of another device or a freed allocation) as
+//   INVALID_ARGUMENT with CUDA's message.
+// Opening the same allocation twice is allowed (the driver counts references). Thread-safe.
+absl::StatusOr<DeviceMemory> OpenCudaIpcMemory(std::string_view handle, uint64_t offset,
+                                               uint64_t bytes);
 
 }  // namespace lossd::kernels
 

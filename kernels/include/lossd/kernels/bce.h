@@ -42,6 +42,22 @@ enum class Precision : int {
   kCorrectlyRounded = 1,  // every output the exact value rounded once to nearest-even (kBce only)
 };
 
+// Which of a call's tensors lie in CUDA device memory (device 0, e.g. another process's
+// allocation opened through CUDA IPC: OpenCudaIpcMemory in backend.h) instead of host memory:
+// bits of BceArgs::on_device (inputs) and BceOutputs::on_device (outputs). Only the CUDA
+// backend reads and writes device tensors: it uses them in place, with no copy; every other
+// backend returns FAILED_PRECONDITION when a bit is set. BceOutputs::loss_values and
+// BceOutputs::kept are always host memory.
+namespace on_device {
+inline constexpr uint32_t kLogits = 1u << 0;
+inline constexpr uint32_t kTargets = 1u << 1;
+inline constexpr uint32_t kWeight = 1u << 2;     // weight.data
+inline constexpr uint32_t kPosWeight = 1u << 3;  // pos_weight.data
+inline constexpr uint32_t kLoss = 1u << 0;         // BceOutputs::loss
+inline constexpr uint32_t kGradLogits = 1u << 1;   // BceOutputs::grad_logits
+inline constexpr uint32_t kGradTargets = 1u << 2;  // BceOutputs::grad_targets
+}  // namespace on_device
+
 // One BCE-with-logits evaluation. All pointers are borrowed for the duration of the call.
 struct BceArgs {
   int64_t numel = 0;
@@ -87,6 +103,8 @@ struct BceArgs {
   std::function<bool()> should_stop;
   // Optional: incremented once per finished chunk (observability; proves that work stopped).
   std::atomic<int64_t>* chunks_done = nullptr;
+  // Inputs in CUDA device memory: on_device::kLogits | kTargets | kWeight | kPosWeight bits.
+  uint32_t on_device = 0;
 };
 
 // Elements per unit of scheduled work: the granularity of should_stop and chunks_done.
@@ -108,6 +126,8 @@ struct BceOutputs {
   // not ignore_index; numel without ignore_index. Counted on this call's own targets, even
   // when whole_kept is given. The normalize divisor and Accumulator (accumulator.h) use it.
   int64_t* kept = nullptr;
+  // Outputs in CUDA device memory: on_device::kLoss | kGradLogits | kGradTargets bits.
+  uint32_t on_device = 0;
 };
 
 }  // namespace lossd::kernels
