@@ -6,6 +6,7 @@ namespace lossd::kernels {
 bool CudaCompiled() { return false; }
 int CudaDeviceCount() { return 0; }
 std::string CudaDeviceName() { return ""; }
+std::string CudaDeviceUuid() { return ""; }
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaOptions&) {
   return absl::FailedPreconditionError("this lossd build has no CUDA support");
 }

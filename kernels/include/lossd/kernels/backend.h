@@ -54,6 +54,9 @@ bool CudaCompiled();
 int CudaDeviceCount();
 // Name of device 0, empty when none.
 std::string CudaDeviceName();
+// UUID of device 0 as nvidia-smi -L prints it ("GPU-" then 8-4-4-4-12 lowercase hex digits),
+// empty when none.
+std::string CudaDeviceUuid();
 struct CudaOptions {
   // Element math of the fused kernel for float32, float16 and bfloat16 logits. false: exp,
   // log1p and the reciprocal in float, the combination in double. true: everything in float

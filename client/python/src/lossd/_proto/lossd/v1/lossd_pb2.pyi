@@ -37,6 +37,7 @@ class RegionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REGION_KIND_UNSPECIFIED: _ClassVar[RegionKind]
     REGION_KIND_SYSTEM: _ClassVar[RegionKind]
+    REGION_KIND_CUDA_IPC: _ClassVar[RegionKind]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT64: DType
@@ -54,6 +55,7 @@ DEVICE_CPU: Device
 DEVICE_CUDA: Device
 REGION_KIND_UNSPECIFIED: RegionKind
 REGION_KIND_SYSTEM: RegionKind
+REGION_KIND_CUDA_IPC: RegionKind
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "ref")
@@ -248,7 +250,7 @@ class GetCapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("server_version", "losses", "dtypes", "devices", "reductions", "max_message_bytes", "max_elements", "cuda_device_name", "whole_requests", "shared_memory", "shared_memory_prefix", "partial_state_versions")
+    __slots__ = ("server_version", "losses", "dtypes", "devices", "reductions", "max_message_bytes", "max_elements", "cuda_device_name", "whole_requests", "shared_memory", "shared_memory_prefix", "partial_state_versions", "cuda_ipc", "cuda_device_uuid")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +263,8 @@ class Capabilities(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_PREFIX_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_STATE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    CUDA_DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     losses: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[DType]
@@ -273,10 +277,12 @@ class Capabilities(_message.Message):
     shared_memory: bool
     shared_memory_prefix: str
     partial_state_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, server_version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[_Union[Device, str]]] = ..., reductions: _Optional[_Iterable[_Union[Reduction, str]]] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., cuda_device_name: _Optional[str] = ..., whole_requests: bool = ..., shared_memory: bool = ..., shared_memory_prefix: _Optional[str] = ..., partial_state_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    cuda_ipc: bool
+    cuda_device_uuid: str
+    def __init__(self, server_version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[_Union[Device, str]]] = ..., reductions: _Optional[_Iterable[_Union[Reduction, str]]] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., cuda_device_name: _Optional[str] = ..., whole_requests: bool = ..., shared_memory: bool = ..., shared_memory_prefix: _Optional[str] = ..., partial_state_versions: _Optional[_Iterable[int]] = ..., cuda_ipc: bool = ..., cuda_device_uuid: _Optional[str] = ...) -> None: ...
 
 class RegisterRegionRequest(_message.Message):
-    __slots__ = ("name", "kind", "key", "offset", "byte_size", "lease_ms", "cuda_ipc_handle")
+    __slots__ = ("name", "kind", "key", "offset", "byte_size", "lease_ms", "cuda_ipc_handle", "cuda_device_uuid")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +290,7 @@ class RegisterRegionRequest(_message.Message):
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: RegionKind
     key: str
@@ -291,7 +298,8 @@ class RegisterRegionRequest(_message.Message):
     byte_size: int
     lease_ms: int
     cuda_ipc_handle: bytes
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[RegionKind, str]] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., lease_ms: _Optional[int] = ..., cuda_ipc_handle: _Optional[bytes] = ...) -> None: ...
+    cuda_device_uuid: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[RegionKind, str]] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., lease_ms: _Optional[int] = ..., cuda_ipc_handle: _Optional[bytes] = ..., cuda_device_uuid: _Optional[str] = ...) -> None: ...
 
 class RegisterRegionResponse(_message.Message):
     __slots__ = ("region", "lease_ms")
