@@ -12,7 +12,7 @@ CMAKE_FLAGS ?=
 APT_PACKAGES := build-essential cmake pkg-config git \
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev \
   libgtest-dev libgmock-dev libbenchmark-dev libhwy-dev prometheus-cpp-dev libmpfr-dev \
-  libcivetweb-dev nlohmann-json3-dev \
+  libcivetweb-dev nlohmann-json3-dev libnghttp2-dev \
   python3 python3-venv python3-dev openssl
 # Packages whose daemon the tests run as a program of their own (tests/e2e/test_dashboard_e2e.py
 # starts /usr/bin/prometheus on a free loopback port): installed without their Recommends and
