@@ -13,7 +13,10 @@
 #   5. our Gelem/s over torch's, per problem;
 #   6. build/server/lossd on this GPU through the Python client (tools/gpu/server_gpu_check.py),
 #      CUDA vs CPU, with the default (all-float) element math and with --cuda_float_math=false;
-#   7. with LOSSD_NCU=1 and Nsight Compute's ncu on PATH: one profiled launch of each gpu_bench
+#   7. the serving benchmark (tools/gpu/serving_bench.py; skipped with LOSSD_SERVING=0): CUDA
+#      IPC end to end from torch, dynamic batching of 1k-element requests at c1/c16/c64, 64M
+#      requests through TCP and shared memory, each against the kernel's own rate;
+#   8. with LOSSD_NCU=1 and Nsight Compute's ncu on PATH: one profiled launch of each gpu_bench
 #      variant named in LOSSD_NCU_VARIANTS (default "none/wC none/wC/f32") at 64M elements:
 #      speed of light, occupancy, launch, memory, compute and warp-state sections ($OUT/ncu.txt
 #      when $OUT is set, else printed).
@@ -154,6 +157,22 @@ server_check --cuda_float_math=false; server_f32_rc=$?
 [[ $server_f32_rc == 0 ]] || server_rc=1
 [[ $server_rc == 0 ]] || status=1
 
+serving_rc=0
+if [[ "${LOSSD_SERVING:-1}" == 1 ]]; then
+  echo
+  echo "== serving benchmark (tools/gpu/serving_bench.py)"
+  # Wrappers that start our binaries with this machine's library setup ("${RUN[@]}"), so that
+  # lossd-bench's own start of lossd gets it too.
+  mkdir -p "$TMP/bin"
+  for b in build/server/lossd build/client/loadtest/lossd-bench build/tools/gpu/gpu_bench; do
+    printf '#!/bin/bash\nexec %s "$@"\n' "$(printf '%q ' "${RUN[@]}" "$PWD/$b")" \
+      >"$TMP/bin/$(basename "$b")"
+    chmod +x "$TMP/bin/$(basename "$b")"
+  done
+  timeout 420 python3 tools/gpu/serving_bench.py --bin-dir "$TMP/bin" ${LOSSD_SERVING_ARGS:-}
+  serving_rc=$?
+fi
+
 if [[ "${LOSSD_NCU:-0}" == 1 ]] && command -v ncu >/dev/null; then
   echo
   echo "== ncu: one launch per variant at 64M elements"
@@ -174,5 +193,6 @@ fi
 echo
 echo "== summary: server $([[ $server_rc == 0 ]] && echo PASS || echo FAIL), tests $([[ $tests_rc == 0 ]] && echo PASS || echo FAIL)," \
      "gpu_bench $([[ $bench_rc == 0 ]] && echo PASS || echo FAIL)," \
+     "serving bench $([[ $serving_rc == 0 ]] && echo ran || echo "failed (rc $serving_rc)")," \
      "torch bench $([[ $torch_rc == 0 ]] && echo ran || echo failed)"
 exit $status

@@ -15,7 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-BINS=(build/tests/kernels_test build/tools/gpu/gpu_bench build/server/lossd)
+BINS=(build/tests/kernels_test build/tools/gpu/gpu_bench build/server/lossd
+      build/client/loadtest/lossd-bench)
 for b in "${BINS[@]}"; do
   [[ -x "$b" ]] || { echo "missing $b: build it first (see the header of $0)" >&2; exit 1; }
 done
@@ -82,7 +83,8 @@ echo
 echo "required GLIBC of the binaries: $(objdump -T "${BINS[@]}" build/gpulibs/*.so* 2>/dev/null |
   grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1) (gpu_check.sh falls back to the bundled glibc)"
 echo
-CARRY=(build/tests/kernels_test build/tools/gpu/gpu_bench build/server/lossd build/gpulibs)
+CARRY=(build/tests/kernels_test build/tools/gpu/gpu_bench build/server/lossd
+       build/client/loadtest/lossd-bench build/gpulibs)
 du -shc "${CARRY[@]}" | sed 's/^/  /'
 total_kib=$(du -sck "${CARRY[@]}" | tail -1 | cut -f1)
 echo
