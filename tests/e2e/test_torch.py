@@ -414,3 +414,101 @@ def test_compiled_with_the_default_client(client, lossd_target, fresh_dynamo,
         default = lt.get_default_client()
         lt.set_default_client(None)
         default.close()
+
+
+# -- CUDA IPC: CUDA tensors passed by reference to a local server on the same GPU ----------
+
+
+def _bits(t):
+    """The tensor's bit patterns (bitwise comparison, NaNs and signed zeros included)."""
+    t = t.detach().contiguous()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
+        t.element_size()]).cpu()
+
+
+@pytest.fixture()
+def gpu_server(server_factory):
+    """A server started with --device auto on this GPU that offers CUDA IPC."""
+    if not torch.cuda.is_available():
+        pytest.skip(NO_CUDA)
+    server = server_factory(device="auto")
+    with lossd.Client(server.target, cuda_ipc="off") as c:
+        caps = c.capabilities()
+    if not caps.cuda_ipc:
+        pytest.skip(f"the server does not offer CUDA IPC (a build without CUDA?): "
+                    f"{caps.devices}, {caps.cuda_device_name!r}")
+    return server.target
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["f32", "f64", "f16", "bf16"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "per_sample_mean"])
+def test_cuda_ipc_results_are_the_host_paths_bits(gpu_server, dtype, reduction) -> None:
+    x, y, w, p = (t.cuda() for t in inputs(dtype, shape=(37, 129), seed=23, soft=True))
+    with lossd.Client(gpu_server, cuda_ipc="on") as ipc, \
+            lossd.Client(gpu_server, cuda_ipc="off") as host:
+        got = ipc.bce_with_logits(x, y, weight=w, pos_weight=p, reduction=reduction, grad=True,
+                                  grad_targets=True, device="cuda")
+        assert ipc.cuda_ipc_decision.path == "cuda_ipc", ipc.cuda_ipc_decision
+        assert len(ipc._cuda.regions) >= 1
+        want = host.bce_with_logits(x, y, weight=w, pos_weight=p, reduction=reduction,
+                                    grad=True, grad_targets=True, device="cuda")
+        assert host.cuda_ipc_decision.path == "host"
+    assert got.device == "cuda"
+    for name in ("loss", "grad", "grad_targets"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.device == x.device and a.dtype == dtype and a.shape == b.shape, name
+        assert torch.equal(_bits(a), _bits(b)), name
+
+
+def test_cuda_ipc_autograd_is_the_default_and_reuses_registrations(gpu_server, caplog) -> None:
+    import logging
+
+    x, y, w, p = (t.cuda() for t in inputs(torch.float32, shape=(64, 33), seed=29, soft=True))
+    with caplog.at_level(logging.INFO, logger="lossd"):
+        with lossd.Client(gpu_server) as ipc, lossd.Client(gpu_server, cuda_ipc="off") as host:
+            def step(client):
+                xg = x.clone().requires_grad_()
+                yg = y.clone().requires_grad_()
+                loss = lt.bce_with_logits(xg, yg, w, p, "none", client=client, device="cuda")
+                loss.backward(torch.ones_like(loss) * 0.5)
+                return loss.detach(), xg.grad, yg.grad
+
+            first = step(ipc)
+            assert ipc.cuda_ipc_decision.path == "cuda_ipc", ipc.cuda_ipc_decision
+            regions = ipc._cuda.regions
+            registered, count = regions.registrations, len(regions)
+            del first
+            again = step(ipc)  # the same blocks: no new registration
+            assert regions.registrations == registered and len(regions) == count
+            want = step(host)
+            for a, b, name in zip(again, want, ("loss", "dx", "dy")):
+                assert a.device == x.device, name
+                assert torch.equal(_bits(a), _bits(b)), name
+            # A transposed (non-contiguous) input is made dense on the device first.
+            xt = x.t().contiguous().t()
+            r = ipc.bce_with_logits(xt, y, reduction="none", grad=True, device="cuda")
+            ref = host.bce_with_logits(x, y, reduction="none", grad=True, device="cuda")
+            assert torch.equal(_bits(r.grad), _bits(ref.grad))
+            assert ipc.cuda_ipc_decision.path == "cuda_ipc"
+    lines = [r.getMessage() for r in caplog.records if "CUDA IPC on" in r.getMessage()]
+    assert len(lines) == 1 and "(cuda:" in lines[0], lines
+
+
+def test_cuda_ipc_with_the_async_client(gpu_server) -> None:
+    import asyncio
+
+    x, y, _, _ = (t.cuda() for t in inputs(torch.float32, shape=(8, 16), seed=31, soft=True))
+
+    async def run():
+        async with lossd.AsyncClient(gpu_server) as client:
+            r = await client.bce_with_logits(x, y, reduction="none", grad=True, device="cuda")
+            return r, client.cuda_ipc_decision
+
+    got, decision = asyncio.run(run())
+    assert decision.path == "cuda_ipc", decision
+    with lossd.Client(gpu_server, cuda_ipc="off") as host:
+        want = host.bce_with_logits(x, y, reduction="none", grad=True, device="cuda")
+    assert got.grad.device == x.device
+    assert torch.equal(_bits(got.loss), _bits(want.loss))
+    assert torch.equal(_bits(got.grad), _bits(want.grad))

@@ -172,7 +172,7 @@ def cuda_ipc(bin_dir: str, n: int, kernel_mean: Optional[float], reps: int) -> N
         with lossd.Client(target, timeout=600, cuda_ipc="on") as c_ipc, \
                 lossd.Client(target, timeout=600, cuda_ipc="off") as c_host:
             t_ipc, (l_ipc, g_ipc) = timed(lossd_fb(c_ipc))
-            print(f"CUDA IPC path: {getattr(c_ipc, 'cuda_ipc_reason', '')}")
+            print(f"CUDA IPC decision: {c_ipc.cuda_ipc_decision}")
             t_host, (l_host, g_host) = timed(lossd_fb(c_host))
     t_torch, (l_torch, g_torch) = timed(torch_fb)
     same = bool(torch.equal(g_ipc, g_host)) and bool(torch.equal(l_ipc, l_host))

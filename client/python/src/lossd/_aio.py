@@ -11,12 +11,12 @@ import grpc
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._client import _DOC_CLIENT_PARAMS, _ClientBase
+from ._client import _DOC_CLIENT_PARAMS, CudaJob, _ClientBase
 from ._errors import DeadlineExceededError, InternalError, LossdError, from_rpc_error
 from ._job import EvalJob, Progress
 from ._progress import ProgressArg, progress_reporter
 from ._proto.lossd.v1 import lossd_pb2 as pb
-from ._shm import ShmTransport
+from ._shm import Control, ShmTransport
 from ._tensor import DTypeLike
 from ._torch_interop import TorchSpec
 from ._types import AccumulateResult, Capabilities, DatasetResult, LossResult
@@ -50,6 +50,7 @@ class AsyncClient(_ClientBase):
             shm = self._shm
         if shm is not None:
             await asyncio.get_running_loop().run_in_executor(None, shm.close)
+        await asyncio.get_running_loop().run_in_executor(None, self._cuda.close)
         if self._sync_channel is not None:
             self._sync_channel.close()
             self._sync_channel = None
@@ -61,6 +62,12 @@ class AsyncClient(_ClientBase):
         if self._sync_channel is None:
             self._sync_channel = self._spec.open(grpc)
         return self._sync_channel
+
+    def _cuda_control(self) -> Control:
+        """The SharedMemory calls of the CUDA IPC path, on the synchronous channel."""
+        if self._cuda_control_obj is None:
+            self._cuda_control_obj = Control(self._control(), self._metadata)
+        return self._cuda_control_obj
 
     async def _ashm_probe(self) -> None:
         if not self._shm_decided:
@@ -239,13 +246,42 @@ class AsyncClient(_ClientBase):
 
     # -- transport ------------------------------------------------------------------------
 
-    async def _run_job(self, job: EvalJob, spec: Optional[TorchSpec], timeout: Optional[float],
+    async def _run_job(self, job: Any, spec: Optional[TorchSpec], timeout: Optional[float],
                        progress: ProgressArg) -> LossResult:
-        """Evaluates ``job``: shared memory is decided here, once _job validated the arguments."""
+        """Evaluates ``job``: CUDA IPC and shared memory are decided here, once _job
+        validated the arguments."""
+        if isinstance(job, CudaJob):
+            result = await self._run_cuda(job, timeout)
+            if result is not None:
+                return self._cuda_done(result, progress)
+            job, spec = self._cuda_fallback(job)
         await self._ashm_probe()
         with progress_reporter(progress, auto=False) as report:
             return self._finish(job, await self._run(self._shm_job(job), timeout, report),
                                 spec)
+
+    async def _run_cuda(self, job: CudaJob, timeout: Optional[float]) -> Optional[LossResult]:
+        """The evaluation through CUDA IPC; None when it takes the host path. The call is
+        prepared in the caller's thread, whose current CUDA stream is the one to wait for;
+        only the first decision's capabilities call runs in the executor (a new block's
+        registration is a short call to the local server, made in place)."""
+        cuda = self._cuda
+        if cuda.needs_capabilities(job.values[0]):
+            await asyncio.get_running_loop().run_in_executor(None, cuda.fetch_capabilities)
+        for attempt in (0, 1):
+            call = cuda.call(job.values, job.request, job.request_id, job.dtype is not None)
+            if call is None:
+                return None
+            try:
+                raw = await self._evaluate(call.request, **self._call_kwargs(timeout))
+            except grpc.RpcError as exc:
+                self._cuda_retry(job, call, exc, attempt)
+                continue
+            except BaseException:  # asyncio.CancelledError: the request may be on its way
+                self._cuda.abandon(call)
+                raise
+            return call.result(raw)
+        raise AssertionError("unreachable")
 
     async def _run_shm(self, shm: ShmTransport, job: EvalJob, timeout: Optional[float],
                        progress: Optional[Progress]) -> LossResult:

@@ -14,9 +14,10 @@ from numpy.typing import ArrayLike
 from ._channel import (
     DEFAULT_MAX_MESSAGE_BYTES, PemSource, RetryPolicy, Target, channel_spec,
 )
+from ._cuda_ipc import MODES as CUDA_IPC_MODES, CudaIpc, Decision
 from ._errors import InternalError, LossdError, error_for, from_rpc_error
 from ._inputs import prepare_inputs
-from ._job import AccumulateJob, EvalJob, Progress
+from ._job import AccumulateJob, EvalJob, Progress, _new_id
 from ._options import enum_name, make_options
 from ._progress import ProgressArg, progress_reporter
 from ._proto.lossd.v1 import lossd_pb2 as pb
@@ -24,7 +25,7 @@ from ._shm import MODES as SHM_MODES, Control, ShmCall, ShmTransport
 from ._tensor import DTypeLike, dtype_name
 from ._torch_interop import TorchSpec, convert_inputs, to_torch
 from ._types import AccumulateResult, Capabilities, DatasetResult, LossResult
-from ._wire import encode_varint, read_varint
+from ._wire import RequestOptions, encode_varint, read_varint
 
 if TYPE_CHECKING:  # imported on first use (evaluate_dataset)
     from ._dataset import ShardedRun
@@ -47,6 +48,25 @@ _LOSSES = {"bce": "bce", "bce_with_logits": "bce", "focal": "focal",
 
 def _identity(b: bytes) -> bytes:
     return b
+
+
+#: Failures after which the server may still be working on a request.
+_UNANSWERED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+               grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN)
+
+
+class CudaJob:
+    """An evaluation whose logits are a CUDA tensor, before its path is decided: the
+    arguments as given (converted for the host path only if it is taken)."""
+
+    def __init__(self, loss: str, values: Tuple[Any, Any, Any, Any], dtype: Any,
+                 request_id: Optional[str], options: dict, request: RequestOptions) -> None:
+        self.loss = loss
+        self.values = values
+        self.dtype = dtype
+        self.request_id = request_id if request_id is not None else _new_id()
+        self.options = options
+        self.request = request
 
 
 class _ClientBase:
@@ -72,7 +92,7 @@ class _ClientBase:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, stream_window: int = 4,
                  channel_args: Optional[Sequence[Tuple[str, Any]]] = None,
-                 shared_memory: str = "off") -> None:
+                 shared_memory: str = "off", cuda_ipc: str = "auto") -> None:
         self._remember_replica_args(
             target, timeout=timeout, root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
@@ -81,7 +101,7 @@ class _ClientBase:
         spec = self._configure(
             target, timeout=timeout, max_message_bytes=max_message_bytes,
             chunk_bytes=chunk_bytes, stream_window=stream_window, wait_for_ready=wait_for_ready,
-            shared_memory=shared_memory,
+            shared_memory=shared_memory, cuda_ipc=cuda_ipc,
             root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, tls=tls, server_name=server_name, token=token,
             retry=retry, load_balancing=load_balancing, channel_args=channel_args)
@@ -108,17 +128,21 @@ class _ClientBase:
 
     def _configure(self, target: Target, *, timeout: Optional[float],
                    max_message_bytes: int, chunk_bytes: Optional[int], stream_window: int,
-                   wait_for_ready: bool, shared_memory: str = "off",
+                   wait_for_ready: bool, shared_memory: str = "off", cuda_ipc: str = "auto",
                    **channel_kwargs: Any) -> Any:
         if shared_memory not in SHM_MODES:
             raise ValueError(f"shared_memory: expected 'auto', 'on' or 'off', got "
                              f"{shared_memory!r}")
+        if not isinstance(cuda_ipc, str) or cuda_ipc not in CUDA_IPC_MODES:
+            raise ValueError(f"cuda_ipc: expected 'auto', 'on' or 'off', got {cuda_ipc!r}")
         spec = channel_spec(target, max_message_bytes=max_message_bytes, **channel_kwargs)
         self._spec = spec
         self._shm_mode = shared_memory
         self._shm: Optional[ShmTransport] = None
         self._shm_decided = shared_memory == "off"
         self._shm_lock = threading.Lock()
+        self._cuda = CudaIpc(cuda_ipc, spec.target, self._cuda_control)
+        self._cuda_control_obj: Optional[Control] = None
         if stream_window < 1:
             raise ValueError(f"stream_window must be >= 1, got {stream_window}")
         if timeout is not None and not timeout > 0:
@@ -155,9 +179,32 @@ class _ClientBase:
         return {"timeout": self._deadline(timeout), "metadata": self._metadata,
                 "wait_for_ready": self._wait_for_ready}
 
+    def _cuda_control(self) -> Control:
+        """The SharedMemory calls of the CUDA IPC path, on the client's channel."""
+        if self._cuda_control_obj is None:
+            self._cuda_control_obj = Control(self._channel, self._metadata)
+        return self._cuda_control_obj
+
+    @property
+    def cuda_ipc_decision(self) -> Optional[Decision]:
+        """How the latest evaluation of CUDA logits travelled: ``.path`` ("cuda_ipc" or
+        "host") and ``.reason``; None before any (see the ``cuda_ipc`` argument)."""
+        return self._cuda.last
+
     def _job(self, loss: str, logits: Any, targets: Any, weight: Any, pos_weight: Any,
              dtype: Any, request_id: Optional[str], **options: Any
-             ) -> Tuple[EvalJob, Optional[TorchSpec]]:
+             ) -> Tuple[Any, Optional[TorchSpec]]:
+        if self._cuda.candidate(logits):
+            # The path (and with it whether the tensors are copied to the host) is decided
+            # by _run_job, which may ask the server.
+            return CudaJob(loss, (logits, targets, weight, pos_weight), dtype, request_id,
+                           options, make_options(loss=loss, **options)), None
+        return self._host_job(loss, logits, targets, weight, pos_weight, dtype, request_id,
+                              **options)
+
+    def _host_job(self, loss: str, logits: Any, targets: Any, weight: Any, pos_weight: Any,
+                  dtype: Any, request_id: Optional[str], **options: Any
+                  ) -> Tuple[EvalJob, Optional[TorchSpec]]:
         logits, targets, weight, pos_weight, codes, spec = convert_inputs(
             logits, targets, weight, pos_weight)
         opts = make_options(loss=loss, **options)
@@ -171,6 +218,35 @@ class _ClientBase:
             logger.debug("request %s: %d elements in %d chunks (%s, limit %d bytes)",
                          job.request_id, job.total, job.chunks, job.mode, self._limit)
         return job, spec
+
+    def _cuda_fallback(self, job: CudaJob) -> Tuple[EvalJob, Optional[TorchSpec]]:
+        """The host-path job of a CudaJob."""
+        return self._host_job(job.loss, *job.values, job.dtype, job.request_id, **job.options)
+
+    def _cuda_retry(self, job: CudaJob, call: Any, exc: grpc.RpcError, attempt: int) -> None:
+        """After the Evaluate of a CUDA IPC call failed: returns to retry once after
+        NOT_FOUND (the server dropped a region: a lease that ended while this process was
+        stopped; the regions are registered again), else raises the LossdError."""
+        err = from_rpc_error(exc)
+        if err.code == grpc.StatusCode.NOT_FOUND and attempt == 0:
+            logger.debug("Evaluate %s: %s; registering the CUDA IPC regions again",
+                         job.request_id, err)
+            self._cuda.forget(call)
+            return
+        logger.debug("Evaluate %s failed: %s", job.request_id, err)
+        if err.code in _UNANSWERED:
+            self._cuda.abandon(call)
+        raise err from None
+
+    @staticmethod
+    def _cuda_done(result: LossResult, progress: ProgressArg) -> LossResult:
+        with progress_reporter(progress, auto=False) as report:
+            if report is not None:
+                report(result.num_elements, result.num_elements)
+        logger.debug("%s: %d elements through CUDA IPC on %s, %d ns server time",
+                     result.request_id, result.num_elements, result.device,
+                     result.timing.total_ns)
+        return result
 
     @staticmethod
     def _finish(job: EvalJob, result: LossResult, spec: Optional[TorchSpec]) -> LossResult:
@@ -286,6 +362,8 @@ class _ClientBase:
             cuda_device_name=c.cuda_device_name,
             whole_requests=c.whole_requests,
             partial_state_versions=tuple(int(v) for v in c.partial_state_versions),
+            cuda_ipc=c.cuda_ipc,
+            cuda_device_uuid=c.cuda_device_uuid,
         )
 
     def _require_whole_requests(self, capabilities: Capabilities, job: EvalJob) -> None:
@@ -396,6 +474,17 @@ _DOC_CLIENT_PARAMS = """
         evaluation by registering a region, and logged (one INFO line on the "lossd" logger);
         "on": always, raising when the registration fails. With shared memory, an evaluation
         is one ``Evaluate`` of any size; ``accumulate`` still sends bytes.
+    cuda_ipc : {"auto", "on", "off"}, optional
+        Pass torch CUDA tensors to a server on the same GPU by CUDA IPC handles: the server
+        reads the inputs and writes the gradients (and a per-element loss) in this process's
+        device memory, and the results are CUDA tensors on the logits' device, with no copy
+        to the host. "auto" (default): when the logits are a CUDA tensor, the target is a
+        ``unix:`` or loopback one and the server offers it (``Capabilities.cuda_ipc``) on
+        the logits' GPU (``Capabilities.cuda_device_uuid``); otherwise, or when registering
+        the memory fails, the tensors are copied to the host as without it. The choice is
+        logged once (INFO, "lossd" logger) and kept in :attr:`cuda_ipc_decision`. "on": the
+        same without the locality check, raising FailedPreconditionError (or the
+        registration's error) instead of copying CUDA logits to the host. "off": never.
 """
 
 
@@ -433,6 +522,7 @@ class Client(_ClientBase):
             self._shm_decided = True
             if self._shm is not None:
                 self._shm.close()
+        self._cuda.close()
         self._channel.close()
 
     @property
@@ -806,12 +896,36 @@ class Client(_ClientBase):
 
     # -- transport ------------------------------------------------------------------------
 
-    def _run_job(self, job: EvalJob, spec: Optional[TorchSpec], timeout: Optional[float],
+    def _run_job(self, job: Any, spec: Optional[TorchSpec], timeout: Optional[float],
                  progress: ProgressArg) -> LossResult:
-        """Evaluates ``job``: shared memory is decided here, once _job validated the arguments."""
+        """Evaluates ``job``: CUDA IPC and shared memory are decided here, once _job
+        validated the arguments."""
+        if isinstance(job, CudaJob):
+            result = self._run_cuda(job, timeout)
+            if result is not None:
+                return self._cuda_done(result, progress)
+            job, spec = self._cuda_fallback(job)
         self._shm_probe(self._channel)
         with progress_reporter(progress, auto=False) as report:
             return self._finish(job, self._run(self._shm_job(job), timeout, report), spec)
+
+    def _run_cuda(self, job: CudaJob, timeout: Optional[float]) -> Optional[LossResult]:
+        """The evaluation through CUDA IPC; None when it takes the host path."""
+        for attempt in (0, 1):
+            call = self._cuda.call(job.values, job.request, job.request_id,
+                                   job.dtype is not None)
+            if call is None:
+                return None
+            try:
+                raw = self._evaluate(call.request, **self._call_kwargs(timeout))
+            except grpc.RpcError as exc:
+                self._cuda_retry(job, call, exc, attempt)
+                continue
+            except BaseException:  # KeyboardInterrupt: the request may be on its way
+                self._cuda.abandon(call)
+                raise
+            return call.result(raw)
+        raise AssertionError("unreachable")
 
     def _run_shm(self, shm: ShmTransport, job: EvalJob, timeout: Optional[float],
                  progress: Optional[Progress]) -> LossResult:

@@ -149,6 +149,14 @@ class Control:
             name=name, kind=pb.REGION_KIND_SYSTEM, key=key, offset=0, byte_size=size,
             lease_ms=lease_ms))
 
+    def register_cuda(self, handle: bytes, device_uuid: str, offset: int, size: int,
+                      name: str, lease_ms: int = 0) -> "pb.RegisterRegionResponse":
+        """Registers ``size`` bytes at ``offset`` of a client allocation exported with a CUDA
+        IPC handle (``REGION_KIND_CUDA_IPC``; see lossd._cuda_ipc)."""
+        return self._call(self._register, pb.RegisterRegionRequest(
+            name=name, kind=pb.REGION_KIND_CUDA_IPC, offset=offset, byte_size=size,
+            lease_ms=lease_ms, cuda_ipc_handle=handle, cuda_device_uuid=device_uuid))
+
     def renew(self, handles: Sequence[str]) -> "pb.RenewLeaseResponse":
         return self._call(self._renew, pb.RenewLeaseRequest(regions=list(handles)))
 

@@ -199,6 +199,14 @@ class Capabilities:
     whole_requests : bool
         The server divides the chunks of a split request as the whole request
         (``EvaluateRequest.whole``); the client splits large requests only on such servers.
+    partial_state_versions : tuple of int
+        Formats of ``partial_state`` the server reads (``MergePartials``).
+    cuda_ipc : bool
+        The server takes CUDA IPC regions: a client on the same GPU passes its CUDA tensors
+        by reference (the ``cuda_ipc`` argument of the clients).
+    cuda_device_uuid : str
+        UUID of the server's GPU (``"GPU-..."``, as nvidia-smi -L prints it); empty without
+        one.
     """
 
     server_version: str
@@ -211,6 +219,8 @@ class Capabilities:
     cuda_device_name: str
     whole_requests: bool = False
     partial_state_versions: Tuple[int, ...] = ()
+    cuda_ipc: bool = False
+    cuda_device_uuid: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
         """The fields as a plain dict (tuples become lists)."""

@@ -14,8 +14,10 @@ torch.compile: with torch >= 2.4 the losses are the custom operators
 implementation for the shapes, a registered autograd formula), traced as one graph node each
 without a graph break; older torch uses an eager-only ``autograd.Function``. Higher-order
 gradients are not available: differentiating a gradient that went through a lossd loss raises
-``RuntimeError`` ("higher-order gradients are not supported by lossd"). CUDA tensors are
-copied to the host for the call and the results copied back to the logits' device.
+``RuntimeError`` ("higher-order gradients are not supported by lossd"). CUDA tensors go to
+a local server on the same GPU by CUDA IPC (the client's ``cuda_ipc`` argument: the server
+reads them and writes the gradients in place); otherwise they are copied to the host for the
+call and the results copied back to the logits' device.
 
 This module needs torch (``pip install torch``); ``import lossd`` alone never imports it.
 
@@ -307,7 +309,8 @@ def bce_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = No
     Parameters
     ----------
     input : torch.Tensor
-        Logits, float32/float64/float16/bfloat16 on any device (a CPU round trip).
+        Logits, float32/float64/float16/bfloat16 on any device (CUDA tensors by CUDA IPC
+        when the client can, else a CPU round trip).
     target : torch.Tensor
         Same shape; may require grad (dl/dy then comes from the server too).
     weight, pos_weight : torch.Tensor, optional
