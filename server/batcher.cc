@@ -49,6 +49,10 @@ BatchKey BatchKeyOf(const kernels::BceArgs& args, const kernels::BceOutputs& out
   f.push_back(out.grad_targets != nullptr ? 1 : 0);
   f.push_back(out.loss_values != nullptr ? 1 : 0);
   f.push_back(out.kept != nullptr ? 1 : 0);
+  // The Executor never batches device tensors (CUDA IPC regions); should a caller do so, they
+  // still never share a batch with host tensors.
+  f.push_back(static_cast<int64_t>(args.on_device));
+  f.push_back(static_cast<int64_t>(out.on_device));
   return key;
 }
 

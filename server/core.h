@@ -46,6 +46,11 @@ struct CoreConfig {
   // Reported by GetCapabilities while a region resolver is set (Planner::set_region_resolver):
   // the prefix of the shared-memory objects clients may register.
   std::string shared_memory_prefix;
+  // Capabilities.cuda_ipc (the SharedMemory service accepts REGION_KIND_CUDA_IPC regions) and
+  // Capabilities.cuda_device_uuid (the UUID of the GPU the CUDA backend computes on; empty
+  // without one).
+  bool cuda_ipc = false;
+  std::string cuda_device_uuid;
 };
 
 class Core {

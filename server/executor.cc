@@ -136,6 +136,13 @@ absl::Status Executor::Compute(CallControl& call, const EvaluatePlan& plan, int6
     backend = cuda_.get();
     device = v1::DEVICE_CUDA;
   }
+  // Tensors in CUDA device memory (docs/shared-memory.md, "CUDA IPC regions") are computed by
+  // the CUDA backend in place. The Planner refuses every plan that would land elsewhere; this
+  // keeps a device pointer from ever reaching a host kernel.
+  if (plan.on_device() && backend != cuda_.get()) {
+    return absl::FailedPreconditionError(
+        "the request's tensors are CUDA device memory but it would not run on the CUDA backend");
+  }
   // Every size below was overflow-checked and limited by PlanEvaluate. Outputs go straight
   // into pool blocks or placed spans (docs/data-path.md section 3).
   kernels::BceOutputs out;
@@ -161,6 +168,7 @@ absl::Status Executor::Compute(CallControl& call, const EvaluatePlan& plan, int6
   }
   out.loss_values = loss_values;
   out.kept = kept;
+  out.on_device = plan.out_on_device;
   kernels::BceArgs args = plan.args;
   // Per-sample means over empty rows (last_dim 0): numel is 0, so the rows are counted here;
   // the backend fills their NaN means (docs/kernels.md, "Reductions").
@@ -177,8 +185,10 @@ absl::Status Executor::Compute(CallControl& call, const EvaluatePlan& plan, int6
   args.chunks_done = call.chunks();
   const int64_t compute_start = absl::GetCurrentTimeNanos();
   // Small CUDA computations may run in a batch with others of the same key (batcher.h): the
-  // results are bitwise those of running alone.
-  absl::Status s = backend == cuda_.get() && batcher_ != nullptr && batcher_->Batches(args.numel)
+  // results are bitwise those of running alone. Computations on device tensors (CUDA IPC
+  // regions) run alone: a batched launch may stage its items' inputs together.
+  absl::Status s = backend == cuda_.get() && batcher_ != nullptr && !plan.on_device() &&
+                           batcher_->Batches(args.numel)
                        ? batcher_->Run(args, out, call)
                        : backend->Bce(args, out);
   const int64_t compute_end = absl::GetCurrentTimeNanos();

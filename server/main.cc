@@ -108,6 +108,10 @@ ABSL_FLAG(absl::Duration, shared_memory_max_lease, absl::Minutes(5),
           "is dropped after its lease (default lease 30s, or this if shorter).");
 ABSL_FLAG(int64_t, shared_memory_max_bytes, int64_t{64} << 30,
           "Bytes of shared-memory regions one uid may have registered at once.");
+ABSL_FLAG(bool, cuda_ipc, true,
+          "Accept REGION_KIND_CUDA_IPC regions (a local client's CUDA memory, computed on the "
+          "GPU in place; docs/shared-memory.md) when the server computes on a GPU and shared "
+          "memory is enabled; false refuses them.");
 
 namespace {
 
@@ -236,6 +240,7 @@ int main(int argc, char** argv) {
   options.shared_memory_prefix = absl::GetFlag(FLAGS_shared_memory_prefix);
   options.shared_memory_max_lease = absl::GetFlag(FLAGS_shared_memory_max_lease);
   options.shared_memory_max_bytes = absl::GetFlag(FLAGS_shared_memory_max_bytes);
+  options.cuda_ipc = absl::GetFlag(FLAGS_cuda_ipc);
   if (const std::string path = absl::GetFlag(FLAGS_auth_token_file); !path.empty()) {
     std::ifstream in(path);
     std::string token;
@@ -288,7 +293,8 @@ int main(int argc, char** argv) {
                                           ? (*server)->shared_memory_prefix() : "off",
                    " shared_memory_max_lease=",
                    absl::FormatDuration(options.shared_memory_max_lease),
-                   " shared_memory_max_bytes=", options.shared_memory_max_bytes));
+                   " shared_memory_max_bytes=", options.shared_memory_max_bytes,
+                   " cuda_ipc=", (*server)->cuda_ipc_enabled() ? "on" : "off"));
   if ((*server)->metrics_port() > 0) {
     std::fprintf(stderr, "lossd metrics on %s:%d\n", options.metrics_host.c_str(),
                  (*server)->metrics_port());

@@ -14,6 +14,13 @@ absl::StatusOr<EvaluatePlan> Planner::Prepare(const v1::EvaluateRequest& request
                                               const TensorDataViews& views) const {
   auto plan = PlanEvaluate(request, limits_, views, regions_);
   if (!plan.ok()) return plan.status();
+  if (plan->on_device() && !has_cuda_) {
+    // Registration refuses CUDA IPC regions without a CUDA backend; a resolver that returns
+    // device spans anyway still never reaches the CPU backend.
+    return absl::FailedPreconditionError(
+        "the request names CUDA device memory (a REGION_KIND_CUDA_IPC region) but this server "
+        "has no usable CUDA backend to compute it");
+  }
   if (plan->device == v1::DEVICE_CUDA && !has_cuda_) {
     return absl::FailedPreconditionError(absl::StrCat(
         "device CUDA was requested but this server has no usable CUDA device (",

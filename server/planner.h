@@ -6,7 +6,8 @@
 //
 // Contract: Prepare returns the plan or the first error: INVALID_ARGUMENT / RESOURCE_EXHAUSTED
 // from PlanEvaluate, FAILED_PRECONDITION for tensor references without a region resolver, and
-// FAILED_PRECONDITION for device CUDA on a server without a usable GPU.
+// FAILED_PRECONDITION for device CUDA, or tensors in CUDA device memory, on a server without a
+// usable GPU.
 //
 // Thread-safety: Prepare and the accessors may be called from any thread at once. The region
 // resolver is set once, before serving (set_region_resolver is not synchronized).

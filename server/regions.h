@@ -26,6 +26,11 @@ struct RegionSpan {
   // checks it afterwards and fails with FAILED_PRECONDITION. Null when that cannot happen.
   // Valid while `keepalive` lives.
   const std::atomic<bool>* damaged = nullptr;
+  // `data` is CUDA device memory (a REGION_KIND_CUDA_IPC region, docs/shared-memory.md "CUDA
+  // IPC regions"): only the CUDA backend may read or write it, through the on_device bits of
+  // kernels::BceArgs / BceOutputs. Host code may compare and offset the pointer, never
+  // dereference it.
+  bool device = false;
 };
 
 // Looks up tensor references. Thread-safe.
@@ -39,6 +44,7 @@ class RegionResolver {
   //   NOT_FOUND          the handle is unknown, unregistered or its lease ended;
   //   INVALID_ARGUMENT   ref.byte_size != bytes, or offset + bytes overflows or lies past the
   //                      registered range (never a read or write outside it).
+  // A span of CUDA device memory has `device` set.
   // `writable`: the span receives an output.
   virtual absl::StatusOr<RegionSpan> Resolve(std::string_view field,
                                              const v1::TensorReference& ref, int64_t bytes,

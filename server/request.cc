@@ -48,13 +48,17 @@ absl::Status PlaceOutputs(const v1::EvaluateRequest& request, const RegionResolv
     const char* why_not;
     int64_t values;
     void** out;
+    uint32_t device_bit;  // kernels::on_device
   };
   const Output outputs[] = {
-      {"outputs.loss", o.has_loss(), o.loss(), true, "", plan->loss_count, &plan->loss_out},
+      {"outputs.loss", o.has_loss(), o.loss(), true, "", plan->loss_count, &plan->loss_out,
+       kernels::on_device::kLoss},
       {"outputs.grad_logits", o.has_grad_logits(), o.grad_logits(), plan->grad_logits,
-       "gradients.logits is not requested", plan->args.numel, &plan->grad_logits_out},
+       "gradients.logits is not requested", plan->args.numel, &plan->grad_logits_out,
+       kernels::on_device::kGradLogits},
       {"outputs.grad_targets", o.has_grad_targets(), o.grad_targets(), plan->grad_targets,
-       "gradients.targets is not requested", plan->args.numel, &plan->grad_targets_out},
+       "gradients.targets is not requested", plan->args.numel, &plan->grad_targets_out,
+       kernels::on_device::kGradTargets},
   };
   const size_t inputs = plan->spans.size();
   for (const Output& out : outputs) {
@@ -77,9 +81,44 @@ absl::Status PlaceOutputs(const v1::EvaluateRequest& request, const RegionResolv
       }
     }
     *out.out = span->data != nullptr ? span->data : const_cast<char*>(kNoBytes);
+    if (span->device) plan->out_on_device |= out.device_bit;
     plan->spans.push_back(HeldSpan{out.field, *std::move(span)});
   }
   return absl::OkStatus();
+}
+
+// True when kernels::MakeOperand would expand an operand of `shape` to `out_shape` by copying
+// it on the host (its non-broadcast dimensions are not one contiguous group): impossible for
+// an operand in device memory. False for shapes that do not broadcast (MakeOperand reports
+// those without reading the data) and for empty outputs (nothing is read).
+bool ExpandsOnHost(const std::vector<int64_t>& shape, const std::vector<int64_t>& out_shape) {
+  const size_t rank = out_shape.size();
+  if (shape.size() > rank) return false;
+  for (int64_t d : out_shape) {
+    if (d == 0) return false;
+  }
+  std::vector<bool> bcast(rank, true);
+  for (size_t k = 0; k < shape.size(); ++k) {
+    const size_t od = rank - shape.size() + k;
+    if (shape[k] == out_shape[od]) {
+      bcast[od] = out_shape[od] == 1;
+    } else if (shape[k] == 1) {
+      bcast[od] = true;
+    } else {
+      return false;
+    }
+  }
+  int lo = -1, hi = -1;
+  for (size_t k = 0; k < rank; ++k) {
+    if (out_shape[k] == 1 || bcast[k]) continue;
+    if (lo < 0) {
+      lo = static_cast<int>(k);
+    } else if (hi != static_cast<int>(k)) {
+      return true;
+    }
+    hi = static_cast<int>(k) + 1;
+  }
+  return false;
 }
 
 // The kernels' reduction for a request's (UNSPECIFIED is MEAN); none for an unknown value.
@@ -151,6 +190,7 @@ absl::StatusOr<TensorView> DecodeTensor(const std::string& field, const v1::Tens
     auto span = regions->Resolve(field + ".ref", t.ref(), static_cast<int64_t>(expected), false);
     if (!span.ok()) return span.status();
     v.data = span->data != nullptr ? span->data : kNoBytes;
+    v.device = span->device;
     if (spans != nullptr) spans->push_back(HeldSpan{field + ".ref", *std::move(span)});
     return v;
   }
@@ -249,13 +289,24 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
   plan.args.logits = logits->data;
   plan.args.targets_dtype = targets->dtype;
   plan.args.targets = targets->data;
+  if (logits->device) plan.args.on_device |= kernels::on_device::kLogits;
+  if (targets->device) plan.args.on_device |= kernels::on_device::kTargets;
   plan.nan_checked = {*logits, *targets};
   plan.nan_names = {"logits", "targets"};
 
   auto operand = [&](const char* name, const v1::Tensor& t, const std::string_view* data,
-                     kernels::Operand* out) -> absl::Status {
+                     kernels::Operand* out, uint32_t device_bit) -> absl::Status {
     auto view = DecodeTensor(name, t, limits, data, regions, &plan.spans);
     if (!view.ok()) return view.status();
+    if (view->device) {
+      if (ExpandsOnHost(view->shape, plan.shape)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            name, ".ref: shape ", ShapeString(view->shape), " broadcasts to logits shape ",
+            ShapeString(plan.shape), " only by an expanded copy made on the host, which is "
+            "not supported with CUDA IPC tensors; send ", name, " as bytes, or expand it"));
+      }
+      plan.args.on_device |= device_bit;
+    }
     auto op = kernels::MakeOperand(name, view->dtype, view->data, view->shape, plan.shape);
     if (!op.ok()) return op.status();
     *out = *std::move(op);
@@ -264,7 +315,11 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
     return absl::OkStatus();
   };
   if (request.has_weight()) {
-    if (absl::Status s = operand("weight", request.weight(), views.weight, &plan.args.weight); !s.ok()) return s;
+    if (absl::Status s = operand("weight", request.weight(), views.weight, &plan.args.weight,
+                                 kernels::on_device::kWeight);
+        !s.ok()) {
+      return s;
+    }
   }
   plan.grad_logits = request.gradients().logits();
   plan.grad_targets = request.gradients().targets();
@@ -273,7 +328,8 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
     plan.args.loss = kernels::Loss::kBce;
     if (bce.has_pos_weight()) {
       if (absl::Status s =
-              operand("pos_weight", bce.pos_weight(), views.pos_weight, &plan.args.pos_weight);
+              operand("pos_weight", bce.pos_weight(), views.pos_weight, &plan.args.pos_weight,
+                      kernels::on_device::kPosWeight);
           !s.ok()) {
         return s;
       }
@@ -355,6 +411,32 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
   if (request.has_outputs()) {
     if (absl::Status s = PlaceOutputs(request, regions, &plan); !s.ok()) return s;
   }
+  if (plan.on_device()) {
+    // docs/shared-memory.md, "CUDA IPC regions": device tensors are computed in place by the
+    // CUDA backend; nothing that reads tensors on the host may see them.
+    std::string field;
+    for (const HeldSpan& held : plan.spans) {
+      if (held.span.device) {
+        field = held.field;
+        break;
+      }
+    }
+    if (plan.device == v1::DEVICE_CPU) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ": the region is CUDA device memory (REGION_KIND_CUDA_IPC); device CPU "
+          "cannot read it; use device AUTO or CUDA"));
+    }
+    if (plan.args.precision == kernels::Precision::kCorrectlyRounded) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "precision PRECISION_CORRECTLY_ROUNDED computes on the host and is not supported "
+          "with CUDA IPC tensors (", field, " is CUDA device memory)"));
+    }
+    if (plan.reject_nan) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "reject_nan scans the tensors on the host and is not supported with CUDA IPC "
+          "tensors (", field, " is CUDA device memory)"));
+    }
+  }
   return plan;
 }
 
@@ -384,6 +466,10 @@ std::vector<int64_t> EvaluatePlan::LossShape() const {
 absl::Status CheckNoNan(const EvaluatePlan& plan) {
   for (size_t k = 0; k < plan.nan_checked.size(); ++k) {
     const TensorView& v = plan.nan_checked[k];
+    if (v.device) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          plan.nan_names[k], " is CUDA device memory: reject_nan is not supported for it"));
+    }
     for (int64_t i = 0; i < v.numel; ++i) {
       if (std::isnan(kernels::LoadAsDouble(v.dtype, v.data, i))) {
         return absl::InvalidArgumentError(

@@ -35,6 +35,9 @@ struct TensorView {
   std::vector<int64_t> shape;
   const void* data = nullptr;
   int64_t numel = 0;
+  // `data` is CUDA device memory (a span of a REGION_KIND_CUDA_IPC region): never read on
+  // the host.
+  bool device = false;
 };
 
 // "[4,7]"; "[]" for a scalar.
@@ -94,6 +97,12 @@ struct EvaluatePlan {
   void* grad_logits_out = nullptr;
   void* grad_targets_out = nullptr;
   v1::OutputPlacement placed;  // the references of the placed outputs
+  // Placed outputs in CUDA device memory: kernels::on_device::kLoss | kGradLogits |
+  // kGradTargets, for BceOutputs::on_device (inputs are marked in args.on_device).
+  uint32_t out_on_device = 0;
+  // True when a tensor of the plan lies in CUDA device memory (docs/shared-memory.md, "CUDA
+  // IPC regions"): only the CUDA backend may compute it, and nothing on the host reads it.
+  bool on_device() const { return args.on_device != 0 || out_on_device != 0; }
 };
 
 // Validates a request: tensors, shapes, broadcasting, loss, reduction, device, and the sizes of
@@ -102,7 +111,10 @@ struct EvaluatePlan {
 // tensors' data when the message does not. Tensor references and output placements resolve
 // through `regions` (null: shared memory is off, FAILED_PRECONDITION); placed outputs must be
 // outputs the request produces and may not overlap each other or an input span
-// (INVALID_ARGUMENT naming both fields).
+// (INVALID_ARGUMENT naming both fields). Spans of CUDA device memory set the plan's on_device
+// bits; such a plan is refused (INVALID_ARGUMENT naming the field) with device CPU, with
+// options that read tensors on the host (reject_nan, PRECISION_CORRECTLY_ROUNDED) and with a
+// device weight or pos_weight whose broadcast needs a host copy.
 absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
                                           const Limits& limits,
                                           const TensorDataViews& views = {},
@@ -119,7 +131,8 @@ absl::Status CheckSpans(const EvaluatePlan& plan);
 absl::Status SizeOutputs(const Limits& limits, EvaluatePlan* plan);
 
 // INVALID_ARGUMENT "targets contains NaN at flat index 5" for the first NaN found in the plan's
-// nan_checked tensors; OK otherwise. O(total elements).
+// nan_checked tensors; OK otherwise. O(total elements). INVALID_ARGUMENT, without reading it,
+// for a tensor in device memory (PlanEvaluate refuses reject_nan for those).
 absl::Status CheckNoNan(const EvaluatePlan& plan);
 
 }  // namespace lossd::server

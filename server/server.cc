@@ -203,6 +203,9 @@ int64_t LossdServer::unix_connections() const {
 bool LossdServer::shared_memory_enabled() const { return impl_->shm != nullptr; }
 const std::string& LossdServer::shared_memory_prefix() const { return impl_->shm_prefix; }
 const RegionResolver* LossdServer::region_resolver() const { return impl_->shm.get(); }
+bool LossdServer::cuda_ipc_enabled() const {
+  return impl_->shm != nullptr && impl_->shm->cuda_ipc_enabled();
+}
 int64_t LossdServer::shared_memory_regions() const {
   return impl_->shm ? impl_->shm->regions() : 0;
 }
@@ -232,13 +235,35 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   if (options.device != DevicePolicy::kCpu) {
     kernels::CudaOptions cuda_options;
     cuda_options.float_math = options.cuda_float_math;
-    auto backend = kernels::MakeCudaBackend(cuda_options);
+    auto backend = options.cuda_seams.make_backend ? options.cuda_seams.make_backend()
+                                                   : kernels::MakeCudaBackend(cuda_options);
     if (backend.ok()) {
       cuda = *std::move(backend);
       cuda_name = kernels::CudaDeviceName();
     } else if (options.device == DevicePolicy::kCuda) {
       return backend.status();
     }
+  }
+  // CUDA IPC regions need the GPU the CUDA backend computes on, named by its UUID
+  // (docs/shared-memory.md, "CUDA IPC regions").
+  std::string cuda_uuid;
+  if (cuda != nullptr) {
+    cuda_uuid = options.cuda_seams.device_uuid ? options.cuda_seams.device_uuid()
+                                               : kernels::CudaDeviceUuid();
+  }
+  const bool cuda_ipc = cuda != nullptr && options.cuda_ipc && !cuda_uuid.empty() &&
+                        !options.shared_memory_prefix.empty();
+  std::string cuda_ipc_unavailable;
+  if (!options.cuda_ipc) {
+    cuda_ipc_unavailable = "CUDA IPC is disabled on this server (--cuda_ipc=false)";
+  } else if (cuda == nullptr) {
+    cuda_ipc_unavailable =
+        options.device == DevicePolicy::kCpu ? "this server computes on the CPU only (--device=cpu)"
+        : !kernels::CudaCompiled()           ? "this server was built without CUDA"
+        : kernels::CudaDeviceCount() == 0    ? "this server has no usable GPU"
+                                             : "this server has no usable CUDA backend";
+  } else if (cuda_uuid.empty()) {
+    cuda_ipc_unavailable = "the UUID of this server's GPU is unknown";
   }
   auto impl = std::make_unique<Impl>();
   if (!options.shared_memory_prefix.empty()) {
@@ -249,6 +274,10 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
         std::min(options.shared_memory_default_lease, options.shared_memory_max_lease);
     shm.max_bytes_per_uid = options.shared_memory_max_bytes;
     shm.max_regions_per_uid = options.shared_memory_max_regions;
+    shm.cuda_ipc_enabled = cuda_ipc;
+    if (!cuda_ipc) shm.cuda_ipc_unavailable = cuda_ipc_unavailable;
+    shm.cuda_device_uuid = cuda_uuid;
+    shm.open_cuda_ipc = options.cuda_seams.open_ipc;
     auto registry = ShmRegistry::Create(std::move(shm));
     if (!registry.ok()) return registry.status();
     impl->shm = *std::move(registry);
@@ -289,6 +318,8 @@ absl::StatusOr<std::unique_ptr<LossdServer>> LossdServer::Start(const ServerOpti
   config.batch_max_elements = options.batch_max_elements;
   config.auth_token = options.auth_token;
   if (impl->shm != nullptr) config.shared_memory_prefix = options.shared_memory_prefix;
+  config.cuda_ipc = cuda_ipc;
+  config.cuda_device_uuid = cuda_uuid;
   impl->core = std::make_unique<Core>(config, kernels::MakeCpuBackend({impl->cpu_threads}),
                                       std::move(cuda), cuda_name, impl->metrics.get());
   impl->service = std::make_unique<LossServiceImpl>(impl->core.get());

@@ -6,11 +6,14 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "lossd/kernels/backend.h"
 
 namespace lossd::server {
 
@@ -93,6 +96,22 @@ struct ServerOptions {
   absl::Duration shared_memory_max_lease = absl::Minutes(5);
   int64_t shared_memory_max_bytes = int64_t{64} << 30;  // registered by one uid at once
   int shared_memory_max_regions = 1024;                 // registered by one uid at once
+  // REGION_KIND_CUDA_IPC regions (docs/shared-memory.md, "CUDA IPC regions"): accepted by the
+  // SharedMemory service when this is set, shared memory is enabled and the server computes on
+  // a GPU; else their registration gets FAILED_PRECONDITION saying why.
+  bool cuda_ipc = true;
+
+  // Where the server gets its CUDA backend, its GPU's UUID and opens CUDA IPC handles; each
+  // empty function means the real one of kernels/backend.h (MakeCudaBackend, CudaDeviceUuid,
+  // OpenCudaIpcMemory). Tests on hosts without a GPU set them to fakes.
+  struct CudaSeams {
+    std::function<absl::StatusOr<std::unique_ptr<kernels::Backend>>()> make_backend;
+    std::function<std::string()> device_uuid;
+    std::function<absl::StatusOr<kernels::DeviceMemory>(std::string_view handle, uint64_t offset,
+                                                        uint64_t bytes)>
+        open_ipc;
+  };
+  CudaSeams cuda_seams;
 };
 
 class RegionResolver;
@@ -135,6 +154,8 @@ class LossdServer {
   const std::string& shared_memory_prefix() const;
   const RegionResolver* region_resolver() const;
   int64_t shared_memory_regions() const;
+  // REGION_KIND_CUDA_IPC regions are accepted (Capabilities.cuda_ipc).
+  bool cuda_ipc_enabled() const;
 
   // Graceful drain: health turns NOT_SERVING and new LossService calls get UNAVAILABLE, while
   // calls in flight go on, including those whose request is still arriving (they get

@@ -116,6 +116,11 @@ grpc::ServerUnaryReactor* LossServiceImpl::GetCapabilities(grpc::CallbackServerC
     response->set_shared_memory(true);
     response->set_shared_memory_prefix(core_->config().shared_memory_prefix);
   }
+  // docs/shared-memory.md, "CUDA IPC regions".
+  if (core_->planner().has_cuda()) {
+    response->set_cuda_device_uuid(core_->config().cuda_device_uuid);
+    response->set_cuda_ipc(core_->config().cuda_ipc);
+  }
   const absl::Status s = SerializeMessage(capabilities, reply);
   record.Finish(s);
   reactor->Finish(ToGrpcStatus(s));

@@ -26,6 +26,7 @@ namespace {
 constexpr size_t kMaxKeyBytes = 255;   // NAME_MAX of /dev/shm, with the leading '/'
 constexpr size_t kMaxNameBytes = 256;  // the client's label
 constexpr size_t kHandleHexDigits = 32;
+constexpr size_t kCudaIpcHandleBytes = 64;  // sizeof(cudaIpcMemHandle_t)
 
 // The start of a handle, for messages and logs: enough to tell regions apart, not enough to
 // use one (handles are capabilities).
@@ -104,11 +105,15 @@ struct ShmRegistry::Mapping {
 struct ShmRegistry::Region {
   uid_t uid = 0;
   std::string name;
+  v1::RegionKind kind = v1::REGION_KIND_SYSTEM;
   std::string key;
   uint64_t offset = 0;
   uint64_t byte_size = 0;
-  char* data = nullptr;  // the registered range's first byte, inside `mapping`
-  std::shared_ptr<Mapping> mapping;
+  // The registered range's first byte: inside `mapping` (SYSTEM), or the device pointer of
+  // `device_memory` (CUDA_IPC), which host code never dereferences.
+  char* data = nullptr;
+  std::shared_ptr<Mapping> mapping;        // SYSTEM; null for CUDA_IPC
+  std::shared_ptr<void> device_memory;     // CUDA_IPC: the opened handle (DeviceMemory::keepalive)
   bool leased = true;  // false: registered by RegisterWithoutLease, never expires
   absl::Duration lease;
   absl::Time expires;  // guarded by the registry's mutex
@@ -174,6 +179,10 @@ absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::Register(
 
 absl::StatusOr<std::string> ShmRegistry::RegisterWithoutLease(
     uid_t uid, const v1::RegisterRegionRequest& request) {
+  if (request.kind() == v1::REGION_KIND_CUDA_IPC) {
+    return absl::InvalidArgumentError(
+        "the inference protocol's shared memory registers system shared memory only");
+  }
   auto response = RegisterRange(uid, request, /*leased=*/false);
   if (!response.ok()) return response.status();
   return std::string(response->region());
@@ -184,10 +193,12 @@ absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::RegisterRange(
   if (!enabled()) {
     return absl::FailedPreconditionError("shared memory is disabled on this server");
   }
+  if (request.kind() == v1::REGION_KIND_CUDA_IPC && leased) return RegisterCudaIpc(uid, request);
   if (request.kind() != v1::REGION_KIND_UNSPECIFIED && request.kind() != v1::REGION_KIND_SYSTEM) {
     return absl::InvalidArgumentError(absl::StrCat(
         "kind ", v1::RegionKind_Name(request.kind()), " (", static_cast<int>(request.kind()),
-        ") is not supported; this server registers REGION_KIND_SYSTEM (POSIX shared memory)"));
+        ") is not supported; this server registers REGION_KIND_SYSTEM (POSIX shared memory)",
+        cuda_ipc_enabled() ? " and REGION_KIND_CUDA_IPC" : ""));
   }
   if (!request.cuda_ipc_handle().empty()) {
     return absl::InvalidArgumentError("cuda_ipc_handle must be empty for REGION_KIND_SYSTEM");
@@ -268,8 +279,6 @@ absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::RegisterRange(
     return absl::ResourceExhaustedError(absl::StrCat(
         "this server guards at most ", kMaxGuardedRanges, " mapped regions at once"));
   }
-  auto handle = NewHandle();
-  if (!handle.ok()) return handle.status();
   auto region = std::make_shared<Region>();
   region->uid = uid;
   region->name = request.name();
@@ -280,6 +289,87 @@ absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::RegisterRange(
   region->mapping = std::move(mapping);
   region->leased = leased;
   region->lease = leased ? Lease(request.lease_ms()) : absl::InfiniteDuration();
+  return Add(std::move(region));
+}
+
+// docs/shared-memory.md, "CUDA IPC regions": the caller rules and limits of a SYSTEM region
+// (checked by the service and Add), the handle opened instead of an object mapped.
+absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::RegisterCudaIpc(
+    uid_t uid, const v1::RegisterRegionRequest& request) {
+  if (!options_.cuda_ipc_enabled) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "kind REGION_KIND_CUDA_IPC is not available: ", options_.cuda_ipc_unavailable,
+        "; register REGION_KIND_SYSTEM regions or send the tensors' bytes"));
+  }
+  if (request.name().size() > kMaxNameBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("name is ", request.name().size(),
+                                                   " bytes long; at most ", kMaxNameBytes));
+  }
+  if (!request.key().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key must be empty for REGION_KIND_CUDA_IPC (the handle names the memory), got \"",
+        absl::CHexEscape(absl::string_view(request.key()).substr(0, 300)), "\""));
+  }
+  if (request.cuda_ipc_handle().size() != kCudaIpcHandleBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda_ipc_handle is ", request.cuda_ipc_handle().size(), " bytes; a cudaIpcMemHandle_t "
+        "(cudaIpcGetMemHandle) is ", kCudaIpcHandleBytes, " bytes"));
+  }
+  if (request.cuda_device_uuid() != options_.cuda_device_uuid) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cuda_device_uuid \"", absl::CHexEscape(absl::string_view(request.cuda_device_uuid())
+                                                    .substr(0, 100)),
+        "\" is not the GPU of this server (\"", options_.cuda_device_uuid,
+        "\"); CUDA IPC needs the client's memory on the server's GPU"));
+  }
+  const uint64_t offset = request.offset();
+  const uint64_t size = request.byte_size();
+  if (size == 0) return absl::InvalidArgumentError("byte_size must be positive, got 0");
+  if (size > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
+      offset > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) - size) {
+    return absl::InvalidArgumentError(absl::StrCat("offset ", offset, " + byte_size ", size,
+                                                   " overflows"));
+  }
+  if (static_cast<int64_t>(size) > options_.max_bytes_per_uid) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "byte_size ", size, " exceeds the ", options_.max_bytes_per_uid,
+        " bytes one uid may register (--shared_memory_max_bytes)"));
+  }
+  const std::string& handle = request.cuda_ipc_handle();
+  auto memory = options_.open_cuda_ipc
+                    ? options_.open_cuda_ipc(handle, offset, size)
+                    : kernels::OpenCudaIpcMemory(handle, offset, size);
+  if (!memory.ok()) {
+    return absl::Status(memory.status().code(),
+                        absl::StrCat("cuda_ipc_handle (offset ", offset, ", byte_size ", size,
+                                     "): ", memory.status().message()));
+  }
+  // The opener's contract; checked so that a wrong pointer or size can never become a span.
+  if (memory->data == nullptr || memory->bytes != static_cast<int64_t>(size) ||
+      memory->keepalive == nullptr) {
+    return absl::InternalError(absl::StrCat(
+        "opening cuda_ipc_handle gave ", memory->bytes, " bytes",
+        memory->data == nullptr ? " at a null pointer" : "", memory->keepalive == nullptr ?
+        " without a keepalive" : "", " for a range of ", size, " bytes"));
+  }
+  auto region = std::make_shared<Region>();
+  region->uid = uid;
+  region->name = request.name();
+  region->kind = v1::REGION_KIND_CUDA_IPC;
+  region->offset = offset;
+  region->byte_size = size;
+  region->data = static_cast<char*>(memory->data);
+  region->device_memory = std::move(memory->keepalive);
+  region->lease = Lease(request.lease_ms());
+  return Add(std::move(region));
+}
+
+absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::Add(std::shared_ptr<Region> region) {
+  auto handle = NewHandle();
+  if (!handle.ok()) return handle.status();
+  const uid_t uid = region->uid;
+  const uint64_t size = region->byte_size;
+  const bool leased = region->leased;
   {
     absl::MutexLock lock(&mu_);
     Usage& usage = usage_[uid];
@@ -357,7 +447,7 @@ absl::StatusOr<v1::ListRegionsResponse> ShmRegistry::List(uid_t uid) const {
     if (region->uid != uid || !region->leased || region->expires <= now) continue;
     v1::RegionInfo* info = response.add_regions();
     info->set_name(region->name);
-    info->set_kind(v1::REGION_KIND_SYSTEM);
+    info->set_kind(region->kind);
     info->set_key(region->key);
     info->set_offset(region->offset);
     info->set_byte_size(region->byte_size);
@@ -396,17 +486,25 @@ absl::StatusOr<RegionSpan> ShmRegistry::Resolve(std::string_view field_view,
   if (ref.offset() > size || static_cast<uint64_t>(bytes) > size - ref.offset()) {
     return absl::InvalidArgumentError(absl::StrCat(
         field, ": offset ", ref.offset(), " + byte_size ", ref.byte_size(),
-        " lies outside region ", ShortHandle(ref.region()), " (", size, " bytes, key \"",
-        region->key, "\")"));
+        " lies outside region ", ShortHandle(ref.region()), " (", size, " bytes, ",
+        region->kind == v1::REGION_KIND_CUDA_IPC ? std::string("CUDA IPC")
+                                                 : absl::StrCat("key \"", region->key, "\""),
+        ")"));
+  }
+  RegionSpan span;
+  span.data = region->data + ref.offset();  // within the range: checked above
+  span.bytes = bytes;
+  if (region->kind == v1::REGION_KIND_CUDA_IPC) {
+    // Device memory: nothing can shrink under it (the opened handle keeps the allocation).
+    span.device = true;
+    span.keepalive = region->device_memory;
+    return span;
   }
   if (region->mapping->damaged.load()) {
     return absl::FailedPreconditionError(absl::StrCat(
         field, ": the object of region ", ShortHandle(ref.region()), " (key \"", region->key,
         "\") shrank while registered; unregister it and register it again"));
   }
-  RegionSpan span;
-  span.data = region->data + ref.offset();
-  span.bytes = bytes;
   span.damaged = &region->mapping->damaged;
   span.keepalive = std::shared_ptr<const void>(region->mapping, region->mapping.get());
   return span;

@@ -7,6 +7,12 @@
 // spans of the mapping. A region ends when its owner unregisters it or stops renewing its
 // lease; its memory is unmapped once no computation holds a span of it. docs/shared-memory.md
 // describes the protocol and the security model.
+//
+// REGION_KIND_CUDA_IPC regions are CUDA allocations of a client's process exported with
+// cudaIpcGetMemHandle: the registry opens the handle (ShmRegistryOptions::open_cuda_ipc) instead
+// of a shared-memory object, under the same callers, leases and limits; Resolve returns device
+// spans (RegionSpan::device) that only the CUDA backend touches (docs/shared-memory.md, "CUDA
+// IPC regions").
 #ifndef LOSSD_SERVER_SHM_REGISTRY_H_
 #define LOSSD_SERVER_SHM_REGISTRY_H_
 
@@ -27,11 +33,17 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "lossd/kernels/backend.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "server/peer_identity.h"
 #include "server/regions.h"
 
 namespace lossd::server {
+
+// Opens `bytes` bytes at `offset` of the CUDA allocation that `handle` (the 64 bytes of a
+// cudaIpcMemHandle_t) exports: kernels::OpenCudaIpcMemory's contract.
+using CudaIpcOpener = std::function<absl::StatusOr<kernels::DeviceMemory>(
+    std::string_view handle, uint64_t offset, uint64_t bytes)>;
 
 struct ShmRegistryOptions {
   // Keys must start with it; empty disables shared memory (every call FAILED_PRECONDITION).
@@ -45,6 +57,18 @@ struct ShmRegistryOptions {
   absl::Duration sweep_interval = absl::Seconds(1);
   // The clock (tests move time forward by hand); default absl::Now.
   std::function<absl::Time()> now;
+
+  // REGION_KIND_CUDA_IPC: accepted only when enabled, which the server does when it computes
+  // on a GPU (a CUDA backend exists) and --cuda_ipc is on. Otherwise registrations of that
+  // kind get FAILED_PRECONDITION with `cuda_ipc_unavailable` as the reason (e.g. "this server
+  // was built without CUDA").
+  bool cuda_ipc_enabled = false;
+  std::string cuda_ipc_unavailable = "this server has no usable CUDA backend";
+  // The UUID of the GPU the CUDA backend computes on (kernels::CudaDeviceUuid()); a
+  // registration must name it.
+  std::string cuda_device_uuid;
+  // Opens a client's handle; default kernels::OpenCudaIpcMemory (tests inject fakes).
+  CudaIpcOpener open_cuda_ipc;
 };
 
 // Validates a key for `prefix`: INVALID_ARGUMENT naming the key and the rule it breaks.
@@ -60,6 +84,8 @@ class ShmRegistry : public RegionResolver {
   // For Capabilities.shared_memory and Capabilities.shared_memory_prefix.
   bool enabled() const { return !options_.prefix.empty(); }
   const std::string& prefix() const { return options_.prefix; }
+  // For Capabilities.cuda_ipc: REGION_KIND_CUDA_IPC regions are accepted.
+  bool cuda_ipc_enabled() const { return enabled() && options_.cuda_ipc_enabled; }
 
   // The SharedMemory calls of a caller with uid `uid`.
   absl::StatusOr<v1::RegisterRegionResponse> Register(uid_t uid,
@@ -72,12 +98,15 @@ class ShmRegistry : public RegionResolver {
   // the checks, limits and errors of Register (prefix, key, sizes, owner, bytes and regions
   // per uid), but no lease: the region stays until Unregister names its handle or the server
   // stops, and request.lease_ms is ignored. Returns the handle, which only the server uses
-  // (such regions are not renewed, nor listed by List; Resolve finds them).
+  // (such regions are not renewed, nor listed by List; Resolve finds them). Only
+  // REGION_KIND_SYSTEM (the inference protocol's CUDA shared memory is not offered).
   absl::StatusOr<std::string> RegisterWithoutLease(uid_t uid,
                                                    const v1::RegisterRegionRequest& request);
 
   // RegionResolver. Besides the documented errors: FAILED_PRECONDITION once the region's
-  // object shrank under the mapping (its owner must register it again).
+  // object shrank under the mapping (its owner must register it again). Spans of
+  // REGION_KIND_CUDA_IPC regions are device memory (RegionSpan::device); their keepalive holds
+  // the opened handle.
   absl::StatusOr<RegionSpan> Resolve(std::string_view field, const v1::TensorReference& ref,
                                      int64_t bytes, bool writable) const override;
 
@@ -95,6 +124,10 @@ class ShmRegistry : public RegionResolver {
   absl::Duration Lease(uint32_t requested_ms) const;
   absl::StatusOr<v1::RegisterRegionResponse> RegisterRange(
       uid_t uid, const v1::RegisterRegionRequest& request, bool leased);
+  absl::StatusOr<v1::RegisterRegionResponse> RegisterCudaIpc(
+      uid_t uid, const v1::RegisterRegionRequest& request);
+  // Adds `region` under a new handle once the uid's limits allow it.
+  absl::StatusOr<v1::RegisterRegionResponse> Add(std::shared_ptr<Region> region);
   void SweepLoop();
 
   const ShmRegistryOptions options_;

@@ -205,9 +205,14 @@ TEST_F(RegistryTest, RegistrationsAreCheckedAgainstTheObject) {
   EXPECT_NE(other.status().message().find(absl::StrCat("belongs to uid ", uid_)),
             std::string::npos)
       << other.status();
+  // REGION_KIND_CUDA_IPC on a registry without CUDA IPC (tests/server/cuda_ipc_test.cc covers
+  // it), and a kind this server does not know.
   v1::RegisterRegionRequest cuda = Request(object.name(), 0, 8);
-  cuda.set_kind(static_cast<v1::RegionKind>(2));
-  EXPECT_EQ(code(cuda, uid_), absl::StatusCode::kInvalidArgument);
+  cuda.set_kind(v1::REGION_KIND_CUDA_IPC);
+  EXPECT_EQ(code(cuda, uid_), absl::StatusCode::kFailedPrecondition);
+  v1::RegisterRegionRequest unknown = Request(object.name(), 0, 8);
+  unknown.set_kind(static_cast<v1::RegionKind>(7));
+  EXPECT_EQ(code(unknown, uid_), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(registry_->regions(), 0);
 }
 
