@@ -35,6 +35,7 @@ RUN apt-get update \
       prometheus-cpp-dev=1.0.1-1 \
       libcivetweb-dev=1.15+dfsg-4 \
       nlohmann-json3-dev=3.11.2-2 \
+      libnghttp2-dev=1.52.0-1+deb12u3 \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -69,6 +70,7 @@ RUN apt-get update \
       libprometheus-cpp-core1.0=1.0.1-1 \
       libprometheus-cpp-pull1.0=1.0.1-1 \
       libcivetweb1=1.15+dfsg-4 \
+      libnghttp2-14=1.52.0-1+deb12u3 \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 lossd \

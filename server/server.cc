@@ -137,6 +137,40 @@ int64_t ChannelzOpenCalls(int64_t id) {
          ChannelzCount(d, "callsFailed");
 }
 
+// Streams open on the live connections of channelz server `id` (started and neither succeeded
+// nor failed), or -1 when channelz cannot say. Unlike the server's call counters, which never
+// count a call that the client cancels while its request is still arriving (gRPC leaves it
+// "started" forever), the transport closes every stream of a connection, and a closed
+// connection leaves the list.
+int64_t ChannelzOpenStreams(int64_t id) {
+  if (id <= 0) return -1;
+  int64_t open = 0;
+  int64_t start = 0;
+  for (int page = 0; page < 1000; ++page) {
+    std::optional<google::protobuf::Struct> doc =
+        ChannelzJson(grpc_channelz_get_server_sockets(id, start, 100));
+    if (!doc) return -1;
+    auto refs = doc->fields().find("socketRef");
+    if (refs == doc->fields().end()) return open;
+    for (const auto& v : refs->second.list_value().values()) {
+      const int64_t socket_id = ChannelzCount(v.struct_value(), "socketId");
+      start = std::max(start, socket_id + 1);
+      std::optional<google::protobuf::Struct> socket = ChannelzJson(grpc_channelz_get_socket(socket_id));
+      if (!socket) continue;  // closed meanwhile
+      auto s = socket->fields().find("socket");
+      if (s == socket->fields().end()) continue;
+      auto data = s->second.struct_value().fields().find("data");
+      if (data == s->second.struct_value().fields().end()) continue;
+      const auto& d = data->second.struct_value();
+      open += ChannelzCount(d, "streamsStarted") - ChannelzCount(d, "streamsSucceeded") -
+              ChannelzCount(d, "streamsFailed");
+    }
+    auto end = doc->fields().find("end");
+    if (end == doc->fields().end() || end->second.bool_value()) return open;
+  }
+  return open;
+}
+
 // Servers are told apart by the channelz id that appears when one starts; starts are
 // serialized so that two servers starting at once in one process cannot swap ids.
 absl::Mutex start_mu;
@@ -184,7 +218,17 @@ std::string LossdServer::device_summary() const { return impl_->devices; }
 int64_t LossdServer::chunks_done() const { return impl_->core->executor().chunks_done(); }
 int64_t LossdServer::chunks_started() const { return impl_->core->executor().chunks_started(); }
 int64_t LossdServer::in_flight_calls() const { return impl_->core->admission().in_flight(); }
-int64_t LossdServer::open_calls() const { return ChannelzOpenCalls(impl_->channelz_id); }
+int64_t LossdServer::open_calls() const {
+  // Calls open in gRPC: the server's call count, but no more than the streams open on its live
+  // connections (the call count keeps calls cancelled while their request arrived). Connections
+  // accepted on the Unix socket have no channelz socket (gRPC adds them from a descriptor), so
+  // once there has been one, the call count alone decides.
+  const int64_t calls = ChannelzOpenCalls(impl_->channelz_id);
+  if (impl_->unix_listener && impl_->unix_listener->accepted() > 0) return calls;
+  const int64_t streams = ChannelzOpenStreams(impl_->channelz_id);
+  if (calls < 0 || streams < 0) return std::max(calls, streams);
+  return std::min(calls, streams);
+}
 int LossdServer::workers() const { return impl_->core->config().workers; }
 int LossdServer::cpu_threads() const { return impl_->cpu_threads; }
 int64_t LossdServer::max_inflight_bytes() const { return impl_->core->executor().memory().limit(); }

@@ -131,7 +131,8 @@ class LossdServer {
   int64_t chunks_started() const;   // units of kernel work started so far (live)
   int64_t in_flight_calls() const;  // LossService calls being handled now
   // Calls gRPC has accepted and not finished, for every service on this server, including
-  // those whose request is still arriving (channelz); -1 when channelz cannot say.
+  // those whose request is still arriving (channelz: the server's calls, at most the streams
+  // open on its TCP connections); -1 when channelz cannot say.
   int64_t open_calls() const;
   int workers() const;                 // compute workers in force
   int cpu_threads() const;             // CPU kernel threads in force

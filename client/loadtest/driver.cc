@@ -19,6 +19,7 @@
 #include "inference/grpc_predict_v2.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "client/bench/schedule.h"
+#include "client/loadtest/h2_transport.h"
 #include "client/loadtest/shm.h"
 #include "tools/bench/baseline_services.h"
 
@@ -47,17 +48,16 @@ int UsableCpus() {
 
 // Reads only the server's timing (field 6) of an EvaluateResponse from its wire bytes, skipping
 // the rest; false when the bytes are not a well-formed message.
-bool ReadTiming(const grpc::ByteBuffer& reply, lossd::v1::Timing* timing, bool* has_timing) {
+bool ReadTiming(absl::string_view bytes, lossd::v1::Timing* timing, bool* has_timing) {
   using google::protobuf::internal::WireFormatLite;
-  grpc::Slice slice;
-  if (!reply.TrySingleSlice(&slice).ok() && !reply.DumpToSingleSlice(&slice).ok()) return false;
-  google::protobuf::io::CodedInputStream in(slice.begin(), static_cast<int>(slice.size()));
+  google::protobuf::io::CodedInputStream in(reinterpret_cast<const uint8_t*>(bytes.data()),
+                                            static_cast<int>(bytes.size()));
   constexpr uint32_t kTimingTag =
       (lossd::v1::EvaluateResponse::kTimingFieldNumber << 3) | WireFormatLite::WIRETYPE_LENGTH_DELIMITED;
   *has_timing = false;
   for (;;) {
     const uint32_t tag = in.ReadTag();
-    if (tag == 0) return in.CurrentPosition() == static_cast<int>(slice.size());
+    if (tag == 0) return in.CurrentPosition() == static_cast<int>(bytes.size());
     if (tag != kTimingTag) {
       if (!WireFormatLite::SkipField(&in, tag)) return false;
       continue;
@@ -203,6 +203,7 @@ class Engine {
   }
   void CancelAll() {
     cancel_ = true;
+    for (auto& p : h2_pollers_) p->Cancel();
     std::lock_guard<std::mutex> lock(live_mu_);
     for (grpc::ClientContext* ctx : live_) ctx->TryCancel();
   }
@@ -251,6 +252,23 @@ class Engine {
   }
   bool StartUnary(UnaryCall* call, Poller* poller, Clock::time_point at, std::mt19937_64& rng);
   void UnaryDone(UnaryCall* call, Poller* poller);
+  void ReadReply(int kind, int slot, absl::string_view bytes, Outcome* c);
+
+  // --transport=h2 (h2_transport.h): the same calls over lossd-bench's HTTP/2 client.
+  // Connection j (of nchannels_) belongs to poller j % pollers, as its connection j / pollers;
+  // a closed-loop caller's calls all go to its connection (shared_channel: connection 0), so
+  // its next call starts on the poller thread that saw the last one end; an open-loop arrival
+  // i goes to connection i % nchannels_, handed over by the sender thread (Post).
+  struct H2Unary : h2::Call {
+    int kind = 0;
+    int caller = 0;
+    int conn = 0;  // of nchannels_
+    int slot = -1;
+    bool measured = false;
+    Clock::time_point scheduled;
+  };
+  bool StartH2(H2Unary* call, int conn, Clock::time_point at, std::mt19937_64& rng, bool local);
+  void H2Done(H2Unary* call, int poller);
   void Poll(Poller* poller);
 
   // One part of every shard (stats or series), merged.
@@ -281,6 +299,10 @@ class Engine {
   std::vector<grpc::ByteBuffer> requests_;                  // unary: one per kind
   std::vector<std::unique_ptr<Poller>> pollers_;            // unary
   std::vector<std::unique_ptr<UnaryCall>> unary_callers_;   // unary closed loop
+  int nchannels_ = 1;                                        // channels or h2 connections
+  std::vector<std::string> reply_bytes_;                    // h2, raw service: per kind
+  std::vector<std::unique_ptr<H2Unary>> h2_callers_;        // h2 closed loop
+  std::vector<std::unique_ptr<h2::Poller>> h2_pollers_;     // h2 (stopped before the callers)
 
   Clock::time_point t0_, warm_end_, end_;
   std::atomic<bool> stop_{false};
@@ -340,6 +362,53 @@ bool Engine::StartUnary(UnaryCall* call, Poller* poller, Clock::time_point at,
   return true;
 }
 
+// What an OK unary reply of `kind` (bytes as received) tells: the server's timing; with
+// --verify the whole reply checked (--shared_memory: its outputs read from the call's slot);
+// a reply that does not parse counts as a mismatch. ModelInfer replies carry no timing; with
+// --verify they are checked as the EvaluateResponse they stand for.
+void Engine::ReadReply(int kind_index, int slot, absl::string_view bytes, Outcome* c) {
+  const RequestKind& kind = kinds_[kind_index];
+  if (service_ == Service::kOip && (o_.parse_replies || o_.verify)) {
+    inference::ModelInferResponse reply;
+    if (!reply.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
+      c->mismatch = true;
+      Report(absl::StrCat(kind.label, ": the reply does not parse"));
+    } else if (o_.verify) {
+      auto as_lossd = FromOipReply(kind.request, reply);
+      if (!as_lossd.ok()) {
+        c->mismatch = true;
+        Report(absl::StrCat(kind.label, ": ", as_lossd.status().message()));
+      } else {
+        c->mismatch = Mismatch(kind, *as_lossd);
+      }
+    }
+  } else if (service_ != Service::kOip && service_ != Service::kRaw && o_.verify) {
+    EvaluateResponse reply;
+    if (!reply.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
+      c->mismatch = true;
+      Report(absl::StrCat(kind.label, ": the reply does not parse"));
+    } else {
+      c->has_timing = reply.has_timing();
+      c->timing = reply.timing();
+      // --shared_memory: the outputs lie in the call's slot; --verify reads them from there.
+      const std::string why =
+          o_.shm != nullptr ? o_.shm->Materialize(kind_index, slot, &reply) : std::string();
+      if (!why.empty()) {
+        c->mismatch = true;
+        Report(absl::StrCat(kind.label, ": ", why));
+      } else {
+        c->mismatch = Mismatch(kind, reply);
+      }
+    }
+  } else if (service_ != Service::kOip && service_ != Service::kRaw && o_.parse_replies) {
+    // Without --verify only the server's timing is read from the reply.
+    if (!ReadTiming(bytes, &c->timing, &c->has_timing)) {
+      c->mismatch = true;
+      Report(absl::StrCat(kind.label, ": the reply does not parse"));
+    }
+  }
+}
+
 void Engine::UnaryDone(UnaryCall* call, Poller* poller) {
   Outcome c;
   c.done = Clock::now();
@@ -350,47 +419,17 @@ void Engine::UnaryDone(UnaryCall* call, Poller* poller) {
   c.bytes = static_cast<int64_t>(RequestBytes(call->kind, call->slot).size() +
                                  call->reply.Length());
   c.elements = kind.elements;
-  if (c.code == 0 && service_ == Service::kOip && (o_.parse_replies || o_.verify)) {
-    // ModelInfer replies carry no timing; with --verify they are checked as the
-    // EvaluateResponse they stand for.
-    inference::ModelInferResponse reply;
-    if (!grpc::SerializationTraits<inference::ModelInferResponse>::Deserialize(&call->reply,
-                                                                               &reply)
-             .ok()) {
-      c.mismatch = true;
-      Report(absl::StrCat(kind.label, ": the reply does not parse"));
-    } else if (o_.verify) {
-      auto as_lossd = FromOipReply(kind.request, reply);
-      if (!as_lossd.ok()) {
-        c.mismatch = true;
-        Report(absl::StrCat(kind.label, ": ", as_lossd.status().message()));
-      } else {
-        c.mismatch = Mismatch(kind, *as_lossd);
-      }
-    }
-  } else if (c.code == 0 && service_ != Service::kRaw && o_.verify) {
-    EvaluateResponse reply;
-    if (!grpc::SerializationTraits<EvaluateResponse>::Deserialize(&call->reply, &reply).ok()) {
+  const bool read = service_ == Service::kOip ? o_.parse_replies || o_.verify
+                                              : service_ != Service::kRaw &&
+                                                    (o_.parse_replies || o_.verify);
+  if (c.code == 0 && read) {
+    grpc::Slice slice;
+    if (!call->reply.TrySingleSlice(&slice).ok() && !call->reply.DumpToSingleSlice(&slice).ok()) {
       c.mismatch = true;
       Report(absl::StrCat(kind.label, ": the reply does not parse"));
     } else {
-      c.has_timing = reply.has_timing();
-      c.timing = reply.timing();
-      // --shared_memory: the outputs lie in the call's slot; --verify reads them from there.
-      const std::string why =
-          o_.shm != nullptr ? o_.shm->Materialize(call->kind, call->slot, &reply) : std::string();
-      if (!why.empty()) {
-        c.mismatch = true;
-        Report(absl::StrCat(kind.label, ": ", why));
-      } else {
-        c.mismatch = Mismatch(kind, reply);
-      }
-    }
-  } else if (c.code == 0 && service_ != Service::kRaw && o_.parse_replies) {
-    // Without --verify only the server's timing is read from the reply.
-    if (!ReadTiming(call->reply, &c.timing, &c.has_timing)) {
-      c.mismatch = true;
-      Report(absl::StrCat(kind.label, ": the reply does not parse"));
+      ReadReply(call->kind, call->slot,
+                absl::string_view(reinterpret_cast<const char*>(slice.begin()), slice.size()), &c);
     }
   }
   {
@@ -412,6 +451,59 @@ void Engine::UnaryDone(UnaryCall* call, Poller* poller) {
   }
   // Closed loop: this caller's next call, or its end.
   if (!StartUnary(call, poller, Clock::now(), rngs_[call->caller])) Retire();
+}
+
+bool Engine::StartH2(H2Unary* call, int conn, Clock::time_point at, std::mt19937_64& rng,
+                     bool local) {
+  bool measured = false;
+  if (!Admit(at, &measured)) return false;
+  call->kind = PickKind(rng);
+  call->measured = measured;
+  call->scheduled = at;
+  call->conn = conn;
+  if (o_.shm != nullptr) {
+    // As StartUnary: the caller's slot (closed loop) or a free one (open loop).
+    call->slot = point_.open ? o_.shm->Acquire() : call->caller;
+    while (call->slot < 0) {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      call->slot = o_.shm->Acquire();
+    }
+  }
+  call->request = RequestBytes(call->kind, call->slot);
+  call->extra_value = reply_bytes_.empty() ? absl::string_view() : reply_bytes_[call->kind];
+  const int npollers = static_cast<int>(h2_pollers_.size());
+  call->connection = conn / npollers;
+  outstanding_.fetch_add(1, std::memory_order_relaxed);
+  h2::Poller* poller = h2_pollers_[conn % npollers].get();
+  if (local) {
+    poller->Start(call);
+  } else {
+    poller->Post(call);
+  }
+  return true;
+}
+
+void Engine::H2Done(H2Unary* call, int poller) {
+  Outcome c;
+  c.done = Clock::now();
+  c.measured = call->measured;
+  c.scheduled = call->scheduled;
+  c.code = call->code;
+  const RequestKind& kind = kinds_[call->kind];
+  c.bytes = static_cast<int64_t>(RequestBytes(call->kind, call->slot).size() +
+                                 (c.code == 0 ? call->reply.size() : 0));
+  c.elements = kind.elements;
+  if (c.code == 0) ReadReply(call->kind, call->slot, call->reply, &c);
+  if (o_.shm != nullptr && point_.open) o_.shm->Release(call->slot);
+  Count(poller, c);
+  outstanding_.fetch_sub(1, std::memory_order_relaxed);
+  if (point_.open) {
+    delete call;
+    Retire();
+    return;
+  }
+  // Closed loop: this caller's next call, on this poller thread, or its end.
+  if (!StartH2(call, call->conn, Clock::now(), rngs_[call->caller], true)) Retire();
 }
 
 // A poller thread: handles the unary calls that end on its queue until the queue is shut down
@@ -704,13 +796,44 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
   const int callers = point_.open ? 1 : point_.concurrency;
   const int nchannels = point_.open ? std::max(1, o_.channels)
                                     : (o_.shared_channel ? 1 : point_.concurrency);
-  for (int i = 0; i < nchannels; ++i) {
+  nchannels_ = nchannels;
+  const bool h2 = o_.transport == Transport::kH2;
+  for (int i = 0; i < nchannels && !h2; ++i) {
     channels_.push_back(MakeChannel(ep_, i));
     generic_.push_back(std::make_unique<grpc::GenericStub>(channels_.back()));
     typed_.push_back(lossd::v1::LossService::NewStub(channels_.back()));
   }
   for (int i = 0; i < callers; ++i) rngs_.emplace_back(o_.seed * 1000003 + i);
-  if (o_.rpc == Rpc::kEvaluate) {
+  if (h2) {
+    // The same pollers as below; each owns the connections j with j % pollers == its index.
+    h2::CallOptions co;
+    co.path = method_;
+    co.deadline = o_.deadline;
+    co.metadata = o_.metadata;
+    if (service_ == Service::kRaw) {
+      co.extra_key = lossd::bench::kReplyBytesKey;
+      for (const RequestKind& k : kinds_) reply_bytes_.push_back(absl::StrCat(k.echo_reply_bytes));
+    }
+    std::shared_ptr<const h2::Address> address = ep_.h2;
+    if (address == nullptr) {  // not resolved by the caller: resolve it here
+      Endpoint e = ep_;
+      if (const absl::Status st = ResolveForH2(&e); !st.ok()) {
+        std::fprintf(stderr, "lossd-bench: %s\n", std::string(st.message()).c_str());
+        bench::RunStats none;
+        return none;
+      }
+      address = e.h2;
+    }
+    const int want = o_.client_threads > 0 ? o_.client_threads : UsableCpus();
+    const int npollers =
+        std::max(1, std::min({want, point_.open ? nchannels : callers, nchannels}));
+    for (int i = 0; i < npollers; ++i) {
+      const int owned = nchannels / npollers + (i < nchannels % npollers ? 1 : 0);
+      h2_pollers_.push_back(std::make_unique<h2::Poller>(
+          *address, co, owned,
+          [this, i](h2::Call* call) { H2Done(static_cast<H2Unary*>(call), i); }));
+    }
+  } else if (o_.rpc == Rpc::kEvaluate) {
     for (size_t k = 0; k < kinds_.size(); ++k) {
       const std::string& bytes = RequestBytes(static_cast<int>(k), -1);
       grpc::Slice slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
@@ -744,7 +867,7 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
     open_streams_.back()->Begin();
   }
   if (point_.open) {
-    sender = std::thread([this] {
+    sender = std::thread([this, h2] {
       bench::ArrivalSchedule schedule(
           point_.poisson ? bench::ArrivalSchedule::Kind::kPoisson
                          : bench::ArrivalSchedule::Kind::kFixed,
@@ -757,7 +880,7 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
         while (!stop_ && outstanding_.load() >= o_.max_outstanding) {
           std::this_thread::sleep_for(std::chrono::microseconds(100));
         }
-        const int stub = static_cast<int>(i % channels_.size());
+        const int stub = static_cast<int>(i % nchannels_);
         const int shard = static_cast<int>(i % kShards);
         if (o_.rpc == Rpc::kStream) {
           bool measured = false;
@@ -769,6 +892,10 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
         bool started = false;
         if (o_.rpc == Rpc::kAccumulate) {
           started = AccumulateCall::Start(this, 0, at, stub, shard);
+        } else if (h2) {
+          auto* call = new H2Unary();
+          started = StartH2(call, static_cast<int>(i % nchannels_), at, rngs_[0], false);
+          if (!started) delete call;
         } else {
           auto* call = new UnaryCall();
           call->stub = stub;
@@ -788,6 +915,13 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
       bool started = false;
       switch (o_.rpc) {
         case Rpc::kEvaluate: {
+          if (h2) {
+            h2_callers_.push_back(std::make_unique<H2Unary>());
+            H2Unary* call = h2_callers_.back().get();
+            call->caller = i;
+            started = StartH2(call, o_.shared_channel ? 0 : i, Clock::now(), rngs_[i], false);
+            break;
+          }
           unary_callers_.push_back(std::make_unique<UnaryCall>());
           UnaryCall* call = unary_callers_.back().get();
           call->caller = i;
@@ -855,6 +989,7 @@ bench::RunStats Engine::Run(const std::atomic<bool>* interrupted) {
     p->cq.Shutdown();
     p->thread.join();
   }
+  for (auto& p : h2_pollers_) p->Stop();
   bench::RunStats all = Collect();
   all.cpu_user_s = CpuSeconds(true) - user0;
   all.cpu_sys_s = CpuSeconds(false) - sys0;
@@ -882,6 +1017,19 @@ std::shared_ptr<grpc::Channel> MakeChannel(const Endpoint& e, int index) {
   if (!e.authority_override.empty()) args.SetSslTargetNameOverride(e.authority_override);
   return grpc::CreateCustomChannel(
       e.target, e.credentials ? e.credentials : grpc::InsecureChannelCredentials(), args);
+}
+
+absl::Status ResolveForH2(Endpoint* e) {
+  auto target = h2::ParseTarget(e->target);
+  if (!target.ok()) return target.status();
+  auto address = h2::Resolve(*target);
+  if (!address.ok()) {
+    return absl::Status(address.status().code(),
+                        absl::StrCat("--transport=h2: target \"", e->target, "\": ",
+                                     address.status().message()));
+  }
+  e->h2 = std::make_shared<const h2::Address>(*std::move(address));
+  return absl::OkStatus();
 }
 
 bench::RunStats RunLoad(const Endpoint& endpoint, Service service,

@@ -11,6 +11,10 @@
 //                per arrival; EvaluateStream: one batch per arrival, queued on one of
 //                `channels` streams (a stream per channel) whatever is still in flight on it;
 //                Accumulate: one call of `accumulate_batches` batches per arrival.
+// --transport=h2: unary calls over lossd-bench's own HTTP/2 client (h2_transport.h) instead of
+// gRPC's, with the same scheduling, counting and reply reading; a connection per closed-loop
+// caller (one with shared_channel) or `channels` connections in open loop, spread over
+// `client_threads` poller threads, each owning its connections.
 // Calls started in the warm-up are counted only as warm-up calls. The measured window ends
 // after `duration`, or once `requests` calls have been started; calls in flight then are
 // waited for and counted.
@@ -27,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "client/bench/report.h"
 #include "client/loadtest/requests.h"
@@ -35,8 +40,13 @@
 namespace lossd::loadtest {
 
 class SharedMemoryPlan;  // shm.h
+namespace h2 {
+struct Address;  // h2_transport.h
+}
 
 enum class Rpc { kEvaluate, kStream, kAccumulate };
+// What carries unary calls: gRPC's C++ client, or lossd-bench's HTTP/2 client (h2_transport.h).
+enum class Transport { kGrpc, kH2 };
 // What a server is loaded through: lossd.v1 Evaluate, the baselines' methods (tools/bench),
 // or the Open Inference Protocol's ModelInfer (--protocol=oip; RequestKind::oip_serialized).
 enum class Service { kLossd, kEcho, kRaw, kOip };
@@ -47,7 +57,13 @@ struct Endpoint {
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   std::string lb_policy;           // "" (gRPC's default: pick_first) or "round_robin"
   std::string authority_override;  // TLS: server name to check instead of the target's host
+  // --transport=h2: the target resolved once (ResolveForH2).
+  std::shared_ptr<const h2::Address> h2;
 };
+
+// Resolves `e->target` for --transport=h2 (host:port, [v6]:port, unix:PATH); an error names
+// the target and why it cannot be used.
+absl::Status ResolveForH2(Endpoint* e);
 
 // A channel to the endpoint; distinct `index` values give distinct connections.
 std::shared_ptr<grpc::Channel> MakeChannel(const Endpoint& e, int index);
@@ -61,6 +77,7 @@ struct LoadPoint {
 
 struct DriverOptions {
   Rpc rpc = Rpc::kEvaluate;
+  Transport transport = Transport::kGrpc;  // kH2: unary Evaluate (rpc) only
   int stream_window = 4;
   int accumulate_batches = 4;
   absl::Duration warmup = absl::Seconds(1);

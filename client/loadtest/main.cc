@@ -43,6 +43,7 @@
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "client/loadtest/driver.h"
+#include "client/loadtest/h2_framing.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 #include "lossd/v1/lossd.grpc.pb.h"
 #include "client/bench/report.h"
@@ -168,6 +169,16 @@ ABSL_FLAG(bool, verify, false,
           "Check every lossd reply against the float64 reference within lossd's accuracy "
           "bounds (docs/design.md section 4); a wrong reply counts as an error (MISMATCH).");
 // Connection.
+ABSL_FLAG(std::string, transport, "grpc",
+          "What carries the unary calls: grpc (gRPC's C++ client) or h2 (lossd-bench's own "
+          "HTTP/2 client on nghttp2: the same calls, counts and report at a fraction of the "
+          "client CPU per call, so that one tester core can outrun a server on another; "
+          "docs/perf.md, \"Is lossd-bench the bottleneck?\"). h2 speaks plaintext HTTP/2 to "
+          "host:port, [IPv6]:port or unix:PATH (names resolved once), unary Evaluate / "
+          "ModelInfer / the baselines' methods only; a connection per closed-loop caller (one "
+          "with --shared_channel) or --channels connections in open loop, owned by "
+          "--client_threads poller threads. No TLS, --rpc=stream/accumulate or several "
+          "--target addresses.");
 ABSL_FLAG(bool, tls, false, "Use TLS (with --tls_ca, else the system roots).");
 ABSL_FLAG(std::string, tls_ca, "", "PEM file of the CA that signed the server (implies --tls).");
 ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate for mutual TLS (with --tls_key).");
@@ -504,6 +515,15 @@ int main(int argc, char** argv) {
                                {"accumulate", Rpc::kAccumulate}});
   const bool oip = Choose<bool>("protocol", absl::GetFlag(FLAGS_protocol),
                                 {{"lossd", false}, {"oip", true}});
+  using lossd::loadtest::Transport;
+  const Transport transport =
+      Choose<Transport>("transport", absl::GetFlag(FLAGS_transport),
+                        {{"grpc", Transport::kGrpc}, {"h2", Transport::kH2}});
+  const bool h2 = transport == Transport::kH2;
+  if (h2 && rpc != Rpc::kEvaluate) {
+    Usage(absl::StrCat("--transport=h2 sends unary calls only: --rpc=", absl::GetFlag(FLAGS_rpc),
+                       " needs --transport=grpc"));
+  }
   if (oip && rpc != Rpc::kEvaluate) {
     Usage("--protocol=oip sends unary ModelInfer calls: leave --rpc at evaluate");
   }
@@ -657,6 +677,7 @@ int main(int argc, char** argv) {
 
   lossd::loadtest::DriverOptions o;
   o.rpc = rpc;
+  o.transport = transport;
   o.stream_window = absl::GetFlag(FLAGS_stream_window);
   o.accumulate_batches = absl::GetFlag(FLAGS_batches);
   o.warmup = absl::GetFlag(FLAGS_warmup);
@@ -705,6 +726,23 @@ int main(int argc, char** argv) {
   Endpoint base;
   const bool tls = absl::GetFlag(FLAGS_tls) || !absl::GetFlag(FLAGS_tls_ca).empty() ||
                    !absl::GetFlag(FLAGS_tls_cert).empty();
+  if (h2 && (tls || !absl::GetFlag(FLAGS_tls_server_name).empty())) {
+    Usage("--transport=h2 speaks plaintext HTTP/2 only: leave out --tls, --tls_ca, --tls_cert, "
+          "--tls_key and --tls_server_name, or use --transport=grpc");
+  }
+  if (h2 && !absl::GetFlag(FLAGS_lb_policy).empty()) {
+    Usage(absl::StrCat("--transport=h2 connects to one address: --lb_policy=",
+                       absl::GetFlag(FLAGS_lb_policy), " needs --transport=grpc"));
+  }
+  if (h2 && absl::StrContains(absl::GetFlag(FLAGS_target), ",")) {
+    Usage("--transport=h2 connects to one address: several --target addresses (balanced round "
+          "robin) need --transport=grpc");
+  }
+  if (h2 && !absl::GetFlag(FLAGS_target).empty()) {
+    if (auto t = lossd::loadtest::h2::ParseTarget(absl::GetFlag(FLAGS_target)); !t.ok()) {
+      Usage(std::string(t.status().message()));
+    }
+  }
   if (tls) {
     grpc::SslCredentialsOptions ssl;
     if (const std::string ca = absl::GetFlag(FLAGS_tls_ca); !ca.empty()) {
@@ -880,6 +918,15 @@ int main(int argc, char** argv) {
     if (!start_process(b, {bin, absl::StrCat("--service=", b), "--port=0"})) return 1;
   }
 
+  // ---- --transport=h2: each server's address, resolved once for every run.
+  for (Server& s : servers) {
+    if (!h2) break;
+    if (const absl::Status st = lossd::loadtest::ResolveForH2(&s.endpoint); !st.ok()) {
+      std::fprintf(stderr, "lossd-bench: %s\n", std::string(st.message()).c_str());
+      return 1;
+    }
+  }
+
   // ---- Shared memory (--shared_memory): one region for the server, sized for the most
   // callers of the sweep (closed loop) or --shared_memory_slots (open loop).
   std::unique_ptr<lossd::loadtest::SharedMemoryPlan> shm_plan;
@@ -925,6 +972,7 @@ int main(int argc, char** argv) {
       ", warm-up ", absl::FormatDuration(o.warmup), ", ",
       o.requests > 0 ? absl::StrCat(o.requests, " calls") : absl::FormatDuration(o.duration),
       " per run, ", rounds, " round(s)", shared_memory ? ", shared memory" : "",
+      h2 ? ", h2 transport" : "",
       o.verify ? ", verified" : "");
   std::printf("lossd-bench: %s\n", config.c_str());
   for (const Server& s : servers) {
@@ -951,6 +999,7 @@ int main(int argc, char** argv) {
           absl::StrCat("--dtype=", dtype_name), absl::StrCat("--grad=", absl::GetFlag(FLAGS_grad)),
           absl::StrCat("--shared_channel=", o.shared_channel ? "true" : "false"),
           absl::StrCat("--client_threads=", o.client_threads),
+          absl::StrCat("--transport=", absl::GetFlag(FLAGS_transport)),
           absl::StrCat("--warmup=", absl::FormatDuration(o.warmup)),
           absl::StrCat("--duration=", absl::FormatDuration(o.duration)), "--rounds=1",
           "--baselines=none", "--progress=false"};
