@@ -2,7 +2,7 @@
 # Prepares the CUDA build for a run of tools/gpu/gpu_check.sh on another machine
 # (docs/design.md section 9). Run HERE, from anywhere, after building with CUDA for sm_90:
 #   cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build -j2 \
-#     --target kernels_test gpu_bench
+#     --target kernels_test gpu_bench lossd lossd_bench
 #   tools/gpu/prepare_gpu_carry.sh
 # It copies into build/gpulibs/ every shared library that `ldd` lists for the test and bench
 # binaries except glibc and the CUDA driver (absl, hwy, libstdc++, libgcc_s, ...: the GPU
