@@ -87,40 +87,6 @@ absl::Status PlaceOutputs(const v1::EvaluateRequest& request, const RegionResolv
   return absl::OkStatus();
 }
 
-// True when kernels::MakeOperand would expand an operand of `shape` to `out_shape` by copying
-// it on the host (its non-broadcast dimensions are not one contiguous group): impossible for
-// an operand in device memory. False for shapes that do not broadcast (MakeOperand reports
-// those without reading the data) and for empty outputs (nothing is read).
-bool ExpandsOnHost(const std::vector<int64_t>& shape, const std::vector<int64_t>& out_shape) {
-  const size_t rank = out_shape.size();
-  if (shape.size() > rank) return false;
-  for (int64_t d : out_shape) {
-    if (d == 0) return false;
-  }
-  std::vector<bool> bcast(rank, true);
-  for (size_t k = 0; k < shape.size(); ++k) {
-    const size_t od = rank - shape.size() + k;
-    if (shape[k] == out_shape[od]) {
-      bcast[od] = out_shape[od] == 1;
-    } else if (shape[k] == 1) {
-      bcast[od] = true;
-    } else {
-      return false;
-    }
-  }
-  int lo = -1, hi = -1;
-  for (size_t k = 0; k < rank; ++k) {
-    if (out_shape[k] == 1 || bcast[k]) continue;
-    if (lo < 0) {
-      lo = static_cast<int>(k);
-    } else if (hi != static_cast<int>(k)) {
-      return true;
-    }
-    hi = static_cast<int>(k) + 1;
-  }
-  return false;
-}
-
 // The kernels' reduction for a request's (UNSPECIFIED is MEAN); none for an unknown value.
 std::optional<kernels::Reduction> KernelReduction(v1::Reduction r) {
   switch (r) {
@@ -298,17 +264,17 @@ absl::StatusOr<EvaluatePlan> PlanEvaluate(const v1::EvaluateRequest& request,
                      kernels::Operand* out, uint32_t device_bit) -> absl::Status {
     auto view = DecodeTensor(name, t, limits, data, regions, &plan.spans);
     if (!view.ok()) return view.status();
-    if (view->device) {
-      if (ExpandsOnHost(view->shape, plan.shape)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            name, ".ref: shape ", ShapeString(view->shape), " broadcasts to logits shape ",
-            ShapeString(plan.shape), " only by an expanded copy made on the host, which is "
-            "not supported with CUDA IPC tensors; send ", name, " as bytes, or expand it"));
-      }
-      plan.args.on_device |= device_bit;
+    if (view->device) plan.args.on_device |= device_bit;
+    // The host cannot expand an operand in device memory (kernels/include/lossd/kernels/operand.h).
+    auto op = kernels::MakeOperand(name, view->dtype, view->data, view->shape, plan.shape,
+                                   /*may_copy=*/!view->device);
+    if (!op.ok()) {
+      if (!view->device) return op.status();
+      return absl::Status(op.status().code(),
+                          absl::StrCat(name, ".ref: ", op.status().message(),
+                                       " (CUDA IPC tensors are not supported there); send ", name,
+                                       " as bytes, or expand it"));
     }
-    auto op = kernels::MakeOperand(name, view->dtype, view->data, view->shape, plan.shape);
-    if (!op.ok()) return op.status();
     *out = *std::move(op);
     plan.nan_checked.push_back(*view);
     plan.nan_names.push_back(name);

@@ -188,6 +188,23 @@ absl::StatusOr<std::string> ShmRegistry::RegisterWithoutLease(
   return std::string(response->region());
 }
 
+// The registered range's checks shared by every region kind: a positive size, no overflow, and
+// within what one uid may register.
+absl::Status ShmRegistry::CheckRange(uint64_t offset, uint64_t size) const {
+  if (size == 0) return absl::InvalidArgumentError("byte_size must be positive, got 0");
+  if (size > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
+      offset > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) - size) {
+    return absl::InvalidArgumentError(absl::StrCat("offset ", offset, " + byte_size ", size,
+                                                   " overflows"));
+  }
+  if (static_cast<int64_t>(size) > options_.max_bytes_per_uid) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "byte_size ", size, " exceeds the ", options_.max_bytes_per_uid,
+        " bytes one uid may register (--shared_memory_max_bytes)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::RegisterRange(
     uid_t uid, const v1::RegisterRegionRequest& request, bool leased) {
   if (!enabled()) {
@@ -210,17 +227,7 @@ absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::RegisterRange(
   if (absl::Status s = ValidateShmKey(request.key(), options_.prefix); !s.ok()) return s;
   const uint64_t offset = request.offset();
   const uint64_t size = request.byte_size();
-  if (size == 0) return absl::InvalidArgumentError("byte_size must be positive, got 0");
-  if (size > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
-      offset > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) - size) {
-    return absl::InvalidArgumentError(absl::StrCat("offset ", offset, " + byte_size ", size,
-                                                   " overflows"));
-  }
-  if (static_cast<int64_t>(size) > options_.max_bytes_per_uid) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "byte_size ", size, " exceeds the ", options_.max_bytes_per_uid,
-        " bytes one uid may register (--shared_memory_max_bytes)"));
-  }
+  if (absl::Status s = CheckRange(offset, size); !s.ok()) return s;
   const std::string& key = request.key();
   const int fd = shm_open(key.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0);
   if (fd < 0) {
@@ -324,17 +331,7 @@ absl::StatusOr<v1::RegisterRegionResponse> ShmRegistry::RegisterCudaIpc(
   }
   const uint64_t offset = request.offset();
   const uint64_t size = request.byte_size();
-  if (size == 0) return absl::InvalidArgumentError("byte_size must be positive, got 0");
-  if (size > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
-      offset > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) - size) {
-    return absl::InvalidArgumentError(absl::StrCat("offset ", offset, " + byte_size ", size,
-                                                   " overflows"));
-  }
-  if (static_cast<int64_t>(size) > options_.max_bytes_per_uid) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "byte_size ", size, " exceeds the ", options_.max_bytes_per_uid,
-        " bytes one uid may register (--shared_memory_max_bytes)"));
-  }
+  if (absl::Status s = CheckRange(offset, size); !s.ok()) return s;
   const std::string& handle = request.cuda_ipc_handle();
   auto memory = options_.open_cuda_ipc
                     ? options_.open_cuda_ipc(handle, offset, size)

@@ -122,6 +122,7 @@ class ShmRegistry : public RegionResolver {
   explicit ShmRegistry(ShmRegistryOptions options);
   absl::Time Now() const { return options_.now ? options_.now() : absl::Now(); }
   absl::Duration Lease(uint32_t requested_ms) const;
+  absl::Status CheckRange(uint64_t offset, uint64_t size) const;
   absl::StatusOr<v1::RegisterRegionResponse> RegisterRange(
       uid_t uid, const v1::RegisterRegionRequest& request, bool leased);
   absl::StatusOr<v1::RegisterRegionResponse> RegisterCudaIpc(

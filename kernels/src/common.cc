@@ -158,7 +158,7 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 
 absl::StatusOr<Operand> MakeOperand(const std::string& field, DType dtype, const void* data,
                                     const std::vector<int64_t>& shape,
-                                    const std::vector<int64_t>& out_shape) {
+                                    const std::vector<int64_t>& out_shape, bool may_copy) {
   const size_t rank = out_shape.size();
   auto not_broadcastable = [&] {
     return absl::InvalidArgumentError(absl::StrCat(field, " shape ", ShapeString(shape),
@@ -212,6 +212,11 @@ absl::StatusOr<Operand> MakeOperand(const std::string& field, DType dtype, const
     op.inner = *CheckedProduct(out_shape, hi, rank);
     op.period = *CheckedProduct(out_shape, lo, hi);
     return op;
+  }
+  if (!may_copy) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " shape ", ShapeString(shape), " broadcasts to logits shape ",
+        ShapeString(out_shape), " only by an expanded copy, which cannot be made of this tensor"));
   }
   // General pattern: expand into a full tensor of the output shape.
   const size_t item = ItemSize(dtype);

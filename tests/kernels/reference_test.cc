@@ -298,6 +298,20 @@ TEST(MakeOperandTest, PatternsAndErrors) {
   EXPECT_EQ(bad.status().message(), "weight shape [3] is not broadcastable to logits shape [4,7]");
   auto too_long = MakeOperand("pos_weight", DType::kFloat32, v, {1, 4, 7}, {4, 7});
   EXPECT_FALSE(too_long.ok());
+  // Data the host cannot read (may_copy false): views are made without reading it, and an
+  // expansion is refused instead of copied (the pointer here is not readable).
+  const auto* unreadable = reinterpret_cast<const void*>(uintptr_t{8});
+  auto view = MakeOperand("weight", DType::kFloat32, unreadable, {4, 1}, {4, 6}, false);
+  ASSERT_TRUE(view.ok());
+  EXPECT_EQ(view->data, unreadable);
+  EXPECT_EQ(view->inner, 6);
+  EXPECT_EQ(view->period, 4);
+  auto refused = MakeOperand("weight", DType::kFloat32, unreadable, {2, 1, 3}, {2, 4, 3}, false);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(refused.status().message(),
+            "weight shape [2,1,3] broadcasts to logits shape [2,4,3] only by an expanded copy, "
+            "which cannot be made of this tensor");
 }
 
 // ExactSum against an independent exact sum: values m * 2^e with 53-bit integers m and e in

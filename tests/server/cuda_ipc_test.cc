@@ -760,7 +760,7 @@ TEST_F(CudaIpcServerTest, RefusesWhatWouldReadDeviceMemoryOnTheHost) {
     OnCpu(e);  // valid with the weight as bytes (OnCpu checks the status)
     ToDevice(e.mutable_weight());
     ExpectError(e, grpc::StatusCode::INVALID_ARGUMENT,
-                {"weight.ref", "[2,1,4]", "not supported with CUDA IPC tensors"});
+                {"weight.ref", "[2,1,4]", "expanded copy", "CUDA IPC tensors are not supported"});
   }
   // An output may not overwrite a device input.
   req = base;

@@ -32,10 +32,13 @@ struct Operand {
 // operand rank <= output rank) and returns the operand view of `data`. `field` names the
 // tensor in error messages. Errors: INVALID_ARGUMENT "weight shape [3] is not broadcastable to
 // logits shape [4,7]". The returned operand points into `data` (caller keeps it alive) unless
-// the pattern needs expansion, in which case it owns a copy in the operand's dtype.
+// the pattern needs expansion, in which case it owns a copy in the operand's dtype. With
+// `may_copy` false (data the host cannot read, such as CUDA device memory) a pattern that needs
+// expansion is INVALID_ARGUMENT instead ("weight shape [2,1,4] broadcasts to logits shape
+// [2,3,4] only by an expanded copy, which cannot be made of this tensor"); data is never read.
 absl::StatusOr<Operand> MakeOperand(const std::string& field, DType dtype, const void* data,
                                     const std::vector<int64_t>& shape,
-                                    const std::vector<int64_t>& out_shape);
+                                    const std::vector<int64_t>& out_shape, bool may_copy = true);
 
 }  // namespace lossd::kernels
 
