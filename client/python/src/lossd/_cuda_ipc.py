@@ -49,13 +49,12 @@ import grpc
 import numpy as np
 
 from ._errors import InternalError, LossdError, error_for
-from ._options import enum_name
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._shm import Control, _build_request, _loss_shape, _renew_loop, _tensor_message, \
-    local_target
+    local_target, placed_result
 from ._tensor import BFLOAT16, as_array, code_of, decode
 from ._inputs import Operand
-from ._types import LossResult, Timing
+from ._types import LossResult
 from ._wire import RequestOptions
 
 __all__ = ["MODES", "HANDLE_BYTES", "Decision", "decide", "format_gpu_uuid", "ExportedBlock",
@@ -653,15 +652,7 @@ class CudaCall:
         grad = self._output(reply, "grad_logits") if o.grad_logits else None
         grad_targets = self._output(reply, "grad_targets") if o.grad_targets else None
         self._keep.clear()
-        t = reply.timing
-        timing = Timing(queue_ns=t.queue_ns, compute_ns=t.compute_ns, total_ns=t.total_ns,
-                        received_unix_ns=t.received_unix_ns,
-                        compute_start_unix_ns=t.compute_start_unix_ns,
-                        compute_end_unix_ns=t.compute_end_unix_ns, reply_unix_ns=t.reply_unix_ns)
-        return LossResult(
-            loss=loss, grad=grad, grad_targets=grad_targets,
-            device=enum_name(pb.Device, "DEVICE_", reply.device), timing=timing,
-            request_id=reply.request_id, num_elements=reply.num_elements, parts=(timing,))
+        return placed_result(reply, loss, grad, grad_targets)
 
 
 # ---------------------------------------------------------------------------------------

@@ -487,6 +487,21 @@ def _loss_shape(shape: Tuple[int, ...], reduction: int) -> Tuple[int, ...]:
     return ()
 
 
+def placed_result(reply: "pb.EvaluateResponse", loss: Any, grad: Any,
+                  grad_targets: Any) -> LossResult:
+    """The LossResult of a reply whose outputs were placed in registered memory: the outputs
+    as the caller read them, the rest from the reply."""
+    t = reply.timing
+    timing = Timing(queue_ns=t.queue_ns, compute_ns=t.compute_ns, total_ns=t.total_ns,
+                    received_unix_ns=t.received_unix_ns,
+                    compute_start_unix_ns=t.compute_start_unix_ns,
+                    compute_end_unix_ns=t.compute_end_unix_ns, reply_unix_ns=t.reply_unix_ns)
+    return LossResult(
+        loss=loss, grad=grad, grad_targets=grad_targets,
+        device=enum_name(pb.Device, "DEVICE_", reply.device), timing=timing,
+        request_id=reply.request_id, num_elements=reply.num_elements, parts=(timing,))
+
+
 class ShmCall:
     """One ``Evaluate`` whose tensors travel by reference: the request, and the result once
     the reply arrives. :meth:`release` returns the temporary blocks (and, after a failure,
@@ -582,15 +597,7 @@ class ShmCall:
         self._done = True
         self._outputs.clear()  # owned by the arrays now
         self.release(failed=False)
-        t = reply.timing
-        timing = Timing(queue_ns=t.queue_ns, compute_ns=t.compute_ns, total_ns=t.total_ns,
-                        received_unix_ns=t.received_unix_ns,
-                        compute_start_unix_ns=t.compute_start_unix_ns,
-                        compute_end_unix_ns=t.compute_end_unix_ns, reply_unix_ns=t.reply_unix_ns)
-        return LossResult(
-            loss=loss, grad=grad, grad_targets=grad_targets,
-            device=enum_name(pb.Device, "DEVICE_", reply.device), timing=timing,
-            request_id=reply.request_id, num_elements=reply.num_elements, parts=(timing,))
+        return placed_result(reply, loss, grad, grad_targets)
 
     def release(self, failed: bool = True) -> None:
         for block in self._temporary:
