@@ -41,12 +41,13 @@ def run_bench(tmp_path: Path, *args: str, check: bool = True) -> dict:
 
 
 def interrupt_after_successful_calls(p: subprocess.Popen,
-                                     while_running: Optional[Callable[[], None]] = None
-                                     ) -> Tuple[str, str]:
+                                     while_running: Optional[Callable[[], None]] = None,
+                                     interrupt: bool = True) -> Tuple[str, str]:
     """SIGINT to a running lossd-bench once one of its progress lines ("... ok N errors M in
     flight K", once a second, on stderr) shows successful calls, so that its partial report has
-    something in it; ``while_running()`` is called just before. Returns (stdout, stderr) once it
-    has exited; kills it if anything fails."""
+    something in it; ``while_running()`` is called just before (with ``interrupt`` False it is
+    all that happens: the run ends by itself). Returns (stdout, stderr) once it has exited;
+    kills it if anything fails."""
     try:
         assert p.stderr is not None
         seen = []
@@ -59,7 +60,8 @@ def interrupt_after_successful_calls(p: subprocess.Popen,
             pytest.fail("no progress line with successful calls:\n" + "".join(seen))
         if while_running is not None:
             while_running()
-        p.send_signal(signal.SIGINT)
+        if interrupt:
+            p.send_signal(signal.SIGINT)
         return p.communicate(timeout=60)
     finally:
         if p.poll() is None:

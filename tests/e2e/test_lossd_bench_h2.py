@@ -319,22 +319,10 @@ def test_a_server_that_dies_fails_the_calls_not_the_successes(tmp_path) -> None:
            "--stop_errors=1"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert p.stderr is not None
-        seen = []
-        for line in p.stderr:
-            seen.append(line)
-            m = re.search(r" ok (\d+) errors", line)
-            if m and int(m.group(1)) > 0:
-                break
-        else:
-            pytest.fail("no progress line with successful calls:\n" + "".join(seen))
-        server.kill()
-        stdout, stderr = p.communicate(timeout=60)
+        stdout, stderr = interrupt_after_successful_calls(p, while_running=server.kill,
+                                                          interrupt=False)
     finally:
         server.kill()
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert p.returncode == 0, (stdout, stderr)
     [row] = json.loads(out.read_text())["rows"]
     assert row["ok"] > 0 and row["errors"] > 0
