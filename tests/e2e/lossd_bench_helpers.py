@@ -7,13 +7,14 @@ directory (LOSSD_BENCH overrides it)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import pytest
 
@@ -67,3 +68,26 @@ def interrupt_after_successful_calls(p: subprocess.Popen,
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+@contextlib.contextmanager
+def baseline_server(service: str) -> Iterator[str]:
+    """tools/bench's lossd_bench_server --service=`service` (echo or raw) on a free loopback
+    port, beside the server under test in its build directory; yields its host:port and stops
+    it afterwards."""
+    server = subprocess.Popen([str(lossd_binary().parents[1] / "tools" / "bench" /
+                                   "lossd_bench_server"), f"--service={service}", "--port=0"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        m = None
+        for line in server.stderr:
+            m = re.search(r"listening on (\S+:\d+)", line)
+            if m:
+                break
+        assert m, f"the {service} server did not start"
+        yield m.group(1)
+    finally:
+        server.terminate()
+        server.wait(10)
+

@@ -21,7 +21,8 @@ import pytest
 
 from conftest import lossd_binary
 from helpers import make_certificates, metrics_address, settled_counts, value
-from lossd_bench_helpers import bench_binary, interrupt_after_successful_calls, run_bench
+from lossd_bench_helpers import (baseline_server, bench_binary,
+                                 interrupt_after_successful_calls, run_bench)
 
 
 def test_sweep_counts_add_up_and_failures_are_not_successes(server_factory, tmp_path) -> None:
@@ -431,25 +432,11 @@ def test_self_check_runs_one_and_two_testers(tmp_path) -> None:
 
 
 def test_target_service_raw(tmp_path) -> None:
-    server = subprocess.Popen([str(lossd_binary().parents[1] / "tools" / "bench" /
-                                   "lossd_bench_server"), "--service=raw", "--port=0"],
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        assert server.stderr is not None
-        m = None
-        for line in server.stderr:
-            m = re.search(r"listening on (\S+:\d+)", line)
-            if m:
-                break
-        assert m, "the raw server did not start"
-        report = run_bench(tmp_path, f"--target={m.group(1)}", "--target_service=raw",
-                           *SHORT)
-        [row] = report["rows"]
-        assert row["server"] == "raw"
-        assert row["errors"] == 0 and row["ok"] >= 30
-    finally:
-        server.terminate()
-        server.wait(10)
+    with baseline_server("raw") as target:
+        report = run_bench(tmp_path, f"--target={target}", "--target_service=raw", *SHORT)
+    [row] = report["rows"]
+    assert row["server"] == "raw"
+    assert row["errors"] == 0 and row["ok"] >= 30
 
 
 def python_grpcio_client(target: str, warmup_s: float, seconds: float) -> dict:

@@ -10,7 +10,6 @@ lossd-bench is found beside the server under test (lossd_bench_helpers.py)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +20,8 @@ import pytest
 
 from conftest import lossd_binary, start_server
 from helpers import metrics_address, settled_counts, value
-from lossd_bench_helpers import bench_binary, interrupt_after_successful_calls, run_bench
+from lossd_bench_helpers import (baseline_server, bench_binary,
+                                 interrupt_after_successful_calls, run_bench)
 
 H2 = "--transport=h2"
 SHORT = ("--concurrency=1", "--warmup=0.1s", "--requests=30", "--rounds=1", "--elements=256")
@@ -246,25 +246,12 @@ def test_oip_model_infer_counts_and_verifies(server_factory, tmp_path) -> None:
 
 def test_echo_target_and_metadata(tmp_path) -> None:
     """The echo baseline as --target: its protobuf method over h2, with extra metadata."""
-    server = subprocess.Popen([str(lossd_binary().parents[1] / "tools" / "bench" /
-                                   "lossd_bench_server"), "--service=echo", "--port=0"],
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        assert server.stderr is not None
-        m = None
-        for line in server.stderr:
-            m = re.search(r"listening on (\S+:\d+)", line)
-            if m:
-                break
-        assert m, "the echo server did not start"
-        report = run_bench(tmp_path, f"--target={m.group(1)}", "--target_service=echo", H2,
+    with baseline_server("echo") as target:
+        report = run_bench(tmp_path, f"--target={target}", "--target_service=echo", H2,
                            "--metadata=x-one=1,x-two=zwei", *SHORT)
-        [row] = report["rows"]
-        assert row["server"] == "echo"
-        assert row["errors"] == 0 and row["ok"] == row["sent"] >= 30
-    finally:
-        server.terminate()
-        server.wait(10)
+    [row] = report["rows"]
+    assert row["server"] == "echo"
+    assert row["errors"] == 0 and row["ok"] == row["sent"] >= 30
 
 
 def test_self_check_over_h2(tmp_path) -> None:
