@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -61,6 +62,10 @@ struct OperandParams {
   bool same4 = false;  // inner a multiple of 4: the 4 elements of a group share one value
   int64_t inner = 1;
   int64_t period = 1;
+  // Element i of this launch is element i + offset of the operand's index space (a chunk of a
+  // larger request: DeviceBce::element_offset); 0 otherwise. A multiple of 4 whenever `full`,
+  // `vec_period` or `same4` is set, so that groups of 4 stay aligned.
+  int64_t offset = 0;
   FastDiv inner_div, period_div;  // valid when Params::small
 };
 
@@ -93,6 +98,8 @@ struct Params {
   bool all_float;  // BceElementF32 where it applies (float compute, float-exact y, w, p)
   bool vec;    // x, y and outputs allow 4-element vector accesses
   bool small;  // every index < 2^31: 32-bit operand index arithmetic
+  // Segmented launches (LaunchBceSegments): the launch block of this evaluation's block 0.
+  int64_t first_block;
 };
 
 template <typename T>
@@ -206,15 +213,17 @@ __device__ __forceinline__ int64_t OperandIndex(const OperandParams& o, int64_t 
   return (i / o.inner) % o.period;
 }
 
-// Operand values of elements i0..i0+3 (i0 a multiple of 4; indices past numel stay in range).
+// Operand values of elements i0..i0+3 (i0 a multiple of 4; indices past numel stay in range),
+// shifted by the operand's offset.
 template <typename TC>
-__device__ __forceinline__ void LoadOperand4(const OperandParams& o, int64_t i0, bool whole,
+__device__ __forceinline__ void LoadOperand4(const OperandParams& o, int64_t i_local, bool whole,
                                              bool small, TC* out) {
   if (o.data == nullptr) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) out[k] = TC(1);
     return;
   }
+  const int64_t i0 = i_local + o.offset;
   if (o.full && whole) return LoadVecDyn(o.dtype, o.data, i0, out);
   if (o.vec_period) {
     const int64_t j = small ? static_cast<int64_t>(static_cast<uint32_t>(i0) -
@@ -373,19 +382,16 @@ __device__ __forceinline__ void BlockTreeSum(double* tree_pair, int parity, cons
   }
 }
 
-// Kernel with the element math in double (BceElementMixed for float and half logits,
-// BceElement<double> for float64), results rounded once when stored. kSmooth: label smoothing
-// (a separate instantiation, as in BceKernelF32).
+// One reduction block b of P with the element math in double: BceKernel's loop body, also
+// the segmented kernel's.
 template <typename TX, typename TY, bool kReduce, bool kSmooth>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Params P) {
+__device__ __forceinline__ void BceBlock(const Params& P, int64_t b, double* tree, int parity) {
   using TC = typename ComputeType<TX>::type;
   // Targets stay float for float compute unless they are float64 (then exact in double).
   using TYC = std::conditional_t<std::is_same_v<TY, double>, double, TC>;
-  __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
   const TX* __restrict__ xp = static_cast<const TX*>(P.x);
   const TY* __restrict__ yp = static_cast<const TY*>(P.y);
-  int parity = 0;  // BlockTreeSum's buffer
-  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
+  {
     const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
     TC x[8];
     TYC y[8];
@@ -420,6 +426,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Para
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
     if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P.numel, P.sums);
+  }
+}
+
+// Kernel with the element math in double (BceElementMixed for float and half logits,
+// BceElement<double> for float64), results rounded once when stored. kSmooth: label smoothing
+// (a separate instantiation, as in BceKernelF32).
+template <typename TX, typename TY, bool kReduce, bool kSmooth>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<TX>) BceKernel(const Params P) {
+  __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
+  int parity = 0;  // BlockTreeSum's buffer
+  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
+    BceBlock<TX, TY, kReduce, kSmooth>(P, b, tree, parity);
   }
 }
 
@@ -482,23 +500,14 @@ __device__ __forceinline__ void GradScale4(float* g, const Params& P) {
 template <bool kReduce, bool kSmooth>
 constexpr bool kPrefetchF32 = kReduce && kSmooth;
 
-template <typename TX, typename TY, bool kReduce, bool kSmooth>
-__global__ void __launch_bounds__(kThreads, (kPrefetchF32<kReduce, kSmooth> ? 3 : 4))
-    BceKernelF32(const Params P) {
-  constexpr bool kPrefetch = kPrefetchF32<kReduce, kSmooth>;
-  __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
-  const TX* __restrict__ xp = static_cast<const TX*>(P.x);
-  const TY* __restrict__ yp = static_cast<const TY*>(P.y);
-  int parity = 0;  // BlockTreeSum's buffer
-  float x[8], y[8];
-  bool whole[2];
-  if (kPrefetch && blockIdx.x < P.nblocks) {
-    LoadLogitsTargets(xp, yp, blockIdx.x * kReduceBlock + 4 * threadIdx.x, P, x, y, whole);
-  }
-  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
-    const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
-    if constexpr (!kPrefetch) LoadLogitsTargets(xp, yp, base, P, x, y, whole);
-    float l[8];
+// The all-float kernel's work on the thread's elements of one reduction block (base: its first
+// element, x, y and whole as LoadLogitsTargets loaded them): outputs stored, element losses in
+// l for the tree. BceKernelF32's loop body between the loads and the tree; also the segmented
+// kernel's.
+template <typename TX, bool kReduce, bool kSmooth>
+__device__ __forceinline__ void F32Block(const Params& P, int64_t base, const float* x,
+                                         const float* y, const bool* whole, float* l) {
+  {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t i0 = base + h * kHalfBlock;
@@ -573,12 +582,61 @@ __global__ void __launch_bounds__(kThreads, (kPrefetchF32<kReduce, kSmooth> ? 3 
       }
       StoreOutputs<TX, kReduce>(P, i0, whole[h], l + 4 * h, gx, gy);
     }
+  }
+}
+
+template <typename TX, typename TY, bool kReduce, bool kSmooth>
+__global__ void __launch_bounds__(kThreads, (kPrefetchF32<kReduce, kSmooth> ? 3 : 4))
+    BceKernelF32(const Params P) {
+  constexpr bool kPrefetch = kPrefetchF32<kReduce, kSmooth>;
+  __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
+  const TX* __restrict__ xp = static_cast<const TX*>(P.x);
+  const TY* __restrict__ yp = static_cast<const TY*>(P.y);
+  int parity = 0;  // BlockTreeSum's buffer
+  float x[8], y[8];
+  bool whole[2];
+  if (kPrefetch && blockIdx.x < P.nblocks) {
+    LoadLogitsTargets(xp, yp, blockIdx.x * kReduceBlock + 4 * threadIdx.x, P, x, y, whole);
+  }
+  for (int64_t b = blockIdx.x; b < P.nblocks; b += gridDim.x, parity ^= 1) {
+    const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
+    if constexpr (!kPrefetch) LoadLogitsTargets(xp, yp, base, P, x, y, whole);
+    float l[8];
+    F32Block<TX, kReduce, kSmooth>(P, base, x, y, whole, l);
     if constexpr (kPrefetch) {
       if (b + gridDim.x < P.nblocks) {
         LoadLogitsTargets(xp, yp, base + int64_t{gridDim.x} * kReduceBlock, P, x, y, whole);
       }
     }
     if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P.numel, P.sums);
+  }
+}
+
+// The segmented kernel (LaunchBceSegments): launch block g is block g - first_block of
+// evaluation block_item[g], computed by the same block code as that evaluation's own launch
+// (BceBlock, or F32Block without the prefetch, which changes no value), so every element and
+// block sum is bitwise the same. Parameters are read from device memory (uniform per block).
+template <typename TX, typename TY, bool kReduce, bool kF32, bool kSmooth>
+__global__ void __launch_bounds__(kThreads, kF32 ? 4 : kMinBlocks<TX>)
+    BceSegmentsKernel(const Params* __restrict__ items, const int32_t* __restrict__ block_item,
+                      int64_t total_blocks) {
+  __shared__ double tree[kReduce ? 2 * kHalfBlock : 1];
+  int parity = 0;  // BlockTreeSum's buffer
+  for (int64_t g = blockIdx.x; g < total_blocks; g += gridDim.x, parity ^= 1) {
+    const Params& P = items[block_item[g]];
+    const int64_t b = g - P.first_block;
+    if constexpr (kF32) {
+      const int64_t base = b * kReduceBlock + 4 * threadIdx.x;
+      float x[8], y[8];
+      bool whole[2];
+      LoadLogitsTargets(static_cast<const TX*>(P.x), static_cast<const TY*>(P.y), base, P, x, y,
+                        whole);
+      float l[8];
+      F32Block<TX, kReduce, kSmooth>(P, base, x, y, whole, l);
+      if constexpr (kReduce) BlockTreeSum(tree, parity, l, base, b, P.numel, P.sums);
+    } else {
+      BceBlock<TX, TY, kReduce, kSmooth>(P, b, tree, parity);
+    }
   }
 }
 
@@ -660,6 +718,72 @@ cudaError_t LaunchTargets(DType targets, const Params& P, bool reduce, cudaStrea
   return cudaErrorInvalidValue;
 }
 
+// ---- Segmented launches: one kernel of `kernel`'s signature over many evaluations.
+template <typename TX, typename TY, bool kReduce, bool kF32, bool kSmooth>
+cudaError_t LaunchSegmentsTyped(const Params* items, const int32_t* block_item,
+                                int64_t total_blocks, cudaStream_t stream) {
+  constexpr auto kKernel = BceSegmentsKernel<TX, TY, kReduce, kF32, kSmooth>;
+  static const int per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0) != cudaSuccess) {
+      cudaGetLastError();
+      n = 0;
+    }
+    return std::max(n, 1);
+  }();
+  int sms = 0;
+  if (cudaError_t err = SmCount(&sms); err != cudaSuccess) return err;
+  const int64_t grid = std::min<int64_t>(total_blocks, int64_t{per_sm} * sms);
+  kKernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(items, block_item, total_blocks);
+  return cudaGetLastError();
+}
+
+template <typename TX, typename TY, bool kF32>
+cudaError_t LaunchSegmentsMath(const SegmentKernel& k, const Params* items,
+                               const int32_t* block_item, int64_t total_blocks,
+                               cudaStream_t stream) {
+  if (k.smooth) {
+    return k.reduce ? LaunchSegmentsTyped<TX, TY, true, kF32, true>(items, block_item,
+                                                                     total_blocks, stream)
+                    : LaunchSegmentsTyped<TX, TY, false, kF32, true>(items, block_item,
+                                                                      total_blocks, stream);
+  }
+  return k.reduce ? LaunchSegmentsTyped<TX, TY, true, kF32, false>(items, block_item,
+                                                                    total_blocks, stream)
+                  : LaunchSegmentsTyped<TX, TY, false, kF32, false>(items, block_item,
+                                                                     total_blocks, stream);
+}
+
+template <typename TX, typename TY>
+cudaError_t LaunchSegmentsReduce(const SegmentKernel& k, const Params* items,
+                                 const int32_t* block_item, int64_t total_blocks,
+                                 cudaStream_t stream) {
+  // As LaunchReduce: the all-float kernel exists for float and half logits and targets.
+  constexpr bool kHasF32 = !std::is_same_v<TX, double> && !std::is_same_v<TY, double>;
+  if (kHasF32 && k.all_float) {
+    return LaunchSegmentsMath<TX, TY, kHasF32>(k, items, block_item, total_blocks, stream);
+  }
+  return LaunchSegmentsMath<TX, TY, false>(k, items, block_item, total_blocks, stream);
+}
+
+template <typename TX>
+cudaError_t LaunchSegmentsTargets(const SegmentKernel& k, const Params* items,
+                                  const int32_t* block_item, int64_t total_blocks,
+                                  cudaStream_t stream) {
+  switch (k.targets_dtype) {
+    case DType::kFloat32:
+      return LaunchSegmentsReduce<TX, float>(k, items, block_item, total_blocks, stream);
+    case DType::kFloat64:
+      return LaunchSegmentsReduce<TX, double>(k, items, block_item, total_blocks, stream);
+    case DType::kFloat16:
+      return LaunchSegmentsReduce<TX, __half>(k, items, block_item, total_blocks, stream);
+    case DType::kBFloat16:
+      return LaunchSegmentsReduce<TX, __nv_bfloat16>(k, items, block_item, total_blocks,
+                                                     stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 bool Aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Whether every element index (up to a reduction block past numel) and operand size fits the
@@ -670,17 +794,22 @@ bool SmallIndices(int64_t numel, const DeviceOperand& w, const DeviceOperand& p)
          p.period <= kLimit;
 }
 
-OperandParams MakeOperandParams(const DeviceOperand& o, int64_t numel, bool small) {
+// `offset`: the launch's DeviceBce::element_offset (ignored for an unshifted operand).
+OperandParams MakeOperandParams(const DeviceOperand& o, int64_t numel, bool small,
+                                int64_t offset = 0) {
   OperandParams op;
   op.data = o.data;
   op.dtype = static_cast<int>(o.dtype);
   op.inner = o.inner;
   op.period = o.period;
-  op.full = o.data != nullptr && o.inner == 1 && o.period == numel &&
-            Aligned(o.data, 4 * ItemSize(o.dtype));
+  op.offset = o.unshifted ? 0 : offset;
+  // The vector paths need groups of 4 that start at a multiple of 4 of the operand's index.
+  const bool groups4 = op.offset % 4 == 0;
+  op.full = o.data != nullptr && o.inner == 1 && o.period == op.offset + numel &&
+            Aligned(o.data, 4 * ItemSize(o.dtype)) && groups4;
   op.vec_period = o.data != nullptr && !op.full && o.inner == 1 && o.period % 4 == 0 &&
-                  Aligned(o.data, 4 * ItemSize(o.dtype));
-  op.same4 = o.data != nullptr && o.inner % 4 == 0;
+                  Aligned(o.data, 4 * ItemSize(o.dtype)) && groups4;
+  op.same4 = o.data != nullptr && o.inner % 4 == 0 && groups4;
   if (small) {
     op.inner_div = FastDiv::Make(static_cast<uint32_t>(o.inner));
     op.period_div = FastDiv::Make(static_cast<uint32_t>(o.period));
@@ -716,7 +845,7 @@ struct GenericParams {
 
 __device__ __forceinline__ double LoadOperand(const OperandParams& o, int64_t i, bool small) {
   if (o.data == nullptr) return 1.0;
-  return LoadDyn<double>(o.dtype, o.data, OperandIndex(o, i, small));
+  return LoadDyn<double>(o.dtype, o.data, OperandIndex(o, i + o.offset, small));
 }
 
 template <typename TX, bool kReduce>
@@ -813,30 +942,22 @@ cudaError_t LaunchGenericParams(DType dtype, const GenericParams& P, cudaStream_
   return cudaErrorInvalidValue;
 }
 
-}  // namespace
-
-cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
+// The fused kernel's parameters for `a` (checked by the caller: ValidBce), and whether it
+// reduces. Returns false when nothing is requested (no launch then).
+bool MakeParams(const DeviceBce& a, Params* out, bool* reduce_out) {
   const internal::ElementOptions<double>& e = a.element;
-  if (a.numel < 0 || !(a.count >= 1.0) || !(e.smoothing >= 0.0 && e.smoothing <= 1.0) ||
-      ItemSize(a.dtype) == 0 ||
-      ItemSize(a.targets_dtype) == 0 ||
-      a.weight.inner < 1 || a.weight.period < 1 || a.pos_weight.inner < 1 ||
-      a.pos_weight.period < 1 || (a.weight.data != nullptr && ItemSize(a.weight.dtype) == 0) ||
-      (a.pos_weight.data != nullptr && ItemSize(a.pos_weight.dtype) == 0)) {
-    return cudaErrorInvalidValue;
-  }
-  if (a.numel == 0) return cudaSuccess;
   const bool reduce = a.reduction != Reduction::kNone && a.block_sums != nullptr;
   void* loss = a.reduction == Reduction::kNone ? a.loss : nullptr;
   if (loss == nullptr && a.grad_logits == nullptr && a.grad_targets == nullptr && !reduce) {
-    return cudaSuccess;  // nothing requested
+    return false;  // nothing requested
   }
-  const bool small = SmallIndices(a.numel, a.weight, a.pos_weight);
+  // Operand indices reach element_offset + numel (a chunk of a larger request).
+  const bool small = SmallIndices(a.element_offset + a.numel, a.weight, a.pos_weight);
   Params P{};
   P.x = a.logits;
   P.y = a.targets;
-  P.w = MakeOperandParams(a.weight, a.numel, small);
-  P.p = MakeOperandParams(a.pos_weight, a.numel, small);
+  P.w = MakeOperandParams(a.weight, a.numel, small, a.element_offset);
+  P.p = MakeOperandParams(a.pos_weight, a.numel, small, a.element_offset);
   P.loss = loss;
   P.gx = a.grad_logits;
   P.gy = a.grad_targets;
@@ -871,6 +992,30 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
   const size_t vx = 4 * ItemSize(a.dtype);
   P.vec = Aligned(a.logits, vx) && Aligned(a.targets, 4 * ItemSize(a.targets_dtype)) &&
           Aligned(P.loss, vx) && Aligned(P.gx, vx) && Aligned(P.gy, vx);
+  P.first_block = 0;
+  *out = P;
+  *reduce_out = reduce;
+  return true;
+}
+
+bool ValidBce(const DeviceBce& a) {
+  const internal::ElementOptions<double>& e = a.element;
+  return !(a.numel < 0 || !(a.count >= 1.0) || !(e.smoothing >= 0.0 && e.smoothing <= 1.0) ||
+           ItemSize(a.dtype) == 0 || ItemSize(a.targets_dtype) == 0 || a.weight.inner < 1 ||
+           a.weight.period < 1 || a.pos_weight.inner < 1 || a.pos_weight.period < 1 ||
+           (a.weight.data != nullptr && ItemSize(a.weight.dtype) == 0) ||
+           (a.pos_weight.data != nullptr && ItemSize(a.pos_weight.dtype) == 0) ||
+           a.element_offset < 0);
+}
+
+}  // namespace
+
+cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
+  if (!ValidBce(a)) return cudaErrorInvalidValue;
+  if (a.numel == 0) return cudaSuccess;
+  Params P;
+  bool reduce = false;
+  if (!MakeParams(a, &P, &reduce)) return cudaSuccess;  // nothing requested
   switch (a.dtype) {
     case DType::kFloat32:
       return LaunchTargets<float>(a.targets_dtype, P, reduce, stream);
@@ -880,6 +1025,44 @@ cudaError_t LaunchBce(const DeviceBce& a, cudaStream_t stream) {
       return LaunchTargets<__half>(a.targets_dtype, P, reduce, stream);
     case DType::kBFloat16:
       return LaunchTargets<__nv_bfloat16>(a.targets_dtype, P, reduce, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+size_t SegmentParamsBytes() { return sizeof(Params); }
+
+cudaError_t EncodeSegment(const DeviceBce& a, int64_t first_block, void* dst,
+                          SegmentKernel* kernel) {
+  if (!ValidBce(a) || a.numel == 0 || first_block < 0) return cudaErrorInvalidValue;
+  Params P;
+  bool reduce = false;
+  if (!MakeParams(a, &P, &reduce)) return cudaErrorInvalidValue;  // nothing requested
+  P.first_block = first_block;
+  std::memcpy(dst, &P, sizeof(P));
+  kernel->dtype = a.dtype;
+  kernel->targets_dtype = a.targets_dtype;
+  kernel->reduce = reduce;
+  // LaunchReduce's choice: the all-float kernel only for non-float64 logits and targets.
+  kernel->all_float =
+      a.float_math && a.dtype != DType::kFloat64 && a.targets_dtype != DType::kFloat64;
+  kernel->smooth = P.smooth;
+  return cudaSuccess;
+}
+
+cudaError_t LaunchBceSegments(const SegmentKernel& k, const void* params,
+                              const int32_t* block_item, int64_t total_blocks,
+                              cudaStream_t stream) {
+  if (total_blocks <= 0) return total_blocks == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  const Params* items = static_cast<const Params*>(params);
+  switch (k.dtype) {
+    case DType::kFloat32:
+      return LaunchSegmentsTargets<float>(k, items, block_item, total_blocks, stream);
+    case DType::kFloat64:
+      return LaunchSegmentsTargets<double>(k, items, block_item, total_blocks, stream);
+    case DType::kFloat16:
+      return LaunchSegmentsTargets<__half>(k, items, block_item, total_blocks, stream);
+    case DType::kBFloat16:
+      return LaunchSegmentsTargets<__nv_bfloat16>(k, items, block_item, total_blocks, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -18,12 +18,16 @@ namespace lossd::kernels::cuda {
 // Elements per CUDA block iteration: one reduction block (kReduceBlock) = 256 threads x 8.
 inline constexpr int kThreads = 256;
 
-// A broadcast operand in device memory: element i reads data[(i / inner) % period].
+// A broadcast operand in device memory: element i reads data[((i + offset) / inner) % period],
+// offset being DeviceBce::element_offset, or 0 for an unshifted operand.
 struct DeviceOperand {
   DType dtype = DType::kFloat32;
   const void* data = nullptr;  // device pointer; nullptr: absent, every element reads 1
   int64_t inner = 1;           // >= 1
   int64_t period = 1;          // >= 1; data holds `period` elements
+  // Read at the launch's own element index, not shifted by element_offset: the slice of a
+  // full-size operand that belongs to this chunk (inner 1, period numel of the chunk).
+  bool unshifted = false;
 };
 
 // One evaluation on device memory. Semantics are those of BceArgs/BceOutputs (kernels.h),
@@ -63,6 +67,13 @@ struct DeviceBce {
   // when they come from float32 or half tensors). Off by default: gpu_bench validates and
   // times both.
   bool float_math = false;
+  // A chunk of a larger request (the backend's pinned chunk pipeline): element i of this
+  // launch is element element_offset + i of the request, which is how its broadcast operands
+  // are indexed (DeviceOperand). Everything else is this launch's own: numel, the tensors, and
+  // block_sums, where block b of the launch writes block_sums[b] (pass the request's sums
+  // array plus the chunk's first block). With element_offset a multiple of kReduceBlock and
+  // mean_n the request's count, every value is bitwise that of the request launched whole.
+  int64_t element_offset = 0;
 };
 
 // Number of kReduceBlock-element blocks covering numel elements.
@@ -73,6 +84,35 @@ inline int64_t NumReduceBlocks(int64_t numel) { return (numel + kReduceBlock - 1
 // status (cudaSuccess once queued); execution errors surface at the next synchronization.
 // Thread-safe.
 cudaError_t LaunchBce(const DeviceBce& args, cudaStream_t stream);
+
+// ---- Segmented launches (the backend's BceBatch; docs/kernels.md, "Segmented batch launch").
+// Evaluations whose fused kernel is the same instantiation (SegmentKernel) run in one launch:
+// each is encoded (EncodeSegment) into SegmentParamsBytes() bytes of host memory that the
+// caller copies to device memory, an array in evaluation order; block_item (device memory,
+// total_blocks int32) maps each launch block to its evaluation, whose blocks are consecutive
+// from the `first_block` it was encoded with. Each evaluation's outputs and block sums are
+// bitwise those of LaunchBce on it alone.
+struct SegmentKernel {
+  DType dtype = DType::kFloat32;
+  DType targets_dtype = DType::kFloat32;
+  bool reduce = false;
+  bool all_float = false;
+  bool smooth = false;
+  bool operator==(const SegmentKernel& o) const {
+    return dtype == o.dtype && targets_dtype == o.targets_dtype && reduce == o.reduce &&
+           all_float == o.all_float && smooth == o.smooth;
+  }
+};
+size_t SegmentParamsBytes();
+// Writes `a`'s launch parameters (its pointers: device memory) to dst and its kernel to
+// *kernel. cudaErrorInvalidValue for what LaunchBce refuses, numel 0 or nothing requested.
+cudaError_t EncodeSegment(const DeviceBce& a, int64_t first_block, void* dst,
+                          SegmentKernel* kernel);
+// Enqueues the segmented kernel of `kernel` over `params` (device memory, every evaluation
+// encoded with that kernel) on `stream`.
+cudaError_t LaunchBceSegments(const SegmentKernel& kernel, const void* params,
+                              const int32_t* block_item, int64_t total_blocks,
+                              cudaStream_t stream);
 
 // One evaluation with any option of BceArgs (focal, ignore_index, normalize, label smoothing,
 // per-sample mean), all math in double through internal::LossElement, in the fused kernel's

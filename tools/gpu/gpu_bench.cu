@@ -20,24 +20,39 @@
 //    on hard labels only ("focal/none/hard": half zeros, half ones); each validated first
 //    through the backend against the reference (4 ulp per NONE element, MEAN within 1e-6).
 //
+// 3. Times the backend's host paths (docs/kernels.md, "Segmented batch launch" and "Pinned
+//    chunk pipeline"), each checked bitwise against its plain counterpart first: 64 items of
+//    1024 float32 elements (MEAN with grad_logits) through one BceBatch against 64 Bce calls
+//    (calls per second, host wall clock), and one float32 MEAN-with-grad_logits request of
+//    64M host elements (capped by --max-elements) through Bce, pipelined in pinned chunks and
+//    in one piece, against the kernel alone on device data (elements per second).
+//
 // Output: a table, plus one machine-readable line per row:
 //   RESULT <variant> <numel> <kernel_gbps> <copy_gbps> <gelem_per_s>
+// and for part 3 (other prefixes, so that parsers of RESULT rows skip them):
+//   BATCH <items> <elements_per_item> <batch_calls_per_s> <single_calls_per_s> <ratio>
+//   E2E <numel> <pipelined_gelem_per_s> <one_piece_gelem_per_s> <kernel_gelem_per_s>
+//       <pipelined/kernel> <pipelined/one_piece>
 // Usage: gpu_bench [--min-elements N] [--max-elements N] [--only VARIANT] [--skip-validation]
 // (--min-elements raises every variant's smallest size; --only times one variant, e.g. to profile
-// one kernel under ncu). Exit status 1 on FAIL or error.
+// one kernel under ncu; --only host runs part 3 alone). Exit status 1 on FAIL or error.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "kernels/cuda/cuda_backend_internal.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "lossd/kernels/backend.h"
 #include "lossd/kernels/bce.h"
@@ -349,6 +364,164 @@ double TimeMs(int iters, F body) {
   return ms / iters;
 }
 
+// Seconds of host wall clock per call of `body` over `iters` calls (after 3 warm-up calls).
+template <typename F>
+double WallSeconds(int iters, F body) {
+  for (int i = 0; i < 3; ++i) body();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < iters; ++i) body();
+  const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+  return dt.count() / iters;
+}
+
+std::unique_ptr<lk::Backend> BackendWith(const lk::cuda::CudaBackendKnobs& knobs) {
+  auto b = lk::cuda::MakeCudaBackendWithKnobs(lk::CudaOptions(), knobs);
+  if (!b.ok()) {
+    std::printf("backend: FAIL (%s)\n", b.status().ToString().c_str());
+    return nullptr;
+  }
+  return std::move(*b);
+}
+
+// Part 3: BATCH and E2E lines. Returns false when a path's bits differ from its counterpart's.
+bool BenchHostPaths(int64_t max_n) {
+  bool ok = true;
+  std::mt19937 rng(99);
+  std::uniform_real_distribution<float> ux(-6.0f, 6.0f), uy(0.0f, 1.0f);
+  // (a) 64 items of 1024 elements: one segmented launch against 64 calls.
+  {
+    constexpr int kItems = 64;
+    constexpr int64_t kN = 1024;
+    std::atomic<int64_t> launches{0};
+    lk::cuda::CudaBackendKnobs knobs;
+    knobs.segmented_launches = &launches;
+    auto backend = BackendWith(knobs);
+    if (backend == nullptr) return false;
+    std::vector<std::vector<float>> x(kItems, std::vector<float>(kN)), y = x, g = x, g1 = x;
+    std::vector<float> loss(kItems), loss1(kItems);
+    std::vector<lk::BceArgs> args(kItems);
+    std::vector<lk::BceOutputs> outs(kItems), outs1(kItems);
+    std::vector<lk::BceItem> items(kItems);
+    for (int i = 0; i < kItems; ++i) {
+      for (int64_t j = 0; j < kN; ++j) {
+        x[i][j] = ux(rng);
+        y[i][j] = uy(rng);
+      }
+      args[i].numel = kN;
+      args[i].logits = x[i].data();
+      args[i].targets = y[i].data();
+      args[i].reduction = lk::Reduction::kMean;
+      outs[i] = {&loss[i], g[i].data(), nullptr};
+      outs1[i] = {&loss1[i], g1[i].data(), nullptr};
+      items[i] = {&args[i], &outs[i]};
+    }
+    auto batch = [&] {
+      for (const absl::Status& st : backend->BceBatch(items)) {
+        if (!st.ok()) {
+          std::printf("BceBatch: FAIL (%s)\n", st.ToString().c_str());
+          std::exit(1);
+        }
+      }
+    };
+    auto single = [&] {
+      for (int i = 0; i < kItems; ++i) {
+        const absl::Status st = backend->Bce(args[i], outs1[i]);
+        if (!st.ok()) {
+          std::printf("Bce: FAIL (%s)\n", st.ToString().c_str());
+          std::exit(1);
+        }
+      }
+    };
+    batch();
+    single();
+    bool same = launches.load() > 0 && std::memcmp(loss.data(), loss1.data(), 4 * kItems) == 0;
+    for (int i = 0; i < kItems; ++i) same = same && g[i] == g1[i];
+    std::printf("\nsegmented batch (%d items of %lld float32, MEAN + grad_logits) bitwise "
+                "equal to single calls: %s\n",
+                kItems, static_cast<long long>(kN), same ? "PASS" : "FAIL");
+    ok = ok && same;
+    if (same) {
+      const double tb = WallSeconds(200, batch), ts = WallSeconds(200, single);
+      const double batch_cps = kItems / tb, single_cps = kItems / ts;
+      std::printf("  BceBatch %.0f calls/s, Bce %.0f calls/s: %.2fx\n", batch_cps, single_cps,
+                  batch_cps / single_cps);
+      std::printf("BATCH %d %lld %.0f %.0f %.3f\n", kItems, static_cast<long long>(kN),
+                  batch_cps, single_cps, batch_cps / single_cps);
+    }
+  }
+  // (b) One large host request: pipelined, in one piece, and the kernel alone.
+  {
+    const int64_t n = std::min<int64_t>(int64_t{64} << 20, max_n);
+    std::atomic<int64_t> chunked_runs{0};
+    lk::cuda::CudaBackendKnobs knobs;
+    knobs.chunked_runs = &chunked_runs;
+    lk::cuda::CudaBackendKnobs whole;
+    whole.chunked = false;
+    auto pipelined = BackendWith(knobs);
+    auto one_piece = BackendWith(whole);
+    if (pipelined == nullptr || one_piece == nullptr) return false;
+    std::vector<float> x(n), y(n), g(n), g1(n);
+    for (int64_t j = 0; j < n; ++j) {
+      x[j] = ux(rng);
+      y[j] = uy(rng);
+    }
+    lk::BceArgs a;
+    a.numel = n;
+    a.logits = x.data();
+    a.targets = y.data();
+    a.reduction = lk::Reduction::kMean;
+    float l = 0, l1 = 0;
+    auto run = [&](lk::Backend* b, float* loss, float* grad) {
+      const absl::Status st = b->Bce(a, {loss, grad, nullptr});
+      if (!st.ok()) {
+        std::printf("Bce: FAIL (%s)\n", st.ToString().c_str());
+        std::exit(1);
+      }
+    };
+    run(pipelined.get(), &l, g.data());
+    run(one_piece.get(), &l1, g1.data());
+    const bool same = chunked_runs.load() > 0 && std::memcmp(&l, &l1, 4) == 0 && g == g1;
+    std::printf("\npinned chunk pipeline (%lld float32, MEAN + grad_logits) bitwise equal to "
+                "one piece: %s\n",
+                static_cast<long long>(n), same ? "PASS" : "FAIL");
+    ok = ok && same;
+    if (same) {
+      const double tp = WallSeconds(5, [&] { run(pipelined.get(), &l, g.data()); });
+      const double to = WallSeconds(5, [&] { run(one_piece.get(), &l1, g1.data()); });
+      // The kernel alone on device copies of the same data.
+      float *dx = nullptr, *dy = nullptr, *dg = nullptr;
+      double* dsums = nullptr;
+      CHECK_CUDA(cudaMalloc(&dx, n * 4));
+      CHECK_CUDA(cudaMalloc(&dy, n * 4));
+      CHECK_CUDA(cudaMalloc(&dg, n * 4));
+      CHECK_CUDA(cudaMalloc(&dsums, lk::cuda::NumReduceBlocks(n) * sizeof(double)));
+      CHECK_CUDA(cudaMemcpy(dx, x.data(), n * 4, cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMemcpy(dy, y.data(), n * 4, cudaMemcpyHostToDevice));
+      lk::cuda::DeviceBce d;
+      d.numel = n;
+      d.logits = dx;
+      d.targets = dy;
+      d.reduction = lk::Reduction::kMean;
+      d.grad_logits = dg;
+      d.block_sums = dsums;
+      d.float_math = true;
+      const double tk = TimeMs(20, [&] { CHECK_CUDA(lk::cuda::LaunchBce(d, nullptr)); }) / 1e3;
+      CHECK_CUDA(cudaDeviceSynchronize());
+      for (void* q : {static_cast<void*>(dx), static_cast<void*>(dy), static_cast<void*>(dg),
+                      static_cast<void*>(dsums)}) {
+        CHECK_CUDA(cudaFree(q));
+      }
+      const double ep = n / tp / 1e9, eo = n / to / 1e9, ek = n / tk / 1e9;
+      std::printf("  host->device->host: pipelined %.3f Gelem/s, one piece %.3f Gelem/s; "
+                  "kernel alone %.3f Gelem/s; pipelined/kernel %.3f, pipelined/one piece %.2fx\n",
+                  ep, eo, ek, ep / ek, ep / eo);
+      std::printf("E2E %lld %.4f %.4f %.4f %.4f %.3f\n", static_cast<long long>(n), ep, eo, ek,
+                  ep / ek, ep / eo);
+    }
+  }
+  return ok;
+}
+
 struct Variant {
   const char* name;
   lk::Reduction reduction;
@@ -560,6 +733,8 @@ int main(int argc, char** argv) {
                   static_cast<void*>(ignored)}) {
     CHECK_CUDA(cudaFree(q));
   }
-  std::printf("\ngpu_bench: %s\n", ok ? "PASS" : "FAIL");
-  return ok ? 0 : 1;
+  bool ok_host = true;
+  if (only == nullptr || std::strcmp(only, "host") == 0) ok_host = BenchHostPaths(max_n);
+  std::printf("\ngpu_bench: %s\n", ok && ok_host ? "PASS" : "FAIL");
+  return ok && ok_host ? 0 : 1;
 }
