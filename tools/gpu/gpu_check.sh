@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU validation run of docs/design.md section 9, for a machine with an NVIDIA H100/H200.
 # Run from the repository root (or anywhere: it cds there) after carrying what
-# tools/gpu/prepare_gpu_carry.sh prepared here: build/tests/kernels_test,
+# tools/gpu/prepare_gpu_carry.sh prepared here (build/gpucarry.tar.xz, unpacked first, or):
+# build/tests/kernels_test,
 # build/tools/gpu/gpu_bench and build/gpulibs/. Steps, each bounded by a timeout:
 #   1. card, driver, date, commit;
 #   2. the CUDA tests (kernels_test --gtest_filter='Cuda*'), which compare the backend with the
@@ -29,6 +30,10 @@ cd "$(dirname "$0")/../.."
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT"
   exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+fi
+# prepare_gpu_carry.sh's archive of the binaries and their libraries, when carried instead.
+if [[ -f build/gpucarry.tar.xz ]]; then
+  tar -xJf build/gpucarry.tar.xz || { echo "FAIL: cannot unpack build/gpucarry.tar.xz"; exit 1; }
 fi
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
