@@ -34,13 +34,6 @@ namespace {
 
 using namespace cuda_test;  // the helpers of tests/kernels/cuda_test_util.h
 
-#define SKIP_WITHOUT_GPU()                                                          \
-  do {                                                                              \
-    if (CudaDeviceCount() == 0) {                                                   \
-      GTEST_SKIP() << "no CUDA device (CudaDeviceCount() == 0): CUDA test skipped"; \
-    }                                                                               \
-  } while (0)
-
 // ---- Runs everywhere ---------------------------------------------------------------------
 
 TEST(CudaBuildTest, CompiledAndFailedPreconditionWithoutDevice) {

@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "kernels/cuda/cuda_backend_internal.h"
+#include "tests/kernels/cuda_test_util.h"
 #include "kernels/cuda/cuda_kernels.h"
 
 extern char** environ;
@@ -39,13 +40,6 @@ extern char** environ;
 
 namespace lossd::kernels {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                          \
-  do {                                                                              \
-    if (CudaDeviceCount() == 0) {                                                   \
-      GTEST_SKIP() << "no CUDA device (CudaDeviceCount() == 0): CUDA test skipped"; \
-    }                                                                               \
-  } while (0)
 
 // ---- Runs everywhere ---------------------------------------------------------------------
 

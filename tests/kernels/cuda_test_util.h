@@ -23,6 +23,14 @@
 #include "lossd/kernels/reference.h"
 #include "tests/kernels/test_util.h"
 
+// Skips a test when no CUDA device is usable (development machines and CI have none).
+#define SKIP_WITHOUT_GPU()                                                          \
+  do {                                                                              \
+    if (CudaDeviceCount() == 0) {                                                   \
+      GTEST_SKIP() << "no CUDA device (CudaDeviceCount() == 0): CUDA test skipped"; \
+    }                                                                               \
+  } while (0)
+
 namespace lossd::kernels::cuda_test {
 
 using lossd::testing::GradTermScales;

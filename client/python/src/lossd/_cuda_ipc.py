@@ -51,7 +51,7 @@ import numpy as np
 from ._errors import InternalError, LossdError, error_for
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._shm import Control, _build_request, _loss_shape, _renew_loop, _tensor_message, \
-    local_target, placed_result
+    local_target, parse_reply, placed_result
 from ._tensor import BFLOAT16, as_array, code_of, decode
 from ._inputs import Operand
 from ._types import LossResult
@@ -642,11 +642,7 @@ class CudaCall:
         return list(self._keep) + [out for out, _ in self._outputs.values()]
 
     def result(self, raw: bytes) -> LossResult:
-        try:
-            reply = pb.EvaluateResponse.FromString(raw)
-        except Exception:
-            raise InternalError(grpc.StatusCode.INTERNAL,
-                                "client: malformed response (not an EvaluateResponse)") from None
+        reply = parse_reply(raw)
         o = self._options
         loss = self._output(reply, "loss")
         grad = self._output(reply, "grad_logits") if o.grad_logits else None

@@ -487,6 +487,15 @@ def _loss_shape(shape: Tuple[int, ...], reduction: int) -> Tuple[int, ...]:
     return ()
 
 
+def parse_reply(raw: bytes) -> "pb.EvaluateResponse":
+    """The EvaluateResponse of a reply's bytes; INTERNAL when they are not one."""
+    try:
+        return pb.EvaluateResponse.FromString(raw)
+    except Exception:
+        raise InternalError(grpc.StatusCode.INTERNAL,
+                            "client: malformed response (not an EvaluateResponse)") from None
+
+
 def placed_result(reply: "pb.EvaluateResponse", loss: Any, grad: Any,
                   grad_targets: Any) -> LossResult:
     """The LossResult of a reply whose outputs were placed in registered memory: the outputs
@@ -585,11 +594,7 @@ class ShmCall:
         return self._arena.owned(block, shape, output_dtype(code))
 
     def result(self, raw: bytes) -> LossResult:
-        try:
-            reply = pb.EvaluateResponse.FromString(raw)
-        except Exception:
-            raise InternalError(grpc.StatusCode.INTERNAL,
-                                "client: malformed response (not an EvaluateResponse)") from None
+        reply = parse_reply(raw)
         o = self._job.options
         loss = self._output(reply, "loss")
         grad = self._output(reply, "grad_logits") if o.grad_logits else None
